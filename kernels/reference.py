@@ -1,0 +1,78 @@
+"""Torch reference implementations: paged attention, KV store and block copies.
+
+They define the semantics the Triton kernels must match and are what CPU engines run.
+A KV pool for one layer is `[num_blocks, block_size, num_kv_heads, head_dim]`; token `t` of a
+sequence lives in block `block_table[t // block_size]` at offset `t % block_size`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, block_id * block_size + offset
+) -> None:
+    assert key.shape == value.shape and key.shape[1:] == k_cache.shape[2:], (key.shape, k_cache.shape)
+    assert slot_mapping.shape == (key.shape[0],), slot_mapping.shape
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: list[int],  # num_seqs + 1 offsets into query
+    seq_lens: list[int],  # per sequence: tokens in the cache after this step's store
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens over its whole paged context.
+
+    The new tokens are the last `query_len` of the sequence, so prefill, chunked prefill and decode
+    are one operation.
+    """
+    num_heads, head_dim = query.shape[1:]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    for i, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        num_blocks = -(-seq_len // block_size)
+        blocks = block_tables[i, :num_blocks].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        q = query[start:end].view(end - start, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        scores = torch.matmul(q.float(), k.float().unsqueeze(1).transpose(-1, -2)) * scale
+        q_pos = torch.arange(seq_len - (end - start), seq_len).unsqueeze(1)
+        k_pos = torch.arange(seq_len).unsqueeze(0)
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
+        scores.masked_fill_(~allowed.to(scores.device), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        o = torch.matmul(probs, v.unsqueeze(1))  # [kv_heads, group, q_len, head_dim]
+        out[start:end] = o.permute(2, 0, 1, 3).reshape(end - start, num_heads, head_dim)
+    return out
+
+
+def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """pool [num_blocks, ...] → [len(block_ids), ...]."""
+    return pool.index_select(0, block_ids.to(pool.device))
+
+
+def scatter_blocks(pool: torch.Tensor, block_ids: torch.Tensor, blocks: torch.Tensor) -> None:
+    """Writes blocks [len(block_ids), ...] into pool at block_ids."""
+    assert blocks.shape[1:] == pool.shape[1:], (blocks.shape, pool.shape)
+    pool.index_copy_(0, block_ids.to(pool.device), blocks.to(pool.dtype))
+
+
+def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """dst[dst_ids[i]] = src[src_ids[i]] for every i, pools of the same block shape."""
+    assert src_ids.shape == dst_ids.shape, (src_ids.shape, dst_ids.shape)
+    scatter_blocks(dst, dst_ids, gather_blocks(src, src_ids))

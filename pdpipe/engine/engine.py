@@ -1,0 +1,156 @@
+"""The engine core: a model replica, its paged KV pool and the continuous-batching step loop.
+
+`step()` is schedule → run the model → sample → update, and returns the new tokens of every request
+that got one. Requests move WAITING → RUNNING → FINISHED (stop, length, abort); preemption sends a
+RUNNING request back to WAITING to be recomputed. No sockets here: the processes of the pipeline
+feed it from their I/O edges, and tests drive it directly.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from pdpipe.config import EngineConfig
+from pdpipe.messages import EngineOutput, SamplingParams
+from pdpipe.models.loader import load_model
+from pdpipe.models.spec import load_eos_token_ids
+
+from .block_manager import BlockManager
+from .kv_cache import KVCache
+from .model_runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take, naming the field at fault."""
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from pdpipe.demo import resolve_model
+
+        self.config = config
+        self.model_dir = resolve_model(config.model)
+        self.model = load_model(self.model_dir, config.dtype or None, config.device)
+        self.spec = self.model.spec
+        dtype = getattr(torch, self.spec.dtype)
+        block_size = config.cache.block_size
+        num_blocks = config.cache.num_blocks or max(
+            1, config.cache.kv_cache_mb * 2**20 // KVCache.block_bytes(self.spec, block_size, dtype))
+        self.max_model_len = self._max_model_len(num_blocks * block_size)
+        self.eos_token_ids = load_eos_token_ids(self.model_dir)
+        self.kv_cache = KVCache(self.spec, num_blocks, block_size, dtype, config.device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.sampler = Sampler(self.eos_token_ids)
+        self._arrivals = itertools.count()
+        self._reserved: dict[str, list[int]] = {}
+        torch.manual_seed(config.seed)
+
+    def _max_model_len(self, pool_tokens: int) -> int:
+        asked = self.config.scheduler.max_model_len
+        limit = min(self.spec.max_position_embeddings, pool_tokens)
+        if asked > limit:
+            raise ValueError(
+                f"max_model_len: {asked} exceeds what fits: the model's max_position_embeddings is "
+                f"{self.spec.max_position_embeddings} and the KV pool holds {pool_tokens} tokens "
+                "(raise num_blocks or kv_cache_mb)")
+        return asked or limit
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    hold_kv: bool = False) -> None:
+        """Queues a request. With `hold_kv` its blocks outlive it until `release_kv` (prefill → transfer)."""
+        if not prompt_token_ids:
+            raise RequestError("prompt: is empty; give at least one token")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestError(f"prompt: {len(prompt_token_ids)} tokens; the limit is "
+                               f"{self.max_model_len - 1} (max_model_len {self.max_model_len})")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise RequestError(f"prompt: token id {bad[0]} is outside the vocabulary "
+                               f"[0, {self.spec.vocab_size})")
+        if self.scheduler.find(request_id) is not None:
+            raise RequestError(f"request_id: {request_id!r} is already running")
+        seq = Sequence(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals),
+                       hold_kv=hold_kv)
+        self.scheduler.add(seq)
+
+    def kv_blocks(self, request_id: str) -> list[int]:
+        """Blocks holding a request's KV: a live one's, or a finished one's held for transfer."""
+        if request_id in self.scheduler.held:
+            return list(self.scheduler.held[request_id])
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            raise KeyError(f"request {request_id!r} holds no blocks here")
+        return list(seq.block_table)
+
+    def release_kv(self, request_id: str) -> bool:
+        return self.scheduler.release_held(request_id)
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for `num_tokens` of KV computed elsewhere; None when they are not free."""
+        if request_id in self._reserved or self.scheduler.find(request_id) is not None:
+            raise RequestError(f"request_id: {request_id!r} already holds blocks here")
+        need = self.blocks.blocks_for(num_tokens)
+        if not self.blocks.can_allocate(need):
+            return None
+        self._reserved[request_id] = self.blocks.allocate(need)
+        return list(self._reserved[request_id])
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        blocks = self._reserved.pop(request_id, None)
+        if blocks is not None:
+            self.blocks.free(blocks)
+        return blocks is not None
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                      params: SamplingParams, first_logprob=None) -> EngineOutput | None:
+        """Continues a request whose prompt KV landed in its reserved blocks, from its first token.
+
+        Returns an output when the first token already ends it (then the blocks are freed)."""
+        blocks = self._reserved.pop(request_id)
+        seq = Sequence(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals),
+                       token_ids=list(prompt_token_ids) + [first_token], block_table=blocks,
+                       num_computed_tokens=len(prompt_token_ids))
+        if first_logprob is not None:
+            seq.logprobs.append(first_logprob)
+        self.scheduler.add_running(seq)
+        self.scheduler.check_stop(seq, first_token)
+        return self._output(seq, []) if seq.is_finished else None
+
+    def abort_request(self, request_id: str) -> EngineOutput | None:
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return EngineOutput(request_id=request_id, token_ids=[], finish_reason="abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineOutput]:
+        sched = self.scheduler.schedule()
+        outputs = [self._output(seq, []) for seq in sched.finished]
+        if not sched.chunks:
+            return outputs
+        logits, seqs = self.runner.execute(sched)
+        samples = self.sampler(logits, seqs) if seqs else {}
+        for seq in self.scheduler.update(sched, samples):
+            outputs.append(self._output(seq, [samples[seq].token_id]))
+        return outputs
+
+    @staticmethod
+    def _output(seq: Sequence, token_ids: list[int]) -> EngineOutput:
+        logprobs = [seq.logprobs[-1]] if token_ids and seq.params.logprobs is not None else None
+        return EngineOutput(request_id=seq.request_id, token_ids=token_ids, logprobs=logprobs,
+                            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+
+    def leak_free(self) -> bool:
+        """The leak oracle: no live request and every block free."""
+        return (not self.has_unfinished() and not self.scheduler.held and not self._reserved
+                and self.blocks.all_free())

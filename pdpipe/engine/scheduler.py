@@ -1,0 +1,178 @@
+"""Continuous batching over a paged KV pool.
+
+Each step: running sequences first, oldest first (a decode is one token; a prompt that did not fit
+last step's token budget continues in chunks); then waiting prompts join while the budget, the
+sequence limit and the free blocks allow. A prompt is admitted only when blocks for all of its
+tokens are free. When a running sequence needs a block and none is free, the newest running
+sequence is preempted: its blocks are freed and it waits to be recomputed, so the oldest always
+makes progress and no request is ever corrupted or dropped.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdpipe.config import SchedulerConfig
+from pdpipe.messages import TokenLogprob
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # position of the first token computed this step
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # ended while scheduling
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_model_len: int,
+                 eos_token_ids: frozenset[int]):
+        self.config = config
+        self.blocks = blocks
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.held: dict[str, list[int]] = {}  # finished requests whose KV is still wanted
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose prompt KV is already in its blocks (computed by another engine)."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def release_held(self, request_id: str) -> bool:
+        blocks = self.held.pop(request_id, None)
+        if blocks is not None:
+            self.blocks.free(blocks)
+        return blocks is not None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Ends `seq` wherever it is and frees its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        if seq.hold_kv and seq.block_table and reason != "abort":
+            self.held[seq.request_id] = seq.block_table
+            seq.block_table = []
+        self._release(seq)
+        seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.ensure_capacity(seq.block_table, seq.num_computed_tokens + n):
+                if len(self.running) == 1:  # cannot happen while max_model_len fits the pool
+                    self.finish(seq, "length")
+                    out.finished.append(seq)
+                    return budget
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    return budget
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            need = self.blocks.blocks_for(seq.num_tokens)
+            reserve = self.config.watermark_blocks if self.running else 0
+            if not self.blocks.can_allocate(need + reserve):
+                break
+            self.waiting.popleft()
+            seq.block_table = self.blocks.allocate(need)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens, budget)
+            out.chunks.append(ScheduledChunk(seq, 0, n))
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.status = Status.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+            seq.block_table = []
+
+    def update(self, out: SchedulerOutput, samples: dict[Sequence, Sample]) -> list[Sequence]:
+        """Applies a step's results; returns the sequences that got a token (finished or not)."""
+        touched = []
+        for chunk in out.chunks:
+            seq = chunk.seq
+            if seq.is_finished:  # aborted between schedule and update
+                continue
+            seq.num_computed_tokens += chunk.num_tokens
+            sample = samples.get(seq)
+            if sample is None:
+                continue
+            seq.token_ids.append(sample.token_id)
+            if sample.logprob is not None:
+                seq.logprobs.append(sample.logprob)
+            self.check_stop(seq, sample.token_id)
+            touched.append(seq)
+        return touched
+
+    def check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return self.finish(seq, "stop", token)
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self.finish(seq, "stop")
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.finish(seq, "length")

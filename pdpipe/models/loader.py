@@ -1,0 +1,79 @@
+"""Loads a Hugging Face–format folder into the decoder, with errors that say what is wrong."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .decoder import CausalLM, Rotary
+from .spec import ModelLoadError, ModelSpec, load_spec
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise ModelLoadError(f"{index}: has no weight_map")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index}: names shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in model_dir.iterdir())) or "nothing"
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weights (found: {found}); "
+                             "pdpipe loads safetensors checkpoints only")
+    return files
+
+
+def read_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{path}: cannot read safetensors file ({exc})") from None
+        for name, tensor in tensors.items():
+            if not name.endswith(_IGNORED_SUFFIXES):
+                state[name] = tensor.to(dtype)
+    return state
+
+
+def check_state_dict(model: CausalLM, state: dict[str, torch.Tensor], model_dir: Path) -> None:
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    if model.spec.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ModelLoadError(f"{model_dir}: weights missing for {len(missing)} tensors, e.g. "
+                             f"{', '.join(missing[:4])} ({model.spec.architecture})")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ModelLoadError(f"{model_dir}: unexpected tensors for {model.spec.architecture}: "
+                             f"{', '.join(unexpected[:4])}")
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise ModelLoadError(f"{model_dir}: tensor {name} has shape {tuple(state[name].shape)}, "
+                                 f"config.json implies {tuple(shape)}")
+
+
+def load_model(model_dir: Path | str, dtype: str | None = None,
+               device: str | torch.device = "cpu") -> CausalLM:
+    """Builds the decoder for `model_dir` and loads its weights onto `device`."""
+    model_dir = Path(model_dir)
+    spec: ModelSpec = load_spec(model_dir, dtype)
+    torch_dtype = getattr(torch, spec.dtype)
+    with torch.device("meta"):
+        model = CausalLM(spec)
+    state = read_state_dict(model_dir, torch_dtype)
+    check_state_dict(model, state, model_dir)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rotary = Rotary(spec.rope, spec.head_dim)
+    return model.to(device).eval()

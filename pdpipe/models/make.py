@@ -1,0 +1,215 @@
+"""`pdpipe make-model`: a randomly initialised model of a supported architecture, in exactly the
+Hugging Face format (loadable by `transformers`), with a byte-level BPE tokenizer trained on the
+corpus shipped beside this file and a chat template. The same arguments give the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from .decoder import CausalLM
+from .spec import DTYPES, ModelSpec, spec_from_config
+
+ARCH_NAMES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "ernie4_5": "Ernie4_5ForCausalLM",
+}
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CORPUS = Path(__file__).with_name("corpus.txt")
+
+
+@dataclass(frozen=True)
+class MakeModelConfig:
+    arch: str = field(default="llama", metadata={"help": "architecture", "choices": tuple(ARCH_NAMES)})
+    layers: int = field(default=2, metadata={"help": "number of decoder layers"})
+    hidden: int = field(default=64, metadata={"help": "hidden size"})
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    kv_heads: int = field(default=2, metadata={"help": "key/value heads (GQA when fewer than heads)"})
+    head_dim: int = field(default=0, metadata={"help": "head dimension; 0 means hidden / heads"})
+    intermediate: int = field(default=0, metadata={"help": "MLP size; 0 means 2 * hidden"})
+    vocab: int = field(default=512, metadata={"help": "vocabulary size, reserved tokens fill what "
+                                                     "the corpus cannot"})
+    max_position: int = field(default=4096, metadata={"help": "max_position_embeddings"})
+    sliding_window: int = field(default=0, metadata={"help": "Mistral/Qwen sliding window; 0 is none"})
+    bias: bool | None = field(default=None, metadata={"help": "force projection biases (ERNIE "
+                                                              "use_bias, Llama attention/mlp bias)"})
+    tie_embeddings: bool | None = field(default=None, metadata={"help": "tie lm_head to embeddings; "
+                                                                        "default per architecture"})
+    dtype: str = field(default="float32", metadata={"help": "weight dtype", "choices": DTYPES})
+    shard_mb: int = field(default=0, metadata={"help": "split weights into shards of this many MiB"})
+    seed: int = field(default=0, metadata={"help": "random seed; same seed, same bytes"})
+
+    def __post_init__(self):
+        if self.arch not in ARCH_NAMES:
+            raise ValueError(f"arch: {self.arch!r} is not supported; use one of {', '.join(ARCH_NAMES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        for name in ("layers", "hidden", "heads", "kv_heads", "max_position"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads: {self.kv_heads} must divide heads ({self.heads})")
+        if not self.head_dim and self.hidden % self.heads:
+            raise ValueError(f"hidden: {self.hidden} must be a multiple of heads ({self.heads}) "
+                             "unless head_dim is given")
+        if (self.head_dim or self.hidden // self.heads) % 2:
+            raise ValueError("head_dim: must be even for rotary embeddings")
+        if self.vocab < 300:
+            raise ValueError(f"vocab: must be at least 300 (256 bytes + special tokens), got {self.vocab}")
+
+
+def train_tokenizer(vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(keepends=True), trainer)
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
+    return tok
+
+
+def hf_config(cfg: MakeModelConfig, vocab_size: int, ids: dict[str, int]) -> dict:
+    head_dim = cfg.head_dim or cfg.hidden // cfg.heads
+    tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.arch == "ernie4_5"
+    config = {
+        "architectures": [ARCH_NAMES[cfg.arch]],
+        "model_type": cfg.arch,
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.intermediate or 2 * cfg.hidden,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position,
+        "rms_norm_eps": 1e-5 if cfg.arch == "ernie4_5" else 1e-6,
+        "rope_theta": 500000.0 if cfg.arch in ("llama", "ernie4_5") else 1000000.0,
+        "tie_word_embeddings": tie,
+        "initializer_range": 0.02,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "torch_dtype": cfg.dtype,
+        "use_cache": True,
+    }
+    bias = bool(cfg.bias)
+    if cfg.arch == "llama":
+        config.update(attention_bias=bias, mlp_bias=bias, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": max(1, cfg.max_position // 8)})
+    elif cfg.arch in ("qwen2", "qwen3"):
+        config.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None,
+                      max_window_layers=0)
+        if cfg.arch == "qwen3":
+            config.update(attention_bias=bias)
+    elif cfg.arch == "mistral":
+        config.update(sliding_window=cfg.sliding_window or None)
+    elif cfg.arch == "ernie4_5":
+        config.update(use_bias=bias)
+    return config
+
+
+def random_weights(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
+    """Scaled so activations stay O(1) and the next-token distribution is peaked, as a trained model's is."""
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in CausalLM(spec).named_parameters()}
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith(".bias"):
+            t = 0.05 * torch.randn(shape, generator=gen)
+        elif name == "model.embed_tokens.weight":
+            t = 0.5 * torch.randn(shape, generator=gen)
+        elif name == "lm_head.weight":
+            t = 3.0 / shape[1] ** 0.5 * torch.randn(shape, generator=gen)
+        else:
+            t = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+        state[name] = t.to(getattr(torch, spec.dtype)).contiguous()
+    return state
+
+
+def save_weights(state: dict[str, torch.Tensor], out: Path, shard_mb: int) -> None:
+    if shard_mb <= 0:
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_mb * 2**20:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def make_model(out_dir: Path | str, cfg: MakeModelConfig = MakeModelConfig(), overwrite: bool = True) -> Path:
+    """Writes the model folder (atomically: built beside `out_dir`, then renamed) and returns it.
+
+    With `overwrite=False` an existing folder is kept, so concurrent makers of one model agree."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tok = train_tokenizer(cfg.vocab)
+        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        config = hf_config(cfg, tok.get_vocab_size(), ids)
+        spec = spec_from_config(config)
+        tok.save(str(tmp / "tokenizer.json"))
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
+            "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+            "model_max_length": cfg.max_position, "chat_template": CHAT_TEMPLATE})
+        _write_json(tmp / "generation_config.json", {
+            "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]})
+        _write_json(tmp / "pdpipe_make_model.json", asdict(cfg))
+        save_weights(random_weights(spec, cfg.seed), tmp, cfg.shard_mb)
+        if out_dir.exists() and overwrite:
+            shutil.rmtree(out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if overwrite or not (out_dir / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

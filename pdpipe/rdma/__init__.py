@@ -1,0 +1,1 @@
+"""Cross-machine KV transfer on the Mooncake Transfer Engine."""
