@@ -1,0 +1,79 @@
+"""Factories shared by the tests: generated models per architecture, engines over them, the
+`transformers` reference run on the same folder, and the leak oracle."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdpipe.llm import LLM
+from pdpipe.models.make import MakeModelConfig, make_model
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "ernie4_5")
+
+# Tiny, but each exercises its family's switches: tied embeddings (llama, ernie), q/k/v bias (qwen2),
+# q/k norm (qwen3), sliding window (mistral), o/mlp bias and interleaved rope (ernie).
+TEST_MODELS = {
+    "llama": MakeModelConfig(arch="llama", tie_embeddings=True, seed=1),
+    "qwen2": MakeModelConfig(arch="qwen2", seed=2),
+    "qwen3": MakeModelConfig(arch="qwen3", head_dim=32, seed=3),
+    "mistral": MakeModelConfig(arch="mistral", sliding_window=24, kv_heads=1, seed=4),
+    "ernie4_5": MakeModelConfig(arch="ernie4_5", bias=True, seed=5),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """model_dir(arch) → a generated model folder, made once per session."""
+    root = tmp_path_factory.mktemp("models")
+
+    @functools.cache
+    def make(arch: str) -> Path:
+        return make_model(root / arch, TEST_MODELS[arch])
+
+    return make
+
+
+def make_llm(model: Path, **kwargs) -> LLM:
+    kwargs.setdefault("block_size", 16)
+    kwargs.setdefault("num_blocks", 64)
+    return LLM(str(model), **kwargs)
+
+
+def make_prompts(vocab_size: int, lengths=(1, 2, 5, 16, 17, 33, 50, 70), seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of the given lengths (some span several 16-token blocks, one is a single token)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+@functools.cache
+def _hf_model(model: Path, dtype: torch.dtype):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
+
+
+def hf_greedy(model: Path, prompts: list[list[int]], max_new_tokens: int,
+              dtype: torch.dtype = torch.float32) -> list[tuple[list[int], list[float]]]:
+    """`transformers` greedy generate, one prompt at a time (no padding): tokens and their logprobs."""
+    hf = _hf_model(model, dtype)
+    results = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=max_new_tokens, output_logits=True,
+                              return_dict_in_generate=True)
+        tokens = out.sequences[0, len(prompt):].tolist()
+        logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+        results.append((tokens, logprobs))
+    return results
+
+
+def assert_leak_free(llm_or_engine) -> None:
+    engine = getattr(llm_or_engine, "engine", llm_or_engine)
+    assert engine.leak_free(), (
+        f"leak: {engine.blocks.num_used_blocks} blocks used, held={list(engine.scheduler.held)}, "
+        f"live={engine.has_unfinished()}")

@@ -1,0 +1,135 @@
+"""The engine core on its own: block manager, admission control, abort, request validation, and moving
+a request's KV block by block from one engine to another mid-request."""
+import pytest
+
+from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdpipe.engine.block_manager import BlockError, BlockManager
+from pdpipe.engine.engine import LLMEngine, RequestError
+from pdpipe.messages import SamplingParams
+
+from conftest import assert_leak_free, make_prompts
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def make_engine(model, num_blocks=64, block_size=8, **sched):
+    return LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=block_size,
+                                                                     num_blocks=num_blocks),
+                                  scheduler=SchedulerConfig(**sched)))
+
+
+def run_all(engine, tokens: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    tokens = {} if tokens is None else tokens
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    return tokens
+
+
+def test_block_manager_counts_and_refuses_misuse():
+    bm = BlockManager(num_blocks=4, block_size=16)
+    a = bm.allocate(3)
+    assert bm.num_free_blocks == 1 and not bm.can_allocate(2)
+    with pytest.raises(BlockError, match="asked for 2 blocks, 1 free"):
+        bm.allocate(2)
+    bm.share(a[:1])
+    bm.free(a)
+    assert bm.num_free_blocks == 3  # the shared block is still held once
+    bm.free(a[:1])
+    assert bm.all_free()
+    with pytest.raises(BlockError, match="already free"):
+        bm.free(a[:1])
+    table = []
+    assert bm.ensure_capacity(table, 33) and len(table) == 3
+    assert not bm.ensure_capacity(table, 100) and len(table) == 3
+
+
+def test_queued_requests_wait_for_blocks_and_all_complete(model_dir):
+    engine = make_engine(model_dir("llama"), num_blocks=12, block_size=8, max_num_seqs=8)
+    prompts = make_prompts(384, lengths=(40, 40, 40, 40))  # 5 blocks each + growth: not all fit at once
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    first = {o.request_id: o.token_ids for o in engine.step()}
+    assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 2
+    tokens = run_all(engine, first)
+    assert all(len(t) == 10 for t in tokens.values()) and len(tokens) == 4
+    assert_leak_free(engine)
+
+
+def test_abort_frees_blocks_wherever_the_request_is(model_dir):
+    engine = make_engine(model_dir("llama"), num_blocks=16, block_size=8, max_num_seqs=2)
+    for i, p in enumerate(make_prompts(384, lengths=(20, 30, 10))):
+        engine.add_request(str(i), p, GREEDY)
+    tokens = {o.request_id: o.token_ids for o in engine.step()}
+    assert engine.abort_request("2").finish_reason == "abort"  # still waiting
+    for o in engine.step():
+        tokens[o.request_id] += o.token_ids
+    assert engine.abort_request("0").finish_reason == "abort"  # decoding
+    assert engine.abort_request("missing") is None
+    run_all(engine, tokens)
+    assert len(tokens["1"]) == 10
+    assert_leak_free(engine)
+
+
+def test_bad_requests_are_refused_without_harming_others(model_dir):
+    engine = make_engine(model_dir("llama"), num_blocks=8, block_size=8)
+    assert engine.max_model_len == 64
+    engine.add_request("ok", [5, 6, 7], GREEDY)
+    with pytest.raises(RequestError, match="prompt: is empty"):
+        engine.add_request("a", [], GREEDY)
+    with pytest.raises(RequestError, match="prompt: 64 tokens; the limit is 63"):
+        engine.add_request("b", [5] * 64, GREEDY)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.add_request("c", [5, 10**6], GREEDY)
+    with pytest.raises(RequestError, match="already running"):
+        engine.add_request("ok", [5], GREEDY)
+    assert len(run_all(engine)["ok"]) == 10
+    assert_leak_free(engine)
+
+
+def test_generation_stops_at_max_model_len(model_dir):
+    engine = make_engine(model_dir("llama"), num_blocks=4, block_size=4)
+    engine.add_request("r", [5] * 10, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert sum(len(o.token_ids) for o in outs) == 6 and outs[-1].finish_reason == "length"
+    assert_leak_free(engine)
+
+
+def test_max_model_len_larger_than_the_pool_is_refused(model_dir):
+    with pytest.raises(ValueError, match="max_model_len: 100 exceeds"):
+        make_engine(model_dir("llama"), num_blocks=4, block_size=4, max_model_len=100)
+
+
+@pytest.mark.parametrize("arch", ["llama", "ernie4_5"])
+def test_kv_moved_between_engines_continues_identically(model_dir, arch):
+    prompt = make_prompts(384, lengths=(37,))[0]
+    colocated = make_engine(model_dir(arch))
+    colocated.add_request("r", prompt, GREEDY)
+    expected = run_all(colocated)["r"]
+
+    prefill, decode = make_engine(model_dir(arch), block_size=8), make_engine(model_dir(arch), block_size=8)
+    decode.add_request("busy", make_prompts(384, lengths=(5,), seed=9)[0], GREEDY)  # blocks 0.. in use
+    decode.step()
+    dst = decode.reserve("r", len(prompt))
+    prefill.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0.0), hold_kv=True)
+    (first,) = prefill.step()
+    src = prefill.kv_blocks("r")
+    assert first.finish_reason == "length" and len(src) == len(dst) == 5 and src != dst
+    for layer in range(prefill.spec.num_layers):  # layer by layer, as the transfer will push them
+        decode.kv_cache.import_blocks(dst, prefill.kv_cache.export_blocks(src, layer), layer)
+    assert prefill.release_kv("r")
+    assert_leak_free(prefill)
+    assert decode.add_prefilled("r", prompt, first.token_ids[0], GREEDY) is None
+    rest = run_all(decode)["r"]
+    assert first.token_ids + rest == expected
+    assert_leak_free(decode)
+
+
+def test_reservations_are_refused_when_full_and_cancellable(model_dir):
+    engine = make_engine(model_dir("llama"), num_blocks=4, block_size=8)
+    assert engine.reserve("a", 24) is not None
+    assert engine.reserve("b", 16) is None
+    assert engine.cancel_reservation("a") and not engine.cancel_reservation("a")
+    assert_leak_free(engine)
