@@ -1,4 +1,4 @@
-"""`pdpipe` command line: make-model, generate."""
+"""`pdpipe` command line: make-model, generate, launch, queues, trace, pause, resume."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,61 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from pdpipe.config import load_launch_config
+    from pdpipe.launcher import LaunchError, Launcher
+
+    launcher = Launcher(load_launch_config(args.config))
+    print(f"pdpipe: starting {len(launcher.plan())} processes; logs in {launcher.paths.run_dir / 'logs'}",
+          flush=True)
+    try:
+        launcher.start()
+    except LaunchError as exc:
+        print(f"pdpipe: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"pdpipe: ready. Try:\n  {launcher.curl_line()}\n"
+          f"Inspect: pdpipe queues --run-dir {launcher.paths.run_dir}", flush=True)
+    code = launcher.wait()
+    print("pdpipe: stopped", flush=True)
+    return code
+
+
+def _run_dir(args: argparse.Namespace) -> str:
+    if args.run_dir:
+        return args.run_dir
+    from pdpipe.config import load_launch_config
+
+    return load_launch_config(args.config).resolved_run_dir if args.config else "/tmp/pdpipe-single"
+
+
+def _queues(args: argparse.Namespace) -> int:
+    from pdpipe.inspect import control, format_queues
+
+    run_dir = _run_dir(args)
+    while True:
+        text = format_queues(control(run_dir, "snapshot"))
+        if not args.watch:
+            print(text)
+            return 0
+        print("\033[2J\033[H" + text, flush=True)
+        time.sleep(args.watch)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from pdpipe.inspect import control, format_trace
+
+    print(format_trace(control(_run_dir(args), "trace", request_id=args.request_id)))
+    return 0
+
+
+def _pause(args: argparse.Namespace) -> int:
+    from pdpipe.inspect import control
+
+    control(_run_dir(args), args.command, instance=args.instance)
+    print(f"{args.instance}: {args.command}d")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append")
     add_dataclass_args(gen, EngineConfig)
     gen.set_defaults(func=_generate)
+
+    launch = sub.add_parser("launch", help="start this machine's pipeline processes from a config file")
+    launch.add_argument("config", help="TOML launch config (examples in launch/)")
+    launch.set_defaults(func=_launch)
+
+    def inspector(name: str, help_text: str, func):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--run-dir", default="", help="the launch's run directory")
+        p.add_argument("--config", default="", help="or: the launch config it was started with")
+        p.set_defaults(func=func)
+        return p
+
+    inspector("queues", "per process: queue depths, requests per state, blocks, transfers",
+              _queues).add_argument("--watch", type=float, default=0, help="refresh every N seconds")
+    inspector("trace", "one request's timeline across processes", _trace).add_argument("request_id")
+    for name in ("pause", "resume"):
+        inspector(name, f"{name} an engine instance (debugging)", _pause).add_argument("instance")
     return parser
 
 
@@ -72,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:  # configuration and model-folder errors: say what, not a traceback
+    except (ValueError, RuntimeError) as exc:  # config, model-folder, inspection errors: one line
         print(f"pdpipe: error: {exc}", file=sys.stderr)
         return 2
 

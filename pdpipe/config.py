@@ -55,3 +55,124 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("",) + DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class DeadlineConfig:
+    """Seconds a request may stay in each state before the scheduler fails it and frees its blocks."""
+
+    queued: float = field(default=120.0, metadata={"help": "waiting for decode blocks"})
+    reserved: float = field(default=60.0, metadata={"help": "blocks held, prefill not started"})
+    prefilling: float = field(default=120.0, metadata={"help": "prompt being computed"})
+    transferring: float = field(default=60.0, metadata={"help": "KV moving to decode"})
+    decoding: float = field(default=1800.0, metadata={"help": "tokens being generated"})
+
+    def __post_init__(self):
+        for name in ("queued", "reserved", "prefilling", "transferring", "decoding"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"deadlines.{name}: must be > 0 seconds, got {getattr(self, name)}")
+
+
+ROLES = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    role: str = field(default="mixed", metadata={"help": "prefill | decode | mixed"})
+    name: str = field(default="", metadata={"help": "empty: role-N"})
+    num_blocks: int = field(default=0, metadata={"help": "KV blocks of this instance; 0: engine's"})
+    gpus: tuple[int, ...] = field(default=(), metadata={"help": "physical GPU ids (empty: CPU)"})
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"instances.role: {self.role!r}; allowed: {', '.join(ROLES)}")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address the HTTP front-end listens on"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    served_model_name: str = field(default="", metadata={"help": "model name clients send; empty: the "
+                                                                 "model folder's name"})
+    max_body_bytes: int = field(default=4 << 20, metadata={"help": "largest request body accepted"})
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"api.port: {self.port} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One machine's processes: the model, the instances and their roles, the front-end."""
+
+    name: str = "default"
+    run_dir: str = ""  # empty: /tmp/pdpipe-<name>
+    ready_timeout: float = 180.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
+    instances: tuple[InstanceConfig, ...] = (InstanceConfig("prefill"), InstanceConfig("decode"))
+
+    def __post_init__(self):
+        roles = [i.role for i in self.instances]
+        if not roles:
+            raise ValueError("instances: at least one instance is needed")
+        if ("prefill" in roles) != ("decode" in roles):
+            raise ValueError("instances: prefill and decode instances come together (or use mixed)")
+        names = [n for n, _ in self.named_instances()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"instances.name: duplicate names in {names}")
+
+    def named_instances(self) -> list[tuple[str, InstanceConfig]]:
+        counts: dict[str, int] = {}
+        out = []
+        for inst in self.instances:
+            n = counts.get(inst.role, 0)
+            counts[inst.role] = n + 1
+            out.append((inst.name or f"{inst.role}-{n}", inst))
+        return out
+
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or f"/tmp/pdpipe-{self.name}"
+
+
+def config_from_dict(cls, data: dict, where: str = ""):
+    """Builds a (nested) config dataclass from parsed TOML/JSON; an unknown key is an error naming it."""
+    import dataclasses
+    import typing
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ValueError(f"{path}: unknown setting; known: {', '.join(fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = config_from_dict(hint, value, path)
+        elif key == "instances":
+            value = tuple(config_from_dict(InstanceConfig, v, f"{path}[{i}]") for i, v in enumerate(value))
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ValueError(f"{where or cls.__name__}: {exc}") from None
+
+
+def load_launch_config(path: str) -> LaunchConfig:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    return config_from_dict(LaunchConfig, data)

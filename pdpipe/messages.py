@@ -67,7 +67,159 @@ class EngineOutput(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
     request_id: str
     token_ids: list[int]
+    index: int = 0  # position of token_ids[0] among the request's output tokens
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     error: str | None = None
+
+
+# ---- the pipeline's wire messages (prefill/decode disaggregation) --------------------------------
+# Every struct is tagged with its class name, so each process decodes its inbox as one union.
+
+
+class Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Base of every wire message."""
+
+
+class NewRequest(Msg):  # api → scheduler
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: float
+
+
+class AbortRequest(Msg):  # api → scheduler: client gone, or a stop string matched
+    request_id: str
+    reason: str = "abort"
+
+
+class Reserve(Msg):  # scheduler → decode: hold blocks for this prompt's KV
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class Reserved(Msg):  # decode → scheduler; block_ids None when they were not free
+    request_id: str
+    instance: str
+    block_ids: list[int] | None
+    free_blocks: int
+
+
+class Prefill(Msg):  # scheduler → prefill (or → mixed, with decode_instance empty)
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    decode_instance: str = ""
+    decode_block_ids: list[int] = []
+
+
+class TransferStart(Msg):  # prefill → transfer: these blocks will move, layer by layer
+    request_id: str
+    src_instance: str
+    src_block_ids: list[int]
+    dst_instance: str
+    dst_block_ids: list[int]
+
+
+class LayersReady(Msg):  # prefill → transfer: layer `layer` of these requests is final
+    request_ids: list[str]
+    layer: int
+
+
+class PrefillDone(Msg):  # prefill → transfer: every layer written; the first token
+    request_id: str
+    first_token: int
+    first_logprob: TokenLogprob | None = None
+
+
+class KVLanded(Msg):  # transfer → decode: all layers are in the reserved blocks
+    request_id: str
+    first_token: int
+    first_logprob: TokenLogprob | None = None
+
+
+class TransferDone(Msg):  # transfer → prefill: the source blocks may be freed
+    request_id: str
+
+
+class Free(Msg):  # scheduler → engine (through transfer for decode): drop the request, free its blocks
+    request_id: str
+    reason: str = "abort"
+
+
+class AbortTransfer(Msg):  # scheduler → transfer: stop moving, then pass Free to the decode instance
+    request_id: str
+    decode_instance: str
+    reason: str = "abort"
+
+
+class StateEvent(Msg):  # any process → scheduler: a request changed state (also the trace)
+    request_id: str
+    state: str
+    instance: str
+    time: float
+    detail: str = ""
+
+
+class InstanceStats(Msg):  # every process → scheduler, a few times a second
+    instance: str
+    role: str
+    time: float
+    num_blocks: int = 0
+    free_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+    inbox: int = 0
+    queued_prompt_tokens: int = 0
+    transfers_in_flight: int = 0
+    bytes_in_flight: int = 0
+    bytes_moved: int = 0
+    seconds_moving: float = 0.0
+    paused: bool = False
+
+
+class Ready(Msg):  # every process → launcher, once it can serve
+    instance: str
+    pid: int
+    pool_path: str = ""  # shared KV pool backing file, for the transfer process
+    pool_shape: list[int] = []
+    pool_dtype: str = ""
+
+
+class PoolInfo(Msg):  # launcher → transfer: where each engine's pool lives
+    instance: str
+    path: str
+    shape: list[int]
+    dtype: str
+
+
+class Pause(Msg):  # debugging: an engine stops stepping and taking KV until resumed
+    paused: bool
+
+
+class Shutdown(Msg):
+    reason: str = ""
+
+
+class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI / api → scheduler (REQ/REP)
+    op: str  # "snapshot" | "trace" | "pause" | "resume"
+    request_id: str = ""
+    instance: str = ""
+
+
+Message = (NewRequest | AbortRequest | Reserve | Reserved | Prefill | TransferStart | LayersReady
+           | PrefillDone | KVLanded | TransferDone | Free | AbortTransfer | StateEvent | InstanceStats
+           | Ready | PoolInfo | Pause | Shutdown | EngineOutput)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Msg | EngineOutput) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Msg | EngineOutput:
+    return _decoder.decode(data)

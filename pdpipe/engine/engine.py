@@ -8,20 +8,20 @@ feed it from their I/O edges, and tests drive it directly.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
+from typing import Callable
 
 import torch
 
 from pdpipe.config import EngineConfig
 from pdpipe.messages import EngineOutput, SamplingParams
 from pdpipe.models.loader import load_model
-from pdpipe.models.spec import load_eos_token_ids
+from pdpipe.models.spec import ModelSpec, load_eos_token_ids
 
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .sampler import Sampler
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 
 
@@ -29,8 +29,27 @@ class RequestError(ValueError):
     """A request the engine cannot take, naming the field at fault."""
 
 
+def pool_blocks(spec: ModelSpec, config: EngineConfig) -> int:
+    """KV blocks the pool gets: as configured, or as many as fit in kv_cache_mb."""
+    per_block = KVCache.block_bytes(spec, config.cache.block_size, getattr(torch, spec.dtype))
+    return config.cache.num_blocks or max(1, config.cache.kv_cache_mb * 2**20 // per_block)
+
+
+def resolve_max_model_len(spec: ModelSpec, config: EngineConfig, num_blocks: int) -> int:
+    asked = config.scheduler.max_model_len
+    pool_tokens = num_blocks * config.cache.block_size
+    limit = min(spec.max_position_embeddings, pool_tokens)
+    if asked > limit:
+        raise ValueError(
+            f"max_model_len: {asked} exceeds what fits: the model's max_position_embeddings is "
+            f"{spec.max_position_embeddings} and the KV pool holds {pool_tokens} tokens "
+            "(raise num_blocks or kv_cache_mb)")
+    return asked or limit
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, pool_path: str | None = None):
+        """`pool_path`: back the KV pool with this shared-memory file, so a transfer process can map it."""
         from pdpipe.demo import resolve_model
 
         self.config = config
@@ -39,11 +58,15 @@ class LLMEngine:
         self.spec = self.model.spec
         dtype = getattr(torch, self.spec.dtype)
         block_size = config.cache.block_size
-        num_blocks = config.cache.num_blocks or max(
-            1, config.cache.kv_cache_mb * 2**20 // KVCache.block_bytes(self.spec, block_size, dtype))
-        self.max_model_len = self._max_model_len(num_blocks * block_size)
+        num_blocks = pool_blocks(self.spec, config)
+        self.max_model_len = resolve_max_model_len(self.spec, config, num_blocks)
         self.eos_token_ids = load_eos_token_ids(self.model_dir)
-        self.kv_cache = KVCache(self.spec, num_blocks, block_size, dtype, config.device)
+        buffer = None
+        if pool_path:
+            from pdpipe.ipc.shm import map_pool
+
+            buffer = map_pool(pool_path, KVCache.shape(self.spec, num_blocks, block_size), dtype)
+        self.kv_cache = KVCache(self.spec, num_blocks, block_size, dtype, config.device, buffer)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache)
@@ -51,16 +74,6 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._reserved: dict[str, list[int]] = {}
         torch.manual_seed(config.seed)
-
-    def _max_model_len(self, pool_tokens: int) -> int:
-        asked = self.config.scheduler.max_model_len
-        limit = min(self.spec.max_position_embeddings, pool_tokens)
-        if asked > limit:
-            raise ValueError(
-                f"max_model_len: {asked} exceeds what fits: the model's max_position_embeddings is "
-                f"{self.spec.max_position_embeddings} and the KV pool holds {pool_tokens} tokens "
-                "(raise num_blocks or kv_cache_mb)")
-        return asked or limit
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     hold_kv: bool = False) -> None:
@@ -133,12 +146,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[EngineOutput]:
+    def step(self, on_schedule: Callable[[SchedulerOutput], None] | None = None,
+             on_layer_done: Callable[[int], None] | None = None) -> list[EngineOutput]:
+        """One schedule → forward → sample → update. `on_schedule` sees the batch before it runs and
+        `on_layer_done(i)` fires as each layer's KV is written (for layer-wise transfer)."""
         sched = self.scheduler.schedule()
         outputs = [self._output(seq, []) for seq in sched.finished]
         if not sched.chunks:
             return outputs
-        logits, seqs = self.runner.execute(sched)
+        if on_schedule is not None:
+            on_schedule(sched)
+        logits, seqs = self.runner.execute(sched, on_layer_done)
         samples = self.sampler(logits, seqs) if seqs else {}
         for seq in self.scheduler.update(sched, samples):
             outputs.append(self._output(seq, [samples[seq].token_id]))
@@ -147,7 +165,8 @@ class LLMEngine:
     @staticmethod
     def _output(seq: Sequence, token_ids: list[int]) -> EngineOutput:
         logprobs = [seq.logprobs[-1]] if token_ids and seq.params.logprobs is not None else None
-        return EngineOutput(request_id=seq.request_id, token_ids=token_ids, logprobs=logprobs,
+        return EngineOutput(request_id=seq.request_id, token_ids=token_ids,
+                            index=seq.num_output_tokens - len(token_ids), logprobs=logprobs,
                             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
     def leak_free(self) -> bool:

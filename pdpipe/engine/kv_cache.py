@@ -15,7 +15,7 @@ from pdpipe.models.spec import ModelSpec
 class KVCache:
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: str | torch.device = "cpu", buffer: torch.Tensor | None = None):
-        shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        shape = self.shape(spec, num_blocks, block_size)
         if buffer is None:
             buffer = torch.zeros(shape, dtype=dtype, device=device)
         elif tuple(buffer.shape) != shape or buffer.dtype != dtype:
@@ -23,6 +23,10 @@ class KVCache:
         self.data = buffer
         self.num_blocks = num_blocks
         self.block_size = block_size
+
+    @staticmethod
+    def shape(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
 
     @staticmethod
     def block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:

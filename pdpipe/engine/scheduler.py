@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdpipe.config import SchedulerConfig
-from pdpipe.messages import TokenLogprob
+from pdpipe.messages import SamplingParams, TokenLogprob
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
@@ -168,11 +168,20 @@ class Scheduler:
         return touched
 
     def check_stop(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            if token in p.stop_token_ids:
-                return self.finish(seq, "stop", token)
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return self.finish(seq, "stop")
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            self.finish(seq, "length")
+        ended = finish_for(seq.params, token, seq.num_output_tokens, seq.num_tokens, self.max_model_len,
+                           self.eos_token_ids)
+        if ended is not None:
+            self.finish(seq, *ended)
+
+
+def finish_for(params: SamplingParams, token: int, num_output_tokens: int, num_tokens: int,
+               max_model_len: int, eos_token_ids: frozenset[int]) -> tuple[str, int | None] | None:
+    """(finish_reason, stop_reason) if `token`, the request's newest, ends it; else None."""
+    if num_output_tokens >= params.min_tokens:
+        if token in params.stop_token_ids:
+            return "stop", token
+        if not params.ignore_eos and token in eos_token_ids:
+            return "stop", None
+    if num_output_tokens >= params.max_tokens or num_tokens >= max_model_len:
+        return "length", None
+    return None

@@ -1,0 +1,103 @@
+"""The front-end's side of the wires: requests out to the scheduler, token streams in from the
+engines (reordered by index, since the first token comes from prefill and the rest from decode),
+and control queries to the scheduler."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pdpipe.messages import AbortRequest, ControlRequest, EngineOutput, NewRequest, SamplingParams, decode, encode
+from pdpipe.wire import RunPaths
+
+log = logging.getLogger("pdpipe")
+
+
+class TokenStream:
+    """One request's outputs in order. Error outputs (token-less) pass at once."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self._next = 0
+        self._early: dict[int, EngineOutput] = {}
+
+    def put(self, out: EngineOutput) -> None:
+        if not out.token_ids or out.index == self._next:
+            self._emit(out)
+            while self._next in self._early:
+                self._emit(self._early.pop(self._next))
+        elif out.index > self._next:
+            self._early[out.index] = out
+
+    def _emit(self, out: EngineOutput) -> None:
+        self._next = out.index + len(out.token_ids) if out.token_ids else self._next
+        self.queue.put_nowait(out)
+
+
+class Bridge:
+    def __init__(self, paths: RunPaths, name: str = "api"):
+        self.paths = paths
+        self.ctx = zmq.asyncio.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(paths.inbox("scheduler"))
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.bind(paths.inbox(name))
+        self.streams: dict[str, TokenStream] = {}
+        self._control_lock = asyncio.Lock()
+        self._reader: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            data = await self.pull.recv()
+            try:
+                msg = decode(data)
+            except msgspec.DecodeError:
+                log.exception("api: undecodable message")
+                continue
+            stream = self.streams.get(getattr(msg, "request_id", ""))
+            if isinstance(msg, EngineOutput) and stream is not None:
+                stream.put(msg)
+
+    async def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
+                     arrival: float) -> TokenStream:
+        stream = self.streams[request_id] = TokenStream()
+        await self.push.send(encode(NewRequest(request_id=request_id, prompt_token_ids=prompt,
+                                               params=params, arrival=arrival)))
+        return stream
+
+    async def abort(self, request_id: str, reason: str) -> None:
+        self.streams.pop(request_id, None)
+        if not self.push.closed:
+            await self.push.send(encode(AbortRequest(request_id=request_id, reason=reason)))
+
+    def forget(self, request_id: str) -> None:
+        self.streams.pop(request_id, None)
+
+    async def control(self, op: str, timeout: float = 2.0, **kwargs) -> dict | None:
+        """A control query to the scheduler; None if it does not answer within `timeout`."""
+        async with self._control_lock:
+            sock = self.ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.paths.control)
+            try:
+                await sock.send(msgspec.json.encode(ControlRequest(op=op, **kwargs)))
+                if await sock.poll(int(timeout * 1000)) == 0:
+                    return None
+                return msgspec.json.decode(await sock.recv())
+            finally:
+                sock.close()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.push.close()
+        self.pull.close()
+        self.ctx.term()

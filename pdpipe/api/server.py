@@ -1,0 +1,349 @@
+"""The OpenAI-compatible front-end: validates and tokenizes requests, streams SSE, detokenizes, applies
+stop strings, turns a client disconnect into an abort, and serves /metrics. Starlette on uvicorn
+with uvloop; the scheduler and engines are reached through `Bridge`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pdpipe.messages import SamplingParams
+from pdpipe.output import RequestTextState, TextDelta
+from pdpipe.tokenizer import ChatTemplateError, Tokenizer
+
+from .bridge import Bridge
+from .metrics import ApiMetrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body, sampling_params
+
+log = logging.getLogger("pdpipe")
+
+
+@dataclass
+class ApiContext:
+    tokenizer: Tokenizer
+    bridge: Bridge
+    model_name: str
+    max_model_len: int
+    max_body_bytes: int
+    metrics: ApiMetrics
+
+
+def _json(obj, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def _error(exc: APIError) -> Response:
+    return _json(exc.body(), exc.status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"request body of {length} bytes exceeds the limit of {limit}", code="too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="too_large")
+    return bytes(body)
+
+
+class Generation:
+    """One request's run through the pipeline, as text deltas."""
+
+    def __init__(self, ctx: ApiContext, prompt: list[int], params: SamplingParams):
+        self.ctx, self.prompt, self.params = ctx, prompt, params
+        self.request_id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.state = RequestTextState(ctx.tokenizer, self.request_id, prompt, params)
+        self.error: str | None = None
+
+    async def deltas(self) -> AsyncIterator[TextDelta]:
+        ctx, rid = self.ctx, self.request_id
+        start = time.monotonic()
+        stream = await ctx.bridge.submit(rid, self.prompt, self.params, time.time())
+        first_at = None
+        finished = False
+        try:
+            while not finished:
+                out = await stream.queue.get()
+                if out.finish_reason == "error":
+                    self.error = out.error or "the request failed"
+                    finished = True
+                    break
+                if out.token_ids and first_at is None:
+                    first_at = time.monotonic()
+                    ctx.metrics.ttft.observe(first_at - start)
+                delta = self.state.update(out)
+                finished = self.state.out.finished
+                if self.state.stopped_by_text and out.finish_reason is None:
+                    await ctx.bridge.abort(rid, "stop")
+                yield delta
+        finally:
+            if not finished:  # the client went away, or the server is stopping
+                await ctx.bridge.abort(rid, "client disconnected")
+            ctx.bridge.forget(rid)
+            ctx.metrics.finished(self, start, first_at)
+
+    def usage(self) -> dict:
+        n = len(self.state.out.token_ids)
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": n, "total_tokens": len(self.prompt) + n}
+
+
+def _token_text(tok: Tokenizer, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(tok: Tokenizer, delta: TextDelta) -> dict | None:
+    if delta.logprobs is None:
+        return None
+    return {"tokens": [_token_text(tok, lp.token_id) for lp in delta.logprobs],
+            "token_logprobs": [lp.logprob for lp in delta.logprobs],
+            "top_logprobs": [{_token_text(tok, t): v for t, v in lp.top} for lp in delta.logprobs]}
+
+
+def chat_logprobs(tok: Tokenizer, delta: TextDelta) -> dict | None:
+    if delta.logprobs is None:
+        return None
+
+    def entry(token_id, logprob):
+        text = _token_text(tok, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in delta.logprobs]}
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class OpenAIRoutes:
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    def _check_model(self, model: str) -> None:
+        if model != self.ctx.model_name:
+            raise APIError(404, f"model: {model!r} does not exist; this server serves "
+                                f"{self.ctx.model_name!r}", "model", code="model_not_found")
+
+    def _max_tokens(self, asked: int | None, prompt: list[int], param: str, field: str) -> int:
+        limit = self.ctx.max_model_len
+        if len(prompt) >= limit:
+            raise APIError(400, f"{param}: {len(prompt)} tokens, but this model's context is {limit} "
+                                "tokens", param, code="context_length_exceeded")
+        if asked is None:
+            return limit - len(prompt)
+        if asked < 1:
+            raise APIError(400, f"{field}: must be >= 1, got {asked}", field)
+        if len(prompt) + asked > limit:
+            raise APIError(400, f"{field}: prompt ({len(prompt)} tokens) + {field} ({asked}) exceeds this "
+                                f"model's context of {limit} tokens", field, code="context_length_exceeded")
+        return asked
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.ctx.tokenizer.encode(prompt)
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        elif len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            return self._prompt_ids(prompt[0])
+        else:
+            raise APIError(400, "prompt: give one string or one list of token ids (batches are not "
+                                "supported)", "prompt")
+        vocab = self.ctx.tokenizer.vocab_size
+        if not ids:
+            raise APIError(400, "prompt: is empty", "prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
+        return ids
+
+    async def completions(self, request: Request) -> Response:
+        try:
+            req = parse_body(await read_body(request, self.ctx.max_body_bytes), CompletionRequest)
+            self._check_model(req.model)
+            if req.echo:
+                raise APIError(400, "echo: not supported", "echo")
+            prompt = self._prompt_ids(req.prompt)
+            params = sampling_params(req, self._max_tokens(req.max_tokens, prompt, "prompt", "max_tokens"),
+                                     req.logprobs)
+        except APIError as exc:
+            return _error(exc)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        gen = Generation(self.ctx, prompt, params)
+        head = {"id": gen.request_id, "object": "text_completion", "created": gen.created,
+                "model": self.ctx.model_name}
+
+        def choice(delta: TextDelta) -> dict:
+            return {"index": 0, "text": delta.text, "logprobs": completion_logprobs(self.ctx.tokenizer, delta),
+                    "finish_reason": delta.finish_reason}
+
+        if req.stream:
+            return self._stream(gen, req, head, lambda d: [choice(d)] if d.text or d.finish_reason else None)
+        return await self._complete(request, gen, head, lambda text, d: [{**choice(d), "text": text}])
+
+    async def chat(self, request: Request) -> Response:
+        try:
+            req = parse_body(await read_body(request, self.ctx.max_body_bytes), ChatCompletionRequest)
+            self._check_model(req.model)
+            try:
+                prompt = self.ctx.tokenizer.encode_chat(req.messages)
+            except ChatTemplateError as exc:
+                raise APIError(400, str(exc), str(exc).split(":", 1)[0].split(".")[0]) from None
+            asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            params = sampling_params(req, self._max_tokens(asked, prompt, "messages", field), logprobs)
+        except APIError as exc:
+            return _error(exc)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        gen = Generation(self.ctx, prompt, params)
+        head = {"id": gen.request_id.replace("cmpl-", "chatcmpl-"), "object": "chat.completion.chunk",
+                "created": gen.created, "model": self.ctx.model_name}
+        tok = self.ctx.tokenizer
+        sent_role = []
+
+        def chunk(delta: TextDelta):
+            if not (delta.text or delta.finish_reason or not sent_role):
+                return None
+            body = {"content": delta.text}
+            if not sent_role:
+                body["role"] = "assistant"
+                sent_role.append(True)
+            return [{"index": 0, "delta": body, "logprobs": chat_logprobs(tok, delta),
+                     "finish_reason": delta.finish_reason}]
+
+        if req.stream:
+            return self._stream(gen, req, head, chunk)
+
+        def full(text: str, delta: TextDelta) -> list[dict]:
+            return [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": chat_logprobs(tok, delta), "finish_reason": delta.finish_reason}]
+
+        return await self._complete(request, gen, {**head, "object": "chat.completion"}, full)
+
+    def _stream(self, gen: Generation, req, head: dict, make_choices) -> StreamingResponse:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events():
+            async for delta in gen.deltas():
+                choices = make_choices(delta)
+                if choices is not None:
+                    yield _sse({**head, "choices": choices})
+            if gen.error:
+                yield _sse(APIError(500, gen.error, type_="server_error").body())
+            elif include_usage:
+                yield _sse({**head, "choices": [], "usage": gen.usage()})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _complete(self, request: Request, gen: Generation, head: dict, make_choices) -> Response:
+        async def run():
+            async for _ in gen.deltas():
+                pass
+
+        task = asyncio.ensure_future(run())
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not task.done():
+            task.cancel()  # the client left: gen.deltas() aborts the request on its way out
+            await asyncio.gather(task, return_exceptions=True)
+            return Response(status_code=499)
+        task.result()
+        if gen.error:
+            return _error(APIError(500, gen.error, type_="server_error"))
+        out = gen.state.out
+        final = TextDelta(out.text, out.token_ids, out.logprobs if out.logprobs is not None else None,
+                          out.finish_reason, out.stop_reason)
+        body = {**head, "object": head["object"].replace(".chunk", ""), "choices": make_choices(out.text, final),
+                "usage": gen.usage()}
+        return _json(body)
+
+    async def models(self, request: Request) -> Response:
+        return _json({"object": "list", "data": [{"id": self.ctx.model_name, "object": "model",
+                                                   "created": 0, "owned_by": "pdpipe",
+                                                   "max_model_len": self.ctx.max_model_len}]})
+
+    async def health(self, request: Request) -> Response:
+        snap = await self.ctx.bridge.control("snapshot", timeout=1.0)
+        if snap is None:
+            return _json(APIError(503, "the scheduler does not answer", type_="server_error").body(), 503)
+        return _json({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        snap = await self.ctx.bridge.control("snapshot", timeout=1.0)
+        body, content_type = self.ctx.metrics.render(snap)
+        return Response(body, media_type=content_type)
+
+
+def build_app(ctx: ApiContext) -> Starlette:
+    routes = OpenAIRoutes(ctx)
+
+    async def not_found(request: Request, exc) -> Response:
+        return _error(APIError(404, f"{request.url.path}: no such route", code="not_found"))
+
+    async def bad_method(request: Request, exc) -> Response:
+        return _error(APIError(405, f"{request.method} {request.url.path}: method not allowed"))
+
+    return Starlette(routes=[
+        Route("/v1/completions", routes.completions, methods=["POST"]),
+        Route("/v1/chat/completions", routes.chat, methods=["POST"]),
+        Route("/v1/models", routes.models, methods=["GET"]),
+        Route("/health", routes.health, methods=["GET"]),
+        Route("/metrics", routes.metrics, methods=["GET"]),
+    ], exception_handlers={404: not_found, 405: bad_method})
+
+
+def serve_api(proc) -> None:
+    import uvicorn
+    import uvloop
+
+    from pdpipe.demo import resolve_model
+    from pdpipe.engine.engine import pool_blocks, resolve_max_model_len
+    from pdpipe.models.spec import load_spec
+
+    cfg = proc.cfg
+    model_dir = resolve_model(cfg.engine.model)
+    spec = load_spec(model_dir, cfg.engine.dtype or None)
+    max_len = min(resolve_max_model_len(spec, cfg.engine, inst.num_blocks or pool_blocks(spec, cfg.engine))
+                  for _, inst in cfg.named_instances())
+
+    async def main() -> None:
+        ctx = ApiContext(Tokenizer(model_dir), Bridge(proc.paths), cfg.api.served_model_name or model_dir.name,
+                         max_len, cfg.api.max_body_bytes, ApiMetrics())
+        server = uvicorn.Server(uvicorn.Config(build_app(ctx), host=cfg.api.host, port=cfg.api.port,
+                                               log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
+        ctx.bridge.start()
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if serving.done():
+            serving.result()
+            raise RuntimeError(f"api: could not listen on {cfg.api.host}:{cfg.api.port}")
+        proc.ready()
+        while not serving.done():
+            if proc.stop.is_set():
+                server.should_exit = True
+            await asyncio.wait([serving], timeout=0.1)
+        ctx.bridge.close()
+
+    uvloop.run(main())

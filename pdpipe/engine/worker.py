@@ -1,0 +1,177 @@
+"""One engine instance of the pipeline — prefill, decode or mixed — behind in-memory queues.
+
+prefill: takes `Prefill`, computes the prompt with its KV held (`hold_kv`), tells the transfer which
+  blocks will move and signals each finished layer, sends the first token to `api` at once and to
+  the transfer (`PrefillDone`); frees the blocks on `TransferDone`. States: PREFILLING → TRANSFERRING.
+decode: answers `Reserve` with blocks, continues a request on `KVLanded` from its first token, and
+  streams tokens to `api`. States: DECODING → FINISHED.
+mixed: both in one engine (colocated), the baseline. States: PREFILLING → DECODING → FINISHED.
+`Free` drops a request wherever it is here. No sockets: `send(dest, msg)` is given.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from msgspec.structs import replace
+
+from pdpipe.messages import (EngineOutput, Free, InstanceStats, KVLanded, LayersReady, Msg, Pause, Prefill,
+                             PrefillDone, Reserve, Reserved, StateEvent, TransferDone, TransferStart)
+
+from .engine import LLMEngine
+from .scheduler import SchedulerOutput, finish_for
+
+Send = Callable[[str, Msg | EngineOutput], None]
+API, SCHEDULER, TRANSFER = "api", "scheduler", "transfer"
+
+
+class EngineWorker:
+    def __init__(self, name: str, role: str, engine: LLMEngine, send: Send, clock=time.time):
+        if role not in ("prefill", "decode", "mixed"):
+            raise ValueError(f"role: {role!r}; allowed: prefill, decode, mixed")
+        self.name, self.role, self.engine, self.send, self.clock = name, role, engine, send, clock
+        self.paused = False
+        self._deferred: list[KVLanded] = []  # landed while paused
+        self._pending: dict[str, Reserve] = {}  # decode: reserved, KV not landed yet
+        self._prefills: dict[str, Prefill] = {}  # prefill: running, with their original params
+        self._tombstones: OrderedDict[str, None] = OrderedDict()  # freed ids whose late messages to drop
+        self._started: set[str] = set()
+        self.queued_prompt_tokens = 0
+
+    # ---- inbox -----------------------------------------------------------------------------
+    def handle(self, msg: Msg) -> None:
+        handler = getattr(self, "_on_" + type(msg).__name__, None)
+        if handler is None:
+            raise TypeError(f"{self.name} ({self.role}) cannot handle {type(msg).__name__}")
+        handler(msg)
+
+    def _on_Pause(self, msg: Pause) -> None:
+        self.paused = msg.paused
+        if not self.paused:
+            for landed in self._deferred:
+                self._on_KVLanded(landed)
+            self._deferred.clear()
+
+    def _on_Prefill(self, msg: Prefill) -> None:
+        if msg.request_id in self._tombstones:
+            return
+        params = msg.params if self.role == "mixed" else replace(msg.params, max_tokens=1, min_tokens=0)
+        self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, hold_kv=self.role == "prefill")
+        self._prefills[msg.request_id] = msg
+        self.queued_prompt_tokens += len(msg.prompt_token_ids)
+
+    def _on_Reserve(self, msg: Reserve) -> None:
+        blocks = None
+        if msg.request_id not in self._tombstones:
+            blocks = self.engine.reserve(msg.request_id, len(msg.prompt_token_ids))
+        if blocks is not None:
+            self._pending[msg.request_id] = msg
+        self.send(SCHEDULER, Reserved(request_id=msg.request_id, instance=self.name, block_ids=blocks,
+                                      free_blocks=self.engine.blocks.num_free_blocks))
+
+    def _on_KVLanded(self, msg: KVLanded) -> None:
+        reserve = self._pending.pop(msg.request_id, None)
+        if reserve is None:
+            return  # freed meanwhile
+        if self.paused:
+            self._pending[msg.request_id] = reserve
+            self._deferred.append(msg)
+            return
+        self._event(msg.request_id, "DECODING")
+        ended = self.engine.add_prefilled(msg.request_id, reserve.prompt_token_ids, msg.first_token,
+                                          reserve.params, msg.first_logprob)
+        if ended is not None:
+            self._deliver([ended])
+
+    def _on_TransferDone(self, msg: TransferDone) -> None:
+        self.engine.release_kv(msg.request_id)
+
+    def _on_Free(self, msg: Free) -> None:
+        rid = msg.request_id
+        self._tombstones[rid] = None
+        while len(self._tombstones) > 10000:
+            self._tombstones.popitem(last=False)
+        self._pending.pop(rid, None)
+        self._deferred = [d for d in self._deferred if d.request_id != rid]
+        prefill = self._prefills.pop(rid, None)
+        if prefill is not None:
+            self.queued_prompt_tokens -= len(prefill.prompt_token_ids)
+        self.engine.cancel_reservation(rid)
+        self.engine.abort_request(rid)
+        self.engine.release_kv(rid)
+        self._started.discard(rid)
+
+    # ---- step loop ---------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return not self.paused and self.engine.has_unfinished()
+
+    def step(self) -> None:
+        if self.role == "prefill":
+            outputs = self.engine.step(self._on_schedule, self._on_layer)
+        else:
+            outputs = self.engine.step(self._on_schedule)
+        self._deliver(outputs)
+
+    def _on_schedule(self, sched: SchedulerOutput) -> None:
+        now = self.clock()
+        for chunk in sched.chunks:
+            rid = chunk.seq.request_id
+            if rid in self._prefills and rid not in self._started:
+                self._started.add(rid)
+                self._event(rid, "PREFILLING", now=now)
+        self._final_chunks = [c.seq.request_id for c in sched.chunks
+                              if c.samples and c.seq.request_id in self._prefills]
+        if self.role != "prefill":
+            return
+        for rid in self._final_chunks:
+            p = self._prefills[rid]
+            self.send(TRANSFER, TransferStart(request_id=rid, src_instance=self.name,
+                                              src_block_ids=self.engine.kv_blocks(rid),
+                                              dst_instance=p.decode_instance,
+                                              dst_block_ids=p.decode_block_ids))
+
+    def _on_layer(self, layer: int) -> None:
+        if self._final_chunks:
+            self.send(TRANSFER, LayersReady(request_ids=self._final_chunks, layer=layer))
+
+    def _deliver(self, outputs: list[EngineOutput]) -> None:
+        for out in outputs:
+            rid = out.request_id
+            prefill = self._prefills.pop(rid, None)
+            if prefill is not None:
+                self.queued_prompt_tokens -= len(prefill.prompt_token_ids)
+                self._started.discard(rid)
+                if self.role == "prefill":
+                    out = self._first_token(prefill, out)
+                elif self.role == "mixed" and out.finish_reason is None:
+                    self._event(rid, "DECODING")
+            self.send(API, out)
+            if out.finish_reason is not None:
+                self._event(rid, "FINISHED", detail=out.finish_reason)
+
+    def _first_token(self, prefill: Prefill, out: EngineOutput) -> EngineOutput:
+        """Judges the first token by the request's own params (the engine ran it with max_tokens=1)."""
+        rid, token = prefill.request_id, out.token_ids[0]
+        ended = finish_for(prefill.params, token, 1, len(prefill.prompt_token_ids) + 1,
+                           self.engine.max_model_len, self.engine.eos_token_ids)
+        if ended is not None:
+            self.engine.release_kv(rid)
+            return replace(out, finish_reason=ended[0], stop_reason=ended[1])
+        logprob = out.logprobs[0] if out.logprobs else None
+        self.send(TRANSFER, PrefillDone(request_id=rid, first_token=token, first_logprob=logprob))
+        self._event(rid, "TRANSFERRING", detail="prefill end")
+        return replace(out, finish_reason=None, stop_reason=None)
+
+    def _event(self, rid: str, state: str, detail: str = "", now: float | None = None) -> None:
+        self.send(SCHEDULER, StateEvent(request_id=rid, state=state, instance=self.name,
+                                        time=now or self.clock(), detail=detail))
+
+    def stats(self, inbox_depth: int = 0) -> InstanceStats:
+        sched = self.engine.scheduler
+        return InstanceStats(instance=self.name, role=self.role, time=self.clock(),
+                             num_blocks=self.engine.blocks.num_blocks,
+                             free_blocks=self.engine.blocks.num_free_blocks,
+                             running=len(sched.running), waiting=len(sched.waiting) + len(self._deferred),
+                             inbox=inbox_depth, queued_prompt_tokens=self.queued_prompt_tokens,
+                             paused=self.paused)

@@ -1,0 +1,62 @@
+"""CPU KV pools in shared memory, and the transfer backend that copies blocks between them.
+
+Each engine's pool is a file under /dev/shm mapped as one tensor; the transfer process maps every
+pool once and moves a layer of a request's blocks with one gather/scatter per layer.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pdpipe import kernels
+from pdpipe.messages import PoolInfo
+from pdpipe.transfer import TransferBackend, TransferError, TransferJob, TransferState
+
+
+def map_pool(path: Path | str, shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The pool file at `path` (created zeroed if missing) as a tensor of `shape`."""
+    flat = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype)
+    return flat.view(*shape)
+
+
+class ShmTransfer(TransferBackend):
+    """Synchronous copies: a layer has landed when `send` returns."""
+
+    def __init__(self):
+        self.pools: dict[str, torch.Tensor] = {}
+
+    def register_pool(self, pool: PoolInfo) -> None:
+        if pool.instance not in self.pools:
+            self.pools[pool.instance] = map_pool(pool.path, pool.shape, getattr(torch, pool.dtype))
+
+    def _pool(self, instance: str, job: TransferJob) -> torch.Tensor:
+        pool = self.pools.get(instance)
+        if pool is None:
+            raise TransferError(f"request {job.request_id}: no KV pool registered for {instance}")
+        return pool
+
+    def send(self, job: TransferJob, layer: int) -> None:
+        start = time.perf_counter()
+        src = self._pool(job.src_instance, job)[layer].transpose(0, 1)  # [num_blocks, 2, block, heads, dim]
+        dst = self._pool(job.dst_instance, job)[layer].transpose(0, 1)
+        src_ids = torch.tensor(job.src_block_ids, dtype=torch.long)
+        dst_ids = torch.tensor(job.dst_block_ids, dtype=torch.long)
+        kernels.copy_blocks(src, src_ids, dst, dst_ids)
+        job.layers_sent.add(layer)
+        job.bytes_moved += len(job.src_block_ids) * src[0].numel() * src.element_size()
+        job.seconds += time.perf_counter() - start
+
+    def job_bytes(self, job: TransferJob) -> int:
+        pool = self.pools.get(job.src_instance)
+        if pool is None:
+            return 0
+        return len(job.src_block_ids) * pool[:, :, 0].numel() * pool.element_size()
+
+    def poll(self, job: TransferJob) -> TransferState:
+        return TransferState.DONE
+
+    def abort(self, job: TransferJob) -> None:
+        pass  # copies are synchronous: nothing is in flight

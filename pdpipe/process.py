@@ -1,0 +1,181 @@
+"""Entry point of every pipeline process: `python -m pdpipe.process ROLE NAME RUN_DIR`.
+
+Each reads the run's resolved config from RUN_DIR/config.json, binds its inbox, tells the launcher it
+is ready, and runs its loop until SIGTERM/SIGINT: the engine and transfer loops drain their inbox,
+step while there is work, and report stats to the scheduler a few times a second.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from pdpipe import envs
+from pdpipe.config import LaunchConfig
+from pdpipe.messages import PoolInfo, Ready, Shutdown, StateEvent
+from pdpipe.wire import InboxThread, Outboxes, RunPaths
+
+log = logging.getLogger("pdpipe")
+STATS_PERIOD = 0.2
+
+
+def load_run_config(run_dir: Path) -> LaunchConfig:
+    return msgspec.json.decode((Path(run_dir) / "config.json").read_bytes(), type=LaunchConfig)
+
+
+class ProcessBase:
+    """Signals, logging, sockets: what every process has."""
+
+    def __init__(self, role: str, name: str, run_dir: str):
+        self.role, self.name = role, name
+        self.paths = RunPaths(run_dir)
+        self.cfg = load_run_config(self.paths.run_dir)
+        self.stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        self.ctx = zmq.Context()
+        self.out = Outboxes(self.ctx, self.paths)
+
+    def ready(self, **extra) -> None:
+        self.out.send("launcher", Ready(instance=self.name, pid=os.getpid(), **extra))
+        log.info("%s ready (pid %d)", self.name, os.getpid())
+
+    def close(self) -> None:
+        self.out.close()
+        self.ctx.term()
+
+
+def drain(q: queue.Queue, timeout: float) -> list:
+    """Everything queued now, waiting up to `timeout` for the first item when there is none."""
+    msgs = []
+    try:
+        msgs.append(q.get(timeout=timeout) if timeout else q.get_nowait())
+        while True:
+            msgs.append(q.get_nowait())
+    except queue.Empty:
+        pass
+    return msgs
+
+
+def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker) -> None:
+    """Drain the inbox, step while there is work, report stats; a bad message costs only itself."""
+    next_stats = 0.0
+    while not proc.stop.is_set():
+        for msg in drain(inbox.queue, 0 if worker.has_work() else 0.02):
+            if isinstance(msg, Shutdown):
+                proc.stop.set()
+                continue
+            try:
+                worker.handle(msg)
+            except Exception as exc:  # noqa: BLE001 — fail that request alone; keep serving the rest
+                log.exception("%s: failed to handle %s", proc.name, type(msg).__name__)
+                rid = getattr(msg, "request_id", None)
+                if rid is not None:
+                    proc.out.send("scheduler", StateEvent(request_id=rid, state="FAILED", instance=proc.name,
+                                                          time=time.time(), detail=f"{proc.name}: {exc}"))
+        if worker.has_work():
+            worker.step()
+        now = time.monotonic()
+        if now >= next_stats:
+            proc.out.send("scheduler", worker.stats(inbox.queue.qsize()))
+            next_stats = now + STATS_PERIOD
+
+
+def run_engine(role: str, name: str, run_dir: str) -> None:
+    from pdpipe.engine.engine import LLMEngine
+    from pdpipe.engine.worker import EngineWorker
+
+    proc = ProcessBase(role, name, run_dir)
+    inst = dict(proc.cfg.named_instances())[name]
+    engine_cfg = proc.cfg.engine
+    if inst.num_blocks:
+        engine_cfg = replace(engine_cfg, cache=replace(engine_cfg.cache, num_blocks=inst.num_blocks))
+    pool_path = proc.paths.pool(name)
+    try:
+        engine = LLMEngine(engine_cfg, pool_path=str(pool_path))
+        inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
+        worker = EngineWorker(name, role, engine, proc.out.send)
+        shape = list(engine.kv_cache.data.shape)
+        info = PoolInfo(instance=name, path=str(pool_path), shape=shape, dtype=engine.spec.dtype)
+        (proc.paths.run_dir / "pools").mkdir(exist_ok=True)
+        (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
+        proc.ready(pool_path=str(pool_path), pool_shape=shape, pool_dtype=engine.spec.dtype)
+        run_worker_loop(proc, inbox, worker)
+        inbox.stop()
+    finally:
+        pool_path.unlink(missing_ok=True)
+        proc.close()
+
+
+def run_transfer(role: str, name: str, run_dir: str) -> None:
+    from pdpipe.ipc.shm import ShmTransfer
+    from pdpipe.models.spec import load_spec
+    from pdpipe.demo import resolve_model
+    from pdpipe.transfer.worker import TransferWorker
+
+    proc = ProcessBase(role, name, run_dir)
+    spec = load_spec(resolve_model(proc.cfg.engine.model))
+    pools_dir = proc.paths.run_dir / "pools"
+
+    def lookup(instance: str) -> PoolInfo | None:
+        path = pools_dir / f"{instance}.json"
+        return msgspec.json.decode(path.read_bytes(), type=PoolInfo) if path.is_file() else None
+
+    worker = TransferWorker(name, ShmTransfer(), spec.num_layers, proc.out.send, pool_lookup=lookup)
+    inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
+    proc.ready()
+    try:
+        run_worker_loop(proc, inbox, worker)
+    finally:
+        inbox.stop()
+        proc.close()
+
+
+def run_scheduler(role: str, name: str, run_dir: str) -> None:
+    from pdpipe.scheduler.service import serve_scheduler
+
+    proc = ProcessBase(role, name, run_dir)
+    try:
+        serve_scheduler(proc)
+    finally:
+        proc.close()
+
+
+def run_api(role: str, name: str, run_dir: str) -> None:
+    from pdpipe.api.server import serve_api
+
+    proc = ProcessBase(role, name, run_dir)
+    try:
+        serve_api(proc)
+    finally:
+        proc.close()
+
+
+RUNNERS = {"prefill": run_engine, "decode": run_engine, "mixed": run_engine, "transfer": run_transfer,
+           "scheduler": run_scheduler, "api": run_api}
+
+
+def main(argv: list[str] | None = None) -> int:
+    role, name, run_dir = (argv or sys.argv[1:])[:3]
+    logging.basicConfig(level=envs.log_level(), stream=sys.stderr,
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    try:
+        RUNNERS[role](role, name, run_dir)
+    except Exception:
+        log.exception("%s failed", name)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

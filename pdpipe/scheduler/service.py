@@ -1,0 +1,71 @@
+"""The scheduler process: its inbox (state events, requests, stats) and its control socket (REQ/REP:
+`pdpipe queues`, `pdpipe trace`, pause/resume, and the front-end's /metrics) on one poll loop."""
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+import zmq
+
+from pdpipe.messages import ControlRequest, Pause, decode
+
+from .core import SchedulerCore
+
+log = logging.getLogger("pdpipe")
+TICK = 0.02
+
+
+def control_reply(core: SchedulerCore, req: ControlRequest, send) -> dict:
+    if req.op == "snapshot":
+        return core.snapshot()
+    if req.op == "trace":
+        trace = core.trace(req.request_id)
+        return trace if trace is not None else {"error": f"no request {req.request_id!r} is known"}
+    if req.op in ("pause", "resume"):
+        if req.instance not in core.roles:
+            return {"error": f"instance {req.instance!r} unknown; known: {', '.join(core.roles)}"}
+        send(req.instance, Pause(paused=req.op == "pause"))
+        return {"ok": True}
+    return {"error": f"op {req.op!r} unknown; known: snapshot, trace, pause, resume"}
+
+
+def serve_scheduler(proc) -> None:
+    roles = {name: inst.role for name, inst in proc.cfg.named_instances()}
+    core = SchedulerCore(roles, proc.cfg.deadlines, proc.out.send)
+    inbox = proc.ctx.socket(zmq.PULL)
+    inbox.bind(proc.paths.inbox("scheduler"))
+    control = proc.ctx.socket(zmq.REP)
+    control.bind(proc.paths.control)
+    for sock in (inbox, control):
+        sock.setsockopt(zmq.LINGER, 0)
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    poller.register(control, zmq.POLLIN)
+    proc.ready()
+    next_tick = 0.0
+    while not proc.stop.is_set():
+        events = dict(poller.poll(int(TICK * 1000)))
+        if inbox in events:
+            while True:
+                try:
+                    data = inbox.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    core.handle(decode(data))
+                except Exception:  # noqa: BLE001 — one bad message must not stop the scheduler
+                    log.exception("scheduler: failed to handle a message")
+        if control in events:
+            try:
+                req = msgspec.json.decode(control.recv(), type=ControlRequest)
+                reply = control_reply(core, req, proc.out.send)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                reply = {"error": f"bad control request: {exc}"}
+            control.send(msgspec.json.encode(reply))
+        now = time.monotonic()
+        if now >= next_tick:
+            core.tick()
+            next_tick = now + TICK
+    inbox.close()
+    control.close()

@@ -1,0 +1,84 @@
+"""The one interface every KV transfer backend implements, and a fake for tests.
+
+A job moves a request's blocks from a source pool to a destination pool, layer by layer:
+`send(job, layer)` starts moving one layer, `poll(request_id)` says where the job stands, and
+`abort(request_id)` stops it (after which the backend writes nothing more for that request).
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from pdpipe.messages import PoolInfo
+
+
+class TransferState(enum.Enum):
+    PENDING = "pending"  # layers sent and not yet landed
+    DONE = "done"  # every layer sent so far has landed
+    FAILED = "failed"
+
+
+class TransferError(RuntimeError):
+    """A transfer that cannot go on, naming the peer and the operation."""
+
+
+@dataclass
+class TransferJob:
+    request_id: str
+    src_instance: str
+    src_block_ids: list[int]
+    dst_instance: str
+    dst_block_ids: list[int]
+    layers_sent: set[int] = field(default_factory=set)
+    bytes_moved: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+class TransferBackend(ABC):
+    @abstractmethod
+    def register_pool(self, pool: PoolInfo) -> None:
+        """Makes an engine's KV pool addressable (opened once, cached)."""
+
+    @abstractmethod
+    def send(self, job: TransferJob, layer: int) -> None:
+        """Starts moving `layer` of the job's blocks."""
+
+    @abstractmethod
+    def poll(self, job: TransferJob) -> TransferState:
+        ...
+
+    @abstractmethod
+    def abort(self, job: TransferJob) -> None:
+        ...
+
+    def job_bytes(self, job: TransferJob) -> int:
+        """Bytes the whole job moves (all layers), where the backend knows the pools."""
+        return 0
+
+
+class FakeTransfer(TransferBackend):
+    """Moves nothing; completes at once, or fails for request ids in `fail`."""
+
+    def __init__(self, fail: set[str] | None = None):
+        self.fail = fail if fail is not None else set()
+        self.pools: dict[str, PoolInfo] = {}
+        self.sent: list[tuple[str, int]] = []
+        self.aborted: list[str] = []
+
+    def register_pool(self, pool: PoolInfo) -> None:
+        self.pools[pool.instance] = pool
+
+    def send(self, job: TransferJob, layer: int) -> None:
+        self.sent.append((job.request_id, layer))
+        job.layers_sent.add(layer)
+
+    def poll(self, job: TransferJob) -> TransferState:
+        if job.request_id in self.fail:
+            job.error = f"fake failure moving {job.request_id} to {job.dst_instance}"
+            return TransferState.FAILED
+        return TransferState.DONE
+
+    def abort(self, job: TransferJob) -> None:
+        self.aborted.append(job.request_id)

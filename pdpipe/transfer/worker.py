@@ -1,0 +1,113 @@
+"""The transfer process's logic: moves each request's KV from its prefill pool to the blocks reserved
+on its decode instance, layer by layer as the prefill engine finishes them.
+
+TransferStart opens a job; LayersReady moves that layer of the named jobs; once every layer has landed
+and PrefillDone brought the first token, decode gets KVLanded and prefill TransferDone. AbortTransfer
+stops a job and then passes Free to the decode instance, so decode frees its blocks only after
+nothing can write into them any more. States reported: TRANSFERRING (layer k of N), FAILED.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from pdpipe.messages import (AbortTransfer, EngineOutput, Free, InstanceStats, KVLanded, LayersReady, Msg,
+                             PoolInfo, PrefillDone, StateEvent, TransferDone, TransferStart)
+
+from . import TransferBackend, TransferError, TransferJob, TransferState
+
+Send = Callable[[str, Msg | EngineOutput], None]
+
+
+class TransferWorker:
+    def __init__(self, name: str, backend: TransferBackend, num_layers: int, send: Send, clock=time.time,
+                 pool_lookup: Callable[[str], PoolInfo | None] | None = None):
+        self.name, self.backend, self.num_layers, self.send, self.clock = name, backend, num_layers, send, clock
+        self.pool_lookup = pool_lookup
+        self._pools: set[str] = set()
+        self.jobs: dict[str, TransferJob] = {}
+        self._first: dict[str, PrefillDone] = {}
+        self.bytes_moved = 0
+        self.seconds_moving = 0.0
+
+    def handle(self, msg: Msg) -> None:
+        if isinstance(msg, PoolInfo):
+            self._register(msg)
+        elif isinstance(msg, TransferStart):
+            for instance in (msg.src_instance, msg.dst_instance):
+                info = self.pool_lookup(instance) if self.pool_lookup and instance not in self._pools else None
+                if info is not None:
+                    self._register(info)
+            self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, list(msg.src_block_ids),
+                                                    msg.dst_instance, list(msg.dst_block_ids))
+        elif isinstance(msg, LayersReady):
+            for rid in msg.request_ids:
+                if rid in self.jobs:
+                    self._send_layer(self.jobs[rid], msg.layer)
+        elif isinstance(msg, PrefillDone):
+            if msg.request_id in self.jobs:
+                self._first[msg.request_id] = msg
+        elif isinstance(msg, AbortTransfer):
+            job = self.jobs.pop(msg.request_id, None)
+            self._first.pop(msg.request_id, None)
+            if job is not None:
+                self.backend.abort(job)
+            self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
+        else:
+            raise TypeError(f"{self.name} cannot handle {type(msg).__name__}")
+        self.poll()
+
+    def _register(self, pool: PoolInfo) -> None:
+        self.backend.register_pool(pool)
+        self._pools.add(pool.instance)
+
+    def _send_layer(self, job: TransferJob, layer: int) -> None:
+        try:
+            self.backend.send(job, layer)
+        except TransferError as exc:
+            job.error = str(exc)
+            return
+        self._event(job.request_id, "TRANSFERRING", f"layer {layer + 1}/{self.num_layers} sent")
+
+    def poll(self) -> None:
+        """Finishes the jobs whose every layer landed, and fails those the backend gave up on."""
+        for rid, job in list(self.jobs.items()):
+            state = TransferState.FAILED if job.error else self.backend.poll(job)
+            if state is TransferState.FAILED:
+                self._fail(job)
+            elif (state is TransferState.DONE and rid in self._first
+                  and len(job.layers_sent) == self.num_layers):
+                self._finish(job, self._first.pop(rid))
+
+    def _finish(self, job: TransferJob, first: PrefillDone) -> None:
+        del self.jobs[job.request_id]
+        self.bytes_moved += job.bytes_moved
+        self.seconds_moving += job.seconds
+        self.send(job.dst_instance, KVLanded(request_id=job.request_id, first_token=first.first_token,
+                                             first_logprob=first.first_logprob))
+        self.send(job.src_instance, TransferDone(request_id=job.request_id))
+        self._event(job.request_id, "TRANSFERRING",
+                    f"landed {job.bytes_moved} bytes in {job.seconds * 1e3:.2f} ms")
+
+    def _fail(self, job: TransferJob) -> None:
+        del self.jobs[job.request_id]
+        self._first.pop(job.request_id, None)
+        self.backend.abort(job)
+        self._event(job.request_id, "FAILED", f"KV transfer failed: {job.error or 'backend failure'}")
+
+    def _event(self, rid: str, state: str, detail: str) -> None:
+        self.send("scheduler", StateEvent(request_id=rid, state=state, instance=self.name,
+                                          time=self.clock(), detail=detail))
+
+    def has_work(self) -> bool:
+        return any(self.backend.poll(j) is TransferState.PENDING for j in self.jobs.values())
+
+    def stats(self, inbox_depth: int = 0) -> InstanceStats:
+        return InstanceStats(instance=self.name, role="transfer", time=self.clock(), inbox=inbox_depth,
+                             transfers_in_flight=len(self.jobs),
+                             bytes_in_flight=sum(self.backend.job_bytes(j) - j.bytes_moved
+                                                 for j in self.jobs.values()),
+                             bytes_moved=self.bytes_moved, seconds_moving=self.seconds_moving)
+
+    def step(self) -> None:
+        self.poll()

@@ -1,0 +1,100 @@
+"""ZeroMQ at the edge of each process: addresses derived from the run directory, a typed inbox
+(PULL, bound by its owner) and outboxes (PUSH, connected to the peers' inboxes). Business code never
+touches zmq; it gets messages from a queue and sends through `Outboxes.send(dest, msg)`."""
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from pathlib import Path
+
+import zmq
+
+from pdpipe.messages import Msg, decode, encode
+
+
+class RunPaths:
+    """Every name a run uses, derived from its run directory: sockets, logs, shared KV pools."""
+
+    def __init__(self, run_dir: Path | str):
+        self.run_dir = Path(run_dir)
+        self.tag = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:10]
+
+    def inbox(self, name: str) -> str:
+        return f"ipc://{self.run_dir / (name + '.sock')}"
+
+    @property
+    def control(self) -> str:
+        return f"ipc://{self.run_dir / 'control.sock'}"
+
+    def log(self, name: str) -> Path:
+        return self.run_dir / "logs" / f"{name}.log"
+
+    def pool(self, name: str) -> Path:
+        return Path("/dev/shm") / f"pdpipe-{self.tag}-{name}.kv"
+
+    def socket_files(self) -> list[Path]:
+        return sorted(self.run_dir.glob("*.sock"))
+
+    def pool_files(self) -> list[Path]:
+        return sorted(Path("/dev/shm").glob(f"pdpipe-{self.tag}-*.kv"))
+
+
+class Outboxes:
+    """PUSH sockets to peers' inboxes, connected on first use. Use from one thread."""
+
+    def __init__(self, ctx: zmq.Context, paths: RunPaths):
+        self.ctx, self.paths = ctx, paths
+        self._socks: dict[str, zmq.Socket] = {}
+
+    def send(self, dest: str, msg: Msg) -> None:
+        sock = self._socks.get(dest)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(self.paths.inbox(dest))
+            self._socks[dest] = sock
+        sock.send(encode(msg), copy=False)
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+
+
+class InboxThread:
+    """Receives this process's inbox on a thread of its own into `self.queue`."""
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self.queue: queue.Queue = queue.Queue()
+        self._ctx, self._address = ctx, address
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inbox", daemon=True)
+
+    def start(self) -> "InboxThread":
+        self._thread.start()
+        self._bound.wait()
+        return self
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self._address)
+        self._bound.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(100):
+                while True:
+                    try:
+                        data = sock.recv(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.queue.put(decode(data.bytes))
+        sock.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
