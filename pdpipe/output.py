@@ -60,7 +60,9 @@ class RequestTextState:
                 continue  # the EOS / stop token itself is not text
             self._append_text(self.detok.step(token))
         if not out.finished and engine_out.finish_reason is not None:
-            out.finish_reason, out.stop_reason = engine_out.finish_reason, engine_out.stop_reason
+            self._append_text(self.detok.flush())
+            if not out.finished:
+                out.finish_reason, out.stop_reason = engine_out.finish_reason, engine_out.stop_reason
         release = len(out.text) if out.finished else len(out.text) - self._holdback()
         delta = out.text[self._emitted:release]
         self._emitted = max(self._emitted, release)

@@ -130,8 +130,21 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
         self._tokenizer = tokenizer.hf
-        self._stream = DecodeStream(ids=list(prompt_ids[-self._PRIME:]),
-                                    skip_special_tokens=skip_special_tokens)
+        self._skip = skip_special_tokens
+        self._prime = list(prompt_ids[-self._PRIME:])
+        self._stream = DecodeStream(ids=self._prime, skip_special_tokens=skip_special_tokens)
+        self._ids: list[int] = []
+        self._emitted = 0
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._tokenizer, token_id) or ""
+        self._ids.append(token_id)
+        text = self._stream.step(self._tokenizer, token_id) or ""
+        self._emitted += len(text)
+        return text
+
+    def flush(self) -> str:
+        """At the end: bytes still waiting for a completion that will not come, as U+FFFD like a full
+        decode gives them."""
+        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
+        full = decode(self._prime + self._ids)[len(decode(self._prime)):]
+        return full[self._emitted:]

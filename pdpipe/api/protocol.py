@@ -47,6 +47,7 @@ class _Common(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # add each choice's generated token ids
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -64,7 +65,7 @@ class ChatCompletionRequest(_Common, kw_only=True):
     top_logprobs: int | None = None
 
 
-_AT = re.compile(r"at `\$\.([A-Za-z_]+)")
+_AT = re.compile(r"at `\$\.([A-Za-z_]+)|missing required field `([A-Za-z_]+)`")
 
 
 def parse_body(body: bytes, cls: type) -> Any:
@@ -72,7 +73,7 @@ def parse_body(body: bytes, cls: type) -> Any:
         return msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as exc:
         m = _AT.search(str(exc))
-        raise APIError(400, f"invalid request: {exc}", m.group(1) if m else None) from None
+        raise APIError(400, f"invalid request: {exc}", (m.group(1) or m.group(2)) if m else None) from None
     except msgspec.DecodeError as exc:
         raise APIError(400, f"malformed JSON body: {exc}") from None
 

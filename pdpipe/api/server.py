@@ -123,6 +123,11 @@ def chat_logprobs(tok: Tokenizer, delta: TextDelta) -> dict | None:
                         for lp in delta.logprobs]}
 
 
+def _worth_a_chunk(req, delta: TextDelta) -> bool:
+    """A streamed chunk carries new text or the finish; with return_token_ids, new ids are worth one too."""
+    return bool(delta.text or delta.finish_reason or (req.return_token_ids and delta.token_ids))
+
+
 def _sse(obj) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
@@ -190,11 +195,12 @@ class OpenAIRoutes:
                 "model": self.ctx.model_name}
 
         def choice(delta: TextDelta) -> dict:
-            return {"index": 0, "text": delta.text, "logprobs": completion_logprobs(self.ctx.tokenizer, delta),
-                    "finish_reason": delta.finish_reason}
+            c = {"index": 0, "text": delta.text, "logprobs": completion_logprobs(self.ctx.tokenizer, delta),
+                 "finish_reason": delta.finish_reason}
+            return {**c, "token_ids": delta.token_ids} if req.return_token_ids else c
 
         if req.stream:
-            return self._stream(gen, req, head, lambda d: [choice(d)] if d.text or d.finish_reason else None)
+            return self._stream(gen, req, head, lambda d: [choice(d)] if _worth_a_chunk(req, d) else None)
         return await self._complete(request, gen, head, lambda text, d: [{**choice(d), "text": text}])
 
     async def chat(self, request: Request) -> Response:
@@ -204,7 +210,7 @@ class OpenAIRoutes:
             try:
                 prompt = self.ctx.tokenizer.encode_chat(req.messages)
             except ChatTemplateError as exc:
-                raise APIError(400, str(exc), str(exc).split(":", 1)[0].split(".")[0]) from None
+                raise APIError(400, str(exc), str(exc).split(":", 1)[0]) from None
             asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -220,21 +226,23 @@ class OpenAIRoutes:
         sent_role = []
 
         def chunk(delta: TextDelta):
-            if not (delta.text or delta.finish_reason or not sent_role):
+            if not (_worth_a_chunk(req, delta) or not sent_role):
                 return None
             body = {"content": delta.text}
             if not sent_role:
                 body["role"] = "assistant"
                 sent_role.append(True)
-            return [{"index": 0, "delta": body, "logprobs": chat_logprobs(tok, delta),
-                     "finish_reason": delta.finish_reason}]
+            c = {"index": 0, "delta": body, "logprobs": chat_logprobs(tok, delta),
+                 "finish_reason": delta.finish_reason}
+            return [{**c, "token_ids": delta.token_ids} if req.return_token_ids else c]
 
         if req.stream:
             return self._stream(gen, req, head, chunk)
 
         def full(text: str, delta: TextDelta) -> list[dict]:
-            return [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": chat_logprobs(tok, delta), "finish_reason": delta.finish_reason}]
+            c = {"index": 0, "message": {"role": "assistant", "content": text},
+                 "logprobs": chat_logprobs(tok, delta), "finish_reason": delta.finish_reason}
+            return [{**c, "token_ids": delta.token_ids} if req.return_token_ids else c]
 
         return await self._complete(request, gen, {**head, "object": "chat.completion"}, full)
 

@@ -1,0 +1,104 @@
+"""The pipeline's process logic wired together in one process, messages delivered from in-memory
+queues: the same scheduler, engine workers and transfer worker the processes run, minus sockets."""
+from __future__ import annotations
+
+from collections import deque
+
+from pdpipe.config import CacheConfig, DeadlineConfig, EngineConfig, SchedulerConfig
+from pdpipe.engine.engine import LLMEngine
+from pdpipe.engine.worker import EngineWorker
+from pdpipe.ipc.shm import ShmTransfer
+from pdpipe.messages import EngineOutput, NewRequest, SamplingParams
+from pdpipe.scheduler.core import SchedulerCore
+from pdpipe.transfer import TransferBackend
+from pdpipe.transfer.worker import TransferWorker
+
+
+class TensorPools(ShmTransfer):
+    """The shared-memory backend over the engines' own pool tensors (all in this process)."""
+
+    def __init__(self, engines: dict[str, LLMEngine]):
+        super().__init__()
+        self.pools = {name: e.kv_cache.data for name, e in engines.items()}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LocalPipeline:
+    def __init__(self, model, roles: dict[str, str], num_blocks: int = 64, block_size: int = 8,
+                 max_num_batched_tokens: int = 2048, deadlines: DeadlineConfig = DeadlineConfig(),
+                 backend: TransferBackend | None = None):
+        self.clock = Clock()
+        self.queues: dict[str, deque] = {name: deque() for name in [*roles, "scheduler", "transfer", "api"]}
+        cfg = EngineConfig(model=str(model), cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+                           scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens))
+        self.engines = {name: LLMEngine(cfg) for name in roles}
+        self.workers = {name: EngineWorker(name, role, self.engines[name], self.send, self.clock)
+                        for name, role in roles.items()}
+        self.scheduler = SchedulerCore(roles, deadlines, self.send, self.clock)
+        spec = next(iter(self.engines.values())).spec
+        self.backend = backend or TensorPools(self.engines)
+        self.transfer = TransferWorker("transfer", self.backend, spec.num_layers, self.send, self.clock)
+        self.outputs: dict[str, list[EngineOutput]] = {}
+
+    def send(self, dest: str, msg) -> None:
+        self.queues[dest].append(msg)
+
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self.send("scheduler", NewRequest(request_id=request_id, prompt_token_ids=prompt, params=params,
+                                          arrival=self.clock()))
+
+    def deliver(self, only: str | None = None) -> int:
+        """Hands every queued message to its process (or to `only`); returns how many."""
+        n = 0
+        for name, q in self.queues.items():
+            if only is not None and name != only:
+                continue
+            while q:
+                msg = q.popleft()
+                n += 1
+                if name == "api":
+                    self.outputs.setdefault(msg.request_id, []).append(msg)
+                elif name == "scheduler":
+                    self.scheduler.handle(msg)
+                elif name == "transfer":
+                    self.transfer.handle(msg)
+                else:
+                    self.workers[name].handle(msg)
+        return n
+
+    def step(self, name: str) -> None:
+        if self.workers[name].has_work():
+            self.workers[name].step()
+
+    def run(self, max_rounds: int = 10000) -> None:
+        """Delivers and steps until nothing moves."""
+        for _ in range(max_rounds):
+            moved = self.deliver()
+            busy = [n for n, w in self.workers.items() if w.has_work()]
+            for name in busy:
+                self.workers[name].step()
+            if not moved and not busy:
+                return
+        raise AssertionError("the pipeline did not settle")
+
+    def tokens(self, request_id: str) -> list[int]:
+        outs = sorted(self.outputs.get(request_id, []), key=lambda o: o.index)
+        return [t for o in outs for t in o.token_ids]
+
+    def finish_reason(self, request_id: str) -> str | None:
+        return next((o.finish_reason for o in self.outputs.get(request_id, []) if o.finish_reason), None)
+
+    def state(self, request_id: str) -> str:
+        rec = self.scheduler.live.get(request_id) or self.scheduler.recent.get(request_id)
+        return rec.state if rec is not None else ""
+
+    def leak_free(self) -> bool:
+        return (not self.scheduler.live and not self.transfer.jobs
+                and all(e.leak_free() for e in self.engines.values()))

@@ -1,0 +1,64 @@
+"""Launching real pipelines (every process, real sockets) for end-to-end tests."""
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+
+from pdpipe.config import ApiConfig, CacheConfig, EngineConfig, InstanceConfig, LaunchConfig
+from pdpipe.inspect import control
+from pdpipe.launcher import Launcher
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_launch_config(model, roles: list[str], num_blocks: int = 128, **kwargs) -> LaunchConfig:
+    run_dir = tempfile.mkdtemp(prefix="pdp-", dir="/tmp")
+    return LaunchConfig(
+        name="test", run_dir=run_dir, ready_timeout=120,
+        engine=EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=num_blocks)),
+        api=ApiConfig(port=free_port(), max_body_bytes=64 * 1024),
+        instances=tuple(InstanceConfig(role) for role in roles), **kwargs)
+
+
+@contextmanager
+def launched(cfg: LaunchConfig):
+    launcher = Launcher(cfg)
+    launcher.start()
+    try:
+        yield launcher
+    finally:
+        launcher.stop()
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
+    """Polls an observable condition until it holds (the pipeline settles asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def snapshot(launcher) -> dict:
+    return control(str(launcher.paths.run_dir), "snapshot")
+
+
+def leak_free(launcher) -> bool:
+    """The leak oracle across processes: nothing live, every engine's blocks all free."""
+    snap = snapshot(launcher)
+    if any(snap["states"].values()):
+        return False
+    for inst in snap["instances"].values():
+        st = inst["stats"]
+        if not st or st["free_blocks"] != st["num_blocks"] or st["running"] or st["waiting"]:
+            return False
+    xfer = snap.get("transfer") or {}
+    return not xfer.get("transfers_in_flight", 0)
