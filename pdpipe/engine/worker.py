@@ -148,7 +148,7 @@ class EngineWorker:
                     self._event(rid, "DECODING")
             self.send(API, out)
             if out.finish_reason is not None:
-                self._event(rid, "FINISHED", detail=out.finish_reason)
+                self._event(rid, "FINISHED", detail=f"{out.finish_reason}, {out.index + len(out.token_ids)} tokens")
 
     def _first_token(self, prefill: Prefill, out: EngineOutput) -> EngineOutput:
         """Judges the first token by the request's own params (the engine ran it with max_tokens=1)."""

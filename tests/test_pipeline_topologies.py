@@ -1,0 +1,146 @@
+"""Launched topologies under load, and the launcher's start-up and shutdown hygiene."""
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from pdpipe.config import ApiConfig, EngineConfig, InstanceConfig, LaunchConfig
+from pdpipe.launcher import LaunchError, Launcher
+from pdpipe.messages import SamplingParams
+from pdpipe.wire import RunPaths
+
+from conftest import make_llm, make_prompts
+from pipeline_launch import free_port, launched, leak_free, make_launch_config, snapshot, wait_until
+
+MODEL = "llama"
+
+
+async def stream_completion(client, prompt, max_tokens):
+    stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True, extra_body={"ignore_eos": True,
+                                                                      "return_token_ids": True})
+    tokens, finish = [], None
+    async for chunk in stream:
+        tokens += chunk.choices[0].model_extra["token_ids"]
+        finish = chunk.choices[0].finish_reason or finish
+    return tokens, finish
+
+
+def test_2p2d_under_32_concurrent_streams(model_dir):
+    lengths = [1, 3, 8, 15, 17, 30, 44, 60] * 4
+    prompts = make_prompts(384, lengths=lengths, seed=11)
+    max_tokens = [4 + (i * 7) % 29 for i in range(len(prompts))]
+    ref_llm = make_llm(model_dir(MODEL))
+    expected = [o.token_ids for o in ref_llm.generate(
+        prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])]
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "prefill", "decode", "decode"], num_blocks=96)
+    with launched(cfg) as launcher:
+        async def run_all():
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{cfg.api.port}/v1", api_key="none",
+                                        max_retries=0, timeout=120)
+            return await asyncio.gather(*(stream_completion(client, p, m) for p, m in zip(prompts, max_tokens)))
+
+        results = asyncio.run(run_all())
+        for (tokens, finish), exp in zip(results, expected):
+            assert tokens == exp and finish == "length"
+        routed = {name: inst["routed"] for name, inst in snapshot(launcher)["instances"].items()}
+        assert all(n > 0 for n in routed.values()), routed
+        assert sum(routed[n] for n in ("prefill-0", "prefill-1")) == len(prompts)
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
+        assert snapshot(launcher)["ended"] == {"FINISHED": len(prompts)}
+
+
+def test_mixed_topology_serves_the_same_tokens(model_dir):
+    prompts = make_prompts(384, lengths=(5, 33), seed=2)
+    expected = make_llm(model_dir(MODEL)).generate(prompts, SamplingParams(max_tokens=9, temperature=0.0,
+                                                                           ignore_eos=True))
+    with launched(make_launch_config(model_dir(MODEL), ["mixed"])) as launcher:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{launcher.cfg.api.port}/v1", api_key="none")
+        for p, e in zip(prompts, expected):
+            resp = client.completions.create(model=MODEL, prompt=p, max_tokens=9, temperature=0,
+                                             extra_body={"ignore_eos": True, "return_token_ids": True})
+            assert resp.choices[0].model_extra["token_ids"] == e.token_ids
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
+
+
+def processes_of(run_dir: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "pdpipe.process" in cmdline and str(run_dir) in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_launch_cli_and_sigint_leave_nothing_behind(model_dir, tmp_path):
+    port = free_port()
+    run_dir = Path("/tmp") / f"pdp-cli-{os.getpid()}"
+    config = tmp_path / "pd.toml"
+    config.write_text(f'name = "clitest"\nrun_dir = "{run_dir}"\n[engine]\nmodel = "{model_dir(MODEL)}"\n'
+                      f'[engine.cache]\nnum_blocks = 64\n[api]\nport = {port}\n'
+                      '[[instances]]\nrole = "prefill"\n[[instances]]\nrole = "decode"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "pdpipe.cli", "launch", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("  curl "):
+                break
+        curl = lines[-1].strip()
+        assert curl.startswith(f"curl http://127.0.0.1:{port}/v1/completions"), "".join(lines)
+        paths = RunPaths(run_dir)
+        assert len(processes_of(run_dir)) == 5 and paths.pool_files() and paths.socket_files()
+        out = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
+        assert '"finish_reason"' in out.stdout, out.stdout + out.stderr
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert processes_of(run_dir) == []
+    assert paths.socket_files() == [] and paths.pool_files() == []
+    assert list(run_dir.glob("*.sock")) == []
+
+
+def test_a_process_that_fails_to_start_is_named_and_nothing_stays(model_dir, tmp_path):
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"])
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    from dataclasses import replace
+
+    cfg = replace(cfg, engine=replace(cfg.engine, model=str(broken)))
+    launcher = Launcher(cfg)
+    with pytest.raises(LaunchError, match=r"process (prefill-0|decode-0|transfer|api) .* exited with code 1") as err:
+        launcher.start()
+    assert "GPT2LMHeadModel" in str(err.value) and "supported: LlamaForCausalLM" in str(err.value)
+    assert processes_of(launcher.paths.run_dir) == []
+    assert launcher.paths.socket_files() == [] and launcher.paths.pool_files() == []
+
+
+def test_bad_launch_configs_name_the_field(tmp_path):
+    from pdpipe.config import load_launch_config
+
+    cases = {
+        'nme = "x"': "nme: unknown setting",
+        '[[instances]]\nrole = "prefil"': "instances.role: 'prefil'",
+        '[[instances]]\nrole = "prefill"': "prefill and decode instances come together",
+        '[api]\nport = 70000': "api.port: 70000",
+        '[engine.cache]\nblock_size = 0': "block_size: must be >= 1",
+        'name = ': "not valid TOML",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.toml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_launch_config(str(path))
