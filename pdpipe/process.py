@@ -141,28 +141,21 @@ def run_transfer(role: str, name: str, run_dir: str) -> None:
         proc.close()
 
 
-def run_scheduler(role: str, name: str, run_dir: str) -> None:
-    from pdpipe.scheduler.service import serve_scheduler
-
+def run_service(role: str, name: str, run_dir: str) -> None:
+    """The scheduler and the API front-end run loops of their own (a zmq poller; asyncio)."""
+    if role == "scheduler":
+        from pdpipe.scheduler.service import serve_scheduler as serve
+    else:
+        from pdpipe.api.server import serve_api as serve
     proc = ProcessBase(role, name, run_dir)
     try:
-        serve_scheduler(proc)
-    finally:
-        proc.close()
-
-
-def run_api(role: str, name: str, run_dir: str) -> None:
-    from pdpipe.api.server import serve_api
-
-    proc = ProcessBase(role, name, run_dir)
-    try:
-        serve_api(proc)
+        serve(proc)
     finally:
         proc.close()
 
 
 RUNNERS = {"prefill": run_engine, "decode": run_engine, "mixed": run_engine, "transfer": run_transfer,
-           "scheduler": run_scheduler, "api": run_api}
+           "scheduler": run_service, "api": run_service}
 
 
 def main(argv: list[str] | None = None) -> int:

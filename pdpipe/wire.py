@@ -4,13 +4,17 @@ touches zmq; it gets messages from a queue and sends through `Outboxes.send(dest
 from __future__ import annotations
 
 import hashlib
+import logging
 import queue
 import threading
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from pdpipe.messages import Msg, decode, encode
+
+log = logging.getLogger("pdpipe")
 
 
 class RunPaths:
@@ -92,7 +96,10 @@ class InboxThread:
                         data = sock.recv(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self.queue.put(decode(data.bytes))
+                    try:
+                        self.queue.put(decode(data.bytes))
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        log.exception("undecodable message on %s", self._address)
         sock.close()
 
     def stop(self) -> None:

@@ -37,6 +37,7 @@ class EngineWorker:
         self._prefills: dict[str, Prefill] = {}  # prefill: running, with their original params
         self._tombstones: OrderedDict[str, None] = OrderedDict()  # freed ids whose late messages to drop
         self._started: set[str] = set()
+        self._final_chunks: list[str] = []  # prefill: requests whose prompt completes in this step
         self.queued_prompt_tokens = 0
 
     # ---- inbox -----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgspec
+
 from pdpipe.config import DeadlineConfig
 from pdpipe.messages import (AbortRequest, AbortTransfer, EngineOutput, Free, InstanceStats, Msg, NewRequest,
                              Prefill, Reserve, Reserved, StateEvent)
@@ -221,8 +223,4 @@ class SchedulerCore:
 
 
 def _stats_dict(stats: InstanceStats | None) -> dict:
-    if stats is None:
-        return {}
-    import msgspec
-
-    return msgspec.structs.asdict(stats)
+    return msgspec.structs.asdict(stats) if stats is not None else {}
