@@ -1,7 +1,43 @@
 """Kernels for the engine's hot paths, each beside the torch reference it is tested against.
 
-On CPU (and wherever a kernel does not apply) the wrappers run the references in `reference.py`.
+The wrappers here pick the Triton kernel for CUDA tensors (when Triton is installed) and the torch
+reference otherwise, so CPU engines and CI run the references.
 """
-from .reference import copy_blocks, gather_blocks, paged_attention, scatter_blocks, store_kv
+from __future__ import annotations
 
-__all__ = ["copy_blocks", "gather_blocks", "paged_attention", "scatter_blocks", "store_kv"]
+import torch
+
+from . import reference
+from .reference import copy_blocks, gather_blocks, scatter_blocks
+
+try:  # Triton is optional: GPU machines have it, CPU-only installs need not
+    from . import triton_ops
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton_ops = None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton_ops is not None
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    if use_triton(key):
+        return triton_ops.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    return reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                    sliding_window=None):
+    """The reference's signature (python lists for offsets and lengths), for CPU and tests."""
+    return reference.paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                     sliding_window)
+
+
+def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0, num_layers: int = 1) -> None:
+    if use_triton(dst_pool):
+        return triton_ops.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers)
+    return reference.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers)
+
+
+__all__ = ["copy_blocks", "copy_pool_blocks", "gather_blocks", "paged_attention", "reference", "scatter_blocks",
+           "store_kv", "triton_ops", "use_triton"]

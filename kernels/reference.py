@@ -76,3 +76,12 @@ def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst
     """dst[dst_ids[i]] = src[src_ids[i]] for every i, pools of the same block shape."""
     assert src_ids.shape == dst_ids.shape, (src_ids.shape, dst_ids.shape)
     scatter_blocks(dst, dst_ids, gather_blocks(src, src_ids))
+
+
+def copy_pool_blocks(src_pool: torch.Tensor, src_ids: torch.Tensor, dst_pool: torch.Tensor, dst_ids: torch.Tensor,
+                     first_layer: int = 0, num_layers: int = 1) -> None:
+    """Pools `[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]`: moves the blocks of layers
+    first_layer .. first_layer + num_layers - 1, keys and values."""
+    for layer in range(first_layer, first_layer + num_layers):
+        for plane in range(2):
+            copy_blocks(src_pool[layer, plane], src_ids, dst_pool[layer, plane], dst_ids)

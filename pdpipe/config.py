@@ -47,7 +47,11 @@ class EngineConfig:
                                                      "the embedded demo model"})
     dtype: str = field(default="", metadata={"help": "weights and KV dtype; empty: config.json's",
                                              "choices": ("",) + DTYPES})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="cpu", metadata={"help": "torch device: cpu, or cuda (the process's GPU)"})
+    load_format: str = field(default="safetensors", metadata={
+        "help": "safetensors; or dummy: random weights of the config's shapes, for benchmarks",
+        "choices": ("safetensors", "dummy")})
+    cuda_graphs: bool = field(default=True, metadata={"help": "capture decode steps as CUDA graphs (GPU)"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -55,6 +59,10 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("",) + DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format: {self.load_format!r}; allowed: safetensors, dummy")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device: {self.device!r}; allowed: cpu, cuda, cuda:N")
 
 
 @dataclass(frozen=True)

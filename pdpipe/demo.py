@@ -11,7 +11,7 @@ from pdpipe.models.make import CORPUS, MakeModelConfig, make_model
 
 DEMO_CONFIG = MakeModelConfig(arch="llama", layers=4, hidden=128, heads=4, kv_heads=2, vocab=512,
                               max_position=4096, seed=0)
-_FORMAT = 1  # bump when make-model's output changes for the same config
+_FORMAT = 2  # bump when make-model's output changes for the same config
 
 
 def demo_model_dir() -> Path:

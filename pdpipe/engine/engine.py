@@ -54,22 +54,31 @@ class LLMEngine:
 
         self.config = config
         self.model_dir = resolve_model(config.model)
-        self.model = load_model(self.model_dir, config.dtype or None, config.device)
+        self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format)
         self.spec = self.model.spec
         dtype = getattr(torch, self.spec.dtype)
         block_size = config.cache.block_size
         num_blocks = pool_blocks(self.spec, config)
         self.max_model_len = resolve_max_model_len(self.spec, config, num_blocks)
         self.eos_token_ids = load_eos_token_ids(self.model_dir)
-        buffer = None
-        if pool_path:
+        shape = KVCache.shape(self.spec, num_blocks, block_size)
+        buffer, self.gpu_pool = None, None
+        if config.device.startswith("cuda"):  # plain cudaMalloc, exportable through CUDA IPC
+            from pdpipe.ipc.cuda import CudaPool
+
+            self.gpu_pool = CudaPool(shape, dtype, torch.device(config.device).index or 0)
+            buffer = self.gpu_pool.tensor
+            self.model.fuse_projections()
+        elif pool_path:
             from pdpipe.ipc.shm import map_pool
 
-            buffer = map_pool(pool_path, KVCache.shape(self.spec, num_blocks, block_size), dtype)
+            buffer = map_pool(pool_path, shape, dtype)
         self.kv_cache = KVCache(self.spec, num_blocks, block_size, dtype, config.device, buffer)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.max_model_len)
+        if config.device.startswith("cuda") and config.cuda_graphs:
+            self.runner.capture_graphs(config.scheduler.max_num_seqs)
         self.sampler = Sampler(self.eos_token_ids)
         self._arrivals = itertools.count()
         self._reserved: dict[str, list[int]] = {}

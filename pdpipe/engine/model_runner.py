@@ -1,5 +1,6 @@
 """Runs the model on what the scheduler picked: turns block tables into slot indices and positions,
-runs the forward pass, and returns the logits of the positions that sample."""
+runs the forward pass (a captured CUDA graph for decode batches on GPU), and returns the logits of the
+positions that sample."""
 from __future__ import annotations
 
 import torch
@@ -11,15 +12,25 @@ from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
 
+def decode_splits(max_seq_len: int, batch: int, kv_heads: int) -> int:
+    from pdpipe.kernels import triton_ops
+
+    return triton_ops.decode_splits(max_seq_len, batch, kv_heads) if triton_ops is not None else 1
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache):
+    def __init__(self, model: CausalLM, kv_cache: KVCache, max_model_len: int):
         self.model = model
         self.kv_cache = kv_cache
         self.kv_layers = kv_cache.layers()
         self.device = next(model.parameters()).device
+        self.max_model_len = max_model_len
+        self.graphs: DecodeGraphs | None = None
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
-                                                     list[int]]:
+    def capture_graphs(self, max_batch: int) -> None:
+        self.graphs = DecodeGraphs(self, max_batch)
+
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.kv_cache.block_size
         input_ids, positions, slots, sample_rows = [], [], [], []
         query_start_loc, seq_lens = [0], []
@@ -37,22 +48,99 @@ class ModelRunner:
         tables = torch.zeros(len(out.chunks), width, dtype=torch.int32)
         for i, chunk in enumerate(out.chunks):
             tables[i, : len(chunk.seq.block_table)] = torch.tensor(chunk.seq.block_table, dtype=torch.int32)
+        dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=tables.to(self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=tables.to(dev),
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if dev.type == "cuda":
+            meta.query_start_loc_t = torch.tensor(query_start_loc, dtype=torch.int32, device=dev)
+            meta.seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+            meta.max_query_len = max(c.num_tokens for c in out.chunks)
+            meta.decode = meta.max_query_len == 1
+            meta.num_splits = decode_splits(max(seq_lens), len(seq_lens), self.model.spec.num_kv_heads)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids, pos, meta, sample_rows
 
     def execute(self, out: SchedulerOutput, on_layer_done=None) -> tuple[torch.Tensor, list[Sequence]]:
-        """Returns logits `[num_sampling_seqs, vocab]` float32 on CPU and the sequences they belong to."""
+        """Returns logits `[num_sampling_seqs, vocab]` float32 (on the model's device) and their sequences."""
+        seqs = [c.seq for c in out.chunks if c.samples]
+        all_decode = all(c.num_tokens == 1 for c in out.chunks)
+        if self.graphs is not None and on_layer_done is None and all_decode and len(out.chunks) <= self.graphs.max_batch:
+            return self.graphs.run(out), seqs
         ids, pos, meta, sample_rows = self.prepare(out)
         hidden = self.model(ids, pos, self.kv_layers, meta, on_layer_done)
-        seqs = [c.seq for c in out.chunks if c.samples]
         if not sample_rows:
             return torch.empty(0), seqs
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return logits.cpu(), seqs
+        return self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)]), seqs
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return sorted(set(sizes + [max_batch]))
+
+
+class DecodeGraphs:
+    """The decode step captured as one CUDA graph per batch size; a batch replays the smallest graph
+    that holds it, padded with rows that write nowhere (slot -1) and attend to nothing (length 0)."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int):
+        self.runner = runner
+        self.max_batch = max_batch
+        model, dev = runner.model, runner.device
+        max_blocks = -(-runner.max_model_len // runner.kv_cache.block_size)
+        self.ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.slots = torch.full((max_batch,), -1, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=dev)
+        self.lens = torch.zeros(max_batch, dtype=torch.int32, device=dev)
+        self.qsl = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(graph_batch_sizes(max_batch)):
+            meta = AttentionMetadata(
+                slot_mapping=self.slots[:bs], block_tables=self.tables[:bs], query_start_loc=[], seq_lens=[],
+                query_start_loc_t=self.qsl[: bs + 1], seq_lens_t=self.lens[:bs], max_query_len=1, decode=True,
+                num_splits=decode_splits(runner.max_model_len, bs, model.spec.num_kv_heads))
+
+            def step(bs=bs, meta=meta):
+                return model.logits(model(self.ids[:bs], self.pos[:bs], runner.kv_layers, meta))
+
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = step()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def run(self, out: SchedulerOutput) -> torch.Tensor:
+        n = len(out.chunks)
+        bs = min(b for b in self.graphs if b >= n)
+        block = self.runner.kv_cache.block_size
+        ids, pos, slots, lens = [], [], [], []
+        tables = torch.zeros(bs, self.tables.shape[1], dtype=torch.int32)
+        for i, chunk in enumerate(out.chunks):
+            seq, p = chunk.seq, chunk.start
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // block] * block + p % block)
+            lens.append(p + 1)
+            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        pad = bs - n
+        self.ids[:bs].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.pos[:bs].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
+        self.slots[:bs].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        self.lens[:bs].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)
+        self.tables[:bs].copy_(tables, non_blocking=True)
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        return logits[:n]

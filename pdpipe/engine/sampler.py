@@ -42,12 +42,22 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:  # [
     return logits
 
 
+def _plain_greedy(seq: Sequence) -> bool:
+    p = seq.params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty and seq.num_output_tokens >= p.min_tokens)
+
+
 class Sampler:
     def __init__(self, eos_token_ids: frozenset[int]):
         self.eos_token_ids = sorted(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[Sequence, Sample]:
-        # logits: [num_seqs, vocab] float32, row i for seqs[i]
+        # logits: [num_seqs, vocab] float32, row i for seqs[i]; on the GPU, greedy batches stay there
+        if logits.is_cuda:
+            if all(_plain_greedy(s) for s in seqs):
+                return {s: Sample(t) for s, t in zip(seqs, logits.argmax(dim=-1).tolist())}
+            logits = logits.cpu()
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)

@@ -22,10 +22,30 @@ from .spec import ModelSpec, RopeSpec
 class AttentionMetadata:
     """Where this step's tokens sit in the paged cache."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64; -1 for padding rows
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
     query_start_loc: list[int]  # num_seqs + 1
     seq_lens: list[int]  # per sequence, context length after this step
+    # device copies, for the GPU kernels (None on CPU)
+    query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32
+    seq_lens_t: torch.Tensor | None = None  # [num_seqs] int32
+    max_query_len: int = 0
+    decode: bool = False  # every sequence has exactly one new token
+    num_splits: int = 1  # decode attention's split of the context
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+           window: int | None) -> torch.Tensor:
+    """Paged attention of this step's queries: Triton kernels on GPU, the torch reference elsewhere."""
+    if kernels.use_triton(q):
+        ops = kernels.triton_ops
+        if meta.decode:
+            return ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, scale, window,
+                                        meta.num_splits)
+        return ops.extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc_t,
+                                    meta.seq_lens_t, meta.max_query_len, scale, window)
+    return kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                                   scale, window)
 
 
 class RMSNorm(nn.Module):
@@ -99,19 +119,39 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
         self.qk_norm = spec.qk_norm
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one GEMM instead of three
+
+    def fuse(self) -> None:
+        self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, rotary: Rotary, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            kv_size = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-                                      meta.seq_lens, self.scale, self.sliding_window)
+        q, k = rotary.apply(q, cos, sin).contiguous(), rotary.apply(k, cos, sin).contiguous()
+        kernels.store_kv(k, v.contiguous(), k_cache, v_cache, meta.slot_mapping)
+        out = attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(n, -1))
+
+
+def _fused_linear(*parts: nn.Linear) -> nn.Linear:
+    first = parts[0]
+    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused
 
 
 class MLP(nn.Module):
@@ -120,9 +160,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -174,6 +223,12 @@ class CausalLM(nn.Module):
             if on_layer_done is not None:
                 on_layer_done(i)
         return self.model.norm(x)
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up as single GEMMs (GPU): fewer, larger reads of the weights."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] → [n, vocab] float32

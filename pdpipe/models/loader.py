@@ -64,11 +64,31 @@ def check_state_dict(model: CausalLM, state: dict[str, torch.Tensor], model_dir:
                                  f"config.json implies {tuple(shape)}")
 
 
-def load_model(model_dir: Path | str, dtype: str | None = None,
-               device: str | torch.device = "cpu") -> CausalLM:
+LOAD_FORMATS = ("safetensors", "dummy")
+
+
+def dummy_model(spec: ModelSpec, device: str | torch.device, seed: int = 0) -> CausalLM:
+    """Random weights of the real shapes, made on `device` (no files read): for benchmarks."""
+    from .make import init_param_
+
+    with torch.device(device):
+        model = CausalLM(spec).to(getattr(torch, spec.dtype))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            init_param_(name, p, gen)
+    return model.eval()
+
+
+def load_model(model_dir: Path | str, dtype: str | None = None, device: str | torch.device = "cpu",
+               load_format: str = "safetensors") -> CausalLM:
     """Builds the decoder for `model_dir` and loads its weights onto `device`."""
     model_dir = Path(model_dir)
     spec: ModelSpec = load_spec(model_dir, dtype)
+    if load_format == "dummy":
+        return dummy_model(spec, device)
+    if load_format != "safetensors":
+        raise ValueError(f"load_format: {load_format!r}; allowed: {', '.join(LOAD_FORMATS)}")
     torch_dtype = getattr(torch, spec.dtype)
     with torch.device("meta"):
         model = CausalLM(spec)

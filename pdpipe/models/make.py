@@ -54,6 +54,8 @@ class MakeModelConfig:
                                                                         "default per architecture"})
     dtype: str = field(default="float32", metadata={"help": "weight dtype", "choices": DTYPES})
     shard_mb: int = field(default=0, metadata={"help": "split weights into shards of this many MiB"})
+    weights: bool = field(default=True, metadata={"help": "write weights; without, load the folder "
+                                                          "with load_format=dummy (large shapes)"})
     seed: int = field(default=0, metadata={"help": "random seed; same seed, same bytes"})
 
     def __post_init__(self):
@@ -132,25 +134,26 @@ def hf_config(cfg: MakeModelConfig, vocab_size: int, ids: dict[str, int]) -> dic
     return config
 
 
+def init_param_(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fills one parameter in place, scaled so activations stay O(1) and the next-token distribution
+    is peaked, as a trained model's is."""
+    if name.endswith("norm.weight"):
+        return t.normal_(1.0, 0.1, generator=gen)
+    if name.endswith(".bias"):
+        return t.normal_(0.0, 0.05, generator=gen)
+    if name == "model.embed_tokens.weight":
+        return t.normal_(0.0, 0.5, generator=gen)
+    if name == "lm_head.weight":
+        return t.normal_(0.0, 3.0 / t.shape[1] ** 0.5, generator=gen)
+    return t.normal_(0.0, 1.0 / t.shape[1] ** 0.5, generator=gen)
+
+
 def random_weights(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
-    """Scaled so activations stay O(1) and the next-token distribution is peaked, as a trained model's is."""
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in CausalLM(spec).named_parameters()}
     gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in shapes.items():
-        if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        elif name.endswith(".bias"):
-            t = 0.05 * torch.randn(shape, generator=gen)
-        elif name == "model.embed_tokens.weight":
-            t = 0.5 * torch.randn(shape, generator=gen)
-        elif name == "lm_head.weight":
-            t = 3.0 / shape[1] ** 0.5 * torch.randn(shape, generator=gen)
-        else:
-            t = torch.randn(shape, generator=gen) / shape[1] ** 0.5
-        state[name] = t.to(getattr(torch, spec.dtype)).contiguous()
-    return state
+    return {name: init_param_(name, torch.empty(shape), gen).to(getattr(torch, spec.dtype)).contiguous()
+            for name, shape in shapes.items()}
 
 
 def save_weights(state: dict[str, torch.Tensor], out: Path, shard_mb: int) -> None:
@@ -202,7 +205,8 @@ def make_model(out_dir: Path | str, cfg: MakeModelConfig = MakeModelConfig(), ov
             "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
             "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]})
         _write_json(tmp / "pdpipe_make_model.json", asdict(cfg))
-        save_weights(random_weights(spec, cfg.seed), tmp, cfg.shard_mb)
+        if cfg.weights:
+            save_weights(random_weights(spec, cfg.seed), tmp, cfg.shard_mb)
         if out_dir.exists() and overwrite:
             shutil.rmtree(out_dir)
         try:

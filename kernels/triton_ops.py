@@ -1,0 +1,253 @@
+"""Triton kernels: KV store, paged decode attention (GQA, split-K), paged prefill/extend attention
+(varlen, causal) and the batched block copy the KV transfer uses. Each matches a function of
+`reference.py`; wrappers assert shapes, dtypes and strides before launching."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV cache layers must be contiguous"
+    assert k_cache.dtype == v_cache.dtype
+
+
+# ---- store new K/V into the paged cache ---------------------------------------------------------
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # negative slots are padding (CUDA-graph batches)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < ROW
+        k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
+        v = tl.load(v_ptr + t * stride_v + offs, mask=mask)
+        tl.store(kc_ptr + slot * ROW + offs, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + slot * ROW + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    # key/value: [num_tokens, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]
+    _check_cache(k_cache, v_cache)
+    n, heads, dim = key.shape
+    assert value.shape == key.shape and (heads, dim) == tuple(k_cache.shape[2:]), (key.shape, k_cache.shape)
+    assert key.stride(2) == 1 and key.stride(1) == dim and value.stride(2) == 1 and value.stride(1) == dim
+    assert slot_mapping.shape == (n,) and slot_mapping.dtype in (torch.int32, torch.int64)
+    if n == 0:
+        return
+    row = heads * dim
+    _store_kv_kernel[(n,)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
+                           ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+# ---- decode attention: one query token per sequence, split over the context --------------------
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr,
+                         scale, window, stride_bt, max_blocks,
+                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, KV_HEADS: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SPLITS: tl.constexpr):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + seq)
+    start = 0
+    if window > 0:
+        start = tl.maximum(seq_len - window, 0)
+    span = seq_len - start
+    per_split = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    g_mask = g < GROUP
+    q = tl.load(q_ptr + (seq * KV_HEADS * GROUP + heads)[:, None] * HEAD_DIM + d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for tile in range(lo, hi, BLOCK_N):
+        tok = tile + n
+        valid = tok < hi
+        page = tl.load(bt_ptr + seq * stride_bt + tok // PAGE, mask=valid, other=0).to(tl.int64)
+        row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
+        k = tl.load(kc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v = tl.load(vc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        m = m_new
+    out_row = (seq * KV_HEADS * GROUP + heads) * SPLITS + split
+    has = l_sum > 0
+    tl.store(part_ptr + out_row[:, None] * HEAD_DIM + d[None, :],
+             acc / tl.where(has, l_sum, 1.0)[:, None], mask=g_mask[:, None])
+    tl.store(lse_ptr + out_row, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")),
+             mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                          BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)  # seq * heads + head
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)
+    total = tl.sum(w, 0)
+    parts = tl.load(part_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < SPLITS)[:, None],
+                    other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_splits(max_seq_len: int, batch: int, kv_heads: int) -> int:
+    """Enough programs to fill the GPU when the batch is small and the context long."""
+    want = max(1, 264 // max(1, batch * kv_heads))
+    return int(min(max(1, triton.cdiv(max_seq_len, 256)), want, 32))
+
+
+def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: float,
+                     sliding_window: int | None = None, num_splits: int = 8) -> torch.Tensor:
+    # query: [num_seqs, heads, head_dim]; block_tables: [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32
+    _check_cache(k_cache, v_cache)
+    batch, heads, dim = query.shape
+    page, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    assert query.is_contiguous() and dim == k_cache.shape[3] and heads % kv_heads == 0
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 and block_tables.shape[0] == batch
+    assert seq_lens.dtype == torch.int32 and seq_lens.shape == (batch,)
+    group = heads // kv_heads
+    part = torch.empty(batch, heads, num_splits, dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=query.device)
+    _decode_split_kernel[(batch, kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, part, lse, scale, sliding_window or 0,
+        block_tables.stride(0), block_tables.shape[1], GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        KV_HEADS=kv_heads, HEAD_DIM=dim, PAGE=page, BLOCK_N=max(16, min(64, page * 4)), SPLITS=num_splits,
+        num_warps=4, num_stages=2)
+    out = torch.empty_like(query)
+    _decode_reduce_kernel[(batch * heads,)](part, lse, out, HEAD_DIM=dim, SPLITS=num_splits,
+                                            BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
+# ---- prefill / extend attention: variable-length queries over their paged context --------------
+
+@triton.jit
+def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr, scale, window, stride_bt,
+                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    mblock = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(qstart_ptr + seq)
+    q_len = tl.load(qstart_ptr + seq + 1) - q_start
+    if mblock * BLOCK_M < q_len:
+        seq_len = tl.load(lens_ptr + seq)
+        kvh = head // (HEADS // KV_HEADS)
+        i = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
+        i_mask = i < q_len
+        q_pos = seq_len - q_len + i
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + ((q_start + i) * HEADS + head)[:, None] * HEAD_DIM + d[None, :],
+                    mask=i_mask[:, None], other=0.0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        last = tl.minimum(seq_len, seq_len - q_len + (mblock + 1) * BLOCK_M)  # causal end of this tile
+        first = 0
+        if window > 0:
+            first = tl.maximum(seq_len - q_len + mblock * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        n = tl.arange(0, BLOCK_N)
+        for tile in range(first, last, BLOCK_N):
+            tok = tile + n
+            valid = tok < last
+            page = tl.load(bt_ptr + seq * stride_bt + tok // PAGE, mask=valid, other=0).to(tl.int64)
+            row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
+            k = tl.load(kc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            allowed = valid[None, :] & (tok[None, :] <= q_pos[:, None])
+            if window > 0:
+                allowed = allowed & (tok[None, :] > q_pos[:, None] - window)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            v = tl.load(vc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            m = m_new
+        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        tl.store(out_ptr + ((q_start + i) * HEADS + head)[:, None] * HEAD_DIM + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=i_mask[:, None])
+
+
+def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int,
+                     scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    # query: [num_tokens, heads, head_dim]; query_start_loc: [num_seqs + 1] int32; seq_lens: [num_seqs] int32
+    _check_cache(k_cache, v_cache)
+    tokens, heads, dim = query.shape
+    page, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    assert query.is_contiguous() and dim == k_cache.shape[3] and heads % kv_heads == 0
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    assert query_start_loc.dtype == torch.int32 and seq_lens.dtype == torch.int32
+    num_seqs = seq_lens.shape[0]
+    assert query_start_loc.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
+    out = torch.empty_like(query)
+    block_m = 64 if max_query_len > 16 else 16
+    grid = (triton.cdiv(max_query_len, block_m), heads, num_seqs)
+    _extend_kernel[grid](query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
+                         sliding_window or 0, block_tables.stride(0), HEADS=heads, KV_HEADS=kv_heads,
+                         HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2)
+    return out
+
+
+# ---- block copy: one launch moves many scattered blocks (the KV transfer) -----------------------
+
+@triton.jit
+def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, num_ids, src_plane, dst_plane,
+                        BLOCK_ELEMS: tl.constexpr, CHUNK: tl.constexpr):
+    item = tl.program_id(0)  # plane * num_ids + i
+    chunk = tl.program_id(1)
+    plane = item // num_ids
+    i = item % num_ids
+    s = tl.load(src_ids_ptr + i).to(tl.int64)
+    d = tl.load(dst_ids_ptr + i).to(tl.int64)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < BLOCK_ELEMS
+    x = tl.load(src_ptr + plane.to(tl.int64) * src_plane + s * BLOCK_ELEMS + offs, mask=mask)
+    tl.store(dst_ptr + plane.to(tl.int64) * dst_plane + d * BLOCK_ELEMS + offs, x, mask=mask)
+
+
+def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0, num_layers: int = 1) -> None:
+    """Moves blocks of `num_layers` layers from `first_layer` on, K and V, in one launch.
+
+    Pools: [num_layers, 2, num_blocks, block_size, kv_heads, head_dim], contiguous; ids int32/int64 on the
+    device that runs the copy (the pools may live on different GPUs: one is then peer memory)."""
+    assert src_pool.dim() == 6 and src_pool.shape[3:] == dst_pool.shape[3:] and src_pool.dtype == dst_pool.dtype
+    assert src_pool.is_contiguous() and dst_pool.is_contiguous()
+    assert src_ids.shape == dst_ids.shape and src_ids.dim() == 1
+    n = src_ids.shape[0]
+    if n == 0:
+        return
+    block_elems = src_pool[0, 0, 0].numel()
+    chunk = min(4096, triton.next_power_of_2(block_elems))
+    planes = num_layers * 2
+    src = src_pool[first_layer:first_layer + num_layers]
+    dst = dst_pool[first_layer:first_layer + num_layers]
+    grid = (planes * n, triton.cdiv(block_elems, chunk))
+    _copy_blocks_kernel[grid](src, dst, src_ids, dst_ids, n, src_pool.shape[2] * block_elems,
+                              dst_pool.shape[2] * block_elems, BLOCK_ELEMS=block_elems, CHUNK=chunk,
+                              num_warps=8)

@@ -1,0 +1,90 @@
+"""GPU KV pools for cross-process transfer: allocated with plain cudaMalloc (never an expandable
+segment), exported with cuda-python IPC memory handles (with the true offset inside the
+allocation), and opened once per peer and device, then cached. Integer CUDA error codes become
+`CudaError` naming the call and its arguments."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    from cuda.bindings import driver as cuda_driver
+    from cuda.bindings import runtime as cudart
+except ImportError:  # older cuda-python layout
+    try:
+        from cuda import cuda as cuda_driver  # type: ignore[no-redef]
+        from cuda import cudart  # type: ignore[no-redef]
+    except ImportError:  # pragma: no cover - CPU-only installs
+        cuda_driver = cudart = None
+
+
+class CudaError(RuntimeError):
+    """A CUDA call that failed: the call, what it was given, and the error name."""
+
+
+def _check(result, call: str, detail: str = ""):
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise CudaError(f"{call}({detail}) failed: {getattr(err, 'name', err)}")
+    return values[0] if len(values) == 1 else values
+
+
+def _require():
+    if cudart is None:
+        raise CudaError("cuda-python (cuda-bindings) is not installed; GPU transfer needs it")
+
+
+class _DeviceArray:
+    """Raw device memory as something torch.as_tensor understands (zero copy)."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None}
+
+
+def tensor_at(ptr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.as_tensor(_DeviceArray(ptr, nbytes)).view(dtype).view(*shape)
+
+
+class CudaPool:
+    """One cudaMalloc'd pool on the current device, exportable to other processes."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: int):
+        _require()
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        torch.cuda.set_device(device)
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        self.ptr = int(_check(cudart.cudaMalloc(nbytes), "cudaMalloc", f"{nbytes} bytes"))
+        _check(cudart.cudaMemset(self.ptr, 0, nbytes), "cudaMemset")
+        self.nbytes = nbytes
+        self.tensor = tensor_at(self.ptr, self.shape, dtype)
+
+    def export(self) -> tuple[bytes, int]:
+        """(IPC handle, offset of the pool inside the allocation the handle names)."""
+        handle = _check(cudart.cudaIpcGetMemHandle(self.ptr), "cudaIpcGetMemHandle", hex(self.ptr))
+        base, _size = _check(cuda_driver.cuMemGetAddressRange(self.ptr), "cuMemGetAddressRange", hex(self.ptr))
+        return bytes(handle.reserved), self.ptr - int(base)
+
+    def close(self) -> None:
+        if self.ptr:
+            _check(cudart.cudaFree(self.ptr), "cudaFree", hex(self.ptr))
+            self.ptr = 0
+
+
+_opened: dict[tuple[bytes, int], int] = {}
+
+
+def open_pool(handle: bytes, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: int) -> torch.Tensor:
+    """Maps a peer's pool into this process on `device` (peer access enabled lazily); cached, since
+    opening a handle costs ~10 ms."""
+    _require()
+    key = (handle, device)
+    if key not in _opened:
+        torch.cuda.set_device(device)
+        h = cudart.cudaIpcMemHandle_t()
+        h.reserved = handle
+        _opened[key] = int(_check(cudart.cudaIpcOpenMemHandle(h, cudart.cudaIpcMemLazyEnablePeerAccess),
+                                  "cudaIpcOpenMemHandle", f"device {device}"))
+    return tensor_at(_opened[key] + offset, tuple(shape), dtype)
