@@ -51,7 +51,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, part_ptr, lse_
                          scale, window, stride_bt, max_blocks,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, KV_HEADS: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SPLITS: tl.constexpr):
+                         SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,13 +80,13 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, part_ptr, lse_
         page = tl.load(bt_ptr + seq * stride_bt + tok // PAGE, mask=valid, other=0).to(tl.int64)
         row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
         k = tl.load(kc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         v = tl.load(vc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         l_sum = l_sum * alpha + tl.sum(p, 1)
         m = m_new
     out_row = (seq * KV_HEADS * GROUP + heads) * SPLITS + split
@@ -119,8 +119,13 @@ def decode_splits(max_seq_len: int, batch: int, kv_heads: int) -> int:
     return int(min(max(1, triton.cdiv(max_seq_len, 256)), want, 32))
 
 
+def _precision(t: torch.Tensor) -> str:
+    return "ieee" if t.dtype == torch.float32 else "tf32"  # fp32 models get exact fp32 dots
+
+
 def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: float,
-                     sliding_window: int | None = None, num_splits: int = 8) -> torch.Tensor:
+                     sliding_window: int | None = None, num_splits: int = 8,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     # query: [num_seqs, heads, head_dim]; block_tables: [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32
     _check_cache(k_cache, v_cache)
     batch, heads, dim = query.shape
@@ -135,8 +140,9 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
         query, k_cache, v_cache, block_tables, seq_lens, part, lse, scale, sliding_window or 0,
         block_tables.stride(0), block_tables.shape[1], GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         KV_HEADS=kv_heads, HEAD_DIM=dim, PAGE=page, BLOCK_N=max(16, min(64, page * 4)), SPLITS=num_splits,
-        num_warps=4, num_stages=2)
-    out = torch.empty_like(query)
+        PRECISION=_precision(query), num_warps=4, num_stages=2)
+    out = torch.empty_like(query) if out is None else out
+    assert out.shape == query.shape and out.is_contiguous()
     _decode_reduce_kernel[(batch * heads,)](part, lse, out, HEAD_DIM=dim, SPLITS=num_splits,
                                             BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
     return out
@@ -147,7 +153,7 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
 @triton.jit
 def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr, scale, window, stride_bt,
                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     mblock = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -176,7 +182,7 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr,
             page = tl.load(bt_ptr + seq * stride_bt + tok // PAGE, mask=valid, other=0).to(tl.int64)
             row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
             k = tl.load(kc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
             allowed = valid[None, :] & (tok[None, :] <= q_pos[:, None])
             if window > 0:
                 allowed = allowed & (tok[None, :] > q_pos[:, None] - window)
@@ -186,7 +192,7 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr,
             alpha = tl.exp(m - m_safe)
             p = tl.exp(s - m_safe[:, None])
             v = tl.load(vc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             l_sum = l_sum * alpha + tl.sum(p, 1)
             m = m_new
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
@@ -195,7 +201,8 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr,
 
 
 def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int,
-                     scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                     scale: float, sliding_window: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     # query: [num_tokens, heads, head_dim]; query_start_loc: [num_seqs + 1] int32; seq_lens: [num_seqs] int32
     _check_cache(k_cache, v_cache)
     tokens, heads, dim = query.shape
@@ -205,12 +212,14 @@ def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq
     assert query_start_loc.dtype == torch.int32 and seq_lens.dtype == torch.int32
     num_seqs = seq_lens.shape[0]
     assert query_start_loc.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
-    out = torch.empty_like(query)
+    out = torch.empty_like(query) if out is None else out
+    assert out.shape == query.shape and out.is_contiguous()
     block_m = 64 if max_query_len > 16 else 16
     grid = (triton.cdiv(max_query_len, block_m), heads, num_seqs)
     _extend_kernel[grid](query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
                          sliding_window or 0, block_tables.stride(0), HEADS=heads, KV_HEADS=kv_heads,
-                         HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2)
+                         HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=64, PRECISION=_precision(query),
+                         num_warps=4, num_stages=2)
     return out
 
 

@@ -130,6 +130,11 @@ class LaunchConfig:
         names = [n for n, _ in self.named_instances()]
         if len(set(names)) != len(names):
             raise ValueError(f"instances.name: duplicate names in {names}")
+        if self.engine.device.startswith("cuda"):
+            missing = [n for n, inst in self.named_instances() if not inst.gpus]
+            if missing:
+                raise ValueError(f"instances.gpus: engine.device is {self.engine.device!r}, so every instance "
+                                 f"names its GPU ids; missing for {', '.join(missing)}")
 
     def named_instances(self) -> list[tuple[str, InstanceConfig]]:
         counts: dict[str, int] = {}

@@ -188,11 +188,15 @@ class Ready(Msg):  # every process → launcher, once it can serve
     pool_dtype: str = ""
 
 
-class PoolInfo(Msg):  # launcher → transfer: where each engine's pool lives
+class PoolInfo(Msg):  # engine → transfer (through the run directory): where its KV pool lives
     instance: str
-    path: str
+    path: str  # CPU: the shared-memory file
     shape: list[int]
     dtype: str
+    gpu: int = -1  # GPU: physical device id, IPC handle of the pool and its offset in the allocation
+    ipc_handle: bytes = b""
+    ipc_offset: int = 0
+    layer_events: list[bytes] = []  # prefill: IPC handles of the per-layer "KV written" events
 
 
 class Pause(Msg):  # debugging: an engine stops stepping and taking KV until resumed

@@ -100,6 +100,8 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
     engine_cfg = proc.cfg.engine
     if inst.num_blocks:
         engine_cfg = replace(engine_cfg, cache=replace(engine_cfg.cache, num_blocks=inst.num_blocks))
+    if engine_cfg.device.startswith("cuda"):
+        engine_cfg = replace(engine_cfg, device="cuda:0")  # the launcher made only this instance's GPUs visible
     pool_path = proc.paths.pool(name)
     try:
         engine = LLMEngine(engine_cfg, pool_path=str(pool_path))
@@ -107,6 +109,12 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         worker = EngineWorker(name, role, engine, proc.out.send)
         shape = list(engine.kv_cache.data.shape)
         info = PoolInfo(instance=name, path=str(pool_path), shape=shape, dtype=engine.spec.dtype)
+        if engine.gpu_pool is not None:
+            from pdpipe.ipc.cuda import physical_gpu
+
+            handle, offset = engine.gpu_pool.export()
+            info = msgspec.structs.replace(info, path="", gpu=physical_gpu(0), ipc_handle=handle, ipc_offset=offset,
+                                           layer_events=[e.ipc_handle() for e in worker.layer_events])
         (proc.paths.run_dir / "pools").mkdir(exist_ok=True)
         (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
         proc.ready(pool_path=str(pool_path), pool_shape=shape, pool_dtype=engine.spec.dtype)
@@ -131,7 +139,13 @@ def run_transfer(role: str, name: str, run_dir: str) -> None:
         path = pools_dir / f"{instance}.json"
         return msgspec.json.decode(path.read_bytes(), type=PoolInfo) if path.is_file() else None
 
-    worker = TransferWorker(name, ShmTransfer(), spec.num_layers, proc.out.send, pool_lookup=lookup)
+    if proc.cfg.engine.device.startswith("cuda"):
+        from pdpipe.ipc.cuda_transfer import CudaIpcTransfer
+
+        backend = CudaIpcTransfer()
+    else:
+        backend = ShmTransfer()
+    worker = TransferWorker(name, backend, spec.num_layers, proc.out.send, pool_lookup=lookup)
     inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
     proc.ready()
     try:

@@ -39,6 +39,13 @@ class EngineWorker:
         self._started: set[str] = set()
         self._final_chunks: list[str] = []  # prefill: requests whose prompt completes in this step
         self.queued_prompt_tokens = 0
+        # prefill on GPU: one interprocess event per layer, recorded when that layer's KV is written;
+        # the transfer process waits on it (on the GPU) before copying the layer
+        self.layer_events = []
+        if role == "prefill" and engine.kv_cache.data.is_cuda:
+            import torch
+
+            self.layer_events = [torch.cuda.Event(interprocess=True) for _ in range(engine.spec.num_layers)]
 
     # ---- inbox -----------------------------------------------------------------------------
     def handle(self, msg: Msg) -> None:
@@ -134,6 +141,8 @@ class EngineWorker:
 
     def _on_layer(self, layer: int) -> None:
         if self._final_chunks:
+            if self.layer_events:
+                self.layer_events[layer].record()
             self.send(TRANSFER, LayersReady(request_ids=self._final_chunks, layer=layer))
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:

@@ -88,3 +88,23 @@ def open_pool(handle: bytes, offset: int, shape: tuple[int, ...], dtype: torch.d
         _opened[key] = int(_check(cudart.cudaIpcOpenMemHandle(h, cudart.cudaIpcMemLazyEnablePeerAccess),
                                   "cudaIpcOpenMemHandle", f"device {device}"))
     return tensor_at(_opened[key] + offset, tuple(shape), dtype)
+
+
+def visible_ordinal(physical_gpu: int) -> int:
+    """This process's device ordinal for a physical GPU id (CUDA_VISIBLE_DEVICES renumbers them)."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return physical_gpu
+    ids = [int(x) for x in visible.split(",") if x.strip()]
+    if physical_gpu not in ids:
+        raise CudaError(f"GPU {physical_gpu} is not visible to this process (CUDA_VISIBLE_DEVICES={visible})")
+    return ids.index(physical_gpu)
+
+
+def physical_gpu(ordinal: int) -> int:
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return int(visible.split(",")[ordinal]) if visible else ordinal

@@ -71,8 +71,13 @@ def dummy_model(spec: ModelSpec, device: str | torch.device, seed: int = 0) -> C
     """Random weights of the real shapes, made on `device` (no files read): for benchmarks."""
     from .make import init_param_
 
-    with torch.device(device):
-        model = CausalLM(spec).to(getattr(torch, spec.dtype))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, spec.dtype))  # built in its dtype: no float32 copy of 8B weights
+    try:
+        with torch.device(device):
+            model = CausalLM(spec)
+    finally:
+        torch.set_default_dtype(default)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

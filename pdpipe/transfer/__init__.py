@@ -53,6 +53,9 @@ class TransferBackend(ABC):
     def abort(self, job: TransferJob) -> None:
         ...
 
+    def finished(self, job: TransferJob) -> None:
+        """The job landed and was reported; the backend may drop what it kept for it."""
+
     def job_bytes(self, job: TransferJob) -> int:
         """Bytes the whole job moves (all layers), where the backend knows the pools."""
         return 0

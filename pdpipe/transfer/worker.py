@@ -81,6 +81,7 @@ class TransferWorker:
 
     def _finish(self, job: TransferJob, first: PrefillDone) -> None:
         del self.jobs[job.request_id]
+        self.backend.finished(job)
         self.bytes_moved += job.bytes_moved
         self.seconds_moving += job.seconds
         self.send(job.dst_instance, KVLanded(request_id=job.request_id, first_token=first.first_token,

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
+# test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES]
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+ln -sfn ../kernels pdpipe/kernels  # pdpipe.kernels without an install (setup.cfg maps it the same way)
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+nvidia-smi -L
+while [ $# -gt 0 ]; do
+  case "$1" in
+    tests) timeout 420 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40; shift ;;
+    bench) timeout 540 python3 benchmarks/gpu_bench.py --only "$2" 2>&1 | tee "$OUT/bench_$2.log" | tail -80; shift 2 ;;
+    *) echo "unknown step $1"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,336 @@
+"""GPU benchmarks, each against a limit measured in the same run:
+
+  transfer  4k-token Llama-3.1-8B KV (32 layers, 8 KV heads, dim 128, bf16, scattered blocks) GPU0 → GPU1
+            through CUDA IPC, against a raw 1 GiB peer copy                                  (goal ≥ 90 %)
+  decode    one decode step of the 8B shape at batch 1/16/64, 1k context, against the HBM floor
+            (weight + KV bytes ÷ device copy bandwidth)                          (goal ≤ 1.3× / ≤ 1.5×)
+  prefill   one 2k prompt and 8×512: TFLOP/s against a bf16 GEMM                               (goal ≥ 60 %)
+  ttft      time to first token through the launched 1P+1D pipeline on two GPUs, 4k and 128-token
+            prompts, against the prefill compute alone                            (overhead ≤ 5 % at 4k)
+  hf        the same model under transformers: decode tokens/s at batch 1 and time to first token
+
+Usage: python benchmarks/gpu_bench.py [--only transfer,decode,...] [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_8B = dict(arch="llama", layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+                max_position=131072, dtype="bfloat16", weights=False)
+BLOCK = 16
+
+
+def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `fn` on the current stream, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: int, nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    with torch.cuda.device(device):
+        a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+        b = torch.empty_like(a)
+        t = cuda_time(lambda: b.copy_(a))
+        del a, b
+    return 2 * nbytes / t
+
+
+def gemm_tflops(device: int, n: int = 8192) -> float:
+    with torch.cuda.device(device):
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        t = cuda_time(lambda: a @ b)
+    return 2 * n ** 3 / t / 1e12
+
+
+def model_dir(root: Path) -> Path:
+    from dataclasses import replace
+
+    from pdpipe.models.make import MakeModelConfig, make_model
+
+    path = root / "llama-8b-shape"
+    if not (path / "config.json").exists():
+        make_model(path, replace(MakeModelConfig(), **LLAMA_8B))
+    return path
+
+
+# ---- transfer --------------------------------------------------------------------------------------
+
+def _pool_owner(conn, shape):
+    from pdpipe.ipc.cuda import CudaPool
+
+    pool = CudaPool(shape, torch.bfloat16, 0)
+    pool.tensor.view(-1).normal_()
+    torch.cuda.synchronize()
+    conn.send(pool.export())
+    conn.recv()
+    pool.close()
+
+
+def bench_transfer(results: dict) -> None:
+    from pdpipe.ipc.cuda import CudaPool, open_pool
+    from pdpipe.kernels import triton_ops
+
+    num_blocks, tokens = 1024, 4096
+    shape = (32, 2, num_blocks, BLOCK, 8, 128)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    owner = ctx.Process(target=_pool_owner, args=(child, shape))
+    owner.start()
+    handle, offset = parent.recv()
+    try:
+        src = open_pool(handle, offset, shape, torch.bfloat16, 1)
+        torch.cuda.set_device(1)
+        dst_pool = CudaPool(shape, torch.bfloat16, 1)
+        dst = dst_pool.tensor
+        n = tokens // BLOCK
+        gen = torch.Generator().manual_seed(0)
+        src_ids = torch.randperm(num_blocks, generator=gen)[:n].int().cuda(1)
+        dst_ids = torch.randperm(num_blocks, generator=gen)[:n].int().cuda(1)
+        moved = n * 32 * 2 * BLOCK * 8 * 128 * 2
+        flat_src, flat_dst = src.view(-1)[: (1 << 30) // 2], dst.view(-1)[: (1 << 30) // 2]
+        raw = (1 << 30) / cuda_time(lambda: flat_dst.copy_(flat_src))
+        per_layer = moved / cuda_time(lambda: [triton_ops.copy_pool_blocks(src, src_ids, dst, dst_ids, layer, 1)
+                                              for layer in range(32)])
+        one_launch = moved / cuda_time(lambda: triton_ops.copy_pool_blocks(src, src_ids, dst, dst_ids, 0, 32))
+        ok = torch.equal(dst[:, :, dst_ids.long()].cpu(), src[:, :, src_ids.long()].cpu())
+        results["transfer"] = dict(bytes=moved, raw_peer_GBps=raw / 1e9, per_layer_GBps=per_layer / 1e9,
+                                   one_launch_GBps=one_launch / 1e9, per_layer_pct=100 * per_layer / raw,
+                                   one_launch_pct=100 * one_launch / raw, correct=ok)
+        dst_pool.close()
+    finally:
+        parent.send("done")
+        owner.join(timeout=60)
+
+
+# ---- engine on one GPU: decode steps and prefill ------------------------------------------------------
+
+def make_engine(model: Path, device: int, max_num_seqs: int, num_blocks: int, graphs: bool = True):
+    from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdpipe.engine.engine import LLMEngine
+
+    cfg = EngineConfig(model=str(model), device=f"cuda:{device}", dtype="bfloat16", load_format="dummy",
+                       cuda_graphs=graphs, cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
+                       scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=16384,
+                                                 max_model_len=8192))
+    torch.cuda.set_device(device)
+    engine = LLMEngine(cfg)
+    engine.kv_cache.data.view(-1).normal_()
+    return engine
+
+
+def batch_of(engine, lengths: list[int], decode: bool):
+    """A scheduler output for sequences of these context lengths: one new token each (decode), or whole
+    prompts (prefill)."""
+    from pdpipe.engine.scheduler import ScheduledChunk, SchedulerOutput
+    from pdpipe.engine.sequence import Sequence
+    from pdpipe.messages import SamplingParams
+
+    out = SchedulerOutput()
+    gen = torch.Generator().manual_seed(len(lengths))
+    for i, n in enumerate(lengths):
+        seq = Sequence(f"b{i}", torch.randint(0, 128000, (n,), generator=gen).tolist(),
+                       SamplingParams(max_tokens=8, temperature=0.0))
+        seq.block_table = engine.blocks.allocate(engine.blocks.blocks_for(n + 1))
+        out.chunks.append(ScheduledChunk(seq, n - 1, 1) if decode else ScheduledChunk(seq, 0, n))
+    return out
+
+
+def release(engine, out) -> None:
+    for c in out.chunks:
+        engine.blocks.free(c.seq.block_table)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def bench_decode(model: Path, results: dict, copy_bw: float) -> None:
+    engine = make_engine(model, 0, 64, num_blocks=64 * 1040 // BLOCK + 64)
+    spec = engine.spec
+    rows = []
+    for batch in (1, 16, 64):
+        out = batch_of(engine, [1024] * batch, decode=True)
+        step = cuda_time(lambda: engine.runner.execute(out)[0].argmax(-1).tolist(), iters=30)
+        graph, _ = engine.runner.graphs.graphs[min(b for b in engine.runner.graphs.graphs if b >= batch)]
+        replay = cuda_time(graph.replay, iters=30)
+        kv = batch * 1024 * spec.kv_bytes_per_token
+        floor = (weight_bytes(engine.model) + kv) / copy_bw
+        rows.append(dict(batch=batch, step_ms=step * 1e3, graph_ms=replay * 1e3, floor_ms=floor * 1e3,
+                         step_x_floor=step / floor, graph_x_floor=replay / floor, tokens_per_s=batch / step))
+        release(engine, out)
+    results["decode"] = rows
+    del engine
+    torch.cuda.empty_cache()
+
+
+def attention_flops(spec, lengths) -> float:
+    pairs = sum(n * (n + 1) / 2 for n in lengths)
+    return 4 * spec.num_layers * spec.num_heads * spec.head_dim * pairs
+
+
+def bench_prefill(model: Path, results: dict, gemm: float) -> None:
+    engine = make_engine(model, 0, 8, num_blocks=8192 // BLOCK + 64, graphs=False)
+    spec = engine.spec
+    matmul_params = weight_bytes(engine.model) // 2 - spec.vocab_size * spec.hidden_size
+    rows = []
+    for label, lengths in (("1x2048", [2048]), ("8x512", [512] * 8), ("1x4096", [4096]), ("1x128", [128])):
+        out = batch_of(engine, lengths, decode=False)
+        t = cuda_time(lambda: engine.runner.execute(out)[0].argmax(-1).tolist(), iters=10)
+        flops = 2 * matmul_params * sum(lengths) + attention_flops(spec, lengths) \
+            + 2 * spec.vocab_size * spec.hidden_size * len(lengths)
+        rows.append(dict(prompts=label, ms=t * 1e3, tflops=flops / t / 1e12, pct_of_gemm=100 * flops / t / 1e12 / gemm))
+        release(engine, out)
+    results["prefill"] = rows
+    results["attention_2k"] = attention_vs_sdpa(spec)
+    del engine
+    torch.cuda.empty_cache()
+
+
+def attention_vs_sdpa(spec) -> dict:
+    from pdpipe.kernels import triton_ops
+
+    n, h, kvh, d = 2048, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q = torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(n // BLOCK, BLOCK, kvh, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    tables = torch.arange(n // BLOCK, dtype=torch.int32, device="cuda")[None]
+    qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    ours = cuda_time(lambda: triton_ops.extend_attention(q, kc, vc, tables, qsl, lens, n, d ** -0.5))
+    qs, ks, vs = q.transpose(0, 1)[None], kc.view(n, kvh, d).transpose(0, 1)[None], vc.view(n, kvh, d).transpose(0, 1)[None]
+    sdpa = cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                                             enable_gqa=True))
+    flops = 4 * h * d * n * (n + 1) / 2
+    return dict(triton_ms=ours * 1e3, sdpa_ms=sdpa * 1e3, triton_tflops=flops / ours / 1e12,
+                sdpa_tflops=flops / sdpa / 1e12)
+
+
+# ---- ttft through the launched pipeline --------------------------------------------------------------
+
+def _first_token_seconds(port: int, prompt: list[int]) -> float:
+    import urllib.request
+
+    body = json.dumps({"model": "llama-8b-shape", "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                       "ignore_eos": True, "stream": True, "return_token_ids": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        for line in resp:
+            if line.startswith(b"data: {"):
+                first = time.perf_counter() - start
+                resp.read()
+                return first
+    raise RuntimeError("no token came back")
+
+
+def bench_ttft(model: Path, results: dict, prefill_ms: dict[str, float]) -> None:
+    import socket
+    import tempfile
+
+    from pdpipe.config import ApiConfig, CacheConfig, EngineConfig, InstanceConfig, LaunchConfig, SchedulerConfig
+    from pdpipe.launcher import Launcher
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = LaunchConfig(
+        name="bench", run_dir=tempfile.mkdtemp(prefix="pdb-", dir="/tmp"), ready_timeout=600,
+        engine=EngineConfig(model=str(model), device="cuda", dtype="bfloat16", load_format="dummy",
+                            cache=CacheConfig(block_size=BLOCK, num_blocks=4096),
+                            scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=8192,
+                                                      max_model_len=8192)),
+        api=ApiConfig(port=port), instances=(InstanceConfig("prefill", gpus=(0,)), InstanceConfig("decode", gpus=(1,))))
+    launcher = Launcher(cfg)
+    launcher.start()
+    try:
+        rows = []
+        gen = torch.Generator().manual_seed(1)
+        for n, label in ((4096, "1x4096"), (128, "1x128")):
+            times = [_first_token_seconds(port, torch.randint(0, 128000, (n,), generator=gen).tolist())
+                     for _ in range(8)]
+            ttft = statistics.median(times[2:])
+            alone = prefill_ms[label] / 1e3
+            rows.append(dict(prompt_tokens=n, ttft_ms=ttft * 1e3, prefill_alone_ms=alone * 1e3,
+                             overhead_pct=100 * (ttft - alone) / alone))
+        results["ttft_1p1d"] = rows
+    finally:
+        launcher.stop()
+
+
+# ---- transformers, the peer every user has ------------------------------------------------------------
+
+def bench_hf(model: Path, results: dict) -> None:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model)
+    torch.cuda.set_device(0)
+    with torch.device("cuda:0"):
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(2)
+    long = torch.randint(0, 128000, (1, 4096), generator=gen).cuda()
+    short = torch.randint(0, 128000, (1, 128), generator=gen).cuda()
+    with torch.no_grad():
+        ttft = cuda_time(lambda: hf.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=1,
+                                             do_sample=False), iters=5, warmup=1)
+        new = 128
+        total = cuda_time(lambda: hf.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=new,
+                                              min_new_tokens=new, do_sample=False), iters=3, warmup=1)
+        first = cuda_time(lambda: hf.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=1,
+                                              do_sample=False), iters=5, warmup=1)
+    results["transformers"] = dict(ttft_4k_ms=ttft * 1e3, decode_tokens_per_s=(new - 1) / (total - first),
+                                   version=transformers.__version__)
+    del hf
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="transfer,decode,prefill,ttft,hf")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench.json"))
+    parser.add_argument("--work", default="/tmp/pdpipe-bench")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    results: dict = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
+                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    model = model_dir(Path(args.work))
+    results["copy_bw_TBps"] = copy_bandwidth(0) / 1e12
+    results["gemm_tflops"] = gemm_tflops(0)
+    stages = [("transfer", lambda: bench_transfer(results)),
+              ("decode", lambda: bench_decode(model, results, results["copy_bw_TBps"] * 1e12)),
+              ("prefill", lambda: bench_prefill(model, results, results["gemm_tflops"])),
+              ("ttft", lambda: bench_ttft(model, results, {r["prompts"]: r["ms"] for r in results.get("prefill", [])})),
+              ("hf", lambda: bench_hf(model, results))]
+    for name, run in stages:
+        if name in parts:
+            start = time.perf_counter()
+            try:
+                run()
+            except Exception as exc:  # keep the other figures: a lease is short
+                results[f"{name}_error"] = repr(exc)
+            print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
+            Path(args.json).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The same-machine GPU transfer backend: peer pools opened through CUDA IPC (once, cached), and per
+layer one Triton kernel on the destination GPU that gathers the request's scattered blocks from the
+source pool over NVLink. Each layer's copy waits, on the GPU, for the prefill engine's IPC event
+that marks that layer's KV written; a job is DONE only once its last copy has completed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pdpipe import kernels
+from pdpipe.messages import PoolInfo
+from pdpipe.transfer import TransferBackend, TransferError, TransferJob, TransferState
+
+from .cuda import open_pool, visible_ordinal
+
+
+@dataclass
+class _Flight:
+    src_ids: torch.Tensor
+    dst_ids: torch.Tensor
+    start: torch.cuda.Event
+    end: torch.cuda.Event | None = None
+    layers: list[int] = field(default_factory=list)
+
+
+class CudaIpcTransfer(TransferBackend):
+    def __init__(self):
+        self.pools: dict[str, PoolInfo] = {}
+        self._events: dict[tuple[str, int], torch.cuda.Event] = {}
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._flights: dict[str, _Flight] = {}
+
+    def register_pool(self, pool: PoolInfo) -> None:
+        if pool.gpu < 0 or not pool.ipc_handle:
+            raise TransferError(f"{pool.instance}: its KV pool is not a GPU pool with an IPC handle")
+        self.pools[pool.instance] = pool
+
+    def _info(self, instance: str, job: TransferJob) -> PoolInfo:
+        info = self.pools.get(instance)
+        if info is None:
+            raise TransferError(f"request {job.request_id}: no GPU pool registered for {instance}")
+        return info
+
+    def _view(self, info: PoolInfo, device: int) -> torch.Tensor:
+        return open_pool(info.ipc_handle, info.ipc_offset, tuple(info.shape), getattr(torch, info.dtype), device)
+
+    def _layer_event(self, info: PoolInfo, layer: int) -> torch.cuda.Event | None:
+        if not info.layer_events:
+            return None
+        key = (info.instance, layer)
+        if key not in self._events:
+            self._events[key] = torch.cuda.Event.from_ipc_handle(visible_ordinal(info.gpu), info.layer_events[layer])
+        return self._events[key]
+
+    def send(self, job: TransferJob, layer: int) -> None:
+        src, dst = self._info(job.src_instance, job), self._info(job.dst_instance, job)
+        device = visible_ordinal(dst.gpu)
+        with torch.cuda.device(device):
+            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            flight = self._flights.get(job.request_id)
+            if flight is None:
+                flight = _Flight(torch.tensor(job.src_block_ids, dtype=torch.int32, device=device),
+                                 torch.tensor(job.dst_block_ids, dtype=torch.int32, device=device),
+                                 torch.cuda.Event(enable_timing=True))
+                flight.start.record(stream)
+                self._flights[job.request_id] = flight
+            ready = self._layer_event(src, layer)
+            if ready is not None:
+                stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                kernels.copy_pool_blocks(self._view(src, device), flight.src_ids, self._view(dst, device),
+                                         flight.dst_ids, layer, 1)
+            flight.end = torch.cuda.Event(enable_timing=True)
+            flight.end.record(stream)
+        flight.layers.append(layer)
+        job.layers_sent.add(layer)
+        job.bytes_moved += len(job.src_block_ids) * self._layer_block_bytes(src)
+
+    @staticmethod
+    def _layer_block_bytes(info: PoolInfo) -> int:
+        per_block = 2 * info.shape[3] * info.shape[4] * info.shape[5]  # K and V of one block, one layer
+        return per_block * torch.empty(0, dtype=getattr(torch, info.dtype)).element_size()
+
+    def poll(self, job: TransferJob) -> TransferState:
+        flight = self._flights.get(job.request_id)
+        if flight is None or flight.end is None:
+            return TransferState.DONE
+        if not flight.end.query():
+            return TransferState.PENDING
+        job.seconds = flight.start.elapsed_time(flight.end) / 1e3
+        return TransferState.DONE
+
+    def abort(self, job: TransferJob) -> None:
+        flight = self._flights.pop(job.request_id, None)
+        if flight is not None and flight.end is not None:
+            flight.end.synchronize()  # nothing may write into the destination blocks after this
+
+    def finished(self, job: TransferJob) -> None:
+        self._flights.pop(job.request_id, None)
+
+    def job_bytes(self, job: TransferJob) -> int:
+        info = self.pools.get(job.src_instance)
+        return len(job.src_block_ids) * self._layer_block_bytes(info) * info.shape[0] if info else 0

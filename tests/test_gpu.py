@@ -1,0 +1,224 @@
+"""GPU suite (marked `gpu`; skipped where no CUDA device is): every Triton kernel against its torch
+reference on fresh random inputs over a sweep of shapes, CUDA-graph decode, the GPU engine against
+`transformers`, and the 1P+1D pipeline on two GPUs against the colocated GPU engine.
+
+Run on a GPU machine: python -m pytest -m gpu tests/test_gpu.py
+"""
+import json
+import urllib.request
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+from pdpipe.kernels import reference as ref  # noqa: E402
+from pdpipe.messages import SamplingParams  # noqa: E402
+
+from conftest import hf_greedy, make_llm, make_prompts  # noqa: E402
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12)).item()
+
+
+def random_pool(num_blocks, page, kv_heads, dim, dtype):
+    return (torch.randn(num_blocks, page, kv_heads, dim, device="cuda").to(dtype),
+            torch.randn(num_blocks, page, kv_heads, dim, device="cuda").to(dtype))
+
+
+SHAPES = [  # heads, kv_heads, head_dim, page
+    (8, 8, 64, 16), (32, 8, 128, 16), (16, 2, 128, 32), (28, 4, 128, 16), (8, 1, 64, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,dim,page", SHAPES)
+@pytest.mark.parametrize("window", [None, 100])
+def test_decode_attention_matches_reference(dtype, heads, kv_heads, dim, page, window):
+    from pdpipe.kernels import triton_ops
+
+    torch.manual_seed(heads * dim + page)
+    lens = [1, 7, page, page + 1, 300, 1024, 4099]
+    num_blocks = sum(-(-n // page) for n in lens) + 8
+    kc, vc = random_pool(num_blocks, page, kv_heads, dim, dtype)
+    perm = torch.randperm(num_blocks, device="cuda").int()
+    width = max(-(-n // page) for n in lens)
+    tables = torch.zeros(len(lens), width, dtype=torch.int32, device="cuda")
+    used = 0
+    for i, n in enumerate(lens):
+        nb = -(-n // page)
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+    q = torch.randn(len(lens), heads, dim, device="cuda").to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    expected = ref.paged_attention(q.float(), kc.float(), vc.float(), tables, list(range(len(lens) + 1)), lens,
+                                   dim ** -0.5, window)
+    for splits in (1, 4, triton_ops.decode_splits(max(lens), len(lens), kv_heads)):
+        out = torch.full_like(q, float("nan"))
+        triton_ops.decode_attention(q, kc, vc, tables, seq_lens, dim ** -0.5, window, splits, out=out)
+        assert not out.isnan().any(), "every output element is written"
+        assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,dim,page", SHAPES)
+@pytest.mark.parametrize("window", [None, 64])
+def test_extend_attention_matches_reference(dtype, heads, kv_heads, dim, page, window):
+    from pdpipe.kernels import triton_ops
+
+    torch.manual_seed(7 * heads + dim)
+    q_lens, ctx = [1, 5, 64, 200, 513], [1, 40, 64, 900, 513]  # chunked prefill: context beyond the queries
+    num_blocks = sum(-(-n // page) for n in ctx) + 4
+    kc, vc = random_pool(num_blocks, page, kv_heads, dim, dtype)
+    perm = torch.randperm(num_blocks, device="cuda").int()
+    tables = torch.zeros(len(ctx), max(-(-n // page) for n in ctx), dtype=torch.int32, device="cuda")
+    used = 0
+    for i, n in enumerate(ctx):
+        nb = -(-n // page)
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    q = torch.randn(qsl[-1], heads, dim, device="cuda").to(dtype)
+    expected = ref.paged_attention(q.float(), kc.float(), vc.float(), tables, qsl, ctx, dim ** -0.5, window)
+    out = torch.full_like(q, float("nan"))
+    triton_ops.extend_attention(q, kc, vc, tables, torch.tensor(qsl, dtype=torch.int32, device="cuda"),
+                                torch.tensor(ctx, dtype=torch.int32, device="cuda"), max(q_lens), dim ** -0.5,
+                                window, out=out)
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_store_kv_writes_exactly_its_slots(dtype):
+    from pdpipe.kernels import triton_ops
+
+    kc = torch.full((64, 16, 8, 128), float("nan"), device="cuda", dtype=dtype)
+    vc = kc.clone()
+    slots = torch.randperm(64 * 16, device="cuda")[:300]
+    slots[::7] = -1  # padding rows write nothing
+    k = torch.randn(300, 8, 128, device="cuda").to(dtype)
+    v = torch.randn(300, 8, 128, device="cuda").to(dtype)
+    triton_ops.store_kv(k, v, kc, vc, slots)
+    keep = slots >= 0
+    assert torch.equal(kc.view(-1, 8, 128)[slots[keep]], k[keep])
+    assert torch.equal(vc.view(-1, 8, 128)[slots[keep]], v[keep])
+    assert kc.isnan().sum().item() == (64 * 16 - keep.sum().item()) * 8 * 128
+
+
+@pytest.mark.parametrize("layers,first,count", [(4, 0, 4), (32, 5, 1), (3, 2, 1)])
+def test_block_copy_moves_exactly_the_blocks(layers, first, count):
+    from pdpipe.kernels import triton_ops
+
+    src = torch.randn(layers, 2, 50, 16, 8, 128, device="cuda").to(torch.bfloat16)
+    dst = torch.full((layers, 2, 70, 16, 8, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+    expected = dst.clone()
+    si = torch.randperm(50, device="cuda")[:37].int()
+    di = torch.randperm(70, device="cuda")[:37].int()
+    triton_ops.copy_pool_blocks(src, si, dst, di, first, count)
+    ref.copy_pool_blocks(src, si.long(), expected, di.long(), first, count)
+    assert torch.equal(dst.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_block_copy_reads_peer_memory_through_ipc_handles():
+    """The pool exported by one process, opened through its IPC handle, copied from on another GPU."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_export_pool, args=(child,))
+    proc.start()
+    try:
+        handle, offset, shape, checksum = parent.recv()
+        from pdpipe.ipc.cuda import open_pool
+        from pdpipe.kernels import triton_ops
+
+        src = open_pool(handle, offset, shape, torch.bfloat16, 1)
+        with torch.cuda.device(1):
+            dst = torch.zeros(shape, dtype=torch.bfloat16, device="cuda:1")
+            ids = torch.arange(shape[2], dtype=torch.int32, device="cuda:1")
+            triton_ops.copy_pool_blocks(src, ids, dst, ids.flip(0), 0, shape[0])
+            torch.cuda.synchronize()
+        assert dst.float().sum().item() == pytest.approx(checksum, rel=1e-3)
+        assert torch.equal(dst[:, :, 0].cpu(), src[:, :, -1].cpu())
+    finally:
+        parent.send("done")
+        proc.join(timeout=30)
+
+
+def _export_pool(conn):
+    from pdpipe.ipc.cuda import CudaPool
+
+    pool = CudaPool((2, 2, 10, 16, 8, 128), torch.bfloat16, 0)
+    pool.tensor.copy_(torch.randn(pool.shape, device="cuda:0").to(torch.bfloat16))
+    torch.cuda.synchronize()
+    handle, offset = pool.export()
+    conn.send((handle, offset, pool.shape, pool.tensor.float().sum().item()))
+    conn.recv()
+    pool.close()
+
+
+def test_gpu_engine_fp32_matches_transformers(model_dir):
+    import transformers
+
+    prompts = make_prompts(384, lengths=(1, 9, 33, 70))
+    expected = []
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir("qwen3"), dtype=torch.float32).cuda()
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                          output_logits=True, return_dict_in_generate=True)
+        toks = out.sequences[0, len(p):].tolist()
+        expected.append((toks, [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, toks)]))
+    del hf
+    llm = make_llm(model_dir("qwen3"), device="cuda")
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, logprobs=0))
+    for out, (tokens, logprobs) in zip(outs, expected):
+        assert out.token_ids == tokens
+        assert max(abs(a.logprob - b) for a, b in zip(out.logprobs, logprobs)) < 1e-3
+    assert llm.engine.leak_free() and llm.engine.runner.graphs is not None
+
+
+def test_cuda_graph_decode_equals_eager(model_dir):
+    prompts = make_prompts(384, lengths=(3, 17, 40, 8, 25), seed=4)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
+    graphed = make_llm(model_dir("llama"), device="cuda", dtype="bfloat16").generate(prompts, params)
+    eager = make_llm(model_dir("llama"), device="cuda", dtype="bfloat16", cuda_graphs=False).generate(prompts, params)
+    for a, b in zip(graphed, eager):
+        assert a.token_ids == b.token_ids
+
+
+def _complete(port, prompt, max_tokens):
+    body = json.dumps({"model": "llama", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, "return_token_ids": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())["choices"][0]["token_ids"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir):
+    from dataclasses import replace
+
+    from pdpipe.config import InstanceConfig
+
+    from pipeline_launch import launched, leak_free, make_launch_config, wait_until
+
+    prompts = make_prompts(384, lengths=(1, 16, 47, 130), seed=6)
+    colocated = make_llm(model_dir("llama"), device="cuda", dtype="bfloat16")
+    expected = [colocated.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0].token_ids
+                for p in prompts]  # one at a time, as the pipeline gets them below
+    del colocated
+    torch.cuda.empty_cache()
+    cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
+    cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="bfloat16"),
+                  instances=(InstanceConfig("prefill", gpus=(0,)), InstanceConfig("decode", gpus=(1,))))
+    with launched(cfg) as launcher:
+        for p, exp in zip(prompts, expected):
+            assert _complete(cfg.api.port, p, 20) == exp
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
