@@ -9,8 +9,11 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 nvidia-smi -L
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests) timeout 420 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40; shift ;;
-    bench) timeout 540 python3 benchmarks/gpu_bench.py --only "$2" 2>&1 | tee "$OUT/bench_$2.log" | tail -80; shift 2 ;;
+    tests) timeout 420 python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+             | tee "$OUT/gpu_tests.log" | tail -40
+           tar czf "$OUT/pipeline_logs.tgz" /tmp/pdp-*/logs 2>/dev/null; shift ;;
+    bench) timeout 540 python3 benchmarks/gpu_bench.py --only "$2" 2>&1 | tee "$OUT/bench_${2//,/_}.log" | tail -80
+           tar czf "$OUT/bench_logs.tgz" /tmp/pdb-*/logs 2>/dev/null; shift 2 ;;
     *) echo "unknown step $1"; exit 2 ;;
   esac
 done

@@ -98,7 +98,7 @@ def bench_transfer(results: dict) -> None:
     handle, offset = parent.recv()
     try:
         src = open_pool(handle, offset, shape, torch.bfloat16, 1)
-        torch.cuda.set_device(1)
+        torch.cuda.set_device(1)  # the copy runs on the destination GPU and reads the source over NVLink
         dst_pool = CudaPool(shape, torch.bfloat16, 1)
         dst = dst_pool.tensor
         n = tokens // BLOCK

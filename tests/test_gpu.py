@@ -5,6 +5,7 @@ reference on fresh random inputs over a sweep of shapes, CUDA-graph decode, the 
 Run on a GPU machine: python -m pytest -m gpu tests/test_gpu.py
 """
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -197,8 +198,11 @@ def _complete(port, prompt, max_tokens):
                        "ignore_eos": True, "return_token_ids": True}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.loads(resp.read())["choices"][0]["token_ids"]
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.loads(resp.read())["choices"][0]["token_ids"]
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')}") from None
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

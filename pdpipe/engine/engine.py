@@ -8,6 +8,7 @@ feed it from their I/O edges, and tests drive it directly.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -52,6 +53,8 @@ class LLMEngine:
         """`pool_path`: back the KV pool with this shared-memory file, so a transfer process can map it."""
         from pdpipe.demo import resolve_model
 
+        if config.device.startswith("cuda") and torch.device(config.device).index is None:
+            config = replace(config, device=f"cuda:{torch.cuda.current_device()}")  # one device for all parts
         self.config = config
         self.model_dir = resolve_model(config.model)
         self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format)
@@ -66,7 +69,7 @@ class LLMEngine:
         if config.device.startswith("cuda"):  # plain cudaMalloc, exportable through CUDA IPC
             from pdpipe.ipc.cuda import CudaPool
 
-            self.gpu_pool = CudaPool(shape, dtype, torch.device(config.device).index or 0)
+            self.gpu_pool = CudaPool(shape, dtype, torch.device(config.device).index)
             buffer = self.gpu_pool.tensor
             self.model.fuse_projections()
         elif pool_path:

@@ -60,6 +60,7 @@ class ModelRunner:
             meta.seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
             meta.max_query_len = max(c.num_tokens for c in out.chunks)
             meta.decode = meta.max_query_len == 1
+            meta.fresh = all(c.start == 0 for c in out.chunks)
             meta.num_splits = decode_splits(max(seq_lens), len(seq_lens), self.model.spec.num_kv_heads)
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)

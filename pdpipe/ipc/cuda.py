@@ -54,12 +54,12 @@ class CudaPool:
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: int):
         _require()
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
-        torch.cuda.set_device(device)
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        self.ptr = int(_check(cudart.cudaMalloc(nbytes), "cudaMalloc", f"{nbytes} bytes"))
-        _check(cudart.cudaMemset(self.ptr, 0, nbytes), "cudaMemset")
+        with torch.cuda.device(device):
+            self.ptr = int(_check(cudart.cudaMalloc(nbytes), "cudaMalloc", f"{nbytes} bytes on GPU {device}"))
+            _check(cudart.cudaMemset(self.ptr, 0, nbytes), "cudaMemset")
+            self.tensor = tensor_at(self.ptr, self.shape, dtype)
         self.nbytes = nbytes
-        self.tensor = tensor_at(self.ptr, self.shape, dtype)
 
     def export(self) -> tuple[bytes, int]:
         """(IPC handle, offset of the pool inside the allocation the handle names)."""
@@ -69,7 +69,8 @@ class CudaPool:
 
     def close(self) -> None:
         if self.ptr:
-            _check(cudart.cudaFree(self.ptr), "cudaFree", hex(self.ptr))
+            with torch.cuda.device(self.device):
+                _check(cudart.cudaFree(self.ptr), "cudaFree", hex(self.ptr))
             self.ptr = 0
 
 
@@ -81,13 +82,13 @@ def open_pool(handle: bytes, offset: int, shape: tuple[int, ...], dtype: torch.d
     opening a handle costs ~10 ms."""
     _require()
     key = (handle, device)
-    if key not in _opened:
-        torch.cuda.set_device(device)
-        h = cudart.cudaIpcMemHandle_t()
-        h.reserved = handle
-        _opened[key] = int(_check(cudart.cudaIpcOpenMemHandle(h, cudart.cudaIpcMemLazyEnablePeerAccess),
-                                  "cudaIpcOpenMemHandle", f"device {device}"))
-    return tensor_at(_opened[key] + offset, tuple(shape), dtype)
+    with torch.cuda.device(device):
+        if key not in _opened:
+            h = cudart.cudaIpcMemHandle_t()
+            h.reserved = handle
+            _opened[key] = int(_check(cudart.cudaIpcOpenMemHandle(h, cudart.cudaIpcMemLazyEnablePeerAccess),
+                                      "cudaIpcOpenMemHandle", f"device {device}"))
+        return tensor_at(_opened[key] + offset, tuple(shape), dtype)
 
 
 def visible_ordinal(physical_gpu: int) -> int:

@@ -31,17 +31,35 @@ class AttentionMetadata:
     seq_lens_t: torch.Tensor | None = None  # [num_seqs] int32
     max_query_len: int = 0
     decode: bool = False  # every sequence has exactly one new token
+    fresh: bool = False  # every sequence is a whole prompt with no context before it
     num_splits: int = 1  # decode attention's split of the context
 
 
-def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-           window: int | None) -> torch.Tensor:
-    """Paged attention of this step's queries: Triton kernels on GPU, the torch reference elsewhere."""
+def _sdpa_prompts(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Whole prompts attend only to themselves: torch's flash attention, one call per prompt (measured
+    faster than the paged Triton kernel for this case; see benchmarks/RESULTS.md)."""
+    out = torch.empty_like(q)
+    bounds = meta.query_start_loc
+    for i in range(len(bounds) - 1):
+        a, b = bounds[i], bounds[i + 1]
+        o = nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+            is_causal=True, scale=scale, enable_gqa=True)
+        out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+    """Paged attention of this step's queries (`k`, `v`: this step's keys and values, already stored):
+    Triton kernels on GPU, the torch reference elsewhere."""
     if kernels.use_triton(q):
         ops = kernels.triton_ops
         if meta.decode:
             return ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, scale, window,
                                         meta.num_splits)
+        if meta.fresh and window is None:
+            return _sdpa_prompts(q, k, v, meta, scale)
         return ops.extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc_t,
                                     meta.seq_lens_t, meta.max_query_len, scale, window)
     return kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
@@ -139,7 +157,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary.apply(q, cos, sin).contiguous(), rotary.apply(k, cos, sin).contiguous()
         kernels.store_kv(k, v.contiguous(), k_cache, v_cache, meta.slot_mapping)
-        out = attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        out = attend(q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(n, -1))
 
 
