@@ -147,6 +147,12 @@ class Launcher:
                 c.popen.wait()
         self._clean_leftovers()
 
+    def dump_stacks(self) -> None:
+        """Every process writes its threads' stacks to its log (for a hang)."""
+        for c in self.children:
+            if c.popen.poll() is None:
+                c.popen.send_signal(signal.SIGUSR1)
+
     def _clean_leftovers(self) -> None:
         for path in (*self.paths.socket_files(), *self.paths.pool_files()):
             path.unlink(missing_ok=True)

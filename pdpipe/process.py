@@ -173,9 +173,12 @@ RUNNERS = {"prefill": run_engine, "decode": run_engine, "mixed": run_engine, "tr
 
 
 def main(argv: list[str] | None = None) -> int:
+    import faulthandler
+
     role, name, run_dir = (argv or sys.argv[1:])[:3]
     logging.basicConfig(level=envs.log_level(), stream=sys.stderr,
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `pdpipe stacks`: where is every thread now
     try:
         RUNNERS[role](role, name, run_dir)
     except Exception:

@@ -220,9 +220,19 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir):
     del colocated
     torch.cuda.empty_cache()
     cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
+    from pdpipe.config import DeadlineConfig
+
     cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="bfloat16"),
+                  deadlines=DeadlineConfig(transferring=15, decoding=60),
                   instances=(InstanceConfig("prefill", gpus=(0,)), InstanceConfig("decode", gpus=(1,))))
     with launched(cfg) as launcher:
-        for p, exp in zip(prompts, expected):
-            assert _complete(cfg.api.port, p, 20) == exp
-        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
+        try:
+            for p, exp in zip(prompts, expected):
+                assert _complete(cfg.api.port, p, 20) == exp
+            assert wait_until(lambda: leak_free(launcher), what="all blocks free")
+        except AssertionError:
+            from pdpipe.inspect import control, format_queues
+
+            print(format_queues(control(str(launcher.paths.run_dir), "snapshot")))
+            launcher.dump_stacks()
+            raise

@@ -8,6 +8,7 @@ nothing can write into them any more. States reported: TRANSFERRING (layer k of 
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -17,6 +18,7 @@ from pdpipe.messages import (AbortTransfer, EngineOutput, Free, InstanceStats, K
 from . import TransferBackend, TransferError, TransferJob, TransferState
 
 Send = Callable[[str, Msg | EngineOutput], None]
+log = logging.getLogger("pdpipe")
 
 
 class TransferWorker:
@@ -87,10 +89,13 @@ class TransferWorker:
         self.send(job.dst_instance, KVLanded(request_id=job.request_id, first_token=first.first_token,
                                              first_logprob=first.first_logprob))
         self.send(job.src_instance, TransferDone(request_id=job.request_id))
+        log.debug("%s: %d blocks %s → %s, %d bytes in %.3f ms", job.request_id, len(job.src_block_ids),
+                  job.src_instance, job.dst_instance, job.bytes_moved, job.seconds * 1e3)
         self._event(job.request_id, "TRANSFERRING",
                     f"landed {job.bytes_moved} bytes in {job.seconds * 1e3:.2f} ms")
 
     def _fail(self, job: TransferJob) -> None:
+        log.warning("%s: transfer failed: %s", job.request_id, job.error or "backend failure")
         del self.jobs[job.request_id]
         self._first.pop(job.request_id, None)
         self.backend.abort(job)
