@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     role, name, run_dir = (argv or sys.argv[1:])[:3]
     logging.basicConfig(level=envs.log_level(), stream=sys.stderr,
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `pdpipe stacks`: where is every thread now
+    faulthandler.enable()  # a crash in native code (CUDA, Triton) still leaves its Python stack in the log
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hang: every thread's stack, on demand
     try:
         RUNNERS[role](role, name, run_dir)
     except Exception:

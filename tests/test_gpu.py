@@ -234,5 +234,8 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir):
             from pdpipe.inspect import control, format_queues
 
             print(format_queues(control(str(launcher.paths.run_dir), "snapshot")))
+            print("exit codes:", {c.name: c.popen.poll() for c in launcher.children})
             launcher.dump_stacks()
+            wait_until(lambda: all("most recent call first" in c.log_path.read_text() for c in launcher.children
+                                   if c.popen.poll() is None), timeout=10, what="stack dumps")
             raise
