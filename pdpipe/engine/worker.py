@@ -43,9 +43,10 @@ class EngineWorker:
         # the transfer process waits on it (on the GPU) before copying the layer
         self.layer_events = []
         if role == "prefill" and engine.kv_cache.data.is_cuda:
-            import torch
+            from pdpipe.ipc.cuda import IpcEvent
 
-            self.layer_events = [torch.cuda.Event(interprocess=True) for _ in range(engine.spec.num_layers)]
+            device = engine.kv_cache.data.device.index
+            self.layer_events = [IpcEvent(device) for _ in range(engine.spec.num_layers)]
 
     # ---- inbox -----------------------------------------------------------------------------
     def handle(self, msg: Msg) -> None:

@@ -4,6 +4,7 @@ allocation), and opened once per peer and device, then cached. Integer CUDA erro
 `CudaError` naming the call and its arguments."""
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -33,6 +34,21 @@ def _check(result, call: str, detail: str = ""):
 def _require():
     if cudart is None:
         raise CudaError("cuda-python (cuda-bindings) is not installed; GPU transfer needs it")
+
+
+_HANDLE_BYTES = 64  # cudaIpcMemHandle_t and cudaIpcEventHandle_t are 64 opaque bytes
+
+
+def _handle_bytes(handle) -> bytes:
+    return ctypes.string_at(handle.getPtr(), _HANDLE_BYTES)
+
+
+def _handle_from(cls, data: bytes):
+    if len(data) != _HANDLE_BYTES:
+        raise CudaError(f"an IPC handle is {_HANDLE_BYTES} bytes, got {len(data)}")
+    handle = cls()
+    ctypes.memmove(handle.getPtr(), data, _HANDLE_BYTES)
+    return handle
 
 
 class _DeviceArray:
@@ -65,7 +81,7 @@ class CudaPool:
         """(IPC handle, offset of the pool inside the allocation the handle names)."""
         handle = _check(cudart.cudaIpcGetMemHandle(self.ptr), "cudaIpcGetMemHandle", hex(self.ptr))
         base, _size = _check(cuda_driver.cuMemGetAddressRange(self.ptr), "cuMemGetAddressRange", hex(self.ptr))
-        return bytes(handle.reserved), self.ptr - int(base)
+        return _handle_bytes(handle), self.ptr - int(base)
 
     def close(self) -> None:
         if self.ptr:
@@ -84,8 +100,7 @@ def open_pool(handle: bytes, offset: int, shape: tuple[int, ...], dtype: torch.d
     key = (handle, device)
     with torch.cuda.device(device):
         if key not in _opened:
-            h = cudart.cudaIpcMemHandle_t()
-            h.reserved = handle
+            h = _handle_from(cudart.cudaIpcMemHandle_t, handle)
             _opened[key] = int(_check(cudart.cudaIpcOpenMemHandle(h, cudart.cudaIpcMemLazyEnablePeerAccess),
                                       "cudaIpcOpenMemHandle", f"device {device}"))
         return tensor_at(_opened[key] + offset, tuple(shape), dtype)
@@ -109,3 +124,38 @@ def physical_gpu(ordinal: int) -> int:
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return int(visible.split(",")[ordinal]) if visible else ordinal
+
+
+class IpcEvent:
+    """An interprocess CUDA event, made with cuda-python: the producer records it on its current
+    stream; a consumer opens its handle once and makes a stream wait on it (on the GPU, no host sync)."""
+
+    def __init__(self, device: int):
+        _require()
+        with torch.cuda.device(device):
+            flags = cudart.cudaEventDisableTiming | cudart.cudaEventInterprocess
+            self.event = _check(cudart.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+        self.device = device
+
+    def record(self) -> None:
+        stream = cudart.cudaStream_t(torch.cuda.current_stream(self.device).cuda_stream)
+        _check(cudart.cudaEventRecord(self.event, stream), "cudaEventRecord")
+
+    def handle(self) -> bytes:
+        return _handle_bytes(_check(cudart.cudaIpcGetEventHandle(self.event), "cudaIpcGetEventHandle"))
+
+
+_opened_events: dict[bytes, object] = {}
+
+
+def stream_wait_ipc_event(stream: torch.cuda.Stream, handle: bytes, event_device: int) -> None:
+    """Makes `stream` wait for the latest record of a peer's interprocess event (opened once, cached)."""
+    _require()
+    event = _opened_events.get(handle)
+    if event is None:
+        with torch.cuda.device(event_device):
+            event = _check(cudart.cudaIpcOpenEventHandle(_handle_from(cudart.cudaIpcEventHandle_t, handle)),
+                           "cudaIpcOpenEventHandle", f"device {event_device}")
+        _opened_events[handle] = event
+    with torch.cuda.device(stream.device):
+        _check(cudart.cudaStreamWaitEvent(cudart.cudaStream_t(stream.cuda_stream), event, 0), "cudaStreamWaitEvent")

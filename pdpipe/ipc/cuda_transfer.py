@@ -12,7 +12,7 @@ from pdpipe import kernels
 from pdpipe.messages import PoolInfo
 from pdpipe.transfer import TransferBackend, TransferError, TransferJob, TransferState
 
-from .cuda import open_pool, visible_ordinal
+from .cuda import open_pool, stream_wait_ipc_event, visible_ordinal
 
 
 @dataclass
@@ -27,7 +27,6 @@ class _Flight:
 class CudaIpcTransfer(TransferBackend):
     def __init__(self):
         self.pools: dict[str, PoolInfo] = {}
-        self._events: dict[tuple[str, int], torch.cuda.Event] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._flights: dict[str, _Flight] = {}
 
@@ -45,14 +44,6 @@ class CudaIpcTransfer(TransferBackend):
     def _view(self, info: PoolInfo, device: int) -> torch.Tensor:
         return open_pool(info.ipc_handle, info.ipc_offset, tuple(info.shape), getattr(torch, info.dtype), device)
 
-    def _layer_event(self, info: PoolInfo, layer: int) -> torch.cuda.Event | None:
-        if not info.layer_events:
-            return None
-        key = (info.instance, layer)
-        if key not in self._events:
-            self._events[key] = torch.cuda.Event.from_ipc_handle(visible_ordinal(info.gpu), info.layer_events[layer])
-        return self._events[key]
-
     def send(self, job: TransferJob, layer: int) -> None:
         src, dst = self._info(job.src_instance, job), self._info(job.dst_instance, job)
         device = visible_ordinal(dst.gpu)
@@ -65,9 +56,8 @@ class CudaIpcTransfer(TransferBackend):
                                  torch.cuda.Event(enable_timing=True))
                 flight.start.record(stream)
                 self._flights[job.request_id] = flight
-            ready = self._layer_event(src, layer)
-            if ready is not None:
-                stream.wait_event(ready)
+            if src.layer_events:  # the prefill engine's "layer written" event, waited for on the GPU
+                stream_wait_ipc_event(stream, src.layer_events[layer], visible_ordinal(src.gpu))
             with torch.cuda.stream(stream):
                 kernels.copy_pool_blocks(self._view(src, device), flight.src_ids, self._view(dst, device),
                                          flight.dst_ids, layer, 1)
