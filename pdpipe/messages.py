@@ -196,7 +196,6 @@ class PoolInfo(Msg):  # engine → transfer (through the run directory): where i
     gpu: int = -1  # GPU: physical device id, IPC handle of the pool and its offset in the allocation
     ipc_handle: bytes = b""
     ipc_offset: int = 0
-    layer_events: list[bytes] = []  # prefill: IPC handles of the per-layer "KV written" events
 
 
 class Pause(Msg):  # debugging: an engine stops stepping and taking KV until resumed

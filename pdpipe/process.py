@@ -113,8 +113,7 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
             from pdpipe.ipc.cuda import physical_gpu
 
             handle, offset = engine.gpu_pool.export()
-            info = msgspec.structs.replace(info, path="", gpu=physical_gpu(0), ipc_handle=handle, ipc_offset=offset,
-                                           layer_events=[e.handle() for e in worker.layer_events])
+            info = msgspec.structs.replace(info, path="", gpu=physical_gpu(0), ipc_handle=handle, ipc_offset=offset)
         (proc.paths.run_dir / "pools").mkdir(exist_ok=True)
         (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
         proc.ready(pool_path=str(pool_path), pool_shape=shape, pool_dtype=engine.spec.dtype)

@@ -124,38 +124,3 @@ def physical_gpu(ordinal: int) -> int:
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return int(visible.split(",")[ordinal]) if visible else ordinal
-
-
-class IpcEvent:
-    """An interprocess CUDA event, made with cuda-python: the producer records it on its current
-    stream; a consumer opens its handle once and makes a stream wait on it (on the GPU, no host sync)."""
-
-    def __init__(self, device: int):
-        _require()
-        with torch.cuda.device(device):
-            flags = cudart.cudaEventDisableTiming | cudart.cudaEventInterprocess
-            self.event = _check(cudart.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
-        self.device = device
-
-    def record(self) -> None:
-        stream = cudart.cudaStream_t(torch.cuda.current_stream(self.device).cuda_stream)
-        _check(cudart.cudaEventRecord(self.event, stream), "cudaEventRecord")
-
-    def handle(self) -> bytes:
-        return _handle_bytes(_check(cudart.cudaIpcGetEventHandle(self.event), "cudaIpcGetEventHandle"))
-
-
-_opened_events: dict[bytes, object] = {}
-
-
-def stream_wait_ipc_event(stream: torch.cuda.Stream, handle: bytes, event_device: int) -> None:
-    """Makes `stream` wait for the latest record of a peer's interprocess event (opened once, cached)."""
-    _require()
-    event = _opened_events.get(handle)
-    if event is None:
-        with torch.cuda.device(event_device):
-            event = _check(cudart.cudaIpcOpenEventHandle(_handle_from(cudart.cudaIpcEventHandle_t, handle)),
-                           "cudaIpcOpenEventHandle", f"device {event_device}")
-        _opened_events[handle] = event
-    with torch.cuda.device(stream.device):
-        _check(cudart.cudaStreamWaitEvent(cudart.cudaStream_t(stream.cuda_stream), event, 0), "cudaStreamWaitEvent")

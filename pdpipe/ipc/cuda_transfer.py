@@ -12,7 +12,7 @@ from pdpipe import kernels
 from pdpipe.messages import PoolInfo
 from pdpipe.transfer import TransferBackend, TransferError, TransferJob, TransferState
 
-from .cuda import open_pool, stream_wait_ipc_event, visible_ordinal
+from .cuda import open_pool, visible_ordinal
 
 
 @dataclass
@@ -56,8 +56,6 @@ class CudaIpcTransfer(TransferBackend):
                                  torch.cuda.Event(enable_timing=True))
                 flight.start.record(stream)
                 self._flights[job.request_id] = flight
-            if src.layer_events:  # the prefill engine's "layer written" event, waited for on the GPU
-                stream_wait_ipc_event(stream, src.layer_events[layer], visible_ordinal(src.gpu))
             with torch.cuda.stream(stream):
                 kernels.copy_pool_blocks(self._view(src, device), flight.src_ids, self._view(dst, device),
                                          flight.dst_ids, layer, 1)
