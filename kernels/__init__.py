@@ -33,11 +33,30 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
                                      sliding_window)
 
 
+def rms_norm(x, weight, eps: float, residual=None):
+    """(normalized, new residual): the residual add fused into the norm on GPU."""
+    if use_triton(x) and x.dim() == 2:
+        return triton_ops.rms_norm(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def rotary(x, cos, sin, interleaved: bool):
+    if use_triton(x):
+        return triton_ops.rotary(x, cos, sin, interleaved)
+    return reference.rotary(x, cos, sin, interleaved)
+
+
+def silu_and_mul(gate_up):
+    if use_triton(gate_up):
+        return triton_ops.silu_and_mul(gate_up)
+    return reference.silu_and_mul(gate_up)
+
+
 def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0, num_layers: int = 1) -> None:
     if use_triton(dst_pool):
         return triton_ops.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers)
     return reference.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers)
 
 
-__all__ = ["copy_blocks", "copy_pool_blocks", "gather_blocks", "paged_attention", "reference", "scatter_blocks",
-           "store_kv", "triton_ops", "use_triton"]
+__all__ = ["copy_blocks", "copy_pool_blocks", "gather_blocks", "paged_attention", "reference", "rms_norm", "rotary",
+           "scatter_blocks", "silu_and_mul", "store_kv", "triton_ops", "use_triton"]

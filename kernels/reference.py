@@ -85,3 +85,34 @@ def copy_pool_blocks(src_pool: torch.Tensor, src_ids: torch.Tensor, dst_pool: to
     for layer in range(first_layer, first_layer + num_layers):
         for plane in range(2):
             copy_blocks(src_pool[layer, plane], src_ids, dst_pool[layer, plane], dst_ids)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`weight * normalize(x [+ residual])`, normalized in float32, as Hugging Face's RMSNorm does.
+    With `residual`, also returns the sum (the new residual stream)."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype), residual
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, head_dim] (each frequency repeated for its
+    pair). Neox style pairs i with i + d/2; interleaved (ERNIE) pairs 2i with 2i+1, in float32."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    if interleaved:
+        x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        return (x.float() * cos + rotated * sin).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [num_tokens, 2 * inter] → silu(gate) * up: [num_tokens, inter]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

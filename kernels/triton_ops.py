@@ -260,3 +260,93 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
     _copy_blocks_kernel[grid](src, dst, src_ids, dst_ids, n, src_pool.shape[2] * block_elems,
                               dst_pool.shape[2] * block_elems, BLOCK_ELEMS=block_elems, CHUNK=chunk,
                               num_warps=8)
+
+
+# ---- fused elementwise work of a layer: decode steps are launch-bound without these ----------------
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, eps,
+                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        tl.store(res_out_ptr + row * N + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    var = tl.sum(x32 * x32, 0) / N
+    normed = (x32 * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, w * normed, mask=mask)
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    # x: [num_tokens, hidden]; residual: same shape or None
+    n, hidden = x.shape
+    assert x.stride(1) == 1 and weight.shape == (hidden,) and weight.is_contiguous()
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else None
+    if residual is not None:
+        assert residual.shape == x.shape and residual.stride(1) == 1
+    if n:
+        _rms_norm_kernel[(n,)](x, residual if residual is not None else x, weight, out,
+                               res_out if res_out is not None else out, x.stride(0),
+                               residual.stride(0) if residual is not None else 0, out.stride(0), eps,
+                               N=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RES=residual is not None,
+                               num_warps=8 if hidden >= 2048 else 4)
+    return out, res_out
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_c, HEADS: tl.constexpr,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    i = tl.arange(0, HALF)
+    hmask = (h < HEADS)[:, None]
+    if INTERLEAVED:
+        lo, hi = 2 * i, 2 * i + 1
+    else:
+        lo, hi = i, i + HALF
+    cos = tl.load(cos_ptr + t * stride_c + lo).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_c + lo).to(tl.float32)[None, :]
+    base = x_ptr + t * stride_xt + h[:, None] * stride_xh
+    x1 = tl.load(base + lo[None, :], mask=hmask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + hi[None, :], mask=hmask, other=0.0).to(tl.float32)
+    obase = out_ptr + (t * HEADS + h[:, None]) * (2 * HALF)
+    tl.store(obase + lo[None, :], (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=hmask)
+    tl.store(obase + hi[None, :], (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=hmask)
+
+
+def rotary(x, cos, sin, interleaved: bool):
+    # x: [num_tokens, heads, head_dim], may be a strided view (of a fused qkv output); → contiguous copy
+    n, heads, dim = x.shape
+    assert x.stride(2) == 1 and cos.shape == (n, dim) and sin.shape == (n, dim) and cos.stride(1) == 1
+    out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
+    if n:
+        _rotary_kernel[(n,)](x, out, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HEADS=heads,
+                             HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), INTERLEAVED=interleaved)
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, INTER: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < INTER
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + INTER + cols, mask=mask, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(out_ptr + row * INTER + cols, act * up, mask=mask)
+
+
+def silu_and_mul(gate_up):
+    n, two_inter = gate_up.shape
+    assert gate_up.stride(1) == 1 and two_inter % 2 == 0
+    inter = two_inter // 2
+    out = torch.empty(n, inter, dtype=gate_up.dtype, device=gate_up.device)
+    if n:
+        block = 1024
+        _silu_mul_kernel[(n, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), INTER=inter, BLOCK=block)
+    return out

@@ -110,6 +110,43 @@ def test_store_kv_writes_exactly_its_slots(dtype):
     assert kc.isnan().sum().item() == (64 * 16 - keep.sum().item()) * 8 * 128
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (37, 896), (300, 5120), (8, 100)])
+def test_fused_rms_norm_matches_reference(dtype, rows, hidden):
+    from pdpipe.kernels import triton_ops
+
+    x = torch.randn(rows, hidden, device="cuda").to(dtype)
+    res = torch.randn(rows, hidden, device="cuda").to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    out, new_res = triton_ops.rms_norm(x, w, 1e-5, res)
+    ref_out, ref_res = ref.rms_norm(x, w, 1e-5, res)
+    assert torch.equal(new_res, ref_res) and not out.isnan().any()
+    assert rel_err(out, ref_out) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("heads,dim", [(32, 128), (8, 64), (28, 128), (3, 32)])
+def test_fused_rotary_matches_reference(interleaved, heads, dim):
+    from pdpipe.kernels import triton_ops
+
+    n = 77
+    fused = torch.randn(n, (heads + 2) * dim, device="cuda").to(torch.bfloat16)
+    x = fused[:, : heads * dim].view(n, heads, dim)  # a strided view, as the fused qkv projection gives
+    freqs = torch.rand(n, dim // 2, device="cuda") * 100
+    emb = freqs.repeat_interleave(2, -1) if interleaved else torch.cat([freqs, freqs], -1)
+    out = triton_ops.rotary(x, emb.cos(), emb.sin(), interleaved)
+    expected = ref.rotary(x.float(), emb.cos(), emb.sin(), interleaved)
+    assert out.is_contiguous() and rel_err(out, expected) < 1e-2
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 14336), (64, 896), (5, 1000)])
+def test_fused_silu_and_mul_matches_reference(rows, inter):
+    from pdpipe.kernels import triton_ops
+
+    gu = torch.randn(rows, 2 * inter, device="cuda").to(torch.bfloat16)
+    assert rel_err(triton_ops.silu_and_mul(gu), ref.silu_and_mul(gu.float())) < 1e-2
+
+
 @pytest.mark.parametrize("layers,first,count", [(4, 0, 4), (32, 5, 1), (3, 2, 1)])
 def test_block_copy_moves_exactly_the_blocks(layers, first, count):
     from pdpipe.kernels import triton_ops

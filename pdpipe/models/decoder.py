@@ -72,11 +72,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """normalize(x); with `residual`, normalize(x + residual) and that sum, in one kernel on GPU."""
+        out, new_residual = kernels.rms_norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, new_residual)
 
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -102,24 +101,15 @@ class Rotary(nn.Module):
         self.interleaved = rope.interleaved
         self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 [num_tokens, head_dim], each frequency repeated for the dimension it pairs with."""
         freqs = positions[:, None].float() * self.inv_freq.float()  # [num_tokens, head_dim / 2]
-        if self.interleaved:
-            emb = freqs.repeat_interleave(2, dim=-1)
-            return emb.cos(), emb.sin()  # applied in float32, as ERNIE does
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, head_dim]
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        if self.interleaved:
-            x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-            rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
-            return (x.float() * cos + rotated * sin).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        # x: [num_tokens, heads, head_dim], possibly a strided view; returns a contiguous tensor
+        return kernels.rotary(x, cos, sin, self.interleaved)
 
 
 class Attention(nn.Module):
@@ -155,8 +145,8 @@ class Attention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary.apply(q, cos, sin).contiguous(), rotary.apply(k, cos, sin).contiguous()
-        kernels.store_kv(k, v.contiguous(), k_cache, v_cache, meta.slot_mapping)
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = attend(q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(n, -1))
 
@@ -186,10 +176,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(nn.functional.silu(gate) * up)
+            return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -200,9 +188,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, rotary, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rotary, cos, sin, k_cache, v_cache, meta):
+        """(x, residual) → (x, residual): the residual adds ride in the norms (one kernel each on GPU)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rotary, cos, sin, k_cache, v_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderBody(nn.Module):
@@ -234,13 +228,14 @@ class CausalLM(nn.Module):
         on_layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.rotary.cos_sin(positions)
+        residual = None
         for i, layer in enumerate(self.model.layers):
             k_cache, v_cache = kv_layers[i]
-            x = layer(x, self.rotary, cos, sin, k_cache, v_cache, meta)
+            x, residual = layer(x, residual, self.rotary, cos, sin, k_cache, v_cache, meta)
             if on_layer_done is not None:
                 on_layer_done(i)
-        return self.model.norm(x)
+        return self.model.norm(x, residual)[0]
 
     def fuse_projections(self) -> None:
         """q/k/v and gate/up as single GEMMs (GPU): fewer, larger reads of the weights."""
