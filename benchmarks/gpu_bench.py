@@ -234,7 +234,7 @@ def _first_token_seconds(port: int, prompt: list[int]) -> float:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=300) as resp:
+    with urllib.request.urlopen(req, timeout=60) as resp:
         for line in resp:
             if line.startswith(b"data: {"):
                 first = time.perf_counter() - start

@@ -48,7 +48,9 @@ class CudaIpcTransfer(TransferBackend):
         src, dst = self._info(job.src_instance, job), self._info(job.dst_instance, job)
         device = visible_ordinal(dst.gpu)
         with torch.cuda.device(device):
-            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            stream = self._streams[device]
             flight = self._flights.get(job.request_id)
             if flight is None:
                 flight = _Flight(torch.tensor(job.src_block_ids, dtype=torch.int32, device=device),
