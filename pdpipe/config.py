@@ -110,6 +110,40 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Across machines: where the registry and topics live, and how KV moves between machines."""
+
+    redis_url: str = field(default="", metadata={"help": "Redis (>= 6.2) shared by every machine; empty: "
+                                                        "a single machine, no Redis"})
+    name: str = field(default="default", metadata={"help": "cluster name: machines sharing the Redis and the "
+                                                           "name serve together"})
+    machine: str = field(default="", metadata={"help": "this machine's name, unique in the cluster"})
+    frontend: bool = field(default=True, metadata={"help": "run the API front-end and scheduler here"})
+    advertise_host: str = field(default="127.0.0.1", metadata={"help": "address peers reach this machine's "
+                                                                        "KV transfer on"})
+    protocol: str = field(default="tcp", metadata={"help": "Mooncake protocol: rdma (with NICs) or tcp"})
+    nics: str = field(default="", metadata={"help": "RDMA devices for Mooncake, comma-separated (e.g. "
+                                                    "mlx5_0,mlx5_1); empty with tcp"})
+    ttl: float = field(default=6.0, metadata={"help": "seconds a registry entry or topic outlives its "
+                                                      "last heartbeat or message"})
+
+    def __post_init__(self):
+        if self.protocol not in ("tcp", "rdma"):
+            raise ValueError(f"cluster.protocol: {self.protocol!r}; allowed: tcp, rdma")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"cluster.redis_url: {self.redis_url!r} is not a redis:// URL")
+        if self.redis_url and not self.machine:
+            raise ValueError("cluster.machine: required with cluster.redis_url (names this machine)")
+        if self.ttl <= 0:
+            raise ValueError(f"cluster.ttl: must be > 0, got {self.ttl}")
+
+
+def transfer_name(machine: str) -> str:
+    """The transfer process of a machine ("transfer" on a single machine)."""
+    return f"transfer-{machine}" if machine else "transfer"
+
+
+@dataclass(frozen=True)
 class LaunchConfig:
     """One machine's processes: the model, the instances and their roles, the front-end."""
 
@@ -119,13 +153,14 @@ class LaunchConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     instances: tuple[InstanceConfig, ...] = (InstanceConfig("prefill"), InstanceConfig("decode"))
 
     def __post_init__(self):
         roles = [i.role for i in self.instances]
-        if not roles:
+        if not roles and not self.cluster.redis_url:
             raise ValueError("instances: at least one instance is needed")
-        if ("prefill" in roles) != ("decode" in roles):
+        if ("prefill" in roles) != ("decode" in roles) and not self.cluster.redis_url:
             raise ValueError("instances: prefill and decode instances come together (or use mixed)")
         names = [n for n, _ in self.named_instances()]
         if len(set(names)) != len(names):
@@ -139,11 +174,22 @@ class LaunchConfig:
     def named_instances(self) -> list[tuple[str, InstanceConfig]]:
         counts: dict[str, int] = {}
         out = []
+        prefix = f"{self.cluster.machine}-" if self.cluster.machine else ""
         for inst in self.instances:
             n = counts.get(inst.role, 0)
             counts[inst.role] = n + 1
-            out.append((inst.name or f"{inst.role}-{n}", inst))
+            out.append((inst.name or f"{prefix}{inst.role}-{n}", inst))
         return out
+
+    def local_processes(self) -> list[tuple[str, str]]:
+        """(role, name) of every process this machine runs, in start order."""
+        engines = [(inst.role, name) for name, inst in self.named_instances()]
+        front = [("scheduler", "scheduler")] if self.cluster.frontend else []
+        relay = [("relay", "relay")] if self.cluster.redis_url else []
+        transfer = [("transfer", transfer_name(self.cluster.machine))] if any(
+            r in ("prefill", "decode") for r, _ in engines) else []
+        api = [("api", "api")] if self.cluster.frontend else []
+        return [*front, *relay, *transfer, *engines, *api]
 
     @property
     def resolved_run_dir(self) -> str:

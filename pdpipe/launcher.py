@@ -57,9 +57,7 @@ class Launcher:
 
     def plan(self) -> list[tuple[str, str]]:
         """(role, name) of every process, in start order."""
-        engines = [(inst.role, name) for name, inst in self.cfg.named_instances()]
-        transfer = [("transfer", "transfer")] if any(r == "prefill" for r, _ in engines) else []
-        return [("scheduler", "scheduler"), *transfer, *engines, ("api", "api")]
+        return self.cfg.local_processes()
 
     def start(self) -> None:
         from pdpipe.demo import resolve_model

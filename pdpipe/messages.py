@@ -196,6 +196,14 @@ class PoolInfo(Msg):  # engine → transfer (through the run directory): where i
     gpu: int = -1  # GPU: physical device id, IPC handle of the pool and its offset in the allocation
     ipc_handle: bytes = b""
     ipc_offset: int = 0
+    segment: str = ""  # across machines: the Mooncake segment ("host:port") that registered it
+    base_addr: int = 0  # ... and the pool's address there
+    machine: str = ""
+
+
+class Forward(Msg):  # a local process → its machine's relay: deliver to a process on another machine
+    dest: str
+    payload: bytes
 
 
 class Pause(Msg):  # debugging: an engine stops stepping and taking KV until resumed
@@ -214,7 +222,7 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI /
 
 Message = (NewRequest | AbortRequest | Reserve | Reserved | Prefill | TransferStart | LayersReady
            | PrefillDone | KVLanded | TransferDone | Free | AbortTransfer | StateEvent | InstanceStats
-           | Ready | PoolInfo | Pause | Shutdown | EngineOutput)
+           | Ready | PoolInfo | Forward | Pause | Shutdown | EngineOutput)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -21,8 +21,8 @@ import msgspec
 import zmq
 
 from pdpipe import envs
-from pdpipe.config import LaunchConfig
-from pdpipe.messages import PoolInfo, Ready, Shutdown, StateEvent
+from pdpipe.config import LaunchConfig, transfer_name
+from pdpipe.messages import Forward, PoolInfo, Ready, Shutdown, StateEvent
 from pdpipe.wire import InboxThread, Outboxes, RunPaths
 
 log = logging.getLogger("pdpipe")
@@ -44,7 +44,8 @@ class ProcessBase:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         self.ctx = zmq.Context()
-        self.out = Outboxes(self.ctx, self.paths)
+        local = {"launcher", *(n for _, n in self.cfg.local_processes())} if self.cfg.cluster.redis_url else None
+        self.out = Outboxes(self.ctx, self.paths, local)
 
     def ready(self, **extra) -> None:
         self.out.send("launcher", Ready(instance=self.name, pid=os.getpid(), **extra))
@@ -67,8 +68,9 @@ def drain(q: queue.Queue, timeout: float) -> list:
     return msgs
 
 
-def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker) -> None:
-    """Drain the inbox, step while there is work, report stats; a bad message costs only itself."""
+def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker, periodic=None) -> None:
+    """Drain the inbox, step while there is work, report stats (and call `periodic`) a few times a
+    second; a bad message costs only itself."""
     next_stats = 0.0
     while not proc.stop.is_set():
         for msg in drain(inbox.queue, 0 if worker.has_work() else 0.02):
@@ -88,6 +90,8 @@ def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker) -> None:
         now = time.monotonic()
         if now >= next_stats:
             proc.out.send("scheduler", worker.stats(inbox.queue.qsize()))
+            if periodic is not None:
+                periodic()
             next_stats = now + STATS_PERIOD
 
 
@@ -106,7 +110,8 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
     try:
         engine = LLMEngine(engine_cfg, pool_path=str(pool_path))
         inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
-        worker = EngineWorker(name, role, engine, proc.out.send)
+        worker = EngineWorker(name, role, engine, proc.out.send,
+                              transfer=transfer_name(proc.cfg.cluster.machine))
         shape = list(engine.kv_cache.data.shape)
         info = PoolInfo(instance=name, path=str(pool_path), shape=shape, dtype=engine.spec.dtype)
         if engine.gpu_pool is not None:
@@ -116,6 +121,8 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
             info = msgspec.structs.replace(info, path="", gpu=physical_gpu(0), ipc_handle=handle, ipc_offset=offset)
         (proc.paths.run_dir / "pools").mkdir(exist_ok=True)
         (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
+        if role != "mixed":  # the machine's transfer process maps (and, across machines, publishes) it now
+            proc.out.send(transfer_name(proc.cfg.cluster.machine), info)
         proc.ready(pool_path=str(pool_path), pool_shape=shape, pool_dtype=engine.spec.dtype)
         run_worker_loop(proc, inbox, worker)
         inbox.stop()
@@ -125,31 +132,47 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
 
 
 def run_transfer(role: str, name: str, run_dir: str) -> None:
-    from pdpipe.ipc.shm import ShmTransfer
-    from pdpipe.models.spec import load_spec
     from pdpipe.demo import resolve_model
+    from pdpipe.models.spec import load_spec
+    from pdpipe.transfer.machine import MachineTransfer
     from pdpipe.transfer.worker import TransferWorker
 
     proc = ProcessBase(role, name, run_dir)
     spec = load_spec(resolve_model(proc.cfg.engine.model))
-    pools_dir = proc.paths.run_dir / "pools"
-
-    def lookup(instance: str) -> PoolInfo | None:
-        path = pools_dir / f"{instance}.json"
-        return msgspec.json.decode(path.read_bytes(), type=PoolInfo) if path.is_file() else None
-
-    if proc.cfg.engine.device.startswith("cuda"):
-        from pdpipe.ipc.cuda_transfer import CudaIpcTransfer
-
-        backend = CudaIpcTransfer()
-    else:
-        backend = ShmTransfer()
-    worker = TransferWorker(name, backend, spec.num_layers, proc.out.send, pool_lookup=lookup)
+    backend = MachineTransfer.for_config(proc.cfg, proc.paths.run_dir / "pools")
+    worker = TransferWorker(name, backend, spec.num_layers, proc.out.send, pool_lookup=backend.lookup)
     inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
     proc.ready()
     try:
-        run_worker_loop(proc, inbox, worker)
+        run_worker_loop(proc, inbox, worker, periodic=backend.refresh)
     finally:
+        inbox.stop()
+        proc.close()
+
+
+def run_relay(role: str, name: str, run_dir: str) -> None:
+    from pdpipe.cluster import InstanceEntry, Registry, Relay
+
+    proc = ProcessBase(role, name, run_dir)
+    cluster = proc.cfg.cluster
+    registry = Registry(cluster.redis_url, cluster.name, cluster.ttl)
+    local = [n for _, n in proc.cfg.local_processes() if n != "relay"]
+    relay = Relay(registry, local, proc.out.send_raw, cluster.machine)
+    for inst_name, inst in proc.cfg.named_instances():
+        relay.instances[inst_name] = InstanceEntry(inst_name, inst.role, cluster.machine, time.time())
+    inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
+    threads = [threading.Thread(target=relay.run_inbound, daemon=True),
+               threading.Thread(target=relay.run_heartbeats, daemon=True)]
+    for t in threads:
+        t.start()
+    proc.ready()
+    try:
+        while not proc.stop.is_set():
+            for msg in drain(inbox.queue, 0.1):
+                if isinstance(msg, Forward):
+                    relay.outbound(msg.dest, msg.payload)
+    finally:
+        relay.stop.set()
         inbox.stop()
         proc.close()
 
@@ -168,7 +191,7 @@ def run_service(role: str, name: str, run_dir: str) -> None:
 
 
 RUNNERS = {"prefill": run_engine, "decode": run_engine, "mixed": run_engine, "transfer": run_transfer,
-           "scheduler": run_service, "api": run_service}
+           "scheduler": run_service, "api": run_service, "relay": run_relay}
 
 
 def main(argv: list[str] | None = None) -> int:

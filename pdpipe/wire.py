@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from pdpipe.messages import Msg, decode, encode
+from pdpipe.messages import Forward, Msg, decode, encode
 
 log = logging.getLogger("pdpipe")
 
@@ -45,13 +45,22 @@ class RunPaths:
 
 
 class Outboxes:
-    """PUSH sockets to peers' inboxes, connected on first use. Use from one thread."""
+    """PUSH sockets to peers' inboxes, connected on first use. Use from one thread.
 
-    def __init__(self, ctx: zmq.Context, paths: RunPaths):
-        self.ctx, self.paths = ctx, paths
+    With `local` given (a machine in a cluster), a message for a name not on this machine goes to the
+    machine's relay, which puts it on that name's Redis topic."""
+
+    def __init__(self, ctx: zmq.Context, paths: RunPaths, local: set[str] | None = None):
+        self.ctx, self.paths, self.local = ctx, paths, local
         self._socks: dict[str, zmq.Socket] = {}
 
     def send(self, dest: str, msg: Msg) -> None:
+        if self.local is not None and dest not in self.local:
+            msg = Forward(dest=dest, payload=encode(msg))
+            dest = "relay"
+        self.send_raw(dest, encode(msg))
+
+    def send_raw(self, dest: str, payload: bytes) -> None:
         sock = self._socks.get(dest)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
@@ -59,7 +68,7 @@ class Outboxes:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.connect(self.paths.inbox(dest))
             self._socks[dest] = sock
-        sock.send(encode(msg), copy=False)
+        sock.send(payload, copy=False)
 
     def close(self) -> None:
         for sock in self._socks.values():

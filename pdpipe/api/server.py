@@ -35,6 +35,32 @@ class ApiContext:
     max_model_len: int
     max_body_bytes: int
     metrics: ApiMetrics
+    redis_error: str | None = None  # set while the cluster's Redis does not answer
+
+    def check_available(self) -> None:
+        if self.redis_error is not None:
+            raise APIError(503, f"the cluster's Redis is unreachable ({self.redis_error}); requests cannot "
+                                "reach the engines. Retry when it is back.", type_="service_unavailable",
+                           code="redis_unavailable")
+
+
+async def watch_redis(ctx: ApiContext, url: str, period: float = 0.5) -> None:
+    """Keeps `ctx.redis_error` current: the front-end answers 503 while Redis is away, and serves again
+    by itself when it returns."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    while True:
+        try:
+            await client.ping()
+            if ctx.redis_error is not None:
+                log.info("Redis is back; serving again")
+            ctx.redis_error = None
+        except Exception as exc:  # noqa: BLE001 — any failure to reach Redis is unavailability
+            if ctx.redis_error is None:
+                log.warning("Redis unreachable: %s", exc)
+            ctx.redis_error = f"{url}: {exc.__class__.__name__}"
+        await asyncio.sleep(period)
 
 
 def _json(obj, status: int = 200) -> Response:
@@ -179,6 +205,7 @@ class OpenAIRoutes:
 
     async def completions(self, request: Request) -> Response:
         try:
+            self.ctx.check_available()
             req = parse_body(await read_body(request, self.ctx.max_body_bytes), CompletionRequest)
             self._check_model(req.model)
             if req.echo:
@@ -205,6 +232,7 @@ class OpenAIRoutes:
 
     async def chat(self, request: Request) -> Response:
         try:
+            self.ctx.check_available()
             req = parse_body(await read_body(request, self.ctx.max_body_bytes), ChatCompletionRequest)
             self._check_model(req.model)
             try:
@@ -292,6 +320,10 @@ class OpenAIRoutes:
                                                    "max_model_len": self.ctx.max_model_len}]})
 
     async def health(self, request: Request) -> Response:
+        try:
+            self.ctx.check_available()
+        except APIError as exc:
+            return _error(exc)
         snap = await self.ctx.bridge.control("snapshot", timeout=1.0)
         if snap is None:
             return _json(APIError(503, "the scheduler does not answer", type_="server_error").body(), 503)
@@ -332,8 +364,9 @@ def serve_api(proc) -> None:
     cfg = proc.cfg
     model_dir = resolve_model(cfg.engine.model)
     spec = load_spec(model_dir, cfg.engine.dtype or None)
-    max_len = min(resolve_max_model_len(spec, cfg.engine, inst.num_blocks or pool_blocks(spec, cfg.engine))
-                  for _, inst in cfg.named_instances())
+    max_len = min([resolve_max_model_len(spec, cfg.engine, inst.num_blocks or pool_blocks(spec, cfg.engine))
+                   for _, inst in cfg.named_instances()]
+                  or [resolve_max_model_len(spec, cfg.engine, pool_blocks(spec, cfg.engine))])
 
     async def main() -> None:
         ctx = ApiContext(Tokenizer(model_dir), Bridge(proc.paths), cfg.api.served_model_name or model_dir.name,
@@ -341,6 +374,8 @@ def serve_api(proc) -> None:
         server = uvicorn.Server(uvicorn.Config(build_app(ctx), host=cfg.api.host, port=cfg.api.port,
                                                log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
         ctx.bridge.start()
+        if cfg.cluster.redis_url:
+            asyncio.ensure_future(watch_redis(ctx, cfg.cluster.redis_url))
         serving = asyncio.ensure_future(server.serve())
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)

@@ -27,10 +27,12 @@ API, SCHEDULER, TRANSFER = "api", "scheduler", "transfer"
 
 
 class EngineWorker:
-    def __init__(self, name: str, role: str, engine: LLMEngine, send: Send, clock=time.time):
+    def __init__(self, name: str, role: str, engine: LLMEngine, send: Send, clock=time.time,
+                 transfer: str = TRANSFER):
         if role not in ("prefill", "decode", "mixed"):
             raise ValueError(f"role: {role!r}; allowed: prefill, decode, mixed")
         self.name, self.role, self.engine, self.send, self.clock = name, role, engine, send, clock
+        self.transfer = transfer  # this machine's transfer process
         self.paused = False
         self._deferred: list[KVLanded] = []  # landed while paused
         self._pending: dict[str, Reserve] = {}  # decode: reserved, KV not landed yet
@@ -131,7 +133,7 @@ class EngineWorker:
             return
         for rid in self._final_chunks:
             p = self._prefills[rid]
-            self.send(TRANSFER, TransferStart(request_id=rid, src_instance=self.name,
+            self.send(self.transfer, TransferStart(request_id=rid, src_instance=self.name,
                                               src_block_ids=self.engine.kv_blocks(rid),
                                               dst_instance=p.decode_instance,
                                               dst_block_ids=p.decode_block_ids))
@@ -142,7 +144,7 @@ class EngineWorker:
                 import torch
 
                 torch.cuda.current_stream().synchronize()
-            self.send(TRANSFER, LayersReady(request_ids=self._final_chunks, layer=layer))
+            self.send(self.transfer, LayersReady(request_ids=self._final_chunks, layer=layer))
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:
         for out in outputs:
@@ -168,7 +170,7 @@ class EngineWorker:
             self.engine.release_kv(rid)
             return replace(out, finish_reason=ended[0], stop_reason=ended[1])
         logprob = out.logprobs[0] if out.logprobs else None
-        self.send(TRANSFER, PrefillDone(request_id=rid, first_token=token, first_logprob=logprob))
+        self.send(self.transfer, PrefillDone(request_id=rid, first_token=token, first_logprob=logprob))
         self._event(rid, "TRANSFERRING", detail="prefill end")
         return replace(out, finish_reason=None, stop_reason=None)
 

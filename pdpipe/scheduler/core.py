@@ -16,7 +16,7 @@ from typing import Callable
 
 import msgspec
 
-from pdpipe.config import DeadlineConfig
+from pdpipe.config import DeadlineConfig, transfer_name
 from pdpipe.messages import (AbortRequest, AbortTransfer, EngineOutput, Free, InstanceStats, Msg, NewRequest,
                              Prefill, Reserve, Reserved, StateEvent)
 
@@ -46,8 +46,9 @@ class RequestRecord:
 
 class SchedulerCore:
     def __init__(self, instances: dict[str, str], deadlines: DeadlineConfig, send: Send, clock=time.time,
-                 history: int = 2000):
-        self.roles = instances  # instance name → role (prefill | decode | mixed)
+                 history: int = 2000, machines: dict[str, str] | None = None):
+        self.roles = dict(instances)  # instance name → role (prefill | decode | mixed)
+        self.machines = dict(machines or {})  # instance name → machine ("" on a single machine)
         self.deadlines = deadlines
         self.send, self.clock = send, clock
         self.live: dict[str, RequestRecord] = {}
@@ -60,6 +61,23 @@ class SchedulerCore:
 
     def of_role(self, role: str) -> list[str]:
         return [n for n, r in self.roles.items() if r == role]
+
+    def transfer_of(self, instance: str) -> str:
+        return transfer_name(self.machines.get(instance, ""))
+
+    def update_instances(self, live: dict[str, tuple[str, str]]) -> None:
+        """The registry's view (name → (role, machine)). Requests on an instance that is gone fail now,
+        and every surviving holder frees their blocks."""
+        gone = set(self.roles) - set(live)
+        for rec in list(self.live.values()):
+            lost = gone & {rec.prefill, rec.decode, rec.mixed, rec.reserving}
+            if lost:
+                self._end(rec, "FAILED", "scheduler",
+                          f"instance {', '.join(sorted(lost))} is gone (no heartbeat within the TTL)")
+        for name in gone:
+            self.stats.pop(name, None)
+        self.roles = {n: role for n, (role, _) in live.items()}
+        self.machines = {n: machine for n, (_, machine) in live.items()}
 
     # ---- messages ----------------------------------------------------------------------------
     def handle(self, msg: Msg) -> None:
@@ -117,7 +135,8 @@ class SchedulerCore:
         rec = self.live.get(msg.request_id)
         if rec is None or rec.reserving != msg.instance:
             if msg.block_ids is not None:  # the request ended meanwhile: give the blocks back
-                self.send("transfer", AbortTransfer(request_id=msg.request_id, decode_instance=msg.instance))
+                self.send(self.transfer_of(msg.instance),
+                          AbortTransfer(request_id=msg.request_id, decode_instance=msg.instance))
             return
         rec.reserving = ""
         if msg.block_ids is None:
@@ -178,8 +197,9 @@ class SchedulerCore:
                 self.send(holder, Free(request_id=rid, reason=detail or state.lower()))
         decode = rec.decode or rec.reserving
         if decode and (state != "FINISHED" or instance != decode):
-            self.send("transfer", AbortTransfer(request_id=rid, decode_instance=decode,
-                                                reason=detail or state.lower()))
+            # the transfer process that writes into the decode blocks: the prefill machine's
+            self.send(self.transfer_of(rec.prefill or decode),
+                      AbortTransfer(request_id=rid, decode_instance=decode, reason=detail or state.lower()))
 
     def tick(self) -> None:
         """Fails requests past their state's deadline; retries queued requests."""
@@ -199,16 +219,18 @@ class SchedulerCore:
         per_instance: dict[str, Counter] = {n: Counter() for n in self.roles}
         for r in self.live.values():
             for name in {r.prefill, r.decode, r.mixed, r.reserving} - {""}:
-                per_instance[name][r.state] += 1
+                per_instance.setdefault(name, Counter())[r.state] += 1
         return {
             "time": self.clock(),
             "states": {s: states.get(s, 0) for s in STATES[:5]},
             "ended": dict(self.ended),
-            "instances": {name: {"role": role, "requests": dict(per_instance[name]),
+            "instances": {name: {"role": role, "machine": self.machines.get(name, ""),
+                                 "requests": dict(per_instance[name]),
                                  "routed": self.routed[name],
                                  "stats": _stats_dict(self.stats.get(name))}
                           for name, role in self.roles.items()},
             "transfer": _stats_dict(self.stats.get("transfer")),
+            "transfers": {n: _stats_dict(st) for n, st in self.stats.items() if st.role == "transfer"},
             "api": _stats_dict(self.stats.get("api")),
         }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import msgspec
@@ -30,9 +31,42 @@ def control_reply(core: SchedulerCore, req: ControlRequest, send) -> dict:
     return {"error": f"op {req.op!r} unknown; known: snapshot, trace, pause, resume"}
 
 
+class RegistryWatcher:
+    """Reads the cluster's live instances from Redis on a thread of its own (a slow or absent Redis
+    must not stall the scheduler's loop); the loop takes the latest view when it changes."""
+
+    def __init__(self, cluster, local: dict[str, tuple[str, str]]):
+        from pdpipe.cluster import Registry
+
+        self.registry = Registry(cluster.redis_url, cluster.name, cluster.ttl)
+        self.local, self.period = local, cluster.ttl / 4
+        self.view: dict[str, tuple[str, str]] | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="registry", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                live = {e.name: (e.role, e.machine) for e in self.registry.live_instances().values()}
+                self.view = {**live, **self.local}
+            except Exception as exc:  # noqa: BLE001 — Redis away: keep the last view, say so
+                log.warning("scheduler: cannot read the registry: %s", exc)
+            self._stop.wait(self.period)
+
+    def take(self) -> dict[str, tuple[str, str]] | None:
+        view, self.view = self.view, None
+        return view
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def serve_scheduler(proc) -> None:
-    roles = {name: inst.role for name, inst in proc.cfg.named_instances()}
-    core = SchedulerCore(roles, proc.cfg.deadlines, proc.out.send)
+    cluster = proc.cfg.cluster
+    local = {name: (inst.role, cluster.machine) for name, inst in proc.cfg.named_instances()}
+    core = SchedulerCore({n: r for n, (r, _) in local.items()}, proc.cfg.deadlines, proc.out.send,
+                         machines={n: m for n, (_, m) in local.items()})
+    watcher = RegistryWatcher(cluster, local) if cluster.redis_url else None
     inbox = proc.ctx.socket(zmq.PULL)
     inbox.bind(proc.paths.inbox("scheduler"))
     control = proc.ctx.socket(zmq.REP)
@@ -65,7 +99,12 @@ def serve_scheduler(proc) -> None:
             control.send(msgspec.json.encode(reply))
         now = time.monotonic()
         if now >= next_tick:
+            view = watcher.take() if watcher else None
+            if view is not None and view != {n: (core.roles[n], core.machines.get(n, "")) for n in core.roles}:
+                core.update_instances(view)
             core.tick()
             next_tick = now + TICK
+    if watcher:
+        watcher.stop()
     inbox.close()
     control.close()

@@ -1,0 +1,149 @@
+"""Redis as the meeting point of machines: a registry of live instances kept alive by heartbeats with a
+TTL, and one topic (a list) per process whose key expires when nobody feeds it, so nothing waits for a
+machine that is gone. Everything stored is msgpack from msgspec; no pickle.
+
+Each machine's `relay` process carries messages between its local processes (ZeroMQ) and Redis:
+what a local process sends to a remote name goes onto that name's topic; what lands on a local
+name's topic is handed to that process's inbox. Processes themselves never talk to Redis for
+messages.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import msgspec
+import redis
+
+from pdpipe.messages import InstanceStats, PoolInfo
+
+log = logging.getLogger("pdpipe")
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    expires: float  # wall-clock time after which the message is dropped unread
+    payload: bytes  # an encoded pdpipe message
+
+
+class InstanceEntry(msgspec.Struct, frozen=True):
+    name: str
+    role: str  # prefill | decode | mixed
+    machine: str
+    time: float
+    free_blocks: int = 0
+    num_blocks: int = 0
+    running: int = 0
+
+
+class Keys:
+    def __init__(self, cluster: str):
+        self.prefix = f"pdpipe:{cluster}:"
+
+    def instance(self, name: str) -> str:
+        return f"{self.prefix}inst:{name}"
+
+    def pool(self, name: str) -> str:
+        return f"{self.prefix}pool:{name}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}topic:{name}"
+
+
+class Registry:
+    """Reads and writes the cluster's shared state. Raises redis.ConnectionError when Redis is away."""
+
+    def __init__(self, url: str, cluster: str, ttl: float):
+        self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.keys = Keys(cluster)
+        self.ttl = ttl
+        self._enc = msgspec.msgpack.Encoder()
+
+    def ping(self) -> None:
+        self.redis.ping()
+
+    def heartbeat(self, entry: InstanceEntry) -> None:
+        self.redis.set(self.keys.instance(entry.name), self._enc.encode(entry), px=int(self.ttl * 1000))
+
+    def live_instances(self) -> dict[str, InstanceEntry]:
+        names = list(self.redis.scan_iter(self.keys.instance("*"), count=1000))
+        entries = {}
+        for raw in self.redis.mget(names) if names else []:
+            if raw is not None:
+                entry = msgspec.msgpack.decode(raw, type=InstanceEntry)
+                entries[entry.name] = entry
+        return entries
+
+    def publish_pool(self, info: PoolInfo) -> None:
+        self.redis.set(self.keys.pool(info.instance), self._enc.encode(info), px=int(self.ttl * 1000))
+
+    def pool(self, name: str) -> PoolInfo | None:
+        raw = self.redis.get(self.keys.pool(name))
+        return msgspec.msgpack.decode(raw, type=PoolInfo) if raw is not None else None
+
+    def push(self, dest: str, payload: bytes) -> None:
+        key = self.keys.topic(dest)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(key, self._enc.encode(Envelope(time.time() + self.ttl, payload)))
+        pipe.pexpire(key, int(self.ttl * 1000))
+        pipe.execute()
+
+    def pop(self, names: list[str], timeout: float = 1.0) -> tuple[str, bytes] | None:
+        """The oldest message for any of `names` (None after `timeout`); expired ones are dropped."""
+        keys = [self.keys.topic(n) for n in names]
+        got = self.redis.brpop(keys, timeout=timeout)
+        if got is None:
+            return None
+        key, raw = got
+        env = msgspec.msgpack.decode(raw, type=Envelope)
+        if env.expires < time.time():
+            log.warning("dropped an expired message for %s", key.decode())
+            return None
+        return key.decode()[len(self.keys.prefix) + len("topic:"):], env.payload
+
+
+def entry_from_stats(stats: InstanceStats, machine: str) -> InstanceEntry:
+    return InstanceEntry(name=stats.instance, role=stats.role, machine=machine, time=time.time(),
+                         free_blocks=stats.free_blocks, num_blocks=stats.num_blocks, running=stats.running)
+
+
+class Relay:
+    """One machine's bridge between its processes and Redis (see the module docstring)."""
+
+    def __init__(self, registry: Registry, local_names: list[str], deliver, machine: str):
+        self.registry, self.local_names, self.deliver, self.machine = registry, local_names, deliver, machine
+        self.stop = threading.Event()
+        self.instances: dict[str, InstanceEntry] = {}  # local engines, refreshed from their stats
+
+    def outbound(self, dest: str, payload: bytes) -> None:
+        """A local process's message for a remote name; kept trying while Redis is away."""
+        while not self.stop.is_set():
+            try:
+                self.registry.push(dest, payload)
+                return
+            except redis.RedisError as exc:
+                log.warning("relay: Redis unreachable (%s); retrying", exc)
+                self.stop.wait(0.5)
+
+    def note_stats(self, stats: InstanceStats) -> None:
+        if stats.role in ("prefill", "decode", "mixed"):
+            self.instances[stats.instance] = entry_from_stats(stats, self.machine)
+
+    def run_inbound(self) -> None:
+        while not self.stop.is_set():
+            try:
+                got = self.registry.pop(self.local_names, timeout=1.0)
+            except redis.RedisError as exc:
+                log.warning("relay: Redis unreachable (%s); retrying", exc)
+                self.stop.wait(0.5)
+                continue
+            if got is not None:
+                self.deliver(*got)
+
+    def run_heartbeats(self) -> None:
+        while not self.stop.wait(self.registry.ttl / 3):
+            try:
+                for entry in list(self.instances.values()):
+                    self.registry.heartbeat(msgspec.structs.replace(entry, time=time.time()))
+            except redis.RedisError as exc:
+                log.warning("relay: heartbeat failed (%s)", exc)

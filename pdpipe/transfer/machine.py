@@ -1,0 +1,129 @@
+"""A machine's transfer backend: jobs between this machine's own pools go through the same-machine
+backend (shared memory on CPU, CUDA IPC on GPU); jobs into a pool on another machine go through
+Mooncake (`pdpipe.rdma`). Local pools are exposed to Mooncake and published in the registry as their
+engines announce them, and re-published well within the TTL while this process lives."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import msgspec
+import torch
+
+from pdpipe.messages import PoolInfo
+
+from . import TransferBackend, TransferError, TransferJob, TransferState
+
+log = logging.getLogger("pdpipe")
+
+
+def _local_backend(device: str) -> TransferBackend:
+    if device.startswith("cuda"):
+        from pdpipe.ipc.cuda_transfer import CudaIpcTransfer
+
+        return CudaIpcTransfer()
+    from pdpipe.ipc.shm import ShmTransfer
+
+    return ShmTransfer()
+
+
+def _pool_tensor(info: PoolInfo) -> torch.Tensor:
+    """This process's view of a local engine's pool (for registering it with Mooncake)."""
+    dtype = getattr(torch, info.dtype)
+    if info.gpu >= 0:
+        from pdpipe.ipc.cuda import open_pool, visible_ordinal
+
+        return open_pool(info.ipc_handle, info.ipc_offset, tuple(info.shape), dtype, visible_ordinal(info.gpu))
+    from pdpipe.ipc.shm import map_pool
+
+    return map_pool(info.path, info.shape, dtype)
+
+
+class MachineTransfer(TransferBackend):
+    def __init__(self, local: TransferBackend, pools_dir: Path, remote=None, registry=None, machine: str = ""):
+        self.local, self.remote, self.registry, self.machine = local, remote, registry, machine
+        self.pools_dir = pools_dir
+        self.local_names: set[str] = set()
+        self._published: dict[str, PoolInfo] = {}
+        self._next_publish = 0.0
+
+    @classmethod
+    def for_config(cls, cfg, pools_dir: Path) -> "MachineTransfer":
+        local = _local_backend(cfg.engine.device)
+        cluster = cfg.cluster
+        if not cluster.redis_url:
+            return cls(local, pools_dir)
+        from pdpipe.cluster import Registry
+        from pdpipe.rdma import MooncakeTransfer
+
+        remote = MooncakeTransfer(cluster.advertise_host, cluster.protocol, cluster.nics)
+        return cls(local, pools_dir, remote, Registry(cluster.redis_url, cluster.name, cluster.ttl),
+                   cluster.machine)
+
+    # ---- pools -------------------------------------------------------------------------------------
+    def lookup(self, instance: str) -> PoolInfo | None:
+        path = self.pools_dir / f"{instance}.json"
+        if path.is_file():
+            return msgspec.json.decode(path.read_bytes(), type=PoolInfo)
+        if self.registry is not None:
+            return self.registry.pool(instance)
+        return None
+
+    def register_pool(self, pool: PoolInfo) -> None:
+        if pool.segment and pool.instance not in self.local_names:  # another machine's, published
+            self.remote.register_pool(pool)
+            return
+        self.local.register_pool(pool)
+        self.local_names.add(pool.instance)
+        if self.remote is not None and pool.instance not in self._published:
+            published = self.remote.expose(pool, _pool_tensor(pool))
+            self._published[pool.instance] = msgspec.structs.replace(published, machine=self.machine)
+            self._next_publish = 0.0
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Keeps this machine's pools published (called a few times a second)."""
+        if self.registry is None or time.monotonic() < self._next_publish:
+            return
+        try:
+            for info in self._published.values():
+                self.registry.publish_pool(info)
+            self._next_publish = time.monotonic() + self.registry.ttl / 3
+        except Exception as exc:  # noqa: BLE001 — Redis away: try again on the next call
+            log.warning("transfer: cannot publish pools: %s", exc)
+
+    # ---- jobs ----------------------------------------------------------------------------------------
+    def _for(self, job: TransferJob) -> TransferBackend:
+        if job.dst_instance in self.local_names:
+            return self.local
+        if self.remote is None:
+            raise TransferError(f"request {job.request_id}: {job.dst_instance} is on another machine and "
+                                "this machine has no cross-machine transfer (cluster.redis_url unset)")
+        if job.dst_instance not in self.remote.pools:
+            info = self.lookup(job.dst_instance)
+            if info is None:
+                raise TransferError(f"request {job.request_id}: no published pool for {job.dst_instance}")
+            self.remote.register_pool(info)
+        return self.remote
+
+    def send(self, job: TransferJob, layer: int) -> None:
+        self._for(job).send(job, layer)
+
+    def poll(self, job: TransferJob) -> TransferState:
+        return self._for(job).poll(job)
+
+    def abort(self, job: TransferJob) -> None:
+        try:
+            self._for(job).abort(job)
+        except TransferError:
+            pass
+
+    def finished(self, job: TransferJob) -> None:
+        self._for(job).finished(job)
+
+    def job_bytes(self, job: TransferJob) -> int:
+        try:
+            return self._for(job).job_bytes(job)
+        except TransferError:
+            return 0
