@@ -110,9 +110,10 @@ def entry_from_stats(stats: InstanceStats, machine: str) -> InstanceEntry:
 class Relay:
     """One machine's bridge between its processes and Redis (see the module docstring)."""
 
-    def __init__(self, registry: Registry, local_names: list[str], deliver, machine: str):
+    def __init__(self, registry: Registry, local_names: list[str], deliver, machine: str,
+                 stop: threading.Event | None = None):
         self.registry, self.local_names, self.deliver, self.machine = registry, local_names, deliver, machine
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.instances: dict[str, InstanceEntry] = {}  # local engines, refreshed from their stats
 
     def outbound(self, dest: str, payload: bytes) -> None:

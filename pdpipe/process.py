@@ -157,7 +157,7 @@ def run_relay(role: str, name: str, run_dir: str) -> None:
     cluster = proc.cfg.cluster
     registry = Registry(cluster.redis_url, cluster.name, cluster.ttl)
     local = [n for _, n in proc.cfg.local_processes() if n != "relay"]
-    relay = Relay(registry, local, proc.out.send_raw, cluster.machine)
+    relay = Relay(registry, local, proc.out.send_raw, cluster.machine, stop=proc.stop)
     for inst_name, inst in proc.cfg.named_instances():
         relay.instances[inst_name] = InstanceEntry(inst_name, inst.role, cluster.machine, time.time())
     inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
@@ -172,7 +172,6 @@ def run_relay(role: str, name: str, run_dir: str) -> None:
                 if isinstance(msg, Forward):
                     relay.outbound(msg.dest, msg.payload)
     finally:
-        relay.stop.set()
         inbox.stop()
         proc.close()
 
