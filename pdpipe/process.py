@@ -22,7 +22,7 @@ import zmq
 
 from pdpipe import envs
 from pdpipe.config import LaunchConfig, transfer_name
-from pdpipe.messages import Forward, PoolInfo, Ready, Shutdown, StateEvent
+from pdpipe.messages import Forward, InstanceStats, PoolInfo, Ready, Shutdown, StateEvent
 from pdpipe.wire import InboxThread, Outboxes, RunPaths
 
 log = logging.getLogger("pdpipe")
@@ -89,7 +89,10 @@ def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker, periodic=None
             worker.step()
         now = time.monotonic()
         if now >= next_stats:
-            proc.out.send("scheduler", worker.stats(inbox.queue.qsize()))
+            stats = worker.stats(inbox.queue.qsize())
+            proc.out.send("scheduler", stats)
+            if proc.cfg.cluster.redis_url:  # the relay puts this instance's load in the registry
+                proc.out.send("relay", stats)
             if periodic is not None:
                 periodic()
             next_stats = now + STATS_PERIOD
@@ -171,6 +174,8 @@ def run_relay(role: str, name: str, run_dir: str) -> None:
             for msg in drain(inbox.queue, 0.1):
                 if isinstance(msg, Forward):
                     relay.outbound(msg.dest, msg.payload)
+                elif isinstance(msg, InstanceStats):
+                    relay.note_stats(msg)
     finally:
         inbox.stop()
         proc.close()

@@ -144,3 +144,15 @@ def test_bad_launch_configs_name_the_field(tmp_path):
         path.write_text(text)
         with pytest.raises(ValueError, match=message):
             load_launch_config(str(path))
+
+
+def test_example_launch_configs_parse():
+    from pathlib import Path
+
+    from pdpipe.config import load_launch_config
+
+    configs = sorted(Path(__file__).parent.parent.glob("launch/*.toml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_launch_config(str(path))
+        assert cfg.local_processes(), path
