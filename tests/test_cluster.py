@@ -83,8 +83,10 @@ def test_prefill_on_a_decode_on_b_equals_single_machine(hosts, model_dir):
         assert resp.json()["choices"][0]["token_ids"] == e.token_ids
     snap = snapshot(a)
     assert snap["instances"]["b-decode-0"]["machine"] == "b"
-    entry = Registry(hosts.redis.url(hosts.addr_a), "default", 3.0).live_instances()["b-decode-0"]
-    assert (entry.role, entry.machine) == ("decode", "b") and entry.num_blocks == 128  # load from its stats
+    registry = Registry(hosts.redis.url(hosts.addr_a), "default", 3.0)
+    entry = wait_until(lambda: (e := registry.live_instances()["b-decode-0"]).num_blocks == 128 and e,
+                       what="the load of b-decode-0 in its registry entry")
+    assert (entry.role, entry.machine) == ("decode", "b")
     pool = Registry(hosts.redis.url(hosts.addr_a), "default", 3.0).pool("b-decode-0")
     assert pool.segment.startswith(hosts.addr_b + ":") and pool.shape[2] == 128
     moved = snap["transfers"]["transfer-a"]["bytes_moved"]

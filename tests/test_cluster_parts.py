@@ -54,7 +54,8 @@ def _receiver(conn):
     backend = MooncakeTransfer("127.0.0.1", "tcp")
     conn.send(backend.expose(PoolInfo(instance="dst", path="", shape=list(SHAPE), dtype="float32"), pool))
     conn.recv()
-    conn.send(pool)
+    conn.send(pool.numpy().copy())  # by value: a shared tensor would die with this process
+    conn.recv()
 
 
 def test_mooncake_moves_blocks_between_processes_over_tcp():
@@ -73,7 +74,7 @@ def test_mooncake_moves_blocks_between_processes_over_tcp():
             backend.send(job, layer)
         assert job.bytes_moved == backend.job_bytes(job) == 3 * 2 * 4 * (4 * 2 * 8 * 4)
         parent.send("read")
-        dst = parent.recv()
+        dst = torch.from_numpy(parent.recv())
         assert torch.equal(dst[:, :, [5, 6, 7, 0]], src[:, :, [1, 2, 3, 7]])
         untouched = [i for i in range(12) if i not in (5, 6, 7, 0)]
         assert not dst[:, :, untouched].any()
@@ -83,4 +84,5 @@ def test_mooncake_moves_blocks_between_processes_over_tcp():
         with pytest.raises(MooncakeError, match="127.0.0.1:1"):
             backend.send(TransferJob("r2", "src", [1], "dst2", [1]), 0)
     finally:
+        parent.send("done")
         proc.join(timeout=30)
