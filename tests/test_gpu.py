@@ -5,6 +5,7 @@ reference on fresh random inputs over a sweep of shapes, CUDA-graph decode, the 
 Run on a GPU machine: python -m pytest -m gpu tests/test_gpu.py
 """
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -186,6 +187,61 @@ def test_block_copy_reads_peer_memory_through_ipc_handles():
     finally:
         parent.send("done")
         proc.join(timeout=30)
+
+
+def _own_pool(conn, device, shape):
+    from pdpipe.ipc.cuda import CudaPool
+
+    pool = CudaPool(shape, torch.bfloat16, device)
+    pool.tensor.copy_(torch.randn(shape, device=f"cuda:{device}").to(torch.bfloat16))
+    torch.cuda.synchronize(device)
+    handle, offset = pool.export()
+    conn.send((handle, offset))
+    while conn.recv() != "done":
+        conn.send(pool.tensor.float().sum().item())
+    pool.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_ipc_backend_runs_job_after_job():
+    """The transfer process's backend against two other processes' pools, many jobs in a row, as the
+    pipeline runs it (the GPU pipeline once stalled on its second job)."""
+    import multiprocessing as mp
+
+    from pdpipe.ipc.cuda_transfer import CudaIpcTransfer
+    from pdpipe.messages import PoolInfo
+    from pdpipe.transfer import TransferJob, TransferState
+
+    shape = (4, 2, 64, 16, 8, 128)
+    ctx = mp.get_context("spawn")
+    owners, infos = [], {}
+    for name, device in (("p", 0), ("d", 1)):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_own_pool, args=(child, device, shape))
+        proc.start()
+        handle, offset = parent.recv()
+        owners.append((parent, proc))
+        infos[name] = PoolInfo(instance=name, path="", shape=list(shape), dtype="bfloat16", gpu=device,
+                               ipc_handle=handle, ipc_offset=offset)
+    try:
+        backend = CudaIpcTransfer()
+        for info in infos.values():
+            backend.register_pool(info)
+        for i in range(12):
+            n = 1 + i % 5
+            job = TransferJob(f"r{i}", "p", list(range(i, i + n)), "d", list(range(40 + i, 40 + i + n)))
+            for layer in range(shape[0]):
+                backend.send(job, layer)
+            deadline = time.monotonic() + 30
+            while backend.poll(job) is TransferState.PENDING:
+                assert time.monotonic() < deadline, f"job {i} did not land within 30 s"
+            backend.finished(job)
+        owners[1][0].send("sum")
+        assert owners[1][0].recv() != 0.0
+    finally:
+        for parent, proc in owners:
+            parent.send("done")
+            proc.join(timeout=30)
 
 
 def _export_pool(conn):
