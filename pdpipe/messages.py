@@ -183,9 +183,6 @@ class InstanceStats(Msg):  # every process → scheduler, a few times a second
 class Ready(Msg):  # every process → launcher, once it can serve
     instance: str
     pid: int
-    pool_path: str = ""  # shared KV pool backing file, for the transfer process
-    pool_shape: list[int] = []
-    pool_dtype: str = ""
 
 
 class PoolInfo(Msg):  # engine → transfer (through the run directory): where its KV pool lives

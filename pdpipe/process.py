@@ -6,7 +6,6 @@ step while there is work, and report stats to the scheduler a few times a second
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -47,8 +46,8 @@ class ProcessBase:
         local = {"launcher", *(n for _, n in self.cfg.local_processes())} if self.cfg.cluster.redis_url else None
         self.out = Outboxes(self.ctx, self.paths, local)
 
-    def ready(self, **extra) -> None:
-        self.out.send("launcher", Ready(instance=self.name, pid=os.getpid(), **extra))
+    def ready(self) -> None:
+        self.out.send("launcher", Ready(instance=self.name, pid=os.getpid()))
         log.info("%s ready (pid %d)", self.name, os.getpid())
 
     def close(self) -> None:
@@ -126,7 +125,7 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
         if role != "mixed":  # the machine's transfer process maps (and, across machines, publishes) it now
             proc.out.send(transfer_name(proc.cfg.cluster.machine), info)
-        proc.ready(pool_path=str(pool_path), pool_shape=shape, pool_dtype=engine.spec.dtype)
+        proc.ready()
         run_worker_loop(proc, inbox, worker)
         inbox.stop()
     finally:

@@ -1,7 +1,6 @@
 """Two machines (network namespaces joined by veth) serving through Redis: prefill on host A, decode on
 host B, KV moved by Mooncake over TCP between the hosts' addresses; failures of host B and of Redis."""
 import asyncio
-import json
 import os
 
 import httpx

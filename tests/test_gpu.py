@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu,
 from pdpipe.kernels import reference as ref  # noqa: E402
 from pdpipe.messages import SamplingParams  # noqa: E402
 
-from conftest import hf_greedy, make_llm, make_prompts  # noqa: E402
+from conftest import make_llm, make_prompts  # noqa: E402
 
 
 def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:

@@ -9,7 +9,6 @@ from pathlib import Path
 import openai
 import pytest
 
-from pdpipe.config import ApiConfig, EngineConfig, InstanceConfig, LaunchConfig
 from pdpipe.launcher import LaunchError, Launcher
 from pdpipe.messages import SamplingParams
 from pdpipe.wire import RunPaths
