@@ -44,6 +44,30 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
                            ROW=row, BLOCK=triton.next_power_of_2(row))
 
 
+@triton.jit
+def _paged_kv_tile(kc_ptr, vc_ptr, bt_ptr, seq, stride_bt, tok, valid, kvh, d, PAGE: tl.constexpr,
+                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Keys and values of tokens `tok` of sequence `seq`, gathered through its block table."""
+    page = tl.load(bt_ptr + seq * stride_bt + tok // PAGE, mask=valid, other=0).to(tl.int64)
+    row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
+    k = tl.load(kc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(vc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_tile(q, k, v, allowed, m, l_sum, acc, scale, PRECISION: tl.constexpr):
+    """One online-softmax step of flash attention over a tile of keys (`allowed` masks scores)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+    return m_new, l_sum * alpha + tl.sum(p, 1), acc
+
+
 # ---- decode attention: one query token per sequence, split over the context --------------------
 
 @triton.jit
@@ -77,18 +101,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, part_ptr, lse_
     for tile in range(lo, hi, BLOCK_N):
         tok = tile + n
         valid = tok < hi
-        page = tl.load(bt_ptr + seq * stride_bt + tok // PAGE, mask=valid, other=0).to(tl.int64)
-        row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
-        k = tl.load(kc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        v = tl.load(vc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        m = m_new
+        k, v = _paged_kv_tile(kc_ptr, vc_ptr, bt_ptr, seq, stride_bt, tok, valid, kvh, d, PAGE, KV_HEADS, HEAD_DIM)
+        m, l_sum, acc = _attend_tile(q, k, v, valid[None, :], m, l_sum, acc, scale, PRECISION)
     out_row = (seq * KV_HEADS * GROUP + heads) * SPLITS + split
     has = l_sum > 0
     tl.store(part_ptr + out_row[:, None] * HEAD_DIM + d[None, :],
@@ -179,22 +193,12 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr,
         for tile in range(first, last, BLOCK_N):
             tok = tile + n
             valid = tok < last
-            page = tl.load(bt_ptr + seq * stride_bt + tok // PAGE, mask=valid, other=0).to(tl.int64)
-            row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
-            k = tl.load(kc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+            k, v = _paged_kv_tile(kc_ptr, vc_ptr, bt_ptr, seq, stride_bt, tok, valid, kvh, d, PAGE, KV_HEADS,
+                                  HEAD_DIM)
             allowed = valid[None, :] & (tok[None, :] <= q_pos[:, None])
             if window > 0:
                 allowed = allowed & (tok[None, :] > q_pos[:, None] - window)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            v = tl.load(vc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-            l_sum = l_sum * alpha + tl.sum(p, 1)
-            m = m_new
+            m, l_sum, acc = _attend_tile(q, k, v, allowed, m, l_sum, acc, scale, PRECISION)
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
         tl.store(out_ptr + ((q_start + i) * HEADS + head)[:, None] * HEAD_DIM + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=i_mask[:, None])
