@@ -144,3 +144,26 @@ def test_failed_transfer_fails_only_its_request(model_dir):
     assert pipe.state("bad") == "FAILED" and "KV transfer failed" in pipe.outputs["bad"][-1].error
     assert pipe.state("good") == "FINISHED" and len(pipe.tokens("good")) == 10
     assert pipe.leak_free()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model_dir):
+    pipe = LocalPipeline(model_dir("qwen3"), PD)
+    decode = pipe.workers["decode-0"]
+    real_step = decode.engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real_step(*args, **kwargs)
+
+    decode.engine.runner.execute = flaky
+    pipe.submit("unlucky", make_prompts(384, lengths=(12,))[0], GREEDY)
+    pipe.run()
+    assert pipe.state("unlucky") == "FAILED"
+    assert "out of memory" in pipe.outputs["unlucky"][-1].error
+    pipe.submit("next", make_prompts(384, lengths=(9,), seed=2)[0], GREEDY)
+    pipe.run()
+    assert pipe.finish_reason("next") == "length" and len(pipe.tokens("next")) == 10
+    assert pipe.leak_free()

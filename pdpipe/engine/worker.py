@@ -10,6 +10,7 @@ mixed: both in one engine (colocated), the baseline. States: PREFILLING → DECO
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -20,6 +21,8 @@ from pdpipe.messages import (EngineOutput, Free, InstanceStats, KVLanded, Layers
                              PrefillDone, Reserve, Reserved, StateEvent, TransferDone, TransferStart)
 
 from .engine import LLMEngine
+
+log = logging.getLogger("pdpipe")
 from .scheduler import SchedulerOutput, finish_for
 
 Send = Callable[[str, Msg | EngineOutput], None]
@@ -114,11 +117,28 @@ class EngineWorker:
         return not self.paused and self.engine.has_unfinished()
 
     def step(self) -> None:
-        if self.role == "prefill":
-            outputs = self.engine.step(self._on_schedule, self._on_layer)
-        else:
-            outputs = self.engine.step(self._on_schedule)
+        try:
+            if self.role == "prefill":
+                outputs = self.engine.step(self._on_schedule, self._on_layer)
+            else:
+                outputs = self.engine.step(self._on_schedule)
+        except Exception as exc:  # noqa: BLE001 — fail this engine's requests; keep serving
+            log.exception("%s: a step failed", self.name)
+            self.fail_all(f"{self.name}: {exc.__class__.__name__}: {exc}")
+            return
         self._deliver(outputs)
+
+    def fail_all(self, reason: str) -> None:
+        """A step blew up: every request this engine runs or queues fails with `reason` (the scheduler
+        then frees them everywhere); the engine itself goes on serving."""
+        sched = self.engine.scheduler
+        for seq in [*sched.running, *sched.waiting]:
+            self.engine.abort_request(seq.request_id)
+            self.engine.release_kv(seq.request_id)
+            self._prefills.pop(seq.request_id, None)
+            self._started.discard(seq.request_id)
+            self._event(seq.request_id, "FAILED", detail=reason)
+        self.queued_prompt_tokens = sum(len(p.prompt_token_ids) for p in self._prefills.values())
 
     def _on_schedule(self, sched: SchedulerOutput) -> None:
         now = self.clock()
