@@ -53,13 +53,15 @@ def format_queues(snap: dict) -> str:
                      st.get("free_blocks", "?"), inst["routed"], by_state])
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     lines += [_row(r, widths) for r in rows]
-    x = snap.get("transfer") or {}
-    if x:
+    for name, x in sorted((snap.get("transfers") or {}).items()):
         secs = x.get("seconds_moving", 0.0)
         rate = x.get("bytes_moved", 0) / secs / 1e9 if secs else 0.0
-        lines.append(f"transfer: inbox {x.get('inbox', 0)}  in flight {x.get('transfers_in_flight', 0)} "
+        lines.append(f"{name}: inbox {x.get('inbox', 0)}  in flight {x.get('transfers_in_flight', 0)} "
                      f"({x.get('bytes_in_flight', 0)} bytes)  moved {x.get('bytes_moved', 0)} bytes in "
                      f"{secs:.3f} s ({rate:.2f} GB/s)")
+    api = snap.get("api") or {}
+    lines.append(f"api: open requests {api.get('running', '?')}   scheduler: live requests "
+                 f"{sum(states.values())}")
     return "\n".join(lines)
 
 

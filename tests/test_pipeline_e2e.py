@@ -167,7 +167,8 @@ def test_queues_and_trace_show_held_requests(pipeline):
         first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
         rid = first["id"]  # the first token came from prefill although decode is paused
         wait_until(lambda: snapshot(pipeline)["states"]["TRANSFERRING"] == 1, what="TRANSFERRING")
-        queues = cli("queues", "--run-dir", run_dir)
+        queues = wait_until(lambda: "api: open requests 1" in (q := cli("queues", "--run-dir", run_dir)).stdout
+                            and q, what="the held request in the front-end's count")
         assert queues.returncode == 0, queues.stderr
         assert "TRANSFERRING 1" in queues.stdout and "decode (paused)" in queues.stdout
         decode_row = next(line for line in queues.stdout.splitlines() if line.startswith("decode-0"))

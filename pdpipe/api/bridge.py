@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from pdpipe.messages import AbortRequest, ControlRequest, EngineOutput, NewRequest, SamplingParams, decode, encode
+from pdpipe.messages import (AbortRequest, ControlRequest, EngineOutput, InstanceStats, NewRequest, SamplingParams,
+                             decode, encode)
 from pdpipe.wire import RunPaths
 
 log = logging.getLogger("pdpipe")
@@ -49,10 +51,11 @@ class Bridge:
         self.pull.bind(paths.inbox(name))
         self.streams: dict[str, TokenStream] = {}
         self._control_lock = asyncio.Lock()
-        self._reader: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self.report())]
 
     async def _read(self) -> None:
         while True:
@@ -78,6 +81,13 @@ class Bridge:
         if not self.push.closed:
             await self.push.send(encode(AbortRequest(request_id=request_id, reason=reason)))
 
+    async def report(self, period: float = 0.5) -> None:
+        """Tells the scheduler how many requests this front-end has open (for `pdpipe queues`)."""
+        while True:
+            await self.push.send(encode(InstanceStats(instance="api", role="api", time=time.time(),
+                                                      running=len(self.streams))))
+            await asyncio.sleep(period)
+
     def forget(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
 
@@ -96,8 +106,8 @@ class Bridge:
                 sock.close()
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in self._tasks:
+            task.cancel()
         self.push.close()
         self.pull.close()
         self.ctx.term()
