@@ -107,7 +107,8 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
     if inst.num_blocks:
         engine_cfg = replace(engine_cfg, cache=replace(engine_cfg.cache, num_blocks=inst.num_blocks))
     if engine_cfg.device.startswith("cuda"):
-        engine_cfg = replace(engine_cfg, device="cuda:0")  # the launcher made only this instance's GPUs visible
+        # the launcher made only this instance's GPUs visible; a prefill engine never decodes
+        engine_cfg = replace(engine_cfg, device="cuda:0", cuda_graphs=engine_cfg.cuda_graphs and role != "prefill")
     pool_path = proc.paths.pool(name)
     try:
         engine = LLMEngine(engine_cfg, pool_path=str(pool_path))
