@@ -312,6 +312,9 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir):
                 for p in prompts]  # one at a time, as the pipeline gets them below
     del colocated
     torch.cuda.empty_cache()
+    import os
+
+    os.environ["PDPIPE_LOG_LEVEL"] = "DEBUG"  # the processes log every message they handle
     cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
     from pdpipe.config import DeadlineConfig
 

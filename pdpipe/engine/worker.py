@@ -51,6 +51,7 @@ class EngineWorker:
 
     # ---- inbox -----------------------------------------------------------------------------
     def handle(self, msg: Msg) -> None:
+        log.debug("%s: %s %s", self.name, type(msg).__name__, getattr(msg, "request_id", ""))
         handler = getattr(self, "_on_" + type(msg).__name__, None)
         if handler is None:
             raise TypeError(f"{self.name} ({self.role}) cannot handle {type(msg).__name__}")

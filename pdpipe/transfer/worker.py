@@ -33,6 +33,8 @@ class TransferWorker:
         self.seconds_moving = 0.0
 
     def handle(self, msg: Msg) -> None:
+        log.debug("%s: %s %s", self.name, type(msg).__name__,
+                  getattr(msg, "request_id", None) or getattr(msg, "layer", ""))
         if isinstance(msg, PoolInfo):
             self._register(msg)
         elif isinstance(msg, TransferStart):
