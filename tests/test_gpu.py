@@ -299,7 +299,7 @@ def _complete(port, prompt, max_tokens):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir):
+def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
     from dataclasses import replace
 
     from pdpipe.config import InstanceConfig
@@ -312,9 +312,7 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir):
                 for p in prompts]  # one at a time, as the pipeline gets them below
     del colocated
     torch.cuda.empty_cache()
-    import os
-
-    os.environ["PDPIPE_LOG_LEVEL"] = "DEBUG"  # the processes log every message they handle
+    monkeypatch.setenv("PDPIPE_LOG_LEVEL", "DEBUG")  # the processes log every message they handle
     cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
     from pdpipe.config import DeadlineConfig
 
