@@ -21,10 +21,9 @@ from pdpipe.messages import (EngineOutput, Free, InstanceStats, KVLanded, Layers
                              PrefillDone, Reserve, Reserved, StateEvent, TransferDone, TransferStart)
 
 from .engine import LLMEngine
-
-log = logging.getLogger("pdpipe")
 from .scheduler import SchedulerOutput, finish_for
 
+log = logging.getLogger("pdpipe")
 Send = Callable[[str, Msg | EngineOutput], None]
 API, SCHEDULER, TRANSFER = "api", "scheduler", "transfer"
 
