@@ -87,8 +87,9 @@ def _pool_owner(conn, shape):
 
 
 def bench_transfer(results: dict) -> None:
-    from pdpipe.ipc.cuda import CudaPool, open_pool
     from pdpipe.kernels import triton_ops
+
+    from pdpipe.ipc.cuda import CudaPool, open_pool
 
     num_blocks, tokens = 1024, 4096
     shape = (32, 2, num_blocks, BLOCK, 8, 128)

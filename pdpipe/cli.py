@@ -47,7 +47,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     from pdpipe.config import load_launch_config
-    from pdpipe.launcher import LaunchError, Launcher
+    from pdpipe.launcher import Launcher, LaunchError
 
     launcher = Launcher(load_launch_config(args.config))
     print(f"pdpipe: starting {len(launcher.plan())} processes; logs in {launcher.paths.run_dir / 'logs'}",

@@ -6,15 +6,14 @@ import os
 import httpx
 import openai
 import pytest
+from cluster_hosts import RedisServer, RemoteLauncher, machine_config, second_host
+from conftest import make_llm, make_prompts
+from pipeline_launch import snapshot, wait_until
 
 from pdpipe.cluster import Registry
 from pdpipe.config import load_launch_config
 from pdpipe.launcher import Launcher
 from pdpipe.messages import SamplingParams
-
-from cluster_hosts import RedisServer, RemoteLauncher, machine_config, second_host
-from conftest import make_llm, make_prompts
-from pipeline_launch import snapshot, wait_until
 
 MODEL = "llama"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")

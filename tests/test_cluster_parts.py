@@ -6,14 +6,13 @@ import time
 import msgspec
 import pytest
 import torch
+from cluster_hosts import RedisServer
+from pipeline_launch import wait_until
 
 from pdpipe.cluster import Envelope, InstanceEntry, Registry
 from pdpipe.messages import PoolInfo
 from pdpipe.rdma import MooncakeError, MooncakeTransfer, coalesce
 from pdpipe.transfer import TransferJob
-
-from cluster_hosts import RedisServer
-from pipeline_launch import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,12 @@
 """The engine core on its own: block manager, admission control, abort, request validation, and moving
 a request's KV block by block from one engine to another mid-request."""
 import pytest
+from conftest import assert_leak_free, make_prompts
 
 from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdpipe.engine.block_manager import BlockError, BlockManager
 from pdpipe.engine.engine import LLMEngine, RequestError
 from pdpipe.messages import SamplingParams
-
-from conftest import assert_leak_free, make_prompts
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 

@@ -15,10 +15,10 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
-from pdpipe.kernels import reference as ref  # noqa: E402
-from pdpipe.messages import SamplingParams  # noqa: E402
-
 from conftest import make_llm, make_prompts  # noqa: E402
+from pdpipe.kernels import reference as ref  # noqa: E402
+
+from pdpipe.messages import SamplingParams  # noqa: E402
 
 
 def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -173,8 +173,9 @@ def test_block_copy_reads_peer_memory_through_ipc_handles():
     proc.start()
     try:
         handle, offset, shape, checksum = parent.recv()
-        from pdpipe.ipc.cuda import open_pool
         from pdpipe.kernels import triton_ops
+
+        from pdpipe.ipc.cuda import open_pool
 
         src = open_pool(handle, offset, shape, torch.bfloat16, 1)
         with torch.cuda.device(1):
@@ -302,9 +303,9 @@ def _complete(port, prompt, max_tokens):
 def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
     from dataclasses import replace
 
-    from pdpipe.config import InstanceConfig
-
     from pipeline_launch import launched, leak_free, make_launch_config, wait_until
+
+    from pdpipe.config import InstanceConfig
 
     prompts = make_prompts(384, lengths=(1, 16, 47, 130), seed=6)
     colocated = make_llm(model_dir("llama"), device="cuda", dtype="bfloat16")

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_leak_free, hf_greedy, make_llm, make_prompts
 from safetensors.torch import load_file, save_file
 
 from pdpipe.messages import SamplingParams
@@ -13,8 +14,6 @@ from pdpipe.models.loader import load_model
 from pdpipe.models.make import MakeModelConfig, make_model
 from pdpipe.models.spec import ModelLoadError
 from pdpipe.tokenizer import Tokenizer
-
-from conftest import assert_leak_free, hf_greedy, make_llm, make_prompts
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0)
 

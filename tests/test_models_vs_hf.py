@@ -1,12 +1,11 @@
 """Greedy output of every architecture equals `transformers` token for token, logprobs to 1e-4,
 alone and under continuous batching with a pool small enough that preemption must act."""
 import pytest
+from conftest import ARCHS, assert_leak_free, hf_greedy, make_llm, make_prompts
 
 from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdpipe.engine.engine import LLMEngine
 from pdpipe.messages import SamplingParams
-
-from conftest import ARCHS, assert_leak_free, hf_greedy, make_llm, make_prompts
 
 MAX_NEW = 12
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0)

@@ -8,12 +8,11 @@ import sys
 import httpx
 import openai
 import pytest
+from conftest import hf_greedy, make_llm, make_prompts
+from pipeline_launch import launched, leak_free, make_launch_config, snapshot, wait_until
 
 from pdpipe.inspect import control
 from pdpipe.messages import SamplingParams
-
-from conftest import hf_greedy, make_llm, make_prompts
-from pipeline_launch import launched, leak_free, make_launch_config, snapshot, wait_until
 
 MODEL = "llama"
 

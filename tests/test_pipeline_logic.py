@@ -1,13 +1,12 @@
 """The pipeline's logic in one process (no sockets): disaggregated output equals colocated, every
 abort point frees every block, deadlines fail requests cleanly, transfer failures are contained."""
 import pytest
+from conftest import make_llm, make_prompts
+from local_pipeline import LocalPipeline
 
 from pdpipe.config import DeadlineConfig
 from pdpipe.messages import AbortRequest, Pause, SamplingParams
 from pdpipe.transfer import FakeTransfer
-
-from conftest import make_llm, make_prompts
-from local_pipeline import LocalPipeline
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0)
 PD = {"prefill-0": "prefill", "decode-0": "decode"}

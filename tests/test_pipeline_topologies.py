@@ -8,13 +8,12 @@ from pathlib import Path
 
 import openai
 import pytest
-
-from pdpipe.launcher import LaunchError, Launcher
-from pdpipe.messages import SamplingParams
-from pdpipe.wire import RunPaths
-
 from conftest import make_llm, make_prompts
 from pipeline_launch import free_port, launched, leak_free, make_launch_config, snapshot, wait_until
+
+from pdpipe.launcher import Launcher, LaunchError
+from pdpipe.messages import SamplingParams
+from pdpipe.wire import RunPaths
 
 MODEL = "llama"
 

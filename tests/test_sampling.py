@@ -4,12 +4,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_leak_free, make_llm, make_prompts
 
 from pdpipe.engine.sampler import apply_penalties, filter_logits
 from pdpipe.engine.sequence import Sequence
 from pdpipe.messages import SamplingParams
-
-from conftest import assert_leak_free, make_llm, make_prompts
 
 
 @pytest.fixture(scope="module")

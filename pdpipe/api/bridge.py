@@ -11,8 +11,16 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from pdpipe.messages import (AbortRequest, ControlRequest, EngineOutput, InstanceStats, NewRequest, SamplingParams,
-                             decode, encode)
+from pdpipe.messages import (
+    AbortRequest,
+    ControlRequest,
+    EngineOutput,
+    InstanceStats,
+    NewRequest,
+    SamplingParams,
+    decode,
+    encode,
+)
 from pdpipe.wire import RunPaths
 
 log = logging.getLogger("pdpipe")

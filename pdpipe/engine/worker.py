@@ -17,8 +17,22 @@ from typing import Callable
 
 from msgspec.structs import replace
 
-from pdpipe.messages import (EngineOutput, Free, InstanceStats, KVLanded, LayersReady, Msg, Pause, Prefill,
-                             PrefillDone, Reserve, Reserved, StateEvent, TransferDone, TransferStart)
+from pdpipe.messages import (
+    EngineOutput,
+    Free,
+    InstanceStats,
+    KVLanded,
+    LayersReady,
+    Msg,
+    Pause,
+    Prefill,
+    PrefillDone,
+    Reserve,
+    Reserved,
+    StateEvent,
+    TransferDone,
+    TransferStart,
+)
 
 from .engine import LLMEngine
 from .scheduler import SchedulerOutput, finish_for

@@ -17,8 +17,19 @@ from typing import Callable
 import msgspec
 
 from pdpipe.config import DeadlineConfig, transfer_name
-from pdpipe.messages import (AbortRequest, AbortTransfer, EngineOutput, Free, InstanceStats, Msg, NewRequest,
-                             Prefill, Reserve, Reserved, StateEvent)
+from pdpipe.messages import (
+    AbortRequest,
+    AbortTransfer,
+    EngineOutput,
+    Free,
+    InstanceStats,
+    Msg,
+    NewRequest,
+    Prefill,
+    Reserve,
+    Reserved,
+    StateEvent,
+)
 
 STATES = ("QUEUED", "RESERVED", "PREFILLING", "TRANSFERRING", "DECODING", "FINISHED", "ABORTED", "FAILED")
 ENDED = ("FINISHED", "ABORTED", "FAILED")

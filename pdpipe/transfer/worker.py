@@ -12,8 +12,20 @@ import logging
 import time
 from typing import Callable
 
-from pdpipe.messages import (AbortTransfer, EngineOutput, Free, InstanceStats, KVLanded, LayersReady, Msg,
-                             PoolInfo, PrefillDone, StateEvent, TransferDone, TransferStart)
+from pdpipe.messages import (
+    AbortTransfer,
+    EngineOutput,
+    Free,
+    InstanceStats,
+    KVLanded,
+    LayersReady,
+    Msg,
+    PoolInfo,
+    PrefillDone,
+    StateEvent,
+    TransferDone,
+    TransferStart,
+)
 
 from . import TransferBackend, TransferError, TransferJob, TransferState
 
