@@ -1,6 +1,7 @@
 """Launching real pipelines (every process, real sockets) for end-to-end tests."""
 from __future__ import annotations
 
+import shutil
 import socket
 import tempfile
 import time
@@ -28,12 +29,16 @@ def make_launch_config(model, roles: list[str], num_blocks: int = 128, **kwargs)
 
 @contextmanager
 def launched(cfg: LaunchConfig):
+    """A running pipeline; its run directory (logs) is removed afterwards unless the test failed."""
     launcher = Launcher(cfg)
     launcher.start()
     try:
         yield launcher
-    finally:
+    except BaseException:
         launcher.stop()
+        raise
+    launcher.stop()
+    shutil.rmtree(launcher.paths.run_dir, ignore_errors=True)
 
 
 def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
