@@ -3,6 +3,7 @@ a second namespace joined by a veth pair is host B. Each host runs its own launc
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,10 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def url(self, host: str) -> str:
         return f"redis://{host}:{self.port}/0"

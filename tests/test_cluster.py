@@ -66,7 +66,9 @@ def hosts(model_dir, tmp_path):
         finally:
             for x in reversed(started):
                 x.stop()
-            redis_server.stop()
+            redis_server.remove()
+            for machine in ("a", "b"):
+                shutil.rmtree(f"/tmp/pdp-{machine}-{os.getpid()}", ignore_errors=True)
 
 
 def test_prefill_on_a_decode_on_b_equals_single_machine(hosts, model_dir):

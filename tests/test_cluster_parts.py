@@ -19,7 +19,7 @@ from pdpipe.transfer import TransferJob
 def redis_url():
     server = RedisServer(["127.0.0.1"]).start()
     yield server.url("127.0.0.1")
-    server.stop()
+    server.remove()
 
 
 def test_coalesce_merges_runs_contiguous_on_both_sides():
