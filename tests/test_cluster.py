@@ -2,6 +2,7 @@
 host B, KV moved by Mooncake over TCP between the hosts' addresses; failures of host B and of Redis."""
 import asyncio
 import os
+import shutil
 
 import httpx
 import openai
