@@ -10,6 +10,8 @@ import triton.language as tl
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
+    dim = k_cache.shape[3]
+    assert dim & (dim - 1) == 0 and dim >= 16, f"head_dim {dim}: the attention kernels need a power of two >= 16"
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV cache layers must be contiguous"
     assert k_cache.dtype == v_cache.dtype
 
@@ -304,17 +306,18 @@ def rms_norm(x, weight, eps: float, residual=None):
 
 @triton.jit
 def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_c, HEADS: tl.constexpr,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
-    i = tl.arange(0, HALF)
-    hmask = (h < HEADS)[:, None]
+    i = tl.arange(0, BLOCK_HALF)
+    imask = i < HALF
+    hmask = (h < HEADS)[:, None] & imask[None, :]
     if INTERLEAVED:
         lo, hi = 2 * i, 2 * i + 1
     else:
         lo, hi = i, i + HALF
-    cos = tl.load(cos_ptr + t * stride_c + lo).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + t * stride_c + lo).to(tl.float32)[None, :]
+    cos = tl.load(cos_ptr + t * stride_c + lo, mask=imask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_c + lo, mask=imask, other=0.0).to(tl.float32)[None, :]
     base = x_ptr + t * stride_xt + h[:, None] * stride_xh
     x1 = tl.load(base + lo[None, :], mask=hmask, other=0.0).to(tl.float32)
     x2 = tl.load(base + hi[None, :], mask=hmask, other=0.0).to(tl.float32)
@@ -330,7 +333,8 @@ def rotary(x, cos, sin, interleaved: bool):
     out = torch.empty(n, heads, dim, dtype=x.dtype, device=x.device)
     if n:
         _rotary_kernel[(n,)](x, out, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HEADS=heads,
-                             HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), INTERLEAVED=interleaved)
+                             HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads),
+                             BLOCK_HALF=triton.next_power_of_2(dim // 2), INTERLEAVED=interleaved)
     return out
 
 

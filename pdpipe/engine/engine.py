@@ -59,6 +59,10 @@ class LLMEngine:
         self.model_dir = resolve_model(config.model)
         self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format)
         self.spec = self.model.spec
+        hd = self.spec.head_dim
+        if config.device.startswith("cuda") and (hd & (hd - 1) or hd < 16):
+            raise ValueError(f"head_dim: {hd}; the GPU attention kernels take powers of two from 16 "
+                             "(64, 128, ...); run this model on device=cpu")
         dtype = getattr(torch, self.spec.dtype)
         block_size = config.cache.block_size
         num_blocks = pool_blocks(self.spec, config)
