@@ -65,5 +65,4 @@ def leak_free(launcher) -> bool:
         st = inst["stats"]
         if not st or st["free_blocks"] != st["num_blocks"] or st["running"] or st["waiting"]:
             return False
-    xfer = snap.get("transfer") or {}
-    return not xfer.get("transfers_in_flight", 0)
+    return not any(x.get("transfers_in_flight", 0) for x in (snap.get("transfers") or {}).values())

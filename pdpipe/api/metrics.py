@@ -50,8 +50,8 @@ class ApiMetrics:
                 if stats:
                     self.blocks_used.labels(name, inst["role"]).set(stats["num_blocks"] - stats["free_blocks"])
                     self.blocks_free.labels(name, inst["role"]).set(stats["free_blocks"])
-            xfer = snapshot.get("transfer") or {}
-            self.xfer_bytes.set(xfer.get("bytes_moved", 0))
-            self.xfer_seconds.set(xfer.get("seconds_moving", 0.0))
-            self.xfer_inflight.set(xfer.get("transfers_in_flight", 0))
+            xfers = (snapshot.get("transfers") or {}).values()  # one transfer process per machine
+            self.xfer_bytes.set(sum(x.get("bytes_moved", 0) for x in xfers))
+            self.xfer_seconds.set(sum(x.get("seconds_moving", 0.0) for x in xfers))
+            self.xfer_inflight.set(sum(x.get("transfers_in_flight", 0) for x in xfers))
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

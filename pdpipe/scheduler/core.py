@@ -240,7 +240,6 @@ class SchedulerCore:
                                  "routed": self.routed[name],
                                  "stats": _stats_dict(self.stats.get(name))}
                           for name, role in self.roles.items()},
-            "transfer": _stats_dict(self.stats.get("transfer")),
             "transfers": {n: _stats_dict(st) for n, st in self.stats.items() if st.role == "transfer"},
             "api": _stats_dict(self.stats.get("api")),
         }
