@@ -8,6 +8,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,7 +200,7 @@ def _own_pool(conn, device, shape):
     handle, offset = pool.export()
     conn.send((handle, offset))
     while conn.recv() != "done":
-        conn.send(pool.tensor.float().sum().item())
+        conn.send(pool.tensor.cpu())
     pool.close()
 
 
@@ -228,6 +229,8 @@ def test_cuda_ipc_backend_runs_job_after_job():
         backend = CudaIpcTransfer()
         for info in infos.values():
             backend.register_pool(info)
+        owners[0][0].send("pool")
+        src = owners[0][0].recv()
         for i in range(12):
             n = 1 + i % 5
             job = TransferJob(f"r{i}", "p", list(range(i, i + n)), "d", list(range(40 + i, 40 + i + n)))
@@ -237,8 +240,9 @@ def test_cuda_ipc_backend_runs_job_after_job():
             while backend.poll(job) is TransferState.PENDING:
                 assert time.monotonic() < deadline, f"job {i} did not land within 30 s"
             backend.finished(job)
-        owners[1][0].send("sum")
-        assert owners[1][0].recv() != 0.0
+            owners[1][0].send("pool")
+            dst = owners[1][0].recv()
+            assert torch.equal(dst[:, :, job.dst_block_ids], src[:, :, job.src_block_ids]), f"job {i}"
     finally:
         for parent, proc in owners:
             parent.send("done")
@@ -314,6 +318,7 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
     del colocated
     torch.cuda.empty_cache()
     monkeypatch.setenv("PDPIPE_LOG_LEVEL", "DEBUG")  # the processes log every message they handle
+    monkeypatch.setenv("PDPIPE_STACKS_EVERY", "20")  # and their stacks, in case one hangs in native code
     cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
     from pdpipe.config import DeadlineConfig
 
@@ -330,6 +335,10 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
 
             print(format_queues(control(str(launcher.paths.run_dir), "snapshot")))
             print("exit codes:", {c.name: c.popen.poll() for c in launcher.children})
+            for c in launcher.children:  # a thread stuck in the driver shows as D state with its wait channel
+                for task in Path(f"/proc/{c.popen.pid}/task").glob("*"):
+                    state = (task / "stat").read_text().split(")")[-1].split()[0]
+                    print(c.name, task.name, state, (task / "wchan").read_text())
             launcher.dump_stacks()
             wait_until(lambda: all("most recent call first" in c.log_path.read_text() for c in launcher.children
                                    if c.popen.poll() is None), timeout=10, what="stack dumps")
