@@ -7,6 +7,7 @@
   prefill   one 2k prompt and 8×512: TFLOP/s against a bf16 GEMM                               (goal ≥ 60 %)
   ttft      time to first token through the launched 1P+1D pipeline on two GPUs, 4k and 128-token
             prompts, against the prefill compute alone                            (overhead ≤ 5 % at 4k)
+  profile   the decode step's kernels, by time (not part of the table)
   rdma      the Mooncake backend moving the same 4k-token KV between two processes' GPU pools over tcp
   hf        the same model under transformers: decode tokens/s at batch 1 and time to first token
 
@@ -233,6 +234,33 @@ def bench_decode(model: Path, results: dict, copy_bw: float) -> None:
                          step_x_floor=step / floor, graph_x_floor=replay / floor, tokens_per_s=batch / step))
         release(engine, out)
     results["decode"] = rows
+    from pdpipe.kernels import triton_ops
+
+    results["skinny_vs_cublas_us"] = {f"{m}x{n}x{k}": [round(a * 1e3, 2), round(b * 1e3, 2)]
+                                      for (m, n, k, *_), (a, b) in triton_ops.skinny_timings.items()}
+    del engine
+    torch.cuda.empty_cache()
+
+
+def bench_profile(model: Path, results: dict) -> None:
+    """Where a graph-replayed decode step spends its time, kernel by kernel (batch 1 and 64)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = make_engine(model, 0, 64, num_blocks=64 * 1040 // BLOCK + 64)
+    tables = {}
+    for batch in (1, 64):
+        out = batch_of(engine, [1024] * batch, decode=True)
+        graph, _ = engine.runner.graphs.graphs[min(b for b in engine.runner.graphs.graphs if b >= batch)]
+        engine.runner.graphs.run(out)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+        tables[batch] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+        print(f"decode batch {batch}, 5 replays\n{tables[batch]}", flush=True)
+        release(engine, out)
+    results["profile"] = {str(b): t for b, t in tables.items()}
     del engine
     torch.cuda.empty_cache()
 
@@ -281,7 +309,8 @@ def attention_vs_sdpa(spec) -> dict:
 
 # ---- ttft through the launched pipeline --------------------------------------------------------------
 
-def _first_token_seconds(port: int, prompt: list[int]) -> float:
+def _first_token_seconds(port: int, prompt: list[int]) -> tuple[float, str]:
+    """(seconds to the first streamed token, request id)."""
     import urllib.request
 
     body = json.dumps({"model": "llama-8b-shape", "prompt": prompt, "max_tokens": 2, "temperature": 0,
@@ -294,7 +323,7 @@ def _first_token_seconds(port: int, prompt: list[int]) -> float:
             if line.startswith(b"data: {"):
                 first = time.perf_counter() - start
                 resp.read()
-                return first
+                return first, json.loads(line[6:])["id"]
     raise RuntimeError("no token came back")
 
 
@@ -303,6 +332,7 @@ def bench_ttft(model: Path, results: dict, prefill_ms: dict[str, float]) -> None
     import tempfile
 
     from pdpipe.config import ApiConfig, CacheConfig, EngineConfig, InstanceConfig, LaunchConfig, SchedulerConfig
+    from pdpipe.inspect import control, format_trace
     from pdpipe.launcher import Launcher
 
     with socket.socket() as s:
@@ -321,12 +351,14 @@ def bench_ttft(model: Path, results: dict, prefill_ms: dict[str, float]) -> None
         rows = []
         gen = torch.Generator().manual_seed(1)
         for n, label in ((4096, "1x4096"), (128, "1x128")):
-            times = [_first_token_seconds(port, torch.randint(0, 128000, (n,), generator=gen).tolist())
-                     for _ in range(8)]
-            ttft = statistics.median(times[2:])
+            runs = [_first_token_seconds(port, torch.randint(0, 128000, (n,), generator=gen).tolist())
+                    for _ in range(8)]
+            ttft = statistics.median(t for t, _ in runs[2:])
+            trace = format_trace(control(cfg.run_dir, "trace", request_id=runs[-1][1]))
+            print(f"ttft {n} tokens: {[round(t * 1e3, 2) for t, _ in runs]} ms; the last one:\n{trace}", flush=True)
             alone = prefill_ms[label] / 1e3
             rows.append(dict(prompt_tokens=n, ttft_ms=ttft * 1e3, prefill_alone_ms=alone * 1e3,
-                             overhead_pct=100 * (ttft - alone) / alone))
+                             overhead_pct=100 * (ttft - alone) / alone, last_trace=trace.splitlines()))
         results["ttft_1p1d"] = rows
     finally:
         launcher.stop()
@@ -375,7 +407,8 @@ def main() -> None:
               ("decode", lambda: bench_decode(model, results, results["copy_bw_TBps"] * 1e12)),
               ("prefill", lambda: bench_prefill(model, results, results["gemm_tflops"])),
               ("ttft", lambda: bench_ttft(model, results, {r["prompts"]: r["ms"] for r in results.get("prefill", [])})),
-              ("hf", lambda: bench_hf(model, results))]
+              ("hf", lambda: bench_hf(model, results)),
+              ("profile", lambda: bench_profile(model, results))]
     for name, run in stages:
         if name in parts:
             start = time.perf_counter()

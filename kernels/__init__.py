@@ -46,6 +46,20 @@ def rotary(x, cos, sin, interleaved: bool):
     return reference.rotary(x, cos, sin, interleaved)
 
 
+def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool):
+    """(rotated q, rotated k), with the rotated k and v written into the cache: one launch on GPU."""
+    if use_triton(q):
+        return triton_ops.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved)
+    return reference.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias: cuBLAS, or on GPU for a few rows the skinny Triton GEMM where it measured faster."""
+    if use_triton(x) and triton_ops.skinny_wins(x, weight, bias):
+        return triton_ops.skinny_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def silu_and_mul(gate_up):
     if use_triton(gate_up):
         return triton_ops.silu_and_mul(gate_up)
@@ -58,5 +72,5 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
     return reference.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers)
 
 
-__all__ = ["copy_blocks", "copy_pool_blocks", "gather_blocks", "paged_attention", "reference", "rms_norm", "rotary",
-           "scatter_blocks", "silu_and_mul", "store_kv", "triton_ops", "use_triton"]
+__all__ = ["copy_blocks", "copy_pool_blocks", "gather_blocks", "linear", "paged_attention", "reference", "rms_norm",
+           "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul", "store_kv", "triton_ops", "use_triton"]

@@ -116,3 +116,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [num_tokens, 2 * inter] → silu(gate) * up: [num_tokens, inter]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool):
+    """Rotary on q and k, then the rotated k and v stored into the paged cache; returns (q, k)."""
+    q, k = rotary(q, cos, sin, interleaved), rotary(k, cos, sin, interleaved)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q, k

@@ -305,25 +305,39 @@ def rms_norm(x, weight, eps: float, residual=None):
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_c, HEADS: tl.constexpr,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def _rotate_heads(x_ptr, stride_h, cos, sin, lo, hi, imask, HEADS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One token's heads rotated: (first halves of the pairs, second halves, head index, mask)."""
     h = tl.arange(0, BLOCK_H)
+    hmask = (h < HEADS)[:, None] & imask[None, :]
+    base = x_ptr + h[:, None] * stride_h
+    x1 = tl.load(base + lo[None, :], mask=hmask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + hi[None, :], mask=hmask, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin, h, hmask
+
+
+@triton.jit
+def _pair_index(cos_ptr, sin_ptr, t, stride_c, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                INTERLEAVED: tl.constexpr):
     i = tl.arange(0, BLOCK_HALF)
     imask = i < HALF
-    hmask = (h < HEADS)[:, None] & imask[None, :]
     if INTERLEAVED:
         lo, hi = 2 * i, 2 * i + 1
     else:
         lo, hi = i, i + HALF
     cos = tl.load(cos_ptr + t * stride_c + lo, mask=imask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + t * stride_c + lo, mask=imask, other=0.0).to(tl.float32)[None, :]
-    base = x_ptr + t * stride_xt + h[:, None] * stride_xh
-    x1 = tl.load(base + lo[None, :], mask=hmask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + hi[None, :], mask=hmask, other=0.0).to(tl.float32)
+    return lo, hi, imask, cos, sin
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_c, HEADS: tl.constexpr,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    lo, hi, imask, cos, sin = _pair_index(cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_HALF, INTERLEAVED)
+    r1, r2, h, hmask = _rotate_heads(x_ptr + t * stride_xt, stride_xh, cos, sin, lo, hi, imask, HEADS, BLOCK_H)
     obase = out_ptr + (t * HEADS + h[:, None]) * (2 * HALF)
-    tl.store(obase + lo[None, :], (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=hmask)
-    tl.store(obase + hi[None, :], (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=hmask)
+    tl.store(obase + lo[None, :], r1.to(out_ptr.dtype.element_ty), mask=hmask)
+    tl.store(obase + hi[None, :], r2.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
 def rotary(x, cos, sin, interleaved: bool):
@@ -336,6 +350,59 @@ def rotary(x, cos, sin, interleaved: bool):
                              HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads),
                              BLOCK_HALF=triton.next_power_of_2(dim // 2), INTERLEAVED=interleaved)
     return out
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, slot_ptr,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
+                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_KVH: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                       INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    lo, hi, imask, cos, sin = _pair_index(cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_HALF, INTERLEAVED)
+    r1, r2, h, hmask = _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, lo, hi, imask, HEADS, BLOCK_H)
+    obase = qo_ptr + (t * HEADS + h[:, None]) * (2 * HALF)
+    tl.store(obase + lo[None, :], r1.to(qo_ptr.dtype.element_ty), mask=hmask)
+    tl.store(obase + hi[None, :], r2.to(qo_ptr.dtype.element_ty), mask=hmask)
+    r1, r2, h, hmask = _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, lo, hi, imask, KV_HEADS, BLOCK_KVH)
+    obase = ko_ptr + (t * KV_HEADS + h[:, None]) * (2 * HALF)
+    tl.store(obase + lo[None, :], r1.to(ko_ptr.dtype.element_ty), mask=hmask)
+    tl.store(obase + hi[None, :], r2.to(ko_ptr.dtype.element_ty), mask=hmask)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # negative slots are padding (CUDA-graph batches)
+        cbase = kc_ptr + (slot * KV_HEADS + h[:, None]) * (2 * HALF)
+        tl.store(cbase + lo[None, :], r1.to(kc_ptr.dtype.element_ty), mask=hmask)
+        tl.store(cbase + hi[None, :], r2.to(kc_ptr.dtype.element_ty), mask=hmask)
+        d = tl.arange(0, BLOCK_D)
+        vmask = (h < KV_HEADS)[:, None] & (d < 2 * HALF)[None, :]
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=vmask)
+        tl.store(vc_ptr + (slot * KV_HEADS + h[:, None]) * (2 * HALF) + d[None, :], v.to(vc_ptr.dtype.element_ty),
+                 mask=vmask)
+
+
+def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool):
+    """Rotates q and k, and writes the rotated k and v into the paged cache, in one launch.
+
+    q: [num_tokens, heads, head_dim], k/v: [num_tokens, kv_heads, head_dim] (strided views of a fused qkv
+    output are fine); returns contiguous rotated (q, k)."""
+    _check_cache(k_cache, v_cache)
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    assert k.shape == v.shape == (n, kv_heads, dim) and tuple(k_cache.shape[2:]) == (kv_heads, dim), \
+        (q.shape, k.shape, v.shape, k_cache.shape)
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
+    assert cos.shape == (n, dim) and sin.shape == (n, dim) and cos.stride(1) == 1 and sin.stride() == cos.stride()
+    assert slot_mapping.shape == (n,) and slot_mapping.dtype in (torch.int32, torch.int64)
+    q_out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(n, kv_heads, dim, dtype=k.dtype, device=k.device)
+    if n:
+        _rope_store_kernel[(n,)](q, k, v, q_out, k_out, k_cache, v_cache, cos, sin, slot_mapping,
+                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                 cos.stride(0), HEADS=heads, KV_HEADS=kv_heads, HALF=dim // 2,
+                                 BLOCK_H=triton.next_power_of_2(heads), BLOCK_KVH=triton.next_power_of_2(kv_heads),
+                                 BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK_D=triton.next_power_of_2(dim),
+                                 INTERLEAVED=interleaved)
+    return q_out, k_out
 
 
 @triton.jit
@@ -358,3 +425,72 @@ def silu_and_mul(gate_up):
         block = 1024
         _silu_mul_kernel[(n, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), INTER=inter, BLOCK=block)
     return out
+
+
+# ---- skinny GEMM: the decode step's projections at batch 1-4, where the weights' bytes are all ------
+
+_SKINNY_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                   for bn, bk, w, st in ((8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3),
+                                         (16, 1024, 8, 2), (64, 128, 8, 4))]
+
+
+@triton.autotune(configs=_SKINNY_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    nmask, mmask = n < N, m < M
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        kmask = k < K
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0.0)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    out = tl.sum(acc, 2)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+SKINNY_MAX_ROWS = 4
+
+
+def skinny_linear(x, weight, bias=None):
+    """x @ weight.T (+ bias) for a few rows of x: each program streams a band of weight rows once."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert 1 <= m <= SKINNY_MAX_ROWS and weight.shape == (n, k) and x.dtype == weight.dtype
+    assert x.stride(1) == 1 and weight.is_contiguous() and (bias is None or bias.shape == (n,))
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _skinny_kernel[grid](x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0),
+                         weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                         BLOCK_M=triton.next_power_of_2(m))
+    return out
+
+
+skinny_timings: dict[tuple, tuple[float, float]] = {}  # shape key → (skinny ms, cuBLAS ms), as measured
+
+
+def skinny_wins(x, weight, bias=None) -> bool:
+    """Whether skinny_linear beats cuBLAS for this shape: timed once per shape (outside graph capture),
+    then remembered."""
+    if x.dim() != 2 or x.shape[0] > SKINNY_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16) \
+            or x.stride(1) != 1 or not weight.is_contiguous():
+        return False
+    key = (x.shape[0], *weight.shape, x.dtype, bias is not None, x.device)
+    times = skinny_timings.get(key)
+    if times is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        from triton.testing import do_bench
+
+        times = skinny_timings[key] = (
+            do_bench(lambda: skinny_linear(x, weight, bias), warmup=5, rep=20, return_mode="median"),
+            do_bench(lambda: torch.nn.functional.linear(x, weight, bias), warmup=5, rep=20, return_mode="median"))
+    return times[0] < times[1]

@@ -22,7 +22,7 @@ import zmq
 from pdpipe import envs
 from pdpipe.config import LaunchConfig, transfer_name
 from pdpipe.messages import Forward, InstanceStats, PoolInfo, Ready, Shutdown, StateEvent
-from pdpipe.wire import InboxThread, Outboxes, RunPaths
+from pdpipe.wire import InboxThread, Outboxes, RunPaths, SenderThread
 
 log = logging.getLogger("pdpipe")
 STATS_PERIOD = 0.2
@@ -113,7 +113,9 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
     try:
         engine = LLMEngine(engine_cfg, pool_path=str(pool_path))
         inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
-        worker = EngineWorker(name, role, engine, proc.out.send,
+        # a prefill engine sends from a thread, so that it can announce layers once the GPU wrote them
+        sender = SenderThread(proc.ctx, proc.paths, proc.out.local) if role == "prefill" else None
+        worker = EngineWorker(name, role, engine, sender.send if sender else proc.out.send,
                               transfer=transfer_name(proc.cfg.cluster.machine))
         shape = list(engine.kv_cache.data.shape)
         info = PoolInfo(instance=name, path=str(pool_path), shape=shape, dtype=engine.spec.dtype)
@@ -129,6 +131,8 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         proc.ready()
         run_worker_loop(proc, inbox, worker)
         inbox.stop()
+        if sender is not None:
+            sender.close()
     finally:
         pool_path.unlink(missing_ok=True)
         proc.close()

@@ -76,6 +76,45 @@ class Outboxes:
         self._socks.clear()
 
 
+class SenderThread:
+    """Outboxes driven by a thread of their own. `send(dest, msg, after=fence)` returns at once; a
+    message given a fence (anything with `.synchronize()`, such as a CUDA event) leaves once the fence
+    has completed, and the messages given after it wait their turn, so every peer gets this process's
+    messages in the order they were handed over. A prefill engine announces each layer this way while
+    it goes on launching the next layers."""
+
+    def __init__(self, ctx: zmq.Context, paths: RunPaths, local: set[str] | None = None):
+        self._ctx, self._paths, self._local = ctx, paths, local
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+        self._thread.start()
+
+    def send(self, dest: str, msg: Msg, after=None) -> None:
+        self._queue.put((dest, msg, after))
+
+    def _run(self) -> None:
+        out = Outboxes(self._ctx, self._paths, self._local)
+        try:
+            while (item := self._queue.get()) is not None:
+                dest, msg, after = item
+                try:
+                    if after is not None:
+                        after.synchronize()
+                except Exception:  # noqa: BLE001 — the engine's own step reports the failure
+                    log.exception("waiting before %s to %s failed", type(msg).__name__, dest)
+                try:
+                    out.send(dest, msg)
+                except Exception:  # noqa: BLE001 — one bad message costs only itself
+                    log.exception("sending %s to %s failed", type(msg).__name__, dest)
+        finally:
+            out.close()
+
+    def close(self) -> None:
+        """Sends what is queued, then stops."""
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
 class InboxThread:
     """Receives this process's inbox on a thread of its own into `self.queue`."""
 

@@ -57,10 +57,11 @@ class EngineWorker:
         self._started: set[str] = set()
         self._final_chunks: list[str] = []  # prefill: requests whose prompt completes in this step
         self.queued_prompt_tokens = 0
-        # prefill on GPU: a layer is announced only once its KV is written. The host waits for the
-        # layer's kernels (the next layer's launch latency, ~10 µs, is all the GPU idles), so the
-        # transfer's copy of layer k runs while the GPU computes layers k+1…
-        self._sync_layers = role == "prefill" and engine.kv_cache.data.is_cuda
+        # prefill on GPU: a layer is announced only once its KV is written: its message goes with a CUDA
+        # event recorded after the layer, and `send` (a SenderThread's) lets it leave once the event has
+        # completed. The transfer's copy of layer k then runs while the GPU computes layers k+1…, and
+        # this thread never waits for the GPU.
+        self._fence_layers = role == "prefill" and engine.kv_cache.data.is_cuda
 
     # ---- inbox -----------------------------------------------------------------------------
     def handle(self, msg: Msg) -> None:
@@ -174,11 +175,15 @@ class EngineWorker:
 
     def _on_layer(self, layer: int) -> None:
         if self._final_chunks:
-            if self._sync_layers:
+            msg = LayersReady(request_ids=self._final_chunks, layer=layer)
+            if self._fence_layers:
                 import torch
 
-                torch.cuda.current_stream().synchronize()
-            self.send(self.transfer, LayersReady(request_ids=self._final_chunks, layer=layer))
+                event = torch.cuda.Event()
+                event.record()
+                self.send(self.transfer, msg, after=event)
+            else:
+                self.send(self.transfer, msg)
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:
         for out in outputs:

@@ -66,6 +66,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
                                    scale, window)
 
 
+class Linear(nn.Linear):
+    """nn.Linear through `kernels.linear` (a skinny Triton GEMM for decode-sized batches where faster)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -107,10 +114,6 @@ class Rotary(nn.Module):
         emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, heads, head_dim], possibly a strided view; returns a contiguous tensor
-        return kernels.rotary(x, cos, sin, self.interleaved)
-
 
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, sliding_window: int | None):
@@ -119,10 +122,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.sliding_window = sliding_window
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(spec.hidden_size, q_size, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        self.q_proj = Linear(spec.hidden_size, q_size, bias=spec.qkv_bias)
+        self.k_proj = Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
+        self.v_proj = Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
+        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
@@ -145,15 +148,14 @@ class Attention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q, k = kernels.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping, rotary.interleaved)
         out = attend(q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(n, -1))
 
 
 def _fused_linear(*parts: nn.Linear) -> nn.Linear:
     first = parts[0]
-    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+    fused = Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
                       device=first.weight.device, dtype=first.weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(torch.cat([p.weight for p in parts]))
@@ -165,9 +167,9 @@ def _fused_linear(*parts: nn.Linear) -> nn.Linear:
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.gate_up_proj: nn.Linear | None = None
 
     def fuse(self) -> None:
@@ -216,7 +218,7 @@ class CausalLM(nn.Module):
         self.model = DecoderBody(spec)
         self.rotary = Rotary(spec.rope, spec.head_dim)
         if not spec.tie_word_embeddings:
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
 
     @torch.inference_mode()
     def forward(
@@ -246,4 +248,4 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] → [n, vocab] float32
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
+        return kernels.linear(hidden, weight).float()
