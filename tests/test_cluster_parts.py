@@ -57,13 +57,20 @@ def _receiver(conn):
     conn.recv()
 
 
+def _answer(conn, proc):
+    """The child's next message; fails at once (not at the suite's timeout) if the child died."""
+    while not conn.poll(0.5):
+        assert proc.is_alive(), f"the receiving process died (exit code {proc.exitcode}); see its stderr"
+    return conn.recv()
+
+
 def test_mooncake_moves_blocks_between_processes_over_tcp():
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_receiver, args=(child,))
     proc.start()
     try:
-        remote = parent.recv()
+        remote = _answer(parent, proc)
         src = torch.randn(SHAPE)
         backend = MooncakeTransfer("127.0.0.1", "tcp")
         backend.expose(PoolInfo(instance="src", path="", shape=list(SHAPE), dtype="float32"), src)
@@ -73,7 +80,7 @@ def test_mooncake_moves_blocks_between_processes_over_tcp():
             backend.send(job, layer)
         assert job.bytes_moved == backend.job_bytes(job) == 3 * 2 * 4 * (4 * 2 * 8 * 4)
         parent.send("read")
-        dst = torch.from_numpy(parent.recv())
+        dst = torch.from_numpy(_answer(parent, proc))
         assert torch.equal(dst[:, :, [5, 6, 7, 0]], src[:, :, [1, 2, 3, 7]])
         untouched = [i for i in range(12) if i not in (5, 6, 7, 0)]
         assert not dst[:, :, untouched].any()
@@ -83,5 +90,6 @@ def test_mooncake_moves_blocks_between_processes_over_tcp():
         with pytest.raises(MooncakeError, match="127.0.0.1:1"):
             backend.send(TransferJob("r2", "src", [1], "dst2", [1]), 0)
     finally:
-        parent.send("done")
+        if proc.is_alive():
+            parent.send("done")
         proc.join(timeout=30)

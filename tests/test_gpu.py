@@ -358,7 +358,7 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
     del colocated
     torch.cuda.empty_cache()
     monkeypatch.setenv("PDPIPE_LOG_LEVEL", "DEBUG")  # the processes log every message they handle
-    monkeypatch.setenv("PDPIPE_STACKS_EVERY", "20")  # and their stacks, in case one hangs in native code
+    monkeypatch.setenv("PDPIPE_STACKS_EVERY", "5")  # and their stacks, in case one hangs in native code
     cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
     from pdpipe.config import DeadlineConfig
 
@@ -379,7 +379,12 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
                 for task in Path(f"/proc/{c.popen.pid}/task").glob("*"):
                     state = (task / "stat").read_text().split(")")[-1].split()[0]
                     print(c.name, task.name, state, (task / "wchan").read_text())
+            import subprocess
+
+            print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+            dumps = {c.name: c.log_path.read_text().count("most recent call first") for c in launcher.children}
             launcher.dump_stacks()
-            wait_until(lambda: all("most recent call first" in c.log_path.read_text() for c in launcher.children
-                                   if c.popen.poll() is None), timeout=10, what="stack dumps")
+            wait_until(lambda: all(c.log_path.read_text().count("most recent call first") > dumps[c.name]
+                                   for c in launcher.children if c.popen.poll() is None), timeout=15,
+                       what="fresh stack dumps")
             raise

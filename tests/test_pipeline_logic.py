@@ -166,3 +166,23 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model_dir):
     pipe.run()
     assert pipe.finish_reason("next") == "length" and len(pipe.tokens("next")) == 10
     assert pipe.leak_free()
+
+
+def test_abort_lets_decode_free_only_after_the_copies_in_flight_end():
+    from pdpipe.messages import AbortTransfer, Free, LayersReady, TransferStart
+    from pdpipe.transfer.worker import TransferWorker
+
+    backend, sent = FakeTransfer(), []
+    worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
+    worker.handle(TransferStart(request_id="r", src_instance="p", src_block_ids=[1, 4], dst_instance="d",
+                                dst_block_ids=[2, 3]))
+    worker.handle(LayersReady(request_ids=["r"], layer=0))
+    backend.in_flight.add("r")  # layer 0's copy is still writing into d's blocks
+    worker.handle(AbortTransfer(request_id="r", decode_instance="d", reason="client gone"))
+    assert not [m for _, m in sent if isinstance(m, Free)] and worker.has_work()
+    worker.step()
+    assert not [m for _, m in sent if isinstance(m, Free)]
+    backend.in_flight.clear()
+    worker.step()
+    assert [(dest, m.reason) for dest, m in sent if isinstance(m, Free)] == [("d", "client gone")]
+    assert backend.aborted == ["r"] and not worker.has_work()

@@ -1,9 +1,12 @@
 """The same-machine GPU transfer backend: peer pools opened through CUDA IPC (once, cached), and per
 layer one Triton kernel on the destination GPU that gathers the request's scattered blocks from the
-source pool over NVLink. Each layer's copy waits, on the GPU, for the prefill engine's IPC event
-that marks that layer's KV written; a job is DONE only once its last copy has completed."""
+source pool over NVLink. The prefill engine announces a layer only once its KV is written (see
+EngineWorker), so each copy is launched as its layer is announced; a job is DONE only once its last
+copy has completed on the GPU."""
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -14,14 +17,20 @@ from pdpipe.transfer import TransferBackend, TransferError, TransferJob, Transfe
 
 from .cuda import open_pool, visible_ordinal
 
+log = logging.getLogger("pdpipe")
+SLOW_COPY_S = 5.0  # a copy still running after this long is reported (with what the GPU says of it)
+
 
 @dataclass
 class _Flight:
     src_ids: torch.Tensor
     dst_ids: torch.Tensor
     start: torch.cuda.Event
+    stream: torch.cuda.Stream
     end: torch.cuda.Event | None = None
     layers: list[int] = field(default_factory=list)
+    last_launch: float = 0.0
+    reported: bool = False
 
 
 class CudaIpcTransfer(TransferBackend):
@@ -55,7 +64,7 @@ class CudaIpcTransfer(TransferBackend):
             if flight is None:
                 flight = _Flight(torch.tensor(job.src_block_ids, dtype=torch.int32, device=device),
                                  torch.tensor(job.dst_block_ids, dtype=torch.int32, device=device),
-                                 torch.cuda.Event(enable_timing=True))
+                                 torch.cuda.Event(enable_timing=True), stream)
                 flight.start.record(stream)
                 self._flights[job.request_id] = flight
             with torch.cuda.stream(stream):
@@ -63,6 +72,7 @@ class CudaIpcTransfer(TransferBackend):
                                          flight.dst_ids, layer, 1)
             flight.end = torch.cuda.Event(enable_timing=True)
             flight.end.record(stream)
+        flight.last_launch = time.monotonic()
         flight.layers.append(layer)
         job.layers_sent.add(layer)
         job.bytes_moved += len(job.src_block_ids) * self._layer_block_bytes(src)
@@ -77,14 +87,18 @@ class CudaIpcTransfer(TransferBackend):
         if flight is None or flight.end is None:
             return TransferState.DONE
         if not flight.end.query():
+            if not flight.reported and time.monotonic() - flight.last_launch > SLOW_COPY_S:
+                flight.reported = True
+                log.warning("%s: copies of layers %s still running %.1f s after the last launch (first copy "
+                            "started: %s, stream idle: %s)", job.request_id, flight.layers,
+                            time.monotonic() - flight.last_launch, flight.start.query(), flight.stream.query())
             return TransferState.PENDING
         job.seconds = flight.start.elapsed_time(flight.end) / 1e3
         return TransferState.DONE
 
     def abort(self, job: TransferJob) -> None:
-        flight = self._flights.pop(job.request_id, None)
-        if flight is not None and flight.end is not None:
-            flight.end.synchronize()  # nothing may write into the destination blocks after this
+        # the worker aborts a job only once poll() no longer says PENDING: nothing is writing any more
+        self._flights.pop(job.request_id, None)
 
     def finished(self, job: TransferJob) -> None:
         self._flights.pop(job.request_id, None)

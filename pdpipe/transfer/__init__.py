@@ -1,8 +1,9 @@
 """The one interface every KV transfer backend implements, and a fake for tests.
 
 A job moves a request's blocks from a source pool to a destination pool, layer by layer:
-`send(job, layer)` starts moving one layer, `poll(request_id)` says where the job stands, and
-`abort(request_id)` stops it (after which the backend writes nothing more for that request).
+`send(job, layer)` starts moving one layer, `poll(job)` says where the job stands, and `abort(job)`
+drops it. The worker aborts a job only once `poll` no longer says PENDING (copies in flight finish
+first, without blocking the process), and only then lets the destination free its blocks.
 """
 from __future__ import annotations
 
@@ -62,13 +63,15 @@ class TransferBackend(ABC):
 
 
 class FakeTransfer(TransferBackend):
-    """Moves nothing; completes at once, or fails for request ids in `fail`."""
+    """Moves nothing; completes at once, fails for request ids in `fail`, and stays PENDING for those in
+    `in_flight` (copies still running)."""
 
     def __init__(self, fail: set[str] | None = None):
         self.fail = fail if fail is not None else set()
         self.pools: dict[str, PoolInfo] = {}
         self.sent: list[tuple[str, int]] = []
         self.aborted: list[str] = []
+        self.in_flight: set[str] = set()
 
     def register_pool(self, pool: PoolInfo) -> None:
         self.pools[pool.instance] = pool
@@ -81,7 +84,7 @@ class FakeTransfer(TransferBackend):
         if job.request_id in self.fail:
             job.error = f"fake failure moving {job.request_id} to {job.dst_instance}"
             return TransferState.FAILED
-        return TransferState.DONE
+        return TransferState.PENDING if job.request_id in self.in_flight else TransferState.DONE
 
     def abort(self, job: TransferJob) -> None:
         self.aborted.append(job.request_id)

@@ -41,6 +41,7 @@ class TransferWorker:
         self._pools: set[str] = set()
         self.jobs: dict[str, TransferJob] = {}
         self._first: dict[str, PrefillDone] = {}
+        self._draining: dict[str, tuple[TransferJob, AbortTransfer]] = {}  # aborted, copies still running
         self.bytes_moved = 0
         self.seconds_moving = 0.0
 
@@ -66,12 +67,18 @@ class TransferWorker:
         elif isinstance(msg, AbortTransfer):
             job = self.jobs.pop(msg.request_id, None)
             self._first.pop(msg.request_id, None)
-            if job is not None:
-                self.backend.abort(job)
-            self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
+            if job is not None and self.backend.poll(job) is TransferState.PENDING:
+                self._draining[msg.request_id] = (job, msg)  # decode frees its blocks once nothing writes them
+            else:
+                self._aborted(job, msg)
         else:
             raise TypeError(f"{self.name} cannot handle {type(msg).__name__}")
         self.poll()
+
+    def _aborted(self, job: TransferJob | None, msg: AbortTransfer) -> None:
+        if job is not None:
+            self.backend.abort(job)
+        self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
 
     def _register(self, pool: PoolInfo) -> None:
         self.backend.register_pool(pool)
@@ -87,6 +94,10 @@ class TransferWorker:
 
     def poll(self) -> None:
         """Finishes the jobs whose every layer landed, and fails those the backend gave up on."""
+        for rid, (job, msg) in list(self._draining.items()):
+            if self.backend.poll(job) is not TransferState.PENDING:
+                del self._draining[rid]
+                self._aborted(job, msg)
         for rid, job in list(self.jobs.items()):
             state = TransferState.FAILED if job.error else self.backend.poll(job)
             if state is TransferState.FAILED:
@@ -120,7 +131,7 @@ class TransferWorker:
                                           time=self.clock(), detail=detail))
 
     def has_work(self) -> bool:
-        return any(self.backend.poll(j) is TransferState.PENDING for j in self.jobs.values())
+        return bool(self._draining) or any(self.backend.poll(j) is TransferState.PENDING for j in self.jobs.values())
 
     def stats(self, inbox_depth: int = 0) -> InstanceStats:
         return InstanceStats(instance=self.name, role="transfer", time=self.clock(), inbox=inbox_depth,
