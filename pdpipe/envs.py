@@ -15,8 +15,3 @@ def log_level() -> str:
     """PDPIPE_LOG_LEVEL: logging level of every pdpipe process (default INFO)."""
     return os.environ.get("PDPIPE_LOG_LEVEL", "INFO").upper()
 
-
-def stacks_every() -> float:
-    """PDPIPE_STACKS_EVERY: seconds; every process writes all its threads' stacks to its log this often
-    (for hangs inside native code, where even a SIGUSR1 may not get through). Off when unset."""
-    return float(os.environ.get("PDPIPE_STACKS_EVERY") or 0)

@@ -210,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
     faulthandler.enable()  # a crash in native code (CUDA, Triton) still leaves its Python stack in the log
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hang: every thread's stack, on demand
-    if envs.stacks_every() > 0:  # from a C thread of faulthandler's own, so a stuck main thread still reports
-        faulthandler.dump_traceback_later(envs.stacks_every(), repeat=True)
     try:
         RUNNERS[role](role, name, run_dir)
     except Exception:

@@ -358,7 +358,6 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
     del colocated
     torch.cuda.empty_cache()
     monkeypatch.setenv("PDPIPE_LOG_LEVEL", "DEBUG")  # the processes log every message they handle
-    monkeypatch.setenv("PDPIPE_STACKS_EVERY", "5")  # and their stacks, in case one hangs in native code
     cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
     from pdpipe.config import DeadlineConfig
 
@@ -387,4 +386,7 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
             wait_until(lambda: all(c.log_path.read_text().count("most recent call first") > dumps[c.name]
                                    for c in launcher.children if c.popen.poll() is None), timeout=15,
                        what="fresh stack dumps")
+            for c in launcher.children:
+                if c.role == "transfer":
+                    print(c.log_path.read_text()[-6000:])
             raise
