@@ -186,3 +186,26 @@ def test_abort_lets_decode_free_only_after_the_copies_in_flight_end():
     worker.step()
     assert [(dest, m.reason) for dest, m in sent if isinstance(m, Free)] == [("d", "client gone")]
     assert backend.aborted == ["r"] and not worker.has_work()
+
+
+def test_copies_that_end_between_messages_are_still_reported():
+    """The last message (PrefillDone) finds the copies running; they end with no message after it: the
+    worker must still have work until it reported the landing (the GPU pipeline once stalled here)."""
+    from pdpipe.messages import KVLanded, LayersReady, PrefillDone, TransferDone, TransferStart
+    from pdpipe.transfer.worker import TransferWorker
+
+    backend, sent = FakeTransfer(), []
+    worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
+    worker.handle(TransferStart(request_id="r", src_instance="p", src_block_ids=[1], dst_instance="d",
+                                dst_block_ids=[2]))
+    backend.in_flight.add("r")
+    for layer in range(2):
+        worker.handle(LayersReady(request_ids=["r"], layer=layer))
+    worker.handle(PrefillDone(request_id="r", first_token=7))
+    assert worker.has_work() and not [m for _, m in sent if isinstance(m, KVLanded)]
+    backend.in_flight.clear()  # the copies end; no message follows
+    assert worker.has_work()
+    worker.step()
+    assert [(dest, type(m)) for dest, m in sent if isinstance(m, (KVLanded, TransferDone))] == \
+        [("d", KVLanded), ("p", TransferDone)]
+    assert not worker.has_work()

@@ -102,8 +102,7 @@ class TransferWorker:
             state = TransferState.FAILED if job.error else self.backend.poll(job)
             if state is TransferState.FAILED:
                 self._fail(job)
-            elif (state is TransferState.DONE and rid in self._first
-                  and len(job.layers_sent) == self.num_layers):
+            elif state is TransferState.DONE and self._ready(rid, job):
                 self._finish(job, self._first.pop(rid))
 
     def _finish(self, job: TransferJob, first: PrefillDone) -> None:
@@ -131,7 +130,18 @@ class TransferWorker:
                                           time=self.clock(), detail=detail))
 
     def has_work(self) -> bool:
-        return bool(self._draining) or any(self.backend.poll(j) is TransferState.PENDING for j in self.jobs.values())
+        """Copies still running, or a job whose outcome is known but not yet reported: `step` must run
+        (a job whose copies end between two messages is finished by `step`, not by a message)."""
+        if self._draining:
+            return True
+        for rid, job in self.jobs.items():
+            state = TransferState.FAILED if job.error else self.backend.poll(job)
+            if state is not TransferState.DONE or self._ready(rid, job):
+                return True
+        return False
+
+    def _ready(self, rid: str, job: TransferJob) -> bool:
+        return rid in self._first and len(job.layers_sent) == self.num_layers
 
     def stats(self, inbox_depth: int = 0) -> InstanceStats:
         return InstanceStats(instance=self.name, role="transfer", time=self.clock(), inbox=inbox_depth,
