@@ -390,3 +390,56 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
                 if c.role == "transfer":
                     print(c.log_path.read_text()[-6000:])
             raise
+
+
+def _mooncake_gpu_receiver(conn, shape):
+    from pdpipe.ipc.cuda import CudaPool
+    from pdpipe.messages import PoolInfo
+    from pdpipe.rdma import MooncakeTransfer
+
+    pool = CudaPool(shape, torch.bfloat16, 1)  # zeroed
+    backend = MooncakeTransfer("127.0.0.1", "tcp")
+    conn.send(backend.expose(PoolInfo(instance="dst", path="", shape=list(shape), dtype="bfloat16"), pool.tensor))
+    conn.recv()
+    conn.send(pool.tensor.cpu())
+    conn.recv()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_mooncake_moves_a_gpu_pool_between_processes_over_tcp():
+    import multiprocessing as mp
+
+    pytest.importorskip("mooncake.engine")
+    from pdpipe.ipc.cuda import CudaPool
+    from pdpipe.messages import PoolInfo
+    from pdpipe.rdma import MooncakeTransfer
+    from pdpipe.transfer import TransferJob
+
+    shape = (4, 2, 40, 16, 8, 128)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_mooncake_gpu_receiver, args=(child, shape))
+    proc.start()
+    try:
+        assert parent.poll(120), "the receiving process did not publish its pool"
+        remote = parent.recv()
+        src = CudaPool(shape, torch.bfloat16, 0)
+        src.tensor.copy_(torch.randn(shape, device="cuda:0").to(torch.bfloat16))
+        torch.cuda.synchronize(0)
+        backend = MooncakeTransfer("127.0.0.1", "tcp")
+        backend.expose(PoolInfo(instance="src", path="", shape=list(shape), dtype="bfloat16"), src.tensor)
+        backend.register_pool(remote)
+        job = TransferJob("r", "src", [3, 4, 5, 17, 30], "dst", [0, 1, 2, 39, 8])
+        for layer in range(shape[0]):
+            backend.send(job, layer)
+        assert job.bytes_moved == backend.job_bytes(job)
+        parent.send("read")
+        dst = parent.recv()
+        expected = src.tensor.cpu()
+        assert torch.equal(dst[:, :, job.dst_block_ids], expected[:, :, job.src_block_ids])
+        others = [i for i in range(shape[2]) if i not in job.dst_block_ids]
+        assert not dst[:, :, others].any()
+    finally:
+        if proc.is_alive():
+            parent.send("done")
+        proc.join(timeout=30)
