@@ -330,14 +330,20 @@ def _pair_index(cos_ptr, sin_ptr, t, stride_c, HALF: tl.constexpr, BLOCK_HALF: t
 
 
 @triton.jit
+def _store_rotated(out_ptr, first_row, h, lo, hi, r1, r2, hmask, HALF: tl.constexpr):
+    """Rotated heads into rows `first_row + h` of a [rows, head_dim] array."""
+    base = out_ptr + (first_row + h[:, None]) * (2 * HALF)
+    tl.store(base + lo[None, :], r1.to(out_ptr.dtype.element_ty), mask=hmask)
+    tl.store(base + hi[None, :], r2.to(out_ptr.dtype.element_ty), mask=hmask)
+
+
+@triton.jit
 def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_c, HEADS: tl.constexpr,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     lo, hi, imask, cos, sin = _pair_index(cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_HALF, INTERLEAVED)
     r1, r2, h, hmask = _rotate_heads(x_ptr + t * stride_xt, stride_xh, cos, sin, lo, hi, imask, HEADS, BLOCK_H)
-    obase = out_ptr + (t * HEADS + h[:, None]) * (2 * HALF)
-    tl.store(obase + lo[None, :], r1.to(out_ptr.dtype.element_ty), mask=hmask)
-    tl.store(obase + hi[None, :], r2.to(out_ptr.dtype.element_ty), mask=hmask)
+    _store_rotated(out_ptr, t * HEADS, h, lo, hi, r1, r2, hmask, HALF)
 
 
 def rotary(x, cos, sin, interleaved: bool):
@@ -361,18 +367,12 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr, cos_
     t = tl.program_id(0).to(tl.int64)
     lo, hi, imask, cos, sin = _pair_index(cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_HALF, INTERLEAVED)
     r1, r2, h, hmask = _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, lo, hi, imask, HEADS, BLOCK_H)
-    obase = qo_ptr + (t * HEADS + h[:, None]) * (2 * HALF)
-    tl.store(obase + lo[None, :], r1.to(qo_ptr.dtype.element_ty), mask=hmask)
-    tl.store(obase + hi[None, :], r2.to(qo_ptr.dtype.element_ty), mask=hmask)
+    _store_rotated(qo_ptr, t * HEADS, h, lo, hi, r1, r2, hmask, HALF)
     r1, r2, h, hmask = _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, lo, hi, imask, KV_HEADS, BLOCK_KVH)
-    obase = ko_ptr + (t * KV_HEADS + h[:, None]) * (2 * HALF)
-    tl.store(obase + lo[None, :], r1.to(ko_ptr.dtype.element_ty), mask=hmask)
-    tl.store(obase + hi[None, :], r2.to(ko_ptr.dtype.element_ty), mask=hmask)
+    _store_rotated(ko_ptr, t * KV_HEADS, h, lo, hi, r1, r2, hmask, HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:  # negative slots are padding (CUDA-graph batches)
-        cbase = kc_ptr + (slot * KV_HEADS + h[:, None]) * (2 * HALF)
-        tl.store(cbase + lo[None, :], r1.to(kc_ptr.dtype.element_ty), mask=hmask)
-        tl.store(cbase + hi[None, :], r2.to(kc_ptr.dtype.element_ty), mask=hmask)
+        _store_rotated(kc_ptr, slot * KV_HEADS, h, lo, hi, r1, r2, hmask, HALF)
         d = tl.arange(0, BLOCK_D)
         vmask = (h < KV_HEADS)[:, None] & (d < 2 * HALF)[None, :]
         v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=vmask)
