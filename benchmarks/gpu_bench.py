@@ -309,23 +309,40 @@ def attention_vs_sdpa(spec) -> dict:
 
 # ---- ttft through the launched pipeline --------------------------------------------------------------
 
-def _first_token_seconds(port: int, prompt: list[int]) -> tuple[float, str, float, float]:
-    """(seconds to the first streamed token, request id, wall clock at sending, at the first token)."""
-    import urllib.request
+class _Client:
+    """Streams completions and times the first token, over one kept-alive connection (as the OpenAI
+    SDK's connection pool does) or, with `fresh`, a new connection per request."""
 
-    body = json.dumps({"model": "llama-8b-shape", "prompt": prompt, "max_tokens": 2, "temperature": 0,
-                       "ignore_eos": True, "stream": True, "return_token_ids": True}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    sent, start = time.time(), time.perf_counter()
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        for line in resp:
+    def __init__(self, port: int, fresh: bool = False):
+        import http.client
+
+        self.port, self.fresh = port, fresh
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def first_token(self, prompt: list[int]) -> tuple[float, str, float, float]:
+        """(seconds to the first streamed token, request id, wall clock at sending, at the first token)."""
+        body = json.dumps({"model": "llama-8b-shape", "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                           "ignore_eos": True, "stream": True, "return_token_ids": True}).encode()
+        if self.fresh:
+            self.conn.close()
+        sent, start = time.time(), time.perf_counter()
+        self.conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        while line := resp.readline():
             if line.startswith(b"data: {"):
-                first = time.perf_counter() - start
-                got = time.time()
+                first, got = time.perf_counter() - start, time.time()
                 resp.read()
                 return first, json.loads(line[6:])["id"], sent, got
-    raise RuntimeError("no token came back")
+        raise RuntimeError(f"no token came back (HTTP {resp.status})")
+
+
+def _split(timeline: dict, sent: float, got: float) -> dict:
+    """Where one request's time to first token went, from its trace and the client's clock."""
+    when = {state + detail[:11]: t for t, state, _, detail in timeline["events"]}
+    return dict(send_to_api_ms=(timeline["arrival"] - sent) * 1e3,
+                api_to_prefilling_ms=(when["PREFILLING"] - timeline["arrival"]) * 1e3,
+                prefilling_ms=(when["TRANSFERRINGprefill end"] - when["PREFILLING"]) * 1e3,
+                prefill_end_to_client_ms=(got - when["TRANSFERRINGprefill end"]) * 1e3)
 
 
 def bench_ttft(model: Path, results: dict, prefill_ms: dict[str, float]) -> None:
@@ -352,23 +369,21 @@ def bench_ttft(model: Path, results: dict, prefill_ms: dict[str, float]) -> None
         rows = []
         gen = torch.Generator().manual_seed(1)
         for n, label in ((4096, "1x4096"), (128, "1x128")):
-            runs = [_first_token_seconds(port, torch.randint(0, 128000, (n,), generator=gen).tolist())
-                    for _ in range(8)]
-            ttft = statistics.median(r[0] for r in runs[2:])
-            _, rid, sent, got = runs[-1]
-            timeline = control(cfg.run_dir, "trace", request_id=rid)
-            trace = format_trace(timeline)
-            when = {state + detail[:11]: t for t, state, _, detail in timeline["events"]}
-            split = dict(send_to_api_ms=(timeline["arrival"] - sent) * 1e3,
-                         api_to_prefilling_ms=(when["PREFILLING"] - timeline["arrival"]) * 1e3,
-                         prefilling_ms=(when["TRANSFERRINGprefill end"] - when["PREFILLING"]) * 1e3,
-                         prefill_end_to_client_ms=(got - when["TRANSFERRINGprefill end"]) * 1e3)
-            print(f"ttft {n} tokens: {[round(r[0] * 1e3, 2) for r in runs]} ms; the last one: {split}\n{trace}",
-                  flush=True)
             alone = prefill_ms[label] / 1e3
-            rows.append(dict(prompt_tokens=n, ttft_ms=ttft * 1e3, prefill_alone_ms=alone * 1e3,
-                             overhead_pct=100 * (ttft - alone) / alone, last_split=split,
-                             last_trace=trace.splitlines()))
+            for fresh in (False, True):
+                client = _Client(port, fresh)
+                runs = [client.first_token(torch.randint(0, 128000, (n,), generator=gen).tolist()) for _ in range(8)]
+                ttft = statistics.median(r[0] for r in runs[2:])
+                splits = [_split(control(cfg.run_dir, "trace", request_id=rid), sent, got)
+                          for _, rid, sent, got in runs[2:]]
+                split = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
+                trace = format_trace(control(cfg.run_dir, "trace", request_id=runs[-1][1]))
+                print(f"ttft {n} tokens ({'new connection each' if fresh else 'kept-alive connection'}): "
+                      f"{[round(r[0] * 1e3, 2) for r in runs]} ms; medians: {split}\n{trace}", flush=True)
+                rows.append(dict(prompt_tokens=n, connection="new each request" if fresh else "kept alive",
+                                 ttft_ms=ttft * 1e3, prefill_alone_ms=alone * 1e3,
+                                 overhead_pct=100 * (ttft - alone) / alone, median_split=split,
+                                 last_trace=trace.splitlines()))
         results["ttft_1p1d"] = rows
     finally:
         launcher.stop()
