@@ -189,7 +189,7 @@ class OpenAIRoutes:
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.ctx.tokenizer.encode(prompt)
-        elif prompt and all(isinstance(t, int) for t in prompt):
+        elif prompt and set(map(type, prompt)) == {int}:  # C-speed checks: prompts run to 100k+ tokens
             ids = list(prompt)
         elif len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             return self._prompt_ids(prompt[0])
@@ -199,7 +199,7 @@ class OpenAIRoutes:
         vocab = self.ctx.tokenizer.vocab_size
         if not ids:
             raise APIError(400, "prompt: is empty", "prompt")
-        if any(not 0 <= t < vocab for t in ids):
+        if min(ids) < 0 or max(ids) >= vocab:
             raise APIError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
         return ids
 
