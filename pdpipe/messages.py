@@ -94,10 +94,11 @@ class AbortRequest(Msg):  # api → scheduler: client gone, or a stop string mat
     reason: str = "abort"
 
 
-class Reserve(Msg):  # scheduler → decode: hold blocks for this prompt's KV
+class Reserve(Msg):  # scheduler → decode: hold blocks for this prompt's KV, then pass the Prefill on
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    prefill_instance: str = ""  # once reserved, decode sends the Prefill there itself (one hop, not two)
 
 
 class Reserved(Msg):  # decode → scheduler; block_ids None when they were not free
@@ -105,9 +106,10 @@ class Reserved(Msg):  # decode → scheduler; block_ids None when they were not 
     instance: str
     block_ids: list[int] | None
     free_blocks: int
+    prefill_instance: str = ""  # where decode sent the Prefill ("" when it sent none)
 
 
-class Prefill(Msg):  # scheduler → prefill (or → mixed, with decode_instance empty)
+class Prefill(Msg):  # decode → prefill once reserved (or scheduler → mixed, with decode_instance empty)
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams

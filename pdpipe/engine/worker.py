@@ -3,7 +3,7 @@
 prefill: takes `Prefill`, computes the prompt with its KV held (`hold_kv`), tells the transfer which
   blocks will move and signals each finished layer, sends the first token to `api` at once and to
   the transfer (`PrefillDone`); frees the blocks on `TransferDone`. States: PREFILLING → TRANSFERRING.
-decode: answers `Reserve` with blocks, continues a request on `KVLanded` from its first token, and
+decode: answers `Reserve` with blocks (and passes the `Prefill` on to the prefill engine), continues a request on `KVLanded` from its first token, and
   streams tokens to `api`. States: DECODING → FINISHED.
 mixed: both in one engine (colocated), the baseline. States: PREFILLING → DECODING → FINISHED.
 `Free` drops a request wherever it is here. No sockets: `send(dest, msg)` is given.
@@ -90,10 +90,16 @@ class EngineWorker:
         blocks = None
         if msg.request_id not in self._tombstones:
             blocks = self.engine.reserve(msg.request_id, len(msg.prompt_token_ids))
+        forward = blocks is not None and bool(msg.prefill_instance)
         if blocks is not None:
             self._pending[msg.request_id] = msg
+        if forward:  # straight to the prefill engine: time to first token does not wait for the scheduler
+            self.send(msg.prefill_instance, Prefill(request_id=msg.request_id, prompt_token_ids=msg.prompt_token_ids,
+                                                    params=msg.params, decode_instance=self.name,
+                                                    decode_block_ids=blocks))
         self.send(SCHEDULER, Reserved(request_id=msg.request_id, instance=self.name, block_ids=blocks,
-                                      free_blocks=self.engine.blocks.num_free_blocks))
+                                      free_blocks=self.engine.blocks.num_free_blocks,
+                                      prefill_instance=msg.prefill_instance if forward else ""))
 
     def _on_KVLanded(self, msg: KVLanded) -> None:
         reserve = self._pending.pop(msg.request_id, None)

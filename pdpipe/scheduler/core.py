@@ -5,10 +5,13 @@ QUEUED → RESERVED (blocks held on D) → PREFILLING (on P) → TRANSFERRING (l
        → DECODING (on D) → FINISHED | ABORTED | FAILED
 A mixed instance runs QUEUED → PREFILLING → DECODING → FINISHED in one engine.
 Decode instances are picked by free blocks (then fewest running), prefill instances by queued prompt
-tokens; a decode instance that cannot reserve is skipped and the request stays queued until one can.
+tokens, both at once: the Reserve names the prefill instance, and decode passes the Prefill on to it
+as soon as the blocks are held. A decode instance that cannot reserve is skipped and the request
+stays queued until one can.
 """
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from pdpipe.messages import (
 
 STATES = ("QUEUED", "RESERVED", "PREFILLING", "TRANSFERRING", "DECODING", "FINISHED", "ABORTED", "FAILED")
 ENDED = ("FINISHED", "ABORTED", "FAILED")
+STAGE = {state: i for i, state in enumerate(STATES[:5])}  # an ended state outranks them all
 Send = Callable[[str, Msg | EngineOutput], None]
 
 
@@ -118,9 +122,12 @@ class SchedulerCore:
                 decode = max(decodes, key=self._decode_score)
                 rec.reserving = decode
                 rec.tried.add(decode)
+                # the prefill engine is chosen now: decode sends it the Prefill as soon as it has blocks
+                rec.prefill = min(self.of_role("prefill"), key=self._prefill_load)
+                self.outstanding_tokens[rec.prefill] += len(rec.request.prompt_token_ids)
                 self.send(decode, Reserve(request_id=rec.request_id,
                                           prompt_token_ids=rec.request.prompt_token_ids,
-                                          params=rec.request.params))
+                                          params=rec.request.params, prefill_instance=rec.prefill))
             return
         mixed = self.of_role("mixed")
         if mixed:
@@ -148,18 +155,21 @@ class SchedulerCore:
             if msg.block_ids is not None:  # the request ended meanwhile: give the blocks back
                 self.send(self.transfer_of(msg.instance),
                           AbortTransfer(request_id=msg.request_id, decode_instance=msg.instance))
+                if rec is None and msg.prefill_instance:  # and drop the Prefill decode passed on
+                    self.send(msg.prefill_instance, Free(request_id=msg.request_id, reason="ended"))
             return
         rec.reserving = ""
         if msg.block_ids is None:
+            self.outstanding_tokens[rec.prefill] -= len(rec.request.prompt_token_ids)
+            rec.prefill = ""
             self._dispatch(rec)  # next decode instance, if any is left untried
             if not rec.reserving:
                 rec.retry_at = self.clock() + 0.05
             return
         rec.decode = msg.instance
         self.routed[msg.instance] += 1
+        self.routed[rec.prefill] += 1
         self._record(rec, "RESERVED", msg.instance, f"{len(msg.block_ids)} blocks")
-        rec.prefill = min(self.of_role("prefill"), key=self._prefill_load)
-        self._send_prefill(rec, rec.prefill, msg.instance, msg.block_ids)
 
     def _on_event(self, msg: StateEvent) -> None:
         rec = self.live.get(msg.request_id)
@@ -184,8 +194,8 @@ class SchedulerCore:
     def _record(self, rec: RequestRecord, state: str, instance: str, detail: str,
                 when: float | None = None) -> None:
         when = when or self.clock()
-        rec.events.append((when, state, instance, detail))
-        if state != rec.state:
+        bisect.insort(rec.events, (when, state, instance, detail), key=lambda e: e[0])  # senders may cross
+        if STAGE.get(state, len(STAGE)) > STAGE.get(rec.state, -1):  # states only move forward
             rec.state, rec.since = state, when
 
     # ---- the one way out: finish, abort or fail ---------------------------------------------
