@@ -339,8 +339,9 @@ class _Client:
 def _split(timeline: dict, sent: float, got: float) -> dict:
     """Where one request's time to first token went, from its trace and the client's clock."""
     when = {state + detail[:11]: t for t, state, _, detail in timeline["events"]}
-    return dict(send_to_api_ms=(timeline["arrival"] - sent) * 1e3,
-                api_to_prefilling_ms=(when["PREFILLING"] - timeline["arrival"]) * 1e3,
+    return dict(client_to_api_handler_ms=(timeline["arrival"] - sent) * 1e3,  # arrival: the handler's start
+                handler_to_scheduler_ms=(when["QUEUED"] - timeline["arrival"]) * 1e3,
+                scheduler_to_prefilling_ms=(when["PREFILLING"] - when["QUEUED"]) * 1e3,
                 prefilling_ms=(when["TRANSFERRINGprefill end"] - when["PREFILLING"]) * 1e3,
                 prefill_end_to_client_ms=(got - when["TRANSFERRINGprefill end"]) * 1e3)
 

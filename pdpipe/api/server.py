@@ -86,8 +86,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 class Generation:
     """One request's run through the pipeline, as text deltas."""
 
-    def __init__(self, ctx: ApiContext, prompt: list[int], params: SamplingParams):
+    def __init__(self, ctx: ApiContext, prompt: list[int], params: SamplingParams, received: float):
         self.ctx, self.prompt, self.params = ctx, prompt, params
+        self.received = received  # when the handler began: the request's arrival in its trace
         self.request_id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.state = RequestTextState(ctx.tokenizer, self.request_id, prompt, params)
@@ -96,7 +97,7 @@ class Generation:
     async def deltas(self) -> AsyncIterator[TextDelta]:
         ctx, rid = self.ctx, self.request_id
         start = time.monotonic()
-        stream = await ctx.bridge.submit(rid, self.prompt, self.params, time.time())
+        stream = await ctx.bridge.submit(rid, self.prompt, self.params, self.received)
         first_at = None
         finished = False
         try:
@@ -204,6 +205,7 @@ class OpenAIRoutes:
         return ids
 
     async def completions(self, request: Request) -> Response:
+        received = time.time()
         try:
             self.ctx.check_available()
             req = parse_body(await read_body(request, self.ctx.max_body_bytes), CompletionRequest)
@@ -217,7 +219,7 @@ class OpenAIRoutes:
             return _error(exc)
         except ClientDisconnect:
             return Response(status_code=499)
-        gen = Generation(self.ctx, prompt, params)
+        gen = Generation(self.ctx, prompt, params, received)
         head = {"id": gen.request_id, "object": "text_completion", "created": gen.created,
                 "model": self.ctx.model_name}
 
@@ -231,6 +233,7 @@ class OpenAIRoutes:
         return await self._complete(request, gen, head, lambda text, d: [{**choice(d), "text": text}])
 
     async def chat(self, request: Request) -> Response:
+        received = time.time()
         try:
             self.ctx.check_available()
             req = parse_body(await read_body(request, self.ctx.max_body_bytes), ChatCompletionRequest)
@@ -247,7 +250,7 @@ class OpenAIRoutes:
             return _error(exc)
         except ClientDisconnect:
             return Response(status_code=499)
-        gen = Generation(self.ctx, prompt, params)
+        gen = Generation(self.ctx, prompt, params, received)
         head = {"id": gen.request_id.replace("cmpl-", "chatcmpl-"), "object": "chat.completion.chunk",
                 "created": gen.created, "model": self.ctx.model_name}
         tok = self.ctx.tokenizer
