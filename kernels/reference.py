@@ -63,13 +63,13 @@ def paged_attention(
 
 def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """pool [num_blocks, ...] → [len(block_ids), ...]."""
-    return pool.index_select(0, block_ids.to(pool.device))
+    return pool.index_select(0, block_ids.to(pool.device, torch.long))
 
 
 def scatter_blocks(pool: torch.Tensor, block_ids: torch.Tensor, blocks: torch.Tensor) -> None:
     """Writes blocks [len(block_ids), ...] into pool at block_ids."""
     assert blocks.shape[1:] == pool.shape[1:], (blocks.shape, pool.shape)
-    pool.index_copy_(0, block_ids.to(pool.device), blocks.to(pool.dtype))
+    pool.index_copy_(0, block_ids.to(pool.device, torch.long), blocks.to(pool.dtype))
 
 
 def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor) -> None:

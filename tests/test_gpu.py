@@ -283,6 +283,17 @@ def test_cuda_ipc_backend_runs_job_after_job():
             owners[1][0].send("pool")
             dst = owners[1][0].recv()
             assert torch.equal(dst[:, :, job.dst_block_ids], src[:, :, job.src_block_ids]), f"job {i}"
+        batch = [TransferJob(f"b{i}", "p", [20 + 3 * i, 21 + 3 * i], "d", [10 + 2 * i, 11 + 2 * i]) for i in range(3)]
+        for layer in range(shape[0]):  # requests one prefill step completed: one launch per layer for all
+            backend.send_batch(batch, layer)
+        deadline = time.monotonic() + 30
+        while any(backend.poll(job) is TransferState.PENDING for job in batch):
+            assert time.monotonic() < deadline, "the batch did not land within 30 s"
+        owners[1][0].send("pool")
+        dst = owners[1][0].recv()
+        for job in batch:
+            assert job.layers_sent == set(range(shape[0])) and job.bytes_moved == backend.job_bytes(job)
+            assert torch.equal(dst[:, :, job.dst_block_ids], src[:, :, job.src_block_ids]), job.request_id
     finally:
         for parent, proc in owners:
             parent.send("done")

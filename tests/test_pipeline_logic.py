@@ -209,3 +209,52 @@ def test_copies_that_end_between_messages_are_still_reported():
     assert [(dest, type(m)) for dest, m in sent if isinstance(m, (KVLanded, TransferDone))] == \
         [("d", KVLanded), ("p", TransferDone)]
     assert not worker.has_work()
+
+
+def test_requests_prefilled_together_move_in_one_batch_per_layer(model_dir, colocated):
+    from local_pipeline import TensorPools
+
+    class Recording(TensorPools):
+        def __init__(self, engines):
+            super().__init__(engines)
+            self.batches = []
+
+        def send_batch(self, jobs, layer):
+            self.batches.append((sorted(j.request_id for j in jobs), layer))
+            super().send_batch(jobs, layer)
+
+    pipe = LocalPipeline(model_dir("qwen3"), PD)
+    pipe.backend = pipe.transfer.backend = Recording(pipe.engines)
+    prompts = make_prompts(384, lengths=(9, 17, 30))
+    for i, p in enumerate(prompts):
+        pipe.submit(str(i), p, GREEDY)
+    pipe.run()
+    for i, p in enumerate(prompts):  # one launch per layer moved all three, each into its own blocks
+        assert pipe.tokens(str(i)) == colocated(p).token_ids
+    assert pipe.backend.batches == [(["0", "1", "2"], 0), (["0", "1", "2"], 1)]
+    assert pipe.leak_free()
+
+
+def test_a_failing_batch_is_retried_job_by_job_so_only_the_bad_job_fails():
+    from pdpipe.messages import LayersReady, TransferStart
+    from pdpipe.transfer import TransferError
+    from pdpipe.transfer.worker import TransferWorker
+
+    class OneBadPeer(FakeTransfer):
+        def send_batch(self, jobs, layer):
+            raise TransferError("the batch spans a peer that is gone")
+
+        def send(self, job, layer):
+            if job.dst_instance == "gone":
+                raise TransferError(f"no pool for {job.dst_instance}")
+            super().send(job, layer)
+
+    backend, sent = OneBadPeer(), []
+    worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
+    for rid, dst in (("ok", "d"), ("bad", "gone")):
+        worker.handle(TransferStart(request_id=rid, src_instance="p", src_block_ids=[1], dst_instance=dst,
+                                    dst_block_ids=[2]))
+    worker.handle(LayersReady(request_ids=["ok", "bad"], layer=0))
+    assert backend.sent == [("ok", 0)]
+    assert "bad" not in worker.jobs  # failed (and reported) at the poll that followed
+    assert [(m.request_id, m.state) for _, m in sent if getattr(m, "state", "") == "FAILED"] == [("bad", "FAILED")]

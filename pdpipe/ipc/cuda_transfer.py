@@ -1,6 +1,6 @@
 """The same-machine GPU transfer backend: peer pools opened through CUDA IPC (once, cached), and per
 layer one Triton kernel on the destination GPU that gathers the request's scattered blocks from the
-source pool over NVLink. The prefill engine announces a layer only once its KV is written (see
+source pool over NVLink (one launch for all the requests a prefill step completed). The prefill engine announces a layer only once its KV is written (see
 EngineWorker), so each copy is launched as its layer is announced; a job is DONE only once its last
 copy has completed on the GPU."""
 from __future__ import annotations
@@ -23,6 +23,9 @@ SLOW_COPY_S = 5.0  # a copy still running after this long is reported (with what
 
 @dataclass
 class _Flight:
+    """One request's copies. Requests a prefill step completed together share their launches: `group`
+    names them, `src_ids`/`dst_ids` hold all of their blocks, and the events are shared."""
+    group: tuple[str, ...]
     src_ids: torch.Tensor
     dst_ids: torch.Tensor
     start: torch.cuda.Event
@@ -54,28 +57,50 @@ class CudaIpcTransfer(TransferBackend):
         return open_pool(info.ipc_handle, info.ipc_offset, tuple(info.shape), getattr(torch, info.dtype), device)
 
     def send(self, job: TransferJob, layer: int) -> None:
-        src, dst = self._info(job.src_instance, job), self._info(job.dst_instance, job)
+        self.send_batch([job], layer)
+
+    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
+        """One gather kernel per layer for all the jobs between the same two pools."""
+        groups: dict[tuple[str, str], list[TransferJob]] = {}
+        for job in jobs:
+            groups.setdefault((job.src_instance, job.dst_instance), []).append(job)
+        for group in groups.values():
+            self._launch(group, layer)
+
+    def _launch(self, jobs: list[TransferJob], layer: int) -> None:
+        src, dst = self._info(jobs[0].src_instance, jobs[0]), self._info(jobs[0].dst_instance, jobs[0])
         device = visible_ordinal(dst.gpu)
+        key = tuple(job.request_id for job in jobs)
         with torch.cuda.device(device):
             if device not in self._streams:
                 self._streams[device] = torch.cuda.Stream(device)
             stream = self._streams[device]
-            flight = self._flights.get(job.request_id)
-            if flight is None:
-                flight = _Flight(torch.tensor(job.src_block_ids, dtype=torch.int32, device=device),
-                                 torch.tensor(job.dst_block_ids, dtype=torch.int32, device=device),
-                                 torch.cuda.Event(enable_timing=True), stream)
-                flight.start.record(stream)
-                self._flights[job.request_id] = flight
+            first = self._flights.get(key[0])
+            if first is not None and first.group == key:
+                src_ids, dst_ids = first.src_ids, first.dst_ids
+            else:  # the group's first layer (or the group changed: a request left it)
+                src_ids = torch.tensor([b for j in jobs for b in j.src_block_ids], dtype=torch.int32, device=device)
+                dst_ids = torch.tensor([b for j in jobs for b in j.dst_block_ids], dtype=torch.int32, device=device)
+            start = None
+            for job in jobs:
+                flight = self._flights.get(job.request_id)
+                if flight is None:
+                    if start is None:
+                        start = torch.cuda.Event(enable_timing=True)
+                        start.record(stream)
+                    flight = self._flights[job.request_id] = _Flight(key, src_ids, dst_ids, start, stream)
+                flight.group, flight.src_ids, flight.dst_ids = key, src_ids, dst_ids
             with torch.cuda.stream(stream):
-                kernels.copy_pool_blocks(self._view(src, device), flight.src_ids, self._view(dst, device),
-                                         flight.dst_ids, layer, 1)
-            flight.end = torch.cuda.Event(enable_timing=True)
-            flight.end.record(stream)
-        flight.last_launch = time.monotonic()
-        flight.layers.append(layer)
-        job.layers_sent.add(layer)
-        job.bytes_moved += len(job.src_block_ids) * self._layer_block_bytes(src)
+                kernels.copy_pool_blocks(self._view(src, device), src_ids, self._view(dst, device), dst_ids, layer, 1)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(stream)
+        now = time.monotonic()
+        for job in jobs:
+            flight = self._flights[job.request_id]
+            flight.end, flight.last_launch = end, now
+            flight.layers.append(layer)
+            job.layers_sent.add(layer)
+            job.bytes_moved += len(job.src_block_ids) * self._layer_block_bytes(src)
 
     @staticmethod
     def _layer_block_bytes(info: PoolInfo) -> int:

@@ -39,15 +39,25 @@ class ShmTransfer(TransferBackend):
         return pool
 
     def send(self, job: TransferJob, layer: int) -> None:
-        start = time.perf_counter()
-        src = self._pool(job.src_instance, job)[layer].transpose(0, 1)  # [num_blocks, 2, block, heads, dim]
-        dst = self._pool(job.dst_instance, job)[layer].transpose(0, 1)
-        src_ids = torch.tensor(job.src_block_ids, dtype=torch.long)
-        dst_ids = torch.tensor(job.dst_block_ids, dtype=torch.long)
-        kernels.copy_blocks(src, src_ids, dst, dst_ids)
-        job.layers_sent.add(layer)
-        job.bytes_moved += len(job.src_block_ids) * src[0].numel() * src.element_size()
-        job.seconds += time.perf_counter() - start
+        self.send_batch([job], layer)
+
+    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
+        """One copy per layer for all the jobs between the same two pools."""
+        groups: dict[tuple[str, str], list[TransferJob]] = {}
+        for job in jobs:
+            groups.setdefault((job.src_instance, job.dst_instance), []).append(job)
+        for group in groups.values():
+            start = time.perf_counter()
+            src = self._pool(group[0].src_instance, group[0])[layer].transpose(0, 1)  # [blocks, 2, block, heads, dim]
+            dst = self._pool(group[0].dst_instance, group[0])[layer].transpose(0, 1)
+            src_ids = torch.tensor([b for j in group for b in j.src_block_ids], dtype=torch.long)
+            dst_ids = torch.tensor([b for j in group for b in j.dst_block_ids], dtype=torch.long)
+            kernels.copy_blocks(src, src_ids, dst, dst_ids)
+            seconds = time.perf_counter() - start
+            for job in group:
+                job.layers_sent.add(layer)
+                job.bytes_moved += len(job.src_block_ids) * src[0].numel() * src.element_size()
+                job.seconds += seconds
 
     def job_bytes(self, job: TransferJob) -> int:
         pool = self.pools.get(job.src_instance)

@@ -46,6 +46,12 @@ class TransferBackend(ABC):
     def send(self, job: TransferJob, layer: int) -> None:
         """Starts moving `layer` of the job's blocks."""
 
+    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
+        """Starts moving `layer` of every job (the requests one prefill step completed): backends that
+        can do it in one launch or one batched call per pair of pools override this."""
+        for job in jobs:
+            self.send(job, layer)
+
     @abstractmethod
     def poll(self, job: TransferJob) -> TransferState:
         ...
@@ -70,6 +76,7 @@ class FakeTransfer(TransferBackend):
         self.fail = fail if fail is not None else set()
         self.pools: dict[str, PoolInfo] = {}
         self.sent: list[tuple[str, int]] = []
+        self.batches: list[tuple[list[str], int]] = []  # (request ids, layer) of each send_batch
         self.aborted: list[str] = []
         self.in_flight: set[str] = set()
 
@@ -79,6 +86,10 @@ class FakeTransfer(TransferBackend):
     def send(self, job: TransferJob, layer: int) -> None:
         self.sent.append((job.request_id, layer))
         job.layers_sent.add(layer)
+
+    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
+        self.batches.append(([j.request_id for j in jobs], layer))
+        super().send_batch(jobs, layer)
 
     def poll(self, job: TransferJob) -> TransferState:
         if job.request_id in self.fail:

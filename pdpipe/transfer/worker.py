@@ -58,9 +58,7 @@ class TransferWorker:
             self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, list(msg.src_block_ids),
                                                     msg.dst_instance, list(msg.dst_block_ids))
         elif isinstance(msg, LayersReady):
-            for rid in msg.request_ids:
-                if rid in self.jobs:
-                    self._send_layer(self.jobs[rid], msg.layer)
+            self._send_layer([self.jobs[rid] for rid in msg.request_ids if rid in self.jobs], msg.layer)
         elif isinstance(msg, PrefillDone):
             if msg.request_id in self.jobs:
                 self._first[msg.request_id] = msg
@@ -84,13 +82,21 @@ class TransferWorker:
         self.backend.register_pool(pool)
         self._pools.add(pool.instance)
 
-    def _send_layer(self, job: TransferJob, layer: int) -> None:
+    def _send_layer(self, jobs: list[TransferJob], layer: int) -> None:
+        """One batched send for the layer; if it fails, job by job, so the error lands on its own job."""
         try:
-            self.backend.send(job, layer)
-        except TransferError as exc:
-            job.error = str(exc)
-            return
-        self._event(job.request_id, "TRANSFERRING", f"layer {layer + 1}/{self.num_layers} sent")
+            self.backend.send_batch(jobs, layer)
+        except TransferError:
+            for job in jobs:
+                if layer in job.layers_sent:
+                    continue
+                try:
+                    self.backend.send(job, layer)
+                except TransferError as exc:
+                    job.error = str(exc)
+        for job in jobs:
+            if layer in job.layers_sent:
+                self._event(job.request_id, "TRANSFERRING", f"layer {layer + 1}/{self.num_layers} sent")
 
     def poll(self) -> None:
         """Finishes the jobs whose every layer landed, and fails those the backend gave up on."""
