@@ -13,7 +13,7 @@ import torch
 
 from pdpipe import kernels
 from pdpipe.messages import PoolInfo
-from pdpipe.transfer import TransferBackend, TransferError, TransferJob, TransferState
+from pdpipe.transfer import GroupedBackend, TransferError, TransferJob, TransferState
 
 from .cuda import open_pool, visible_ordinal
 
@@ -36,7 +36,7 @@ class _Flight:
     reported: bool = False
 
 
-class CudaIpcTransfer(TransferBackend):
+class CudaIpcTransfer(GroupedBackend):
     def __init__(self):
         self.pools: dict[str, PoolInfo] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
@@ -56,18 +56,8 @@ class CudaIpcTransfer(TransferBackend):
     def _view(self, info: PoolInfo, device: int) -> torch.Tensor:
         return open_pool(info.ipc_handle, info.ipc_offset, tuple(info.shape), getattr(torch, info.dtype), device)
 
-    def send(self, job: TransferJob, layer: int) -> None:
-        self.send_batch([job], layer)
-
-    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
-        """One gather kernel per layer for all the jobs between the same two pools."""
-        groups: dict[tuple[str, str], list[TransferJob]] = {}
-        for job in jobs:
-            groups.setdefault((job.src_instance, job.dst_instance), []).append(job)
-        for group in groups.values():
-            self._launch(group, layer)
-
-    def _launch(self, jobs: list[TransferJob], layer: int) -> None:
+    def send_group(self, jobs: list[TransferJob], layer: int) -> None:
+        """One gather kernel for the layer of all the jobs (same two pools)."""
         src, dst = self._info(jobs[0].src_instance, jobs[0]), self._info(jobs[0].dst_instance, jobs[0])
         device = visible_ordinal(dst.gpu)
         key = tuple(job.request_id for job in jobs)

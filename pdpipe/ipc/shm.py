@@ -13,7 +13,7 @@ import torch
 
 from pdpipe import kernels
 from pdpipe.messages import PoolInfo
-from pdpipe.transfer import TransferBackend, TransferError, TransferJob, TransferState
+from pdpipe.transfer import GroupedBackend, TransferError, TransferJob, TransferState
 
 
 def map_pool(path: Path | str, shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -22,7 +22,7 @@ def map_pool(path: Path | str, shape: list[int] | tuple[int, ...], dtype: torch.
     return flat.view(*shape)
 
 
-class ShmTransfer(TransferBackend):
+class ShmTransfer(GroupedBackend):
     """Synchronous copies: a layer has landed when `send` returns."""
 
     def __init__(self):
@@ -38,26 +38,19 @@ class ShmTransfer(TransferBackend):
             raise TransferError(f"request {job.request_id}: no KV pool registered for {instance}")
         return pool
 
-    def send(self, job: TransferJob, layer: int) -> None:
-        self.send_batch([job], layer)
-
-    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
-        """One copy per layer for all the jobs between the same two pools."""
-        groups: dict[tuple[str, str], list[TransferJob]] = {}
+    def send_group(self, jobs: list[TransferJob], layer: int) -> None:
+        """One copy for the layer of all the jobs (same two pools)."""
+        start = time.perf_counter()
+        src = self._pool(jobs[0].src_instance, jobs[0])[layer].transpose(0, 1)  # [blocks, 2, block, heads, dim]
+        dst = self._pool(jobs[0].dst_instance, jobs[0])[layer].transpose(0, 1)
+        src_ids = torch.tensor([b for j in jobs for b in j.src_block_ids], dtype=torch.long)
+        dst_ids = torch.tensor([b for j in jobs for b in j.dst_block_ids], dtype=torch.long)
+        kernels.copy_blocks(src, src_ids, dst, dst_ids)
+        seconds = time.perf_counter() - start
         for job in jobs:
-            groups.setdefault((job.src_instance, job.dst_instance), []).append(job)
-        for group in groups.values():
-            start = time.perf_counter()
-            src = self._pool(group[0].src_instance, group[0])[layer].transpose(0, 1)  # [blocks, 2, block, heads, dim]
-            dst = self._pool(group[0].dst_instance, group[0])[layer].transpose(0, 1)
-            src_ids = torch.tensor([b for j in group for b in j.src_block_ids], dtype=torch.long)
-            dst_ids = torch.tensor([b for j in group for b in j.dst_block_ids], dtype=torch.long)
-            kernels.copy_blocks(src, src_ids, dst, dst_ids)
-            seconds = time.perf_counter() - start
-            for job in group:
-                job.layers_sent.add(layer)
-                job.bytes_moved += len(job.src_block_ids) * src[0].numel() * src.element_size()
-                job.seconds += seconds
+            job.layers_sent.add(layer)
+            job.bytes_moved += len(job.src_block_ids) * src[0].numel() * src.element_size()
+            job.seconds += seconds
 
     def job_bytes(self, job: TransferJob) -> int:
         pool = self.pools.get(job.src_instance)

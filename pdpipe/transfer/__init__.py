@@ -68,6 +68,25 @@ class TransferBackend(ABC):
         return 0
 
 
+class GroupedBackend(TransferBackend):
+    """A backend that moves the jobs between the same two pools together (one launch or one copy per
+    layer): it implements `send_group`, and single jobs are groups of one."""
+
+    def send(self, job: TransferJob, layer: int) -> None:
+        self.send_group([job], layer)
+
+    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
+        groups: dict[tuple[str, str], list[TransferJob]] = {}
+        for job in jobs:
+            groups.setdefault((job.src_instance, job.dst_instance), []).append(job)
+        for group in groups.values():
+            self.send_group(group, layer)
+
+    @abstractmethod
+    def send_group(self, jobs: list[TransferJob], layer: int) -> None:
+        """Starts moving `layer` of jobs that share their source pool and their destination pool."""
+
+
 class FakeTransfer(TransferBackend):
     """Moves nothing; completes at once, fails for request ids in `fail`, and stays PENDING for those in
     `in_flight` (copies still running)."""
