@@ -355,24 +355,31 @@ def _complete(port, prompt, max_tokens):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch, dtype):
+    """bf16 and fp32: the pipeline's greedy tokens equal the colocated GPU engine's; in fp32 they also
+    equal transformers' on the same generated model."""
     from dataclasses import replace
 
+    from conftest import hf_greedy
     from pipeline_launch import launched, leak_free, make_launch_config, wait_until
 
     from pdpipe.config import InstanceConfig
 
     prompts = make_prompts(384, lengths=(1, 16, 47, 130), seed=6)
-    colocated = make_llm(model_dir("llama"), device="cuda", dtype="bfloat16")
+    colocated = make_llm(model_dir("llama"), device="cuda", dtype=dtype)
     expected = [colocated.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0].token_ids
                 for p in prompts]  # one at a time, as the pipeline gets them below
     del colocated
     torch.cuda.empty_cache()
+    if dtype == "float32":  # transformers stops at EOS, the engine was told to ignore it: compare its length
+        for (tokens, _), exp in zip(hf_greedy(model_dir("llama"), prompts, 20), expected):
+            assert tokens and tokens == exp[:len(tokens)]
     monkeypatch.setenv("PDPIPE_LOG_LEVEL", "DEBUG")  # the processes log every message they handle
     cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
     from pdpipe.config import DeadlineConfig
 
-    cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="bfloat16"),
+    cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype=dtype),
                   deadlines=DeadlineConfig(transferring=15, decoding=60),
                   instances=(InstanceConfig("prefill", gpus=(0,)), InstanceConfig("decode", gpus=(1,))))
     with launched(cfg) as launcher:
