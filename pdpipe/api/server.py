@@ -93,37 +93,67 @@ class Generation:
         self.created = int(time.time())
         self.state = RequestTextState(ctx.tokenizer, self.request_id, prompt, params)
         self.error: str | None = None
+        self._stream = None
+        self._started_at = 0.0
+        self._first_at: float | None = None
+        self._finished = self._closed = False
+
+    async def start(self) -> None:
+        """Hands the request to the pipeline; a streamed request does so before its response starts."""
+        if self._stream is None:
+            self._started_at = time.monotonic()
+            self._stream = await self.ctx.bridge.submit(self.request_id, self.prompt, self.params, self.received)
 
     async def deltas(self) -> AsyncIterator[TextDelta]:
-        ctx, rid = self.ctx, self.request_id
-        start = time.monotonic()
-        stream = await ctx.bridge.submit(rid, self.prompt, self.params, self.received)
-        first_at = None
-        finished = False
+        ctx = self.ctx
+        await self.start()
         try:
-            while not finished:
-                out = await stream.queue.get()
+            while not self._finished:
+                out = await self._stream.queue.get()
                 if out.finish_reason == "error":
                     self.error = out.error or "the request failed"
-                    finished = True
+                    self._finished = True
                     break
-                if out.token_ids and first_at is None:
-                    first_at = time.monotonic()
-                    ctx.metrics.ttft.observe(first_at - start)
+                if out.token_ids and self._first_at is None:
+                    self._first_at = time.monotonic()
+                    ctx.metrics.ttft.observe(self._first_at - self._started_at)
                 delta = self.state.update(out)
-                finished = self.state.out.finished
+                self._finished = self.state.out.finished
                 if self.state.stopped_by_text and out.finish_reason is None:
-                    await ctx.bridge.abort(rid, "stop")
+                    await ctx.bridge.abort(self.request_id, "stop")
                 yield delta
         finally:
-            if not finished:  # the client went away, or the server is stopping
-                await ctx.bridge.abort(rid, "client disconnected")
-            ctx.bridge.forget(rid)
-            ctx.metrics.finished(self, start, first_at)
+            await self.close()
+
+    async def close(self) -> None:
+        """Once, however the request ends: an unfinished one is aborted (the client went away, or the
+        server is stopping), and the front-end forgets it."""
+        if self._closed or self._stream is None:
+            return
+        self._closed = True
+        if not self._finished:
+            await self.ctx.bridge.abort(self.request_id, "client disconnected")
+        self.ctx.bridge.forget(self.request_id)
+        self.ctx.metrics.finished(self, self._started_at, self._first_at)
 
     def usage(self) -> dict:
         n = len(self.state.out.token_ids)
         return {"prompt_tokens": len(self.prompt), "completion_tokens": n, "total_tokens": len(self.prompt) + n}
+
+
+class _ClosingStream(StreamingResponse):
+    """A streamed response whose request is closed however the response ends, even when it ends
+    before its body was ever iterated (the client left while the headers were going out)."""
+
+    def __init__(self, gen: Generation, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self._gen = gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._gen.close()
 
 
 def _token_text(tok: Tokenizer, token_id: int) -> str:
@@ -229,7 +259,7 @@ class OpenAIRoutes:
             return {**c, "token_ids": delta.token_ids} if req.return_token_ids else c
 
         if req.stream:
-            return self._stream(gen, req, head, lambda d: [choice(d)] if _worth_a_chunk(req, d) else None)
+            return await self._stream(gen, req, head, lambda d: [choice(d)] if _worth_a_chunk(req, d) else None)
         return await self._complete(request, gen, head, lambda text, d: [{**choice(d), "text": text}])
 
     async def chat(self, request: Request) -> Response:
@@ -268,7 +298,7 @@ class OpenAIRoutes:
             return [{**c, "token_ids": delta.token_ids} if req.return_token_ids else c]
 
         if req.stream:
-            return self._stream(gen, req, head, chunk)
+            return await self._stream(gen, req, head, chunk)
 
         def full(text: str, delta: TextDelta) -> list[dict]:
             c = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -277,7 +307,7 @@ class OpenAIRoutes:
 
         return await self._complete(request, gen, {**head, "object": "chat.completion"}, full)
 
-    def _stream(self, gen: Generation, req, head: dict, make_choices) -> StreamingResponse:
+    async def _stream(self, gen: Generation, req, head: dict, make_choices) -> StreamingResponse:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events():
@@ -291,8 +321,8 @@ class OpenAIRoutes:
                 yield _sse({**head, "choices": [], "usage": gen.usage()})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        await gen.start()  # the prefill need not wait for the response to start
+        return _ClosingStream(gen, events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _complete(self, request: Request, gen: Generation, head: dict, make_choices) -> Response:
         async def run():
