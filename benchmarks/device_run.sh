@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES]
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES]   (env: TESTS_K, TESTS_S, BENCH_S)
+# .whl holds py3.12 manylinux wheels of what the machine lacks: pyzmq msgspec starlette uvicorn h11
+# httptools uvloop click anyio sniffio prometheus-client redis msgpack pytest pluggy iniconfig
+# pytest-timeout mooncake-transfer-engine-cuda13, and .whl/debs the .debs of libibverbs1
+# ibverbs-providers libnl-3-200 libnl-route-3-200 (for Mooncake).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/debs; for deb in .whl/debs/*.deb; do dpkg -x "$deb" /tmp/debs; done 2>/dev/null  # Mooncake's verbs / netlink libraries
