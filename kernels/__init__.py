@@ -53,9 +53,19 @@ def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleave
     return reference.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved)
 
 
+_skinny = False  # decode engines turn it on: they time each shape while capturing their graphs
+
+
+def enable_skinny() -> None:
+    """Lets `linear` pick the skinny GEMM. An engine that captures CUDA graphs calls this first, so
+    the per-shape timing happens at start-up; elsewhere a live request would pay for it."""
+    global _skinny
+    _skinny = True
+
+
 def linear(x, weight, bias=None):
     """x @ weight.T + bias: cuBLAS, or on GPU for a few rows the skinny Triton GEMM where it measured faster."""
-    if use_triton(x) and triton_ops.skinny_wins(x, weight, bias):
+    if _skinny and use_triton(x) and triton_ops.skinny_wins(x, weight, bias):
         return triton_ops.skinny_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -72,5 +82,5 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
     return reference.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers)
 
 
-__all__ = ["copy_blocks", "copy_pool_blocks", "gather_blocks", "linear", "paged_attention", "reference", "rms_norm",
+__all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "gather_blocks", "linear", "paged_attention", "reference", "rms_norm",
            "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul", "store_kv", "triton_ops", "use_triton"]

@@ -28,6 +28,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
 
     def capture_graphs(self, max_batch: int) -> None:
+        from pdpipe import kernels
+
+        kernels.enable_skinny()  # each projection's kernel is chosen by timing during the warm-up runs
         self.graphs = DecodeGraphs(self, max_batch)
 
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
