@@ -257,7 +257,8 @@ def bench_profile(model: Path, results: dict) -> None:
             for _ in range(5):
                 graph.replay()
             torch.cuda.synchronize()
-        tables[batch] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+        tables[batch] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
+                                                  max_name_column_width=70)
         print(f"decode batch {batch}, 5 replays\n{tables[batch]}", flush=True)
         release(engine, out)
     results["profile"] = {str(b): t for b, t in tables.items()}

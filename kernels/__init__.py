@@ -82,5 +82,6 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
     return reference.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers)
 
 
-__all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "gather_blocks", "linear", "paged_attention", "reference", "rms_norm",
-           "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul", "store_kv", "triton_ops", "use_triton"]
+__all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "gather_blocks", "linear", "paged_attention",
+           "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul", "store_kv",
+           "triton_ops", "use_triton"]

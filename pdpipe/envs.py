@@ -14,4 +14,3 @@ def cache_dir() -> Path:
 def log_level() -> str:
     """PDPIPE_LOG_LEVEL: logging level of every pdpipe process (default INFO)."""
     return os.environ.get("PDPIPE_LOG_LEVEL", "INFO").upper()
-

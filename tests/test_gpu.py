@@ -8,7 +8,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -392,13 +391,6 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch, dt
 
             print(format_queues(control(str(launcher.paths.run_dir), "snapshot")))
             print("exit codes:", {c.name: c.popen.poll() for c in launcher.children})
-            for c in launcher.children:  # a thread stuck in the driver shows as D state with its wait channel
-                for task in Path(f"/proc/{c.popen.pid}/task").glob("*"):
-                    state = (task / "stat").read_text().split(")")[-1].split()[0]
-                    print(c.name, task.name, state, (task / "wchan").read_text())
-            import subprocess
-
-            print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
             dumps = {c.name: c.log_path.read_text().count("most recent call first") for c in launcher.children}
             launcher.dump_stacks()
             wait_until(lambda: all(c.log_path.read_text().count("most recent call first") > dumps[c.name]

@@ -3,8 +3,8 @@
 prefill: takes `Prefill`, computes the prompt with its KV held (`hold_kv`), tells the transfer which
   blocks will move and signals each finished layer, sends the first token to `api` at once and to
   the transfer (`PrefillDone`); frees the blocks on `TransferDone`. States: PREFILLING → TRANSFERRING.
-decode: answers `Reserve` with blocks (and passes the `Prefill` on to the prefill engine), continues a request on `KVLanded` from its first token, and
-  streams tokens to `api`. States: DECODING → FINISHED.
+decode: answers `Reserve` with blocks (and passes the `Prefill` on to the prefill engine the scheduler
+  named), continues a request on `KVLanded` from its first token, and streams tokens to `api`. States: DECODING → FINISHED.
 mixed: both in one engine (colocated), the baseline. States: PREFILLING → DECODING → FINISHED.
 `Free` drops a request wherever it is here. No sockets: `send(dest, msg)` is given.
 """

@@ -1,8 +1,8 @@
 """The same-machine GPU transfer backend: peer pools opened through CUDA IPC (once, cached), and per
 layer one Triton kernel on the destination GPU that gathers the request's scattered blocks from the
-source pool over NVLink (one launch for all the requests a prefill step completed). The prefill engine announces a layer only once its KV is written (see
-EngineWorker), so each copy is launched as its layer is announced; a job is DONE only once its last
-copy has completed on the GPU."""
+source pool over NVLink (one launch for all the requests a prefill step completed). The prefill engine
+announces a layer only once its KV is written (see EngineWorker), so each copy is launched as its
+layer is announced; a job is DONE only once its last copy has completed on the GPU."""
 from __future__ import annotations
 
 import logging
