@@ -6,7 +6,8 @@
             (weight + KV bytes ÷ device copy bandwidth)                          (goal ≤ 1.3× / ≤ 1.5×)
   prefill   one 2k prompt and 8×512: TFLOP/s against a bf16 GEMM                               (goal ≥ 60 %)
   ttft      time to first token through the launched 1P+1D pipeline on two GPUs, 4k and 128-token
-            prompts, against the prefill compute alone                            (overhead ≤ 5 % at 4k)
+            prompts, against the prefill compute alone (overhead ≤ 5 % at 4k), and through one mixed
+            engine behind the same front-end
   profile   the decode step's kernels, by time (not part of the table)
   rdma      the Mooncake backend moving the same 4k-token KV between two processes' GPU pools over tcp
   hf        the same model under transformers: decode tokens/s at batch 1 and time to first token
@@ -320,15 +321,19 @@ class _Client:
         self.port, self.fresh = port, fresh
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
-    def first_token(self, prompt: list[int]) -> tuple[float, str, float, float]:
-        """(seconds to the first streamed token, request id, wall clock at sending, at the first token)."""
-        body = json.dumps({"model": "llama-8b-shape", "prompt": prompt, "max_tokens": 2, "temperature": 0,
-                           "ignore_eos": True, "stream": True, "return_token_ids": True}).encode()
+    def _post(self, payload: dict):
+        body = json.dumps(payload).encode()
         if self.fresh:
             self.conn.close()
         sent, start = time.time(), time.perf_counter()
         self.conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-        resp = self.conn.getresponse()
+        return self.conn.getresponse(), sent, start
+
+    def first_token(self, prompt: list[int]) -> tuple[float, str, float, float]:
+        """(seconds to the first streamed token, request id, wall clock at sending, at the first token)."""
+        resp, sent, start = self._post({"model": "llama-8b-shape", "prompt": prompt, "max_tokens": 2,
+                                        "temperature": 0, "ignore_eos": True, "stream": True,
+                                        "return_token_ids": True})
         while line := resp.readline():
             if line.startswith(b"data: {"):
                 first, got = time.perf_counter() - start, time.time()
@@ -336,23 +341,32 @@ class _Client:
                 return first, json.loads(line[6:])["id"], sent, got
         raise RuntimeError(f"no token came back (HTTP {resp.status})")
 
+    def rejected(self, prompt: list[int]) -> float:
+        """Seconds for the front-end to read, parse and refuse (unknown model) a request of this size: the
+        HTTP leg alone, without the pipeline."""
+        resp, _, start = self._post({"model": "no-such-model", "prompt": prompt, "max_tokens": 2})
+        resp.read()
+        if resp.status != 404:
+            raise RuntimeError(f"expected 404 for an unknown model, got {resp.status}")
+        return time.perf_counter() - start
+
 
 def _split(timeline: dict, sent: float, got: float) -> dict:
     """Where one request's time to first token went, from its trace and the client's clock."""
     when = {state + detail[:11]: t for t, state, _, detail in timeline["events"]}
+    end = when.get("TRANSFERRINGprefill end", when.get("DECODING"))  # 1P+1D, or a mixed engine
     return dict(client_to_api_handler_ms=(timeline["arrival"] - sent) * 1e3,  # arrival: the handler's start
                 handler_to_scheduler_ms=(when["QUEUED"] - timeline["arrival"]) * 1e3,
                 scheduler_to_prefilling_ms=(when["PREFILLING"] - when["QUEUED"]) * 1e3,
-                prefilling_ms=(when["TRANSFERRINGprefill end"] - when["PREFILLING"]) * 1e3,
-                prefill_end_to_client_ms=(got - when["TRANSFERRINGprefill end"]) * 1e3)
+                prefilling_ms=(end - when["PREFILLING"]) * 1e3,
+                prefill_end_to_client_ms=(got - end) * 1e3)
 
 
-def bench_ttft(model: Path, results: dict, prefill_ms: dict[str, float]) -> None:
+def _serve(model: Path, instances: tuple):
     import socket
     import tempfile
 
-    from pdpipe.config import ApiConfig, CacheConfig, EngineConfig, InstanceConfig, LaunchConfig, SchedulerConfig
-    from pdpipe.inspect import control, format_trace
+    from pdpipe.config import ApiConfig, CacheConfig, EngineConfig, LaunchConfig, SchedulerConfig
     from pdpipe.launcher import Launcher
 
     with socket.socket() as s:
@@ -364,31 +378,50 @@ def bench_ttft(model: Path, results: dict, prefill_ms: dict[str, float]) -> None
                             cache=CacheConfig(block_size=BLOCK, num_blocks=4096),
                             scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=8192,
                                                       max_model_len=8192)),
-        api=ApiConfig(port=port), instances=(InstanceConfig("prefill", gpus=(0,)), InstanceConfig("decode", gpus=(1,))))
+        api=ApiConfig(port=port), instances=instances)
     launcher = Launcher(cfg)
     launcher.start()
-    try:
-        rows = []
-        gen = torch.Generator().manual_seed(1)
-        for n, label in ((4096, "1x4096"), (128, "1x128")):
-            alone = prefill_ms[label] / 1e3
-            for fresh in (False, True):
-                client = _Client(port, fresh)
-                runs = [client.first_token(torch.randint(0, 128000, (n,), generator=gen).tolist()) for _ in range(8)]
-                ttft = statistics.median(r[0] for r in runs[2:])
-                splits = [_split(control(cfg.run_dir, "trace", request_id=rid), sent, got)
-                          for _, rid, sent, got in runs[2:]]
-                split = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
-                trace = format_trace(control(cfg.run_dir, "trace", request_id=runs[-1][1]))
-                print(f"ttft {n} tokens ({'new connection each' if fresh else 'kept-alive connection'}): "
-                      f"{[round(r[0] * 1e3, 2) for r in runs]} ms; medians: {split}\n{trace}", flush=True)
-                rows.append(dict(prompt_tokens=n, connection="new each request" if fresh else "kept alive",
-                                 ttft_ms=ttft * 1e3, prefill_alone_ms=alone * 1e3,
-                                 overhead_pct=100 * (ttft - alone) / alone, median_split=split,
-                                 last_trace=trace.splitlines()))
-        results["ttft_1p1d"] = rows
-    finally:
-        launcher.stop()
+    return launcher, cfg, port
+
+
+def bench_ttft(model: Path, results: dict, prefill_ms: dict[str, float]) -> None:
+    """1P+1D (prefill GPU0, decode GPU1), and one mixed engine on GPU0 through the same front-end: the
+    difference is what disaggregation itself costs; both against the prefill compute alone."""
+    from pdpipe.config import InstanceConfig
+    from pdpipe.inspect import control, format_trace
+
+    layouts = (("1P+1D", (InstanceConfig("prefill", gpus=(0,)), InstanceConfig("decode", gpus=(1,)))),
+               ("mixed", (InstanceConfig("mixed", gpus=(0,)),)))
+    rows = results["ttft_1p1d"] = []
+    gen = torch.Generator().manual_seed(1)
+    for layout, instances in layouts:
+        launcher, cfg, port = _serve(model, instances)
+        try:
+            for n, label in ((4096, "1x4096"), (128, "1x128")):
+                alone = prefill_ms[label] / 1e3
+                prompts = [torch.randint(0, 128000, (n,), generator=gen).tolist() for _ in range(8)]
+                probe = _Client(port)
+                http_only = statistics.median(probe.rejected(p) for p in prompts)
+                for fresh, pause in ((False, 0.0), (True, 0.0), (False, 0.05))[:3 if layout == "1P+1D" else 1]:
+                    client, runs = _Client(port, fresh), []
+                    for p in prompts:
+                        time.sleep(pause)  # load shape: a request arriving to an idle front-end
+                        runs.append(client.first_token(p))
+                    ttft = statistics.median(r[0] for r in runs[2:])
+                    splits = [_split(control(cfg.run_dir, "trace", request_id=rid), sent, got)
+                              for _, rid, sent, got in runs[2:]]
+                    split = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
+                    trace = format_trace(control(cfg.run_dir, "trace", request_id=runs[-1][1]))
+                    how = ("new connection each" if fresh else "kept-alive connection") + (
+                        f", {pause * 1e3:.0f} ms apart" if pause else "")
+                    print(f"ttft {layout} {n} tokens ({how}): {[round(r[0] * 1e3, 2) for r in runs]} ms; "
+                          f"HTTP refusal alone {http_only * 1e3:.2f} ms; medians: {split}\n{trace}", flush=True)
+                    rows.append(dict(layout=layout, prompt_tokens=n, connection=how, ttft_ms=ttft * 1e3,
+                                     prefill_alone_ms=alone * 1e3, overhead_pct=100 * (ttft - alone) / alone,
+                                     http_refusal_ms=http_only * 1e3, median_split=split,
+                                     last_trace=trace.splitlines()))
+        finally:
+            launcher.stop()
 
 
 # ---- transformers, the peer every user has ------------------------------------------------------------

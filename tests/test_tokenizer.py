@@ -124,3 +124,20 @@ def test_unmatched_prefix_is_released_at_finish(tok):
 def test_stop_string_spanning_tokens_with_include(tok):
     _, state = feed(tok, "abc 你好世界 xyz", ["好世"], include=True)
     assert state.out.text == "abc 你好世"
+
+
+def test_vocab_size_is_read_once_not_per_request(model_dir):
+    """The front-end checks every prompt's ids against the vocabulary; `tokenizers` rebuilds the
+    vocabulary (~7 ms at 128k entries) each time it is asked for its size."""
+    tok = Tokenizer(model_dir("llama"))
+    calls = []
+    real = tok.hf
+
+    class Counting:
+        def get_vocab_size(self, *args, **kwargs):
+            calls.append(1)
+            return real.get_vocab_size(*args, **kwargs)
+
+    tok.hf = Counting()
+    sizes = {tok.vocab_size for _ in range(5)}
+    assert sizes == {real.get_vocab_size()} and len(calls) == 1
