@@ -125,9 +125,10 @@ class TransferStart(Msg):  # prefill → transfer: these blocks will move, layer
     dst_block_ids: list[int]
 
 
-class LayersReady(Msg):  # prefill → transfer: layer `layer` of these requests is final
+class LayersReady(Msg):  # prefill → transfer: layers layer-count+1 … layer of these requests are final
     request_ids: list[str]
     layer: int
+    count: int = 1
 
 
 class PrefillDone(Msg):  # prefill → transfer: every layer written; the first token

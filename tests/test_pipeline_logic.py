@@ -51,6 +51,7 @@ def test_disaggregated_equals_colocated(model_dir, colocated, roles):
 
 def test_layers_move_one_by_one_before_decode_starts(model_dir):
     pipe = LocalPipeline(model_dir("qwen3"), PD)
+    pipe.workers["prefill-0"].layer_message_tokens = 1  # a message per layer, as long prompts get
     pipe.submit("r", make_prompts(384, lengths=(20,))[0], GREEDY)
     pipe.run()
     events = [e for e in pipe.scheduler.recent["r"].events]
@@ -166,6 +167,36 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model_dir):
     pipe.run()
     assert pipe.finish_reason("next") == "length" and len(pipe.tokens("next")) == 10
     assert pipe.leak_free()
+
+
+@pytest.mark.parametrize("threshold, messages", [
+    (20, [(0, 1), (1, 1)]),  # 20 tokens × 1 layer reach it: a message per layer
+    (40, [(1, 2)]),  # two layers' worth: one message for both
+    (2048, [(1, 2)]),  # the default: a short prompt's layers go in one message at the end
+])
+def test_a_short_prompt_announces_its_layers_in_groups(model_dir, colocated, threshold, messages):
+    """Each layer message costs the prefill's host time; a short prompt's layers are announced together,
+    every layer exactly once, and the output is unchanged."""
+    from pdpipe.messages import LayersReady
+
+    pipe = LocalPipeline(model_dir("qwen3"), PD)
+    pipe.workers["prefill-0"].layer_message_tokens = threshold
+    seen = []
+    deliver = pipe.transfer.handle
+
+    def handle(msg):
+        if isinstance(msg, LayersReady):
+            seen.append((msg.layer, msg.count))
+        deliver(msg)
+
+    pipe.transfer.handle = handle
+    prompt = make_prompts(384, lengths=(20,))[0]
+    pipe.submit("r", prompt, GREEDY)
+    pipe.run()
+    assert seen == messages
+    layer_events = [d for _, _, _, d in pipe.scheduler.recent["r"].events if d.startswith("layer ")]
+    assert layer_events == ["layer 1/2 sent", "layer 2/2 sent"]
+    assert pipe.tokens("r") == colocated(prompt).token_ids and pipe.leak_free()
 
 
 def test_abort_lets_decode_free_only_after_the_copies_in_flight_end():

@@ -40,15 +40,23 @@ from .scheduler import SchedulerOutput, finish_for
 log = logging.getLogger("pdpipe")
 Send = Callable[[str, Msg | EngineOutput], None]
 API, SCHEDULER, TRANSFER = "api", "scheduler", "transfer"
+# A prefill step announces its finished layers in messages of at least this many prompt tokens ×
+# layers. Each message costs the prefill's host ~70 µs (a CUDA event, and the sender thread taking the
+# GIL from the thread launching kernels), which a short prompt's launch-bound prefill pays in full:
+# 128 tokens went from 8.9 to 11.2 ms with a message per layer (2× H200, Llama-3.1-8B shape). From
+# 2048-token prompts up every layer has its own message; a short prompt's last group copies after the
+# prefill, 2048 token-layers (8 MB of 8B-shape KV, ~25 µs over NVLink).
+LAYER_MESSAGE_TOKENS = 2048
 
 
 class EngineWorker:
     def __init__(self, name: str, role: str, engine: LLMEngine, send: Send, clock=time.time,
-                 transfer: str = TRANSFER):
+                 transfer: str = TRANSFER, layer_message_tokens: int = LAYER_MESSAGE_TOKENS):
         if role not in ("prefill", "decode", "mixed"):
             raise ValueError(f"role: {role!r}; allowed: prefill, decode, mixed")
         self.name, self.role, self.engine, self.send, self.clock = name, role, engine, send, clock
         self.transfer = transfer  # this machine's transfer process
+        self.layer_message_tokens = layer_message_tokens
         self.paused = False
         self._deferred: list[KVLanded] = []  # landed while paused
         self._pending: dict[str, Reserve] = {}  # decode: reserved, KV not landed yet
@@ -56,6 +64,8 @@ class EngineWorker:
         self._tombstones: OrderedDict[str, None] = OrderedDict()  # freed ids whose late messages to drop
         self._started: set[str] = set()
         self._final_chunks: list[str] = []  # prefill: requests whose prompt completes in this step
+        self._final_tokens = 0  # their prompt tokens
+        self._unannounced = 0  # layers of this step written but not yet announced
         self.queued_prompt_tokens = 0
         # prefill on GPU: a layer is announced only once its KV is written: its message goes with a CUDA
         # event recorded after the layer, and `send` (a SenderThread's) lets it leave once the event has
@@ -170,6 +180,8 @@ class EngineWorker:
                 self._event(rid, "PREFILLING", now=now)
         self._final_chunks = [c.seq.request_id for c in sched.chunks
                               if c.samples and c.seq.request_id in self._prefills]
+        self._final_tokens = sum(len(self._prefills[rid].prompt_token_ids) for rid in self._final_chunks)
+        self._unannounced = 0
         if self.role != "prefill":
             return
         for rid in self._final_chunks:
@@ -181,7 +193,12 @@ class EngineWorker:
 
     def _on_layer(self, layer: int) -> None:
         if self._final_chunks:
-            msg = LayersReady(request_ids=self._final_chunks, layer=layer)
+            self._unannounced += 1
+            last = layer == self.engine.spec.num_layers - 1
+            if not last and self._final_tokens * self._unannounced < self.layer_message_tokens:
+                return
+            msg = LayersReady(request_ids=self._final_chunks, layer=layer, count=self._unannounced)
+            self._unannounced = 0
             if self._fence_layers:
                 import torch
 

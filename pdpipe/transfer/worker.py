@@ -58,7 +58,9 @@ class TransferWorker:
             self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, list(msg.src_block_ids),
                                                     msg.dst_instance, list(msg.dst_block_ids))
         elif isinstance(msg, LayersReady):
-            self._send_layer([self.jobs[rid] for rid in msg.request_ids if rid in self.jobs], msg.layer)
+            jobs = [self.jobs[rid] for rid in msg.request_ids if rid in self.jobs]
+            for layer in range(msg.layer - msg.count + 1, msg.layer + 1):
+                self._send_layer(jobs, layer)
         elif isinstance(msg, PrefillDone):
             if msg.request_id in self.jobs:
                 self._first[msg.request_id] = msg
