@@ -402,7 +402,7 @@ def bench_ttft(model: Path, results: dict, prefill_ms: dict[str, float]) -> None
                 prompts = [torch.randint(0, 128000, (n,), generator=gen).tolist() for _ in range(8)]
                 probe = _Client(port)
                 http_only = statistics.median(probe.rejected(p) for p in prompts)
-                for fresh, pause in ((False, 0.0), (True, 0.0), (False, 0.05))[:3 if layout == "1P+1D" else 1]:
+                for fresh, pause in ((False, 0.0), (True, 0.0), (False, 0.05)):
                     client, runs = _Client(port, fresh), []
                     for p in prompts:
                         time.sleep(pause)  # load shape: a request arriving to an idle front-end
