@@ -283,8 +283,10 @@ def test_cuda_ipc_backend_runs_job_after_job():
             dst = owners[1][0].recv()
             assert torch.equal(dst[:, :, job.dst_block_ids], src[:, :, job.src_block_ids]), f"job {i}"
         batch = [TransferJob(f"b{i}", "p", [20 + 3 * i, 21 + 3 * i], "d", [10 + 2 * i, 11 + 2 * i]) for i in range(3)]
-        for layer in range(shape[0]):  # requests one prefill step completed: one launch per layer for all
-            backend.send_batch(batch, layer)
+        # requests one prefill step completed: one launch for all, for three layers announced together
+        # (a short prompt's) and then for the last layer on its own
+        backend.send_batch(batch, 0, shape[0] - 1)
+        backend.send_batch(batch, shape[0] - 1)
         deadline = time.monotonic() + 30
         while any(backend.poll(job) is TransferState.PENDING for job in batch):
             assert time.monotonic() < deadline, "the batch did not land within 30 s"

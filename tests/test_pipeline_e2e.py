@@ -173,7 +173,7 @@ def test_queues_and_trace_show_held_requests(pipeline):
         decode_row = next(line for line in queues.stdout.splitlines() if line.startswith("decode-0"))
         assert "TRANSFERRING:1" in decode_row
         held = cli("trace", rid, "--run-dir", run_dir).stdout
-        assert "RESERVED" in held and "PREFILLING" in held and "layer 2/2 sent" in held and "DECODING" not in held
+        assert "RESERVED" in held and "PREFILLING" in held and "layers 1-2/2 sent" in held and "DECODING" not in held
         assert cli("resume", "decode-0", "--run-dir", run_dir).returncode == 0
         rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert rest[-1]["choices"][0]["finish_reason"] == "length"

@@ -169,17 +169,29 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model_dir):
     assert pipe.leak_free()
 
 
-@pytest.mark.parametrize("threshold, messages", [
-    (20, [(0, 1), (1, 1)]),  # 20 tokens × 1 layer reach it: a message per layer
-    (40, [(1, 2)]),  # two layers' worth: one message for both
-    (2048, [(1, 2)]),  # the default: a short prompt's layers go in one message at the end
+@pytest.mark.parametrize("threshold, messages, sent", [
+    (20, [(0, 1), (1, 1)], ["layer 1/2 sent", "layer 2/2 sent"]),  # 20 tokens × 1 layer: a message a layer
+    (40, [(1, 2)], ["layers 1-2/2 sent"]),  # two layers' worth: one message, one copy for both
+    (2048, [(1, 2)], ["layers 1-2/2 sent"]),  # the default: a short prompt's layers go together at the end
 ])
-def test_a_short_prompt_announces_its_layers_in_groups(model_dir, colocated, threshold, messages):
-    """Each layer message costs the prefill's host time; a short prompt's layers are announced together,
-    every layer exactly once, and the output is unchanged."""
+def test_a_short_prompt_announces_its_layers_in_groups(model_dir, colocated, threshold, messages, sent):
+    """Each layer message costs the prefill's host time; a short prompt's layers are announced together
+    and copied in one launch, every layer exactly once, and the output is unchanged."""
     from pdpipe.messages import LayersReady
 
+    from local_pipeline import TensorPools
+
+    class Recording(TensorPools):
+        def __init__(self, engines):
+            super().__init__(engines)
+            self.launches = []
+
+        def send_group(self, jobs, layer, count):
+            self.launches.append((layer, count))
+            super().send_group(jobs, layer, count)
+
     pipe = LocalPipeline(model_dir("qwen3"), PD)
+    pipe.backend = pipe.transfer.backend = Recording(pipe.engines)
     pipe.workers["prefill-0"].layer_message_tokens = threshold
     seen = []
     deliver = pipe.transfer.handle
@@ -193,9 +205,9 @@ def test_a_short_prompt_announces_its_layers_in_groups(model_dir, colocated, thr
     prompt = make_prompts(384, lengths=(20,))[0]
     pipe.submit("r", prompt, GREEDY)
     pipe.run()
-    assert seen == messages
-    layer_events = [d for _, _, _, d in pipe.scheduler.recent["r"].events if d.startswith("layer ")]
-    assert layer_events == ["layer 1/2 sent", "layer 2/2 sent"]
+    assert seen == messages and pipe.backend.launches == [(last - count + 1, count) for last, count in messages]
+    layer_events = [d for _, _, _, d in pipe.scheduler.recent["r"].events if d.startswith("layer")]
+    assert layer_events == sent
     assert pipe.tokens("r") == colocated(prompt).token_ids and pipe.leak_free()
 
 
@@ -250,19 +262,20 @@ def test_requests_prefilled_together_move_in_one_batch_per_layer(model_dir, colo
             super().__init__(engines)
             self.batches = []
 
-        def send_batch(self, jobs, layer):
-            self.batches.append((sorted(j.request_id for j in jobs), layer))
-            super().send_batch(jobs, layer)
+        def send_batch(self, jobs, layer, count=1):
+            self.batches.append((sorted(j.request_id for j in jobs), layer, count))
+            super().send_batch(jobs, layer, count)
 
     pipe = LocalPipeline(model_dir("qwen3"), PD)
     pipe.backend = pipe.transfer.backend = Recording(pipe.engines)
+    pipe.workers["prefill-0"].layer_message_tokens = 1  # a message per layer, as long prompts get
     prompts = make_prompts(384, lengths=(9, 17, 30))
     for i, p in enumerate(prompts):
         pipe.submit(str(i), p, GREEDY)
     pipe.run()
     for i, p in enumerate(prompts):  # one launch per layer moved all three, each into its own blocks
         assert pipe.tokens(str(i)) == colocated(p).token_ids
-    assert pipe.backend.batches == [(["0", "1", "2"], 0), (["0", "1", "2"], 1)]
+    assert pipe.backend.batches == [(["0", "1", "2"], 0, 1), (["0", "1", "2"], 1, 1)]
     assert pipe.leak_free()
 
 
@@ -272,7 +285,7 @@ def test_a_failing_batch_is_retried_job_by_job_so_only_the_bad_job_fails():
     from pdpipe.transfer.worker import TransferWorker
 
     class OneBadPeer(FakeTransfer):
-        def send_batch(self, jobs, layer):
+        def send_batch(self, jobs, layer, count=1):
             raise TransferError("the batch spans a peer that is gone")
 
         def send(self, job, layer):
@@ -285,7 +298,7 @@ def test_a_failing_batch_is_retried_job_by_job_so_only_the_bad_job_fails():
     for rid, dst in (("ok", "d"), ("bad", "gone")):
         worker.handle(TransferStart(request_id=rid, src_instance="p", src_block_ids=[1], dst_instance=dst,
                                     dst_block_ids=[2]))
-    worker.handle(LayersReady(request_ids=["ok", "bad"], layer=0))
-    assert backend.sent == [("ok", 0)]
+    worker.handle(LayersReady(request_ids=["ok", "bad"], layer=1, count=2))
+    assert backend.sent == [("ok", 0), ("ok", 1)]
     assert "bad" not in worker.jobs  # failed (and reported) at the poll that followed
     assert [(m.request_id, m.state) for _, m in sent if getattr(m, "state", "") == "FAILED"] == [("bad", "FAILED")]

@@ -52,7 +52,7 @@ def backend(monkeypatch):
     copy = cuda_transfer.kernels.copy_pool_blocks
 
     def counted(*args):
-        launches.append(args[4])
+        launches.append(args[4:6])  # (first layer, layers)
         copy(*args)
 
     monkeypatch.setattr(cuda_transfer.kernels, "copy_pool_blocks", counted)
@@ -69,7 +69,7 @@ def test_one_launch_per_layer_moves_every_request_of_the_batch(backend):
             TransferJob("c", "p", [9, 10, 11], "d", [12, 13, 14])]
     for layer in range(SHAPE[0]):
         b.send_batch(jobs, layer)
-    assert launches == [0, 1, 2]  # one per layer, all three requests in it
+    assert launches == [(0, 1), (1, 1), (2, 1)]  # one per layer, all three requests in it
     for job in jobs:
         assert torch.equal(dst[:, :, job.dst_block_ids], src[:, :, job.src_block_ids])
         assert job.layers_sent == {0, 1, 2} and job.bytes_moved == b.job_bytes(job)
@@ -86,5 +86,22 @@ def test_a_request_leaving_the_batch_regroups_the_rest(backend):
     b.abort(a)  # (the worker aborts only once poll is no longer PENDING; the bookkeeping is the same)
     b.send_batch([c], 1)
     b.send_batch([c], 2)
-    assert launches == [0, 1, 2] and b._flights["c"].group == ("c",)
+    assert launches == [(0, 1), (1, 1), (2, 1)] and b._flights["c"].group == ("c",)
     assert torch.equal(dst[:, :, [4]], src[:, :, [3]]) and not dst[1:, :, [2]].any()
+
+
+def test_layers_announced_together_go_in_one_launch(backend):
+    """A short prompt's layers come in one message: one launch moves them all, and the job lands only
+    once that launch has completed."""
+    b, src, dst, launches = backend
+    jobs = [TransferJob("a", "p", [4, 6], "d", [1, 8]), TransferJob("b", "p", [2], "d", [5])]
+    b.send_batch(jobs, 0, 2)
+    b.send_batch(jobs, 2)
+    assert launches == [(0, 2), (2, 1)]
+    for job in jobs:
+        assert torch.equal(dst[:, :, job.dst_block_ids], src[:, :, job.src_block_ids])
+        assert job.layers_sent == {0, 1, 2} and job.bytes_moved == b.job_bytes(job)
+        assert b._flights[job.request_id].layers == [0, 1, 2]
+    assert all(b.poll(j) is TransferState.PENDING for j in jobs)
+    b._streams["cpu"].finish()
+    assert all(b.poll(j) is TransferState.DONE for j in jobs)

@@ -1,6 +1,7 @@
 """The same-machine GPU transfer backend: peer pools opened through CUDA IPC (once, cached), and per
-layer one Triton kernel on the destination GPU that gathers the request's scattered blocks from the
-source pool over NVLink (one launch for all the requests a prefill step completed). The prefill engine
+layer (or per group of layers a short prompt announces together) one Triton kernel on the destination
+GPU that gathers the request's scattered blocks from the source pool over NVLink (one launch for all the
+requests a prefill step completed). The prefill engine
 announces a layer only once its KV is written (see EngineWorker), so each copy is launched as its
 layer is announced; a job is DONE only once its last copy has completed on the GPU."""
 from __future__ import annotations
@@ -56,8 +57,8 @@ class CudaIpcTransfer(GroupedBackend):
     def _view(self, info: PoolInfo, device: int) -> torch.Tensor:
         return open_pool(info.ipc_handle, info.ipc_offset, tuple(info.shape), getattr(torch, info.dtype), device)
 
-    def send_group(self, jobs: list[TransferJob], layer: int) -> None:
-        """One gather kernel for the layer of all the jobs (same two pools)."""
+    def send_group(self, jobs: list[TransferJob], layer: int, count: int) -> None:
+        """One gather kernel for the layers of all the jobs (same two pools)."""
         src, dst = self._info(jobs[0].src_instance, jobs[0]), self._info(jobs[0].dst_instance, jobs[0])
         device = visible_ordinal(dst.gpu)
         key = tuple(job.request_id for job in jobs)
@@ -81,16 +82,17 @@ class CudaIpcTransfer(GroupedBackend):
                     flight = self._flights[job.request_id] = _Flight(key, src_ids, dst_ids, start, stream)
                 flight.group, flight.src_ids, flight.dst_ids = key, src_ids, dst_ids
             with torch.cuda.stream(stream):
-                kernels.copy_pool_blocks(self._view(src, device), src_ids, self._view(dst, device), dst_ids, layer, 1)
+                kernels.copy_pool_blocks(self._view(src, device), src_ids, self._view(dst, device), dst_ids, layer,
+                                         count)
             end = torch.cuda.Event(enable_timing=True)
             end.record(stream)
         now = time.monotonic()
         for job in jobs:
             flight = self._flights[job.request_id]
             flight.end, flight.last_launch = end, now
-            flight.layers.append(layer)
-            job.layers_sent.add(layer)
-            job.bytes_moved += len(job.src_block_ids) * self._layer_block_bytes(src)
+            flight.layers += range(layer, layer + count)
+            job.layers_sent.update(range(layer, layer + count))
+            job.bytes_moved += len(job.src_block_ids) * self._layer_block_bytes(src) * count
 
     @staticmethod
     def _layer_block_bytes(info: PoolInfo) -> int:

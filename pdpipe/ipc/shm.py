@@ -38,18 +38,19 @@ class ShmTransfer(GroupedBackend):
             raise TransferError(f"request {job.request_id}: no KV pool registered for {instance}")
         return pool
 
-    def send_group(self, jobs: list[TransferJob], layer: int) -> None:
-        """One copy for the layer of all the jobs (same two pools)."""
+    def send_group(self, jobs: list[TransferJob], layer: int, count: int) -> None:
+        """One copy per layer for all the jobs (same two pools)."""
         start = time.perf_counter()
-        src = self._pool(jobs[0].src_instance, jobs[0])[layer].transpose(0, 1)  # [blocks, 2, block, heads, dim]
-        dst = self._pool(jobs[0].dst_instance, jobs[0])[layer].transpose(0, 1)
+        src = self._pool(jobs[0].src_instance, jobs[0])  # [layers, 2, blocks, block, heads, dim]
+        dst = self._pool(jobs[0].dst_instance, jobs[0])
         src_ids = torch.tensor([b for j in jobs for b in j.src_block_ids], dtype=torch.long)
         dst_ids = torch.tensor([b for j in jobs for b in j.dst_block_ids], dtype=torch.long)
-        kernels.copy_blocks(src, src_ids, dst, dst_ids)
+        kernels.copy_pool_blocks(src, src_ids, dst, dst_ids, layer, count)
         seconds = time.perf_counter() - start
+        block_bytes = src[0, :, 0].numel() * src.element_size()  # K and V of one block, one layer
         for job in jobs:
-            job.layers_sent.add(layer)
-            job.bytes_moved += len(job.src_block_ids) * src[0].numel() * src.element_size()
+            job.layers_sent.update(range(layer, layer + count))
+            job.bytes_moved += len(job.src_block_ids) * block_bytes * count
             job.seconds += seconds
 
     def job_bytes(self, job: TransferJob) -> int:

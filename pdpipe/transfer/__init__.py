@@ -46,11 +46,13 @@ class TransferBackend(ABC):
     def send(self, job: TransferJob, layer: int) -> None:
         """Starts moving `layer` of the job's blocks."""
 
-    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
-        """Starts moving `layer` of every job (the requests one prefill step completed): backends that
-        can do it in one launch or one batched call per pair of pools override this."""
-        for job in jobs:
-            self.send(job, layer)
+    def send_batch(self, jobs: list[TransferJob], layer: int, count: int = 1) -> None:
+        """Starts moving layers layer … layer+count-1 of every job (the requests one prefill step
+        completed): backends that can do it in one launch or one batched call per pair of pools
+        override this."""
+        for i in range(layer, layer + count):
+            for job in jobs:
+                self.send(job, i)
 
     @abstractmethod
     def poll(self, job: TransferJob) -> TransferState:
@@ -73,18 +75,19 @@ class GroupedBackend(TransferBackend):
     layer): it implements `send_group`, and single jobs are groups of one."""
 
     def send(self, job: TransferJob, layer: int) -> None:
-        self.send_group([job], layer)
+        self.send_group([job], layer, 1)
 
-    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
+    def send_batch(self, jobs: list[TransferJob], layer: int, count: int = 1) -> None:
         groups: dict[tuple[str, str], list[TransferJob]] = {}
         for job in jobs:
             groups.setdefault((job.src_instance, job.dst_instance), []).append(job)
         for group in groups.values():
-            self.send_group(group, layer)
+            self.send_group(group, layer, count)
 
     @abstractmethod
-    def send_group(self, jobs: list[TransferJob], layer: int) -> None:
-        """Starts moving `layer` of jobs that share their source pool and their destination pool."""
+    def send_group(self, jobs: list[TransferJob], layer: int, count: int) -> None:
+        """Starts moving layers layer … layer+count-1 of jobs that share their source pool and their
+        destination pool."""
 
 
 class FakeTransfer(TransferBackend):
@@ -95,7 +98,7 @@ class FakeTransfer(TransferBackend):
         self.fail = fail if fail is not None else set()
         self.pools: dict[str, PoolInfo] = {}
         self.sent: list[tuple[str, int]] = []
-        self.batches: list[tuple[list[str], int]] = []  # (request ids, layer) of each send_batch
+        self.batches: list[tuple[list[str], int]] = []  # (request ids, layer) of each send_batch, by layer
         self.aborted: list[str] = []
         self.in_flight: set[str] = set()
 
@@ -106,9 +109,9 @@ class FakeTransfer(TransferBackend):
         self.sent.append((job.request_id, layer))
         job.layers_sent.add(layer)
 
-    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
-        self.batches.append(([j.request_id for j in jobs], layer))
-        super().send_batch(jobs, layer)
+    def send_batch(self, jobs: list[TransferJob], layer: int, count: int = 1) -> None:
+        self.batches += [([j.request_id for j in jobs], i) for i in range(layer, layer + count)]
+        super().send_batch(jobs, layer, count)
 
     def poll(self, job: TransferJob) -> TransferState:
         if job.request_id in self.fail:

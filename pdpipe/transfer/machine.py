@@ -110,13 +110,13 @@ class MachineTransfer(TransferBackend):
     def send(self, job: TransferJob, layer: int) -> None:
         self._for(job).send(job, layer)
 
-    def send_batch(self, jobs: list[TransferJob], layer: int) -> None:
+    def send_batch(self, jobs: list[TransferJob], layer: int, count: int = 1) -> None:
         by_backend: dict[int, tuple[TransferBackend, list[TransferJob]]] = {}
         for job in jobs:
             backend = self._for(job)
             by_backend.setdefault(id(backend), (backend, []))[1].append(job)
         for backend, group in by_backend.values():
-            backend.send_batch(group, layer)
+            backend.send_batch(group, layer, count)
 
     def poll(self, job: TransferJob) -> TransferState:
         return self._for(job).poll(job)

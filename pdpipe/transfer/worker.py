@@ -59,8 +59,7 @@ class TransferWorker:
                                                     msg.dst_instance, list(msg.dst_block_ids))
         elif isinstance(msg, LayersReady):
             jobs = [self.jobs[rid] for rid in msg.request_ids if rid in self.jobs]
-            for layer in range(msg.layer - msg.count + 1, msg.layer + 1):
-                self._send_layer(jobs, layer)
+            self._send_layers(jobs, msg.layer - msg.count + 1, msg.count)
         elif isinstance(msg, PrefillDone):
             if msg.request_id in self.jobs:
                 self._first[msg.request_id] = msg
@@ -84,21 +83,25 @@ class TransferWorker:
         self.backend.register_pool(pool)
         self._pools.add(pool.instance)
 
-    def _send_layer(self, jobs: list[TransferJob], layer: int) -> None:
-        """One batched send for the layer; if it fails, job by job, so the error lands on its own job."""
+    def _send_layers(self, jobs: list[TransferJob], first: int, count: int) -> None:
+        """One batched send for the layers; if it fails, job by job and layer by layer, so the error
+        lands on its own job."""
+        layers = range(first, first + count)
         try:
-            self.backend.send_batch(jobs, layer)
+            self.backend.send_batch(jobs, first, count)
         except TransferError:
             for job in jobs:
-                if layer in job.layers_sent:
-                    continue
-                try:
-                    self.backend.send(job, layer)
-                except TransferError as exc:
-                    job.error = str(exc)
+                for layer in layers:
+                    if layer in job.layers_sent or job.error:
+                        continue
+                    try:
+                        self.backend.send(job, layer)
+                    except TransferError as exc:
+                        job.error = str(exc)
+        what = f"layer {first + 1}" if count == 1 else f"layers {first + 1}-{first + count}"
         for job in jobs:
-            if layer in job.layers_sent:
-                self._event(job.request_id, "TRANSFERRING", f"layer {layer + 1}/{self.num_layers} sent")
+            if job.layers_sent.issuperset(layers):
+                self._event(job.request_id, "TRANSFERRING", f"{what}/{self.num_layers} sent")
 
     def poll(self) -> None:
         """Finishes the jobs whose every layer landed, and fails those the backend gave up on."""
