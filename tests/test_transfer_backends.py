@@ -105,3 +105,15 @@ def test_layers_announced_together_go_in_one_launch(backend):
     assert all(b.poll(j) is TransferState.PENDING for j in jobs)
     b._streams["cpu"].finish()
     assert all(b.poll(j) is TransferState.DONE for j in jobs)
+
+
+def test_a_layer_span_beyond_the_pools_is_refused():
+    from pdpipe import kernels
+
+    src, dst, ids = torch.randn(SHAPE), torch.zeros(SHAPE), torch.tensor([1, 2])
+    for first, count in ((2, 2), (-1, 1), (0, 0)):
+        with pytest.raises(AssertionError):
+            kernels.copy_pool_blocks(src, ids, dst, ids, first, count)
+    assert not dst.any()
+    kernels.copy_pool_blocks(src, ids, dst, ids, 1, 2)
+    assert torch.equal(dst[1:, :, [1, 2]], src[1:, :, [1, 2]]) and not dst[0].any()
