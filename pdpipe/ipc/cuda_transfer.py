@@ -42,10 +42,13 @@ class CudaIpcTransfer(GroupedBackend):
         self.pools: dict[str, PoolInfo] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._flights: dict[str, _Flight] = {}
+        self._views: dict[tuple[str, int], torch.Tensor] = {}  # (instance, device) → its pool, mapped
 
     def register_pool(self, pool: PoolInfo) -> None:
         if pool.gpu < 0 or not pool.ipc_handle:
             raise TransferError(f"{pool.instance}: its KV pool is not a GPU pool with an IPC handle")
+        if self.pools.get(pool.instance) != pool:  # new, or the instance came back with another pool
+            self._views = {key: view for key, view in self._views.items() if key[0] != pool.instance}
         self.pools[pool.instance] = pool
 
     def _info(self, instance: str, job: TransferJob) -> PoolInfo:
@@ -55,7 +58,12 @@ class CudaIpcTransfer(GroupedBackend):
         return info
 
     def _view(self, info: PoolInfo, device: int) -> torch.Tensor:
-        return open_pool(info.ipc_handle, info.ipc_offset, tuple(info.shape), getattr(torch, info.dtype), device)
+        """The pool as a tensor on `device`, made once (every launch needs both pools)."""
+        view = self._views.get((info.instance, device))
+        if view is None:
+            view = self._views[info.instance, device] = open_pool(
+                info.ipc_handle, info.ipc_offset, tuple(info.shape), getattr(torch, info.dtype), device)
+        return view
 
     def send_group(self, jobs: list[TransferJob], layer: int, count: int) -> None:
         """One gather kernel for the layers of all the jobs (same two pools)."""
@@ -97,7 +105,7 @@ class CudaIpcTransfer(GroupedBackend):
     @staticmethod
     def _layer_block_bytes(info: PoolInfo) -> int:
         per_block = 2 * info.shape[3] * info.shape[4] * info.shape[5]  # K and V of one block, one layer
-        return per_block * torch.empty(0, dtype=getattr(torch, info.dtype)).element_size()
+        return per_block * getattr(torch, info.dtype).itemsize
 
     def poll(self, job: TransferJob) -> TransferState:
         flight = self._flights.get(job.request_id)
