@@ -234,12 +234,17 @@ class OpenAIRoutes:
             raise APIError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
         return ids
 
+    async def _read(self, request: Request, cls: type):
+        """The request's body as `cls`, once the service can take it and the model is this one's."""
+        self.ctx.check_available()
+        req = parse_body(await read_body(request, self.ctx.max_body_bytes), cls)
+        self._check_model(req.model)
+        return req
+
     async def completions(self, request: Request) -> Response:
         received = time.time()
         try:
-            self.ctx.check_available()
-            req = parse_body(await read_body(request, self.ctx.max_body_bytes), CompletionRequest)
-            self._check_model(req.model)
+            req = await self._read(request, CompletionRequest)
             if req.echo:
                 raise APIError(400, "echo: not supported", "echo")
             prompt = self._prompt_ids(req.prompt)
@@ -265,9 +270,7 @@ class OpenAIRoutes:
     async def chat(self, request: Request) -> Response:
         received = time.time()
         try:
-            self.ctx.check_available()
-            req = parse_body(await read_body(request, self.ctx.max_body_bytes), ChatCompletionRequest)
-            self._check_model(req.model)
+            req = await self._read(request, ChatCompletionRequest)
             try:
                 prompt = self.ctx.tokenizer.encode_chat(req.messages)
             except ChatTemplateError as exc:
