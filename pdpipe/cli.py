@@ -1,4 +1,4 @@
-"""`pdpipe` command line: make-model, generate, launch, queues, trace, pause, resume."""
+"""`pdpipe` command line: make-model, generate, launch, queues, trace, pause, resume, bench."""
 from __future__ import annotations
 
 import argparse
@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspector("trace", "one request's timeline across processes", _trace).add_argument("request_id")
     for name in ("pause", "resume"):
         inspector(name, f"{name} an engine instance (debugging)", _pause).add_argument("instance")
+
+    from pdpipe.bench.cli import add_bench_commands
+
+    add_bench_commands(sub.add_parser("bench", help="load generator (serve), layout comparison (compare), "
+                                                    "plots (plot)"))
     return parser
 
 

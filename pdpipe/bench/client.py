@@ -1,0 +1,127 @@
+"""The streaming OpenAI client: one request's body, its SSE stream read chunk by chunk, and what
+arrived when. Token ids in each chunk (`return_token_ids`) count a token even when its text is
+empty; without them a chunk with text counts one, and the final usage corrects the total."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import msgspec
+
+from .config import WorkloadConfig
+from .datasets import Prompt
+
+DONE = object()  # the `data: [DONE]` line
+ROUTES = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+@dataclass
+class RequestResult:
+    index: int
+    max_tokens: int
+    prompt_tokens: int | None
+    sent_at: float = 0.0  # time.time() at send: comparable with the pipeline's trace times
+    request_id: str = ""
+    ok: bool = False
+    status: int = 0
+    error: str = ""
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (seconds after send, tokens) per chunk
+    usage_completion_tokens: int | None = None
+    ids_seen: bool = False  # the chunks carried token ids, so their count is exact
+    e2e: float = 0.0  # seconds from send to the end of the stream
+
+    @property
+    def output_tokens(self) -> int:
+        counted = sum(n for _, n in self.chunks)
+        if self.ids_seen or self.usage_completion_tokens is None:
+            return counted
+        return self.usage_completion_tokens
+
+
+def request_body(prompt: Prompt, model: str, endpoint: str, workload: WorkloadConfig,
+                 return_token_ids: bool) -> dict:
+    body = {"model": model, "max_tokens": prompt.max_tokens, "temperature": workload.temperature,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if endpoint == "chat":
+        if not isinstance(prompt.prompt, str):
+            raise ValueError("endpoint: chat needs text prompts (--dataset sharegpt); the random datasets "
+                             "send token ids, which only /v1/completions takes")
+        body["messages"] = [{"role": "user", "content": prompt.prompt}]
+    else:
+        body["prompt"] = prompt.prompt
+    if workload.ignore_eos:
+        body["ignore_eos"] = True
+    if return_token_ids:
+        body["return_token_ids"] = True
+    return body
+
+
+def parse_sse_line(line: bytes):
+    """A chunk's JSON as a dict, DONE for the end marker, None for anything else (blank, comments)."""
+    line = line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == b"[DONE]":
+        return DONE
+    return msgspec.json.decode(payload)
+
+
+def chunk_tokens(chunk: dict) -> int:
+    """Tokens a streamed chunk carries: its token ids when present, else one per chunk with text."""
+    count = 0
+    for choice in chunk.get("choices") or []:
+        if choice.get("token_ids") is not None:
+            count += len(choice["token_ids"])
+        else:
+            text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+            count += 1 if text else 0
+    return count
+
+
+def take_chunk(result: RequestResult, chunk: dict, elapsed: float) -> None:
+    if "error" in chunk:
+        err = chunk["error"]
+        result.error = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+        return
+    result.request_id = result.request_id or chunk.get("id", "")
+    usage = chunk.get("usage")
+    if usage:
+        result.usage_completion_tokens = usage.get("completion_tokens")
+        result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+    tokens = chunk_tokens(chunk)
+    result.ids_seen = result.ids_seen or any("token_ids" in c for c in chunk.get("choices") or [])
+    if tokens:
+        result.chunks.append((elapsed, tokens))
+
+
+async def stream_request(session: aiohttp.ClientSession, url: str, body: dict,
+                         result: RequestResult) -> RequestResult:
+    """Sends one request and reads its stream into `result`; any failure lands in result.error."""
+    result.sent_at = time.time()
+    start = time.perf_counter()
+    finished = False
+    try:
+        async with session.post(url, json=body) as resp:
+            result.status = resp.status
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.text())[:500]}"
+                return result
+            async for line in resp.content:
+                item = parse_sse_line(line)
+                if item is DONE:
+                    finished = True
+                    break
+                if item is not None:
+                    take_chunk(result, item, time.perf_counter() - start)
+    except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError, ValueError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        result.e2e = time.perf_counter() - start
+    if not result.error and not finished:
+        result.error = "the stream ended without data: [DONE]"
+    result.ok = not result.error and result.output_tokens > 0
+    if not result.error and not result.ok:
+        result.error = "no token came back"
+    return result

@@ -1,0 +1,115 @@
+"""`pdpipe bench serve` (also `python -m pdpipe.bench.serve`): sends a workload to an OpenAI-compatible
+server at a rate or concurrency, streams every reply, and reports per-request records, percentiles,
+throughput and goodput; given the launch's run dir, each request's TTFT split by pipeline stage."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiohttp
+from tqdm import tqdm
+
+from .arrivals import arrival_offsets, dispatch
+from .client import ROUTES, RequestResult, request_body, stream_request
+from .config import ServeConfig, parse_slos
+from .datasets import Prompt, load_prompts
+from .metrics import request_record, summarize
+from .report import write_json
+from .traces import fetch_traces, summarize_splits, ttft_split
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+
+def resolve_target(cfg: ServeConfig) -> ServeConfig:
+    """Fills base_url and run_dir from --config (its api port, its run dir) where not given."""
+    if not cfg.config:
+        return replace(cfg, base_url=cfg.base_url or DEFAULT_BASE_URL)
+    from pdpipe.config import load_launch_config
+
+    launch = load_launch_config(cfg.config)
+    host = "127.0.0.1" if launch.api.host in ("0.0.0.0", "::", "") else launch.api.host
+    return replace(cfg, base_url=cfg.base_url or f"http://{host}:{launch.api.port}",
+                   run_dir=cfg.run_dir or launch.resolved_run_dir)
+
+
+async def served_model(session: aiohttp.ClientSession, base_url: str) -> str:
+    async with session.get(base_url + "/v1/models") as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"GET {base_url}/v1/models answered HTTP {resp.status}")
+        models = (await resp.json()).get("data") or []
+    if not models:
+        raise RuntimeError(f"GET {base_url}/v1/models lists no model")
+    return models[0]["id"]
+
+
+async def send_all(cfg: ServeConfig, prompts: list[Prompt], offsets: list[float]) -> tuple[str, list, float]:
+    """(model, results in prompt order, seconds from the first send to the last reply's end)."""
+    # a connection per request in flight: the client must not queue requests the server should see
+    connector = aiohttp.TCPConnector(limit=cfg.load.max_concurrency or len(prompts))
+    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        model = cfg.model or await served_model(session, cfg.base_url)
+        url = cfg.base_url + ROUTES[cfg.endpoint]
+        bodies = [request_body(p, model, cfg.endpoint, cfg.workload, cfg.return_token_ids) for p in prompts]
+        bar = tqdm(total=len(prompts), disable=not cfg.progress, unit="req")
+
+        async def send(i: int, prompt: Prompt) -> RequestResult:
+            result = await stream_request(session, url, bodies[i], RequestResult(i, prompt.max_tokens,
+                                                                                 prompt.prompt_len))
+            bar.update(1)
+            return result
+
+        start = time.perf_counter()
+        results = await dispatch(prompts, offsets, cfg.load.max_concurrency, send)
+        duration = time.perf_counter() - start
+        bar.close()
+    return model, results, duration
+
+
+def split_from_traces(run_dir: str, results: list[RequestResult], records: list[dict]) -> dict:
+    """Adds each traced request's split to its record; returns the per-stage summary."""
+    done = [(r, rec) for r, rec in zip(results, records) if r.ok]
+    traces = fetch_traces(run_dir, [r.request_id for r, _ in done])
+    splits = []
+    for result, record in done:
+        trace = traces.get(result.request_id)
+        if trace is not None:
+            split = ttft_split(trace, result.sent_at, result.sent_at + result.chunks[0][0])
+            record["ttft_split_ms"] = {stage: s * 1e3 for stage, s in split.items()}
+            splits.append(split)
+    return {"run_dir": run_dir, "traced": len(splits),
+            "untraced": [r.request_id for r, _ in done if r.request_id not in traces],
+            "stages_ms": summarize_splits(splits)}
+
+
+def run_serve(cfg: ServeConfig) -> dict:
+    """Runs the benchmark; returns the result that --result-file holds."""
+    cfg = resolve_target(cfg)
+    slos = parse_slos(cfg.slo)
+    prompts = load_prompts(cfg.workload)
+    offsets = arrival_offsets(len(prompts), cfg.load.request_rate, cfg.load.burstiness, cfg.workload.seed)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    model, results, duration = asyncio.run(send_all(cfg, prompts, offsets))
+    records = [request_record(r, slos) for r in results]
+    result = {"date": started, "base_url": cfg.base_url, "endpoint": cfg.endpoint, "model": model,
+              "config": asdict(cfg), "summary": summarize(results, duration, slos), "ttft_split": None,
+              "requests": records}
+    if cfg.run_dir:
+        result["ttft_split"] = split_from_traces(cfg.run_dir, results, records)
+    if cfg.result_file:
+        write_json(Path(cfg.result_file), result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import bench_main
+
+    return bench_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""`pdpipe bench`: the pure parts (percentiles, goodput, ITL/TPOT, arrivals, datasets, trace
+milestones) on hand-made data, then `bench serve` against a launched 1P+1D pipeline (programmatic
+and from the command line), and `bench compare` over two tiny launched layouts."""
+import asyncio
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pipeline_launch import free_port, launched, make_launch_config
+
+from pdpipe.bench.arrivals import arrival_offsets, dispatch
+from pdpipe.bench.client import DONE, RequestResult, parse_sse_line, take_chunk
+from pdpipe.bench.cli import bench_main
+from pdpipe.bench.compare import crossings, goodput_rate
+from pdpipe.bench.config import LoadConfig, ServeConfig, WorkloadConfig, parse_range, parse_slos
+from pdpipe.bench.datasets import random_prompts, shared_prefix_prompts, sharegpt_prompts
+from pdpipe.bench.metrics import distribution_ms, inter_token_latencies, latencies, percentile, summarize
+from pdpipe.bench.serve import run_serve
+from pdpipe.bench.traces import STAGES, scheduler_request_id, trace_milestones, ttft_split
+from pdpipe.tokenizer import Tokenizer
+
+MODEL = "llama"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- pure parts -------------------------------------------------------------------------------
+def test_percentiles_interpolate_and_stay_ordered():
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50.5 and percentile(values, 99) == pytest.approx(99.01)
+    assert math.isnan(percentile([], 50))
+    dist = distribution_ms([0.001 * v for v in values])
+    assert dist["mean"] == pytest.approx(50.5) and dist["p50"] <= dist["p90"] <= dist["p99"]
+    assert distribution_ms([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+
+
+def test_ranges_and_slos_parse_or_name_the_flag():
+    assert parse_range("4:40", "input_len") == (4, 40) and parse_range("16", "x") == (16, 16)
+    with pytest.raises(ValueError, match="input_len"):
+        parse_range("40:4", "input_len")
+    assert parse_slos(["ttft:600", "tpot:15"]) == {"ttft": 600.0, "tpot": 15.0}
+    with pytest.raises(ValueError, match="slo"):
+        parse_slos(["latency:5"])
+
+
+def result(index, chunks, e2e, usage=None, ok=True):
+    r = RequestResult(index, max_tokens=sum(n for _, n in chunks), prompt_tokens=10, chunks=list(chunks),
+                      e2e=e2e, ok=ok, request_id=f"cmpl-{index}")
+    r.usage_completion_tokens = usage
+    return r
+
+
+def test_itl_splits_a_multi_token_chunk_and_tpot_follows():
+    r = result(0, [(0.100, 1), (0.140, 2), (0.200, 1), (0.230, 3)], e2e=0.240)
+    lat = latencies(r)
+    assert lat.ttft == 0.100 and r.output_tokens == 7
+    assert lat.itls == pytest.approx([0.02, 0.02, 0.06, 0.01, 0.01, 0.01])
+    assert sum(lat.itls) == pytest.approx(0.230 - 0.100)
+    assert lat.tpot == pytest.approx((0.240 - 0.100) / 6)
+    assert inter_token_latencies([(0.1, 3)]) == [0.0, 0.0]  # tokens that came with the first
+    assert latencies(result(1, [(0.1, 1)], e2e=0.1)).tpot is None
+
+
+def test_a_token_with_empty_text_still_counts():
+    r = RequestResult(0, max_tokens=3, prompt_tokens=4)
+    head = {"id": "cmpl-abc", "object": "text_completion"}
+    for when, text, ids in ((0.1, "a", [7]), (0.2, "", [8]), (0.3, "b", [9])):
+        take_chunk(r, {**head, "choices": [{"index": 0, "text": text, "token_ids": ids}]}, when)
+    take_chunk(r, {**head, "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}, 0.31)
+    assert r.request_id == "cmpl-abc" and r.output_tokens == 3 and len(r.chunks) == 3
+    plain = RequestResult(1, max_tokens=3, prompt_tokens=None)  # a server without token ids
+    for when, text in ((0.1, "a"), (0.2, ""), (0.3, "b")):
+        take_chunk(plain, {"choices": [{"index": 0, "text": text}]}, when)
+    assert len(plain.chunks) == 2 and plain.output_tokens == 2
+    take_chunk(plain, {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}, 0.31)
+    assert plain.output_tokens == 3 and plain.prompt_tokens == 4  # usage corrects the total
+    chat = RequestResult(2, max_tokens=1, prompt_tokens=None)
+    take_chunk(chat, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, 0.05)
+    take_chunk(chat, {"choices": [{"index": 0, "delta": {"content": "x"}}]}, 0.1)
+    assert chat.chunks == [(0.1, 1)]
+
+
+def test_sse_lines():
+    assert parse_sse_line(b'data: {"id": "x"}\n') == {"id": "x"}
+    assert parse_sse_line(b"data: [DONE]\n") is DONE
+    assert parse_sse_line(b"\n") is None and parse_sse_line(b": keep-alive\n") is None
+
+
+def test_summary_counts_goodput_over_every_request():
+    results = [result(0, [(0.1, 1), (0.2, 1)], 0.2), result(1, [(0.5, 1), (0.6, 1)], 0.6),
+               result(2, [(0.1, 1), (0.9, 1)], 0.9), RequestResult(3, 2, 10, error="HTTP 500: x")]
+    s = summarize(results, duration=2.0, slos_ms={"ttft": 300, "tpot": 500})
+    assert (s["completed"], s["failed"], s["total_output_tokens"]) == (3, 1, 6)
+    assert s["request_throughput"] == 1.5 and s["output_throughput"] == 3.0
+    assert s["goodput"]["met"] == 1 and s["goodput"]["requests_per_s"] == 0.5  # 1 too slow, 2 TPOT 800 ms
+    assert s["goodput"]["attainment"] == 0.25
+
+
+def point(rate, attainment, ttft_p99=100.0):
+    return {"rate": rate, "attainment": attainment, "ttft_ms": {"p99": ttft_p99}}
+
+
+def test_goodput_is_the_highest_rate_up_to_which_the_slo_attainment_holds():
+    sweep = [point(1, 1.0), point(2, 0.95), point(4, 0.9), point(8, 0.7), point(16, 0.92)]
+    assert goodput_rate(sweep, 0.9) == 4  # 16 passing after 8 missed does not count
+    assert goodput_rate(sweep, 0.99) == 1
+    assert goodput_rate([point(1, 0.5)], 0.9) is None
+
+
+def test_crossings_name_the_rates_where_the_leader_changes():
+    pd = [point(1, 0.9, 300), point(2, 0.9, 310), point(4, 0.85, 320)]
+    mixed = [point(1, 1.0, 100), point(2, 0.7, 400), point(4, 0.2, 900)]
+    found = crossings({"pd": pd, "mixed": mixed})
+    assert {"metric": "slo_attainment", "layouts": ["pd", "mixed"], "between": [1, 2], "before": "mixed",
+            "after": "pd"} in found
+    assert any(c["metric"] == "ttft_p99" and c["between"] == [1, 2] for c in found)
+    assert crossings({"a": pd, "b": pd}) == []
+
+
+def test_poisson_and_gamma_arrivals_have_the_asked_rate():
+    gaps = np.diff(arrival_offsets(4001, rate=10.0, seed=1))
+    assert gaps.mean() == pytest.approx(0.1, rel=0.05) and gaps.std() / gaps.mean() == pytest.approx(1, rel=0.1)
+    bursty = np.diff(arrival_offsets(4001, rate=10.0, burstiness=0.25, seed=1))
+    assert bursty.mean() == pytest.approx(0.1, rel=0.1) and bursty.std() / bursty.mean() > 1.7  # CV 2
+    assert arrival_offsets(5, math.inf) == [0.0] * 5
+    assert arrival_offsets(3, 1.0, seed=7) == arrival_offsets(3, 1.0, seed=7)
+
+
+def test_the_concurrency_cap_is_honoured():
+    in_flight, peak = [0], [0]
+
+    async def send(i, item):
+        in_flight[0] += 1
+        peak[0] = max(peak[0], in_flight[0])
+        for _ in range(3):  # let the others run
+            await asyncio.sleep(0)
+        in_flight[0] -= 1
+        return item * 2
+
+    out = asyncio.run(dispatch(list(range(10)), [0.0] * 10, 3, send))
+    assert out == [i * 2 for i in range(10)] and peak[0] == 3
+
+
+def test_random_and_shared_prefix_datasets_have_exact_lengths():
+    cfg = WorkloadConfig(num_prompts=50, input_len="4:40", output_len="4:12", vocab_size=100, seed=2)
+    prompts = random_prompts(cfg)
+    assert all(4 <= p.prompt_len <= 40 and 4 <= p.max_tokens <= 12 for p in prompts)
+    assert all(10 <= t < 100 for p in prompts for t in p.prompt)
+    assert random_prompts(cfg) == prompts
+    shared = shared_prefix_prompts(WorkloadConfig(dataset="shared-prefix", num_prompts=6, input_len="3",
+                                                  prefix_len=8, num_prefixes=2, vocab_size=100))
+    assert [p.prompt[:8] for p in shared[:2]] == [p.prompt[:8] for p in shared[2:4]]
+    assert shared[0].prompt[:8] != shared[1].prompt[:8] and all(p.prompt_len == 11 for p in shared)
+
+
+def test_sharegpt_loader(tmp_path):
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([
+        {"id": "a", "conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "x" * 40}]},
+        {"id": "b", "conversations": [{"from": "gpt", "value": "no question first"}]},
+        {"id": "c", "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "Why?"},
+                                      {"from": "gpt", "value": "y" * 4000}]},
+    ]))
+    prompts = sharegpt_prompts(WorkloadConfig(dataset="sharegpt", dataset_path=str(path), num_prompts=4))
+    assert {p.prompt: p.max_tokens for p in prompts} == {"Hi there": 10, "Why?": 1000}
+    assert len(prompts) == 4 and prompts[0].prompt_len is None
+    capped = sharegpt_prompts(WorkloadConfig(dataset="sharegpt", dataset_path=str(path), num_prompts=2,
+                                             output_len="64"))
+    assert {p.prompt: p.max_tokens for p in capped} == {"Hi there": 10, "Why?": 64}
+
+
+PD_TRACE = {"arrival": 10.000, "events": [
+    [10.001, "QUEUED", "api", ""], [10.003, "RESERVED", "decode-0", "2 blocks"],
+    [10.004, "PREFILLING", "prefill-0", ""], [10.005, "TRANSFERRING", "transfer", "layers 1-2/2 sent"],
+    [10.010, "TRANSFERRING", "prefill-0", "prefill end"], [10.020, "DECODING", "decode-0", ""],
+    [10.050, "FINISHED", "decode-0", "length, 8 tokens"]]}
+
+
+def test_trace_milestones_of_a_disaggregated_request():
+    assert trace_milestones(PD_TRACE) == {"arrival": 10.000, "queued": 10.001, "dispatched": 10.001,
+                                          "reserved": 10.003, "prefilling": 10.004, "prefill_end": 10.010}
+    split = ttft_split(PD_TRACE, sent_at=9.999, first_token_at=10.012)
+    assert split == pytest.approx({"client→api": 0.001, "api→scheduler": 0.001, "scheduler queue": 0.0,
+                                   "reservation": 0.002, "prefill queue": 0.001, "prefill compute": 0.006,
+                                   "first-token delivery": 0.002})
+    assert sum(split.values()) == pytest.approx(10.012 - 9.999)
+
+
+def test_trace_milestones_of_an_admitted_then_colocated_request():
+    trace = {"arrival": 5.0, "events": [[5.001, "QUEUED", "api", ""], [5.050, "QUEUED", "scheduler", "admitted"],
+                                        [5.060, "PREFILLING", "mixed-0", ""], [5.080, "DECODING", "mixed-0", ""]]}
+    split = ttft_split(trace, sent_at=4.999, first_token_at=5.081)
+    assert "reservation" not in split
+    assert split["scheduler queue"] == pytest.approx(0.049) and split["prefill queue"] == pytest.approx(0.010)
+    assert split["prefill compute"] == pytest.approx(0.020)
+
+
+def test_a_reservation_heard_after_prefill_began_counts_as_no_wait():
+    trace = {"arrival": 1.0, "events": [[1.001, "QUEUED", "api", ""], [1.002, "PREFILLING", "prefill-0", ""],
+                                        [1.004, "RESERVED", "decode-0", ""],
+                                        [1.006, "TRANSFERRING", "prefill-0", "prefill end"]]}
+    split = ttft_split(trace, sent_at=1.0, first_token_at=1.007)
+    assert split["reservation"] == pytest.approx(0.001) and split["prefill queue"] == 0.0
+    assert all(v >= 0 for v in split.values()) and sum(split.values()) == pytest.approx(0.007)
+    assert scheduler_request_id("chatcmpl-ab12") == "cmpl-ab12" == scheduler_request_id("cmpl-ab12")
+
+
+# ---- against launched pipelines ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipeline(model_dir):
+    with launched(make_launch_config(model_dir(MODEL), ["prefill", "decode"])) as launcher:
+        yield launcher
+
+
+@pytest.fixture(scope="module")
+def vocab(model_dir):
+    return Tokenizer(model_dir(MODEL)).vocab_size
+
+
+def small_workload(vocab: int, num_prompts: int = 12, seed: int = 3) -> WorkloadConfig:
+    return WorkloadConfig(num_prompts=num_prompts, input_len="4:40", output_len="4:12", vocab_size=vocab,
+                          ignore_eos=True, seed=seed)
+
+
+def assert_accounted(res: dict, num_prompts: int) -> None:
+    s = res["summary"]
+    assert s["completed"] + s["failed"] == num_prompts == len(res["requests"])
+    ids = [r["request_id"] for r in res["requests"]]
+    assert len(set(ids)) == num_prompts and all(ids)
+    assert sorted(r["index"] for r in res["requests"]) == list(range(num_prompts))
+
+
+def test_serve_accounts_for_every_request_and_splits_ttft(pipeline, vocab):
+    cfg = ServeConfig(workload=small_workload(vocab), load=LoadConfig(request_rate=20.0),
+                      base_url=f"http://127.0.0.1:{pipeline.cfg.api.port}", run_dir=str(pipeline.paths.run_dir),
+                      slo=("ttft:60000", "tpot:60000"), progress=False)
+    res = run_serve(cfg)
+    s = res["summary"]
+    assert_accounted(res, 12)
+    assert s["failed"] == 0, [r["error"] for r in res["requests"]]
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert 0 <= s[key]["p50"] <= s[key]["p90"] <= s[key]["p99"], key
+    for r in res["requests"]:
+        assert r["output_tokens"] == r["max_tokens"] and len(r["itl_ms"]) == r["output_tokens"] - 1
+        assert 4 <= r["prompt_tokens"] <= 40 and r["ttft_ms"] <= r["e2e_ms"]
+    assert s["total_output_tokens"] == sum(r["max_tokens"] for r in res["requests"])
+    assert s["request_throughput"] == pytest.approx(12 / s["duration_s"])
+    assert s["output_throughput"] == pytest.approx(s["total_output_tokens"] / s["duration_s"])
+    assert s["goodput"]["attainment"] == 1.0
+    split = res["ttft_split"]
+    assert split["traced"] == 12 and not split["untraced"]
+    for r in res["requests"]:
+        parts = r["ttft_split_ms"]
+        assert {"api→scheduler", "scheduler queue", "prefill compute", "first-token delivery"} <= set(parts)
+        assert set(parts) <= set(STAGES)  # reservation only where the prompt went to a prefill instance
+        assert all(v >= 0 for v in parts.values()) and sum(parts.values()) <= r["ttft_ms"] + 1.0
+    assert set(split["stages_ms"]) >= {"api→scheduler", "prefill queue", "prefill compute"}
+
+
+def test_serve_from_the_command_line_writes_its_result(pipeline, vocab, tmp_path):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pdpipe.bench.serve", "--base-url", f"http://127.0.0.1:{pipeline.cfg.api.port}",
+         "--num-prompts", "6", "--input-len", "8:16", "--output-len", "5", "--vocab-size", str(vocab),
+         "--ignore-eos", "--max-concurrency", "2", "--slo", "ttft:60000", "--no-progress",
+         "--run-dir", str(pipeline.paths.run_dir), "--result-file", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Successful requests:" in proc.stdout and "TTFT by stage" in proc.stdout
+    res = json.loads(out.read_text())
+    assert_accounted(res, 6)
+    assert res["config"]["load"]["max_concurrency"] == 2 and res["summary"]["total_output_tokens"] == 30
+    assert res["model"] and res["ttft_split"]["traced"] == 6
+
+
+def write_layout(path, name, model, roles, run_dir) -> str:
+    instances = "".join(f'\n[[instances]]\nrole = "{role}"\n' for role in roles)
+    path.write_text(f'name = "{name}"\nrun_dir = "{run_dir}"\nready_timeout = 120\n'
+                    f'[engine]\nmodel = "{model}"\n[engine.cache]\nblock_size = 8\nnum_blocks = 128\n'
+                    f'[api]\nport = {free_port()}\n{instances}')
+    return str(path)
+
+
+def test_compare_two_layouts_writes_goodput_and_plots(model_dir, vocab, tmp_path):
+    model = model_dir(MODEL)
+    configs = (write_layout(tmp_path / "pd.toml", "pd", model, ["prefill", "decode"], tmp_path / "run-pd"),
+               write_layout(tmp_path / "mixed.toml", "mixed", model, ["mixed"], tmp_path / "run-mixed"))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pdpipe.cli", "bench", "compare", *configs, "--request-rates", "5,20",
+         "--num-prompts", "6", "--input-len", "4:40", "--output-len", "4:12", "--vocab-size", str(vocab),
+         "--ignore-eos", "--seed", "3", "--slo", "ttft:60000", "--out", str(out)],
+        capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr
+    assert "goodput pd: 20 req/s" in proc.stdout and "goodput mixed: 20 req/s" in proc.stdout
+    res = json.loads((out / "compare.json").read_text())
+    assert set(res["layouts"]) == {"pd", "mixed"} and res["slo_ms"] == {"ttft": 60000.0}
+    for layout in res["layouts"].values():
+        assert [p["rate"] for p in layout["points"]] == [5.0, 20.0] and layout["goodput_rate"] == 20.0
+        assert all(p["completed"] == 6 and p["ttft_ms"]["p50"] <= p["ttft_ms"]["p99"] for p in layout["points"])
+        assert all(p["ttft_split_p50_ms"] for p in layout["points"])
+    assert set(res["layouts"]["pd"]["points"][0]["ttft_split_p50_ms"]) <= set(STAGES)
+    assert len(list((out / "serve").glob("*.json"))) == 4  # every request of every run, kept
+    for name in ("ttft", "tpot", "itl", "attainment"):
+        png = (out / f"{name}.png").read_bytes()
+        assert png.startswith(PNG_MAGIC) and len(png) > 1000
+    again = tmp_path / "replotted"
+    assert bench_main(["plot", str(out / "compare.json"), "--out", str(again)]) == 0
+    assert (again / "attainment.png").read_bytes().startswith(PNG_MAGIC)
