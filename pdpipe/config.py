@@ -34,11 +34,15 @@ class SchedulerConfig:
                                                            "the model's limit, capped by the pool"})
     watermark_blocks: int = field(default=1, metadata={"help": "blocks kept free when admitting "
                                                               "new prompts, for running ones to grow"})
+    max_prefill_tokens: int = field(default=0, metadata={"help": "most prompt tokens one step computes "
+                                                                "(longer prompts go in chunks); 0: the "
+                                                                "step's whole token budget"})
 
     def __post_init__(self):
         _positive(self, "max_num_seqs", "max_num_batched_tokens")
-        if self.max_model_len < 0 or self.watermark_blocks < 0:
-            raise ValueError("max_model_len and watermark_blocks must be >= 0")
+        for name in ("max_model_len", "watermark_blocks", "max_prefill_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,45 @@ class DeadlineConfig:
         for name in ("queued", "reserved", "prefilling", "transferring", "decoding"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"deadlines.{name}: must be > 0 seconds, got {getattr(self, name)}")
+
+
+DISAGGREGATION = ("always", "conditional")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How the scheduler admits requests to decode instances and where their prompts are computed."""
+
+    disaggregation: str = field(default="conditional", metadata={
+        "help": "always: every prompt on a prefill instance; conditional: short prompts, or prompts whose "
+                "wait for a prefill instance would exceed their cost on the decode instance, are "
+                "computed on the decode instance itself", "choices": DISAGGREGATION})
+    local_prompt_tokens: int = field(default=128, metadata={
+        "help": "conditional: prompts up to this many tokens are computed on their decode instance"})
+    local_step_tokens: int = field(default=256, metadata={
+        "help": "most prompt tokens a decode instance computes in one step (protects its running "
+                "requests' inter-token latency)"})
+    reserve_output_share: float = field(default=1.0, metadata={
+        "help": "share of max_tokens a decode reservation holds beyond the prompt (1: all of it, so "
+                "decode never preempts)"})
+    reserve_output_max: int = field(default=4096, metadata={
+        "help": "most output tokens a reservation holds (clients that leave max_tokens unset get the "
+                "whole context)"})
+
+    def __post_init__(self):
+        if self.disaggregation not in DISAGGREGATION:
+            raise ValueError(f"routing.disaggregation: {self.disaggregation!r}; allowed: {', '.join(DISAGGREGATION)}")
+        if not 0.0 <= self.reserve_output_share <= 1.0:
+            raise ValueError(f"routing.reserve_output_share: {self.reserve_output_share}; allowed: 0 to 1")
+        for name in ("local_prompt_tokens", "reserve_output_max"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"routing.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.local_step_tokens < 1:
+            raise ValueError(f"routing.local_step_tokens: must be >= 1, got {self.local_step_tokens}")
+
+    def output_room(self, max_tokens: int) -> int:
+        """Output tokens a reservation holds on decode for a request asking for `max_tokens`."""
+        return min(int(max_tokens * self.reserve_output_share + 0.999), self.reserve_output_max)
 
 
 ROLES = ("prefill", "decode", "mixed")
@@ -153,6 +196,7 @@ class LaunchConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     instances: tuple[InstanceConfig, ...] = (InstanceConfig("prefill"), InstanceConfig("decode"))
 

@@ -59,6 +59,16 @@ def format_queues(snap: dict) -> str:
         lines.append(f"{name}: inbox {x.get('inbox', 0)}  in flight {x.get('transfers_in_flight', 0)} "
                      f"({x.get('bytes_in_flight', 0)} bytes)  moved {x.get('bytes_moved', 0)} bytes in "
                      f"{secs:.3f} s ({rate:.2f} GB/s)")
+    adm = snap.get("admission") or {}
+    if adm:
+        rooms = "  ".join(f"{name} {r['committed_blocks']}/{r['num_blocks'] or '?'} blocks, "
+                          f"{r['requests']}/{r['max_num_seqs'] or '?'} requests" + (" (refused; waits)" if r["blocked"] else "")
+                          for name, r in sorted(adm.get("decode_room", {}).items()))
+        decisions = "  ".join(f"{k} {v}" for k, v in sorted(adm.get("prefill_decisions", {}).items())) or "-"
+        lines.append(f"admission queue: {adm['queued']} waiting, oldest {adm['oldest_wait_s'] * 1e3:.0f} ms   "
+                     f"prompts computed: {decisions}")
+        if rooms:
+            lines.append(f"decode room committed: {rooms}")
     api = snap.get("api") or {}
     lines.append(f"api: open requests {api.get('running', '?')}   scheduler: live requests "
                  f"{sum(states.values())}")

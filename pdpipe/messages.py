@@ -99,6 +99,7 @@ class Reserve(Msg):  # scheduler → decode: hold blocks for this prompt's KV, t
     prompt_token_ids: list[int]
     params: SamplingParams
     prefill_instance: str = ""  # once reserved, decode sends the Prefill there itself (one hop, not two)
+    num_tokens: int = 0  # tokens of room to hold: the prompt and the output share (0: the prompt only)
 
 
 class Reserved(Msg):  # decode → scheduler; block_ids None when they were not free
@@ -152,6 +153,11 @@ class Free(Msg):  # scheduler → engine (through transfer for decode): drop the
     reason: str = "abort"
 
 
+class Freed(Msg):  # engine → scheduler: an ended request's blocks are free here (its room can be reused)
+    request_id: str
+    instance: str
+
+
 class AbortTransfer(Msg):  # scheduler → transfer: stop moving, then pass Free to the decode instance
     request_id: str
     decode_instance: str
@@ -181,6 +187,11 @@ class InstanceStats(Msg):  # every process → scheduler, a few times a second
     bytes_moved: int = 0
     seconds_moving: float = 0.0
     paused: bool = False
+    block_size: int = 0
+    max_num_seqs: int = 0
+    preemptions: int = 0  # running requests sent back to be recomputed, since start
+    step_seconds: float = 0.0  # recent mean of a busy step
+    prefill_tokens_per_s: float = 0.0  # recent prompt tokens computed per second of stepping
 
 
 class Ready(Msg):  # every process → launcher, once it can serve
@@ -221,7 +232,7 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI /
 
 
 Message = (NewRequest | AbortRequest | Reserve | Reserved | Prefill | TransferStart | LayersReady
-           | PrefillDone | KVLanded | TransferDone | Free | AbortTransfer | StateEvent | InstanceStats
+           | PrefillDone | KVLanded | TransferDone | Free | Freed | AbortTransfer | StateEvent | InstanceStats
            | Ready | PoolInfo | Forward | Pause | Shutdown | EngineOutput)
 
 _encoder = msgspec.msgpack.Encoder()

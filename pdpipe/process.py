@@ -106,6 +106,9 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
     engine_cfg = proc.cfg.engine
     if inst.num_blocks:
         engine_cfg = replace(engine_cfg, cache=replace(engine_cfg.cache, num_blocks=inst.num_blocks))
+    if role == "decode":  # the prompts it computes itself (conditional disaggregation) go in small chunks
+        engine_cfg = replace(engine_cfg, scheduler=replace(engine_cfg.scheduler,
+                                                           max_prefill_tokens=proc.cfg.routing.local_step_tokens))
     if engine_cfg.device.startswith("cuda"):
         # the launcher made only this instance's GPUs visible; a prefill engine never decodes
         engine_cfg = replace(engine_cfg, device="cuda:0", cuda_graphs=engine_cfg.cuda_graphs and role != "prefill")

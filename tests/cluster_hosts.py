@@ -89,6 +89,7 @@ def machine_config(path: Path, *, model: str, redis_url: str, machine: str, host
     lines = [f'name = "{machine}"', f'run_dir = "/tmp/pdp-{machine}-{os.getpid()}"', "ready_timeout = 60",
              "[engine]", f'model = "{model}"', "[engine.cache]", "block_size = 8", f"num_blocks = {num_blocks}",
              "[deadlines]", "transferring = 20", "decoding = 60",
+             "[routing]", 'disaggregation = "always"',  # the short test prompts would stay on decode
              "[cluster]", f'redis_url = "{redis_url}"', f'machine = "{machine}"', f"frontend = {str(frontend).lower()}",
              f'advertise_host = "{host}"', f"ttl = {ttl}", "[api]", f"port = {port or free_port()}"]
     for role in roles:

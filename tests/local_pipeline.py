@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from pdpipe.config import CacheConfig, DeadlineConfig, EngineConfig, SchedulerConfig
+from dataclasses import replace
+
+from pdpipe.config import CacheConfig, DeadlineConfig, EngineConfig, RoutingConfig, SchedulerConfig
 from pdpipe.engine.engine import LLMEngine
 from pdpipe.engine.worker import EngineWorker
 from pdpipe.ipc.shm import ShmTransfer
@@ -33,15 +35,19 @@ class Clock:
 class LocalPipeline:
     def __init__(self, model, roles: dict[str, str], num_blocks: int = 64, block_size: int = 8,
                  max_num_batched_tokens: int = 2048, deadlines: DeadlineConfig = DeadlineConfig(),
-                 backend: TransferBackend | None = None):
+                 backend: TransferBackend | None = None,
+                 routing: RoutingConfig = RoutingConfig(disaggregation="always")):
         self.clock = Clock()
         self.queues: dict[str, deque] = {name: deque() for name in [*roles, "scheduler", "transfer", "api"]}
         cfg = EngineConfig(model=str(model), cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
                            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens))
-        self.engines = {name: LLMEngine(cfg) for name in roles}
+        local = replace(cfg, scheduler=replace(cfg.scheduler, max_prefill_tokens=routing.local_step_tokens))
+        self.engines = {name: LLMEngine(local if role == "decode" else cfg) for name, role in roles.items()}
         self.workers = {name: EngineWorker(name, role, self.engines[name], self.send, self.clock)
                         for name, role in roles.items()}
-        self.scheduler = SchedulerCore(roles, deadlines, self.send, self.clock)
+        self.scheduler = SchedulerCore(roles, deadlines, self.send, self.clock, routing=routing)
+        for worker in self.workers.values():  # as each engine process does when it starts
+            self.scheduler.handle(worker.stats())
         spec = next(iter(self.engines.values())).spec
         self.backend = backend or TensorPools(self.engines)
         self.transfer = TransferWorker("transfer", self.backend, spec.num_layers, self.send, self.clock)

@@ -7,7 +7,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from pdpipe.config import ApiConfig, CacheConfig, EngineConfig, InstanceConfig, LaunchConfig
+from pdpipe.config import ApiConfig, CacheConfig, EngineConfig, InstanceConfig, LaunchConfig, RoutingConfig
 from pdpipe.inspect import control
 from pdpipe.launcher import Launcher
 
@@ -19,12 +19,16 @@ def free_port() -> int:
 
 
 def make_launch_config(model, roles: list[str], num_blocks: int = 128, **kwargs) -> LaunchConfig:
+    """A launch of the tiny test model. Every prompt goes through a prefill instance unless the test asks
+    for `routing` of its own (the test prompts are short: conditional disaggregation would keep them
+    on decode)."""
     run_dir = tempfile.mkdtemp(prefix="pdp-", dir="/tmp")
+    kwargs.setdefault("routing", RoutingConfig(disaggregation="always"))
+    kwargs.setdefault("instances", tuple(InstanceConfig(role) for role in roles))
     return LaunchConfig(
         name="test", run_dir=run_dir, ready_timeout=120,
         engine=EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=num_blocks)),
-        api=ApiConfig(port=free_port(), max_body_bytes=64 * 1024),
-        instances=tuple(InstanceConfig(role) for role in roles), **kwargs)
+        api=ApiConfig(port=free_port(), max_body_bytes=64 * 1024), **kwargs)
 
 
 @contextmanager

@@ -96,7 +96,8 @@ def test_models_health_and_metrics(pipeline, client):
     text = httpx.get(f"{base}/metrics").text
     for name in ("pdpipe_time_to_first_token_seconds_count", "pdpipe_time_per_output_token_seconds_bucket",
                  "pdpipe_e2e_request_latency_seconds_sum", 'pdpipe_requests_in_state{state="DECODING"}',
-                 'pdpipe_kv_blocks_free{instance="decode-0",role="decode"}', "pdpipe_kv_transfer_bytes_total"):
+                 'pdpipe_kv_blocks_free{instance="decode-0",role="decode"}', "pdpipe_kv_transfer_bytes_total",
+                 "pdpipe_admission_queue_requests", 'pdpipe_prefill_placements_total{where="remote"}'):
         assert name in text
     moved = [line for line in text.splitlines() if line.startswith("pdpipe_kv_transfer_bytes_total")]
     assert float(moved[0].split()[-1]) > 0

@@ -55,8 +55,10 @@ def test_layers_move_one_by_one_before_decode_starts(model_dir):
     pipe.submit("r", make_prompts(384, lengths=(20,))[0], GREEDY)
     pipe.run()
     events = [e for e in pipe.scheduler.recent["r"].events]
-    layer_events = [d for _, s, _, d in events if d.startswith("layer ")]
-    assert layer_events == ["layer 1/2 sent", "layer 2/2 sent"]
+    layer_events = [d for _, s, _, d in events if d.startswith("layer") or d.startswith("landed")]
+    # the scheduler hears of the first layer and of the landing, not of every layer
+    assert layer_events[0] == "layer 1/2 sent" and "layers sent over" in layer_events[1]
+    assert len(layer_events) == 2
     states = [s for _, s, _, _ in events]
     assert states.index("RESERVED") < states.index("PREFILLING") < states.index("TRANSFERRING") \
         < states.index("DECODING") < states.index("FINISHED")
@@ -100,21 +102,58 @@ def test_abort_in_every_state_frees_every_block(model_dir, state):
     assert pipe.leak_free()
 
 
-def test_reservation_refused_keeps_the_request_queued_until_blocks_free(model_dir):
+def test_a_request_waits_in_the_admission_queue_until_decode_has_room(model_dir, colocated):
     pipe = LocalPipeline(model_dir("qwen3"), PD, num_blocks=8)  # 64 tokens of KV per instance
     prompts = make_prompts(384, lengths=(40, 40), seed=5)
     pipe.submit("a", prompts[0], GREEDY)
     pipe.submit("b", prompts[1], GREEDY)
     pipe.deliver()
     pipe.deliver()
-    assert pipe.state("a") == "RESERVED" and pipe.state("b") == "QUEUED"
-    for _ in range(200):  # the scheduler retries on its tick as decode frees blocks
-        pipe.run()
-        if pipe.state("b") == "FINISHED":
-            break
-        pipe.clock.now += 0.1
-        pipe.scheduler.tick()
+    assert pipe.state("a") == "RESERVED" and pipe.state("b") == "QUEUED" and list(pipe.scheduler.queue) == ["b"]
+    pipe.run()  # a finishes, decode frees its room, b leaves the queue: no timer, no tick
     assert pipe.state("a") == pipe.state("b") == "FINISHED"
+    assert [pipe.tokens(r) for r in "ab"] == [colocated(p).token_ids for p in prompts]
+    assert pipe.engines["decode-0"].scheduler.num_preemptions == 0
+    assert pipe.leak_free()
+
+
+def test_conditional_disaggregation_computes_short_prompts_on_decode(model_dir, colocated):
+    from pdpipe.config import RoutingConfig
+
+    routing = RoutingConfig(disaggregation="conditional", local_prompt_tokens=16, local_step_tokens=8)
+    pipe = LocalPipeline(model_dir("qwen3"), PD, routing=routing)
+    decode = pipe.engines["decode-0"]
+    schedule, prompt_tokens = decode.scheduler.schedule, []
+
+    def recording():
+        out = schedule()
+        prompt_tokens.append(sum(c.num_tokens for c in out.chunks if c.start < c.seq.num_prompt_tokens))
+        return out
+
+    decode.scheduler.schedule = recording
+    prompts = make_prompts(384, lengths=(12, 40, 3, 25))
+    for i, p in enumerate(prompts):
+        pipe.submit(str(i), p, GREEDY)
+    pipe.run()
+    for i, p in enumerate(prompts):
+        assert pipe.tokens(str(i)) == colocated(p).token_ids and pipe.state(str(i)) == "FINISHED"
+    local = {rid for rid, rec in pipe.scheduler.recent.items() if rec.mixed == "decode-0"}
+    assert local == {"0", "2"} and pipe.scheduler.decisions == {"local": 2, "remote": 2}
+    states = [s for _, s, _, _ in pipe.scheduler.recent["0"].events]
+    assert states == ["QUEUED", "QUEUED", "PREFILLING", "DECODING", "FINISHED"]
+    assert max(prompt_tokens) == 8 and sum(prompt_tokens) == 12 + 3  # in chunks of at most 8 a step
+    assert pipe.leak_free()
+
+
+def test_abort_of_a_prompt_computed_on_decode_frees_its_room(model_dir):
+    from pdpipe.config import RoutingConfig
+
+    routing = RoutingConfig(disaggregation="conditional", local_prompt_tokens=64)
+    pipe = LocalPipeline(model_dir("qwen3"), PD, routing=routing, max_num_batched_tokens=8)
+    pipe.submit("victim", make_prompts(384, lengths=(40,))[0], SamplingParams(max_tokens=30, temperature=0.0))
+    abort_at(pipe, "victim", "PREFILLING")
+    pipe.run()
+    assert pipe.state("victim") == "ABORTED" and not pipe.scheduler.ledger.commitments
     assert pipe.leak_free()
 
 
@@ -170,7 +209,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model_dir):
 
 
 @pytest.mark.parametrize("threshold, messages, sent", [
-    (20, [(0, 1), (1, 1)], ["layer 1/2 sent", "layer 2/2 sent"]),  # 20 tokens × 1 layer: a message a layer
+    (20, [(0, 1), (1, 1)], ["layer 1/2 sent"]),  # 20 tokens × 1 layer: a message a layer
     (40, [(1, 2)], ["layers 1-2/2 sent"]),  # two layers' worth: one message, one copy for both
     (2048, [(1, 2)], ["layers 1-2/2 sent"]),  # the default: a short prompt's layers go together at the end
 ])
@@ -207,7 +246,7 @@ def test_a_short_prompt_announces_its_layers_in_groups(model_dir, colocated, thr
     pipe.run()
     assert seen == messages and pipe.backend.launches == [(last - count + 1, count) for last, count in messages]
     layer_events = [d for _, _, _, d in pipe.scheduler.recent["r"].events if d.startswith("layer")]
-    assert layer_events == sent
+    assert layer_events == sent  # the first layers sent; the scheduler hears of no other layer
     assert pipe.tokens("r") == colocated(prompt).token_ids and pipe.leak_free()
 
 

@@ -53,6 +53,37 @@ def test_2p2d_under_32_concurrent_streams(model_dir):
         assert snapshot(launcher)["ended"] == {"FINISHED": len(prompts)}
 
 
+def test_1p1d_conditional_with_a_small_decode_queues_and_never_preempts(model_dir):
+    """Short prompts are computed on decode, long ones on prefill; decode has room for a few requests
+    at a time, so the rest wait in the scheduler's admission queue (not in a retry loop), and decode,
+    holding room for every admitted request's output, never preempts."""
+    from pdpipe.config import InstanceConfig, RoutingConfig
+
+    lengths = [2, 6, 12, 20, 33, 47, 58, 64] * 3
+    prompts = make_prompts(384, lengths=lengths, seed=12)
+    max_tokens = [6 + (i * 5) % 17 for i in range(len(prompts))]
+    expected = [o.token_ids for o in make_llm(model_dir(MODEL)).generate(
+        prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])]
+    cfg = make_launch_config(model_dir(MODEL), [], routing=RoutingConfig(local_prompt_tokens=16, local_step_tokens=16),
+                             instances=(InstanceConfig("prefill"), InstanceConfig("decode", num_blocks=24)))
+    with launched(cfg) as launcher:
+        async def run_all():
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{cfg.api.port}/v1", api_key="none",
+                                        max_retries=0, timeout=120)
+            return await asyncio.gather(*(stream_completion(client, p, m) for p, m in zip(prompts, max_tokens)))
+
+        results = asyncio.run(run_all())
+        assert [tokens for tokens, _ in results] == expected
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
+        snap = snapshot(launcher)
+        assert snap["ended"] == {"FINISHED": len(prompts)}
+        placed = snap["admission"]["prefill_decisions"]
+        # the 9 short prompts on decode; of the long ones, the first goes to the idle prefill instance and
+        # later ones to whichever is expected to finish them sooner
+        assert placed["local"] >= 9 and placed["remote"] >= 1 and sum(placed.values()) == len(prompts)
+        assert snap["instances"]["decode-0"]["stats"]["preemptions"] == 0
+
+
 def test_mixed_topology_serves_the_same_tokens(model_dir):
     prompts = make_prompts(384, lengths=(5, 33), seed=2)
     expected = make_llm(model_dir(MODEL)).generate(prompts, SamplingParams(max_tokens=9, temperature=0.0,

@@ -1,11 +1,12 @@
 """The scheduler's routing on its own, with a recording `send`: the Reserve names the prefill engine,
 decode passes the Prefill on (the scheduler sends none), and every way a reservation can go leaves
 the prefill engine's load and blocks accounted for."""
-from pdpipe.config import DeadlineConfig
+from pdpipe.config import DeadlineConfig, RoutingConfig
 from pdpipe.messages import (
     AbortRequest,
     AbortTransfer,
     Free,
+    InstanceStats,
     NewRequest,
     Prefill,
     Reserve,
@@ -18,14 +19,26 @@ from pdpipe.scheduler.core import SchedulerCore
 ROLES = {"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode", "decode-1": "decode"}
 
 
-def make(clock=lambda: 100.0):
+ALWAYS = RoutingConfig(disaggregation="always")
+
+
+def make(clock=lambda: 100.0, roles=ROLES, routing=ALWAYS, num_blocks=100, max_num_seqs=8, **stats):
     sent = []
-    core = SchedulerCore(ROLES, DeadlineConfig(), lambda dest, msg: sent.append((dest, msg)), clock)
+    core = SchedulerCore(roles, DeadlineConfig(), lambda dest, msg: sent.append((dest, msg)), clock,
+                         routing=routing)
+    for name, role in roles.items():
+        report(core, name, role, num_blocks=num_blocks, max_num_seqs=max_num_seqs, **stats)
     return core, sent
 
 
-def new(core, rid="r", n=10):
-    core.handle(NewRequest(request_id=rid, prompt_token_ids=list(range(n)), params=SamplingParams(), arrival=99.0))
+def report(core, name, role="decode", **fields):
+    fields = {"num_blocks": 100, "block_size": 16, **fields}
+    core.handle(InstanceStats(instance=name, role=role, time=100.0, **fields))
+
+
+def new(core, rid="r", n=10, max_tokens=16):
+    core.handle(NewRequest(request_id=rid, prompt_token_ids=list(range(n)),
+                           params=SamplingParams(max_tokens=max_tokens), arrival=99.0))
 
 
 def test_reserve_names_the_prefill_and_the_scheduler_sends_no_prefill():
@@ -78,4 +91,142 @@ def test_news_that_cross_do_not_move_a_request_backwards():
                          prefill_instance=reserve.prefill_instance))  # arrives second, happened first
     rec = core.live["a"]
     assert rec.state == "PREFILLING"
-    assert [s for _, s, _, _ in rec.events] == ["QUEUED", "RESERVED", "PREFILLING"]
+    assert [s for _, s, _, _ in rec.events] == ["QUEUED", "QUEUED", "RESERVED", "PREFILLING"]
+
+
+# ---- the admission queue -------------------------------------------------------------------------
+PD1 = {"prefill-0": "prefill", "decode-0": "decode"}
+
+
+def reserves(sent):
+    return [m.request_id for _, m in sent if isinstance(m, Reserve)]
+
+
+def finish_on_decode(core, rid, decode="decode-0"):
+    core.handle(StateEvent(request_id=rid, state="FINISHED", instance=decode, time=101.0, detail="length"))
+
+
+def test_queued_requests_leave_in_arrival_order_as_room_frees_and_never_on_a_timer():
+    now = [100.0]
+    # 4 blocks of 16 tokens: room for one 40-token prompt with its 16 output tokens at a time
+    core, sent = make(clock=lambda: now[0], roles=PD1, num_blocks=4)
+    for rid in "abc":
+        new(core, rid, 40)
+    assert reserves(sent) == ["a"] and list(core.queue) == ["b", "c"]
+    for _ in range(50):  # time passes: nothing is re-sent while the room is taken
+        now[0] += 0.1
+        core.tick()
+    assert reserves(sent) == ["a"]
+    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=0,
+                         prefill_instance="prefill-0"))
+    finish_on_decode(core, "a")  # decode freed a's blocks: b (not c) goes
+    assert reserves(sent) == ["a", "b"] and list(core.queue) == ["c"]
+    snap = core.snapshot()["admission"]
+    assert snap["queued"] == 1 and snap["oldest_wait_s"] > 4.9
+    assert snap["decode_room"]["decode-0"]["committed_blocks"] == 4
+
+
+def test_a_reservation_holds_room_for_the_output_and_respects_max_num_seqs():
+    core, sent = make(roles=PD1, max_num_seqs=2)
+    new(core, "a", 10, max_tokens=100)
+    new(core, "b", 10, max_tokens=5)
+    new(core, "c", 10, max_tokens=5)
+    held = {m.request_id: m.num_tokens for _, m in sent if isinstance(m, Reserve)}
+    assert held == {"a": 110, "b": 15} and list(core.queue) == ["c"]  # two sequences at most
+    half, sent2 = make(roles=PD1, routing=RoutingConfig(disaggregation="always", reserve_output_share=0.5))
+    new(half, "a", 10, max_tokens=100)
+    assert [m.num_tokens for _, m in sent2 if isinstance(m, Reserve)] == [60]
+
+
+def test_an_aborted_request_frees_its_room_only_when_decode_says_freed():
+    from pdpipe.messages import Freed
+
+    core, sent = make(roles=PD1, num_blocks=4)
+    new(core, "a", 40)
+    new(core, "b", 40)
+    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=0,
+                         prefill_instance="prefill-0"))
+    core.handle(AbortRequest(request_id="a", reason="client gone"))
+    assert [d for d, m in sent if isinstance(m, AbortTransfer)] == ["transfer"]
+    assert reserves(sent) == ["a"]  # decode frees a's blocks only after the transfer stopped
+    core.handle(Freed(request_id="a", instance="decode-0"))
+    assert reserves(sent) == ["a", "b"]
+
+
+def test_a_refused_reservation_keeps_its_place_and_waits_for_room_to_be_released():
+    core, sent = make(roles=PD1)
+    new(core, "a", 40)
+    new(core, "b", 40)
+    new(core, "c", 40)
+    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=9,
+                         prefill_instance="prefill-0"))
+    # decode had less room than the ledger counted (it preempted, say): b goes back before c
+    core.handle(Reserved(request_id="b", instance="decode-0", block_ids=None, free_blocks=1))
+    core.handle(Reserved(request_id="c", instance="decode-0", block_ids=None, free_blocks=1))
+    assert list(core.queue) == ["b", "c"] and core.ledger.room("decode-0").blocked
+    assert core.outstanding_tokens["prefill-0"] == 40  # only a's prompt is on its way to prefill
+    finish_on_decode(core, "a")
+    assert reserves(sent)[-2:] == ["b", "c"]
+
+
+def test_decode_stats_unblock_a_refusing_decode_instance():
+    core, sent = make(roles=PD1)
+    new(core, "a", 40)
+    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=None, free_blocks=0))
+    assert reserves(sent) == ["a"] and list(core.queue) == ["a"]
+    report(core, "decode-0", max_num_seqs=8)
+    assert reserves(sent) == ["a", "a"]
+
+
+def test_a_request_no_decode_instance_can_ever_hold_fails_instead_of_blocking_the_queue():
+    from pdpipe.messages import EngineOutput
+
+    core, sent = make(roles=PD1, num_blocks=4)
+    new(core, "huge", 100)
+    new(core, "small", 10)
+    errors = [m for d, m in sent if isinstance(m, EngineOutput)]
+    assert errors and errors[0].request_id == "huge" and "needs room for 116 tokens" in errors[0].error
+    assert reserves(sent) == ["small"]
+
+
+# ---- conditional disaggregation ------------------------------------------------------------------
+COND = RoutingConfig(disaggregation="conditional", local_prompt_tokens=32, local_step_tokens=256)
+
+
+def test_a_short_prompt_is_computed_on_its_decode_instance():
+    core, sent = make(roles=PD1, routing=COND)
+    new(core, "short", 20)
+    new(core, "long", 200)
+    prefills = [(d, m) for d, m in sent if isinstance(m, Prefill)]
+    assert prefills == [("decode-0", prefills[0][1])] and prefills[0][1].decode_instance == ""
+    assert reserves(sent) == ["long"]
+    assert core.decisions == {"local": 1, "remote": 1}
+    detail = [d for _, s, _, d in core.live["short"].events if s == "QUEUED"][-1]
+    assert "prefill on decode-0 itself" in detail and "20 tokens <= 32" in detail
+    # the local prompt holds its room on decode until decode finishes it
+    assert core.ledger.commitments["short"] == ("decode-0", 36)
+    core.handle(StateEvent(request_id="short", state="FINISHED", instance="decode-0", time=101.0))
+    assert "short" not in core.ledger.commitments
+
+
+def test_a_long_prompt_goes_local_when_the_prefill_queue_would_take_longer():
+    core, sent = make(roles=PD1, routing=COND)
+    report(core, "prefill-0", role="prefill", prefill_tokens_per_s=10_000.0)
+    report(core, "decode-0", max_num_seqs=8, step_seconds=0.01)  # 256 tokens a 10 ms step: 25.6k/s
+    new(core, "slow", 1000)  # a slow prefill instance: 100 ms there, 39 ms here
+    assert [type(m).__name__ for _, m in sent if m.request_id == "slow"] == ["Prefill"]
+    core2, sent2 = make(roles=PD1, routing=COND, num_blocks=1000)
+    report(core2, "prefill-0", role="prefill", prefill_tokens_per_s=100_000.0)
+    report(core2, "decode-0", num_blocks=1000, max_num_seqs=8, step_seconds=0.01)
+    new(core2, "a", 1000)  # 10 ms on prefill, 39 ms here: remote
+    assert reserves(sent2) == ["a"]
+    core2.outstanding_tokens["prefill-0"] += 20_000  # a backlog of 200 ms on prefill
+    new(core2, "b", 1000)
+    assert reserves(sent2) == ["a"] and [d for d, m in sent2 if isinstance(m, Prefill)] == ["decode-0"]
+    assert "ms on prefill-0" in [d for _, s, _, d in core2.live["b"].events if s == "QUEUED"][-1]
+
+
+def test_always_disaggregated_sends_even_short_prompts_to_prefill():
+    core, sent = make(roles=PD1)
+    new(core, "short", 3)
+    assert reserves(sent) == ["short"] and not [m for _, m in sent if isinstance(m, Prefill)]

@@ -27,6 +27,11 @@ class ApiMetrics:
         self.xfer_bytes = Gauge("pdpipe_kv_transfer_bytes_total", "KV bytes moved prefill to decode", registry=r)
         self.xfer_seconds = Gauge("pdpipe_kv_transfer_seconds_total", "Seconds spent moving KV", registry=r)
         self.xfer_inflight = Gauge("pdpipe_kv_transfers_in_flight", "KV transfers in flight", registry=r)
+        self.queued = Gauge("pdpipe_admission_queue_requests", "Requests waiting for decode room", registry=r)
+        self.oldest = Gauge("pdpipe_admission_oldest_wait_seconds", "How long the oldest queued request has "
+                            "waited", registry=r)
+        self.decisions = Gauge("pdpipe_prefill_placements_total", "Prompts computed on a prefill instance "
+                               "(remote) or on their decode instance (local)", ["where"], registry=r)
         self.scheduler_up = Gauge("pdpipe_scheduler_up", "1 if the scheduler answered", registry=r)
 
     def finished(self, gen, start: float, first_at: float | None) -> None:
@@ -50,6 +55,11 @@ class ApiMetrics:
                 if stats:
                     self.blocks_used.labels(name, inst["role"]).set(stats["num_blocks"] - stats["free_blocks"])
                     self.blocks_free.labels(name, inst["role"]).set(stats["free_blocks"])
+            adm = snapshot.get("admission") or {}
+            self.queued.set(adm.get("queued", 0))
+            self.oldest.set(adm.get("oldest_wait_s", 0.0))
+            for where in ("remote", "local"):
+                self.decisions.labels(where).set(adm.get("prefill_decisions", {}).get(where, 0))
             xfers = (snapshot.get("transfers") or {}).values()  # one transfer process per machine
             self.xfer_bytes.set(sum(x.get("bytes_moved", 0) for x in xfers))
             self.xfer_seconds.set(sum(x.get("seconds_moving", 0.0) for x in xfers))

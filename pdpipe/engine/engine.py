@@ -122,7 +122,8 @@ class LLMEngine:
         return self.scheduler.release_held(request_id)
 
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Blocks for `num_tokens` of KV computed elsewhere; None when they are not free."""
+        """Blocks for `num_tokens` of KV (a prompt computed elsewhere, and room for its output); None when
+        they are not free."""
         if request_id in self._reserved or self.scheduler.find(request_id) is not None:
             raise RequestError(f"request_id: {request_id!r} already holds blocks here")
         need = self.blocks.blocks_for(num_tokens)

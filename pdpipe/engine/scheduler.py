@@ -2,8 +2,9 @@
 
 Each step: running sequences first, oldest first (a decode is one token; a prompt that did not fit
 last step's token budget continues in chunks); then waiting prompts join while the budget, the
-sequence limit and the free blocks allow. A prompt is admitted only when blocks for all of its
-tokens are free. When a running sequence needs a block and none is free, the newest running
+sequence limit and the free blocks allow; `max_prefill_tokens` caps the prompt tokens of one step (a
+decode instance computing prompts itself keeps its running requests' steps short). A prompt is
+admitted only when blocks for all of its tokens are free. When a running sequence needs a block and none is free, the newest running
 sequence is preempted: its blocks are freed and it waits to be recomputed, so the oldest always
 makes progress and no request is ever corrupted or dropped.
 """
@@ -96,30 +97,40 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        cfg = self.config
+        budget, prompt_budget = self._schedule_running(out, cfg.max_num_batched_tokens,
+                                                       cfg.max_prefill_tokens or cfg.max_num_batched_tokens)
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            self._admit_waiting(out, min(budget, prompt_budget))
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, prompt_budget: int) -> tuple[int, int]:
+        """Running sequences, oldest first: a decode token each, and the next chunk of a prompt that did
+        not fit an earlier step (within `prompt_budget`, the prompt tokens a step may compute)."""
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            left = seq.num_tokens - seq.num_computed_tokens
+            n = min(left, budget, prompt_budget) if left > 1 else min(left, budget)
+            if n <= 0:  # a prompt chunk that waits for the next step's prompt budget
+                i += 1
+                continue
             while not self.blocks.ensure_capacity(seq.block_table, seq.num_computed_tokens + n):
                 if len(self.running) == 1:  # cannot happen while max_model_len fits the pool
                     self.finish(seq, "length")
                     out.finished.append(seq)
-                    return budget
+                    return budget, prompt_budget
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
-                    return budget
+                    return budget, prompt_budget
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
+            if left > 1:
+                prompt_budget -= n
             i += 1
-        return budget
+        return budget, prompt_budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -3,8 +3,11 @@
 prefill: takes `Prefill`, computes the prompt with its KV held (`hold_kv`), tells the transfer which
   blocks will move and signals each finished layer, sends the first token to `api` at once and to
   the transfer (`PrefillDone`); frees the blocks on `TransferDone`. States: PREFILLING → TRANSFERRING.
-decode: answers `Reserve` with blocks (and passes the `Prefill` on to the prefill engine the scheduler
-  named), continues a request on `KVLanded` from its first token, and streams tokens to `api`. States: DECODING → FINISHED.
+decode: answers `Reserve` with blocks for the prompt and room for its output (and passes the `Prefill`
+  on to the prefill engine the scheduler named), continues a request on `KVLanded` from its first
+  token, and streams tokens to `api`; a `Prefill` the scheduler sends it directly is a prompt it
+  computes itself (conditional disaggregation). States: (PREFILLING →) DECODING → FINISHED; `Freed`
+  tells the scheduler an ended request's room is free again.
 mixed: both in one engine (colocated), the baseline. States: PREFILLING → DECODING → FINISHED.
 `Free` drops a request wherever it is here. No sockets: `send(dest, msg)` is given.
 """
@@ -20,6 +23,7 @@ from msgspec.structs import replace
 from pdpipe.messages import (
     EngineOutput,
     Free,
+    Freed,
     InstanceStats,
     KVLanded,
     LayersReady,
@@ -67,6 +71,8 @@ class EngineWorker:
         self._final_tokens = 0  # their prompt tokens
         self._unannounced = 0  # layers of this step written but not yet announced
         self.queued_prompt_tokens = 0
+        self.meter = StepMeter()
+        self._step_prompt_tokens = 0
         # prefill on GPU: a layer is announced only once its KV is written: its message goes with a CUDA
         # event recorded after the layer, and `send` (a SenderThread's) lets it leave once the event has
         # completed. The transfer's copy of layer k then runs while the GPU computes layers k+1…, and
@@ -91,22 +97,24 @@ class EngineWorker:
     def _on_Prefill(self, msg: Prefill) -> None:
         if msg.request_id in self._tombstones:
             return
-        params = msg.params if self.role == "mixed" else replace(msg.params, max_tokens=1, min_tokens=0)
+        params = msg.params if self.role != "prefill" else replace(msg.params, max_tokens=1, min_tokens=0)
         self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, hold_kv=self.role == "prefill")
         self._prefills[msg.request_id] = msg
         self.queued_prompt_tokens += len(msg.prompt_token_ids)
 
     def _on_Reserve(self, msg: Reserve) -> None:
         blocks = None
+        prompt_len = len(msg.prompt_token_ids)
         if msg.request_id not in self._tombstones:
-            blocks = self.engine.reserve(msg.request_id, len(msg.prompt_token_ids))
+            blocks = self.engine.reserve(msg.request_id, max(msg.num_tokens, prompt_len))
         forward = blocks is not None and bool(msg.prefill_instance)
         if blocks is not None:
             self._pending[msg.request_id] = msg
         if forward:  # straight to the prefill engine: time to first token does not wait for the scheduler
+            prompt_blocks = blocks[:self.engine.blocks.blocks_for(prompt_len)]  # the rest: output room
             self.send(msg.prefill_instance, Prefill(request_id=msg.request_id, prompt_token_ids=msg.prompt_token_ids,
                                                     params=msg.params, decode_instance=self.name,
-                                                    decode_block_ids=blocks))
+                                                    decode_block_ids=prompt_blocks))
         self.send(SCHEDULER, Reserved(request_id=msg.request_id, instance=self.name, block_ids=blocks,
                                       free_blocks=self.engine.blocks.num_free_blocks,
                                       prefill_instance=msg.prefill_instance if forward else ""))
@@ -142,12 +150,16 @@ class EngineWorker:
         self.engine.abort_request(rid)
         self.engine.release_kv(rid)
         self._started.discard(rid)
+        if self.role == "decode":
+            self.send(SCHEDULER, Freed(request_id=rid, instance=self.name))
 
     # ---- step loop ---------------------------------------------------------------------------
     def has_work(self) -> bool:
         return not self.paused and self.engine.has_unfinished()
 
     def step(self) -> None:
+        start = time.perf_counter()
+        self._step_prompt_tokens = 0
         try:
             if self.role == "prefill":
                 outputs = self.engine.step(self._on_schedule, self._on_layer)
@@ -157,6 +169,7 @@ class EngineWorker:
             log.exception("%s: a step failed", self.name)
             self.fail_all(f"{self.name}: {exc.__class__.__name__}: {exc}")
             return
+        self.meter.add(time.perf_counter() - start, self._step_prompt_tokens)
         self._deliver(outputs)
 
     def fail_all(self, reason: str) -> None:
@@ -173,6 +186,7 @@ class EngineWorker:
 
     def _on_schedule(self, sched: SchedulerOutput) -> None:
         now = self.clock()
+        self._step_prompt_tokens = sum(c.num_tokens for c in sched.chunks if c.start < c.seq.num_prompt_tokens)
         for chunk in sched.chunks:
             rid = chunk.seq.request_id
             if rid in self._prefills and rid not in self._started:
@@ -217,7 +231,7 @@ class EngineWorker:
                 self._started.discard(rid)
                 if self.role == "prefill":
                     out = self._first_token(prefill, out)
-                elif self.role == "mixed" and out.finish_reason is None:
+                elif out.finish_reason is None:
                     self._event(rid, "DECODING")
             self.send(API, out)
             if out.finish_reason is not None:
@@ -247,4 +261,32 @@ class EngineWorker:
                              free_blocks=self.engine.blocks.num_free_blocks,
                              running=len(sched.running), waiting=len(sched.waiting) + len(self._deferred),
                              inbox=inbox_depth, queued_prompt_tokens=self.queued_prompt_tokens,
-                             paused=self.paused)
+                             paused=self.paused, block_size=self.engine.blocks.block_size,
+                             max_num_seqs=self.engine.config.scheduler.max_num_seqs,
+                             preemptions=sched.num_preemptions,
+                             step_seconds=self.meter.step_seconds,
+                             prefill_tokens_per_s=self.meter.prefill_tokens_per_s)
+
+
+class StepMeter:
+    """Recent step times and prompt throughput (exponential means): the scheduler's estimates of how
+    long a prompt waits on each instance."""
+
+    def __init__(self, weight: float = 0.1):
+        self.weight = weight
+        self.step_seconds = 0.0
+        self._prompt_tokens = self._prompt_seconds = 0.0
+
+    def add(self, seconds: float, prompt_tokens: int) -> None:
+        w = self.weight
+        self.step_seconds = seconds if not self.step_seconds else (1 - w) * self.step_seconds + w * seconds
+        if prompt_tokens:
+            if not self._prompt_seconds:
+                self._prompt_tokens, self._prompt_seconds = prompt_tokens, seconds
+            else:
+                self._prompt_tokens = (1 - w) * self._prompt_tokens + w * prompt_tokens
+                self._prompt_seconds = (1 - w) * self._prompt_seconds + w * seconds
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self._prompt_tokens / self._prompt_seconds if self._prompt_seconds else 0.0

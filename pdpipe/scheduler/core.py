@@ -12,6 +12,7 @@ stays queued until one can.
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -19,12 +20,13 @@ from typing import Callable
 
 import msgspec
 
-from pdpipe.config import DeadlineConfig, transfer_name
+from pdpipe.config import DeadlineConfig, RoutingConfig, transfer_name
 from pdpipe.messages import (
     AbortRequest,
     AbortTransfer,
     EngineOutput,
     Free,
+    Freed,
     InstanceStats,
     Msg,
     NewRequest,
@@ -33,6 +35,8 @@ from pdpipe.messages import (
     Reserved,
     StateEvent,
 )
+
+from .admission import AdmissionQueue, DecodeLedger
 
 STATES = ("QUEUED", "RESERVED", "PREFILLING", "TRANSFERRING", "DECODING", "FINISHED", "ABORTED", "FAILED")
 ENDED = ("FINISHED", "ABORTED", "FAILED")
@@ -45,12 +49,11 @@ class RequestRecord:
     request: NewRequest
     state: str
     since: float
+    number: int = 0  # arrival order: its place in the admission queue
     prefill: str = ""
     decode: str = ""
-    mixed: str = ""
+    mixed: str = ""  # the instance that computes both prompt and output: a mixed one, or a decode one (local)
     reserving: str = ""  # decode instance asked, no answer yet
-    tried: set[str] = field(default_factory=set)
-    retry_at: float = 0.0
     prefill_done: bool = False
     events: list[tuple[float, str, str, str]] = field(default_factory=list)  # time, state, instance, detail
 
@@ -58,21 +61,30 @@ class RequestRecord:
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
 
 class SchedulerCore:
     def __init__(self, instances: dict[str, str], deadlines: DeadlineConfig, send: Send, clock=time.time,
-                 history: int = 2000, machines: dict[str, str] | None = None):
+                 history: int = 2000, machines: dict[str, str] | None = None,
+                 routing: RoutingConfig = RoutingConfig()):
         self.roles = dict(instances)  # instance name → role (prefill | decode | mixed)
         self.machines = dict(machines or {})  # instance name → machine ("" on a single machine)
-        self.deadlines = deadlines
+        self.deadlines, self.routing = deadlines, routing
         self.send, self.clock = send, clock
         self.live: dict[str, RequestRecord] = {}
         self.recent: OrderedDict[str, RequestRecord] = OrderedDict()
         self.history = history
         self.stats: dict[str, InstanceStats] = {}
         self.routed: Counter[str] = Counter()
-        self.outstanding_tokens: Counter[str] = Counter()  # prompt tokens sent to each prefill, not done
+        self.outstanding_tokens: Counter[str] = Counter()  # prompt tokens sent to each instance, not done
         self.ended: Counter[str] = Counter()
+        self.queue = AdmissionQueue()
+        self.ledger = DecodeLedger()
+        self.decisions: Counter[str] = Counter()  # where prompts were computed: remote, local
+        self._numbers = itertools.count()
 
     def of_role(self, role: str) -> list[str]:
         return [n for n, r in self.roles.items() if r == role]
@@ -91,16 +103,15 @@ class SchedulerCore:
                           f"instance {', '.join(sorted(lost))} is gone (no heartbeat within the TTL)")
         for name in gone:
             self.stats.pop(name, None)
+            self.ledger.forget(name)
         self.roles = {n: role for n, (role, _) in live.items()}
         self.machines = {n: machine for n, (_, machine) in live.items()}
+        self._pump()
 
     # ---- messages ----------------------------------------------------------------------------
     def handle(self, msg: Msg) -> None:
         if isinstance(msg, NewRequest):
-            rec = RequestRecord(msg, "QUEUED", self.clock())
-            self.live[msg.request_id] = rec
-            self._record(rec, "QUEUED", "api", "")
-            self._dispatch(rec)
+            self._on_new(msg)
         elif isinstance(msg, AbortRequest):
             rec = self.live.get(msg.request_id)
             if rec is not None:  # a stop string is a normal finish that only the front-end can see
@@ -110,44 +121,108 @@ class SchedulerCore:
             self._on_reserved(msg)
         elif isinstance(msg, StateEvent):
             self._on_event(msg)
+        elif isinstance(msg, Freed):
+            if self.ledger.release(msg.request_id):
+                self._pump()
         elif isinstance(msg, InstanceStats):
             self.stats[msg.instance] = msg
+            if self.roles.get(msg.instance) == "decode" and self.ledger.report(msg):
+                self._pump()
         else:
             raise TypeError(f"scheduler cannot handle {type(msg).__name__}")
 
-    def _dispatch(self, rec: RequestRecord) -> None:
-        decodes = [d for d in self.of_role("decode") if d not in rec.tried]
-        if self.of_role("decode") and self.of_role("prefill"):
-            if decodes:
-                decode = max(decodes, key=self._decode_score)
-                rec.reserving = decode
-                rec.tried.add(decode)
-                # the prefill engine is chosen now: decode sends it the Prefill as soon as it has blocks
-                rec.prefill = min(self.of_role("prefill"), key=self._prefill_load)
-                self.outstanding_tokens[rec.prefill] += len(rec.request.prompt_token_ids)
-                self.send(decode, Reserve(request_id=rec.request_id,
-                                          prompt_token_ids=rec.request.prompt_token_ids,
-                                          params=rec.request.params, prefill_instance=rec.prefill))
-            return
-        mixed = self.of_role("mixed")
-        if mixed:
-            rec.mixed = min(mixed, key=self._prefill_load)
-            self._send_prefill(rec, rec.mixed, "", [])
+    def _on_new(self, msg: NewRequest) -> None:
+        rec = RequestRecord(msg, "QUEUED", self.clock(), number=next(self._numbers))
+        self.live[msg.request_id] = rec
+        self._record(rec, "QUEUED", "api", "")
+        if self.of_role("decode"):
+            self.queue.push(rec.request_id, rec.number)
+            self._pump()
+        elif self.of_role("mixed"):
+            rec.mixed = min(self.of_role("mixed"), key=self._prefill_load)
+            self._send_prefill(rec, rec.mixed)
+        else:
+            self._end(rec, "FAILED", "scheduler", "no decode or mixed instance is serving")
 
-    def _decode_score(self, name: str) -> tuple[int, int]:
-        s = self.stats.get(name)
-        reserving = sum(1 for r in self.live.values() if r.reserving == name)
-        return ((s.free_blocks if s else 0) - reserving, -(s.running if s else 0))
+    def _pump(self) -> None:
+        """Dispatches queued requests, oldest first, while a decode instance has room for the oldest."""
+        while (rid := self.queue.head()) is not None:
+            rec = self.live[rid]
+            room = self._room_tokens(rec)
+            decodes = self.of_role("decode")
+            decode = self.ledger.best(decodes, room)
+            if decode is None:
+                if self.ledger.never_fits(decodes, room):  # it would hold up the queue for good
+                    self._end(rec, "FAILED", "scheduler", f"needs room for {room} tokens of KV; no decode "
+                              "instance has that many (lower max_tokens or routing.reserve_output_share)")
+                    continue
+                return
+            self.queue.remove(rid)
+            self.ledger.commit(rid, decode, room)
+            local, why = self._prefill_locally(rec, decode)
+            if local:
+                rec.mixed = decode
+                self.decisions["local"] += 1
+                self._record(rec, "QUEUED", "scheduler", f"prefill on {decode} itself ({why})")
+                self._send_prefill(rec, decode)
+            else:
+                self._reserve(rec, decode, room, why)
+
+    def _room_tokens(self, rec: RequestRecord) -> int:
+        return rec.num_prompt_tokens + self.routing.output_room(rec.request.params.max_tokens)
+
+    def _prefill_locally(self, rec: RequestRecord, decode: str) -> tuple[bool, str]:
+        """Conditional disaggregation: compute the prompt on its decode instance when it is short, or
+        when waiting for a prefill instance would take longer than computing it there."""
+        prefills = self.of_role("prefill")
+        if not prefills:
+            return True, "no prefill instance"
+        n = rec.num_prompt_tokens
+        if self.routing.disaggregation == "always":
+            return False, "always disaggregated"
+        if n <= self.routing.local_prompt_tokens:
+            return True, f"{n} tokens <= {self.routing.local_prompt_tokens}"
+        prefill = min(prefills, key=self._prefill_load)
+        remote = self._prefill_seconds(prefill, n)
+        local = self._local_prefill_seconds(decode, n)
+        if local < remote:
+            return True, f"expected {local * 1e3:.0f} ms here, {remote * 1e3:.0f} ms on {prefill}"
+        return False, f"expected {remote * 1e3:.0f} ms on {prefill}" if remote < float("inf") else ""
+
+    def _prefill_seconds(self, prefill: str, n: int) -> float:
+        """Expected time until `prefill` has computed a new prompt of `n` tokens: its queue, then it."""
+        s = self.stats.get(prefill)
+        rate = s.prefill_tokens_per_s if s else 0.0
+        return (self.outstanding_tokens[prefill] + n) / rate if rate else 0.0
+
+    def _local_prefill_seconds(self, decode: str, n: int) -> float:
+        s = self.stats.get(decode)
+        if not s or not s.step_seconds:
+            return float("inf")
+        rate = self.routing.local_step_tokens / s.step_seconds
+        return (self.outstanding_tokens[decode] + n) / rate
+
+    def _reserve(self, rec: RequestRecord, decode: str, room: int, why: str) -> None:
+        rec.reserving = decode
+        # the prefill engine is chosen now: decode sends it the Prefill as soon as it has blocks
+        rec.prefill = min(self.of_role("prefill"), key=self._prefill_load)
+        self.outstanding_tokens[rec.prefill] += rec.num_prompt_tokens
+        self.decisions["remote"] += 1
+        self._record(rec, "QUEUED", "scheduler", f"reserve on {decode}, prefill on {rec.prefill}"
+                     + (f" ({why})" if why else ""))
+        r = rec.request
+        self.send(decode, Reserve(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
+                                  prefill_instance=rec.prefill, num_tokens=room))
 
     def _prefill_load(self, name: str) -> int:
         return self.outstanding_tokens[name]
 
-    def _send_prefill(self, rec: RequestRecord, prefill: str, decode: str, blocks: list[int]) -> None:
-        self.routed[prefill] += 1
-        self.outstanding_tokens[prefill] += len(rec.request.prompt_token_ids)
+    def _send_prefill(self, rec: RequestRecord, instance: str) -> None:
+        self.routed[instance] += 1
+        self.outstanding_tokens[instance] += rec.num_prompt_tokens
         r = rec.request
-        self.send(prefill, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
-                                   params=r.params, decode_instance=decode, decode_block_ids=blocks))
+        self.send(instance, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
+                                    params=r.params))
 
     def _on_reserved(self, msg: Reserved) -> None:
         rec = self.live.get(msg.request_id)
@@ -159,12 +234,13 @@ class SchedulerCore:
                     self.send(msg.prefill_instance, Free(request_id=msg.request_id, reason="ended"))
             return
         rec.reserving = ""
-        if msg.block_ids is None:
-            self.outstanding_tokens[rec.prefill] -= len(rec.request.prompt_token_ids)
+        if msg.block_ids is None:  # decode had less room than the ledger thought: back in the queue
+            self.outstanding_tokens[rec.prefill] -= rec.num_prompt_tokens
             rec.prefill = ""
-            self._dispatch(rec)  # next decode instance, if any is left untried
-            if not rec.reserving:
-                rec.retry_at = self.clock() + 0.05
+            self.ledger.refused(rec.request_id)
+            self._record(rec, "QUEUED", msg.instance, f"refused: {msg.free_blocks} blocks free")
+            self.queue.push(rec.request_id, rec.number)
+            self._pump()
             return
         rec.decode = msg.instance
         self.routed[msg.instance] += 1
@@ -202,6 +278,7 @@ class SchedulerCore:
     def _end(self, rec: RequestRecord, state: str, instance: str, detail: str, when: float | None = None) -> None:
         self._record(rec, state, instance, detail, when)
         self._prefill_finished(rec)
+        self.queue.remove(rec.request_id)
         del self.live[rec.request_id]
         self.recent[rec.request_id] = rec
         while len(self.recent) > self.history:
@@ -221,18 +298,19 @@ class SchedulerCore:
             # the transfer process that writes into the decode blocks: the prefill machine's
             self.send(self.transfer_of(rec.prefill or decode),
                       AbortTransfer(request_id=rid, decode_instance=decode, reason=detail or state.lower()))
+        # Its room on decode is free once decode has freed its blocks: now if decode finished it,
+        # else when decode says `Freed` (the Free above reaches it after the transfer stopped).
+        if state == "FINISHED" and instance in (rec.decode, rec.mixed) and self.ledger.release(rid):
+            self._pump()
 
     def tick(self) -> None:
-        """Fails requests past their state's deadline; retries queued requests."""
+        """Fails requests past their state's deadline."""
         now = self.clock()
         for rec in list(self.live.values()):
             limit = getattr(self.deadlines, rec.state.lower(), None)
             if limit is not None and now - rec.since > limit:
                 self._end(rec, "FAILED", "scheduler",
                           f"deadline: {rec.state} for more than {limit:g} s")
-            elif rec.state == "QUEUED" and not rec.reserving and not rec.mixed and now >= rec.retry_at:
-                rec.tried.clear()
-                self._dispatch(rec)
 
     # ---- inspection --------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -252,7 +330,19 @@ class SchedulerCore:
                           for name, role in self.roles.items()},
             "transfers": {n: _stats_dict(st) for n, st in self.stats.items() if st.role == "transfer"},
             "api": _stats_dict(self.stats.get("api")),
+            "admission": self._admission_snapshot(),
         }
+
+    def _admission_snapshot(self) -> dict:
+        head = self.queue.head()
+        now = self.clock()
+        return {"queued": len(self.queue),
+                "oldest_wait_s": now - self.live[head].since if head else 0.0,
+                "prefill_decisions": dict(self.decisions),
+                "decode_room": {name: {"committed_blocks": room.blocks, "num_blocks": room.num_blocks,
+                                       "requests": room.seqs, "max_num_seqs": room.max_num_seqs,
+                                       "blocked": room.blocked}
+                                for name, room in self.ledger.rooms.items() if name in self.roles}}
 
     def trace(self, request_id: str) -> dict | None:
         rec = self.live.get(request_id) or self.recent.get(request_id)

@@ -65,7 +65,7 @@ def serve_scheduler(proc) -> None:
     cluster = proc.cfg.cluster
     local = {name: (inst.role, cluster.machine) for name, inst in proc.cfg.named_instances()}
     core = SchedulerCore({n: r for n, (r, _) in local.items()}, proc.cfg.deadlines, proc.out.send,
-                         machines={n: m for n, (_, m) in local.items()})
+                         machines={n: m for n, (_, m) in local.items()}, routing=proc.cfg.routing)
     watcher = RegistryWatcher(cluster, local) if cluster.redis_url else None
     inbox = proc.ctx.socket(zmq.PULL)
     inbox.bind(proc.paths.inbox("scheduler"))

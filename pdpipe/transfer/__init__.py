@@ -35,6 +35,8 @@ class TransferJob:
     bytes_moved: int = 0
     seconds: float = 0.0
     error: str = ""
+    first_layer_at: float = 0.0  # when its first and its latest layers were handed to the backend
+    last_layer_at: float = 0.0
 
 
 class TransferBackend(ABC):

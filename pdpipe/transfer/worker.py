@@ -2,7 +2,9 @@
 on its decode instance, layer by layer as the prefill engine finishes them.
 
 TransferStart opens a job; LayersReady moves that layer of the named jobs; once every layer has landed
-and PrefillDone brought the first token, decode gets KVLanded and prefill TransferDone. AbortTransfer
+and PrefillDone brought the first token, decode gets KVLanded and prefill TransferDone. The scheduler
+hears of a job twice (its first layers sent, and its landing with how long the layers took), not once a
+layer: under load its inbox carries requests, not layers. AbortTransfer
 stops a job and then passes Free to the decode instance, so decode frees its blocks only after
 nothing can write into them any more. States reported: TRANSFERRING (layer k of N), FAILED.
 """
@@ -99,9 +101,13 @@ class TransferWorker:
                     except TransferError as exc:
                         job.error = str(exc)
         what = f"layer {first + 1}" if count == 1 else f"layers {first + 1}-{first + count}"
+        now = self.clock()
         for job in jobs:
             if job.layers_sent.issuperset(layers):
-                self._event(job.request_id, "TRANSFERRING", f"{what}/{self.num_layers} sent")
+                job.last_layer_at = now
+                if not job.first_layer_at:
+                    job.first_layer_at = now
+                    self._event(job.request_id, "TRANSFERRING", f"{what}/{self.num_layers} sent")
 
     def poll(self) -> None:
         """Finishes the jobs whose every layer landed, and fails those the backend gave up on."""
@@ -127,7 +133,8 @@ class TransferWorker:
         log.debug("%s: %d blocks %s → %s, %d bytes in %.3f ms", job.request_id, len(job.src_block_ids),
                   job.src_instance, job.dst_instance, job.bytes_moved, job.seconds * 1e3)
         self._event(job.request_id, "TRANSFERRING",
-                    f"landed {job.bytes_moved} bytes in {job.seconds * 1e3:.2f} ms")
+                    f"landed {job.bytes_moved} bytes in {job.seconds * 1e3:.2f} ms; layers sent over "
+                    f"{(job.last_layer_at - job.first_layer_at) * 1e3:.2f} ms")
 
     def _fail(self, job: TransferJob) -> None:
         log.warning("%s: transfer failed: %s", job.request_id, job.error or "backend failure")
