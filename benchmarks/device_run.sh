@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES]   (env: TESTS_K, TESTS_S, BENCH_S)
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [prefill INPUT_LEN PROMPTS]
+#          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
+#   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d 1p1d-short 1p1d-always 2mixed; default
+#   1p1d 1p1d-always 2mixed),
+#   PROMPTS (requests per rate, default 150), SLO (default "ttft:600 tpot:15"), COMPARE_S
 # .whl holds py3.12 manylinux wheels of what the machine lacks: pyzmq msgspec starlette uvicorn h11
 # httptools uvloop click anyio sniffio prometheus-client redis msgpack pytest pluggy iniconfig
 # pytest-timeout mooncake-transfer-engine-cuda13, and .whl/debs the .debs of libibverbs1
@@ -14,6 +18,14 @@ export LD_LIBRARY_PATH=/tmp/debs/usr/lib/x86_64-linux-gnu:$cudart${LD_LIBRARY_PA
 ln -sfn ../kernels pdpipe/kernels  # pdpipe.kernels without an install (setup.cfg maps it the same way)
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 nvidia-smi -L
+model=/tmp/pdpipe-models/llama-8b-shape  # what launch/gpu-8b-*.toml serve: Llama-3.1-8B shapes, dummy weights
+[ -f $model/config.json ] || python3 -m pdpipe.cli make-model $model --arch llama --layers 32 --hidden 4096 \
+  --heads 32 --kv-heads 8 --intermediate 14336 --vocab 128256 --max-position 131072 --dtype bfloat16 --no-weights >/dev/null
+sed -e 's/^name = "1p1d"/name = "1p1d-always"/' -e 's/^disaggregation = .*/disaggregation = "always"/' \
+  launch/gpu-8b-1p1d.toml > /tmp/gpu-8b-1p1d-always.toml
+sed -e 's/^name = "1p1d"/name = "1p1d-short"/' -e 's/^disaggregation = .*/&\nlocal_on_backlog = false/' \
+  launch/gpu-8b-1p1d.toml > /tmp/gpu-8b-1p1d-short.toml
+layout_config() { case "$1" in 1p1d-always|1p1d-short) echo /tmp/gpu-8b-$1.toml ;; *) echo launch/gpu-8b-$1.toml ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in
     tests) timeout ${TESTS_S:-360} python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --timeout 120 ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
@@ -21,6 +33,14 @@ while [ $# -gt 0 ]; do
            tar czf "$OUT/pipeline_logs.tgz" /tmp/pdp-*/logs 2>/dev/null; shift ;;
     bench) timeout ${BENCH_S:-540} python3 benchmarks/gpu_bench.py --only "$2" 2>&1 | tee "$OUT/bench_${2//,/_}.log" | tail -80
            tar czf "$OUT/bench_logs.tgz" /tmp/pdb-*/logs 2>/dev/null; shift 2 ;;
+    probe) python3 benchmarks/gil_probe.py 2>&1 | tee "$OUT/gil_probe.log"; shift ;;
+    prefill) timeout ${PREFILL_S:-240} python3 benchmarks/prefill_service.py --input-len "$2" --prompts "$3" \
+               --out "$OUT/prefill_${2/:/-}.json" 2>&1 | tail -3; shift 3 ;;
+    compare) configs=(); for l in ${LAYOUTS:-1p1d 1p1d-always 2mixed}; do configs+=("$(layout_config $l)"); done
+             timeout ${COMPARE_S:-560} python3 -m pdpipe.cli bench compare "${configs[@]}" --input-len "$3" \
+               --output-len "$4" --request-rates "$5" --num-prompts ${PROMPTS:-150} --vocab-size 128000 \
+               --ignore-eos --slo ${SLO:-ttft:600 tpot:15} --out /tmp/compare_$2 2>&1 | tee "$OUT/compare_$2.log" | tail -40
+             tar czf "$OUT/compare_$2.tgz" -C /tmp compare_$2 $(ls -d /tmp/pdpipe-1p1d* /tmp/pdpipe-2mixed 2>/dev/null | sed 's|/tmp/||'); shift 5 ;;
     *) echo "unknown step $1"; exit 2 ;;
   esac
 done

@@ -192,6 +192,8 @@ class InstanceStats(Msg):  # every process → scheduler, a few times a second
     preemptions: int = 0  # running requests sent back to be recomputed, since start
     step_seconds: float = 0.0  # recent mean of a busy step
     prefill_tokens_per_s: float = 0.0  # recent prompt tokens computed per second of stepping
+    busy_seconds: float = 0.0  # time spent stepping, since start
+    prompt_tokens: int = 0  # prompt tokens computed, since start
 
 
 class Ready(Msg):  # every process → launcher, once it can serve

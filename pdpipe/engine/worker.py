@@ -265,7 +265,8 @@ class EngineWorker:
                              max_num_seqs=self.engine.config.scheduler.max_num_seqs,
                              preemptions=sched.num_preemptions,
                              step_seconds=self.meter.step_seconds,
-                             prefill_tokens_per_s=self.meter.prefill_tokens_per_s)
+                             prefill_tokens_per_s=self.meter.prefill_tokens_per_s,
+                             busy_seconds=self.meter.busy_seconds, prompt_tokens=self.meter.prompt_tokens)
 
 
 class StepMeter:
@@ -276,8 +277,11 @@ class StepMeter:
         self.weight = weight
         self.step_seconds = 0.0
         self._prompt_tokens = self._prompt_seconds = 0.0
+        self.busy_seconds, self.prompt_tokens = 0.0, 0
 
     def add(self, seconds: float, prompt_tokens: int) -> None:
+        self.busy_seconds += seconds
+        self.prompt_tokens += prompt_tokens
         w = self.weight
         self.step_seconds = seconds if not self.step_seconds else (1 - w) * self.step_seconds + w * seconds
         if prompt_tokens:

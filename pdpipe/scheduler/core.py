@@ -182,6 +182,8 @@ class SchedulerCore:
             return False, "always disaggregated"
         if n <= self.routing.local_prompt_tokens:
             return True, f"{n} tokens <= {self.routing.local_prompt_tokens}"
+        if not self.routing.local_on_backlog:
+            return False, ""
         prefill = min(prefills, key=self._prefill_load)
         remote = self._prefill_seconds(prefill, n)
         local = self._local_prefill_seconds(decode, n)
