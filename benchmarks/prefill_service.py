@@ -44,10 +44,7 @@ def alone(args) -> dict:
     engine = LLMEngine(replace(cfg.engine, device=device, cuda_graphs=False))
     prompts = [p.prompt for p in load_prompts(workload(args))]
     params = SamplingParams(max_tokens=1, temperature=0.0)
-    for i, p in enumerate(prompts[:4]):  # warm-up: kernels compiled, allocator settled
-        engine.add_request(f"w{i}", p, params)
-    while engine.has_unfinished():
-        engine.step()
+    engine.warm_up()  # as an engine process does before it says it is ready
     if device != "cpu":
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -115,6 +115,8 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
     pool_path = proc.paths.pool(name)
     try:
         engine = LLMEngine(engine_cfg, pool_path=str(pool_path))
+        if engine_cfg.device.startswith("cuda"):
+            engine.warm_up()
         inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
         # a prefill engine sends from a thread, so that it can announce layers once the GPU wrote them
         sender = SenderThread(proc.ctx, proc.paths, proc.out.local) if role == "prefill" else None

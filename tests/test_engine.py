@@ -132,3 +132,28 @@ def test_reservations_are_refused_when_full_and_cancellable(model_dir):
     assert engine.reserve("b", 16) is None
     assert engine.cancel_reservation("a") and not engine.cancel_reservation("a")
     assert_leak_free(engine)
+
+
+
+def test_warm_up_runs_every_shape_class_and_leaves_the_engine_empty(model_dir):
+    from conftest import make_llm
+
+    llm = make_llm(model_dir("llama"), max_num_batched_tokens=64, num_blocks=64)
+    engine, batches = llm.engine, []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        batches.append([(c.start, c.num_tokens) for c in out.chunks])
+        return out
+
+    engine.scheduler.schedule = recording
+    engine.warm_up()
+    chunks = [c for batch in batches for c in batch]
+    assert any(len([c for c in b if c[0] == 0 and c[1] > 1]) > 1 for b in batches)  # prompts together
+    assert any(start > 0 and n > 16 for start, n in chunks)  # a continued chunk, long remainder
+    assert any(start > 0 and 1 < n <= 16 for start, n in chunks)  # ... and short
+    assert any(all(n == 1 for _, n in b) for b in batches if b)  # decode steps
+    assert engine.leak_free()
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0))[0]
+    assert len(out.token_ids) == 2 and engine.leak_free()

@@ -210,20 +210,34 @@ def test_a_short_prompt_is_computed_on_its_decode_instance():
 
 
 def test_a_long_prompt_goes_local_when_the_prefill_queue_would_take_longer():
+    core, sent = make(roles=PD1, routing=COND, num_blocks=1000)
+    report(core, "prefill-0", role="prefill", prefill_tokens_per_s=100_000.0)
+    report(core, "decode-0", num_blocks=1000, max_num_seqs=8, step_seconds=0.01)  # 256 tokens a 10 ms step
+    new(core, "a", 1000)  # prefill idle: no wait there, 39 ms here
+    assert reserves(sent) == ["a"]
+    core.outstanding_tokens["prefill-0"] += 2_000  # 20 ms of backlog there (with a's 10 ms): still remote
+    new(core, "b", 1000)
+    assert reserves(sent) == ["a", "b"]
+    core.outstanding_tokens["prefill-0"] += 3_000  # now 70 ms of backlog: computed here in 39 ms
+    new(core, "c", 1000)
+    assert reserves(sent) == ["a", "b"] and [d for d, m in sent if isinstance(m, Prefill)] == ["decode-0"]
+    assert "prefill-0's queue: 70 ms; here: 39 ms" in [d for _, s, _, d in core.live["c"].events if s == "QUEUED"][-1]
+    # the next long prompt queues behind c on decode: 78 ms here against 70 there, so remote
+    new(core, "d", 1000)
+    assert reserves(sent) == ["a", "b", "d"]
+
+
+def test_an_idle_or_unmeasured_prefill_instance_takes_long_prompts():
     core, sent = make(roles=PD1, routing=COND)
-    report(core, "prefill-0", role="prefill", prefill_tokens_per_s=10_000.0)
-    report(core, "decode-0", max_num_seqs=8, step_seconds=0.01)  # 256 tokens a 10 ms step: 25.6k/s
-    new(core, "slow", 1000)  # a slow prefill instance: 100 ms there, 39 ms here
-    assert [type(m).__name__ for _, m in sent if m.request_id == "slow"] == ["Prefill"]
-    core2, sent2 = make(roles=PD1, routing=COND, num_blocks=1000)
-    report(core2, "prefill-0", role="prefill", prefill_tokens_per_s=100_000.0)
-    report(core2, "decode-0", num_blocks=1000, max_num_seqs=8, step_seconds=0.01)
-    new(core2, "a", 1000)  # 10 ms on prefill, 39 ms here: remote
-    assert reserves(sent2) == ["a"]
-    core2.outstanding_tokens["prefill-0"] += 20_000  # a backlog of 200 ms on prefill
-    new(core2, "b", 1000)
-    assert reserves(sent2) == ["a"] and [d for d, m in sent2 if isinstance(m, Prefill)] == ["decode-0"]
-    assert "ms on prefill-0" in [d for _, s, _, d in core2.live["b"].events if s == "QUEUED"][-1]
+    report(core, "decode-0", max_num_seqs=8, step_seconds=0.01)
+    new(core, "a", 500)  # prefill has no rate yet
+    assert reserves(sent) == ["a"]
+    quiet, sent2 = make(roles=PD1, routing=RoutingConfig(local_prompt_tokens=32, local_on_backlog=False))
+    report(quiet, "prefill-0", role="prefill", prefill_tokens_per_s=10.0)  # hopelessly slow, but the rule is off
+    report(quiet, "decode-0", max_num_seqs=8, step_seconds=0.01)
+    quiet.outstanding_tokens["prefill-0"] += 5_000
+    new(quiet, "b", 500)
+    assert reserves(sent2) == ["b"]
 
 
 def test_always_disaggregated_sends_even_short_prompts_to_prefill():

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
+import msgspec
 from tqdm import tqdm
 
 from .arrivals import arrival_offsets, dispatch
@@ -54,7 +55,8 @@ async def send_all(cfg: ServeConfig, prompts: list[Prompt], offsets: list[float]
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         model = cfg.model or await served_model(session, cfg.base_url)
         url = cfg.base_url + ROUTES[cfg.endpoint]
-        bodies = [request_body(p, model, cfg.endpoint, cfg.workload, cfg.return_token_ids) for p in prompts]
+        bodies = [msgspec.json.encode(request_body(p, model, cfg.endpoint, cfg.workload, cfg.return_token_ids))
+                  for p in prompts]
         bar = tqdm(total=len(prompts), disable=not cfg.progress, unit="req")
 
         async def send(i: int, prompt: Prompt) -> RequestResult:

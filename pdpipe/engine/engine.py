@@ -186,6 +186,27 @@ class LLMEngine:
                             index=seq.num_output_tokens - len(token_ids), logprobs=logprobs,
                             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
+    def warm_up(self) -> None:
+        """Runs a few throw-away requests so that the kernels live requests need are compiled now, not
+        on a user's request (Triton compiles each kernel once per class of shapes, a second or more
+        each): prompts alone and together, a prompt continued from a chunk (long and short remainder),
+        and decode steps. Leaves every block free."""
+        budget = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len - 1)
+        gen = torch.Generator().manual_seed(0)
+
+        def prompt(n: int) -> list[int]:
+            return torch.randint(0, self.spec.vocab_size, (max(1, min(n, self.max_model_len - 3)),),
+                                 generator=gen).tolist()
+
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        rounds = [[1], [7, 16, 100], [budget - 40, 300], [budget - 40, 50]]  # the last two chunk their 2nd
+        for r, lengths in enumerate(rounds):
+            for i, n in enumerate(lengths):
+                if self.blocks.blocks_for(sum(lengths) + 3 * len(lengths)) <= self.blocks.num_blocks:
+                    self.add_request(f"warm-up-{r}-{i}", prompt(n), params)
+            while self.has_unfinished():
+                self.step()
+
     def leak_free(self) -> bool:
         """The leak oracle: no live request and every block free."""
         return (not self.has_unfinished() and not self.scheduler.held and not self._reserved

@@ -173,7 +173,7 @@ class SchedulerCore:
 
     def _prefill_locally(self, rec: RequestRecord, decode: str) -> tuple[bool, str]:
         """Conditional disaggregation: compute the prompt on its decode instance when it is short, or
-        when waiting for a prefill instance would take longer than computing it there."""
+        when the prefill queue's expected wait exceeds the prompt's cost on the decode instance."""
         prefills = self.of_role("prefill")
         if not prefills:
             return True, "no prefill instance"
@@ -185,19 +185,22 @@ class SchedulerCore:
         if not self.routing.local_on_backlog:
             return False, ""
         prefill = min(prefills, key=self._prefill_load)
-        remote = self._prefill_seconds(prefill, n)
+        wait = self._queue_seconds(prefill)
         local = self._local_prefill_seconds(decode, n)
-        if local < remote:
-            return True, f"expected {local * 1e3:.0f} ms here, {remote * 1e3:.0f} ms on {prefill}"
-        return False, f"expected {remote * 1e3:.0f} ms on {prefill}" if remote < float("inf") else ""
+        if local < wait:
+            return True, f"{prefill}'s queue: {wait * 1e3:.0f} ms; here: {local * 1e3:.0f} ms"
+        return False, f"{prefill}'s queue: {wait * 1e3:.0f} ms" if wait else ""
 
-    def _prefill_seconds(self, prefill: str, n: int) -> float:
-        """Expected time until `prefill` has computed a new prompt of `n` tokens: its queue, then it."""
+    def _queue_seconds(self, prefill: str) -> float:
+        """Expected wait before `prefill` starts a new prompt: the prompt tokens it has not finished, at
+        its recent rate (0 while it has no rate yet: an idle instance is never judged slow)."""
         s = self.stats.get(prefill)
         rate = s.prefill_tokens_per_s if s else 0.0
-        return (self.outstanding_tokens[prefill] + n) / rate if rate else 0.0
+        return self.outstanding_tokens[prefill] / rate if rate else 0.0
 
     def _local_prefill_seconds(self, decode: str, n: int) -> float:
+        """Expected time for `decode` to compute a prompt of `n` tokens after those it already has, at
+        `local_step_tokens` a step of its recent step time."""
         s = self.stats.get(decode)
         if not s or not s.step_seconds:
             return float("inf")
