@@ -86,6 +86,10 @@ def run_layout(name: str, launch, cfg: CompareConfig, out: Path) -> list[dict]:
                   f"TTFT p50 {point['ttft_ms']['p50'] or 0:.1f} ms, SLOs met {point['attainment'] * 100:.0f} %",
                   flush=True)
             points.append(point)
+        # what the pipeline itself saw (queues, placements, blocks), next to the client's figures
+        from pdpipe.inspect import control
+
+        write_json(out / "serve" / f"{name}-snapshot.json", control(launch.resolved_run_dir, "snapshot"))
     finally:
         launcher.stop()  # fully stopped (sockets removed) before the next layout starts
     return points

@@ -199,7 +199,9 @@ class LLMEngine:
                                  generator=gen).tolist()
 
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-        rounds = [[1], [7, 16, 100], [budget - 40, 300], [budget - 40, 50]]  # the last two chunk their 2nd
+        # single prompts and batches of each length class Triton specialises on (1, multiples of 16, the
+        # rest); the last two rounds continue their second prompt from a chunk
+        rounds = [[1], [5], [16], [300], [2048], [7, 16, 100], [64, 96], [budget - 40, 300], [budget - 40, 50]]
         for r, lengths in enumerate(rounds):
             for i, n in enumerate(lengths):
                 if self.blocks.blocks_for(sum(lengths) + 3 * len(lengths)) <= self.blocks.num_blocks:

@@ -51,6 +51,7 @@ API, SCHEDULER, TRANSFER = "api", "scheduler", "transfer"
 # 2048-token prompts up every layer has its own message; a short prompt's last group copies after the
 # prefill, 2048 token-layers (8 MB of 8B-shape KV, ~25 µs over NVLink).
 LAYER_MESSAGE_TOKENS = 2048
+SLOW_STEP_S = 0.25  # a step this long is logged: on a GPU even 8k prompt tokens take ~0.2 s
 
 
 class EngineWorker:
@@ -169,7 +170,12 @@ class EngineWorker:
             log.exception("%s: a step failed", self.name)
             self.fail_all(f"{self.name}: {exc.__class__.__name__}: {exc}")
             return
-        self.meter.add(time.perf_counter() - start, self._step_prompt_tokens)
+        seconds = time.perf_counter() - start
+        self.meter.add(seconds, self._step_prompt_tokens)
+        if seconds > SLOW_STEP_S:
+            sched = self.engine.scheduler
+            log.info("%s: a step took %.0f ms (%d prompt tokens; %d running, %d waiting)", self.name,
+                     seconds * 1e3, self._step_prompt_tokens, len(sched.running), len(sched.waiting))
         self._deliver(outputs)
 
     def fail_all(self, reason: str) -> None:
