@@ -302,7 +302,7 @@ def test_compare_two_layouts_writes_goodput_and_plots(model_dir, vocab, tmp_path
         assert all(p["completed"] == 6 and p["ttft_ms"]["p50"] <= p["ttft_ms"]["p99"] for p in layout["points"])
         assert all(p["ttft_split_p50_ms"] for p in layout["points"])
     assert set(res["layouts"]["pd"]["points"][0]["ttft_split_p50_ms"]) <= set(STAGES)
-    assert len(list((out / "serve").glob("*.json"))) == 4  # every request of every run, kept
+    assert len(list((out / "serve").glob("*-rate*.json"))) == 4  # every request of every run, kept
     for name in ("ttft", "tpot", "itl", "attainment"):
         png = (out / f"{name}.png").read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 1000
