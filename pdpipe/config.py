@@ -98,9 +98,10 @@ class RoutingConfig:
                 "computed on the decode instance itself", "choices": DISAGGREGATION})
     local_prompt_tokens: int = field(default=128, metadata={
         "help": "conditional: prompts up to this many tokens are computed on their decode instance"})
-    local_on_backlog: bool = field(default=True, metadata={
-        "help": "conditional: also compute a longer prompt on decode when the prefill instances' queue "
-                "would finish it later than decode would"})
+    local_on_backlog: bool = field(default=False, metadata={
+        "help": "conditional: also compute a longer prompt on decode when the prefill queue's expected "
+                "wait exceeds its cost there (better time to first token, worse inter-token latency: "
+                "see benchmarks/RESULTS.md)"})
     local_step_tokens: int = field(default=256, metadata={
         "help": "most prompt tokens a decode instance computes in one step (protects its running "
                 "requests' inter-token latency)"})

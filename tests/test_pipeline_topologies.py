@@ -64,7 +64,8 @@ def test_1p1d_conditional_with_a_small_decode_queues_and_never_preempts(model_di
     max_tokens = [6 + (i * 5) % 17 for i in range(len(prompts))]
     expected = [o.token_ids for o in make_llm(model_dir(MODEL)).generate(
         prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])]
-    cfg = make_launch_config(model_dir(MODEL), [], routing=RoutingConfig(local_prompt_tokens=16, local_step_tokens=16),
+    routing = RoutingConfig(local_prompt_tokens=16, local_step_tokens=16, local_on_backlog=True)
+    cfg = make_launch_config(model_dir(MODEL), [], routing=routing,
                              instances=(InstanceConfig("prefill"), InstanceConfig("decode", num_blocks=24)))
     with launched(cfg) as launcher:
         async def run_all():

@@ -190,7 +190,8 @@ def test_a_request_no_decode_instance_can_ever_hold_fails_instead_of_blocking_th
 
 
 # ---- conditional disaggregation ------------------------------------------------------------------
-COND = RoutingConfig(disaggregation="conditional", local_prompt_tokens=32, local_step_tokens=256)
+COND = RoutingConfig(disaggregation="conditional", local_prompt_tokens=32, local_step_tokens=256,
+                     local_on_backlog=True)
 
 
 def test_a_short_prompt_is_computed_on_its_decode_instance():
