@@ -94,11 +94,11 @@ class AbortRequest(Msg):  # api → scheduler: client gone, or a stop string mat
     reason: str = "abort"
 
 
-class Reserve(Msg):  # scheduler → decode: hold blocks for this prompt's KV, then pass the Prefill on
+class Reserve(Msg):  # scheduler → decode: hold blocks for this prompt's KV and its output
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    prefill_instance: str = ""  # once reserved, decode sends the Prefill there itself (one hop, not two)
+    transfer: str  # the transfer process that writes the prompt's KV: it gets the block ids
     num_tokens: int = 0  # tokens of room to hold: the prompt and the output share (0: the prompt only)
 
 
@@ -107,10 +107,16 @@ class Reserved(Msg):  # decode → scheduler; block_ids None when they were not 
     instance: str
     block_ids: list[int] | None
     free_blocks: int
-    prefill_instance: str = ""  # where decode sent the Prefill ("" when it sent none)
 
 
-class Prefill(Msg):  # decode → prefill once reserved (or scheduler → mixed, with decode_instance empty)
+class DecodeBlocks(Msg):  # decode → transfer: where the prompt's KV goes (the job may not exist yet)
+    request_id: str
+    instance: str
+    block_ids: list[int]
+
+
+class Prefill(Msg):  # scheduler → prefill (decode_instance named; its blocks reach the transfer from decode),
+    # or scheduler → mixed or decode instance (decode_instance empty: the prompt is computed there)
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -123,7 +129,7 @@ class TransferStart(Msg):  # prefill → transfer: these blocks will move, layer
     src_instance: str
     src_block_ids: list[int]
     dst_instance: str
-    dst_block_ids: list[int]
+    dst_block_ids: list[int] = []  # empty: decode's DecodeBlocks brings them
 
 
 class LayersReady(Msg):  # prefill → transfer: layers layer-count+1 … layer of these requests are final
@@ -233,7 +239,7 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI /
     instance: str = ""
 
 
-Message = (NewRequest | AbortRequest | Reserve | Reserved | Prefill | TransferStart | LayersReady
+Message = (NewRequest | AbortRequest | Reserve | Reserved | DecodeBlocks | Prefill | TransferStart | LayersReady
            | PrefillDone | KVLanded | TransferDone | Free | Freed | AbortTransfer | StateEvent | InstanceStats
            | Ready | PoolInfo | Forward | Pause | Shutdown | EngineOutput)
 

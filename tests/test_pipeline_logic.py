@@ -341,3 +341,65 @@ def test_a_failing_batch_is_retried_job_by_job_so_only_the_bad_job_fails():
     assert backend.sent == [("ok", 0), ("ok", 1)]
     assert "bad" not in worker.jobs  # failed (and reported) at the poll that followed
     assert [(m.request_id, m.state) for _, m in sent if getattr(m, "state", "") == "FAILED"] == [("bad", "FAILED")]
+
+
+def test_decode_refusing_after_prefill_started_keeps_the_prompt_until_room_frees(model_dir, colocated):
+    """The scheduler's ledger believes decode has more room than it has (as after preemptions): the
+    second request's prompt is computed while decode refuses it; its KV waits on prefill until decode
+    has room, then lands, and the output is unchanged."""
+    from pdpipe.messages import InstanceStats
+
+    pipe = LocalPipeline(model_dir("qwen3"), PD, num_blocks=8)  # 64 tokens of KV on decode
+    pipe.scheduler.handle(InstanceStats(instance="decode-0", role="decode", time=0.0, num_blocks=64,
+                                        block_size=8, max_num_seqs=8))
+    prompts = make_prompts(384, lengths=(40, 40), seed=5)
+    pipe.submit("a", prompts[0], GREEDY)
+    pipe.submit("b", prompts[1], GREEDY)
+    pipe.run()
+    assert [pipe.tokens(r) for r in "ab"] == [colocated(p).token_ids for p in prompts]
+    details = [d for _, s, _, d in pipe.scheduler.recent["b"].events if s == "QUEUED"]
+    assert any(d.startswith("refused") for d in details) and details[-1].endswith("(again)")
+    assert pipe.scheduler.routed["prefill-0"] == 2  # b's prompt was computed once
+    assert pipe.leak_free()
+
+
+def make_transfer():
+    from pdpipe.transfer.worker import TransferWorker
+
+    backend, sent = FakeTransfer(), []
+    return TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg))), backend, sent
+
+
+@pytest.mark.parametrize("blocks_first", [True, False])
+def test_layers_wait_for_decode_blocks_whichever_comes_first(blocks_first):
+    from pdpipe.messages import DecodeBlocks, KVLanded, LayersReady, PrefillDone, TransferStart
+
+    worker, backend, sent = make_transfer()
+    blocks = DecodeBlocks(request_id="r", instance="d", block_ids=[7, 8])
+    if blocks_first:
+        worker.handle(blocks)
+    worker.handle(TransferStart(request_id="r", src_instance="p", src_block_ids=[1, 2], dst_instance="d"))
+    worker.handle(LayersReady(request_ids=["r"], layer=0))
+    if not blocks_first:
+        assert backend.sent == []  # nowhere to write yet
+        worker.handle(LayersReady(request_ids=["r"], layer=1))
+        worker.handle(PrefillDone(request_id="r", first_token=3))
+        worker.handle(blocks)
+        assert backend.batches == [(["r"], 0), (["r"], 1)]  # both layers in one batch call
+    else:
+        worker.handle(LayersReady(request_ids=["r"], layer=1))
+        worker.handle(PrefillDone(request_id="r", first_token=3))
+    assert sorted(backend.sent) == [("r", 0), ("r", 1)]
+    assert [(d, m.first_token) for d, m in sent if isinstance(m, KVLanded)] == [("d", 3)]
+
+
+def test_messages_after_an_abort_move_nothing():
+    from pdpipe.messages import AbortTransfer, DecodeBlocks, Free, LayersReady, TransferStart
+
+    worker, backend, sent = make_transfer()
+    worker.handle(AbortTransfer(request_id="r", decode_instance="d", reason="client gone"))
+    worker.handle(TransferStart(request_id="r", src_instance="p", src_block_ids=[1], dst_instance="d"))
+    worker.handle(DecodeBlocks(request_id="r", instance="d", block_ids=[5]))
+    worker.handle(LayersReady(request_ids=["r"], layer=1, count=2))
+    assert backend.sent == [] and not worker.jobs and not worker.has_work()
+    assert [(d, m.request_id) for d, m in sent if isinstance(m, Free)] == [("d", "r")]

@@ -41,54 +41,57 @@ def new(core, rid="r", n=10, max_tokens=16):
                            params=SamplingParams(max_tokens=max_tokens), arrival=99.0))
 
 
-def test_reserve_names_the_prefill_and_the_scheduler_sends_no_prefill():
+def dispatched(sent, kind):
+    return [(dest, m) for dest, m in sent if isinstance(m, kind)]
+
+
+def test_the_reserve_and_the_prefill_leave_together():
     core, sent = make()
     new(core, "a", 30)
     new(core, "b", 10)
-    reserves = [(dest, m) for dest, m in sent if isinstance(m, Reserve)]
-    assert len(reserves) == 2
+    reserves, prefills = dispatched(sent, Reserve), dispatched(sent, Prefill)
+    assert [m.request_id for _, m in reserves] == [m.request_id for _, m in prefills] == ["a", "b"]
     # the prefill is picked at dispatch, counting the prompt tokens it already has: a and b go apart
-    assert reserves[0][1].prefill_instance != reserves[1][1].prefill_instance
-    assert core.outstanding_tokens[reserves[0][1].prefill_instance] == 30
-    dest, reserve = reserves[0]
-    core.handle(Reserved(request_id="a", instance=dest, block_ids=[1, 2], free_blocks=5,
-                         prefill_instance=reserve.prefill_instance))
-    assert not [m for _, m in sent if isinstance(m, Prefill)]
+    assert prefills[0][0] != prefills[1][0] and core.outstanding_tokens[prefills[0][0]] == 30
+    assert prefills[0][1].decode_instance == reserves[0][0] and not prefills[0][1].decode_block_ids
+    assert reserves[0][1].transfer == "transfer"  # decode tells it where the prompt's KV goes
+    dest = reserves[0][0]
+    core.handle(Reserved(request_id="a", instance=dest, block_ids=[1, 2], free_blocks=5))
     rec = core.live["a"]
-    assert (rec.state, rec.decode, rec.prefill) == ("RESERVED", dest, reserve.prefill_instance)
+    assert (rec.state, rec.decode, rec.prefill) == ("RESERVED", dest, prefills[0][0])
 
 
-def test_a_refused_reservation_gives_back_the_prefill_load_and_tries_the_other_decode():
+def test_a_refused_reservation_keeps_its_prefill_and_asks_the_other_decode():
     core, sent = make()
     new(core, "a", 30)
-    first = [(d, m) for d, m in sent if isinstance(m, Reserve)][0]
+    first = dispatched(sent, Reserve)[0]
     core.handle(Reserved(request_id="a", instance=first[0], block_ids=None, free_blocks=0))
-    second = [(d, m) for d, m in sent if isinstance(m, Reserve)][1]
+    second = dispatched(sent, Reserve)[1]
     assert second[0] != first[0]
-    assert sum(core.outstanding_tokens.values()) == 30  # counted once, for the new plan only
-    assert core.live["a"].prefill == second[1].prefill_instance
+    assert len(dispatched(sent, Prefill)) == 1  # the prompt is computed once, whichever decode takes it
+    assert sum(core.outstanding_tokens.values()) == 30
 
 
-def test_a_request_ended_while_reserving_frees_the_planned_prefill_and_the_late_blocks():
+def test_a_request_ended_while_reserving_frees_the_prefill_and_the_transfer_frees_decode():
     core, sent = make()
     new(core, "a", 30)
-    dest, reserve = [(d, m) for d, m in sent if isinstance(m, Reserve)][0]
+    (dest, _), (prefill, _) = dispatched(sent, Reserve)[0], dispatched(sent, Prefill)[0]
+    sent.clear()
     core.handle(AbortRequest(request_id="a", reason="client gone"))
     assert ("a" not in core.live) and sum(core.outstanding_tokens.values()) == 0
-    assert [d for d, m in sent if isinstance(m, Free)] == [reserve.prefill_instance]
+    assert [(d, type(m)) for d, m in sent if not isinstance(m, StateEvent)] == [(prefill, Free), ("transfer", AbortTransfer)]
+    assert [m.decode_instance for _, m in dispatched(sent, AbortTransfer)] == [dest]
     sent.clear()
-    core.handle(Reserved(request_id="a", instance=dest, block_ids=[4], free_blocks=3,
-                         prefill_instance=reserve.prefill_instance))  # decode had already passed it on
-    assert [(d, type(m)) for d, m in sent] == [("transfer", AbortTransfer), (reserve.prefill_instance, Free)]
+    core.handle(Reserved(request_id="a", instance=dest, block_ids=[4], free_blocks=3))  # late: nothing more
+    assert sent == []
 
 
 def test_news_that_cross_do_not_move_a_request_backwards():
     core, sent = make()
     new(core, "a")
-    dest, reserve = [(d, m) for d, m in sent if isinstance(m, Reserve)][0]
-    core.handle(StateEvent(request_id="a", state="PREFILLING", instance=reserve.prefill_instance, time=100.2))
-    core.handle(Reserved(request_id="a", instance=dest, block_ids=[1], free_blocks=5,
-                         prefill_instance=reserve.prefill_instance))  # arrives second, happened first
+    (dest, _), (prefill, _) = dispatched(sent, Reserve)[0], dispatched(sent, Prefill)[0]
+    core.handle(StateEvent(request_id="a", state="PREFILLING", instance=prefill, time=100.2))
+    core.handle(Reserved(request_id="a", instance=dest, block_ids=[1], free_blocks=5))  # arrives second, happened first
     rec = core.live["a"]
     assert rec.state == "PREFILLING"
     assert [s for _, s, _, _ in rec.events] == ["QUEUED", "QUEUED", "RESERVED", "PREFILLING"]
@@ -100,6 +103,11 @@ PD1 = {"prefill-0": "prefill", "decode-0": "decode"}
 
 def reserves(sent):
     return [m.request_id for _, m in sent if isinstance(m, Reserve)]
+
+
+def local_prefills(sent):
+    """Requests whose prompt the scheduler sent to their decode instance to compute."""
+    return [m.request_id for d, m in sent if isinstance(m, Prefill) and d.startswith("decode")]
 
 
 def finish_on_decode(core, rid, decode="decode-0"):
@@ -117,8 +125,7 @@ def test_queued_requests_leave_in_arrival_order_as_room_frees_and_never_on_a_tim
         now[0] += 0.1
         core.tick()
     assert reserves(sent) == ["a"]
-    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=0,
-                         prefill_instance="prefill-0"))
+    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=0))
     finish_on_decode(core, "a")  # decode freed a's blocks: b (not c) goes
     assert reserves(sent) == ["a", "b"] and list(core.queue) == ["c"]
     snap = core.snapshot()["admission"]
@@ -144,8 +151,7 @@ def test_an_aborted_request_frees_its_room_only_when_decode_says_freed():
     core, sent = make(roles=PD1, num_blocks=4)
     new(core, "a", 40)
     new(core, "b", 40)
-    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=0,
-                         prefill_instance="prefill-0"))
+    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=0))
     core.handle(AbortRequest(request_id="a", reason="client gone"))
     assert [d for d, m in sent if isinstance(m, AbortTransfer)] == ["transfer"]
     assert reserves(sent) == ["a"]  # decode frees a's blocks only after the transfer stopped
@@ -158,13 +164,13 @@ def test_a_refused_reservation_keeps_its_place_and_waits_for_room_to_be_released
     new(core, "a", 40)
     new(core, "b", 40)
     new(core, "c", 40)
-    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=9,
-                         prefill_instance="prefill-0"))
+    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=9))
     # decode had less room than the ledger counted (it preempted, say): b goes back before c
     core.handle(Reserved(request_id="b", instance="decode-0", block_ids=None, free_blocks=1))
     core.handle(Reserved(request_id="c", instance="decode-0", block_ids=None, free_blocks=1))
     assert list(core.queue) == ["b", "c"] and core.ledger.room("decode-0").blocked
-    assert core.outstanding_tokens["prefill-0"] == 40  # only a's prompt is on its way to prefill
+    assert core.outstanding_tokens["prefill-0"] == 120  # every prompt is computed meanwhile
+    assert len(dispatched(sent, Prefill)) == 3
     finish_on_decode(core, "a")
     assert reserves(sent)[-2:] == ["b", "c"]
 
@@ -198,9 +204,7 @@ def test_a_short_prompt_is_computed_on_its_decode_instance():
     core, sent = make(roles=PD1, routing=COND)
     new(core, "short", 20)
     new(core, "long", 200)
-    prefills = [(d, m) for d, m in sent if isinstance(m, Prefill)]
-    assert prefills == [("decode-0", prefills[0][1])] and prefills[0][1].decode_instance == ""
-    assert reserves(sent) == ["long"]
+    assert local_prefills(sent) == ["short"] and reserves(sent) == ["long"]
     assert core.decisions == {"local": 1, "remote": 1}
     detail = [d for _, s, _, d in core.live["short"].events if s == "QUEUED"][-1]
     assert "prefill on decode-0 itself" in detail and "20 tokens <= 32" in detail
@@ -221,7 +225,7 @@ def test_a_long_prompt_goes_local_when_the_prefill_queue_would_take_longer():
     assert reserves(sent) == ["a", "b"]
     core.outstanding_tokens["prefill-0"] += 3_000  # now 70 ms of backlog: computed here in 39 ms
     new(core, "c", 1000)
-    assert reserves(sent) == ["a", "b"] and [d for d, m in sent if isinstance(m, Prefill)] == ["decode-0"]
+    assert reserves(sent) == ["a", "b"] and local_prefills(sent) == ["c"]
     assert "prefill-0's queue: 70 ms; here: 39 ms" in [d for _, s, _, d in core.live["c"].events if s == "QUEUED"][-1]
     # the next long prompt queues behind c on decode: 78 ms here against 70 there, so remote
     new(core, "d", 1000)
@@ -244,4 +248,4 @@ def test_an_idle_or_unmeasured_prefill_instance_takes_long_prompts():
 def test_always_disaggregated_sends_even_short_prompts_to_prefill():
     core, sent = make(roles=PD1)
     new(core, "short", 3)
-    assert reserves(sent) == ["short"] and not [m for _, m in sent if isinstance(m, Prefill)]
+    assert reserves(sent) == ["short"] and not local_prefills(sent)

@@ -3,9 +3,9 @@
 prefill: takes `Prefill`, computes the prompt with its KV held (`hold_kv`), tells the transfer which
   blocks will move and signals each finished layer, sends the first token to `api` at once and to
   the transfer (`PrefillDone`); frees the blocks on `TransferDone`. States: PREFILLING → TRANSFERRING.
-decode: answers `Reserve` with blocks for the prompt and room for its output (and passes the `Prefill`
-  on to the prefill engine the scheduler named), continues a request on `KVLanded` from its first
-  token, and streams tokens to `api`; a `Prefill` the scheduler sends it directly is a prompt it
+decode: answers `Reserve` with blocks for the prompt and room for its output (the prompt's block ids go
+  to the transfer, `DecodeBlocks`), continues a request on `KVLanded` from its first token, and
+  streams tokens to `api`; a `Prefill` the scheduler sends it directly is a prompt it
   computes itself (conditional disaggregation). States: (PREFILLING →) DECODING → FINISHED; `Freed`
   tells the scheduler an ended request's room is free again.
 mixed: both in one engine (colocated), the baseline. States: PREFILLING → DECODING → FINISHED.
@@ -21,6 +21,7 @@ from typing import Callable
 from msgspec.structs import replace
 
 from pdpipe.messages import (
+    DecodeBlocks,
     EngineOutput,
     Free,
     Freed,
@@ -108,17 +109,14 @@ class EngineWorker:
         prompt_len = len(msg.prompt_token_ids)
         if msg.request_id not in self._tombstones:
             blocks = self.engine.reserve(msg.request_id, max(msg.num_tokens, prompt_len))
-        forward = blocks is not None and bool(msg.prefill_instance)
         if blocks is not None:
             self._pending[msg.request_id] = msg
-        if forward:  # straight to the prefill engine: time to first token does not wait for the scheduler
-            prompt_blocks = blocks[:self.engine.blocks.blocks_for(prompt_len)]  # the rest: output room
-            self.send(msg.prefill_instance, Prefill(request_id=msg.request_id, prompt_token_ids=msg.prompt_token_ids,
-                                                    params=msg.params, decode_instance=self.name,
-                                                    decode_block_ids=prompt_blocks))
+            # the prompt's blocks to the transfer that writes them (the rest is room for the output);
+            # the prefill engine got the prompt from the scheduler at the same time as this Reserve
+            self.send(msg.transfer, DecodeBlocks(request_id=msg.request_id, instance=self.name,
+                                                 block_ids=blocks[:self.engine.blocks.blocks_for(prompt_len)]))
         self.send(SCHEDULER, Reserved(request_id=msg.request_id, instance=self.name, block_ids=blocks,
-                                      free_blocks=self.engine.blocks.num_free_blocks,
-                                      prefill_instance=msg.prefill_instance if forward else ""))
+                                      free_blocks=self.engine.blocks.num_free_blocks))
 
     def _on_KVLanded(self, msg: KVLanded) -> None:
         reserve = self._pending.pop(msg.request_id, None)

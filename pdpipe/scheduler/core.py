@@ -4,10 +4,10 @@ aborted and failed requests get every holder to free their blocks.
 QUEUED → RESERVED (blocks held on D) → PREFILLING (on P) → TRANSFERRING (layer k of N)
        → DECODING (on D) → FINISHED | ABORTED | FAILED
 A mixed instance runs QUEUED → PREFILLING → DECODING → FINISHED in one engine.
-Decode instances are picked by free blocks (then fewest running), prefill instances by queued prompt
-tokens, both at once: the Reserve names the prefill instance, and decode passes the Prefill on to it
-as soon as the blocks are held. A decode instance that cannot reserve is skipped and the request
-stays queued until one can.
+Requests wait in the admission queue (admission.py) until a decode instance has room; then the
+scheduler sends the Reserve to the decode instance with the most room and the Prefill to the prefill
+instance with the fewest prompt tokens outstanding, both at once (decode hands its block ids to the
+transfer). With conditional disaggregation a prompt may instead be computed on its decode instance.
 """
 from __future__ import annotations
 
@@ -159,6 +159,9 @@ class SchedulerCore:
                 return
             self.queue.remove(rid)
             self.ledger.commit(rid, decode, room)
+            if rec.prefill:  # refused by a decode instance earlier: its prompt is computed or computing
+                self._reserve(rec, decode, room, "again")
+                continue
             local, why = self._prefill_locally(rec, decode)
             if local:
                 rec.mixed = decode
@@ -208,16 +211,24 @@ class SchedulerCore:
         return (self.outstanding_tokens[decode] + n) / rate
 
     def _reserve(self, rec: RequestRecord, decode: str, room: int, why: str) -> None:
+        """Asks `decode` to hold the request's room and, at the same time, a prefill instance to compute
+        its prompt: the ledger has committed the room, so the prompt's KV has somewhere to go, and the
+        reservation is off the path to the first token (decode sends the block ids to the transfer)."""
+        r = rec.request
         rec.reserving = decode
-        # the prefill engine is chosen now: decode sends it the Prefill as soon as it has blocks
-        rec.prefill = min(self.of_role("prefill"), key=self._prefill_load)
-        self.outstanding_tokens[rec.prefill] += rec.num_prompt_tokens
-        self.decisions["remote"] += 1
+        first = not rec.prefill
+        if first:
+            rec.prefill = min(self.of_role("prefill"), key=self._prefill_load)
+            self.decisions["remote"] += 1
         self._record(rec, "QUEUED", "scheduler", f"reserve on {decode}, prefill on {rec.prefill}"
                      + (f" ({why})" if why else ""))
-        r = rec.request
         self.send(decode, Reserve(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
-                                  prefill_instance=rec.prefill, num_tokens=room))
+                                  transfer=self.transfer_of(rec.prefill), num_tokens=room))
+        if first:
+            self.routed[rec.prefill] += 1
+            self.outstanding_tokens[rec.prefill] += rec.num_prompt_tokens
+            self.send(rec.prefill, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
+                                           params=r.params, decode_instance=decode))
 
     def _prefill_load(self, name: str) -> int:
         return self.outstanding_tokens[name]
@@ -232,16 +243,9 @@ class SchedulerCore:
     def _on_reserved(self, msg: Reserved) -> None:
         rec = self.live.get(msg.request_id)
         if rec is None or rec.reserving != msg.instance:
-            if msg.block_ids is not None:  # the request ended meanwhile: give the blocks back
-                self.send(self.transfer_of(msg.instance),
-                          AbortTransfer(request_id=msg.request_id, decode_instance=msg.instance))
-                if rec is None and msg.prefill_instance:  # and drop the Prefill decode passed on
-                    self.send(msg.prefill_instance, Free(request_id=msg.request_id, reason="ended"))
-            return
+            return  # ended meanwhile: its end sent the transfer an abort, which frees decode's blocks
         rec.reserving = ""
         if msg.block_ids is None:  # decode had less room than the ledger thought: back in the queue
-            self.outstanding_tokens[rec.prefill] -= rec.num_prompt_tokens
-            rec.prefill = ""
             self.ledger.refused(rec.request_id)
             self._record(rec, "QUEUED", msg.instance, f"refused: {msg.free_blocks} blocks free")
             self.queue.push(rec.request_id, rec.number)
@@ -249,7 +253,6 @@ class SchedulerCore:
             return
         rec.decode = msg.instance
         self.routed[msg.instance] += 1
-        self.routed[rec.prefill] += 1
         self._record(rec, "RESERVED", msg.instance, f"{len(msg.block_ids)} blocks")
 
     def _on_event(self, msg: StateEvent) -> None:
@@ -299,8 +302,9 @@ class SchedulerCore:
             for holder in {rec.prefill, rec.mixed} - {""}:
                 self.send(holder, Free(request_id=rid, reason=detail or state.lower()))
         decode = rec.decode or rec.reserving
-        if decode and (state != "FINISHED" or instance != decode):
-            # the transfer process that writes into the decode blocks: the prefill machine's
+        if (decode or rec.prefill) and (state != "FINISHED" or instance != decode):
+            # the transfer process that writes into the decode blocks (the prefill machine's) drops the
+            # job, then frees decode's blocks
             self.send(self.transfer_of(rec.prefill or decode),
                       AbortTransfer(request_id=rid, decode_instance=decode, reason=detail or state.lower()))
         # Its room on decode is free once decode has freed its blocks: now if decode finished it,

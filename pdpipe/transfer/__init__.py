@@ -37,6 +37,11 @@ class TransferJob:
     error: str = ""
     first_layer_at: float = 0.0  # when its first and its latest layers were handed to the backend
     last_layer_at: float = 0.0
+    layers_ready: set[int] = field(default_factory=set)  # computed on prefill, waiting for dst_block_ids
+
+    @property
+    def has_destination(self) -> bool:
+        return bool(self.dst_block_ids)
 
 
 class TransferBackend(ABC):

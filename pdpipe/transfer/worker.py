@@ -2,20 +2,26 @@
 on its decode instance, layer by layer as the prefill engine finishes them.
 
 TransferStart opens a job; LayersReady moves that layer of the named jobs; once every layer has landed
-and PrefillDone brought the first token, decode gets KVLanded and prefill TransferDone. The scheduler
+and PrefillDone brought the first token, decode gets KVLanded and prefill TransferDone. The decode
+blocks come from decode (DecodeBlocks), which reserves them while the prefill engine already computes
+(either may come first): layers finished before they are known wait, then move in one batch. The scheduler
 hears of a job twice (its first layers sent, and its landing with how long the layers took), not once a
 layer: under load its inbox carries requests, not layers. AbortTransfer
 stops a job and then passes Free to the decode instance, so decode frees its blocks only after
-nothing can write into them any more. States reported: TRANSFERRING (layer k of N), FAILED.
+nothing can write into them any more; the request id is kept (a tombstone), so a start, layer or
+block message that arrives after its abort moves nothing. States reported: TRANSFERRING (layer k
+of N), FAILED.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Callable
 
 from pdpipe.messages import (
     AbortTransfer,
+    DecodeBlocks,
     EngineOutput,
     Free,
     InstanceStats,
@@ -44,6 +50,8 @@ class TransferWorker:
         self.jobs: dict[str, TransferJob] = {}
         self._first: dict[str, PrefillDone] = {}
         self._draining: dict[str, tuple[TransferJob, AbortTransfer]] = {}  # aborted, copies still running
+        self._blocks: dict[str, DecodeBlocks] = {}  # decode's blocks that came before their TransferStart
+        self._tombstones: OrderedDict[str, None] = OrderedDict()  # aborted: late messages move nothing
         self.bytes_moved = 0
         self.seconds_moving = 0.0
 
@@ -52,34 +60,72 @@ class TransferWorker:
                   getattr(msg, "request_id", None) or getattr(msg, "layer", ""))
         if isinstance(msg, PoolInfo):
             self._register(msg)
+        elif isinstance(msg, AbortTransfer):
+            self._abort(msg)
+        elif getattr(msg, "request_id", None) in self._tombstones:
+            pass  # the request was aborted before this message arrived
         elif isinstance(msg, TransferStart):
-            for instance in (msg.src_instance, msg.dst_instance):
-                info = self.pool_lookup(instance) if self.pool_lookup and instance not in self._pools else None
-                if info is not None:
-                    self._register(info)
-            self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, list(msg.src_block_ids),
-                                                    msg.dst_instance, list(msg.dst_block_ids))
+            self._start(msg)
+        elif isinstance(msg, DecodeBlocks):
+            job = self.jobs.get(msg.request_id)
+            if job is None:
+                self._blocks[msg.request_id] = msg
+            else:
+                self._destination(job, msg)
         elif isinstance(msg, LayersReady):
             jobs = [self.jobs[rid] for rid in msg.request_ids if rid in self.jobs]
-            self._send_layers(jobs, msg.layer - msg.count + 1, msg.count)
+            for job in jobs:
+                if not job.has_destination:
+                    job.layers_ready.update(range(msg.layer - msg.count + 1, msg.layer + 1))
+            self._send_layers([j for j in jobs if j.has_destination], msg.layer - msg.count + 1, msg.count)
         elif isinstance(msg, PrefillDone):
             if msg.request_id in self.jobs:
                 self._first[msg.request_id] = msg
-        elif isinstance(msg, AbortTransfer):
-            job = self.jobs.pop(msg.request_id, None)
-            self._first.pop(msg.request_id, None)
-            if job is not None and self.backend.poll(job) is TransferState.PENDING:
-                self._draining[msg.request_id] = (job, msg)  # decode frees its blocks once nothing writes them
-            else:
-                self._aborted(job, msg)
         else:
             raise TypeError(f"{self.name} cannot handle {type(msg).__name__}")
         self.poll()
 
+    def _start(self, msg: TransferStart) -> None:
+        for instance in (msg.src_instance, msg.dst_instance):
+            info = self.pool_lookup(instance) if self.pool_lookup and instance not in self._pools else None
+            if info is not None:
+                self._register(info)
+        job = self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, list(msg.src_block_ids),
+                                                      msg.dst_instance, list(msg.dst_block_ids))
+        early = self._blocks.pop(msg.request_id, None)
+        if early is not None:
+            self._destination(job, early)
+
+    def _destination(self, job: TransferJob, msg: DecodeBlocks) -> None:
+        """Decode's blocks are known: the layers computed meanwhile move now, in one batch."""
+        if msg.instance not in self._pools and self.pool_lookup is not None:
+            info = self.pool_lookup(msg.instance)
+            if info is not None:
+                self._register(info)
+        job.dst_instance, job.dst_block_ids = msg.instance, list(msg.block_ids)
+        if job.layers_ready:
+            last = max(job.layers_ready)
+            self._send_layers([job], 0, last + 1)  # layers finish in order: 0 … last are all ready
+            job.layers_ready.clear()
+
+    def _abort(self, msg: AbortTransfer) -> None:
+        rid = msg.request_id
+        self._tombstones[rid] = None
+        while len(self._tombstones) > 10000:
+            self._tombstones.popitem(last=False)
+        job = self.jobs.pop(rid, None)
+        self._first.pop(rid, None)
+        self._blocks.pop(rid, None)
+        if job is not None and self.backend.poll(job) is TransferState.PENDING:
+            self._draining[rid] = (job, msg)  # decode frees its blocks once nothing writes them
+        else:
+            self._aborted(job, msg)
+
     def _aborted(self, job: TransferJob | None, msg: AbortTransfer) -> None:
         if job is not None:
             self.backend.abort(job)
-        self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
+        if msg.decode_instance:
+            self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
 
     def _register(self, pool: PoolInfo) -> None:
         self.backend.register_pool(pool)
@@ -88,6 +134,8 @@ class TransferWorker:
     def _send_layers(self, jobs: list[TransferJob], first: int, count: int) -> None:
         """One batched send for the layers; if it fails, job by job and layer by layer, so the error
         lands on its own job."""
+        if not jobs:
+            return
         layers = range(first, first + count)
         try:
             self.backend.send_batch(jobs, first, count)
