@@ -105,6 +105,10 @@ class RoutingConfig:
     local_step_tokens: int = field(default=256, metadata={
         "help": "most prompt tokens a decode instance computes in one step (protects its running "
                 "requests' inter-token latency)"})
+    decode_busy_ms: float = field(default=0.0, metadata={
+        "help": "when every decode instance's recent step takes longer than this (ms), a new request runs "
+                "whole (prompt and output) on a prefill instance, as on a colocated engine; prefill "
+                "instances then capture decode graphs too (0: never)"})
     reserve_output_share: float = field(default=1.0, metadata={
         "help": "share of max_tokens a decode reservation holds beyond the prompt (1: all of it, so "
                 "decode never preempts)"})
@@ -117,7 +121,7 @@ class RoutingConfig:
             raise ValueError(f"routing.disaggregation: {self.disaggregation!r}; allowed: {', '.join(DISAGGREGATION)}")
         if not 0.0 <= self.reserve_output_share <= 1.0:
             raise ValueError(f"routing.reserve_output_share: {self.reserve_output_share}; allowed: 0 to 1")
-        for name in ("local_prompt_tokens", "reserve_output_max"):
+        for name in ("local_prompt_tokens", "reserve_output_max", "decode_busy_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"routing.{name}: must be >= 0, got {getattr(self, name)}")
         if self.local_step_tokens < 1:

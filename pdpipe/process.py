@@ -110,8 +110,10 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         engine_cfg = replace(engine_cfg, scheduler=replace(engine_cfg.scheduler,
                                                            max_prefill_tokens=proc.cfg.routing.local_step_tokens))
     if engine_cfg.device.startswith("cuda"):
-        # the launcher made only this instance's GPUs visible; a prefill engine never decodes
-        engine_cfg = replace(engine_cfg, device="cuda:0", cuda_graphs=engine_cfg.cuda_graphs and role != "prefill")
+        # the launcher made only this instance's GPUs visible; a prefill engine decodes only whole
+        # requests (routing.decode_busy_ms)
+        decodes = role != "prefill" or proc.cfg.routing.decode_busy_ms > 0
+        engine_cfg = replace(engine_cfg, device="cuda:0", cuda_graphs=engine_cfg.cuda_graphs and decodes)
     pool_path = proc.paths.pool(name)
     try:
         engine = LLMEngine(engine_cfg, pool_path=str(pool_path))

@@ -403,3 +403,25 @@ def test_messages_after_an_abort_move_nothing():
     worker.handle(LayersReady(request_ids=["r"], layer=1, count=2))
     assert backend.sent == [] and not worker.jobs and not worker.has_work()
     assert [(d, m.request_id) for d, m in sent if isinstance(m, Free)] == [("d", "r")]
+
+
+def test_whole_requests_on_a_prefill_instance_equal_colocated_and_free_everything(model_dir, colocated):
+    from pdpipe.config import RoutingConfig
+    from pdpipe.messages import InstanceStats
+
+    pipe = LocalPipeline(model_dir("qwen3"), PD, routing=RoutingConfig(disaggregation="always",
+                                                                       decode_busy_ms=5))
+    pipe.scheduler.handle(InstanceStats(instance="decode-0", role="decode", time=0.0, num_blocks=64,
+                                        block_size=8, max_num_seqs=8, step_seconds=0.05))
+    prompts = make_prompts(384, lengths=(12, 30, 7), seed=9)
+    for i, p in enumerate(prompts):
+        pipe.submit(str(i), p, GREEDY)
+    pipe.submit("gone", prompts[1], SamplingParams(max_tokens=30, temperature=0.0))
+    abort_at(pipe, "gone", "DECODING")
+    pipe.run()
+    for i, p in enumerate(prompts):
+        assert pipe.tokens(str(i)) == colocated(p).token_ids and pipe.state(str(i)) == "FINISHED"
+        assert pipe.scheduler.recent[str(i)].mixed == "prefill-0"
+    assert pipe.state("gone") == "ABORTED" and pipe.scheduler.decisions == {"whole": 4}
+    assert not pipe.scheduler.ledger.commitments and not pipe.transfer.jobs
+    assert pipe.leak_free()

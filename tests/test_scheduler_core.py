@@ -249,3 +249,41 @@ def test_always_disaggregated_sends_even_short_prompts_to_prefill():
     core, sent = make(roles=PD1)
     new(core, "short", 3)
     assert reserves(sent) == ["short"] and not local_prefills(sent)
+
+
+# ---- whole requests on a prefill instance when decode is busy -----------------------------------
+BUSY = RoutingConfig(disaggregation="always", decode_busy_ms=15)
+
+
+def test_requests_run_whole_on_prefill_while_decode_steps_are_slow():
+    core, sent = make(roles=PD1, routing=BUSY)
+    report(core, "decode-0", max_num_seqs=8, step_seconds=0.010)
+    new(core, "calm", 40)
+    report(core, "decode-0", max_num_seqs=8, step_seconds=0.020)  # 20 ms steps: over the 15 ms asked
+    new(core, "busy", 40)
+    assert reserves(sent) == ["calm"]
+    whole = [(d, m) for d, m in sent if isinstance(m, Prefill) and m.request_id == "busy"]
+    assert [(d, m.decode_instance) for d, m in whole] == [("prefill-0", "")]
+    assert core.decisions == {"remote": 1, "whole": 1} and core.ledger.commitments["busy"] == ("prefill-0", 56)
+    assert "decode busy" in [d for _, s, _, d in core.live["busy"].events if s == "QUEUED"][-1]
+    core.handle(StateEvent(request_id="busy", state="FINISHED", instance="prefill-0", time=101.0))
+    assert "busy" not in core.ledger.commitments
+
+
+def test_a_request_no_decode_has_room_for_runs_whole_on_prefill_and_a_refused_one_waits_for_decode():
+    core, sent = make(roles=PD1, routing=BUSY, num_blocks=4)
+    report(core, "prefill-0", role="prefill", num_blocks=100, max_num_seqs=8)
+    new(core, "a", 40)  # fills decode-0's 4 blocks
+    new(core, "b", 40)  # no room on decode: whole on prefill
+    assert reserves(sent) == ["a"] and core.ledger.commitments["b"][0] == "prefill-0"
+    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=None, free_blocks=0))
+    # a's prompt is already on prefill-0 for decode: it waits for decode room, never runs whole
+    assert list(core.queue) == ["a"] and core.decisions["whole"] == 1
+
+
+def test_without_decode_busy_ms_prefill_instances_never_take_whole_requests():
+    core, sent = make(roles=PD1, num_blocks=4)
+    report(core, "decode-0", num_blocks=4, max_num_seqs=8, step_seconds=1.0)
+    new(core, "a", 40)
+    new(core, "b", 40)
+    assert reserves(sent) == ["a"] and list(core.queue) == ["b"] and "whole" not in core.decisions

@@ -31,7 +31,8 @@ class ApiMetrics:
         self.oldest = Gauge("pdpipe_admission_oldest_wait_seconds", "How long the oldest queued request has "
                             "waited", registry=r)
         self.decisions = Gauge("pdpipe_prefill_placements_total", "Prompts computed on a prefill instance "
-                               "(remote) or on their decode instance (local)", ["where"], registry=r)
+                               "for a decode instance (remote), on their decode instance (local), or with "
+                               "their output on a prefill instance (whole)", ["where"], registry=r)
         self.scheduler_up = Gauge("pdpipe_scheduler_up", "1 if the scheduler answered", registry=r)
 
     def finished(self, gen, start: float, first_at: float | None) -> None:
@@ -58,7 +59,7 @@ class ApiMetrics:
             adm = snapshot.get("admission") or {}
             self.queued.set(adm.get("queued", 0))
             self.oldest.set(adm.get("oldest_wait_s", 0.0))
-            for where in ("remote", "local"):
+            for where in ("remote", "local", "whole"):
                 self.decisions.labels(where).set(adm.get("prefill_decisions", {}).get(where, 0))
             xfers = (snapshot.get("transfers") or {}).values()  # one transfer process per machine
             self.xfer_bytes.set(sum(x.get("bytes_moved", 0) for x in xfers))

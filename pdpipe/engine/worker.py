@@ -96,11 +96,16 @@ class EngineWorker:
                 self._on_KVLanded(landed)
             self._deferred.clear()
 
+    def _hands_over(self, msg: Prefill) -> bool:
+        """A prompt computed here for a decode instance (the rest run whole here: prompt and output)."""
+        return self.role == "prefill" and bool(msg.decode_instance)
+
     def _on_Prefill(self, msg: Prefill) -> None:
         if msg.request_id in self._tombstones:
             return
-        params = msg.params if self.role != "prefill" else replace(msg.params, max_tokens=1, min_tokens=0)
-        self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, hold_kv=self.role == "prefill")
+        handover = self._hands_over(msg)
+        params = replace(msg.params, max_tokens=1, min_tokens=0) if handover else msg.params
+        self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, hold_kv=handover)
         self._prefills[msg.request_id] = msg
         self.queued_prompt_tokens += len(msg.prompt_token_ids)
 
@@ -149,7 +154,7 @@ class EngineWorker:
         self.engine.abort_request(rid)
         self.engine.release_kv(rid)
         self._started.discard(rid)
-        if self.role == "decode":
+        if self.role != "mixed":  # the scheduler's ledger holds room for it here until this
             self.send(SCHEDULER, Freed(request_id=rid, instance=self.name))
 
     # ---- step loop ---------------------------------------------------------------------------
@@ -196,8 +201,8 @@ class EngineWorker:
             if rid in self._prefills and rid not in self._started:
                 self._started.add(rid)
                 self._event(rid, "PREFILLING", now=now)
-        self._final_chunks = [c.seq.request_id for c in sched.chunks
-                              if c.samples and c.seq.request_id in self._prefills]
+        self._final_chunks = [c.seq.request_id for c in sched.chunks if c.samples and c.seq.request_id
+                              in self._prefills and self._hands_over(self._prefills[c.seq.request_id])]
         self._final_tokens = sum(len(self._prefills[rid].prompt_token_ids) for rid in self._final_chunks)
         self._unannounced = 0
         if self.role != "prefill":
@@ -233,7 +238,7 @@ class EngineWorker:
             if prefill is not None:
                 self.queued_prompt_tokens -= len(prefill.prompt_token_ids)
                 self._started.discard(rid)
-                if self.role == "prefill":
+                if self._hands_over(prefill):
                     out = self._first_token(prefill, out)
                 elif out.finish_reason is None:
                     self._event(rid, "DECODING")

@@ -126,7 +126,7 @@ class SchedulerCore:
                 self._pump()
         elif isinstance(msg, InstanceStats):
             self.stats[msg.instance] = msg
-            if self.roles.get(msg.instance) == "decode" and self.ledger.report(msg):
+            if self.roles.get(msg.instance) in ("decode", "prefill") and self.ledger.report(msg):
                 self._pump()
         else:
             raise TypeError(f"scheduler cannot handle {type(msg).__name__}")
@@ -145,31 +145,57 @@ class SchedulerCore:
             self._end(rec, "FAILED", "scheduler", "no decode or mixed instance is serving")
 
     def _pump(self) -> None:
-        """Dispatches queued requests, oldest first, while a decode instance has room for the oldest."""
+        """Dispatches queued requests, oldest first, while an instance has room for the oldest."""
         while (rid := self.queue.head()) is not None:
             rec = self.live[rid]
             room = self._room_tokens(rec)
             decodes = self.of_role("decode")
             decode = self.ledger.best(decodes, room)
-            if decode is None:
+            whole = self._whole_on_prefill(rec, room, decode)
+            if decode is None and whole is None:
                 if self.ledger.never_fits(decodes, room):  # it would hold up the queue for good
                     self._end(rec, "FAILED", "scheduler", f"needs room for {room} tokens of KV; no decode "
                               "instance has that many (lower max_tokens or routing.reserve_output_share)")
                     continue
                 return
             self.queue.remove(rid)
+            if whole is not None:
+                busy = f"decode busy: steps over {self.routing.decode_busy_ms:g} ms"
+                self._place_whole(rec, whole, room, busy if decode else "no room on decode")
+                continue
             self.ledger.commit(rid, decode, room)
             if rec.prefill:  # refused by a decode instance earlier: its prompt is computed or computing
                 self._reserve(rec, decode, room, "again")
                 continue
             local, why = self._prefill_locally(rec, decode)
             if local:
-                rec.mixed = decode
-                self.decisions["local"] += 1
-                self._record(rec, "QUEUED", "scheduler", f"prefill on {decode} itself ({why})")
-                self._send_prefill(rec, decode)
+                self._place_whole(rec, decode, room, why)
             else:
                 self._reserve(rec, decode, room, why)
+
+    def _place_whole(self, rec: RequestRecord, instance: str, room: int, why: str) -> None:
+        """The request runs whole on `instance`, prompt and output, as on a colocated engine: its decode
+        instance (conditional disaggregation) or a prefill instance (decode busy)."""
+        rec.mixed = instance
+        self.ledger.commit(rec.request_id, instance, room)
+        on_decode = self.roles.get(instance) == "decode"
+        self.decisions["local" if on_decode else "whole"] += 1
+        where = f"prefill on {instance} itself" if on_decode else f"prompt and output on {instance}"
+        self._record(rec, "QUEUED", "scheduler", f"{where} ({why})")
+        self._send_prefill(rec, instance)
+
+    def _whole_on_prefill(self, rec: RequestRecord, room: int, decode: str | None) -> str | None:
+        """A prefill instance to run the request whole when every decode instance is busy (its recent
+        steps longer than routing.decode_busy_ms) or has no room; None otherwise."""
+        limit = self.routing.decode_busy_ms
+        if not limit or rec.prefill:
+            return None
+        if decode is not None:
+            s = self.stats.get(decode)
+            if s is None or s.step_seconds * 1e3 <= limit:
+                return None
+        prefills = [p for p in self.of_role("prefill") if self.ledger.room(p).fits(room)]
+        return min(prefills, key=self._prefill_load) if prefills else None
 
     def _room_tokens(self, rec: RequestRecord) -> int:
         return rec.num_prompt_tokens + self.routing.output_room(rec.request.params.max_tokens)
