@@ -29,21 +29,30 @@ async def stream_completion(client, prompt, max_tokens):
     return tokens, finish
 
 
+def colocated_greedy(model_dir, prompts, max_tokens) -> list[list[int]]:
+    llm = make_llm(model_dir(MODEL))
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
+    return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def stream_all(port: int, prompts, max_tokens) -> list[tuple[list[int], str]]:
+    """Every prompt streamed at once through the official async client: (tokens, finish) each."""
+    async def run_all():
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                    timeout=120)
+        return await asyncio.gather(*(stream_completion(client, p, m) for p, m in zip(prompts, max_tokens)))
+
+    return asyncio.run(run_all())
+
+
 def test_2p2d_under_32_concurrent_streams(model_dir):
     lengths = [1, 3, 8, 15, 17, 30, 44, 60] * 4
     prompts = make_prompts(384, lengths=lengths, seed=11)
     max_tokens = [4 + (i * 7) % 29 for i in range(len(prompts))]
-    ref_llm = make_llm(model_dir(MODEL))
-    expected = [o.token_ids for o in ref_llm.generate(
-        prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])]
+    expected = colocated_greedy(model_dir, prompts, max_tokens)
     cfg = make_launch_config(model_dir(MODEL), ["prefill", "prefill", "decode", "decode"], num_blocks=96)
     with launched(cfg) as launcher:
-        async def run_all():
-            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{cfg.api.port}/v1", api_key="none",
-                                        max_retries=0, timeout=120)
-            return await asyncio.gather(*(stream_completion(client, p, m) for p, m in zip(prompts, max_tokens)))
-
-        results = asyncio.run(run_all())
+        results = stream_all(cfg.api.port, prompts, max_tokens)
         for (tokens, finish), exp in zip(results, expected):
             assert tokens == exp and finish == "length"
         routed = {name: inst["routed"] for name, inst in snapshot(launcher)["instances"].items()}
@@ -62,18 +71,12 @@ def test_1p1d_conditional_with_a_small_decode_queues_and_never_preempts(model_di
     lengths = [2, 6, 12, 20, 33, 47, 58, 64] * 3
     prompts = make_prompts(384, lengths=lengths, seed=12)
     max_tokens = [6 + (i * 5) % 17 for i in range(len(prompts))]
-    expected = [o.token_ids for o in make_llm(model_dir(MODEL)).generate(
-        prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens])]
+    expected = colocated_greedy(model_dir, prompts, max_tokens)
     routing = RoutingConfig(local_prompt_tokens=16, local_step_tokens=16, local_on_backlog=True)
     cfg = make_launch_config(model_dir(MODEL), [], routing=routing,
                              instances=(InstanceConfig("prefill"), InstanceConfig("decode", num_blocks=24)))
     with launched(cfg) as launcher:
-        async def run_all():
-            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{cfg.api.port}/v1", api_key="none",
-                                        max_retries=0, timeout=120)
-            return await asyncio.gather(*(stream_completion(client, p, m) for p, m in zip(prompts, max_tokens)))
-
-        results = asyncio.run(run_all())
+        results = stream_all(cfg.api.port, prompts, max_tokens)
         assert [tokens for tokens, _ in results] == expected
         assert wait_until(lambda: leak_free(launcher), what="all blocks free")
         snap = snapshot(launcher)
