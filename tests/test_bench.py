@@ -1,6 +1,7 @@
-"""`pdpipe bench`: the pure parts (percentiles, goodput, ITL/TPOT, arrivals, datasets, trace
-milestones) on hand-made data, then `bench serve` against a launched 1P+1D pipeline (programmatic
-and from the command line), and `bench compare` over two tiny launched layouts."""
+"""`pdpipe bench`: the pure parts (percentiles, goodput, ITL/TPOT, arrivals, datasets) on hand-made
+data, the client against a fake OpenAI server streaming hand-written SSE lines, the TTFT split on
+hand-made traces, then `bench serve` against a launched 1P+1D pipeline (programmatic and from the
+command line), and `bench compare` over two tiny launched layouts."""
 import asyncio
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from aiohttp import web
 from pipeline_launch import free_port, launched, make_launch_config
 
 from pdpipe.bench.arrivals import arrival_offsets, dispatch
@@ -18,8 +20,11 @@ from pdpipe.bench.compare import crossings, goodput_rate
 from pdpipe.bench.config import LoadConfig, ServeConfig, WorkloadConfig, parse_range, parse_slos
 from pdpipe.bench.datasets import random_prompts, shared_prefix_prompts, sharegpt_prompts
 from pdpipe.bench.metrics import distribution_ms, inter_token_latencies, latencies, percentile, summarize
-from pdpipe.bench.serve import run_serve
-from pdpipe.bench.traces import STAGES, scheduler_request_id, trace_milestones, ttft_split
+from pdpipe.bench.datasets import Prompt
+from pdpipe.bench.report import format_split
+from pdpipe.bench.serve import api_base_url, run_serve, send_all
+from pdpipe.bench.traces import PATH_STAGES, STAGES, scheduler_request_id, trace_milestones, ttft_split
+from pdpipe.config import ApiConfig
 from pdpipe.tokenizer import Tokenizer
 
 MODEL = "llama"
@@ -80,6 +85,26 @@ def test_a_token_with_empty_text_still_counts():
     take_chunk(chat, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, 0.05)
     take_chunk(chat, {"choices": [{"index": 0, "delta": {"content": "x"}}]}, 0.1)
     assert chat.chunks == [(0.1, 1)]
+
+
+def test_without_token_ids_itl_is_per_chunk_and_usage_gives_the_total():
+    r = RequestResult(0, max_tokens=4, prompt_tokens=None)  # a server that sends token_ids: null
+    for when, text in ((0.1, "a"), (0.2, "bc"), (0.4, "d")):
+        take_chunk(r, {"choices": [{"index": 0, "text": text, "token_ids": None}]}, when)
+    take_chunk(r, {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 4}}, 0.41)
+    r.e2e = 0.42
+    assert not r.ids_seen and r.output_tokens == 4  # the usage's count, not the 3 chunks
+    lat = latencies(r)
+    assert lat.itls == pytest.approx([0.1, 0.2]) and lat.tpot == pytest.approx((0.42 - 0.1) / 3)
+
+
+def test_reasoning_deltas_carry_tokens():
+    r = RequestResult(0, max_tokens=3, prompt_tokens=None)
+    take_chunk(r, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]}, 0.05)
+    take_chunk(r, {"choices": [{"index": 0, "delta": {"content": None, "reasoning_content": "hm"}}]}, 0.1)
+    take_chunk(r, {"choices": [{"index": 0, "delta": {"content": None, "reasoning": "so"}}]}, 0.2)
+    take_chunk(r, {"choices": [{"index": 0, "delta": {"content": "x"}}]}, 0.3)
+    assert r.chunks == [(0.1, 1), (0.2, 1), (0.3, 1)]
 
 
 def test_sse_lines():
@@ -171,40 +196,172 @@ def test_sharegpt_loader(tmp_path):
     assert {p.prompt: p.max_tokens for p in capped} == {"Hi there": 10, "Why?": 64}
 
 
+# ---- against a fake OpenAI server: hand-written SSE lines ---------------------------------------
+LONG_PROMPT = 100_000  # token ids in the first chunk: ~750 KB on one line, past aiohttp's 512 KiB
+DONE_LINE = b"data: [DONE]\n\n"
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def text_chunk(ids: list[int], **extra) -> bytes:
+    return sse({"id": "cmpl-fake", "object": "text_completion",
+                "choices": [{"index": 0, "text": "t", "token_ids": ids, **extra}]})
+
+
+def delta_chunk(**delta) -> bytes:
+    return sse({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]})
+
+
+def usage_chunk(completion_tokens: int, prompt_tokens: int = 4) -> bytes:
+    return sse({"id": "cmpl-fake", "choices": [],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}})
+
+
+# prompt → what the fake server streams for it; None: it closes the connection there, mid-line
+REPLIES = {
+    "plain": [text_chunk([5]), text_chunk([6, 7]), usage_chunk(3), DONE_LINE],
+    "long": [text_chunk([5], prompt_token_ids=list(range(1000, 1000 + LONG_PROMPT))), text_chunk([6]),
+             text_chunk([7]), usage_chunk(3, LONG_PROMPT), DONE_LINE],
+    "cut": [text_chunk([5]), b'data: {"id": "cmpl-fake", "choi', None],
+    "garbled": [text_chunk([5]), b"data: [1, 2]\n\n", DONE_LINE],  # JSON, but not an object
+    # a reasoning model that spends max_tokens thinking (content null); this server ignores return_token_ids
+    "reasoning": [delta_chunk(role="assistant", content=None), delta_chunk(content=None, reasoning_content="hm"),
+                  delta_chunk(content=None, reasoning="so"), delta_chunk(content=None, reasoning_content="..."),
+                  usage_chunk(3), DONE_LINE],
+    "silent": [delta_chunk(role="assistant", content=""), usage_chunk(5), DONE_LINE],
+}
+
+
+async def fake_openai(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    prompt = body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for piece in REPLIES[prompt]:
+        if piece is None:
+            request.transport.close()
+            return resp
+        await resp.write(piece)
+    return resp
+
+
+def run_fake(prompts: list[str], endpoint: str = "completions") -> tuple[list[RequestResult], float]:
+    """`bench serve`'s sending half against the fake server, every prompt at once."""
+    async def run():
+        app = web.Application()
+        app.router.add_post("/v1/completions", fake_openai)
+        app.router.add_post("/v1/chat/completions", fake_openai)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            cfg = ServeConfig(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}", endpoint=endpoint,
+                              model="fake", progress=False)
+            _, results, duration = await send_all(cfg, [Prompt(p, max_tokens=3) for p in prompts],
+                                                  [0.0] * len(prompts))
+        finally:
+            await runner.cleanup()
+        return results, duration
+
+    return asyncio.run(run())
+
+
+def test_a_first_chunk_longer_than_aiohttps_line_limit_is_read():
+    (long, plain), _ = run_fake(["long", "plain"])
+    assert long.ok, long.error
+    assert long.output_tokens == 3 and long.prompt_tokens == LONG_PROMPT and [n for _, n in long.chunks] == [1, 1, 1]
+    assert plain.ok and plain.output_tokens == 3 and plain.request_id == "cmpl-fake"
+
+
+def test_a_broken_stream_fails_its_own_request_only():
+    results, duration = run_fake(["plain", "cut", "garbled", "plain"])
+    assert [r.ok for r in results] == [True, False, False, True], [r.error for r in results]
+    assert results[1].error and "AttributeError" in results[2].error
+    s = summarize(results, duration, {})
+    assert (s["completed"], s["failed"], s["total_output_tokens"]) == (2, 2, 6)
+
+
+def test_a_reasoning_stream_counts_its_tokens():
+    (reasoning,), duration = run_fake(["reasoning"], endpoint="chat")
+    assert reasoning.ok and len(reasoning.chunks) == 3 and reasoning.output_tokens == 3
+    s = summarize([reasoning], duration, {})
+    assert s["completed"] == 1 and s["ttft_ms"]["p50"] > 0 and len(latencies(reasoning).itls) == 2
+
+
+def test_a_stream_whose_usage_counts_tokens_that_never_arrived_fails():
+    (plain, silent), duration = run_fake(["plain", "silent"], endpoint="chat")
+    assert not silent.ok and silent.error.startswith("no token arrived"), silent
+    s = summarize([plain, silent], duration, {})
+    assert (s["completed"], s["failed"]) == (1, 1)
+
+
+def test_a_wildcard_api_host_is_reached_on_loopback():
+    assert api_base_url(ApiConfig(host="0.0.0.0", port=8001)) == "http://127.0.0.1:8001"
+    assert api_base_url(ApiConfig(host="::", port=8001)) == "http://127.0.0.1:8001"
+    assert api_base_url(ApiConfig(host="10.0.0.2", port=80)) == "http://10.0.0.2:80"
+    assert api_base_url(ApiConfig(host="::1", port=80)) == "http://[::1]:80"
+
+
+# ---- TTFT by stage ------------------------------------------------------------------------------
+# Reserve and Prefill leave the scheduler together: decode's RESERVED may come after PREFILLING
 PD_TRACE = {"arrival": 10.000, "events": [
-    [10.001, "QUEUED", "api", ""], [10.003, "RESERVED", "decode-0", "2 blocks"],
-    [10.004, "PREFILLING", "prefill-0", ""], [10.005, "TRANSFERRING", "transfer", "layers 1-2/2 sent"],
-    [10.010, "TRANSFERRING", "prefill-0", "prefill end"], [10.020, "DECODING", "decode-0", ""],
-    [10.050, "FINISHED", "decode-0", "length, 8 tokens"]]}
+    [10.001, "QUEUED", "api", ""], [10.002, "QUEUED", "scheduler", "reserve on decode-0, prefill on prefill-0"],
+    [10.004, "PREFILLING", "prefill-0", ""], [10.005, "RESERVED", "decode-0", "2 blocks"],
+    [10.006, "TRANSFERRING", "transfer", "layers 1-2/2 sent"], [10.010, "TRANSFERRING", "prefill-0", "prefill end"],
+    [10.020, "DECODING", "decode-0", ""], [10.050, "FINISHED", "decode-0", "length, 8 tokens"]]}
 
 
-def test_trace_milestones_of_a_disaggregated_request():
-    assert trace_milestones(PD_TRACE) == {"arrival": 10.000, "queued": 10.001, "dispatched": 10.001,
-                                          "reserved": 10.003, "prefilling": 10.004, "prefill_end": 10.010}
+def path_sum(split: dict) -> float:
+    return sum(v for stage, v in split.items() if stage in PATH_STAGES)
+
+
+def test_the_reservation_is_off_the_path_to_the_first_token():
+    assert trace_milestones(PD_TRACE) == {"arrival": 10.000, "queued": 10.001, "dispatched": 10.002,
+                                          "reserved": 10.005, "prefilling": 10.004, "prefill_end": 10.010}
     split = ttft_split(PD_TRACE, sent_at=9.999, first_token_at=10.012)
-    assert split == pytest.approx({"client→api": 0.001, "api→scheduler": 0.001, "scheduler queue": 0.0,
-                                   "reservation": 0.002, "prefill queue": 0.001, "prefill compute": 0.006,
-                                   "first-token delivery": 0.002})
-    assert sum(split.values()) == pytest.approx(10.012 - 9.999)
+    assert split == pytest.approx({"client→api": 0.001, "api→scheduler": 0.001, "scheduler queue": 0.001,
+                                   "prefill queue": 0.002, "prefill compute": 0.006,
+                                   "first-token delivery": 0.002, "reservation": 0.003})
+    assert path_sum(split) == pytest.approx(10.012 - 9.999)
 
 
-def test_trace_milestones_of_an_admitted_then_colocated_request():
-    trace = {"arrival": 5.0, "events": [[5.001, "QUEUED", "api", ""], [5.050, "QUEUED", "scheduler", "admitted"],
-                                        [5.060, "PREFILLING", "mixed-0", ""], [5.080, "DECODING", "mixed-0", ""]]}
-    split = ttft_split(trace, sent_at=4.999, first_token_at=5.081)
-    assert "reservation" not in split
+def test_a_refused_request_waits_from_its_first_dispatch():
+    trace = {"arrival": 1.0, "events": [
+        [1.001, "QUEUED", "api", ""], [1.003, "QUEUED", "scheduler", "reserve on decode-0, prefill on prefill-0"],
+        [1.004, "PREFILLING", "prefill-0", ""], [1.005, "QUEUED", "decode-0", "refused: 2 blocks free"],
+        [1.008, "TRANSFERRING", "prefill-0", "prefill end"],
+        [1.009, "QUEUED", "scheduler", "reserve on decode-1, prefill on prefill-0 (again)"],
+        [1.010, "RESERVED", "decode-1", "2 blocks"]]}
+    split = ttft_split(trace, sent_at=1.0, first_token_at=1.012)
+    assert split == pytest.approx({"client→api": 0.0, "api→scheduler": 0.001, "scheduler queue": 0.002,
+                                   "prefill queue": 0.001, "prefill compute": 0.004,
+                                   "first-token delivery": 0.004, "reservation": 0.007})
+    assert path_sum(split) == pytest.approx(0.012)
+
+
+def test_requests_run_whole_on_one_engine_have_no_reservation():
+    local = {"arrival": 5.0, "events": [
+        [5.001, "QUEUED", "api", ""], [5.050, "QUEUED", "scheduler", "prefill on decode-0 itself (9 tokens <= 128)"],
+        [5.060, "PREFILLING", "decode-0", ""], [5.080, "DECODING", "decode-0", ""]]}
+    split = ttft_split(local, sent_at=4.999, first_token_at=5.081)
+    assert "reservation" not in split and path_sum(split) == pytest.approx(0.082)
     assert split["scheduler queue"] == pytest.approx(0.049) and split["prefill queue"] == pytest.approx(0.010)
     assert split["prefill compute"] == pytest.approx(0.020)
-
-
-def test_a_reservation_heard_after_prefill_began_counts_as_no_wait():
-    trace = {"arrival": 1.0, "events": [[1.001, "QUEUED", "api", ""], [1.002, "PREFILLING", "prefill-0", ""],
-                                        [1.004, "RESERVED", "decode-0", ""],
-                                        [1.006, "TRANSFERRING", "prefill-0", "prefill end"]]}
-    split = ttft_split(trace, sent_at=1.0, first_token_at=1.007)
-    assert split["reservation"] == pytest.approx(0.001) and split["prefill queue"] == 0.0
-    assert all(v >= 0 for v in split.values()) and sum(split.values()) == pytest.approx(0.007)
+    mixed = {"arrival": 5.0, "events": [[5.001, "QUEUED", "api", ""], [5.010, "PREFILLING", "mixed-0", ""],
+                                        [5.030, "DECODING", "mixed-0", ""]]}  # sent on arrival: no dispatch
+    split = ttft_split(mixed, sent_at=4.999, first_token_at=5.031)
+    assert split["scheduler queue"] == 0.0 and split["prefill queue"] == pytest.approx(0.009)
     assert scheduler_request_id("chatcmpl-ab12") == "cmpl-ab12" == scheduler_request_id("cmpl-ab12")
+
+
+def test_the_printed_split_sets_the_reservation_apart():
+    stages = {stage: {"requests": 1, "mean": 1.0, "p50": 1.0, "p90": 1.0} for stage in STAGES}
+    lines = format_split({"traced": 1, "untraced": [], "stages_ms": stages})
+    apart = next(i for i, line in enumerate(lines) if line.startswith("off the path"))
+    assert [line.split()[0] for line in lines[apart + 1:]] == ["reservation"]
+    assert all(not line.startswith("reservation") for line in lines[:apart])
 
 
 # ---- against launched pipelines ---------------------------------------------------------------
@@ -253,10 +410,10 @@ def test_serve_accounts_for_every_request_and_splits_ttft(pipeline, vocab):
     assert split["traced"] == 12 and not split["untraced"]
     for r in res["requests"]:
         parts = r["ttft_split_ms"]
-        assert {"api→scheduler", "scheduler queue", "prefill compute", "first-token delivery"} <= set(parts)
-        assert set(parts) <= set(STAGES)  # reservation only where the prompt went to a prefill instance
-        assert all(v >= 0 for v in parts.values()) and sum(parts.values()) <= r["ttft_ms"] + 1.0
-    assert set(split["stages_ms"]) >= {"api→scheduler", "prefill queue", "prefill compute"}
+        assert set(parts) == set(STAGES)  # every prompt goes to the prefill instance: decode reserves
+        assert all(v >= 0 for v in parts.values())
+        assert sum(parts[stage] for stage in PATH_STAGES) == pytest.approx(r["ttft_ms"], abs=0.01)
+    assert set(split["stages_ms"]) == set(STAGES)
 
 
 def test_serve_from_the_command_line_writes_its_result(pipeline, vocab, tmp_path):
@@ -269,6 +426,7 @@ def test_serve_from_the_command_line_writes_its_result(pipeline, vocab, tmp_path
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Successful requests:" in proc.stdout and "TTFT by stage" in proc.stdout
+    assert "off the path to the first token" in proc.stdout
     res = json.loads(out.read_text())
     assert_accounted(res, 6)
     assert res["config"]["load"]["max_concurrency"] == 2 and res["summary"]["total_output_tokens"] == 30

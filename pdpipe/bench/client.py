@@ -1,9 +1,11 @@
 """The streaming OpenAI client: one request's body, its SSE stream read chunk by chunk, and what
 arrived when. Token ids in each chunk (`return_token_ids`) count a token even when its text is
-empty; without them a chunk with text counts one, and the final usage corrects the total."""
+empty; without them a chunk with text (or reasoning text) counts one, and the final usage corrects
+the total. Whatever goes wrong with one request lands in its result, never ends the run."""
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -69,15 +71,23 @@ def parse_sse_line(line: bytes):
     return msgspec.json.decode(payload)
 
 
+def _has_text(choice: dict) -> bool:
+    """A completion's text, or a chat delta's content or reasoning (a reasoning model streams its
+    thinking as `reasoning_content`, or `reasoning`, with `content` null)."""
+    if "text" in choice:
+        return bool(choice["text"])
+    delta = choice.get("delta") or {}
+    return any(delta.get(key) for key in ("content", "reasoning_content", "reasoning"))
+
+
 def chunk_tokens(chunk: dict) -> int:
-    """Tokens a streamed chunk carries: its token ids when present, else one per chunk with text."""
+    """Tokens a streamed chunk carries: its token ids when present, else one per choice with text."""
     count = 0
     for choice in chunk.get("choices") or []:
         if choice.get("token_ids") is not None:
             count += len(choice["token_ids"])
         else:
-            text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
-            count += 1 if text else 0
+            count += _has_text(choice)
     return count
 
 
@@ -92,16 +102,31 @@ def take_chunk(result: RequestResult, chunk: dict, elapsed: float) -> None:
         result.usage_completion_tokens = usage.get("completion_tokens")
         result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
     tokens = chunk_tokens(chunk)
-    result.ids_seen = result.ids_seen or any("token_ids" in c for c in chunk.get("choices") or [])
+    result.ids_seen = result.ids_seen or any(c.get("token_ids") is not None for c in chunk.get("choices") or [])
     if tokens:
         result.chunks.append((elapsed, tokens))
+
+
+async def sse_lines(stream: aiohttp.StreamReader):
+    """The stream's lines, however long. aiohttp's own line reader raises LineTooLong past its buffer
+    (~512 KiB), which a first chunk carrying a long prompt's token ids (~75k tokens) exceeds."""
+    head: list[bytes] = []  # the pieces of a line not ended yet
+    async for data in stream.iter_any():
+        *ended, rest = data.split(b"\n")
+        for piece in ended:
+            yield b"".join([*head, piece])
+            head.clear()
+        if rest:
+            head.append(rest)
+    if head:
+        yield b"".join(head)
 
 
 async def stream_request(session: aiohttp.ClientSession, url: str, body: bytes,
                          result: RequestResult) -> RequestResult:
     """Sends one request (its JSON body encoded beforehand: a 100k-token prompt takes milliseconds to
-    encode, which must not count as TTFT) and reads its stream into `result`; any failure lands in
-    result.error."""
+    encode, which must not count as TTFT) and reads its stream into `result`. Any failure lands in
+    result.error: one request must not end the run and lose every other result."""
     result.sent_at = time.time()
     start = time.perf_counter()
     finished = False
@@ -111,20 +136,22 @@ async def stream_request(session: aiohttp.ClientSession, url: str, body: bytes,
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:500]}"
                 return result
-            async for line in resp.content:
-                item = parse_sse_line(line)
-                if item is DONE:
-                    finished = True
-                    break
-                if item is not None:
-                    take_chunk(result, item, time.perf_counter() - start)
-    except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError, ValueError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
+            async with aclosing(sse_lines(resp.content)) as lines:
+                async for line in lines:
+                    elapsed = time.perf_counter() - start  # before decoding: a long chunk takes a while
+                    item = parse_sse_line(line)
+                    if item is DONE:
+                        finished = True
+                        break
+                    if item is not None:
+                        take_chunk(result, item, elapsed)
+    except Exception as exc:  # asyncio.CancelledError is no Exception: cancelling still cancels
+        result.error = f"{type(exc).__name__}: {exc}"[:500]
     finally:
         result.e2e = time.perf_counter() - start
     if not result.error and not finished:
         result.error = "the stream ended without data: [DONE]"
-    result.ok = not result.error and result.output_tokens > 0
+    result.ok = not result.error and bool(result.chunks)
     if not result.error and not result.ok:
-        result.error = "no token came back"
+        result.error = "no token arrived (no chunk carried text or token ids)"
     return result

@@ -69,16 +69,15 @@ def run_layout(name: str, launch, cfg: CompareConfig, out: Path) -> list[dict]:
     """Launches one config, sweeps the rates against it, stops it; the sweep's points."""
     from pdpipe.launcher import Launcher
 
-    from .serve import run_serve
+    from .serve import api_base_url, run_serve
 
-    host = "127.0.0.1" if launch.api.host in ("0.0.0.0", "::", "") else launch.api.host
     launcher = Launcher(launch)
     points = []
     try:
         launcher.start()
         for rate in cfg.rates:
             serve = ServeConfig(workload=cfg.workload, load=LoadConfig(rate, cfg.burstiness, cfg.max_concurrency),
-                                base_url=f"http://{host}:{launch.api.port}", run_dir=launch.resolved_run_dir,
+                                base_url=api_base_url(launch.api), run_dir=launch.resolved_run_dir,
                                 slo=cfg.slo, progress=cfg.progress,
                                 result_file=str(out / "serve" / f"{name}-rate{rate:g}.json"))
             point = sweep_point(rate, run_serve(serve))

@@ -1,10 +1,15 @@
 """Per-request latencies and their aggregates. Times are seconds inside, milliseconds in reports.
 
 - TTFT: send → the first chunk that carries a token.
-- ITL: gaps between token arrivals. A chunk carrying k tokens counts as k tokens: the gap since the
-  previous chunk is split evenly over them (the first chunk's extra tokens arrived with the first
-  token: gaps of 0). So the ITLs of a request sum to last token − first token, over n − 1 gaps.
-- TPOT: (e2e − TTFT) / (output tokens − 1); undefined for a single token.
+- ITL: gaps between token arrivals, over the tokens each chunk is known to carry: k for a chunk with
+  k token ids, 1 for a chunk with text only (a server that ignores return_token_ids). A chunk of k
+  tokens splits the gap since the previous chunk evenly over them (the first chunk's extra tokens
+  arrived with the first token: gaps of 0). So a request's ITLs sum to last token − first token.
+  With token ids there are n − 1 of them; without, one per chunk after the first (vLLM's benchmark
+  counts the same way), even where usage later says the chunks held more tokens.
+- TPOT: (e2e − TTFT) / (output tokens − 1), the tokens being the ids counted or, without ids, the
+  usage's total; undefined for a single token. Without ids a chunk that held several tokens (or a
+  token with no text) makes the mean ITL exceed TPOT: ITL is per chunk there, TPOT per token.
 - E2E: send → the end of the stream.
 """
 from __future__ import annotations

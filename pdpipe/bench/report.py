@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+from .traces import OFF_PATH_STAGES, PATH_STAGES
+
 WIDTH = 56
 METRICS = (("ttft_ms", "Time to first token"), ("tpot_ms", "Time per output token (excl. 1st)"),
            ("itl_ms", "Inter-token latency"), ("e2e_ms", "End-to-end latency"))
@@ -30,11 +32,20 @@ def _goodput_line(goodput: dict) -> list[str]:
             _line("Requests meeting the SLOs:", f"{goodput['met']} ({goodput['attainment'] * 100:.1f} %)")]
 
 
+def _stage_line(stage: str, dist: dict) -> str:
+    return f"{stage:<26}{_num(dist['p50'], 3):>10}{_num(dist['p90'], 3):>10}{_num(dist['mean'], 3):>10}"
+
+
 def format_split(split: dict) -> list[str]:
+    """The path's stages (they sum to TTFT), then those that run beside it (the reservation)."""
+    stages = split["stages_ms"]
     lines = [_rule(f"TTFT by stage, {split['traced']} traced (ms)"),
              f"{'stage':<26}{'p50':>10}{'p90':>10}{'mean':>10}"]
-    for stage, dist in split["stages_ms"].items():
-        lines.append(f"{stage:<26}{_num(dist['p50'], 3):>10}{_num(dist['p90'], 3):>10}{_num(dist['mean'], 3):>10}")
+    lines += [_stage_line(stage, stages[stage]) for stage in PATH_STAGES if stage in stages]
+    beside = [stage for stage in OFF_PATH_STAGES if stage in stages]
+    if beside:
+        lines.append("off the path to the first token (beside the prefill):")
+        lines += [_stage_line(stage, stages[stage]) for stage in beside]
     if split["untraced"]:
         lines.append(f"not traced (the scheduler no longer holds them): {len(split['untraced'])}")
     return lines

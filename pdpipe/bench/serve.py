@@ -25,6 +25,13 @@ from .traces import fetch_traces, summarize_splits, ttft_split
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
 
+def api_base_url(api) -> str:
+    """The URL that reaches a launch's front-end (its `api` section) from this machine: a wildcard
+    bind address ("0.0.0.0", "::", "") is reached on 127.0.0.1."""
+    host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+    return f"http://[{host}]:{api.port}" if ":" in host else f"http://{host}:{api.port}"
+
+
 def resolve_target(cfg: ServeConfig) -> ServeConfig:
     """Fills base_url and run_dir from --config (its api port, its run dir) where not given."""
     if not cfg.config:
@@ -32,8 +39,7 @@ def resolve_target(cfg: ServeConfig) -> ServeConfig:
     from pdpipe.config import load_launch_config
 
     launch = load_launch_config(cfg.config)
-    host = "127.0.0.1" if launch.api.host in ("0.0.0.0", "::", "") else launch.api.host
-    return replace(cfg, base_url=cfg.base_url or f"http://{host}:{launch.api.port}",
+    return replace(cfg, base_url=cfg.base_url or api_base_url(launch.api),
                    run_dir=cfg.run_dir or launch.resolved_run_dir)
 
 

@@ -2,35 +2,44 @@
 
 A trace is {"arrival": t, "events": [[time, state, instance, detail], ...]} in time order (see
 `SchedulerCore.trace`); every time is time.time() on this machine, as is the client's send time.
-Milestones, in order:
+Milestones on the path to the first token, in order:
   sent           the client sent the request
   arrival        the front-end received the request
   queued         the first QUEUED event (the scheduler took it)
-  dispatched     the last QUEUED event (out of the admission queue; the first when there is one)
-  reserved       RESERVED (decode blocks held; absent for a mixed instance)
+  dispatched     the first dispatch: the QUEUED event whose detail says where the prompt went
+                 ("reserve on D, prefill on P", "prefill on D itself", "prompt and output on P"); a
+                 request refused by decode is dispatched again ("refused: ...", then "... (again)"),
+                 but its prompt went to prefill the first time. Without one (a mixed instance takes
+                 the prompt on arrival) it is `queued`.
   prefilling     the first PREFILLING
   prefill_end    the first TRANSFERRING "prefill end" after it (prefill engine), else the first
                  DECODING or FINISHED (a colocated engine)
   first_token    the client saw the first token
-A stage's end is taken no later than the next stage's start: each event is stamped by the process
-reporting it, and RESERVED is stamped when the scheduler hears it, which can be after the prefill
-engine (which decode told first) has started.
+The path's stages run from each milestone to the next, so they sum to the client's TTFT. A stage's
+end is taken no later than the next stage's start: each event is stamped by the process reporting it.
+
+Off the path: the scheduler sends Reserve (to decode) and Prefill (to prefill) at the same moment,
+so "reservation", dispatched → RESERVED (decode holds the request's blocks; including a refusal and
+the wait for room after it), runs beside the prefill and may end after PREFILLING. It is present only
+where a decode instance reserved, and is not part of the TTFT sum.
 """
 from __future__ import annotations
 
 from .metrics import distribution_ms
 
-# stage name → (from milestone, to milestone); reservation only where a decode instance reserves
-STAGES = {
+# stage name → (from milestone, to milestone); the path's stages sum to TTFT, the others run beside it
+PATH_STAGES = {
     "client→api": ("sent", "arrival"),
     "api→scheduler": ("arrival", "queued"),
     "scheduler queue": ("queued", "dispatched"),
-    "reservation": ("dispatched", "reserved"),
-    "prefill queue": ("reserved", "prefilling"),
+    "prefill queue": ("dispatched", "prefilling"),
     "prefill compute": ("prefilling", "prefill_end"),
     "first-token delivery": ("prefill_end", "first_token"),
 }
-ORDER = ("sent", "arrival", "queued", "dispatched", "reserved", "prefilling", "prefill_end", "first_token")
+OFF_PATH_STAGES = {"reservation": ("dispatched", "reserved")}
+STAGES = {**PATH_STAGES, **OFF_PATH_STAGES}
+PATH = ("sent", "arrival", "queued", "dispatched", "prefilling", "prefill_end", "first_token")
+DISPATCHES = ("reserve on ", "prefill on ", "prompt and output on ")  # core.py's QUEUED details
 
 
 def _first(events, start: int, match) -> int | None:
@@ -43,9 +52,11 @@ def trace_milestones(trace: dict) -> dict[str, float]:
     found: dict[str, float] = {}
     if trace.get("arrival"):
         found["arrival"] = trace["arrival"]
-    queued = [e[0] for e in events if e[1] == "QUEUED"]
-    if queued:
-        found["queued"], found["dispatched"] = queued[0], queued[-1]
+    queued = _first(events, 0, lambda e: e[1] == "QUEUED")
+    if queued is not None:
+        dispatched = _first(events, queued, lambda e: e[1] == "QUEUED" and str(e[3]).startswith(DISPATCHES))
+        found["queued"] = events[queued][0]
+        found["dispatched"] = events[queued if dispatched is None else dispatched][0]
     reserved = _first(events, 0, lambda e: e[1] == "RESERVED")
     if reserved is not None:
         found["reserved"] = events[reserved][0]
@@ -62,19 +73,18 @@ def trace_milestones(trace: dict) -> dict[str, float]:
 
 
 def ttft_split(trace: dict, sent_at: float, first_token_at: float) -> dict[str, float]:
-    """Seconds per stage from the client's send to its first token (both time.time()). Stages whose
-    milestones are missing are left out; a missing RESERVED merges reservation into prefill queue."""
+    """Seconds per stage from the client's send to its first token (both time.time()): the path's
+    stages, which sum to TTFT where every milestone is there (a stage whose milestones are missing is
+    left out), and the reservation beside them where decode reserved."""
     times = {"sent": sent_at, **trace_milestones(trace), "first_token": first_token_at}
     later = first_token_at
-    for name in reversed(ORDER):  # a stage ends no later than the next one starts
+    for name in reversed(PATH):  # a stage ends no later than the next one starts
         if name in times:
             times[name] = later = min(times[name], later)
-    split = {}
-    for stage, (begin, end) in STAGES.items():
-        if begin == "reserved" and begin not in times:
-            begin = "dispatched"
-        if begin in times and end in times:
-            split[stage] = times[end] - times[begin]
+    split = {stage: times[end] - times[begin] for stage, (begin, end) in PATH_STAGES.items()
+             if begin in times and end in times}
+    split.update({stage: max(times[end] - times[begin], 0.0) for stage, (begin, end) in OFF_PATH_STAGES.items()
+                  if begin in times and end in times})
     return split
 
 
