@@ -111,7 +111,7 @@ class RoutingConfig:
                 "instances then capture decode graphs too (0: never)"})
     reserve_output_share: float = field(default=1.0, metadata={
         "help": "share of max_tokens a decode reservation holds beyond the prompt (1: all of it, so "
-                "decode never preempts)"})
+                "decode does not preempt)"})
     reserve_output_max: int = field(default=4096, metadata={
         "help": "most output tokens a reservation holds (clients that leave max_tokens unset get the "
                 "whole context)"})

@@ -62,7 +62,8 @@ def format_queues(snap: dict) -> str:
     adm = snap.get("admission") or {}
     if adm:
         rooms = "  ".join(f"{name} {r['committed_blocks']}/{r['num_blocks'] or '?'} blocks, "
-                          f"{r['requests']}/{r['max_num_seqs'] or '?'} requests" + (" (refused; waits)" if r["blocked"] else "")
+                          f"{r['requests']}/{r['max_num_seqs'] or '?'} requests"
+                          + (" (refused; waits)" if r["blocked"] else "")
                           for name, r in sorted(adm.get("decode_room", {}).items()))
         decisions = "  ".join(f"{k} {v}" for k, v in sorted(adm.get("prefill_decisions", {}).items())) or "-"
         lines.append(f"admission queue: {adm['queued']} waiting, oldest {adm['oldest_wait_s'] * 1e3:.0f} ms   "

@@ -121,7 +121,6 @@ class Prefill(Msg):  # scheduler → prefill (decode_instance named; its blocks 
     prompt_token_ids: list[int]
     params: SamplingParams
     decode_instance: str = ""
-    decode_block_ids: list[int] = []
 
 
 class TransferStart(Msg):  # prefill → transfer: these blocks will move, layer by layer

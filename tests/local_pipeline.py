@@ -106,5 +106,13 @@ class LocalPipeline:
         return rec.state if rec is not None else ""
 
     def leak_free(self) -> bool:
-        return (not self.scheduler.live and not self.transfer.jobs
-                and all(e.leak_free() for e in self.engines.values()))
+        """The leak oracle, widened to every book the processes keep: nothing live, every block free,
+        no room committed in the scheduler's ledger, no prompt tokens outstanding, no transfer state
+        and no request state left in any worker."""
+        sched, xfer = self.scheduler, self.transfer
+        books = [sched.live, list(sched.queue), sched.ledger.commitments, +sched.outstanding_tokens,
+                 [r for r in sched.ledger.rooms.values() if r.blocks or r.seqs],
+                 xfer.jobs, xfer._first, xfer._draining, xfer._blocks]
+        for w in self.workers.values():
+            books += [w._pending, w._prefills, w._deferred, w._started, w.queued_prompt_tokens]
+        return not any(books) and all(e.leak_free() for e in self.engines.values())

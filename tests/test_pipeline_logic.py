@@ -86,10 +86,15 @@ def abort_at(pipe: LocalPipeline, rid: str, state: str) -> None:
     raise AssertionError(f"{rid} never reached {state}")
 
 
-@pytest.mark.parametrize("state", ["QUEUED", "RESERVED", "PREFILLING", "TRANSFERRING", "DECODING"])
-def test_abort_in_every_state_frees_every_block(model_dir, state):
+@pytest.mark.parametrize("state, local", [("QUEUED", False), ("RESERVED", False), ("PREFILLING", False),
+                                          ("TRANSFERRING", False), ("DECODING", False),
+                                          ("PREFILLING", True), ("DECODING", True)])
+def test_abort_in_every_state_frees_every_block(model_dir, state, local):
     # A small token budget splits the 40-token prompt over several prefill steps, so PREFILLING lasts.
-    pipe = LocalPipeline(model_dir("qwen3"), PD, max_num_batched_tokens=8)
+    from pdpipe.config import RoutingConfig
+
+    routing = RoutingConfig(disaggregation="conditional" if local else "always", local_prompt_tokens=64)
+    pipe = LocalPipeline(model_dir("qwen3"), PD, max_num_batched_tokens=8, routing=routing)
     pipe.submit("victim", make_prompts(384, lengths=(40,))[0], SamplingParams(max_tokens=30, temperature=0.0))
     pipe.submit("bystander", make_prompts(384, lengths=(15,), seed=3)[0], GREEDY)
     if state == "TRANSFERRING":
@@ -343,24 +348,56 @@ def test_a_failing_batch_is_retried_job_by_job_so_only_the_bad_job_fails():
     assert [(m.request_id, m.state) for _, m in sent if getattr(m, "state", "") == "FAILED"] == [("bad", "FAILED")]
 
 
-def test_decode_refusing_after_prefill_started_keeps_the_prompt_until_room_frees(model_dir, colocated):
-    """The scheduler's ledger believes decode has more room than it has (as after preemptions): the
-    second request's prompt is computed while decode refuses it; its KV waits on prefill until decode
-    has room, then lands, and the output is unchanged."""
+def overstated_decode(model_dir, num_blocks: int = 8) -> LocalPipeline:
+    """A 1P+1D pipeline whose scheduler believes decode has 64 blocks when it has `num_blocks` (as
+    after preemptions it did not hear of): decode refuses what the ledger admits."""
     from pdpipe.messages import InstanceStats
 
-    pipe = LocalPipeline(model_dir("qwen3"), PD, num_blocks=8)  # 64 tokens of KV on decode
+    pipe = LocalPipeline(model_dir("qwen3"), PD, num_blocks=num_blocks)
     pipe.scheduler.handle(InstanceStats(instance="decode-0", role="decode", time=0.0, num_blocks=64,
                                         block_size=8, max_num_seqs=8))
-    prompts = make_prompts(384, lengths=(40, 40), seed=5)
+    return pipe
+
+
+def test_decode_refusing_after_prefill_started_keeps_the_prompt_until_room_frees(model_dir, colocated):
+    """The second request's prompt is computed before decode refuses it; its KV waits on prefill
+    until decode has room, then lands, and the output is unchanged."""
+    pipe = overstated_decode(model_dir)
+    prompts = make_prompts(384, lengths=(24, 24), seed=5)  # 3 blocks each on prefill, 5 with output room on decode
     pipe.submit("a", prompts[0], GREEDY)
     pipe.submit("b", prompts[1], GREEDY)
+    pipe.deliver("scheduler")
+    pipe.deliver("prefill-0")
+    pipe.step("prefill-0")  # both prompts computed, their KV held for the transfer
+    assert set(pipe.engines["prefill-0"].scheduler.held) == {"a", "b"}
     pipe.run()
     assert [pipe.tokens(r) for r in "ab"] == [colocated(p).token_ids for p in prompts]
     details = [d for _, s, _, d in pipe.scheduler.recent["b"].events if s == "QUEUED"]
     assert any(d.startswith("refused") for d in details) and details[-1].endswith("(again)")
     assert pipe.scheduler.routed["prefill-0"] == 2  # b's prompt was computed once
     assert pipe.leak_free()
+
+
+@pytest.mark.parametrize("how", ["abort", "deadline"])
+def test_a_refused_request_whose_prompt_is_computed_ends_cleanly(model_dir, how):
+    pipe = overstated_decode(model_dir)
+    prompts = make_prompts(384, lengths=(40, 40), seed=5)
+    pipe.submit("a", prompts[0], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))  # 8 blocks
+    pipe.submit("b", prompts[1], GREEDY)
+    pipe.deliver("scheduler")
+    pipe.deliver("prefill-0")
+    pipe.step("prefill-0")
+    for _ in range(6):  # decode refuses b; a decodes a few steps
+        pipe.deliver()
+        pipe.step("decode-0")
+    assert "b" in pipe.scheduler.queue
+    if how == "abort":
+        pipe.send("scheduler", AbortRequest(request_id="b", reason="client gone"))
+    else:
+        pipe.clock.now += 1000.0
+        pipe.scheduler.tick()
+    pipe.run()
+    assert pipe.state("b") in ("ABORTED", "FAILED") and pipe.leak_free()
 
 
 def make_transfer():
@@ -425,3 +462,13 @@ def test_whole_requests_on_a_prefill_instance_equal_colocated_and_free_everythin
     assert pipe.state("gone") == "ABORTED" and pipe.scheduler.decisions == {"whole": 4}
     assert not pipe.scheduler.ledger.commitments and not pipe.transfer.jobs
     assert pipe.leak_free()
+
+
+def test_decode_blocks_before_the_start_then_an_abort_leave_nothing_behind():
+    from pdpipe.messages import AbortTransfer, DecodeBlocks, Free
+
+    worker, backend, sent = make_transfer()
+    worker.handle(DecodeBlocks(request_id="r", instance="d", block_ids=[5]))
+    assert "r" in worker._blocks
+    worker.handle(AbortTransfer(request_id="r", decode_instance="d"))
+    assert not worker._blocks and not worker.jobs and [d for d, m in sent if isinstance(m, Free)] == ["d"]

@@ -1,6 +1,7 @@
-"""The scheduler's routing on its own, with a recording `send`: the Reserve names the prefill engine,
-decode passes the Prefill on (the scheduler sends none), and every way a reservation can go leaves
-the prefill engine's load and blocks accounted for."""
+"""The scheduler's logic on its own, with a recording `send`: the Reserve and the Prefill leave
+together, the admission queue and its ledger of decode room, conditional disaggregation and whole
+requests on a prefill instance; every way a reservation can go leaves the load and the room
+accounted for."""
 from pdpipe.config import DeadlineConfig, RoutingConfig
 from pdpipe.messages import (
     AbortRequest,
@@ -53,7 +54,7 @@ def test_the_reserve_and_the_prefill_leave_together():
     assert [m.request_id for _, m in reserves] == [m.request_id for _, m in prefills] == ["a", "b"]
     # the prefill is picked at dispatch, counting the prompt tokens it already has: a and b go apart
     assert prefills[0][0] != prefills[1][0] and core.outstanding_tokens[prefills[0][0]] == 30
-    assert prefills[0][1].decode_instance == reserves[0][0] and not prefills[0][1].decode_block_ids
+    assert prefills[0][1].decode_instance == reserves[0][0]
     assert reserves[0][1].transfer == "transfer"  # decode tells it where the prompt's KV goes
     dest = reserves[0][0]
     core.handle(Reserved(request_id="a", instance=dest, block_ids=[1, 2], free_blocks=5))
@@ -79,7 +80,8 @@ def test_a_request_ended_while_reserving_frees_the_prefill_and_the_transfer_free
     sent.clear()
     core.handle(AbortRequest(request_id="a", reason="client gone"))
     assert ("a" not in core.live) and sum(core.outstanding_tokens.values()) == 0
-    assert [(d, type(m)) for d, m in sent if not isinstance(m, StateEvent)] == [(prefill, Free), ("transfer", AbortTransfer)]
+    assert [(d, type(m)) for d, m in sent if not isinstance(m, StateEvent)] == [(prefill, Free),
+                                                                              ("transfer", AbortTransfer)]
     assert [m.decode_instance for _, m in dispatched(sent, AbortTransfer)] == [dest]
     sent.clear()
     core.handle(Reserved(request_id="a", instance=dest, block_ids=[4], free_blocks=3))  # late: nothing more
@@ -175,12 +177,15 @@ def test_a_refused_reservation_keeps_its_place_and_waits_for_room_to_be_released
     assert reserves(sent)[-2:] == ["b", "c"]
 
 
-def test_decode_stats_unblock_a_refusing_decode_instance():
+def test_a_refusing_decode_instance_is_asked_again_only_once_it_reports_the_room():
     core, sent = make(roles=PD1)
-    new(core, "a", 40)
+    new(core, "a", 40)  # 56 tokens: 4 blocks
     core.handle(Reserved(request_id="a", instance="decode-0", block_ids=None, free_blocks=0))
     assert reserves(sent) == ["a"] and list(core.queue) == ["a"]
-    report(core, "decode-0", max_num_seqs=8)
+    for free in (0, 2, 3):  # decode's stats, a few times a second: not yet the 4 blocks a needs
+        report(core, "decode-0", max_num_seqs=8, free_blocks=free)
+    assert reserves(sent) == ["a"]
+    report(core, "decode-0", max_num_seqs=8, free_blocks=4)
     assert reserves(sent) == ["a", "a"]
 
 
@@ -208,8 +213,8 @@ def test_a_short_prompt_is_computed_on_its_decode_instance():
     assert core.decisions == {"local": 1, "remote": 1}
     detail = [d for _, s, _, d in core.live["short"].events if s == "QUEUED"][-1]
     assert "prefill on decode-0 itself" in detail and "20 tokens <= 32" in detail
-    # the local prompt holds its room on decode until decode finishes it
-    assert core.ledger.commitments["short"] == ("decode-0", 36)
+    # the local prompt holds its room on decode until decode finishes it, counted once
+    assert core.ledger.commitments["short"] == ("decode-0", 36) and ledger_matches(core)
     core.handle(StateEvent(request_id="short", state="FINISHED", instance="decode-0", time=101.0))
     assert "short" not in core.ledger.commitments
 
@@ -287,3 +292,65 @@ def test_without_decode_busy_ms_prefill_instances_never_take_whole_requests():
     new(core, "a", 40)
     new(core, "b", 40)
     assert reserves(sent) == ["a"] and list(core.queue) == ["b"] and "whole" not in core.decisions
+
+
+def ledger_matches(core) -> bool:
+    """Each instance's committed room is exactly the sum of its requests' commitments."""
+    for name, room in core.ledger.rooms.items():
+        mine = [n for d, n in core.ledger.commitments.values() if d == name]
+        if room.blocks != sum(room.blocks_for(n) for n in mine) or room.seqs != len(mine):
+            return False
+    return True
+
+
+# ---- ends, losses and late news ----------------------------------------------------------------
+def test_a_stop_string_end_keeps_the_room_until_decode_says_freed_and_counts_it_once():
+    from pdpipe.messages import Freed
+
+    for routing, length in ((ALWAYS, 40), (COND, 10)):  # remote, then computed on decode
+        core, sent = make(roles=PD1, routing=routing)
+        new(core, "a", length)
+        if routing is ALWAYS:
+            core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=9))
+        core.handle(AbortRequest(request_id="a", reason="stop"))
+        assert core.recent["a"].state == "FINISHED" and "a" in core.ledger.commitments
+        core.handle(Freed(request_id="a", instance="prefill-0"))  # another instance's word does not count
+        assert "a" in core.ledger.commitments
+        core.handle(Freed(request_id="a", instance="decode-0"))
+        core.handle(Freed(request_id="a", instance="decode-0"))  # twice: released once
+        assert not core.ledger.commitments and ledger_matches(core)
+        assert core.ledger.room("decode-0").seqs == 0
+
+
+def test_a_lost_decode_fails_its_requests_forgets_its_room_and_the_queue_moves_on():
+    roles = {"prefill-0": "prefill", "decode-0": "decode", "decode-1": "decode"}
+    core, sent = make(roles=roles, num_blocks=4)
+    for rid in "abc":
+        new(core, rid, 40)  # a on one decode, b on the other, c waits
+    assert len(reserves(sent)) == 2 and list(core.queue) == ["c"]
+    on_0 = next(m.request_id for d, m in sent if isinstance(m, Reserve) and d == "decode-0")
+    core.update_instances({"prefill-0": ("prefill", ""), "decode-1": ("decode", "")})
+    assert core.recent[on_0].state == "FAILED" and "decode-0" not in core.ledger.rooms
+    assert list(core.queue) == ["c"]  # decode-1 is still full
+    other = next(r for r in "ab" if r != on_0)
+    core.handle(Reserved(request_id=other, instance="decode-1", block_ids=[0, 1, 2, 3], free_blocks=0))
+    finish_on_decode(core, other, "decode-1")
+    assert reserves(sent)[-1] == "c" and ledger_matches(core)
+
+
+def test_losing_the_prefill_machine_frees_decode_reservations_directly():
+    core = SchedulerCore({"prefill-0": "prefill", "decode-0": "decode"}, DeadlineConfig(),
+                         lambda d, m: sent.append((d, m)), lambda: 100.0, routing=ALWAYS,
+                         machines={"prefill-0": "m1", "decode-0": "m2"})
+    sent = []
+    report(core, "decode-0", max_num_seqs=8)
+    new(core, "a", 40)
+    assert [m.transfer for _, m in dispatched(sent, Reserve)] == ["transfer-m1"]
+    core.handle(Reserved(request_id="a", instance="decode-0", block_ids=[0, 1, 2, 3], free_blocks=0))
+    sent.clear()
+    core.update_instances({"decode-0": ("decode", "m2")})  # machine m1 (prefill and its transfer) gone
+    assert ("decode-0", "a") in [(d, m.request_id) for d, m in sent if isinstance(m, Free)]
+    from pdpipe.messages import Freed
+
+    core.handle(Freed(request_id="a", instance="decode-0"))
+    assert not core.ledger.commitments and ledger_matches(core)

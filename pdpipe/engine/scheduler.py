@@ -4,9 +4,9 @@ Each step: running sequences first, oldest first (a decode is one token; a promp
 last step's token budget continues in chunks); then waiting prompts join while the budget, the
 sequence limit and the free blocks allow; `max_prefill_tokens` caps the prompt tokens of one step (a
 decode instance computing prompts itself keeps its running requests' steps short). A prompt is
-admitted only when blocks for all of its tokens are free. When a running sequence needs a block and none is free, the newest running
-sequence is preempted: its blocks are freed and it waits to be recomputed, so the oldest always
-makes progress and no request is ever corrupted or dropped.
+admitted only when blocks for all of its tokens are free. When a running sequence needs a block and
+none is free, the newest running sequence is preempted: its blocks are freed and it waits to be
+recomputed, so the oldest always makes progress and no request is ever corrupted or dropped.
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             left = seq.num_tokens - seq.num_computed_tokens
-            n = min(left, budget, prompt_budget) if left > 1 else min(left, budget)
+            prompt = left > 1 or seq.num_computed_tokens < seq.num_prompt_tokens  # not one decode token
+            n = min(left, budget, prompt_budget) if prompt else min(left, budget)
             if n <= 0:  # a prompt chunk that waits for the next step's prompt budget
                 i += 1
                 continue
@@ -127,7 +128,7 @@ class Scheduler:
                     return budget, prompt_budget
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
-            if left > 1:
+            if prompt:
                 prompt_budget -= n
             i += 1
         return budget, prompt_budget

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import Callable
 
 from msgspec.structs import replace
@@ -38,6 +37,7 @@ from pdpipe.messages import (
     TransferDone,
     TransferStart,
 )
+from pdpipe.tombstones import Tombstones
 
 from .engine import LLMEngine
 from .scheduler import SchedulerOutput, finish_for
@@ -67,7 +67,7 @@ class EngineWorker:
         self._deferred: list[KVLanded] = []  # landed while paused
         self._pending: dict[str, Reserve] = {}  # decode: reserved, KV not landed yet
         self._prefills: dict[str, Prefill] = {}  # prefill: running, with their original params
-        self._tombstones: OrderedDict[str, None] = OrderedDict()  # freed ids whose late messages to drop
+        self._tombstones = Tombstones()  # freed ids whose late messages to drop
         self._started: set[str] = set()
         self._final_chunks: list[str] = []  # prefill: requests whose prompt completes in this step
         self._final_tokens = 0  # their prompt tokens
@@ -142,9 +142,7 @@ class EngineWorker:
 
     def _on_Free(self, msg: Free) -> None:
         rid = msg.request_id
-        self._tombstones[rid] = None
-        while len(self._tombstones) > 10000:
-            self._tombstones.popitem(last=False)
+        self._tombstones.add(rid)
         self._pending.pop(rid, None)
         self._deferred = [d for d in self._deferred if d.request_id != rid]
         prefill = self._prefills.pop(rid, None)
@@ -211,8 +209,7 @@ class EngineWorker:
             p = self._prefills[rid]
             self.send(self.transfer, TransferStart(request_id=rid, src_instance=self.name,
                                               src_block_ids=self.engine.kv_blocks(rid),
-                                              dst_instance=p.decode_instance,
-                                              dst_block_ids=p.decode_block_ids))
+                                              dst_instance=p.decode_instance))
 
     def _on_layer(self, layer: int) -> None:
         if self._final_chunks:

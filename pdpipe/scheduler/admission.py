@@ -2,9 +2,9 @@
 
 A request leaves the queue, oldest first, only when a decode instance has room for its prompt and its
 output share (blocks) and a sequence slot (`max_num_seqs`, so decode stays within its captured batch
-sizes and never preempts in steady state). Room is committed when the request is dispatched and
-released when the decode instance has freed the request's blocks: at once when decode itself
-finished it, on decode's `Freed` otherwise. Nothing is retried on a timer: the queue moves when a
+sizes and does not preempt while outputs stay within their room). Room is committed when the request
+is dispatched and released when the decode instance has freed the request's blocks: at once when
+decode itself finished it, on decode's `Freed` otherwise. Nothing is retried on a timer: the queue moves when a
 request arrives, when room is released, and when a decode instance reports in.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ class DecodeRoom:
     max_num_seqs: int = 0
     blocks: int = 0  # committed to requests dispatched here
     seqs: int = 0
-    blocked: bool = False  # refused a reservation the ledger thought fitted; waits for a release or a report
+    blocked: bool = False  # refused a reservation the ledger thought fitted: asked again after a release
+    needs: int = 0  # ... or once it reports this many free blocks
 
     @property
     def known(self) -> bool:
@@ -55,13 +56,15 @@ class DecodeLedger:
         return self.rooms.setdefault(decode, DecodeRoom())
 
     def report(self, stats: InstanceStats) -> bool:
-        """A decode instance's stats; True when it may have room it did not have before."""
+        """An instance's stats; True when it may take a request it could not take before (its size is
+        known now, or it refused one and now reports the free blocks that one needed)."""
         room = self.room(stats.instance)
-        opened = room.blocked or not room.known
+        opened = not room.known or (room.blocked and stats.free_blocks >= room.needs)
         room.num_blocks, room.block_size = stats.num_blocks, stats.block_size or room.block_size or 1
         room.max_num_seqs = stats.max_num_seqs
         room.blocks = sum(room.blocks_for(n) for d, n in self.commitments.values() if d == stats.instance)
-        room.blocked = False
+        if opened:
+            room.blocked = False
         return opened
 
     def commit(self, request_id: str, decode: str, num_tokens: int) -> None:
@@ -70,11 +73,13 @@ class DecodeLedger:
         room.seqs += 1
         self.commitments[request_id] = (decode, num_tokens)
 
-    def release(self, request_id: str) -> str | None:
-        """The request's room on its decode instance is free again; returns that instance."""
-        held = self.commitments.pop(request_id, None)
-        if held is None:
+    def release(self, request_id: str, instance: str = "") -> str | None:
+        """The request's room is free again (on `instance`, when given: another's word does not count);
+        returns the instance it was on."""
+        held = self.commitments.get(request_id)
+        if held is None or (instance and held[0] != instance):
             return None
+        del self.commitments[request_id]
         decode, num_tokens = held
         room = self.room(decode)
         room.blocks -= room.blocks_for(num_tokens)
@@ -83,9 +88,10 @@ class DecodeLedger:
         return decode
 
     def refused(self, request_id: str) -> None:
-        decode = self.release(request_id)
-        if decode is not None:
-            self.room(decode).blocked = True
+        held = self.commitments.get(request_id)
+        if held is not None and self.release(request_id):
+            room = self.room(held[0])
+            room.blocked, room.needs = True, room.blocks_for(held[1])
 
     def forget(self, decode: str) -> None:
         self.rooms.pop(decode, None)

@@ -50,6 +50,7 @@ class RequestRecord:
     state: str
     since: float
     number: int = 0  # arrival order: its place in the admission queue
+    queued_at: float = 0.0  # when it last entered the admission queue
     prefill: str = ""
     decode: str = ""
     mixed: str = ""  # the instance that computes both prompt and output: a mixed one, or a decode one (local)
@@ -96,11 +97,17 @@ class SchedulerCore:
         """The registry's view (name → (role, machine)). Requests on an instance that is gone fail now,
         and every surviving holder frees their blocks."""
         gone = set(self.roles) - set(live)
+        dead_machines = {self.machines.get(n, "") for n in gone} - {m for _, m in live.values()}
         for rec in list(self.live.values()):
             lost = gone & {rec.prefill, rec.decode, rec.mixed, rec.reserving}
             if lost:
                 self._end(rec, "FAILED", "scheduler",
                           f"instance {', '.join(sorted(lost))} is gone (no heartbeat within the TTL)")
+                decode = rec.decode or rec.reserving
+                if decode and decode not in gone and self.machines.get(rec.prefill) in dead_machines:
+                    # the transfer that would free decode's blocks died with its machine; nothing can
+                    # write into them any more, so decode frees them now
+                    self.send(decode, Free(request_id=rec.request_id, reason="prefill machine gone"))
         for name in gone:
             self.stats.pop(name, None)
             self.ledger.forget(name)
@@ -122,7 +129,7 @@ class SchedulerCore:
         elif isinstance(msg, StateEvent):
             self._on_event(msg)
         elif isinstance(msg, Freed):
-            if self.ledger.release(msg.request_id):
+            if self.ledger.release(msg.request_id, msg.instance):
                 self._pump()
         elif isinstance(msg, InstanceStats):
             self.stats[msg.instance] = msg
@@ -136,13 +143,17 @@ class SchedulerCore:
         self.live[msg.request_id] = rec
         self._record(rec, "QUEUED", "api", "")
         if self.of_role("decode"):
-            self.queue.push(rec.request_id, rec.number)
-            self._pump()
+            self._enqueue(rec)
         elif self.of_role("mixed"):
             rec.mixed = min(self.of_role("mixed"), key=self._prefill_load)
             self._send_prefill(rec, rec.mixed)
         else:
             self._end(rec, "FAILED", "scheduler", "no decode or mixed instance is serving")
+
+    def _enqueue(self, rec: RequestRecord) -> None:
+        rec.queued_at = self.clock()
+        self.queue.push(rec.request_id, rec.number)
+        self._pump()
 
     def _pump(self) -> None:
         """Dispatches queued requests, oldest first, while an instance has room for the oldest."""
@@ -162,16 +173,14 @@ class SchedulerCore:
             if whole is not None:
                 busy = f"decode busy: steps over {self.routing.decode_busy_ms:g} ms"
                 self._place_whole(rec, whole, room, busy if decode else "no room on decode")
-                continue
-            self.ledger.commit(rid, decode, room)
-            if rec.prefill:  # refused by a decode instance earlier: its prompt is computed or computing
+            elif rec.prefill:  # refused by a decode instance earlier: its prompt is computed or computing
                 self._reserve(rec, decode, room, "again")
-                continue
-            local, why = self._prefill_locally(rec, decode)
-            if local:
-                self._place_whole(rec, decode, room, why)
             else:
-                self._reserve(rec, decode, room, why)
+                local, why = self._prefill_locally(rec, decode)
+                if local:
+                    self._place_whole(rec, decode, room, why)
+                else:
+                    self._reserve(rec, decode, room, why)
 
     def _place_whole(self, rec: RequestRecord, instance: str, room: int, why: str) -> None:
         """The request runs whole on `instance`, prompt and output, as on a colocated engine: its decode
@@ -242,6 +251,7 @@ class SchedulerCore:
         reservation is off the path to the first token (decode sends the block ids to the transfer)."""
         r = rec.request
         rec.reserving = decode
+        self.ledger.commit(rec.request_id, decode, room)
         first = not rec.prefill
         if first:
             rec.prefill = min(self.of_role("prefill"), key=self._prefill_load)
@@ -251,20 +261,18 @@ class SchedulerCore:
         self.send(decode, Reserve(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
                                   transfer=self.transfer_of(rec.prefill), num_tokens=room))
         if first:
-            self.routed[rec.prefill] += 1
-            self.outstanding_tokens[rec.prefill] += rec.num_prompt_tokens
-            self.send(rec.prefill, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
-                                           params=r.params, decode_instance=decode))
+            self._send_prefill(rec, rec.prefill, decode)
 
     def _prefill_load(self, name: str) -> int:
         return self.outstanding_tokens[name]
 
-    def _send_prefill(self, rec: RequestRecord, instance: str) -> None:
+    def _send_prefill(self, rec: RequestRecord, instance: str, decode: str = "") -> None:
+        """The prompt to `instance`: for `decode` to continue, or (none named) to run whole there."""
         self.routed[instance] += 1
         self.outstanding_tokens[instance] += rec.num_prompt_tokens
         r = rec.request
         self.send(instance, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
-                                    params=r.params))
+                                    params=r.params, decode_instance=decode))
 
     def _on_reserved(self, msg: Reserved) -> None:
         rec = self.live.get(msg.request_id)
@@ -274,8 +282,7 @@ class SchedulerCore:
         if msg.block_ids is None:  # decode had less room than the ledger thought: back in the queue
             self.ledger.refused(rec.request_id)
             self._record(rec, "QUEUED", msg.instance, f"refused: {msg.free_blocks} blocks free")
-            self.queue.push(rec.request_id, rec.number)
-            self._pump()
+            self._enqueue(rec)
             return
         rec.decode = msg.instance
         self.routed[msg.instance] += 1
@@ -372,7 +379,7 @@ class SchedulerCore:
         head = self.queue.head()
         now = self.clock()
         return {"queued": len(self.queue),
-                "oldest_wait_s": now - self.live[head].since if head else 0.0,
+                "oldest_wait_s": now - self.live[head].queued_at if head else 0.0,
                 "prefill_decisions": dict(self.decisions),
                 "decode_room": {name: {"committed_blocks": room.blocks, "num_blocks": room.num_blocks,
                                        "requests": room.seqs, "max_num_seqs": room.max_num_seqs,

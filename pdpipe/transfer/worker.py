@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import Callable
 
 from pdpipe.messages import (
@@ -34,6 +33,7 @@ from pdpipe.messages import (
     TransferDone,
     TransferStart,
 )
+from pdpipe.tombstones import Tombstones
 
 from . import TransferBackend, TransferError, TransferJob, TransferState
 
@@ -51,7 +51,7 @@ class TransferWorker:
         self._first: dict[str, PrefillDone] = {}
         self._draining: dict[str, tuple[TransferJob, AbortTransfer]] = {}  # aborted, copies still running
         self._blocks: dict[str, DecodeBlocks] = {}  # decode's blocks that came before their TransferStart
-        self._tombstones: OrderedDict[str, None] = OrderedDict()  # aborted: late messages move nothing
+        self._tombstones = Tombstones()  # aborted: late messages move nothing
         self.bytes_moved = 0
         self.seconds_moving = 0.0
 
@@ -85,11 +85,15 @@ class TransferWorker:
             raise TypeError(f"{self.name} cannot handle {type(msg).__name__}")
         self.poll()
 
+    def _know_pool(self, instance: str) -> None:
+        """Registers `instance`'s pool the first time a job names it (across machines: from Redis)."""
+        info = self.pool_lookup(instance) if self.pool_lookup and instance not in self._pools else None
+        if info is not None:
+            self._register(info)
+
     def _start(self, msg: TransferStart) -> None:
         for instance in (msg.src_instance, msg.dst_instance):
-            info = self.pool_lookup(instance) if self.pool_lookup and instance not in self._pools else None
-            if info is not None:
-                self._register(info)
+            self._know_pool(instance)
         job = self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, list(msg.src_block_ids),
                                                       msg.dst_instance, list(msg.dst_block_ids))
         early = self._blocks.pop(msg.request_id, None)
@@ -98,10 +102,7 @@ class TransferWorker:
 
     def _destination(self, job: TransferJob, msg: DecodeBlocks) -> None:
         """Decode's blocks are known: the layers computed meanwhile move now, in one batch."""
-        if msg.instance not in self._pools and self.pool_lookup is not None:
-            info = self.pool_lookup(msg.instance)
-            if info is not None:
-                self._register(info)
+        self._know_pool(msg.instance)
         job.dst_instance, job.dst_block_ids = msg.instance, list(msg.block_ids)
         if job.layers_ready:
             last = max(job.layers_ready)
@@ -110,9 +111,7 @@ class TransferWorker:
 
     def _abort(self, msg: AbortTransfer) -> None:
         rid = msg.request_id
-        self._tombstones[rid] = None
-        while len(self._tombstones) > 10000:
-            self._tombstones.popitem(last=False)
+        self._tombstones.add(rid)
         job = self.jobs.pop(rid, None)
         self._first.pop(rid, None)
         self._blocks.pop(rid, None)
