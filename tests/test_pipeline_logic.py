@@ -142,7 +142,7 @@ def test_conditional_disaggregation_computes_short_prompts_on_decode(model_dir, 
     pipe.run()
     for i, p in enumerate(prompts):
         assert pipe.tokens(str(i)) == colocated(p).token_ids and pipe.state(str(i)) == "FINISHED"
-    local = {rid for rid, rec in pipe.scheduler.recent.items() if rec.mixed == "decode-0"}
+    local = {rid for rid, rec in pipe.scheduler.recent.items() if rec.whole == "decode-0"}
     assert local == {"0", "2"} and pipe.scheduler.decisions == {"local": 2, "remote": 2}
     states = [s for _, s, _, _ in pipe.scheduler.recent["0"].events]
     assert states == ["QUEUED", "QUEUED", "PREFILLING", "DECODING", "FINISHED"]
@@ -458,7 +458,7 @@ def test_whole_requests_on_a_prefill_instance_equal_colocated_and_free_everythin
     pipe.run()
     for i, p in enumerate(prompts):
         assert pipe.tokens(str(i)) == colocated(p).token_ids and pipe.state(str(i)) == "FINISHED"
-        assert pipe.scheduler.recent[str(i)].mixed == "prefill-0"
+        assert pipe.scheduler.recent[str(i)].whole == "prefill-0"
     assert pipe.state("gone") == "ABORTED" and pipe.scheduler.decisions == {"whole": 4}
     assert not pipe.scheduler.ledger.commitments and not pipe.transfer.jobs
     assert pipe.leak_free()

@@ -53,7 +53,7 @@ class RequestRecord:
     queued_at: float = 0.0  # when it last entered the admission queue
     prefill: str = ""
     decode: str = ""
-    mixed: str = ""  # the instance that computes both prompt and output: a mixed one, or a decode one (local)
+    whole: str = ""  # the instance computing prompt and output: mixed, decode (local) or prefill (decode busy)
     reserving: str = ""  # decode instance asked, no answer yet
     prefill_done: bool = False
     events: list[tuple[float, str, str, str]] = field(default_factory=list)  # time, state, instance, detail
@@ -99,7 +99,7 @@ class SchedulerCore:
         gone = set(self.roles) - set(live)
         dead_machines = {self.machines.get(n, "") for n in gone} - {m for _, m in live.values()}
         for rec in list(self.live.values()):
-            lost = gone & {rec.prefill, rec.decode, rec.mixed, rec.reserving}
+            lost = gone & {rec.prefill, rec.decode, rec.whole, rec.reserving}
             if lost:
                 self._end(rec, "FAILED", "scheduler",
                           f"instance {', '.join(sorted(lost))} is gone (no heartbeat within the TTL)")
@@ -145,8 +145,8 @@ class SchedulerCore:
         if self.of_role("decode"):
             self._enqueue(rec)
         elif self.of_role("mixed"):
-            rec.mixed = min(self.of_role("mixed"), key=self._prefill_load)
-            self._send_prefill(rec, rec.mixed)
+            rec.whole = min(self.of_role("mixed"), key=self._prefill_load)
+            self._send_prefill(rec, rec.whole)
         else:
             self._end(rec, "FAILED", "scheduler", "no decode or mixed instance is serving")
 
@@ -185,7 +185,7 @@ class SchedulerCore:
     def _place_whole(self, rec: RequestRecord, instance: str, room: int, why: str) -> None:
         """The request runs whole on `instance`, prompt and output, as on a colocated engine: its decode
         instance (conditional disaggregation) or a prefill instance (decode busy)."""
-        rec.mixed = instance
+        rec.whole = instance
         self.ledger.commit(rec.request_id, instance, room)
         on_decode = self.roles.get(instance) == "decode"
         self.decisions["local" if on_decode else "whole"] += 1
@@ -303,7 +303,7 @@ class SchedulerCore:
             self._record(rec, msg.state, msg.instance, msg.detail, msg.time)
 
     def _prefill_finished(self, rec: RequestRecord) -> None:
-        name = rec.prefill or rec.mixed
+        name = rec.prefill or rec.whole
         if name and not rec.prefill_done:
             self.outstanding_tokens[name] -= len(rec.request.prompt_token_ids)
             rec.prefill_done = True
@@ -332,7 +332,7 @@ class SchedulerCore:
         # Every holder frees, except one that reported the finish itself. Decode blocks are freed
         # through the transfer process, after it has stopped writing into them.
         if state != "FINISHED" or instance == "api":
-            for holder in {rec.prefill, rec.mixed} - {""}:
+            for holder in {rec.prefill, rec.whole} - {""}:
                 self.send(holder, Free(request_id=rid, reason=detail or state.lower()))
         decode = rec.decode or rec.reserving
         if (decode or rec.prefill) and (state != "FINISHED" or instance != decode):
@@ -342,7 +342,7 @@ class SchedulerCore:
                       AbortTransfer(request_id=rid, decode_instance=decode, reason=detail or state.lower()))
         # Its room on decode is free once decode has freed its blocks: now if decode finished it,
         # else when decode says `Freed` (the Free above reaches it after the transfer stopped).
-        if state == "FINISHED" and instance in (rec.decode, rec.mixed) and self.ledger.release(rid):
+        if state == "FINISHED" and instance in (rec.decode, rec.whole) and self.ledger.release(rid):
             self._pump()
 
     def tick(self) -> None:
@@ -359,7 +359,7 @@ class SchedulerCore:
         states = Counter(r.state for r in self.live.values())
         per_instance: dict[str, Counter] = {n: Counter() for n in self.roles}
         for r in self.live.values():
-            for name in {r.prefill, r.decode, r.mixed, r.reserving} - {""}:
+            for name in {r.prefill, r.decode, r.whole, r.reserving} - {""}:
                 per_instance.setdefault(name, Counter())[r.state] += 1
         return {
             "time": self.clock(),
@@ -391,7 +391,7 @@ class SchedulerCore:
         if rec is None:
             return None
         return {"request_id": request_id, "state": rec.state, "prompt_tokens": len(rec.request.prompt_token_ids),
-                "prefill": rec.prefill or rec.mixed, "decode": rec.decode or rec.mixed,
+                "prefill": rec.prefill or rec.whole, "decode": rec.decode or rec.whole,
                 "arrival": rec.request.arrival,
                 "events": [list(e) for e in sorted(rec.events, key=lambda e: e[0])]}
 
