@@ -69,7 +69,7 @@ def format_queues(snap: dict) -> str:
         lines.append(f"admission queue: {adm['queued']} waiting, oldest {adm['oldest_wait_s'] * 1e3:.0f} ms   "
                      f"prompts computed: {decisions}")
         if rooms:
-            lines.append(f"decode room committed: {rooms}")
+            lines.append(f"room committed: {rooms}")
     api = snap.get("api") or {}
     lines.append(f"api: open requests {api.get('running', '?')}   scheduler: live requests "
                  f"{sum(states.values())}")
