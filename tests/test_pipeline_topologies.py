@@ -189,3 +189,24 @@ def test_example_launch_configs_parse():
     for path in configs:
         cfg = load_launch_config(str(path))
         assert cfg.local_processes(), path
+
+
+def test_a_busy_decode_sends_whole_requests_to_the_prefill_instance(model_dir):
+    """routing.decode_busy_ms far below any real step: once decode has stepped, requests run whole on
+    the prefill instance (prompt and output there), with the same tokens, and every block comes back."""
+    from pdpipe.config import RoutingConfig
+
+    prompts = make_prompts(384, lengths=[5, 17, 30, 44] * 3, seed=13)
+    max_tokens = [5 + (i * 3) % 11 for i in range(len(prompts))]
+    expected = colocated_greedy(model_dir, prompts, max_tokens)
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"],
+                             routing=RoutingConfig(disaggregation="always", decode_busy_ms=0.001))
+    with launched(cfg) as launcher:
+        first = stream_all(cfg.api.port, prompts[:1], max_tokens[:1])  # decode steps: now it reports busy
+        wait_until(lambda: (snapshot(launcher)["instances"]["decode-0"]["stats"] or {}).get("step_seconds"),
+                   what="decode's step time in its stats")
+        results = first + stream_all(cfg.api.port, prompts[1:], max_tokens[1:])
+        assert [tokens for tokens, _ in results] == expected
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
+        placed = snapshot(launcher)["admission"]["prefill_decisions"]
+        assert placed == {"remote": 1, "whole": len(prompts) - 1}
