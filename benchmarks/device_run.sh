@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [prefill INPUT_LEN PROMPTS]
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d, 1p1d-always, 1p1d-backlog
 #   (local_on_backlog on), 1p1d-busy (decode_busy_ms = BUSY_MS, default 12), 2mixed; default
@@ -39,6 +39,7 @@ while [ $# -gt 0 ]; do
            tar czf "$OUT/bench_logs.tgz" /tmp/pdb-*/logs 2>/dev/null; shift 2 ;;
     probe) python3 benchmarks/gil_probe.py 2>&1 | tee "$OUT/gil_probe.log"; shift ;;
     idle) python3 benchmarks/idle_gpu_probe.py 2>&1 | tee "$OUT/idle_gpu_probe.log"; shift ;;
+    lengths) python3 benchmarks/new_length_probe.py 2>&1 | tee "$OUT/new_length_probe.log" | head -40; shift ;;
     prefill) timeout ${PREFILL_S:-240} python3 benchmarks/prefill_service.py --input-len "$2" --prompts "$3" \
                --out "$OUT/prefill_${2/:/-}.json" 2>&1 | tail -3; shift 3 ;;
     compare) configs=(); for l in ${LAYOUTS:-1p1d 1p1d-always 2mixed}; do configs+=("$(layout_config $l)"); done
