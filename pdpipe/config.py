@@ -112,9 +112,10 @@ class RoutingConfig:
     reserve_output_share: float = field(default=1.0, metadata={
         "help": "share of max_tokens a decode reservation holds beyond the prompt (1: all of it, so "
                 "decode does not preempt)"})
-    reserve_output_max: int = field(default=4096, metadata={
-        "help": "most output tokens a reservation holds (clients that leave max_tokens unset get the "
-                "whole context)"})
+    reserve_output_max: int = field(default=1024, metadata={
+        "help": "most output tokens a reservation holds: clients that leave max_tokens unset are given the "
+                "whole context, and holding all of it would admit few requests; a longer output grows "
+                "into free blocks (and decode preempts only when none are left)"})
 
     def __post_init__(self):
         if self.disaggregation not in DISAGGREGATION:

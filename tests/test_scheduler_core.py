@@ -145,6 +145,9 @@ def test_a_reservation_holds_room_for_the_output_and_respects_max_num_seqs():
     half, sent2 = make(roles=PD1, routing=RoutingConfig(disaggregation="always", reserve_output_share=0.5))
     new(half, "a", 10, max_tokens=100)
     assert [m.num_tokens for _, m in sent2 if isinstance(m, Reserve)] == [60]
+    capped, sent3 = make(roles=PD1, routing=RoutingConfig(disaggregation="always", reserve_output_max=50))
+    new(capped, "unset", 10, max_tokens=5000)  # a client that left max_tokens unset: the whole context
+    assert [m.num_tokens for _, m in sent3 if isinstance(m, Reserve)] == [60]
 
 
 def test_an_aborted_request_frees_its_room_only_when_decode_says_freed():
