@@ -127,8 +127,7 @@ class TransferStart(Msg):  # prefill → transfer: these blocks will move, layer
     request_id: str
     src_instance: str
     src_block_ids: list[int]
-    dst_instance: str
-    dst_block_ids: list[int] = []  # empty: decode's DecodeBlocks brings them
+    dst_instance: str  # its blocks come from decode itself (DecodeBlocks)
 
 
 class LayersReady(Msg):  # prefill → transfer: layers layer-count+1 … layer of these requests are final

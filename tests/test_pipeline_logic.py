@@ -255,14 +255,21 @@ def test_a_short_prompt_announces_its_layers_in_groups(model_dir, colocated, thr
     assert pipe.tokens("r") == colocated(prompt).token_ids and pipe.leak_free()
 
 
+def start(worker, rid: str, src_blocks: list[int], dst: str, dst_blocks: list[int]) -> None:
+    """A transfer job as the pipeline opens one: the prefill's start, then decode's blocks."""
+    from pdpipe.messages import DecodeBlocks, TransferStart
+
+    worker.handle(TransferStart(request_id=rid, src_instance="p", src_block_ids=src_blocks, dst_instance=dst))
+    worker.handle(DecodeBlocks(request_id=rid, instance=dst, block_ids=dst_blocks))
+
+
 def test_abort_lets_decode_free_only_after_the_copies_in_flight_end():
-    from pdpipe.messages import AbortTransfer, Free, LayersReady, TransferStart
+    from pdpipe.messages import AbortTransfer, Free, LayersReady
     from pdpipe.transfer.worker import TransferWorker
 
     backend, sent = FakeTransfer(), []
     worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
-    worker.handle(TransferStart(request_id="r", src_instance="p", src_block_ids=[1, 4], dst_instance="d",
-                                dst_block_ids=[2, 3]))
+    start(worker, "r", [1, 4], "d", [2, 3])
     worker.handle(LayersReady(request_ids=["r"], layer=0))
     backend.in_flight.add("r")  # layer 0's copy is still writing into d's blocks
     worker.handle(AbortTransfer(request_id="r", decode_instance="d", reason="client gone"))
@@ -278,13 +285,12 @@ def test_abort_lets_decode_free_only_after_the_copies_in_flight_end():
 def test_copies_that_end_between_messages_are_still_reported():
     """The last message (PrefillDone) finds the copies running; they end with no message after it: the
     worker must still have work until it reported the landing (the GPU pipeline once stalled here)."""
-    from pdpipe.messages import KVLanded, LayersReady, PrefillDone, TransferDone, TransferStart
+    from pdpipe.messages import KVLanded, LayersReady, PrefillDone, TransferDone
     from pdpipe.transfer.worker import TransferWorker
 
     backend, sent = FakeTransfer(), []
     worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
-    worker.handle(TransferStart(request_id="r", src_instance="p", src_block_ids=[1], dst_instance="d",
-                                dst_block_ids=[2]))
+    start(worker, "r", [1], "d", [2])
     backend.in_flight.add("r")
     for layer in range(2):
         worker.handle(LayersReady(request_ids=["r"], layer=layer))
@@ -324,7 +330,7 @@ def test_requests_prefilled_together_move_in_one_batch_per_layer(model_dir, colo
 
 
 def test_a_failing_batch_is_retried_job_by_job_so_only_the_bad_job_fails():
-    from pdpipe.messages import LayersReady, TransferStart
+    from pdpipe.messages import LayersReady
     from pdpipe.transfer import TransferError
     from pdpipe.transfer.worker import TransferWorker
 
@@ -340,8 +346,7 @@ def test_a_failing_batch_is_retried_job_by_job_so_only_the_bad_job_fails():
     backend, sent = OneBadPeer(), []
     worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
     for rid, dst in (("ok", "d"), ("bad", "gone")):
-        worker.handle(TransferStart(request_id=rid, src_instance="p", src_block_ids=[1], dst_instance=dst,
-                                    dst_block_ids=[2]))
+        start(worker, rid, [1], dst, [2])
     worker.handle(LayersReady(request_ids=["ok", "bad"], layer=1, count=2))
     assert backend.sent == [("ok", 0), ("ok", 1)]
     assert "bad" not in worker.jobs  # failed (and reported) at the poll that followed

@@ -95,7 +95,7 @@ class TransferWorker:
         for instance in (msg.src_instance, msg.dst_instance):
             self._know_pool(instance)
         job = self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, list(msg.src_block_ids),
-                                                      msg.dst_instance, list(msg.dst_block_ids))
+                                                      msg.dst_instance, [])
         early = self._blocks.pop(msg.request_id, None)
         if early is not None:
             self._destination(job, early)
