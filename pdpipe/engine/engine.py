@@ -203,9 +203,10 @@ class LLMEngine:
         # rest); the last two rounds continue their second prompt from a chunk
         rounds = [[1], [5], [16], [300], [2048], [7, 16, 100], [64, 96], [budget - 40, 300], [budget - 40, 50]]
         for r, lengths in enumerate(rounds):
+            if self.blocks.blocks_for(sum(lengths) + 3 * len(lengths)) > self.blocks.num_blocks:
+                continue  # a small pool: that round does not fit
             for i, n in enumerate(lengths):
-                if self.blocks.blocks_for(sum(lengths) + 3 * len(lengths)) <= self.blocks.num_blocks:
-                    self.add_request(f"warm-up-{r}-{i}", prompt(n), params)
+                self.add_request(f"warm-up-{r}-{i}", prompt(n), params)
             while self.has_unfinished():
                 self.step()
 

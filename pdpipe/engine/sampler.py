@@ -55,9 +55,6 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[Sequence, Sample]:
         # logits: [num_seqs, vocab] float32, row i for seqs[i]; on the GPU, greedy batches stay there
         if logits.is_cuda:
-            # Wait for the step with the GIL released: the process's other threads (its inbox, a prefill's
-            # layer announcements) run meanwhile instead of after the step (see benchmarks/gil_probe.py).
-            torch.cuda.current_stream(logits.device).synchronize()
             if all(_plain_greedy(s) for s in seqs):
                 return {s: Sample(t) for s, t in zip(seqs, logits.argmax(dim=-1).tolist())}
             logits = logits.cpu()

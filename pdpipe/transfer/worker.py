@@ -4,13 +4,13 @@ on its decode instance, layer by layer as the prefill engine finishes them.
 TransferStart opens a job; LayersReady moves that layer of the named jobs; once every layer has landed
 and PrefillDone brought the first token, decode gets KVLanded and prefill TransferDone. The decode
 blocks come from decode (DecodeBlocks), which reserves them while the prefill engine already computes
-(either may come first): layers finished before they are known wait, then move in one batch. The scheduler
-hears of a job twice (its first layers sent, and its landing with how long the layers took), not once a
-layer: under load its inbox carries requests, not layers. AbortTransfer
-stops a job and then passes Free to the decode instance, so decode frees its blocks only after
-nothing can write into them any more; the request id is kept (a tombstone), so a start, layer or
-block message that arrives after its abort moves nothing. States reported: TRANSFERRING (layer k
-of N), FAILED.
+(either may come first): layers finished before they are known wait, then move in one batch. The
+scheduler hears of a job twice (its first layers sent, and its landing with how long the layers
+took), not once a layer: under load its inbox carries requests, not layers. AbortTransfer stops a
+job and then passes Free to the decode instance, so decode frees its blocks only after nothing can
+write into them any more; the request id is kept (a tombstone), so a start, layer or block message
+that arrives after its abort moves nothing. States reported: TRANSFERRING (first layers, landing),
+FAILED.
 """
 from __future__ import annotations
 
