@@ -44,6 +44,8 @@ def main() -> None:
         return (time.perf_counter() - start) * 1e3
 
     lengths = [int(x) for x in args.lengths.split(",")]
+    if device != "cpu":
+        _attention_probe(engine.spec, lengths)
     print(f"{'tokens':>7} {'new length ms':>14} {'seen once ms':>13} {'seen twice ms':>14}")
     rows = []
     for n in lengths:
@@ -51,7 +53,103 @@ def main() -> None:
         print(f"{n:>7} {rows[-1][1]:>14.1f} {rows[-1][2]:>13.1f} {rows[-1][3]:>14.1f}", flush=True)
     print(f"median: new {statistics.median(r[1] for r in rows):.1f} ms, "
           f"seen {statistics.median(r[2] for r in rows):.1f} ms")
+    if device != "cpu":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        news = [(prefill(n + 11), prefill(n + 11)) for n in lengths]
+        print(f"cuDNN SDPA off: median new {statistics.median(r[0] for r in news):.1f} ms, "
+              f"seen {statistics.median(r[1] for r in news):.1f} ms", flush=True)
+        torch.backends.cuda.enable_cudnn_sdp(True)
     _profile(prefill, lengths[-1] + 7, device)
+
+
+def _attention_probe(spec, lengths: list[int]) -> None:
+    """One layer's prompt attention and projections, alone: the first call at a new length against the
+    second, per SDPA backend, then torch's varlen flash attention over a batch of prompts."""
+    import inspect
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    dev, dt = "cuda:0", torch.bfloat16
+
+    def timed(fn) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    def sdpa(n: int):
+        q = torch.randn(1, heads, n, dim, device=dev, dtype=dt)
+        k = torch.randn(1, kv_heads, n, dim, device=dev, dtype=dt)
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    for offset, (name, backend) in enumerate(backends.items()):
+        rows = []
+        for n in lengths:
+            call = sdpa(n + 3 + offset)
+            try:
+                if backend is None:
+                    rows.append((timed(call), timed(call)))
+                else:
+                    with sdpa_kernel(backend):
+                        rows.append((timed(call), timed(call)))
+            except RuntimeError as err:
+                print(f"sdpa {name}: {str(err).splitlines()[0]}")
+                break
+        if rows:
+            print(f"sdpa {name}: first call at a new length {statistics.median(r[0] for r in rows):.2f} ms, "
+                  f"again {statistics.median(r[1] for r in rows):.2f} ms (medians of {len(rows)})", flush=True)
+    for n in lengths:
+        x = torch.randn(n + 5, spec.hidden_size, device=dev, dtype=dt)
+        w = torch.randn(spec.intermediate_size * 2, spec.hidden_size, device=dev, dtype=dt)
+        first, again = timed(lambda: x @ w.T), timed(lambda: x @ w.T)
+        print(f"gate_up GEMM M={n + 5}: first {first:.2f} ms, again {again:.2f} ms", flush=True)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as err:
+        print(f"varlen_attn: {err}")
+        return
+    print(f"varlen_attn{inspect.signature(varlen_attn)}")
+    gen = torch.Generator().manual_seed(1)
+    for count, lo, hi in ((4, 1024, 3072), (24, 128, 512)):
+        lens = torch.randint(lo, hi, (count,), generator=gen).tolist()
+        total = sum(lens)
+        q = torch.randn(total, heads, dim, device=dev, dtype=dt)
+        k = torch.randn(total, kv_heads, dim, device=dev, dtype=dt)
+        v = torch.randn(total, kv_heads, dim, device=dev, dtype=dt)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), device=dev, dtype=torch.int32)
+        bounds = cu.tolist()
+
+        def loop():
+            out = torch.empty_like(q)
+            for a, b in zip(bounds, bounds[1:]):
+                out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                    is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+            return out
+
+        params = inspect.signature(varlen_attn).parameters
+        extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+
+        def packed():
+            return varlen_attn(q, k, v, cu, cu, max(lens), max(lens), **extra)
+
+        try:
+            error = (packed() - loop()).abs().max().item()
+        except (RuntimeError, TypeError) as err:
+            print(f"varlen_attn {count} prompts: {str(err).splitlines()[0]}")
+            continue
+        for fn in (loop, packed):
+            fn()
+        loop_ms = statistics.median(timed(loop) for _ in range(5))
+        packed_ms = statistics.median(timed(packed) for _ in range(5))
+        print(f"{count} prompts {lo}-{hi}: per-prompt SDPA loop {loop_ms:.2f} ms, varlen_attn {packed_ms:.2f} ms, "
+              f"max |difference| {error:.4f}", flush=True)
 
 
 def _profile(prefill, n: int, device: str) -> None:

@@ -77,3 +77,19 @@ def assert_leak_free(llm_or_engine) -> None:
     assert engine.leak_free(), (
         f"leak: {engine.blocks.num_used_blocks} blocks used, held={list(engine.scheduler.held)}, "
         f"live={engine.has_unfinished()}")
+
+
+def causal_prompt_reference(q, k, v, bounds: list[int], scale: float) -> torch.Tensor:
+    """Each packed prompt attends causally to itself alone, written out in float64 (GQA: each key/value
+    head serves a group of query heads)."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k.shape[1]
+    for a, b in zip(bounds, bounds[1:]):
+        qs = q[a:b].double().cpu().transpose(0, 1)  # [heads, n, dim]
+        ks = k[a:b].double().cpu().transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[a:b].double().cpu().transpose(0, 1).repeat_interleave(group, 0)
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        scores.masked_fill_(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        out[a:b] = (scores.softmax(-1) @ vs).transpose(0, 1)
+    return out
+

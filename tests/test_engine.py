@@ -1,7 +1,7 @@
 """The engine core on its own: block manager, admission control, abort, request validation, and moving
 a request's KV block by block from one engine to another mid-request."""
 import pytest
-from conftest import assert_leak_free, make_prompts
+from conftest import assert_leak_free, causal_prompt_reference, make_prompts
 
 from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdpipe.engine.block_manager import BlockError, BlockManager
@@ -157,3 +157,24 @@ def test_warm_up_runs_every_shape_class_and_leaves_the_engine_empty(model_dir):
     assert engine.leak_free()
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0))[0]
     assert len(out.token_ids) == 2 and engine.leak_free()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_prompt_attention_without_varlen_matches_reference(monkeypatch, heads, kv_heads):
+    """The per-prompt path (torch without varlen flash attention), run on CPU: each prompt sees only its
+    own earlier tokens, whatever else is in the batch."""
+    import torch
+
+    from pdpipe.models import decoder
+
+    monkeypatch.setattr(decoder, "_varlen_attn", None)
+    torch.manual_seed(heads)
+    bounds = [0, 1, 8, 40, 97]
+    q = torch.randn(bounds[-1], heads, 16)
+    k, v = torch.randn(2, bounds[-1], kv_heads, 16)
+    meta = decoder.AttentionMetadata(slot_mapping=torch.zeros(0), block_tables=torch.zeros(0),
+                                     query_start_loc=bounds, seq_lens=[b - a for a, b in zip(bounds, bounds[1:])],
+                                     max_query_len=57, fresh=True)
+    out = decoder._prompt_attention(q, k, v, meta, 0.3)
+    assert torch.allclose(out.double(), causal_prompt_reference(q, k, v, bounds, 0.3), atol=1e-5)
+

@@ -15,7 +15,7 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
-from conftest import make_llm, make_prompts  # noqa: E402
+from conftest import causal_prompt_reference, make_llm, make_prompts  # noqa: E402
 from pdpipe.kernels import reference as ref  # noqa: E402
 
 from pdpipe.messages import SamplingParams  # noqa: E402
@@ -92,6 +92,29 @@ def test_extend_attention_matches_reference(dtype, heads, kv_heads, dim, page, w
                                 window, out=out)
     assert not out.isnan().any()
     assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,dim,page", SHAPES)
+def test_prompt_attention_matches_reference(dtype, heads, kv_heads, dim, page):
+    """Whole prompts in one batch (varlen flash attention on bf16/fp16, per prompt otherwise): each
+    attends to itself alone, at lengths it has not seen before."""
+    from pdpipe.models import decoder
+
+    torch.manual_seed(heads + dim)
+    bounds = [0]
+    for n in (1, 7, 300, 1025, 129):
+        bounds.append(bounds[-1] + n)
+    q = torch.randn(bounds[-1], heads, dim, device="cuda").to(dtype)
+    k, v = torch.randn(2, bounds[-1], kv_heads, dim, device="cuda").to(dtype)
+    meta = decoder.AttentionMetadata(
+        slot_mapping=torch.zeros(0), block_tables=torch.zeros(0), query_start_loc=bounds,
+        seq_lens=[b - a for a, b in zip(bounds, bounds[1:])], fresh=True, max_query_len=1025,
+        query_start_loc_t=torch.tensor(bounds, dtype=torch.int32, device="cuda"))
+    out = decoder._prompt_attention(q, k, v, meta, dim ** -0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    expected = causal_prompt_reference(q, k, v, bounds, dim ** -0.5)
+    assert rel_err(out.cpu(), expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

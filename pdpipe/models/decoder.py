@@ -6,12 +6,14 @@ many sequences and reads/writes their KV through the paged cache.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pdpipe import kernels
 
@@ -35,17 +37,34 @@ class AttentionMetadata:
     num_splits: int = 1  # decode attention's split of the context
 
 
-def _sdpa_prompts(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Whole prompts attend only to themselves: torch's flash attention, one call per prompt (measured
-    faster than the paged Triton kernel for this case; see benchmarks/RESULTS.md)."""
+try:  # torch ≥ 2.10: flash attention over packed prompts, one launch for the batch
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
+_VARLEN_ARGS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else set()
+if not {"scale", "window_size"} <= _VARLEN_ARGS:  # torch 2.9 had neither: one call per prompt instead
+    _varlen_attn = None
+_VARLEN_EXTRA = {"enable_gqa": True} if "enable_gqa" in _VARLEN_ARGS else {}  # 2.11 takes GQA without it
+# Never cuDNN for prompts: it builds a graph per new sequence length (~40 ms on H200, which doubled the
+# first prefill of every new prompt length in service; benchmarks/RESULTS.md, "new prompt lengths").
+_PROMPT_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _prompt_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Whole prompts attend only to themselves: flash attention over the packed batch (measured faster
+    than the paged Triton kernel for this case, and than one call per prompt; benchmarks/RESULTS.md)."""
+    if _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        cu = meta.query_start_loc_t
+        return _varlen_attn(q, k, v, cu, cu, meta.max_query_len, meta.max_query_len, scale=scale,
+                            window_size=(-1, 0), **_VARLEN_EXTRA)
     out = torch.empty_like(q)
     bounds = meta.query_start_loc
-    for i in range(len(bounds) - 1):
-        a, b = bounds[i], bounds[i + 1]
-        o = nn.functional.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
-            is_causal=True, scale=scale, enable_gqa=True)
-        out[a:b] = o[0].transpose(0, 1)
+    with sdpa_kernel(_PROMPT_BACKENDS):
+        for a, b in zip(bounds, bounds[1:]):
+            o = nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                is_causal=True, scale=scale, enable_gqa=True)
+            out[a:b] = o[0].transpose(0, 1)
     return out
 
 
@@ -59,7 +78,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
             return ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, scale, window,
                                         meta.num_splits)
         if meta.fresh and window is None:
-            return _sdpa_prompts(q, k, v, meta, scale)
+            return _prompt_attention(q, k, v, meta, scale)
         return ops.extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc_t,
                                     meta.seq_lens_t, meta.max_query_len, scale, window)
     return kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
