@@ -54,12 +54,61 @@ def main() -> None:
     print(f"median: new {statistics.median(r[1] for r in rows):.1f} ms, "
           f"seen {statistics.median(r[2] for r in rows):.1f} ms")
     if device != "cpu":
+        short = torch.randint(128, 512, (24,), generator=gen).tolist()
+        pairs = [(prefill(n), prefill(n)) for n in short]
+        print(f"short prompts 128-512: median new {statistics.median(r[0] for r in pairs):.1f} ms, "
+              f"seen {statistics.median(r[1] for r in pairs):.1f} ms", flush=True)
+        _gemm_probe(engine)
+        pairs = [(prefill(n + 1), prefill(n + 1)) for n in short]
+        print(f"after the GEMM sweep, short prompts: median new {statistics.median(r[0] for r in pairs):.1f} ms, "
+              f"seen {statistics.median(r[1] for r in pairs):.1f} ms", flush=True)
         torch.backends.cuda.enable_cudnn_sdp(False)
         news = [(prefill(n + 11), prefill(n + 11)) for n in lengths]
         print(f"cuDNN SDPA off: median new {statistics.median(r[0] for r in news):.1f} ms, "
               f"seen {statistics.median(r[1] for r in news):.1f} ms", flush=True)
         torch.backends.cuda.enable_cudnn_sdp(True)
     _profile(prefill, lengths[-1] + 7, device)
+
+
+def _gemm_probe(engine) -> None:
+    """cuBLAS at a row count it has not run: first call against the second, for each projection of one
+    layer and the LM head, before and after a sweep of row counts (is it per new M, or per kernel?)."""
+    layer = engine.runner.model.model.layers[0]
+    weights = {name: mod.weight for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
+    head = getattr(engine.runner.model, "lm_head", None)
+    if head is not None:
+        weights["lm_head"] = head.weight
+    print(f"cuBLAS: {torch.backends.cuda.preferred_blas_library()}; shapes "
+          f"{ {k: tuple(w.shape) for k, w in weights.items()} }")
+    gen = torch.Generator().manual_seed(2)
+
+    def timed(fn) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    def new_rows(label: str) -> None:
+        ms = torch.randint(100, 8000, (12,), generator=gen).tolist()
+        for name, w in weights.items():
+            firsts, agains = [], []
+            for m in ms:
+                x = torch.randn(m + 3, w.shape[1], device=w.device, dtype=w.dtype)
+                firsts.append(timed(lambda: x @ w.T))
+                agains.append(timed(lambda: x @ w.T))
+            print(f"{label} {name}: first call at a new M median {statistics.median(firsts):.2f} ms "
+                  f"(max {max(firsts):.2f}), again {statistics.median(agains):.2f} ms", flush=True)
+
+    new_rows("before sweep")
+    start = time.perf_counter()
+    for w in weights.values():
+        x = torch.randn(8192, w.shape[1], device=w.device, dtype=w.dtype)
+        for m in range(1, 8193, 32):
+            x[:m] @ w.T
+    torch.cuda.synchronize()
+    print(f"sweep of M = 1..8192 step 32 over {len(weights)} shapes: {time.perf_counter() - start:.2f} s")
+    new_rows("after sweep")
 
 
 def _attention_probe(spec, lengths: list[int]) -> None:

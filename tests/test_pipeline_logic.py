@@ -477,3 +477,42 @@ def test_decode_blocks_before_the_start_then_an_abort_leave_nothing_behind():
     assert "r" in worker._blocks
     worker.handle(AbortTransfer(request_id="r", decode_instance="d"))
     assert not worker._blocks and not worker.jobs and [d for d, m in sent if isinstance(m, Free)] == ["d"]
+
+
+def test_a_prefill_instance_announces_layers_only_in_steps_that_hand_prompts_over(model_dir, colocated):
+    """Decode steps of whole requests on a prefill instance run without the per-layer announcer (on a
+    GPU they replay CUDA graphs); a step that finishes a remote request's prompt announces its layers."""
+    from pdpipe.config import RoutingConfig
+    from pdpipe.messages import InstanceStats
+
+    pipe = LocalPipeline(model_dir("qwen3"), PD, routing=RoutingConfig(disaggregation="always",
+                                                                       decode_busy_ms=5))
+    engine, steps = pipe.engines["prefill-0"], []
+    execute = engine.runner.execute
+
+    def recording(sched, on_layer_done=None):
+        prompt_ends = {c.seq.request_id for c in sched.chunks if c.samples and c.seq.num_output_tokens == 0}
+        steps.append((prompt_ends, on_layer_done is not None))
+        return execute(sched, on_layer_done)
+
+    engine.runner.execute = recording
+
+    def decode_steps(seconds: float) -> None:
+        pipe.scheduler.handle(InstanceStats(instance="decode-0", role="decode", time=0.0, num_blocks=64,
+                                            block_size=8, max_num_seqs=8, step_seconds=seconds))
+
+    prompts = make_prompts(384, lengths=(12, 30, 7), seed=4)
+    decode_steps(0.05)  # decode is slow: the first two run whole on the prefill instance
+    pipe.submit("whole-0", prompts[0], GREEDY)
+    pipe.submit("whole-1", prompts[1], GREEDY)
+    pipe.deliver()
+    decode_steps(0.001)
+    pipe.submit("remote", prompts[2], GREEDY)
+    pipe.run()
+    assert {rid: pipe.scheduler.recent[rid].whole for rid in ("whole-0", "whole-1", "remote")} == \
+        {"whole-0": "prefill-0", "whole-1": "prefill-0", "remote": ""}
+    assert all(announced == ("remote" in ends) for ends, announced in steps)
+    assert sum(announced for _, announced in steps) == 1 and sum(not ends for ends, _ in steps) > 5
+    for i, rid in enumerate(("whole-0", "whole-1", "remote")):
+        assert pipe.tokens(rid) == colocated(prompts[i]).token_ids
+    assert pipe.leak_free()

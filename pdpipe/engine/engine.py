@@ -163,16 +163,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self, on_schedule: Callable[[SchedulerOutput], None] | None = None,
-             on_layer_done: Callable[[int], None] | None = None) -> list[EngineOutput]:
+    def step(self, on_schedule: Callable[[SchedulerOutput], Callable[[int], None] | None] | None = None
+             ) -> list[EngineOutput]:
         """One schedule → forward → sample → update. `on_schedule` sees the batch before it runs and
-        `on_layer_done(i)` fires as each layer's KV is written (for layer-wise transfer)."""
+        may return what to call as each layer's KV is written (layer-wise transfer); a batch that
+        needs no such call may replay a captured CUDA graph."""
         sched = self.scheduler.schedule()
         outputs = [self._output(seq, []) for seq in sched.finished]
         if not sched.chunks:
             return outputs
-        if on_schedule is not None:
-            on_schedule(sched)
+        on_layer_done = on_schedule(sched) if on_schedule is not None else None
         logits, seqs = self.runner.execute(sched, on_layer_done)
         samples = self.sampler(logits, seqs) if seqs else {}
         for seq in self.scheduler.update(sched, samples):

@@ -163,10 +163,7 @@ class EngineWorker:
         start = time.perf_counter()
         self._step_prompt_tokens = 0
         try:
-            if self.role == "prefill":
-                outputs = self.engine.step(self._on_schedule, self._on_layer)
-            else:
-                outputs = self.engine.step(self._on_schedule)
+            outputs = self.engine.step(self._on_schedule)
         except Exception as exc:  # noqa: BLE001 — fail this engine's requests; keep serving
             log.exception("%s: a step failed", self.name)
             self.fail_all(f"{self.name}: {exc.__class__.__name__}: {exc}")
@@ -191,7 +188,10 @@ class EngineWorker:
             self._event(seq.request_id, "FAILED", detail=reason)
         self.queued_prompt_tokens = sum(len(p.prompt_token_ids) for p in self._prefills.values())
 
-    def _on_schedule(self, sched: SchedulerOutput) -> None:
+    def _on_schedule(self, sched: SchedulerOutput):
+        """Announces prefills starting and, on a prefill instance, the transfers of prompts this batch
+        finishes; returns the per-layer announcer when there are any (else decode steps of whole
+        requests replay their CUDA graphs)."""
         now = self.clock()
         self._step_prompt_tokens = sum(c.num_tokens for c in sched.chunks if c.start < c.seq.num_prompt_tokens)
         for chunk in sched.chunks:
@@ -203,30 +203,30 @@ class EngineWorker:
                               in self._prefills and self._hands_over(self._prefills[c.seq.request_id])]
         self._final_tokens = sum(len(self._prefills[rid].prompt_token_ids) for rid in self._final_chunks)
         self._unannounced = 0
-        if self.role != "prefill":
-            return
+        if self.role != "prefill" or not self._final_chunks:
+            return None
         for rid in self._final_chunks:
             p = self._prefills[rid]
             self.send(self.transfer, TransferStart(request_id=rid, src_instance=self.name,
                                               src_block_ids=self.engine.kv_blocks(rid),
                                               dst_instance=p.decode_instance))
+        return self._on_layer
 
     def _on_layer(self, layer: int) -> None:
-        if self._final_chunks:
-            self._unannounced += 1
-            last = layer == self.engine.spec.num_layers - 1
-            if not last and self._final_tokens * self._unannounced < self.layer_message_tokens:
-                return
-            msg = LayersReady(request_ids=self._final_chunks, layer=layer, count=self._unannounced)
-            self._unannounced = 0
-            if self._fence_layers:
-                import torch
+        self._unannounced += 1
+        last = layer == self.engine.spec.num_layers - 1
+        if not last and self._final_tokens * self._unannounced < self.layer_message_tokens:
+            return
+        msg = LayersReady(request_ids=self._final_chunks, layer=layer, count=self._unannounced)
+        self._unannounced = 0
+        if self._fence_layers:
+            import torch
 
-                event = torch.cuda.Event()
-                event.record()
-                self.send(self.transfer, msg, after=event)
-            else:
-                self.send(self.transfer, msg)
+            event = torch.cuda.Event()
+            event.record()
+            self.send(self.transfer, msg, after=event)
+        else:
+            self.send(self.transfer, msg)
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:
         for out in outputs:
