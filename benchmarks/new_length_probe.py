@@ -9,6 +9,8 @@ lengths seen once, and profiles one of each, so the operations that cost the dif
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import statistics
 import time
 from dataclasses import replace
@@ -58,7 +60,7 @@ def main() -> None:
         pairs = [(prefill(n), prefill(n)) for n in short]
         print(f"short prompts 128-512: median new {statistics.median(r[0] for r in pairs):.1f} ms, "
               f"seen {statistics.median(r[1] for r in pairs):.1f} ms", flush=True)
-        _gemm_probe(engine)
+        _gemm_probe(_engine_weights(engine))
         pairs = [(prefill(n + 1), prefill(n + 1)) for n in short]
         print(f"after the GEMM sweep, short prompts: median new {statistics.median(r[0] for r in pairs):.1f} ms, "
               f"seen {statistics.median(r[1] for r in pairs):.1f} ms", flush=True)
@@ -70,15 +72,21 @@ def main() -> None:
     _profile(prefill, lengths[-1] + 7, device)
 
 
-def _gemm_probe(engine) -> None:
-    """cuBLAS at a row count it has not run: first call against the second, for each projection of one
-    layer and the LM head, before and after a sweep of row counts (is it per new M, or per kernel?)."""
+def _engine_weights(engine) -> dict[str, torch.Tensor]:
     layer = engine.runner.model.model.layers[0]
     weights = {name: mod.weight for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
     head = getattr(engine.runner.model, "lm_head", None)
     if head is not None:
         weights["lm_head"] = head.weight
-    print(f"cuBLAS: {torch.backends.cuda.preferred_blas_library()}; shapes "
+    return weights
+
+
+def _gemm_probe(weights: dict[str, torch.Tensor], sweeps=(128, 32)) -> None:
+    """cuBLAS at a row count it has not run: first call against the second, for each projection of one
+    layer and the LM head, then again after sweeps of row counts (is it per new M, or per kernel, which
+    a sweep would load once?)."""
+    print(f"cuBLAS: {torch.backends.cuda.preferred_blas_library()}, CUDA_MODULE_LOADING="
+          f"{os.environ.get('CUDA_MODULE_LOADING', '(unset: lazy)')}; shapes "
           f"{ {k: tuple(w.shape) for k, w in weights.items()} }")
     gen = torch.Generator().manual_seed(2)
 
@@ -98,17 +106,35 @@ def _gemm_probe(engine) -> None:
                 firsts.append(timed(lambda: x @ w.T))
                 agains.append(timed(lambda: x @ w.T))
             print(f"{label} {name}: first call at a new M median {statistics.median(firsts):.2f} ms "
-                  f"(max {max(firsts):.2f}), again {statistics.median(agains):.2f} ms", flush=True)
+                  f"(max {max(firsts):.2f}, {sum(f > a + 1 for f, a in zip(firsts, agains))} of {len(ms)} "
+                  f"over 1 ms more), again {statistics.median(agains):.2f} ms", flush=True)
 
-    new_rows("before sweep")
+    new_rows("before a sweep")
+    for step in sweeps:
+        start = time.perf_counter()
+        for w in weights.values():
+            x = torch.randn(8192, w.shape[1], device=w.device, dtype=w.dtype)
+            for m in range(step, 8193, step):
+                x[:m] @ w.T
+        torch.cuda.synchronize()
+        print(f"sweep of M = {step}..8192 step {step} over {len(weights)} shapes: {time.perf_counter() - start:.2f} s")
+        new_rows(f"after the step-{step} sweep")
+
+
+def gemm_only() -> None:
+    """The 8B shapes' projections with random weights, no engine (run under CUDA_MODULE_LOADING=EAGER)."""
     start = time.perf_counter()
-    for w in weights.values():
-        x = torch.randn(8192, w.shape[1], device=w.device, dtype=w.dtype)
-        for m in range(1, 8193, 32):
-            x[:m] @ w.T
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")
+    print(f"CUDA context: {time.perf_counter() - start:.2f} s")
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    weights = {k: torch.randn(*s, device="cuda", dtype=torch.bfloat16) for k, s in shapes.items()}
+    start = time.perf_counter()
+    x = torch.randn(100, 4096, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
-    print(f"sweep of M = 1..8192 step 32 over {len(weights)} shapes: {time.perf_counter() - start:.2f} s")
-    new_rows("after sweep")
+    (x @ weights["o"].T).sum().item()
+    print(f"first GEMM: {(time.perf_counter() - start) * 1e3:.1f} ms")
+    _gemm_probe(weights, sweeps=())
 
 
 def _attention_probe(spec, lengths: list[int]) -> None:
@@ -217,4 +243,4 @@ def _profile(prefill, n: int, device: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    gemm_only() if "--gemm-only" in sys.argv else main()

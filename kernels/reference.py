@@ -18,6 +18,9 @@ def store_kv(
 ) -> None:
     assert key.shape == value.shape and key.shape[1:] == k_cache.shape[2:], (key.shape, k_cache.shape)
     assert slot_mapping.shape == (key.shape[0],), slot_mapping.shape
+    if (slot_mapping < 0).any():  # padding rows write nowhere
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 

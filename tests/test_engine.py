@@ -1,6 +1,7 @@
 """The engine core on its own: block manager, admission control, abort, request validation, and moving
 a request's KV block by block from one engine to another mid-request."""
 import pytest
+import torch
 from conftest import assert_leak_free, causal_prompt_reference, make_prompts
 
 from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -178,3 +179,57 @@ def test_prompt_attention_without_varlen_matches_reference(monkeypatch, heads, k
     out = decoder._prompt_attention(q, k, v, meta, 0.3)
     assert torch.allclose(out.double(), causal_prompt_reference(q, k, v, bounds, 0.3), atol=1e-5)
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_padded_steps_generate_what_unpadded_steps_do(model_dir, arch):
+    """Steps rounded up to a multiple of 32 tokens (as on GPU) with rows that belong to no sequence:
+    prompts together, chunked prompts beside decodes; same tokens, and the padding writes no block."""
+    prompts = make_prompts(384, lengths=(3, 37, 50, 70), seed=2)
+    results = []
+    for pad in (1, 32):
+        engine = make_engine(model_dir(arch), num_blocks=64, block_size=8, max_num_batched_tokens=48)
+        engine.runner.pad_tokens = pad
+        sizes = []
+        prepare = engine.runner.prepare
+
+        def recording(out, prepare=prepare, sizes=sizes):
+            ids, pos, meta, rows = prepare(out)
+            sizes.append((ids.shape[0], meta.query_start_loc[-1], meta.slot_mapping[meta.query_start_loc[-1]:]))
+            return ids, pos, meta, rows
+
+        engine.runner.prepare = recording
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, GREEDY)
+        results.append(run_all(engine))
+        assert_leak_free(engine)
+        padded = [(n, real, tail) for n, real, tail in sizes if n != real]
+        if pad == 1:
+            assert not padded
+        else:
+            assert padded and all(n % 32 == 0 and (tail == -1).all() for n, _, tail in padded)
+    assert results[0] == results[1]
+
+
+def test_gemm_warm_up_runs_every_projection_at_every_padded_count(model_dir, monkeypatch):
+    from pdpipe import kernels
+
+    engine = make_engine(model_dir("qwen2"))
+    engine.runner.pad_tokens = 32
+    seen = set()
+    linear = kernels.linear
+
+    def recording(x, weight, bias=None):
+        seen.add((x.shape[0], tuple(weight.shape), bias is not None))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(kernels, "linear", recording)
+    engine.runner.warm_gemms(max_tokens=100, max_rows=5)
+    model = engine.runner.model
+    shapes = {(tuple(m.weight.shape), m.bias is not None) for layer in model.model.layers for m in layer.modules()
+              if isinstance(m, torch.nn.Linear)}
+    assert len(shapes) >= 4
+    for shape, bias in shapes:
+        assert {m for m, s, b in seen if (s, b) == (shape, bias)} == {1, 2, 3, 4, 5, 32, 64, 96, 128}
+    head = tuple(model.lm_head.weight.shape)
+    assert {m for m, s, _ in seen if s == head} == {1, 2, 3, 4, 5}

@@ -20,7 +20,7 @@ from pdpipe.models.spec import ModelSpec, load_eos_token_ids
 
 from .block_manager import BlockManager
 from .kv_cache import KVCache
-from .model_runner import ModelRunner
+from .model_runner import TOKEN_PAD, ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
@@ -83,7 +83,8 @@ class LLMEngine:
         self.kv_cache = KVCache(self.spec, num_blocks, block_size, dtype, config.device, buffer)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.max_model_len,
+                                  pad_tokens=TOKEN_PAD if config.device.startswith("cuda") else 1)
         if config.device.startswith("cuda") and config.cuda_graphs:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
         self.sampler = Sampler(self.eos_token_ids)
@@ -190,8 +191,11 @@ class LLMEngine:
         """Runs a few throw-away requests so that the kernels live requests need are compiled now, not
         on a user's request (Triton compiles each kernel once per class of shapes, a second or more
         each): prompts alone and together, a prompt continued from a chunk (long and short remainder),
-        and decode steps. Leaves every block free."""
+        and decode steps; on GPU first every projection at every padded token count (cuBLAS's first
+        call at a shape costs milliseconds). Leaves every block free."""
         budget = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len - 1)
+        if self.runner.pad_tokens > 1:
+            self.runner.warm_gemms(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_num_seqs)
         gen = torch.Generator().manual_seed(0)
 
         def prompt(n: int) -> list[int]:

@@ -18,14 +18,44 @@ def decode_splits(max_seq_len: int, batch: int, kv_heads: int) -> int:
     return triton_ops.decode_splits(max_seq_len, batch, kv_heads) if triton_ops is not None else 1
 
 
+# On GPU a step's token count is rounded up to a multiple of this with rows that write nowhere (slot -1)
+# and belong to no sequence. cuBLAS pays ~3 ms the first time a GEMM runs at a row count it has not
+# seen (H200, cuBLAS 13: one call in 3-6 at a random new count, 2-5 ms a new prompt length, and no
+# sweep of other counts avoids it; benchmarks/RESULTS.md): with padding the counts are few enough for
+# the warm-up to run them all.
+TOKEN_PAD = 32
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, max_model_len: int):
+    def __init__(self, model: CausalLM, kv_cache: KVCache, max_model_len: int, pad_tokens: int = 1):
         self.model = model
         self.kv_cache = kv_cache
         self.kv_layers = kv_cache.layers()
         self.device = next(model.parameters()).device
         self.max_model_len = max_model_len
+        self.pad_tokens = pad_tokens
         self.graphs: DecodeGraphs | None = None
+
+    def warm_gemms(self, max_tokens: int, max_rows: int) -> None:
+        """Runs each distinct projection of the model at every padded token count up to `max_tokens`
+        and at every row count up to `max_rows` (decode batches), and the LM head at every row count up
+        to `max_rows`, so that no live step is cuBLAS's first at its shape (see TOKEN_PAD)."""
+        from pdpipe import kernels
+
+        layers = getattr(self.model.model, "layers", [])
+        linears = {(tuple(m.weight.shape), m.bias is not None): m for m in
+                   (layers[0].modules() if len(layers) else []) if isinstance(m, torch.nn.Linear)}
+        head = getattr(self.model, "lm_head", None)
+        with torch.inference_mode():
+            for mod in linears.values():
+                counts = {*range(1, max_rows + 1), *range(self.pad_tokens, max_tokens + self.pad_tokens, self.pad_tokens)}
+                x = torch.zeros(max(counts), mod.weight.shape[1], dtype=mod.weight.dtype, device=self.device)
+                for m in sorted(counts):
+                    kernels.linear(x[:m], mod.weight, mod.bias)
+            if isinstance(head, torch.nn.Linear):
+                x = torch.zeros(max_rows, head.weight.shape[1], dtype=head.weight.dtype, device=self.device)
+                for m in range(1, max_rows + 1):
+                    kernels.linear(x[:m], head.weight, head.bias)
 
     def capture_graphs(self, max_batch: int) -> None:
         from pdpipe import kernels
@@ -47,6 +77,11 @@ class ModelRunner:
             seq_lens.append(end)
             if chunk.samples:
                 sample_rows.append(query_start_loc[-1] - 1)
+        # decode batches keep one row per sequence (their kernels index rows by sequence)
+        pad = 0 if all(c.num_tokens == 1 for c in out.chunks) else -len(input_ids) % self.pad_tokens
+        input_ids.extend([0] * pad)
+        positions.extend([0] * pad)
+        slots.extend([-1] * pad)
         width = max(len(c.seq.block_table) for c in out.chunks)
         tables = torch.zeros(len(out.chunks), width, dtype=torch.int32)
         for i, chunk in enumerate(out.chunks):
