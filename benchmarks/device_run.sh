@@ -39,8 +39,7 @@ while [ $# -gt 0 ]; do
            tar czf "$OUT/bench_logs.tgz" /tmp/pdb-*/logs 2>/dev/null; shift 2 ;;
     probe) python3 benchmarks/gil_probe.py 2>&1 | tee "$OUT/gil_probe.log"; shift ;;
     idle) python3 benchmarks/idle_gpu_probe.py 2>&1 | tee "$OUT/idle_gpu_probe.log"; shift ;;
-    lengths) python3 benchmarks/new_length_probe.py 2>&1 | grep -v Warn | tee "$OUT/new_length_probe.log" | head -60
-             CUDA_MODULE_LOADING=EAGER python3 benchmarks/new_length_probe.py --gemm-only 2>&1 | tee "$OUT/gemm_eager.log"; shift ;;
+    lengths) python3 benchmarks/new_length_probe.py 2>&1 | grep -v Warn | tee "$OUT/new_length_probe.log" | head -60; shift ;;
     prefill) timeout ${PREFILL_S:-240} python3 benchmarks/prefill_service.py --input-len "$2" --prompts "$3" \
                --out "$OUT/prefill_${2/:/-}.json" 2>&1 | tail -3; shift 3 ;;
     compare) configs=(); for l in ${LAYOUTS:-1p1d 1p1d-always 2mixed}; do configs+=("$(layout_config $l)"); done
