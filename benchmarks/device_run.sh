@@ -3,8 +3,9 @@
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
 #   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
-#   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d, 1p1d-always, 1p1d-backlog
-#   (local_on_backlog on), 1p1d-busy (decode_busy_ms = BUSY_MS, default 12), 2mixed; default
+#   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
+#   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
+#   (decode_busy_ms = BUSY_MS, default 12), 1p1d-nobusy (decode_busy_ms 0), 2mixed; default
 #   1p1d 1p1d-always 2mixed),
 #   PROMPTS (requests per rate, default 150), SLO (default "ttft:600 tpot:15"), COMPARE_S
 # .whl holds py3.12 manylinux wheels of what the machine lacks: pyzmq msgspec starlette uvicorn h11
@@ -23,12 +24,14 @@ model=/tmp/pdpipe-models/llama-8b-shape  # what launch/gpu-8b-*.toml serve: Llam
 [ -f $model/config.json ] || python3 -m pdpipe.cli make-model $model --arch llama --layers 32 --hidden 4096 \
   --heads 32 --kv-heads 8 --intermediate 14336 --vocab 128256 --max-position 131072 --dtype bfloat16 --no-weights >/dev/null
 sed -e 's/^name = "1p1d"/name = "1p1d-always"/' -e 's/^disaggregation = .*/disaggregation = "always"/' \
-  launch/gpu-8b-1p1d.toml > /tmp/gpu-8b-1p1d-always.toml
+  -e 's/^decode_busy_ms = .*/decode_busy_ms = 0/' launch/gpu-8b-1p1d.toml > /tmp/gpu-8b-1p1d-always.toml
 sed -e 's/^name = "1p1d"/name = "1p1d-backlog"/' -e 's/^disaggregation = .*/&\nlocal_on_backlog = true/' \
   launch/gpu-8b-1p1d.toml > /tmp/gpu-8b-1p1d-backlog.toml
-sed -e 's/^name = "1p1d"/name = "1p1d-busy"/' -e "s/^disaggregation = .*/&\ndecode_busy_ms = ${BUSY_MS:-12}/" \
+sed -e 's/^name = "1p1d"/name = "1p1d-busy"/' -e "s/^decode_busy_ms = .*/decode_busy_ms = ${BUSY_MS:-12}/" \
   launch/gpu-8b-1p1d.toml > /tmp/gpu-8b-1p1d-busy.toml
-layout_config() { case "$1" in 1p1d-always|1p1d-backlog|1p1d-busy) echo /tmp/gpu-8b-$1.toml ;;
+sed -e 's/^name = "1p1d"/name = "1p1d-nobusy"/' -e 's/^decode_busy_ms = .*/decode_busy_ms = 0/' \
+  launch/gpu-8b-1p1d.toml > /tmp/gpu-8b-1p1d-nobusy.toml
+layout_config() { case "$1" in 1p1d-always|1p1d-backlog|1p1d-busy|1p1d-nobusy) echo /tmp/gpu-8b-$1.toml ;;
                   *) echo launch/gpu-8b-$1.toml ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in

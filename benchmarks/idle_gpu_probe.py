@@ -1,8 +1,10 @@
-"""How much slower is a prefill that finds its GPU idle? The same 2048-token prompt is computed by the
-8B-shaped engine back to back, then after the GPU idled for a while (as a lightly loaded prefill
-instance's GPU does between requests); the SM clock is read through NVML just before each prompt.
+"""How much slower is a prefill that finds its machine idle? The same prompt is computed by the
+8B-shaped engine back to back, then after an idle while (as a lightly loaded prefill instance idles
+between requests): with the process asleep (CPU and GPU idle), or spinning on the CPU (GPU idle
+only). The SM clock is read through NVML just before each prompt, and the host time the forward
+pass takes to launch (a short prompt's step is bound by it) is timed apart from the whole.
 
-    python benchmarks/idle_gpu_probe.py        (on a GPU machine; makes the 8B-shaped folder if needed)
+    python benchmarks/idle_gpu_probe.py [--tokens 2048,320]   (GPU machine, the 8B-shaped folder)
 """
 from __future__ import annotations
 
@@ -18,7 +20,13 @@ IDLE_S = (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def main() -> None:
+    import argparse
+
     import pynvml
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="2048,320")
+    args = parser.parse_args()
 
     from pdpipe.config import load_launch_config
     from pdpipe.engine.engine import LLMEngine
@@ -29,26 +37,46 @@ def main() -> None:
     engine.warm_up()
     pynvml.nvmlInit()
     gpu = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-    prompt = torch.randint(0, engine.spec.vocab_size, (2048,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=1, temperature=0.0)
+    launch_ms: list[float] = []
+    execute = engine.runner.execute
 
-    def prefill() -> tuple[float, int]:
+    def timed_execute(*a, **k):
+        start = time.perf_counter()
+        result = execute(*a, **k)
+        launch_ms.append((time.perf_counter() - start) * 1e3)
+        return result
+
+    engine.runner.execute = timed_execute
+
+    def prefill(prompt) -> tuple[float, int, float]:
         clock = pynvml.nvmlDeviceGetClockInfo(gpu, pynvml.NVML_CLOCK_SM)
         start = time.perf_counter()
         engine.add_request("probe", prompt, params)
         while engine.has_unfinished():
             engine.step()
-        return (time.perf_counter() - start) * 1e3, clock
+        return (time.perf_counter() - start) * 1e3, clock, launch_ms[-1]
 
-    print(f"{'idle before (ms)':>16} {'prefill ms (median of 5)':>25} {'SM MHz before':>14}")
-    for idle in IDLE_S:
-        runs = []
-        for _ in range(5):
-            prefill()  # the GPU busy right before the idle period
-            time.sleep(idle)
-            runs.append(prefill())
-        ms = statistics.median(r[0] for r in runs)
-        print(f"{idle * 1e3:>16.0f} {ms:>25.1f} {statistics.median(r[1] for r in runs):>14.0f}", flush=True)
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    for n in (int(x) for x in args.tokens.split(",")):
+        prompt = torch.randint(0, engine.spec.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        print(f"--- {n}-token prompt")
+        print(f"{'idle before (ms)':>16} {'how':>6} {'prefill ms (median of 5)':>25} {'of it launching':>16} "
+              f"{'SM MHz before':>14}")
+        for idle in IDLE_S:
+            for how, wait in (("sleep", time.sleep), ("spin", spin)):
+                runs = []
+                for _ in range(5):
+                    prefill(prompt)  # the machine busy right before the idle period
+                    wait(idle)
+                    runs.append(prefill(prompt))
+                print(f"{idle * 1e3:>16.0f} {how:>6} {statistics.median(r[0] for r in runs):>25.1f} "
+                      f"{statistics.median(r[2] for r in runs):>16.1f} {statistics.median(r[1] for r in runs):>14.0f}",
+                      flush=True)
 
 
 if __name__ == "__main__":
