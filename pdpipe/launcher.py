@@ -1,7 +1,11 @@
-"""`pdpipe launch CONFIG`: starts one machine's processes, waits until each says it is ready, and on
-SIGINT/SIGTERM (or any process dying) stops them all and removes the run's sockets and shared memory.
+"""`pdpipe launch CONFIG`: starts one machine's processes, waits until each says it is ready, keeps
+them running, and on SIGINT/SIGTERM stops them all and removes the run's sockets and shared memory.
 
-A process that fails to start is named with the end of its log, and nothing is left running."""
+A process that fails to start is named with the end of its log, and nothing is left running. A process
+that dies later is restarted (after a back-off that grows with each death in a minute) and the others
+are told, so that the requests it held end with an error and it leaves routing until it is back; one
+that dies `CRASH_LOOP` times in a minute stops the launch, named with the end of its log. Children end
+when the launcher does, however it ends (a parent-death signal)."""
 from __future__ import annotations
 
 import logging
@@ -20,14 +24,21 @@ import msgspec
 import zmq
 
 from pdpipe.config import LaunchConfig
-from pdpipe.messages import Ready
-from pdpipe.wire import InboxThread, RunPaths
+from pdpipe.messages import DropAll, ProcessDown, ProcessUp, Ready
+from pdpipe.wire import InboxThread, Outboxes, RunPaths
 
 log = logging.getLogger("pdpipe")
 
 
+ENGINE_ROLES = ("prefill", "decode", "mixed")
+BACKOFF_S = (0.2, 1.0, 2.0, 4.0, 8.0)  # before the 1st, 2nd, ... restart of a process within a minute
+CRASH_LOOP = 5  # deaths of one process within CRASH_WINDOW_S that stop the launch
+CRASH_WINDOW_S = 60.0
+_LIVE_RUNS: set[Path] = set()  # run directories of this process's running launches
+
+
 class LaunchError(RuntimeError):
-    """A process that did not start; the message names it and quotes its log."""
+    """A process that did not start (or keeps dying); the message names it and quotes its log."""
 
 
 @dataclass
@@ -37,6 +48,10 @@ class Child:
     popen: subprocess.Popen
     log_path: Path
     ready: Ready | None = None
+    deaths: list[float] = field(default_factory=list)  # when it died, within the crash window
+    restart_at: float | None = None  # dead, restarting then
+    restarts: int = 0
+    ready_at: float = 0.0  # time.monotonic() of its last Ready
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -54,6 +69,12 @@ class Launcher:
     def __post_init__(self):
         self.paths = RunPaths(self.cfg.resolved_run_dir)
         self._stopping = False
+        self._ctx: zmq.Context | None = None
+        self._inbox: InboxThread | None = None
+        self._out: Outboxes | None = None
+        self._halt = threading.Event()  # the supervisor stops
+        self.fatal: str | None = None  # why the supervisor gave up (a crash loop)
+        self._supervisor: threading.Thread | None = None
 
     def plan(self) -> list[tuple[str, str]]:
         """(role, name) of every process, in start order."""
@@ -62,35 +83,69 @@ class Launcher:
     def start(self) -> None:
         from pdpipe.demo import resolve_model
 
-        resolve_model(self.cfg.engine.model)  # make the demo model once, before the processes look for it
         run_dir = self.paths.run_dir
+        self._refuse_live_run()
+        if any(role == "api" for role, _ in self.plan()):
+            self._check_port()
+        resolve_model(self.cfg.engine.model)  # make the demo model once, before the processes look for it
         if run_dir.exists():
             self._clean_leftovers()
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_bytes(msgspec.json.encode(self.cfg))
-        ctx = zmq.Context()
-        inbox = InboxThread(ctx, self.paths.inbox("launcher")).start()
+        (run_dir / "launcher.pid").write_text(str(os.getpid()))
+        _LIVE_RUNS.add(run_dir)
+        self._ctx = zmq.Context()
+        self._inbox = InboxThread(self._ctx, self.paths.inbox("launcher")).start()
+        local = {n for _, n in self.plan()} | {"launcher"} if self.cfg.cluster.redis_url else None
+        self._out = Outboxes(self._ctx, self.paths, local)
         try:
             for role, name in self.plan():
                 self._spawn(role, name)
-            self._wait_ready(inbox.queue)
+            self._wait_ready(self._inbox.queue)
         except BaseException:
             self.stop()
             raise
-        finally:
-            inbox.stop()
-            ctx.term()
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor.start()
 
-    def _spawn(self, role: str, name: str) -> None:
+    def _refuse_live_run(self) -> None:
+        """A launch of the same name still running keeps its run directory: say so, wipe nothing."""
+        try:
+            pid = int((self.paths.run_dir / "launcher.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if (pid != os.getpid() and b"pdpipe" in cmdline) or self.paths.run_dir in _LIVE_RUNS:
+            raise LaunchError(f"a launch named {self.cfg.name!r} is running (launcher pid {pid}, run directory "
+                              f"{self.paths.run_dir}); stop it (kill {pid}) or give this one another name")
+
+    def _check_port(self) -> None:
+        import socket
+
+        host, port = self.cfg.api.host, self.cfg.api.port
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise LaunchError(f"api.port {port} on {host} is taken ({exc.strerror}): another server or "
+                                  "launch is using it; stop that or set api.port") from None
+
+    def _spawn(self, role: str, name: str, again: bool = False) -> subprocess.Popen:
         log_path = self.paths.log(name)
-        env = dict(os.environ)
+        env = dict(os.environ, PDPIPE_LAUNCHER_PID=str(os.getpid()))
         inst = dict(self.cfg.named_instances()).get(name)
         if inst is not None and inst.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpus))
-        with open(log_path, "wb") as logf:
+        with open(log_path, "ab" if again else "wb") as logf:
+            if again:
+                logf.write(f"\n==== pdpipe: restarting {name} ====\n".encode())
+                logf.flush()
             popen = subprocess.Popen([sys.executable, "-m", "pdpipe.process", role, name, str(self.paths.run_dir)],
                                      stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        self.children.append(Child(name, role, popen, log_path))
+        if not again:
+            self.children.append(Child(name, role, popen, log_path))
+        return popen
 
     def _wait_ready(self, inbox: queue.Queue) -> None:
         deadline = time.monotonic() + self.cfg.ready_timeout
@@ -110,17 +165,70 @@ class Launcher:
             if isinstance(msg, Ready) and msg.instance in by_name:
                 by_name[msg.instance].ready = msg
 
+    # ---- supervision -------------------------------------------------------------------------
+    def _supervise(self) -> None:
+        """Restarts dead children and tells the others (see the module's docstring)."""
+        by_name = {c.name: c for c in self.children}
+        while not self._halt.wait(0.05):
+            now = time.monotonic()
+            for c in self.children:
+                if c.restart_at is None and c.popen.poll() is not None:
+                    if self._died(c, now):
+                        return
+                elif c.restart_at is not None and now >= c.restart_at:
+                    c.popen, c.ready, c.restart_at = self._spawn(c.role, c.name, again=True), None, None
+                    c.restarts += 1
+            while True:
+                try:
+                    msg = self._inbox.queue.get_nowait()
+                except queue.Empty:
+                    break
+                c = by_name.get(getattr(msg, "instance", ""))
+                if isinstance(msg, Ready) and c is not None and c.ready is None and c.restart_at is None:
+                    c.ready, c.ready_at = msg, time.monotonic()
+                    log.warning("process %s is back (pid %d, restart %d)", c.name, msg.pid, c.restarts)
+                    if c.role in (*ENGINE_ROLES, "transfer"):
+                        self._send("scheduler", ProcessUp(name=c.name, role=c.role))
+
+    def _died(self, c: Child, now: float) -> bool:
+        """Records a death; schedules the restart and tells the others, or gives up on a crash loop."""
+        c.deaths = [t for t in c.deaths if now - t < CRASH_WINDOW_S] + [now]
+        code = c.popen.returncode
+        if len(c.deaths) >= CRASH_LOOP:
+            self.fatal = (f"process {c.name} ({c.role}) died {len(c.deaths)} times within {CRASH_WINDOW_S:g} s "
+                          f"(last exit code {code}); stopping. The end of {c.log_path}:\n{_tail(c.log_path)}")
+            log.error("%s", self.fatal)
+            self._halt.set()
+            return True
+        delay = BACKOFF_S[min(len(c.deaths), len(BACKOFF_S)) - 1]
+        c.restart_at, c.ready = now + delay, None
+        log.warning("process %s (%s) exited with code %s; restarting it in %.1f s. The end of %s:\n%s",
+                    c.name, c.role, code, delay, c.log_path, _tail(c.log_path, 8))
+        detail = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}"
+        if c.role == "scheduler":  # what it knew is lost: engines drop every request, the api fails its own
+            for other in self.children:
+                if other.role in (*ENGINE_ROLES, "transfer"):
+                    self._send(other.name, DropAll(reason=f"scheduler died ({detail})"))
+            if any(x.role == "api" for x in self.children):
+                self._send("api", ProcessDown(name=c.name, role=c.role, detail=detail))
+        elif c.role in (*ENGINE_ROLES, "transfer", "api"):
+            self._send("scheduler", ProcessDown(name=c.name, role=c.role, detail=detail))
+        return False
+
+    def _send(self, dest: str, msg) -> None:
+        try:
+            self._out.send(dest, msg)
+        except zmq.ZMQError as exc:
+            log.warning("could not tell %s that %s: %s", dest, type(msg).__name__, exc)
+
     def wait(self) -> int:
-        """Blocks until a signal or a process exiting; then stops everything. Returns an exit code."""
+        """Blocks until a signal, or until a process keeps dying; then stops everything. Returns an exit
+        code (1 after a crash loop)."""
         stop = threading.Event()
         old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not stop.wait(0.5):
-                dead = [c for c in self.children if c.popen.poll() is not None]
-                if dead:
-                    c = dead[0]
-                    log.error("process %s exited with code %s; stopping the others. The end of %s:\n%s",
-                              c.name, c.popen.returncode, c.log_path, _tail(c.log_path))
+            while not stop.wait(0.2):
+                if self.fatal is not None:
                     return 1
             return 0
         finally:
@@ -132,6 +240,9 @@ class Launcher:
         if self._stopping:
             return
         self._stopping = True
+        self._halt.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=2)
         for c in reversed(self.children):
             if c.popen.poll() is None:
                 c.popen.terminate()
@@ -143,7 +254,15 @@ class Launcher:
                 log.warning("process %s did not stop in %.0f s; killing it", c.name, timeout)
                 c.popen.kill()
                 c.popen.wait()
+        if self._inbox is not None:
+            self._inbox.stop()
+        if self._out is not None:
+            self._out.close()
+        if self._ctx is not None:
+            self._ctx.term()
         self._clean_leftovers()
+        (self.paths.run_dir / "launcher.pid").unlink(missing_ok=True)
+        _LIVE_RUNS.discard(self.paths.run_dir)
 
     def dump_stacks(self) -> None:
         """Every process writes its threads' stacks to its log (for a hang)."""

@@ -231,6 +231,21 @@ class Shutdown(Msg):
     reason: str = ""
 
 
+class ProcessDown(Msg):  # launcher → scheduler (and api): a local process died; it is being restarted
+    name: str
+    role: str
+    detail: str = ""
+
+
+class ProcessUp(Msg):  # launcher → scheduler: a restarted process is ready again
+    name: str
+    role: str
+
+
+class DropAll(Msg):  # launcher → engines, transfer: the scheduler died; every request it knew is gone
+    reason: str
+
+
 class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI / api → scheduler (REQ/REP)
     op: str  # "snapshot" | "trace" | "pause" | "resume"
     request_id: str = ""
@@ -239,7 +254,7 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI /
 
 Message = (NewRequest | AbortRequest | Reserve | Reserved | DecodeBlocks | Prefill | TransferStart | LayersReady
            | PrefillDone | KVLanded | TransferDone | Free | Freed | AbortTransfer | StateEvent | InstanceStats
-           | Ready | PoolInfo | Forward | Pause | Shutdown | EngineOutput)
+           | Ready | PoolInfo | Forward | Pause | Shutdown | ProcessDown | ProcessUp | DropAll | EngineOutput)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

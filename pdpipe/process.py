@@ -209,9 +209,23 @@ RUNNERS = {"prefill": run_engine, "decode": run_engine, "mixed": run_engine, "tr
            "scheduler": run_service, "api": run_service, "relay": run_relay}
 
 
+def die_with_launcher() -> None:
+    """SIGTERM to this process when its launcher dies, however it dies (Linux's parent-death signal), so
+    that no process outlives its launch holding its port and pools."""
+    launcher = os.environ.get("PDPIPE_LAUNCHER_PID")
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(launcher):  # it died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
+    die_with_launcher()
     role, name, run_dir = (argv or sys.argv[1:])[:3]
     logging.basicConfig(level=envs.log_level(), stream=sys.stderr,
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")

@@ -17,6 +17,7 @@ from pdpipe.messages import (
     EngineOutput,
     InstanceStats,
     NewRequest,
+    ProcessDown,
     SamplingParams,
     decode,
     encode,
@@ -73,9 +74,17 @@ class Bridge:
             except msgspec.DecodeError:
                 log.exception("api: undecodable message")
                 continue
+            if isinstance(msg, ProcessDown):  # the scheduler died: what it knew of our requests is gone
+                self.fail_all(f"{msg.name} died ({msg.detail}); the request was lost, retry it")
+                continue
             stream = self.streams.get(getattr(msg, "request_id", ""))
             if isinstance(msg, EngineOutput) and stream is not None:
                 stream.put(msg)
+
+    def fail_all(self, reason: str) -> None:
+        """Ends every open stream with an error (its client sees an error event, then [DONE])."""
+        for rid, stream in list(self.streams.items()):
+            stream.put(EngineOutput(request_id=rid, token_ids=[], finish_reason="error", error=reason))
 
     async def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
                      arrival: float) -> TokenStream:

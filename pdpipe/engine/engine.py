@@ -133,6 +133,11 @@ class LLMEngine:
         self._reserved[request_id] = self.blocks.allocate(need)
         return list(self._reserved[request_id])
 
+    @property
+    def reserved(self) -> list[str]:
+        """Requests holding reserved blocks whose KV has not arrived."""
+        return list(self._reserved)
+
     def cancel_reservation(self, request_id: str) -> bool:
         blocks = self._reserved.pop(request_id, None)
         if blocks is not None:

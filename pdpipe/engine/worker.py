@@ -21,6 +21,7 @@ from msgspec.structs import replace
 
 from pdpipe.messages import (
     DecodeBlocks,
+    DropAll,
     EngineOutput,
     Free,
     Freed,
@@ -154,6 +155,15 @@ class EngineWorker:
         self._started.discard(rid)
         if self.role != "mixed":  # the scheduler's ledger holds room for it here until this
             self.send(SCHEDULER, Freed(request_id=rid, instance=self.name))
+
+    def _on_DropAll(self, msg: DropAll) -> None:
+        """The scheduler died: no request it knew can be finished or freed by it, so every request here
+        (running, queued, reserved, or KV held for a transfer) ends and frees its blocks."""
+        sched = self.engine.scheduler
+        rids = {*(s.request_id for s in [*sched.running, *sched.waiting]), *sched.held, *self.engine.reserved,
+                *self._pending, *self._prefills}
+        for rid in rids:
+            self._on_Free(Free(request_id=rid, reason=msg.reason))
 
     # ---- step loop ---------------------------------------------------------------------------
     def has_work(self) -> bool:

@@ -29,8 +29,8 @@ class ShmTransfer(GroupedBackend):
         self.pools: dict[str, torch.Tensor] = {}
 
     def register_pool(self, pool: PoolInfo) -> None:
-        if pool.instance not in self.pools:
-            self.pools[pool.instance] = map_pool(pool.path, pool.shape, getattr(torch, pool.dtype))
+        # mapped again each time: a restarted engine may have made its file anew
+        self.pools[pool.instance] = map_pool(pool.path, pool.shape, getattr(torch, pool.dtype))
 
     def _pool(self, instance: str, job: TransferJob) -> torch.Tensor:
         pool = self.pools.get(instance)

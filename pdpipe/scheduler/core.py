@@ -31,6 +31,8 @@ from pdpipe.messages import (
     Msg,
     NewRequest,
     Prefill,
+    ProcessDown,
+    ProcessUp,
     Reserve,
     Reserved,
     StateEvent,
@@ -85,6 +87,7 @@ class SchedulerCore:
         self.queue = AdmissionQueue()
         self.ledger = DecodeLedger()
         self.decisions: Counter[str] = Counter()  # where prompts were computed: remote, local
+        self.down: dict[str, tuple[str, str]] = {}  # dead local instances being restarted → (role, machine)
         self._numbers = itertools.count()
 
     def of_role(self, role: str) -> list[str]:
@@ -93,7 +96,8 @@ class SchedulerCore:
     def transfer_of(self, instance: str) -> str:
         return transfer_name(self.machines.get(instance, ""))
 
-    def update_instances(self, live: dict[str, tuple[str, str]]) -> None:
+    def update_instances(self, live: dict[str, tuple[str, str]],
+                         why: str = "no heartbeat within the TTL") -> None:
         """The registry's view (name → (role, machine)). Requests on an instance that is gone fail now,
         and every surviving holder frees their blocks."""
         gone = set(self.roles) - set(live)
@@ -101,8 +105,7 @@ class SchedulerCore:
         for rec in list(self.live.values()):
             lost = gone & {rec.prefill, rec.decode, rec.whole, rec.reserving}
             if lost:
-                self._end(rec, "FAILED", "scheduler",
-                          f"instance {', '.join(sorted(lost))} is gone (no heartbeat within the TTL)")
+                self._end(rec, "FAILED", "scheduler", f"instance {', '.join(sorted(lost))} is gone ({why})")
                 decode = rec.decode or rec.reserving
                 if decode and decode not in gone and self.machines.get(rec.prefill) in dead_machines:
                     # the transfer that would free decode's blocks died with its machine; nothing can
@@ -113,6 +116,36 @@ class SchedulerCore:
             self.ledger.forget(name)
         self.roles = {n: role for n, (role, _) in live.items()}
         self.machines = {n: machine for n, (_, machine) in live.items()}
+        self._pump()
+
+    def process_down(self, msg: ProcessDown) -> None:
+        """The launcher saw a local process die (it restarts it). An engine leaves routing until it is
+        back; every request that needed it, or the dead transfer's copies, fails now and each surviving
+        holder frees; a dead front-end's requests have no client left, so they are aborted."""
+        why = f"{msg.name} died: {msg.detail}" if msg.detail else f"{msg.name} died"
+        if msg.role == "api":
+            for rec in list(self.live.values()):
+                self._end(rec, "ABORTED", "scheduler", why)
+        elif msg.role == "transfer":
+            self.down[msg.name] = (msg.role, "")  # meanwhile prompts are computed on their decode instance
+            for rec in list(self.live.values()):
+                decode = rec.decode or rec.reserving
+                if rec.prefill and decode and self.transfer_of(rec.prefill) == msg.name \
+                        and STAGE.get(rec.state, len(STAGE)) < STAGE["DECODING"]:
+                    self._end(rec, "FAILED", "scheduler", why)
+                    # no process writes into decode's blocks any more: decode frees them now
+                    self.send(decode, Free(request_id=rec.request_id, reason=why))
+        elif msg.name in self.roles:
+            self.down[msg.name] = (self.roles[msg.name], self.machines.get(msg.name, ""))
+            live = {n: (r, self.machines.get(n, "")) for n, r in self.roles.items() if n != msg.name}
+            self.update_instances(live, why=why)
+
+    def process_up(self, msg: ProcessUp) -> None:
+        """A restarted engine is ready: it rejoins routing (its stats restore its room); a restarted
+        transfer takes prompts for prefill instances again."""
+        back = self.down.pop(msg.name, None)
+        if back is not None and back[0] != "transfer":
+            self.roles[msg.name], self.machines[msg.name] = back
         self._pump()
 
     # ---- messages ----------------------------------------------------------------------------
@@ -131,7 +164,13 @@ class SchedulerCore:
         elif isinstance(msg, Freed):
             if self.ledger.release(msg.request_id, msg.instance):
                 self._pump()
+        elif isinstance(msg, ProcessDown):
+            self.process_down(msg)
+        elif isinstance(msg, ProcessUp):
+            self.process_up(msg)
         elif isinstance(msg, InstanceStats):
+            if msg.instance in self.down:
+                return  # the last words of a dead instance, or a restarted one not yet ready
             self.stats[msg.instance] = msg
             if self.roles.get(msg.instance) in ("decode", "prefill") and self.ledger.report(msg):
                 self._pump()
@@ -215,6 +254,8 @@ class SchedulerCore:
         prefills = self.of_role("prefill")
         if not prefills:
             return True, "no prefill instance"
+        if self.transfer_of(decode) in self.down:
+            return True, f"{self.transfer_of(decode)} is restarting"
         n = rec.num_prompt_tokens
         if self.routing.disaggregation == "always":
             return False, "always disaggregated"
@@ -373,6 +414,7 @@ class SchedulerCore:
             "transfers": {n: _stats_dict(st) for n, st in self.stats.items() if st.role == "transfer"},
             "api": _stats_dict(self.stats.get("api")),
             "admission": self._admission_snapshot(),
+            "down": {name: role for name, (role, _) in self.down.items()},  # dead, being restarted
         }
 
     def _admission_snapshot(self) -> dict:

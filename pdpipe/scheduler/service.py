@@ -100,6 +100,8 @@ def serve_scheduler(proc) -> None:
         now = time.monotonic()
         if now >= next_tick:
             view = watcher.take() if watcher else None
+            if view is not None:  # a dead local instance stays out until the launcher says it is back
+                view = {n: v for n, v in view.items() if n not in core.down}
             if view is not None and view != {n: (core.roles[n], core.machines.get(n, "")) for n in core.roles}:
                 core.update_instances(view)
             core.tick()

@@ -21,6 +21,7 @@ from typing import Callable
 from pdpipe.messages import (
     AbortTransfer,
     DecodeBlocks,
+    DropAll,
     EngineOutput,
     Free,
     InstanceStats,
@@ -60,6 +61,11 @@ class TransferWorker:
                   getattr(msg, "request_id", None) or getattr(msg, "layer", ""))
         if isinstance(msg, PoolInfo):
             self._register(msg)
+        elif isinstance(msg, DropAll):  # the scheduler died: every job goes, decode frees their blocks
+            for rid, job in list(self.jobs.items()):
+                self._abort(AbortTransfer(request_id=rid, decode_instance=job.dst_instance, reason=msg.reason))
+            for rid, blocks in list(self._blocks.items()):
+                self._abort(AbortTransfer(request_id=rid, decode_instance=blocks.instance, reason=msg.reason))
         elif isinstance(msg, AbortTransfer):
             self._abort(msg)
         elif getattr(msg, "request_id", None) in self._tombstones:

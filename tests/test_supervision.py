@@ -1,0 +1,202 @@
+"""Faults with real processes: `kill -9` one process of a running launch while streams run. Each stream
+either completes or ends with an error event and `[DONE]`; streams that did not need the dead process
+complete; the process is restarted and serves again; new requests succeed; nothing is left allocated.
+Killing the launcher itself leaves no process behind."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import httpx
+import pytest
+from pipeline_launch import launched, leak_free, make_launch_config, snapshot, wait_until
+
+from pdpipe.inspect import control
+
+MODEL = "llama"
+MAX_TOKENS = 400
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_dir):
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode", "decode"], num_blocks=512)
+    with launched(cfg) as launcher:
+        yield launcher
+
+
+def stream(base: str, prompt: str, out: dict) -> None:
+    """One streamed completion; records its id, tokens, error event and whether [DONE] came."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    out.update(id=None, tokens=None, error=None, done=False, cut=None)
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    out["done"] = True
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out["error"] = chunk["error"]["message"]
+                    continue
+                out["id"] = chunk["id"]
+                if chunk.get("usage"):
+                    out["tokens"] = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:  # the connection itself was cut
+        out["cut"] = repr(exc)
+
+
+def start_streams(launcher, n: int, first: int) -> tuple[list[threading.Thread], list[dict]]:
+    base = f"http://127.0.0.1:{launcher.cfg.api.port}"
+    results = [{} for _ in range(n)]
+    threads = [threading.Thread(target=stream, args=(base, f"story number {first + i} begins", results[i]),
+                                daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def child(launcher, name: str):
+    return next(c for c in launcher.children if c.name == name)
+
+
+def decode_of(launcher, rid: str) -> str:
+    trace = control(str(launcher.paths.run_dir), "trace", request_id=rid)
+    return next((e[2] for e in trace["events"] if e[1] == "DECODING"), "")
+
+
+def serves(launcher) -> bool:
+    base = f"http://127.0.0.1:{launcher.cfg.api.port}"
+    body = {"model": MODEL, "prompt": "hello again", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    try:
+        resp = httpx.post(base + "/v1/completions", json=body, timeout=60)
+    except httpx.TransportError:  # the front-end itself is down
+        return False
+    return resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
+
+
+def kill_while_streaming(launcher, name: str, when: str) -> list[dict]:
+    """Starts 4 streams and, once they decode, 4 more; waits until `when` holds in the snapshot,
+    kill -9s `name`, and waits for every stream to end; then the process must be back and the launch
+    serving and leak-free."""
+    before = child(launcher, name).restarts
+    threads, results = start_streams(launcher, 4, 0)
+    wait_until(lambda: sum(i["requests"].get("DECODING", 0) for i in snapshot(launcher)["instances"].values()) >= 2,
+               what="streams decoding")
+    more, late = start_streams(launcher, 4, 4)
+    threads, results = threads + more, results + late
+    wait_until(lambda: eval_when(snapshot(launcher), when), what=when)
+    os.kill(child(launcher, name).popen.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: serves(launcher), timeout=60, what="a new request served")
+    served_at = time.monotonic()
+    wait_until(lambda: child(launcher, name).restarts == before + 1 and child(launcher, name).ready,
+               timeout=60, what=f"{name} restarted")
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    wait_until(lambda: not snapshot(launcher).get("down"), timeout=30, what=f"{name} back in routing")
+    assert serves(launcher)
+    print(f"\n{name}: a new request served {served_at - killed_at:.2f} s after the kill; "
+          f"the process ready again after {child(launcher, name).ready_at - killed_at:.2f} s")
+    assert wait_until(lambda: leak_free(launcher), timeout=30, what="every block free")
+    return results
+
+
+def eval_when(snap: dict, when: str) -> bool:
+    instance, state = when.split(":")
+    return snap["instances"].get(instance, {}).get("requests", {}).get(state, 0) >= 1
+
+
+def ended_cleanly(r: dict) -> bool:
+    return r["cut"] is None and r["done"] and (r["error"] is not None or r["tokens"] == MAX_TOKENS)
+
+
+def test_a_dead_decode_engine_fails_only_its_streams_and_comes_back(pipeline):
+    results = kill_while_streaming(pipeline, "decode-0", "decode-0:DECODING")
+    assert all(ended_cleanly(r) for r in results), results
+    on = {i: decode_of(pipeline, r["id"]) for i, r in enumerate(results) if r["id"]}
+    survivors = [results[i] for i, d in on.items() if d == "decode-1"]
+    assert survivors and all(r["tokens"] == MAX_TOKENS and r["error"] is None for r in survivors)
+    failed = [r for r in results if r["error"]]
+    assert failed and all("decode-0" in r["error"] for r in failed)
+    # the restarted engine takes requests again
+    wait_until(lambda: serves(pipeline) and snapshot(pipeline)["instances"]["decode-0"]["routed"] > 0,
+               what="decode-0 routed to")
+
+
+@pytest.mark.parametrize("name,when", [("prefill-0", "prefill-0:PREFILLING"),
+                                       ("transfer", "decode-0:DECODING"),
+                                       ("scheduler", "decode-0:DECODING")])
+def test_any_dead_process_ends_streams_cleanly_and_comes_back(pipeline, name, when):
+    results = kill_while_streaming(pipeline, name, when)
+    assert all(ended_cleanly(r) for r in results), results
+    if name == "scheduler":  # what it knew is lost: its open streams end with an error (those that
+        # reached the front-end after its death wait for the new one and complete)
+        assert any(r["error"] for r in results)
+        assert all("scheduler died" in r["error"] if r["error"] else r["tokens"] == MAX_TOKENS for r in results)
+    else:  # requests already decoding did not need it
+        assert any(r["tokens"] == MAX_TOKENS and r["error"] is None for r in results), results
+
+
+def test_a_dead_api_is_restarted_and_its_requests_freed(pipeline):
+    results = kill_while_streaming(pipeline, "api", "decode-0:DECODING")
+    assert all(r["cut"] or r["done"] for r in results)  # its own connections cannot end any other way
+    assert any(r["cut"] for r in results)
+
+
+def test_killing_the_launcher_leaves_no_process(tmp_path, model_dir):
+    from pipeline_launch import free_port
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'name = "orphans"\nrun_dir = "{tmp_path / "run"}"\n[engine]\nmodel = "{model_dir(MODEL)}"\n'
+                      f'[engine.cache]\nnum_blocks = 64\nblock_size = 8\n[api]\nport = {free_port()}\n'
+                      '[[instances]]\nrole = "prefill"\n[[instances]]\nrole = "decode"\n')
+    launcher = subprocess.Popen([sys.executable, "-m", "pdpipe.cli", "launch", str(config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in launcher.stdout:
+            if "ready" in line:
+                break
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == launcher.pid]
+        assert len(children) >= 5
+        launcher.kill()
+        launcher.wait()
+        wait_until(lambda: not any(_alive(pid) for pid in children), timeout=30, what="the children to exit")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_second_launch_over_a_live_run_or_a_taken_port_is_refused_in_one_line(pipeline, model_dir):
+    from pdpipe.launcher import LaunchError, Launcher
+
+    with pytest.raises(LaunchError, match=r"a launch named 'test' is running \(launcher pid \d+"):
+        Launcher(pipeline.cfg).start()
+    assert serves(pipeline)  # nothing of the running launch was touched
+    cfg = make_launch_config(model_dir(MODEL), ["mixed"])
+    cfg = replace(cfg, api=replace(cfg.api, port=pipeline.cfg.api.port))
+    with pytest.raises(LaunchError, match=f"api.port {pipeline.cfg.api.port} on .* is taken"):
+        Launcher(cfg).start()
+
