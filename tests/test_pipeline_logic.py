@@ -516,3 +516,34 @@ def test_a_prefill_instance_announces_layers_only_in_steps_that_hand_prompts_ove
     for i, rid in enumerate(("whole-0", "whole-1", "remote")):
         assert pipe.tokens(rid) == colocated(prompts[i]).token_ids
     assert pipe.leak_free()
+
+
+@pytest.mark.parametrize("stage", ["RESERVED", "PREFILLING", "TRANSFERRING", "DECODING"])
+def test_drop_all_after_the_scheduler_died_leaves_engines_and_transfer_empty(model_dir, stage):
+    """The launcher's `DropAll` to every engine and the transfer, with requests anywhere in flight (and
+    the messages the dead scheduler had sent still arriving): a new scheduler finds nothing held."""
+    from pdpipe.config import DeadlineConfig
+    from pdpipe.messages import DropAll
+    from pdpipe.scheduler.core import SchedulerCore
+
+    pipe = LocalPipeline(model_dir("qwen3"), PD, max_num_batched_tokens=16)  # 30 tokens: two steps
+    for i, p in enumerate(make_prompts(384, lengths=(12, 30, 7, 20), seed=5)):
+        pipe.submit(str(i), p, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    for _ in range(1000):  # run until request 1 is at `stage`
+        if pipe.state("1") == stage:
+            break
+        if not pipe.deliver(only="scheduler") and not pipe.deliver():
+            next(w for w in pipe.workers.values() if w.has_work()).step()
+    assert pipe.state("1") == stage
+    pipe.queues["scheduler"].clear()  # the scheduler dies: what was on its way to it is lost
+    pipe.scheduler = SchedulerCore(PD, DeadlineConfig(), pipe.send, pipe.clock)
+    for name in [*pipe.workers, "transfer"]:
+        pipe.queues[name].appendleft(DropAll(reason="scheduler died"))  # next in each inbox
+        pipe.deliver(only=name)
+    assert not any(e.has_unfinished() or e.scheduler.held or e.reserved for e in pipe.engines.values())
+    assert not pipe.transfer.jobs
+    pipe.deliver(only="api")  # what was computed before
+    outputs = sum(len(o) for o in pipe.outputs.values())
+    pipe.run()
+    assert sum(len(o) for o in pipe.outputs.values()) == outputs  # nothing was computed further
+    assert pipe.leak_free()

@@ -357,3 +357,67 @@ def test_losing_the_prefill_machine_frees_decode_reservations_directly():
 
     core.handle(Freed(request_id="a", instance="decode-0"))
     assert not core.ledger.commitments and ledger_matches(core)
+
+
+def test_a_dead_decode_fails_its_requests_leaves_routing_and_rejoins():
+    from pdpipe.messages import EngineOutput, ProcessDown, ProcessUp
+
+    core, sent = make()
+    for rid in "abcd":
+        new(core, rid)
+    on = {m.request_id: dest for dest, m in dispatched(sent, Reserve)}
+    gone = [rid for rid, d in on.items() if d == "decode-0"]
+    assert gone and len(gone) < 4
+    sent.clear()
+    core.handle(ProcessDown(name="decode-0", role="decode", detail="signal 9"))
+    failed = {m.request_id: m.error for _, m in dispatched(sent, EngineOutput)}
+    assert sorted(failed) == sorted(gone) and all("decode-0 died: signal 9" in e for e in failed.values())
+    assert set(core.live) == set("abcd") - set(gone)
+    # its prefill holders free; the transfer drops the jobs (then frees the blocks of the dead decode)
+    assert {m.request_id for _, m in dispatched(sent, Free)} == set(gone)
+    assert {m.request_id for _, m in dispatched(sent, AbortTransfer)} == set(gone)
+    report(core, "decode-0")  # its last words are ignored
+    sent.clear()
+    for rid in "efg":
+        new(core, rid)
+    assert {dest for dest, _ in dispatched(sent, Reserve)} == {"decode-1"}
+    assert core.snapshot()["down"] == {"decode-0": "decode"}
+    core.handle(ProcessUp(name="decode-0", role="decode"))
+    report(core, "decode-0")
+    sent.clear()
+    for rid in "hijk":
+        new(core, rid)
+    assert "decode-0" in {dest for dest, _ in dispatched(sent, Reserve)} and not core.snapshot()["down"]
+
+
+def test_a_dead_transfer_fails_moves_in_flight_frees_decode_directly_and_prompts_go_local():
+    from pdpipe.messages import EngineOutput, ProcessDown, ProcessUp
+
+    core, sent = make(routing=RoutingConfig(disaggregation="conditional", local_prompt_tokens=4))
+    new(core, "moving", 10)
+    new(core, "decoding", 10)
+    (dest, _), (dest2, _) = dispatched(sent, Reserve)
+    core.handle(Reserved(request_id="decoding", instance=dest2, block_ids=[1], free_blocks=50))
+    core.handle(StateEvent(request_id="decoding", state="DECODING", instance=dest2, time=100.0))
+    sent.clear()
+    core.handle(ProcessDown(name="transfer", role="transfer", detail="signal 9"))
+    assert [m.request_id for _, m in dispatched(sent, EngineOutput)] == ["moving"]
+    assert (dest, "moving") in [(d, m.request_id) for d, m in dispatched(sent, Free)]  # decode frees itself
+    assert "decoding" in core.live
+    sent.clear()
+    new(core, "meanwhile", 10)  # long enough to go remote, but nothing would move its KV
+    assert dispatched(sent, Reserve) == [] and dispatched(sent, Prefill)[0][0].startswith("decode")
+    core.handle(ProcessUp(name="transfer", role="transfer"))
+    sent.clear()
+    new(core, "after", 10)
+    assert dispatched(sent, Reserve) and dispatched(sent, Prefill)[0][0].startswith("prefill")
+
+
+def test_a_dead_front_end_aborts_every_request():
+    from pdpipe.messages import ProcessDown
+
+    core, sent = make()
+    for rid in "abc":
+        new(core, rid)
+    core.handle(ProcessDown(name="api", role="api", detail="signal 9"))
+    assert not core.live and core.ended["ABORTED"] == 3
