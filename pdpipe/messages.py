@@ -41,17 +41,31 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
                "None or 0 to 20")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "a list of non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, "a list of token ids >= 0")
+        _check(len(self.stop) <= MAX_STOP_STRINGS and sum(len(s.encode()) for s in self.stop) <= MAX_STOP_BYTES,
+               "stop", self.stop, f"at most {MAX_STOP_STRINGS} strings of {MAX_STOP_BYTES} bytes in all")
+        _check(all(isinstance(t, int) and 0 <= t < INT32 for t in self.stop_token_ids)
+               and len(self.stop_token_ids) <= MAX_STOP_STRINGS, "stop_token_ids", self.stop_token_ids,
+               f"at most {MAX_STOP_STRINGS} token ids of the vocabulary")
+        _check(self.max_tokens < INT32, "max_tokens", self.max_tokens, "an integer from 1 to 2**31 - 1")
+        _check(self.top_k < INT32, "top_k", self.top_k, "-1 or 0 (off), or a positive integer below 2**31")
+        _check(self.seed is None or -INT64 <= self.seed < INT64, "seed", self.seed,
+               "an integer from -2**63 to 2**63 - 1")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+MAX_STOP_STRINGS = 64  # stop strings a request may give (OpenAI allows 4), and stop token ids
+MAX_STOP_BYTES = 16384  # their total size: matching them costs the front-end work at every token
+INT32, INT64 = 2 ** 31, 2 ** 63
+
+
 def _check(ok: bool, field: str, value, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{field}: {value!r} is out of range; allowed: {allowed}")
+        shown = repr(value)
+        shown = shown if len(shown) <= 120 else shown[:100] + f"... ({len(shown)} characters)"
+        raise ValueError(f"{field}: {shown} is out of range; allowed: {allowed}")
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):

@@ -81,6 +81,8 @@ def test_bad_requests_are_refused_without_harming_others(model_dir):
         engine.add_request("b", [5] * 64, GREEDY)
     with pytest.raises(RequestError, match="outside the vocabulary"):
         engine.add_request("c", [5, 10**6], GREEDY)
+    with pytest.raises(RequestError, match=r"stop_token_ids: token id 1000000 is outside the vocabulary"):
+        engine.add_request("d", [5, 6], SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[10**6]))
     with pytest.raises(RequestError, match="already running"):
         engine.add_request("ok", [5], GREEDY)
     assert len(run_all(engine)["ok"]) == 10

@@ -125,7 +125,9 @@ def test_top_p_and_min_p_filters():
 @pytest.mark.parametrize("field,value", [
     ("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
     ("min_p", 2.0), ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -3.0),
-    ("logprobs", 21), ("stop", [""]), ("stop_token_ids", [-1]),
+    ("logprobs", 21), ("stop", [""]), ("stop_token_ids", [-1]), ("seed", 2 ** 64), ("seed", -(2 ** 63) - 1),
+    ("top_k", 2 ** 64), ("max_tokens", 2 ** 64), ("stop_token_ids", [2 ** 64]), ("stop", ["x"] * 65),
+    ("stop", ["x" * 1024] * 17),
 ])
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -76,6 +76,8 @@ def parse_body(body: bytes, cls: type) -> Any:
         raise APIError(400, f"invalid request: {exc}", (m.group(1) or m.group(2)) if m else None) from None
     except msgspec.DecodeError as exc:
         raise APIError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "malformed JSON body: nested too deeply") from None
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,

@@ -217,6 +217,12 @@ class OpenAIRoutes:
                                 f"model's context of {limit} tokens", field, code="context_length_exceeded")
         return asked
 
+    def _checked(self, params: SamplingParams) -> SamplingParams:
+        vocab = self.ctx.tokenizer.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise APIError(400, f"stop_token_ids: token ids must be in [0, {vocab})", "stop_token_ids")
+        return params
+
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.ctx.tokenizer.encode(prompt)
@@ -247,9 +253,9 @@ class OpenAIRoutes:
             req = await self._read(request, CompletionRequest)
             if req.echo:
                 raise APIError(400, "echo: not supported", "echo")
-            prompt = self._prompt_ids(req.prompt)
-            params = sampling_params(req, self._max_tokens(req.max_tokens, prompt, "prompt", "max_tokens"),
-                                     req.logprobs)
+            prompt = await asyncio.to_thread(self._prompt_ids, req.prompt)  # a long prompt stalls no one
+            params = self._checked(sampling_params(
+                req, self._max_tokens(req.max_tokens, prompt, "prompt", "max_tokens"), req.logprobs))
         except APIError as exc:
             return _error(exc)
         except ClientDisconnect:
@@ -272,13 +278,14 @@ class OpenAIRoutes:
         try:
             req = await self._read(request, ChatCompletionRequest)
             try:
-                prompt = self.ctx.tokenizer.encode_chat(req.messages)
+                prompt = await asyncio.to_thread(self.ctx.tokenizer.encode_chat, req.messages)
             except ChatTemplateError as exc:
                 raise APIError(400, str(exc), str(exc).split(":", 1)[0]) from None
             asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
-            params = sampling_params(req, self._max_tokens(asked, prompt, "messages", field), logprobs)
+            params = self._checked(sampling_params(req, self._max_tokens(asked, prompt, "messages", field),
+                                                   logprobs))
         except APIError as exc:
             return _error(exc)
         except ClientDisconnect:

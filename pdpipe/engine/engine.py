@@ -100,6 +100,10 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise RequestError(f"prompt: {len(prompt_token_ids)} tokens; the limit is "
                                f"{self.max_model_len - 1} (max_model_len {self.max_model_len})")
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad_stop:
+            raise RequestError(f"stop_token_ids: token id {bad_stop[0]} is outside the vocabulary "
+                               f"[0, {self.spec.vocab_size})")
         bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise RequestError(f"prompt: token id {bad[0]} is outside the vocabulary "
