@@ -155,10 +155,18 @@ class ApiConfig:
     served_model_name: str = field(default="", metadata={"help": "model name clients send; empty: the "
                                                                  "model folder's name"})
     max_body_bytes: int = field(default=4 << 20, metadata={"help": "largest request body accepted"})
+    max_waiting: int = field(default=512, metadata={
+        "help": "requests waiting for their first token beyond which a new one is refused at once with 429 "
+                "and Retry-After (0: no limit)"})
+    max_waiting_prompt_tokens: int = field(default=0, metadata={
+        "help": "the same bound on their prompt tokens (0: no limit)"})
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ValueError(f"api.port: {self.port} is not a TCP port")
+        for name in ("max_waiting", "max_waiting_prompt_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"api.{name}: {getattr(self, name)}; allowed: 0 (no limit) or a positive count")
 
 
 @dataclass(frozen=True)

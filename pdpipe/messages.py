@@ -86,6 +86,7 @@ class EngineOutput(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     error: str | None = None
+    status: int = 0  # with an error: the HTTP status it means (503 an instance died, 504 a deadline); 0: 500
 
 
 # ---- the pipeline's wire messages (prefill/decode disaggregation) --------------------------------

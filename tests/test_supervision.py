@@ -5,6 +5,7 @@ Killing the launcher itself leaves no process behind."""
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -200,3 +201,30 @@ def test_a_second_launch_over_a_live_run_or_a_taken_port_is_refused_in_one_line(
     with pytest.raises(LaunchError, match=f"api.port {pipeline.cfg.api.port} on .* is taken"):
         Launcher(cfg).start()
 
+
+
+def test_overload_is_refused_at_once_with_429_and_every_accepted_request_completes(model_dir):
+    """300 concurrent long prompts against a bound of 16 waiting for their first token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"], num_blocks=256)
+    cfg = replace(cfg, api=replace(cfg.api, max_waiting=16))
+    with launched(cfg) as launcher:
+        base = f"http://127.0.0.1:{launcher.cfg.api.port}"
+        body = {"model": MODEL, "prompt": list(range(1, 200)), "max_tokens": 8, "ignore_eos": True, "temperature": 0}
+
+        def one(_):
+            start = time.monotonic()
+            r = httpx.post(base + "/v1/completions", json=body, timeout=300)
+            return r.status_code, r.headers.get("retry-after"), r.json(), time.monotonic() - start
+
+        with ThreadPoolExecutor(max_workers=300) as pool:
+            answers = list(pool.map(one, range(300)))
+        refused = [a for a in answers if a[0] == 429]
+        served = [a for a in answers if a[0] == 200]
+        assert len(refused) + len(served) == 300 and refused and len(served) >= 16
+        assert all(a[1] == "1" and a[2]["error"]["code"] == "overloaded" for a in refused)
+        assert all(a[2]["usage"]["completion_tokens"] == 8 for a in served)
+        # refused at once: without waiting for any compute (300 clients on this machine's cores still queue)
+        assert statistics.median(a[3] for a in refused) < statistics.median(a[3] for a in served) / 2
+        assert wait_until(lambda: leak_free(launcher), what="every block free")

@@ -59,6 +59,8 @@ class Bridge:
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(paths.inbox(name))
         self.streams: dict[str, TokenStream] = {}
+        self.waiting: dict[str, int] = {}  # requests with no token yet → their prompt tokens
+        self.waiting_tokens = 0
         self._control_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
 
@@ -79,7 +81,12 @@ class Bridge:
                 continue
             stream = self.streams.get(getattr(msg, "request_id", ""))
             if isinstance(msg, EngineOutput) and stream is not None:
+                if msg.token_ids or msg.finish_reason is not None:
+                    self._not_waiting(msg.request_id)
                 stream.put(msg)
+
+    def _not_waiting(self, request_id: str) -> None:
+        self.waiting_tokens -= self.waiting.pop(request_id, 0)
 
     def fail_all(self, reason: str) -> None:
         """Ends every open stream with an error (its client sees an error event, then [DONE])."""
@@ -89,12 +96,15 @@ class Bridge:
     async def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
                      arrival: float) -> TokenStream:
         stream = self.streams[request_id] = TokenStream()
+        self.waiting[request_id] = len(prompt)
+        self.waiting_tokens += len(prompt)
         await self.push.send(encode(NewRequest(request_id=request_id, prompt_token_ids=prompt,
                                                params=params, arrival=arrival)))
         return stream
 
     async def abort(self, request_id: str, reason: str) -> None:
         self.streams.pop(request_id, None)
+        self._not_waiting(request_id)
         if not self.push.closed:
             await self.push.send(encode(AbortRequest(request_id=request_id, reason=reason)))
 
@@ -107,6 +117,7 @@ class Bridge:
 
     def forget(self, request_id: str) -> None:
         self.streams.pop(request_id, None)
+        self._not_waiting(request_id)
 
     async def control(self, op: str, timeout: float = 2.0, **kwargs) -> dict | None:
         """A control query to the scheduler; None if it does not answer within `timeout`."""

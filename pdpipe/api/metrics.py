@@ -21,6 +21,8 @@ class ApiMetrics:
         self.requests = Counter("pdpipe_requests", "Requests by finish reason", ["finish_reason"], registry=r)
         self.generated = Counter("pdpipe_generation_tokens", "Tokens generated", registry=r)
         self.prompt = Counter("pdpipe_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.refused = Counter("pdpipe_requests_refused_overloaded", "Requests refused with 429 (too many "
+                               "waiting for a first token)", registry=r)
         self.state = Gauge("pdpipe_requests_in_state", "Live requests per lifecycle state", ["state"], registry=r)
         self.blocks_used = Gauge("pdpipe_kv_blocks_used", "KV blocks in use", ["instance", "role"], registry=r)
         self.blocks_free = Gauge("pdpipe_kv_blocks_free", "KV blocks free", ["instance", "role"], registry=r)

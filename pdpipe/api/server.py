@@ -36,6 +36,18 @@ class ApiContext:
     max_body_bytes: int
     metrics: ApiMetrics
     redis_error: str | None = None  # set while the cluster's Redis does not answer
+    max_waiting: int = 0  # requests without a first token beyond which new ones get 429 (0: no bound)
+    max_waiting_prompt_tokens: int = 0
+
+    def admit(self, prompt_tokens: int) -> None:
+        """Refuses a request at once, before any stream starts, while too many wait for a first token."""
+        waiting, tokens = len(self.bridge.waiting), self.bridge.waiting_tokens
+        if (self.max_waiting and waiting >= self.max_waiting) or \
+                (self.max_waiting_prompt_tokens and tokens + prompt_tokens > self.max_waiting_prompt_tokens):
+            self.metrics.refused.inc()
+            raise APIError(429, f"the server is overloaded: {waiting} requests ({tokens} prompt tokens) are "
+                                "waiting for their first token; retry after the Retry-After seconds",
+                           type_="overloaded", code="overloaded", headers={"Retry-After": "1"})
 
     def check_available(self) -> None:
         if self.redis_error is not None:
@@ -68,7 +80,15 @@ def _json(obj, status: int = 200) -> Response:
 
 
 def _error(exc: APIError) -> Response:
-    return _json(exc.body(), exc.status)
+    response = _json(exc.body(), exc.status)
+    response.headers.update(exc.headers)
+    return response
+
+
+def _failure(gen: "Generation") -> APIError:
+    status = gen.status or 500
+    type_ = {503: "service_unavailable", 504: "timeout", 400: "invalid_request_error"}.get(status, "server_error")
+    return APIError(status, gen.error, type_=type_)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -93,6 +113,7 @@ class Generation:
         self.created = int(time.time())
         self.state = RequestTextState(ctx.tokenizer, self.request_id, prompt, params)
         self.error: str | None = None
+        self.status = 0  # with an error: its HTTP status (0: 500)
         self._stream = None
         self._started_at = 0.0
         self._first_at: float | None = None
@@ -111,7 +132,7 @@ class Generation:
             while not self._finished:
                 out = await self._stream.queue.get()
                 if out.finish_reason == "error":
-                    self.error = out.error or "the request failed"
+                    self.error, self.status = out.error or "the request failed", out.status
                     self._finished = True
                     break
                 if out.token_ids and self._first_at is None:
@@ -256,6 +277,7 @@ class OpenAIRoutes:
             prompt = await asyncio.to_thread(self._prompt_ids, req.prompt)  # a long prompt stalls no one
             params = self._checked(sampling_params(
                 req, self._max_tokens(req.max_tokens, prompt, "prompt", "max_tokens"), req.logprobs))
+            self.ctx.admit(len(prompt))
         except APIError as exc:
             return _error(exc)
         except ClientDisconnect:
@@ -286,6 +308,7 @@ class OpenAIRoutes:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             params = self._checked(sampling_params(req, self._max_tokens(asked, prompt, "messages", field),
                                                    logprobs))
+            self.ctx.admit(len(prompt))
         except APIError as exc:
             return _error(exc)
         except ClientDisconnect:
@@ -326,7 +349,7 @@ class OpenAIRoutes:
                 if choices is not None:
                     yield _sse({**head, "choices": choices})
             if gen.error:
-                yield _sse(APIError(500, gen.error, type_="server_error").body())
+                yield _sse(_failure(gen).body())
             elif include_usage:
                 yield _sse({**head, "choices": [], "usage": gen.usage()})
             yield b"data: [DONE]\n\n"
@@ -349,7 +372,7 @@ class OpenAIRoutes:
             return Response(status_code=499)
         task.result()
         if gen.error:
-            return _error(APIError(500, gen.error, type_="server_error"))
+            return _error(_failure(gen))
         out = gen.state.out
         final = TextDelta(out.text, out.token_ids, out.logprobs if out.logprobs is not None else None,
                           out.finish_reason, out.stop_reason)
@@ -413,7 +436,8 @@ def serve_api(proc) -> None:
 
     async def main() -> None:
         ctx = ApiContext(Tokenizer(model_dir), Bridge(proc.paths), cfg.api.served_model_name or model_dir.name,
-                         max_len, cfg.api.max_body_bytes, ApiMetrics())
+                         max_len, cfg.api.max_body_bytes, ApiMetrics(), max_waiting=cfg.api.max_waiting,
+                         max_waiting_prompt_tokens=cfg.api.max_waiting_prompt_tokens)
         server = uvicorn.Server(uvicorn.Config(build_app(ctx), host=cfg.api.host, port=cfg.api.port,
                                                log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
         ctx.bridge.start()

@@ -368,8 +368,9 @@ class SchedulerCore:
         self.ended[state] += 1
         rid = rec.request_id
         if state == "FAILED":
+            status = _failure_status(detail) if instance == "scheduler" else 0
             self.send("api", EngineOutput(request_id=rid, token_ids=[], finish_reason="error",
-                                          error=detail or "failed"))
+                                          error=detail or "failed", status=status))
         # Every holder frees, except one that reported the finish itself. Decode blocks are freed
         # through the transfer process, after it has stopped writing into them.
         if state != "FINISHED" or instance == "api":
@@ -436,6 +437,14 @@ class SchedulerCore:
                 "prefill": rec.prefill or rec.whole, "decode": rec.decode or rec.whole,
                 "arrival": rec.request.arrival,
                 "events": [list(e) for e in sorted(rec.events, key=lambda e: e[0])]}
+
+
+def _failure_status(detail: str) -> int:
+    """The HTTP status of a request the scheduler failed: a deadline is a timeout, a request no decode
+    instance could ever hold the client's to fix, anything else an instance that is not there."""
+    if detail.startswith("deadline"):
+        return 504
+    return 400 if detail.startswith("needs room") else 503
 
 
 def _stats_dict(stats: InstanceStats | None) -> dict:
