@@ -160,11 +160,14 @@ class ApiConfig:
                 "and Retry-After (0: no limit)"})
     max_waiting_prompt_tokens: int = field(default=0, metadata={
         "help": "the same bound on their prompt tokens (0: no limit)"})
+    drain_s: float = field(default=30.0, metadata={
+        "help": "on SIGTERM/SIGINT the front-end takes no new request and gives those in flight this long "
+                "to finish; then their streams end with an error event and [DONE]"})
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ValueError(f"api.port: {self.port} is not a TCP port")
-        for name in ("max_waiting", "max_waiting_prompt_tokens"):
+        for name in ("max_waiting", "max_waiting_prompt_tokens", "drain_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"api.{name}: {getattr(self, name)}; allowed: 0 (no limit) or a positive count")
 

@@ -1,5 +1,6 @@
 """`pdpipe launch CONFIG`: starts one machine's processes, waits until each says it is ready, keeps
-them running, and on SIGINT/SIGTERM stops them all and removes the run's sockets and shared memory.
+them running, and on SIGINT/SIGTERM stops them all and removes the run's sockets and shared memory:
+the front-end first, which drains (see `api.drain_s`).
 
 A process that fails to start is named with the end of its log, and nothing is left running. A process
 that dies later is restarted (after a back-off that grows with each death in a minute) and the others
@@ -141,8 +142,11 @@ class Launcher:
             if again:
                 logf.write(f"\n==== pdpipe: restarting {name} ====\n".encode())
                 logf.flush()
+            # a session of its own: a terminal's Ctrl-C reaches the launcher alone, which then stops the
+            # children in order (the front-end drains first)
             popen = subprocess.Popen([sys.executable, "-m", "pdpipe.process", role, name, str(self.paths.run_dir)],
-                                     stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                     stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)
         if not again:
             self.children.append(Child(name, role, popen, log_path))
         return popen
@@ -243,6 +247,17 @@ class Launcher:
         self._halt.set()
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(timeout=2)
+        # the front-end first: it drains (no new request; those in flight finish within api.drain_s, the
+        # rest end with an error event) while the engines still serve them
+        fronts = [c for c in self.children if c.role == "api" and c.popen.poll() is None]
+        for c in fronts:
+            c.popen.terminate()
+        for c in fronts:
+            try:
+                c.popen.wait(self.cfg.api.drain_s + timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("the api did not stop in %.0f s; killing it", self.cfg.api.drain_s + timeout)
+                c.popen.kill()
         for c in reversed(self.children):
             if c.popen.poll() is None:
                 c.popen.terminate()

@@ -17,6 +17,7 @@ import pytest
 from pipeline_launch import launched, leak_free, make_launch_config, snapshot, wait_until
 
 from pdpipe.inspect import control
+from pdpipe.launcher import Launcher
 
 MODEL = "llama"
 MAX_TOKENS = 400
@@ -228,3 +229,40 @@ def test_overload_is_refused_at_once_with_429_and_every_accepted_request_complet
         # refused at once: without waiting for any compute (300 clients on this machine's cores still queue)
         assert statistics.median(a[3] for a in refused) < statistics.median(a[3] for a in served) / 2
         assert wait_until(lambda: leak_free(launcher), what="every block free")
+
+
+@pytest.mark.parametrize("drain_s,finished", [(30.0, True), (0.5, False)])
+def test_sigterm_drains_streams_in_flight_then_ends_the_rest_cleanly(model_dir, drain_s, finished):
+    """SIGTERM with streams running: new requests get 503 at once; the streams finish within the grace
+    period, or end with an error event and [DONE] when it is short."""
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"], num_blocks=512)
+    cfg = replace(cfg, api=replace(cfg.api, drain_s=drain_s))
+    launcher = Launcher(cfg)
+    launcher.start()
+    try:
+        threads, results = start_streams(launcher, 4, 0)
+        wait_until(lambda: snapshot(launcher)["states"]["DECODING"] >= 4, what="streams decoding")
+        stopper = threading.Thread(target=launcher.stop)
+        stopper.start()
+        base = f"http://127.0.0.1:{cfg.api.port}"
+        late = wait_until(lambda: _status(base) in (503, None) and _status(base), timeout=10, what="a 503")
+        assert late == 503
+        for t in threads:
+            t.join(timeout=120)
+        stopper.join(timeout=120)
+        assert all(ended_cleanly(r) for r in results), results
+        if finished:
+            assert all(r["tokens"] == MAX_TOKENS and r["error"] is None for r in results)
+        else:
+            assert all(r["error"] and "shutting down" in r["error"] for r in results)
+        assert all(c.popen.poll() is not None for c in launcher.children)
+    finally:
+        launcher.stop()
+
+
+def _status(base: str) -> int | None:
+    try:
+        return httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+                          timeout=5).status_code
+    except httpx.TransportError:
+        return None

@@ -88,10 +88,11 @@ class Bridge:
     def _not_waiting(self, request_id: str) -> None:
         self.waiting_tokens -= self.waiting.pop(request_id, 0)
 
-    def fail_all(self, reason: str) -> None:
+    def fail_all(self, reason: str, status: int = 503) -> None:
         """Ends every open stream with an error (its client sees an error event, then [DONE])."""
         for rid, stream in list(self.streams.items()):
-            stream.put(EngineOutput(request_id=rid, token_ids=[], finish_reason="error", error=reason))
+            stream.put(EngineOutput(request_id=rid, token_ids=[], finish_reason="error", error=reason,
+                                    status=status))
 
     async def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
                      arrival: float) -> TokenStream:

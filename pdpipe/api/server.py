@@ -37,6 +37,7 @@ class ApiContext:
     metrics: ApiMetrics
     redis_error: str | None = None  # set while the cluster's Redis does not answer
     max_waiting: int = 0  # requests without a first token beyond which new ones get 429 (0: no bound)
+    draining: bool = False  # shutting down: no new request
     max_waiting_prompt_tokens: int = 0
 
     def admit(self, prompt_tokens: int) -> None:
@@ -50,6 +51,9 @@ class ApiContext:
                            type_="overloaded", code="overloaded", headers={"Retry-After": "1"})
 
     def check_available(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica or after restart",
+                           type_="service_unavailable", code="shutting_down", headers={"Retry-After": "5"})
         if self.redis_error is not None:
             raise APIError(503, f"the cluster's Redis is unreachable ({self.redis_error}); requests cannot "
                                 "reach the engines. Retry when it is back.", type_="service_unavailable",
@@ -419,6 +423,19 @@ def build_app(ctx: ApiContext) -> Starlette:
     ], exception_handlers={404: not_found, 405: bad_method})
 
 
+def _uvicorn_server():
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # the process's own handlers stay: SIGTERM starts a drain
+            yield
+
+    return Server
+
+
 def serve_api(proc) -> None:
     import uvicorn
     import uvloop
@@ -434,12 +451,14 @@ def serve_api(proc) -> None:
                    for _, inst in cfg.named_instances()]
                   or [resolve_max_model_len(spec, cfg.engine, pool_blocks(spec, cfg.engine))])
 
+    _Server = _uvicorn_server()
+
     async def main() -> None:
         ctx = ApiContext(Tokenizer(model_dir), Bridge(proc.paths), cfg.api.served_model_name or model_dir.name,
                          max_len, cfg.api.max_body_bytes, ApiMetrics(), max_waiting=cfg.api.max_waiting,
                          max_waiting_prompt_tokens=cfg.api.max_waiting_prompt_tokens)
-        server = uvicorn.Server(uvicorn.Config(build_app(ctx), host=cfg.api.host, port=cfg.api.port,
-                                               log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
+        server = _Server(uvicorn.Config(build_app(ctx), host=cfg.api.host, port=cfg.api.port,
+                                        log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
         ctx.bridge.start()
         if cfg.cluster.redis_url:
             asyncio.ensure_future(watch_redis(ctx, cfg.cluster.redis_url))
@@ -450,8 +469,16 @@ def serve_api(proc) -> None:
             serving.result()
             raise RuntimeError(f"api: could not listen on {cfg.api.host}:{cfg.api.port}")
         proc.ready()
+        deadline = None
         while not serving.done():
-            if proc.stop.is_set():
+            if proc.stop.is_set() and deadline is None:  # drain: no new request; those in flight finish
+                ctx.draining, deadline = True, time.monotonic() + cfg.api.drain_s
+                log.info("api: draining %d requests (at most %g s)", len(ctx.bridge.streams), cfg.api.drain_s)
+            if deadline is not None and not server.should_exit and \
+                    (not ctx.bridge.streams or time.monotonic() > deadline):
+                if ctx.bridge.streams:
+                    ctx.bridge.fail_all("the server is shutting down; the request was not finished", status=503)
+                    await asyncio.sleep(0.3)  # the streams send their error event and [DONE]
                 server.should_exit = True
             await asyncio.wait([serving], timeout=0.1)
         ctx.bridge.close()
