@@ -421,3 +421,17 @@ def test_a_dead_front_end_aborts_every_request():
         new(core, rid)
     core.handle(ProcessDown(name="api", role="api", detail="signal 9"))
     assert not core.live and core.ended["ABORTED"] == 3
+
+
+def test_a_dead_prefill_fails_only_requests_whose_prompt_it_still_owed():
+    from pdpipe.messages import EngineOutput, ProcessDown
+
+    core, sent = make(roles={"prefill-0": "prefill", "decode-0": "decode"})
+    new(core, "decoding")
+    new(core, "prefilling")
+    core.handle(Reserved(request_id="decoding", instance="decode-0", block_ids=[1], free_blocks=50))
+    core.handle(StateEvent(request_id="decoding", state="DECODING", instance="decode-0", time=100.0))
+    sent.clear()
+    core.handle(ProcessDown(name="prefill-0", role="prefill", detail="signal 9"))
+    assert [m.request_id for _, m in dispatched(sent, EngineOutput)] == ["prefilling"]
+    assert "decoding" in core.live

@@ -103,7 +103,9 @@ class SchedulerCore:
         gone = set(self.roles) - set(live)
         dead_machines = {self.machines.get(n, "") for n in gone} - {m for _, m in live.values()}
         for rec in list(self.live.values()):
-            lost = gone & {rec.prefill, rec.decode, rec.whole, rec.reserving}
+            # once decoding, a request no longer needs the instance that computed its prompt
+            prefill = rec.prefill if STAGE.get(rec.state, len(STAGE)) < STAGE["DECODING"] else ""
+            lost = gone & {prefill, rec.decode, rec.whole, rec.reserving}
             if lost:
                 self._end(rec, "FAILED", "scheduler", f"instance {', '.join(sorted(lost))} is gone ({why})")
                 decode = rec.decode or rec.reserving
