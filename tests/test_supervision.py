@@ -98,6 +98,9 @@ def kill_while_streaming(launcher, name: str, when: str, pause: str = "") -> lis
     wait_until(lambda: eval_when(snapshot(launcher), when), what=when)
     os.kill(child(launcher, name).popen.pid, signal.SIGKILL)
     killed_at = time.monotonic()
+    if name.startswith(("prefill", "decode")):  # while it restarts the service says it is degraded
+        health = wait_until(lambda: (h := _health(launcher))["status"] == "degraded" and h, what="degraded")
+        assert health["down"] == [name]
     wait_until(lambda: serves(launcher), timeout=60, what="a new request served")
     served_at = time.monotonic()
     wait_until(lambda: child(launcher, name).restarts == before + 1 and child(launcher, name).ready,
@@ -268,3 +271,8 @@ def _status(base: str) -> int | None:
                           timeout=5).status_code
     except httpx.TransportError:
         return None
+
+
+def _health(launcher) -> dict:
+    return httpx.get(f"http://127.0.0.1:{launcher.cfg.api.port}/health", timeout=10).json()
+

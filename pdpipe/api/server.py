@@ -397,7 +397,12 @@ class OpenAIRoutes:
         snap = await self.ctx.bridge.control("snapshot", timeout=1.0)
         if snap is None:
             return _json(APIError(503, "the scheduler does not answer", type_="server_error").body(), 503)
-        return _json({"status": "ok"})
+        roles = {inst["role"] for inst in snap["instances"].values()}
+        down = sorted(snap.get("down", {}))
+        if not roles & {"mixed", "decode"}:  # a decode instance alone still serves: prompts go local
+            return _json(APIError(503, f"no route for a request: instances down: {', '.join(down) or 'none'}",
+                                  type_="service_unavailable").body(), 503)
+        return _json({"status": "degraded", "down": down} if down else {"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:
         snap = await self.ctx.bridge.control("snapshot", timeout=1.0)
