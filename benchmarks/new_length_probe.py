@@ -72,6 +72,15 @@ def main() -> None:
     _profile(prefill, lengths[-1] + 7, device)
 
 
+def timed(fn) -> float:
+    """Milliseconds of `fn` on the GPU, from an idle stream to its end."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
 def _engine_weights(engine) -> dict[str, torch.Tensor]:
     layer = engine.runner.model.model.layers[0]
     weights = {name: mod.weight for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
@@ -89,13 +98,6 @@ def _gemm_probe(weights: dict[str, torch.Tensor], sweeps=(128, 32)) -> None:
           f"{os.environ.get('CUDA_MODULE_LOADING', '(unset: lazy)')}; shapes "
           f"{ {k: tuple(w.shape) for k, w in weights.items()} }")
     gen = torch.Generator().manual_seed(2)
-
-    def timed(fn) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3
 
     def new_rows(label: str) -> None:
         ms = torch.randint(100, 8000, (12,), generator=gen).tolist()
@@ -146,13 +148,6 @@ def _attention_probe(spec, lengths: list[int]) -> None:
 
     heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
     dev, dt = "cuda:0", torch.bfloat16
-
-    def timed(fn) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3
 
     def sdpa(n: int):
         q = torch.randn(1, heads, n, dim, device=dev, dtype=dt)
