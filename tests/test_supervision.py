@@ -20,7 +20,7 @@ from pdpipe.inspect import control
 from pdpipe.launcher import Launcher
 
 MODEL = "llama"
-MAX_TOKENS = 200
+MAX_TOKENS = 120
 
 
 @pytest.fixture(scope="module")
