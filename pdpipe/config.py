@@ -78,9 +78,12 @@ class DeadlineConfig:
     prefilling: float = field(default=120.0, metadata={"help": "prompt being computed"})
     transferring: float = field(default=60.0, metadata={"help": "KV moving to decode"})
     decoding: float = field(default=1800.0, metadata={"help": "tokens being generated"})
+    heartbeat: float = field(default=5.0, metadata={
+        "help": "an engine or transfer whose heartbeat (twice a second, from a thread of its own) stops "
+                "this long is routed around and its requests fail; it rejoins when it beats again"})
 
     def __post_init__(self):
-        for name in ("queued", "reserved", "prefilling", "transferring", "decoding"):
+        for name in ("queued", "reserved", "prefilling", "transferring", "decoding", "heartbeat"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"deadlines.{name}: must be > 0 seconds, got {getattr(self, name)}")
 

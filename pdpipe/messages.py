@@ -257,6 +257,11 @@ class ProcessUp(Msg):  # launcher → scheduler: a restarted process is ready ag
     role: str
 
 
+class Heartbeat(Msg):  # engine, transfer → scheduler, from a thread of their own: alive and not frozen
+    instance: str
+    role: str
+
+
 class DropAll(Msg):  # launcher → engines, transfer: the scheduler died; every request it knew is gone
     reason: str
 
@@ -269,7 +274,8 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI /
 
 Message = (NewRequest | AbortRequest | Reserve | Reserved | DecodeBlocks | Prefill | TransferStart | LayersReady
            | PrefillDone | KVLanded | TransferDone | Free | Freed | AbortTransfer | StateEvent | InstanceStats
-           | Ready | PoolInfo | Forward | Pause | Shutdown | ProcessDown | ProcessUp | DropAll | EngineOutput)
+           | Ready | PoolInfo | Forward | Pause | Shutdown | ProcessDown | ProcessUp | DropAll | Heartbeat
+           | EngineOutput)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -21,11 +21,12 @@ import zmq
 
 from pdpipe import envs
 from pdpipe.config import LaunchConfig, transfer_name
-from pdpipe.messages import Forward, InstanceStats, PoolInfo, Ready, Shutdown, StateEvent
+from pdpipe.messages import Forward, Heartbeat, InstanceStats, PoolInfo, Ready, Shutdown, StateEvent
 from pdpipe.wire import InboxThread, Outboxes, RunPaths, SenderThread
 
 log = logging.getLogger("pdpipe")
 STATS_PERIOD = 0.2
+HEARTBEAT_PERIOD = 0.5
 
 
 def load_run_config(run_dir: Path) -> LaunchConfig:
@@ -45,12 +46,30 @@ class ProcessBase:
         self.ctx = zmq.Context()
         local = {"launcher", *(n for _, n in self.cfg.local_processes())} if self.cfg.cluster.redis_url else None
         self.out = Outboxes(self.ctx, self.paths, local)
+        self._heartbeat: threading.Thread | None = None
 
     def ready(self) -> None:
         self.out.send("launcher", Ready(instance=self.name, pid=os.getpid()))
         log.info("%s ready (pid %d)", self.name, os.getpid())
 
+    def start_heartbeat(self) -> None:
+        """Tells the scheduler twice a second, from a thread of its own (a long step does not hold it
+        up), that this process is alive and not frozen."""
+        def beat() -> None:
+            out = Outboxes(self.ctx, self.paths, self.out.local)
+            try:
+                while not self.stop.wait(HEARTBEAT_PERIOD):
+                    out.send("scheduler", Heartbeat(instance=self.name, role=self.role))
+            finally:
+                out.close()
+
+        self._heartbeat = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+
     def close(self) -> None:
+        self.stop.set()  # the heartbeat thread closes its socket, so that the context can end
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=2)
         self.out.close()
         self.ctx.term()
 
@@ -136,6 +155,7 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         if role != "mixed":  # the machine's transfer process maps (and, across machines, publishes) it now
             proc.out.send(transfer_name(proc.cfg.cluster.machine), info)
         proc.ready()
+        proc.start_heartbeat()
         run_worker_loop(proc, inbox, worker)
         inbox.stop()
         if sender is not None:
@@ -157,6 +177,7 @@ def run_transfer(role: str, name: str, run_dir: str) -> None:
     worker = TransferWorker(name, backend, spec.num_layers, proc.out.send, pool_lookup=backend.lookup)
     inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
     proc.ready()
+    proc.start_heartbeat()
     try:
         run_worker_loop(proc, inbox, worker, periodic=backend.refresh)
     finally:

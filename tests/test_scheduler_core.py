@@ -435,3 +435,38 @@ def test_a_dead_prefill_fails_only_requests_whose_prompt_it_still_owed():
     core.handle(ProcessDown(name="prefill-0", role="prefill", detail="signal 9"))
     assert [m.request_id for _, m in dispatched(sent, EngineOutput)] == ["prefilling"]
     assert "decoding" in core.live
+
+
+def test_a_silent_engine_is_routed_around_and_rejoins_when_it_reports_again():
+    from pdpipe.messages import EngineOutput
+
+    now = [100.0]
+    core, sent = make(clock=lambda: now[0])
+    for rid in "abcd":
+        new(core, rid)
+    on = {m.request_id: dest for dest, m in dispatched(sent, Reserve)}
+    now[0] += 5.0
+    for name, role in ROLES.items():
+        if name != "decode-0":
+            report(core, name, role)
+    core.tick()
+    assert not dispatched(sent, EngineOutput)  # 5 s of silence is within the heartbeat (10 s)
+    now[0] += 6.0
+    for name, role in ROLES.items():
+        if name != "decode-0":
+            report(core, name, role)
+    sent.clear()
+    core.tick()
+    failed = {m.request_id: m.error for _, m in dispatched(sent, EngineOutput)}
+    assert set(failed) == {r for r, d in on.items() if d == "decode-0"}
+    assert all("decode-0 stopped reporting" in e for e in failed.values())
+    assert core.snapshot()["down"] == {"decode-0": "decode"}
+    sent.clear()
+    new(core, "e")
+    assert {dest for dest, _ in dispatched(sent, Reserve)} == {"decode-1"}
+    report(core, "decode-0")  # it thaws
+    assert not core.snapshot()["down"]
+    sent.clear()
+    for rid in "fghi":
+        new(core, rid)
+    assert "decode-0" in {dest for dest, _ in dispatched(sent, Reserve)}

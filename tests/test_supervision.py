@@ -276,3 +276,35 @@ def _status(base: str) -> int | None:
 def _health(launcher) -> dict:
     return httpx.get(f"http://127.0.0.1:{launcher.cfg.api.port}/health", timeout=10).json()
 
+
+def test_a_frozen_decode_engine_is_routed_around_within_seconds_and_rejoins(model_dir):
+    """SIGSTOP: the process lives, so no restart; its heartbeat stops, its streams end with an error
+    within seconds, new requests go to the other decode instance; SIGCONT: it serves again."""
+    from pdpipe.config import DeadlineConfig
+
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode", "decode"], num_blocks=512,
+                             deadlines=DeadlineConfig(heartbeat=2.0))
+    with launched(cfg) as launcher:
+        threads, results = start_streams(launcher, 6, 0)
+        wait_until(lambda: eval_when(snapshot(launcher), "decode-0:DECODING"), what="decode-0 decoding")
+        pid = child(launcher, "decode-0").popen.pid
+        os.kill(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            health = wait_until(lambda: (h := _health(launcher))["status"] == "degraded" and h, what="degraded")
+            routed_around = time.monotonic() - frozen_at
+            assert health["down"] == ["decode-0"]
+            assert serves(launcher)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for t in threads:
+            t.join(timeout=120)
+        assert all(ended_cleanly(r) for r in results), results
+        failed = [r for r in results if r["error"]]
+        assert failed and all("decode-0 stopped reporting" in r["error"] for r in failed)
+        assert any(r["error"] is None for r in results)
+        wait_until(lambda: _health(launcher)["status"] == "ok", what="decode-0 back")
+        print(f"\nfrozen decode-0 routed around after {routed_around:.2f} s (heartbeat deadline 2 s)")
+        assert child(launcher, "decode-0").restarts == 0
+        assert wait_until(lambda: leak_free(launcher), timeout=30, what="every block free")
+

@@ -29,6 +29,7 @@ from pdpipe.messages import (
     Freed,
     InstanceStats,
     Msg,
+    Heartbeat,
     NewRequest,
     Prefill,
     ProcessDown,
@@ -88,6 +89,8 @@ class SchedulerCore:
         self.ledger = DecodeLedger()
         self.decisions: Counter[str] = Counter()  # where prompts were computed: remote, local
         self.down: dict[str, tuple[str, str]] = {}  # dead local instances being restarted → (role, machine)
+        self.heard: dict[str, float] = {}  # engine or transfer → when its last stats came (this clock)
+        self.silent: set[str] = set()  # ... those down because they stopped reporting (frozen)
         self._numbers = itertools.count()
 
     def of_role(self, role: str) -> list[str]:
@@ -124,7 +127,8 @@ class SchedulerCore:
         """The launcher saw a local process die (it restarts it). An engine leaves routing until it is
         back; every request that needed it, or the dead transfer's copies, fails now and each surviving
         holder frees; a dead front-end's requests have no client left, so they are aborted."""
-        why = f"{msg.name} died: {msg.detail}" if msg.detail else f"{msg.name} died"
+        what = "stopped reporting" if msg.name in self.silent else "died"
+        why = f"{msg.name} {what}: {msg.detail}" if msg.detail else f"{msg.name} {what}"
         if msg.role == "api":
             for rec in list(self.live.values()):
                 self._end(rec, "ABORTED", "scheduler", why)
@@ -146,9 +150,16 @@ class SchedulerCore:
         """A restarted engine is ready: it rejoins routing (its stats restore its room); a restarted
         transfer takes prompts for prefill instances again."""
         back = self.down.pop(msg.name, None)
+        self.heard[msg.name] = self.clock()  # its first report may come after this
         if back is not None and back[0] != "transfer":
             self.roles[msg.name], self.machines[msg.name] = back
         self._pump()
+
+    def _heard(self, name: str, role: str) -> None:
+        self.heard[name] = self.clock()
+        if name in self.silent:  # a frozen process reports again: it rejoins
+            self.silent.discard(name)
+            self.process_up(ProcessUp(name=name, role=role))
 
     # ---- messages ----------------------------------------------------------------------------
     def handle(self, msg: Msg) -> None:
@@ -170,7 +181,10 @@ class SchedulerCore:
             self.process_down(msg)
         elif isinstance(msg, ProcessUp):
             self.process_up(msg)
+        elif isinstance(msg, Heartbeat):
+            self._heard(msg.instance, msg.role)
         elif isinstance(msg, InstanceStats):
+            self._heard(msg.instance, msg.role)
             if msg.instance in self.down:
                 return  # the last words of a dead instance, or a restarted one not yet ready
             self.stats[msg.instance] = msg
@@ -390,8 +404,16 @@ class SchedulerCore:
             self._pump()
 
     def tick(self) -> None:
-        """Fails requests past their state's deadline."""
+        """Fails requests past their state's deadline, and routes around a process that stopped
+        reporting (frozen: alive to the launcher, but it serves nothing)."""
         now = self.clock()
+        limit = self.deadlines.heartbeat
+        for name, when in list(self.heard.items()):
+            stats = self.stats.get(name)
+            role = stats.role if stats else self.roles.get(name, "")
+            if now - when > limit and name not in self.down and role in ("prefill", "decode", "mixed", "transfer"):
+                self.silent.add(name)
+                self.process_down(ProcessDown(name=name, role=role, detail=f"no report for {limit:g} s"))
         for rec in list(self.live.values()):
             limit = getattr(self.deadlines, rec.state.lower(), None)
             if limit is not None and now - rec.since > limit:
