@@ -54,7 +54,11 @@ class ProcessBase:
 
     def start_heartbeat(self) -> None:
         """Tells the scheduler twice a second, from a thread of its own (a long step does not hold it
-        up), that this process is alive and not frozen."""
+        up), that this process is alive and not frozen. Only on the scheduler's machine: other machines'
+        instances are watched through the registry's entries (cluster.ttl)."""
+        if self.cfg.cluster.redis_url and not self.cfg.cluster.frontend:
+            return
+
         def beat() -> None:
             out = Outboxes(self.ctx, self.paths, self.out.local)
             try:

@@ -170,7 +170,7 @@ def test_prompt_attention_without_varlen_matches_reference(monkeypatch, heads, k
 
     from pdpipe.models import decoder
 
-    monkeypatch.setattr(decoder, "_varlen_attn", None)
+    monkeypatch.setattr(decoder, "_VARLEN", ())
     torch.manual_seed(heads)
     bounds = [0, 1, 8, 40, 97]
     q = torch.randn(bounds[-1], heads, 16)

@@ -440,21 +440,25 @@ def test_a_dead_prefill_fails_only_requests_whose_prompt_it_still_owed():
 def test_a_silent_engine_is_routed_around_and_rejoins_when_it_reports_again():
     from pdpipe.messages import EngineOutput
 
+    from pdpipe.messages import Heartbeat
+
     now = [100.0]
     core, sent = make(clock=lambda: now[0])
+    for name, role in ROLES.items():  # only a process that beats is watched
+        core.handle(Heartbeat(instance=name, role=role))
     for rid in "abcd":
         new(core, rid)
     on = {m.request_id: dest for dest, m in dispatched(sent, Reserve)}
-    now[0] += 5.0
+    now[0] += 4.0
     for name, role in ROLES.items():
         if name != "decode-0":
-            report(core, name, role)
+            core.handle(Heartbeat(instance=name, role=role))
     core.tick()
-    assert not dispatched(sent, EngineOutput)  # 5 s of silence is within the heartbeat (10 s)
-    now[0] += 6.0
+    assert not dispatched(sent, EngineOutput)  # 4 s of silence is within the heartbeat deadline (5 s)
+    now[0] += 2.0
     for name, role in ROLES.items():
         if name != "decode-0":
-            report(core, name, role)
+            report(core, name, role)  # stats count as beats too
     sent.clear()
     core.tick()
     failed = {m.request_id: m.error for _, m in dispatched(sent, EngineOutput)}
@@ -464,8 +468,9 @@ def test_a_silent_engine_is_routed_around_and_rejoins_when_it_reports_again():
     sent.clear()
     new(core, "e")
     assert {dest for dest, _ in dispatched(sent, Reserve)} == {"decode-1"}
-    report(core, "decode-0")  # it thaws
+    core.handle(Heartbeat(instance="decode-0", role="decode"))  # it thaws
     assert not core.snapshot()["down"]
+    report(core, "decode-0")  # its room, as its next stats say
     sent.clear()
     for rid in "fghi":
         new(core, rid)

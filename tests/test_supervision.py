@@ -175,7 +175,7 @@ def test_killing_the_launcher_leaves_no_process(tmp_path, model_dir):
         assert len(children) >= 5
         launcher.kill()
         launcher.wait()
-        wait_until(lambda: not any(_alive(pid) for pid in children), timeout=30, what="the children to exit")
+        wait_until(lambda: not any(_alive(pid) for pid in children), timeout=90, what="the children to exit")
     finally:
         if launcher.poll() is None:
             launcher.kill()

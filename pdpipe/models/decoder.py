@@ -37,14 +37,27 @@ class AttentionMetadata:
     num_splits: int = 1  # decode attention's split of the context
 
 
-try:  # torch ≥ 2.10: flash attention over packed prompts, one launch for the batch
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    _varlen_attn = None
-_VARLEN_ARGS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else set()
-if not {"scale", "window_size"} <= _VARLEN_ARGS:  # torch 2.9 had neither: one call per prompt instead
-    _varlen_attn = None
-_VARLEN_EXTRA = {"enable_gqa": True} if "enable_gqa" in _VARLEN_ARGS else {}  # 2.11 takes GQA without it
+_VARLEN: tuple | None = None  # (varlen_attn, extra kwargs) or () where torch lacks a usable one
+
+
+def _varlen() -> tuple:
+    """Torch's varlen flash attention (torch >= 2.10), imported on first use: its import costs seconds
+    (it loads torch's compiler) that a CPU engine or the CLI should not pay."""
+    global _VARLEN
+    if _VARLEN is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _VARLEN = ()
+        else:
+            args = set(inspect.signature(varlen_attn).parameters)
+            # torch 2.9's had neither scale nor window_size: one call per prompt instead; 2.11 takes GQA
+            # without being told
+            _VARLEN = ((varlen_attn, {"enable_gqa": True} if "enable_gqa" in args else {})
+                       if {"scale", "window_size"} <= args else ())
+    return _VARLEN
+
+
 # Never cuDNN for prompts: it builds a graph per new sequence length (~40 ms on H200, which doubled the
 # first prefill of every new prompt length in service; benchmarks/RESULTS.md, "new prompt lengths").
 _PROMPT_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -53,10 +66,12 @@ _PROMPT_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 def _prompt_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Whole prompts attend only to themselves: flash attention over the packed batch (measured faster
     than the paged Triton kernel for this case, and than one call per prompt; benchmarks/RESULTS.md)."""
-    if _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+    varlen = _varlen() if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 else ()
+    if varlen:
+        attn, extra = varlen
         cu = meta.query_start_loc_t
-        return _varlen_attn(q, k, v, cu, cu, meta.max_query_len, meta.max_query_len, scale=scale,
-                            window_size=(-1, 0), **_VARLEN_EXTRA)
+        return attn(q, k, v, cu, cu, meta.max_query_len, meta.max_query_len, scale=scale, window_size=(-1, 0),
+                    **extra)
     out = torch.empty_like(q)
     bounds = meta.query_start_loc
     with sdpa_kernel(_PROMPT_BACKENDS):

@@ -89,7 +89,7 @@ class SchedulerCore:
         self.ledger = DecodeLedger()
         self.decisions: Counter[str] = Counter()  # where prompts were computed: remote, local
         self.down: dict[str, tuple[str, str]] = {}  # dead local instances being restarted → (role, machine)
-        self.heard: dict[str, float] = {}  # engine or transfer → when its last stats came (this clock)
+        self.heard: dict[str, float] = {}  # a process that heartbeats → when it last did (this clock)
         self.silent: set[str] = set()  # ... those down because they stopped reporting (frozen)
         self._numbers = itertools.count()
 
@@ -150,7 +150,8 @@ class SchedulerCore:
         """A restarted engine is ready: it rejoins routing (its stats restore its room); a restarted
         transfer takes prompts for prefill instances again."""
         back = self.down.pop(msg.name, None)
-        self.heard[msg.name] = self.clock()  # its first report may come after this
+        if msg.name in self.heard:
+            self.heard[msg.name] = self.clock()  # its first beat may come after this
         if back is not None and back[0] != "transfer":
             self.roles[msg.name], self.machines[msg.name] = back
         self._pump()
@@ -184,7 +185,8 @@ class SchedulerCore:
         elif isinstance(msg, Heartbeat):
             self._heard(msg.instance, msg.role)
         elif isinstance(msg, InstanceStats):
-            self._heard(msg.instance, msg.role)
+            if msg.instance in self.heard:  # stats count as a beat from a process that beats
+                self._heard(msg.instance, msg.role)
             if msg.instance in self.down:
                 return  # the last words of a dead instance, or a restarted one not yet ready
             self.stats[msg.instance] = msg
