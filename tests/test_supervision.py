@@ -277,6 +277,10 @@ def _health(launcher) -> dict:
     return httpx.get(f"http://127.0.0.1:{launcher.cfg.api.port}/health", timeout=10).json()
 
 
+def _health(launcher) -> dict:
+    return httpx.get(f"http://127.0.0.1:{launcher.cfg.api.port}/health", timeout=10).json()
+
+
 def test_a_frozen_decode_engine_is_routed_around_within_seconds_and_rejoins(model_dir):
     """SIGSTOP: the process lives, so no restart; its heartbeat stops, its streams end with an error
     within seconds, new requests go to the other decode instance; SIGCONT: it serves again."""
