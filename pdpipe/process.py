@@ -235,16 +235,18 @@ RUNNERS = {"prefill": run_engine, "decode": run_engine, "mixed": run_engine, "tr
 
 
 def die_with_launcher() -> None:
-    """SIGTERM to this process when its launcher dies, however it dies (Linux's parent-death signal), so
+    """SIGKILL to this process when its launcher dies, however it dies (Linux's parent-death signal), so
     that no process outlives its launch holding its port and pools."""
     launcher = os.environ.get("PDPIPE_LAUNCHER_PID")
     if not launcher or not sys.platform.startswith("linux"):
         return
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # SIGKILL: with no launcher there is nobody to drain for, and a graceful stop could hang on a peer
+    # that is gone (the next launch of the run cleans its sockets and pools)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != int(launcher):  # it died before the signal was armed
-        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
