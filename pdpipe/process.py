@@ -55,9 +55,12 @@ class ProcessBase:
     def start_heartbeat(self) -> None:
         """Tells the scheduler twice a second, from a thread of its own (a long step does not hold it
         up), that this process is alive and not frozen. Only on the scheduler's machine: other machines'
-        instances are watched through the registry's entries (cluster.ttl)."""
+        instances are watched through the registry's entries (cluster.ttl). The first beat goes now,
+        before `ready`: the scheduler watches a process from its first beat, and one that froze before
+        beating would never be missed."""
         if self.cfg.cluster.redis_url and not self.cfg.cluster.frontend:
             return
+        self.out.send("scheduler", Heartbeat(instance=self.name, role=self.role))
 
         def beat() -> None:
             out = Outboxes(self.ctx, self.paths, self.out.local)
@@ -158,8 +161,8 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
         if role != "mixed":  # the machine's transfer process maps (and, across machines, publishes) it now
             proc.out.send(transfer_name(proc.cfg.cluster.machine), info)
-        proc.ready()
         proc.start_heartbeat()
+        proc.ready()
         run_worker_loop(proc, inbox, worker)
         inbox.stop()
         if sender is not None:
@@ -180,8 +183,8 @@ def run_transfer(role: str, name: str, run_dir: str) -> None:
     backend = MachineTransfer.for_config(proc.cfg, proc.paths.run_dir / "pools")
     worker = TransferWorker(name, backend, spec.num_layers, proc.out.send, pool_lookup=backend.lookup)
     inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
-    proc.ready()
     proc.start_heartbeat()
+    proc.ready()
     try:
         run_worker_loop(proc, inbox, worker, periodic=backend.refresh)
     finally:
