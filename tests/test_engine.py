@@ -89,6 +89,50 @@ def test_bad_requests_are_refused_without_harming_others(model_dir):
     assert_leak_free(engine)
 
 
+@pytest.mark.parametrize("where", ["forward", "sampling"])
+def test_a_request_whose_step_raises_fails_alone(model_dir, where):
+    """A batch raises because of one request (in the forward pass, or in sampling after the others'
+    seeded draws): that request ends with an "error" output and frees its blocks; the others get the
+    tokens they get without it, seeded draws included."""
+    prompts = make_prompts(512, lengths=(9, 14, 11), seed=3)
+    seeded = SamplingParams(max_tokens=8, temperature=0.9, seed=7, ignore_eos=True)
+    reference = make_engine(model_dir("llama"))
+    reference.add_request("a", prompts[0], GREEDY)
+    reference.add_request("c", prompts[2], seeded)
+    expected = run_all(reference)
+
+    engine = make_engine(model_dir("llama"))
+    bad = {"b"}
+    if where == "forward":
+        real = engine.runner.execute
+
+        def execute(sched, *args, **kwargs):
+            if any(c.seq.request_id in bad for c in sched.chunks) and len(engine.scheduler.running[0].token_ids) > 12:
+                raise RuntimeError("kernel fault (simulated)")
+            return real(sched, *args, **kwargs)
+        engine.runner.execute = execute
+    else:
+        real = engine.sampler
+
+        def sampler(logits, seqs):
+            samples = real(logits, seqs)  # the others' generators have drawn
+            if any(s.request_id in bad for s in seqs) and seqs[0].num_output_tokens >= 2:
+                raise IndexError("stop token out of range (simulated)")
+            return samples
+        engine.sampler = sampler
+    engine.add_request("a", prompts[0], GREEDY)
+    engine.add_request("b", prompts[1], GREEDY)
+    engine.add_request("c", prompts[2], seeded)
+    outputs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    failed = outputs["b"][-1]
+    assert failed.finish_reason == "error" and "simulated" in failed.error
+    assert {r: [t for o in outs for t in o.token_ids] for r, outs in outputs.items() if r != "b"} == expected
+    assert_leak_free(engine)
+
+
 def test_generation_stops_at_max_model_len(model_dir):
     engine = make_engine(model_dir("llama"), num_blocks=4, block_size=4)
     engine.add_request("r", [5] * 10, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))

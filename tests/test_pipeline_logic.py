@@ -213,6 +213,31 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model_dir):
     assert pipe.leak_free()
 
 
+@pytest.mark.parametrize("instance", ["prefill-0", "decode-0"])
+def test_a_step_that_raises_for_one_request_fails_it_alone(model_dir, colocated, instance):
+    """One request's run raises inside a batch (on the prefill instance, whose step also announced its
+    prompts to the transfer; or on decode): it fails with the reason, the others in the same batches
+    finish with the tokens a colocated engine gives, and nothing is left allocated."""
+    pipe = LocalPipeline(model_dir("qwen3"), PD)
+    engine = pipe.workers[instance].engine
+    real = engine.runner.execute
+
+    def execute(sched, *args, **kwargs):
+        if any(c.seq.request_id == "bad" for c in sched.chunks):
+            raise RuntimeError("kernel fault (simulated)")
+        return real(sched, *args, **kwargs)
+
+    engine.runner.execute = execute
+    prompts = make_prompts(384, lengths=(10, 12, 9), seed=5)
+    for rid, prompt in zip(("good-1", "bad", "good-2"), prompts):
+        pipe.submit(rid, prompt, GREEDY)
+    pipe.run()
+    assert pipe.state("bad") == "FAILED" and "kernel fault" in pipe.outputs["bad"][-1].error
+    assert pipe.tokens("good-1") == colocated(prompts[0]).token_ids
+    assert pipe.tokens("good-2") == colocated(prompts[2]).token_ids
+    assert pipe.leak_free()
+
+
 @pytest.mark.parametrize("threshold, messages, sent", [
     (20, [(0, 1), (1, 1)], ["layer 1/2 sent"]),  # 20 tokens × 1 layer: a message a layer
     (40, [(1, 2)], ["layers 1-2/2 sent"]),  # two layers' worth: one message, one copy for both

@@ -1,13 +1,14 @@
 """The engine core: a model replica, its paged KV pool and the continuous-batching step loop.
 
 `step()` is schedule → run the model → sample → update, and returns the new tokens of every request
-that got one. Requests move WAITING → RUNNING → FINISHED (stop, length, abort); preemption sends a
+that got one; a request whose run raises ends with an "error" output, alone. Requests move WAITING → RUNNING → FINISHED (stop, length, abort); preemption sends a
 RUNNING request back to WAITING to be recomputed. No sockets here: the processes of the pipeline
 feed it from their I/O edges, and tests drive it directly.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import replace
 from typing import Callable
 
@@ -25,6 +26,7 @@ from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 
+log = logging.getLogger("pdpipe")
 
 class RequestError(ValueError):
     """A request the engine cannot take, naming the field at fault."""
@@ -182,12 +184,38 @@ class LLMEngine:
         outputs = [self._output(seq, []) for seq in sched.finished]
         if not sched.chunks:
             return outputs
+        drawn = {c.seq: c.seq.generator.get_state() for c in sched.chunks if c.seq.generator is not None}
+        try:
+            return outputs + self._run(sched, on_schedule)
+        except Exception as exc:  # noqa: BLE001 — the request at fault fails alone, found below
+            if len(sched.chunks) == 1:
+                return outputs + [self._failed(sched.chunks[0].seq, exc)]
+            log.warning("a step of %d requests failed (%s: %s); running them one at a time",
+                        len(sched.chunks), type(exc).__name__, exc)
+        # A batch that raised runs again one request at a time: one whose run still raises fails
+        # alone, the others get this step's token. Nothing was committed (only `update` moves a
+        # sequence on, and KV rewritten at the same slots is the same), and seeded draws start over.
+        for seq, state in drawn.items():
+            seq.generator.set_state(state)
+        for chunk in sched.chunks:
+            try:
+                outputs += self._run(SchedulerOutput(chunks=[chunk]), on_schedule)
+            except Exception as exc:  # noqa: BLE001 — this request's own failure
+                outputs.append(self._failed(chunk.seq, exc))
+        return outputs
+
+    def _failed(self, seq: Sequence, exc: Exception) -> EngineOutput:
+        log.error("request %s failed its step", seq.request_id, exc_info=exc)
+        self.scheduler.finish(seq, "abort")
+        return EngineOutput(request_id=seq.request_id, token_ids=[], index=seq.num_output_tokens,
+                            finish_reason="error", error=f"{type(exc).__name__}: {exc}")
+
+    def _run(self, sched: SchedulerOutput, on_schedule) -> list[EngineOutput]:
+        """Runs a scheduled batch: forward, sample, update; the outputs of the sequences it moved on."""
         on_layer_done = on_schedule(sched) if on_schedule is not None else None
         logits, seqs = self.runner.execute(sched, on_layer_done)
         samples = self.sampler(logits, seqs) if seqs else {}
-        for seq in self.scheduler.update(sched, samples):
-            outputs.append(self._output(seq, [samples[seq].token_id]))
-        return outputs
+        return [self._output(seq, [samples[seq].token_id]) for seq in self.scheduler.update(sched, samples)]
 
     @staticmethod
     def _output(seq: Sequence, token_ids: list[int]) -> EngineOutput:

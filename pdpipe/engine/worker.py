@@ -192,11 +192,16 @@ class EngineWorker:
         sched = self.engine.scheduler
         for seq in [*sched.running, *sched.waiting]:
             self.engine.abort_request(seq.request_id)
-            self.engine.release_kv(seq.request_id)
-            self._prefills.pop(seq.request_id, None)
-            self._started.discard(seq.request_id)
-            self._event(seq.request_id, "FAILED", detail=reason)
-        self.queued_prompt_tokens = sum(len(p.prompt_token_ids) for p in self._prefills.values())
+            self._fail_one(seq.request_id, reason)
+
+    def _fail_one(self, rid: str, reason: str) -> None:
+        """One request failed here: its blocks go, and the scheduler ends it everywhere."""
+        self.engine.release_kv(rid)
+        prefill = self._prefills.pop(rid, None)
+        if prefill is not None:
+            self.queued_prompt_tokens -= len(prefill.prompt_token_ids)
+        self._started.discard(rid)
+        self._event(rid, "FAILED", detail=reason)
 
     def _on_schedule(self, sched: SchedulerOutput):
         """Announces prefills starting and, on a prefill instance, the transfers of prompts this batch
@@ -241,6 +246,9 @@ class EngineWorker:
     def _deliver(self, outputs: list[EngineOutput]) -> None:
         for out in outputs:
             rid = out.request_id
+            if out.finish_reason == "error":  # its own step failed (the engine already freed it)
+                self._fail_one(rid, f"{self.name}: {out.error}")
+                continue
             prefill = self._prefills.pop(rid, None)
             if prefill is not None:
                 self.queued_prompt_tokens -= len(prefill.prompt_token_ids)

@@ -71,7 +71,8 @@ class TransferWorker:
         elif getattr(msg, "request_id", None) in self._tombstones:
             pass  # the request was aborted before this message arrived
         elif isinstance(msg, TransferStart):
-            self._start(msg)
+            if msg.request_id not in self.jobs:  # a step that ran again announces its prompts again
+                self._start(msg)
         elif isinstance(msg, DecodeBlocks):
             job = self.jobs.get(msg.request_id)
             if job is None:
