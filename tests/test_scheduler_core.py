@@ -2,6 +2,8 @@
 together, the admission queue and its ledger of decode room, conditional disaggregation and whole
 requests on a prefill instance; every way a reservation can go leaves the load and the room
 accounted for."""
+import pytest
+
 from pdpipe.config import DeadlineConfig, RoutingConfig
 from pdpipe.messages import (
     AbortRequest,
@@ -475,3 +477,20 @@ def test_a_silent_engine_is_routed_around_and_rejoins_when_it_reports_again():
     for rid in "fghi":
         new(core, rid)
     assert "decode-0" in {dest for dest, _ in dispatched(sent, Reserve)}
+
+
+@pytest.mark.parametrize("skew", [-3600.0, 3600.0])
+def test_deadlines_run_on_the_schedulers_clock_not_the_senders(skew):
+    """An engine on another machine whose clock is an hour off: its events neither fail a request at
+    once nor keep it alive past the deadline, which counts from when the scheduler heard them."""
+    now = [100.0]
+    core, sent = make(clock=lambda: now[0])
+    new(core, "a")
+    decode = next(dest for dest, m in dispatched(sent, Reserve) if m.request_id == "a")
+    core.handle(StateEvent(request_id="a", state="DECODING", instance=decode, time=now[0] + skew))
+    now[0] += core.deadlines.decoding - 1
+    core.tick()
+    assert "a" in core.live
+    now[0] += 2
+    core.tick()
+    assert "a" not in core.live and core.recent["a"].state == "FAILED"

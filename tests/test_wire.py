@@ -4,8 +4,9 @@ import threading
 
 import pytest
 import zmq
+import zmq.asyncio
 
-from pdpipe.messages import LayersReady, decode
+from pdpipe.messages import LayersReady, SamplingParams, decode
 from pdpipe.wire import RunPaths, SenderThread
 
 
@@ -56,3 +57,40 @@ def test_a_failing_fence_still_lets_the_message_go(wired):
     inbox, sender = wired
     sender.send("transfer", LayersReady(request_ids=["a"], layer=3), after=Broken())
     assert inbox.poll(10_000) and decode(inbox.recv()).layer == 3
+
+
+def test_a_stream_stalled_on_a_lost_output_ends_and_its_request_is_aborted(tmp_path):
+    """Outputs 1 and 2 came, output 0 never does (lost between machines): past the token-gap deadline
+    the stream gets an error output and the scheduler an abort; a stream whose gap filled in time, and
+    one merely waiting for its first token, are left alone."""
+    import asyncio
+
+    from pdpipe.api.bridge import Bridge
+    from pdpipe.messages import AbortRequest, EngineOutput
+
+    async def scenario():
+        paths = RunPaths(tmp_path)
+        scheduler = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        scheduler.bind(paths.inbox("scheduler"))
+        bridge = Bridge(paths, token_gap=5.0)
+        params = SamplingParams(max_tokens=8)
+        lost, healed, quiet = [await bridge.submit(r, [1, 2], params, 0.0) for r in ("lost", "healed", "quiet")]
+        for rid, stream in (("lost", lost), ("healed", healed)):
+            stream.put(EngineOutput(request_id=rid, token_ids=[5], index=1))
+            stream.put(EngineOutput(request_id=rid, token_ids=[6], index=2))
+        healed.put(EngineOutput(request_id="healed", token_ids=[4], index=0))
+        assert lost.gap_since is not None and healed.gap_since is None and quiet.gap_since is None
+        await bridge.end_stalled()
+        assert lost.queue.empty()  # within the deadline
+        lost.gap_since -= 6.0
+        await bridge.end_stalled()
+        out = lost.queue.get_nowait()
+        assert out.finish_reason == "error" and "output 0 never arrived" in out.error and out.status == 502
+        assert set(bridge.streams) == {"healed", "quiet"} and healed.queue.qsize() == 3
+        received = [decode(await scheduler.recv()) for _ in range(4)]
+        assert [type(m).__name__ for m in received][-1] == "AbortRequest"
+        assert isinstance(received[-1], AbortRequest) and received[-1].request_id == "lost"
+        scheduler.close()
+        bridge.close()
+
+    asyncio.run(scenario())

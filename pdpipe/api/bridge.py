@@ -28,20 +28,31 @@ log = logging.getLogger("pdpipe")
 
 
 class TokenStream:
-    """One request's outputs in order. Error outputs (token-less) pass at once."""
+    """One request's outputs in order. Error outputs (token-less) pass at once. `gap_since` is when
+    outputs started waiting for a missing earlier one (None while none waits)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self.queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self._next = 0
         self._early: dict[int, EngineOutput] = {}
+        self.clock = clock
+        self.gap_since: float | None = None
 
     def put(self, out: EngineOutput) -> None:
         if not out.token_ids or out.index == self._next:
             self._emit(out)
             while self._next in self._early:
                 self._emit(self._early.pop(self._next))
+            self.gap_since = self.gap_since if self._early else None
         elif out.index > self._next:
             self._early[out.index] = out
+            if self.gap_since is None:
+                self.gap_since = self.clock()
+
+    @property
+    def missing(self) -> int:
+        """The index of the output the stream waits for."""
+        return self._next
 
     def _emit(self, out: EngineOutput) -> None:
         self._next = out.index + len(out.token_ids) if out.token_ids else self._next
@@ -49,8 +60,8 @@ class TokenStream:
 
 
 class Bridge:
-    def __init__(self, paths: RunPaths, name: str = "api"):
-        self.paths = paths
+    def __init__(self, paths: RunPaths, name: str = "api", token_gap: float = 10.0):
+        self.paths, self.token_gap = paths, token_gap
         self.ctx = zmq.asyncio.Context()
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
@@ -110,11 +121,25 @@ class Bridge:
             await self.push.send(encode(AbortRequest(request_id=request_id, reason=reason)))
 
     async def report(self, period: float = 0.5) -> None:
-        """Tells the scheduler how many requests this front-end has open (for `pdpipe queues`)."""
+        """Tells the scheduler how many requests this front-end has open (for `pdpipe queues`), and
+        ends the streams stalled on a lost output."""
         while True:
             await self.push.send(encode(InstanceStats(instance="api", role="api", time=time.time(),
                                                       running=len(self.streams))))
+            await self.end_stalled()
             await asyncio.sleep(period)
+
+    async def end_stalled(self) -> None:
+        """A stream whose later outputs have waited `token_gap` seconds for a missing one (lost between
+        machines) ends with an error, and its request is aborted: it would never go on."""
+        now = time.monotonic()
+        for rid, stream in list(self.streams.items()):
+            if stream.gap_since is not None and now - stream.gap_since > self.token_gap:
+                reason = f"output {stream.missing} never arrived ({self.token_gap:g} s); the request was stopped"
+                log.warning("api: %s: %s", rid, reason)
+                stream.put(EngineOutput(request_id=rid, token_ids=[], finish_reason="error", error=reason,
+                                        status=502))
+                await self.abort(rid, reason)
 
     def forget(self, request_id: str) -> None:
         self.streams.pop(request_id, None)

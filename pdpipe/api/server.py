@@ -459,7 +459,7 @@ def serve_api(proc) -> None:
     _Server = _uvicorn_server()
 
     async def main() -> None:
-        ctx = ApiContext(Tokenizer(model_dir), Bridge(proc.paths), cfg.api.served_model_name or model_dir.name,
+        ctx = ApiContext(Tokenizer(model_dir), Bridge(proc.paths, token_gap=cfg.deadlines.token_gap), cfg.api.served_model_name or model_dir.name,
                          max_len, cfg.api.max_body_bytes, ApiMetrics(), max_waiting=cfg.api.max_waiting,
                          max_waiting_prompt_tokens=cfg.api.max_waiting_prompt_tokens)
         server = _Server(uvicorn.Config(build_app(ctx), host=cfg.api.host, port=cfg.api.port,

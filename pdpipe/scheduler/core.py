@@ -372,7 +372,8 @@ class SchedulerCore:
         when = when or self.clock()
         bisect.insort(rec.events, (when, state, instance, detail), key=lambda e: e[0])  # senders may cross
         if STAGE.get(state, len(STAGE)) > STAGE.get(rec.state, -1):  # states only move forward
-            rec.state, rec.since = state, when
+            # deadlines run on this clock: the event's time may come from another machine's
+            rec.state, rec.since = state, self.clock()
 
     # ---- the one way out: finish, abort or fail ---------------------------------------------
     def _end(self, rec: RequestRecord, state: str, instance: str, detail: str, when: float | None = None) -> None:
