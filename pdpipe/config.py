@@ -81,12 +81,15 @@ class DeadlineConfig:
     heartbeat: float = field(default=5.0, metadata={
         "help": "an engine or transfer whose heartbeat (twice a second, from a thread of its own) stops "
                 "this long is routed around and its requests fail; it rejoins when it beats again"})
+    copy: float = field(default=30.0, metadata={
+        "help": "KV copies handed to the transfer backend must land within this, or their request fails "
+                "(and an aborted request's copies that never settle stop holding decode's blocks)"})
     token_gap: float = field(default=10.0, metadata={
         "help": "a stream whose next token has not come this long while later ones wait (a message lost "
                 "between machines) ends with an error, and its request is aborted"})
 
     def __post_init__(self):
-        for name in ("queued", "reserved", "prefilling", "transferring", "decoding", "heartbeat", "token_gap"):
+        for name in ("queued", "reserved", "prefilling", "transferring", "decoding", "heartbeat", "copy", "token_gap"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"deadlines.{name}: must be > 0 seconds, got {getattr(self, name)}")
 

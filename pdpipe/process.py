@@ -181,7 +181,8 @@ def run_transfer(role: str, name: str, run_dir: str) -> None:
     proc = ProcessBase(role, name, run_dir)
     spec = load_spec(resolve_model(proc.cfg.engine.model))
     backend = MachineTransfer.for_config(proc.cfg, proc.paths.run_dir / "pools")
-    worker = TransferWorker(name, backend, spec.num_layers, proc.out.send, pool_lookup=backend.lookup)
+    worker = TransferWorker(name, backend, spec.num_layers, proc.out.send, pool_lookup=backend.lookup,
+                            copy_deadline=proc.cfg.deadlines.copy)
     inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
     proc.start_heartbeat()
     proc.ready()

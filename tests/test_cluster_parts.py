@@ -2,6 +2,7 @@
 coalescing, and the Mooncake backend moving a pool's blocks between two processes over TCP."""
 import multiprocessing as mp
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -12,7 +13,7 @@ from pipeline_launch import wait_until
 from pdpipe.cluster import Envelope, InstanceEntry, Registry
 from pdpipe.messages import PoolInfo
 from pdpipe.rdma import MooncakeError, MooncakeTransfer, coalesce
-from pdpipe.transfer import TransferJob
+from pdpipe.transfer import TransferJob, TransferState
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,10 @@ def test_mooncake_moves_blocks_between_processes_over_tcp():
         backend.register_pool(remote)
         job = TransferJob("r", "src", [1, 2, 3, 7], "dst", [5, 6, 7, 0])
         for layer in range(SHAPE[0]):
-            backend.send(job, layer)
-        assert job.bytes_moved == backend.job_bytes(job) == 3 * 2 * 4 * (4 * 2 * 8 * 4)
+            backend.send(job, layer)  # submitted: the writes land while we go on
+        wait_until(lambda: backend.poll(job) is not TransferState.PENDING, timeout=30, what="landing")
+        assert backend.poll(job) is TransferState.DONE
+        assert job.bytes_moved == backend.job_bytes(job) == 3 * 2 * 4 * (4 * 2 * 8 * 4) and not job.error
         parent.send("read")
         dst = torch.from_numpy(_answer(parent, proc))
         assert torch.equal(dst[:, :, [5, 6, 7, 0]], src[:, :, [1, 2, 3, 7]])
@@ -89,7 +92,63 @@ def test_mooncake_moves_blocks_between_processes_over_tcp():
         backend.register_pool(bogus)
         with pytest.raises(MooncakeError, match="127.0.0.1:1"):
             backend.send(TransferJob("r2", "src", [1], "dst2", [1]), 0)
+        # a write the peer refuses (outside its registered memory) fails its job once it settled
+        outside = msgspec.structs.replace(remote, instance="dst3", base_addr=remote.base_addr + (1 << 30))
+        backend.register_pool(outside)
+        refused = TransferJob("r3", "src", [1], "dst3", [1])
+        backend.send(refused, 0)
+        wait_until(lambda: backend.poll(refused) is not TransferState.PENDING, timeout=30, what="settling")
+        assert backend.poll(refused) is TransferState.FAILED and "dst3" in refused.error
     finally:
         if proc.is_alive():
             parent.send("done")
         proc.join(timeout=30)
+
+
+def test_the_transfer_follows_pools_published_anew(monkeypatch):
+    """Another machine's decode restarted: its pool is published anew (another segment or address) and
+    the transfer writes there from its next refresh; a local engine that restarted is exposed again."""
+    from pdpipe.transfer import FakeTransfer
+    from pdpipe.transfer import machine as machine_mod
+
+    class Registry:
+        ttl = 3.0
+
+        def __init__(self):
+            self.pools, self.published = {}, []
+
+        def pool(self, name):
+            return self.pools.get(name)
+
+        def publish_pool(self, info):
+            self.published.append(info)
+
+    class Remote(FakeTransfer):
+        def __init__(self):
+            super().__init__()
+            self.exposed = []
+
+        def expose(self, info, tensor):
+            self.exposed.append(info.path)
+            return msgspec.structs.replace(info, segment="127.0.0.1:9", base_addr=4096)
+
+    monkeypatch.setattr(machine_mod, "_pool_tensor", lambda info: torch.zeros(1))
+    registry, remote = Registry(), Remote()
+    transfer = machine_mod.MachineTransfer(FakeTransfer(), Path("/nonexistent"), remote, registry, "a")
+    old = PoolInfo(instance="b-decode-0", path="", shape=list(SHAPE), dtype="float32", segment="10.0.0.2:7",
+                   base_addr=1 << 20)
+    registry.pools["b-decode-0"] = old
+    transfer.register_pool(old)
+    transfer._next_publish = 0.0
+    transfer.refresh()
+    assert remote.pools["b-decode-0"] == old
+    registry.pools["b-decode-0"] = new = msgspec.structs.replace(old, segment="10.0.0.2:8", base_addr=1 << 21)
+    transfer._next_publish = 0.0
+    transfer.refresh()
+    assert remote.pools["b-decode-0"] == new
+    local = PoolInfo(instance="a-prefill-0", path="/dev/shm/one", shape=list(SHAPE), dtype="float32")
+    transfer.register_pool(local)
+    transfer.register_pool(local)  # the same pool announced again: exposed once
+    transfer.register_pool(msgspec.structs.replace(local, path="/dev/shm/two"))  # its engine restarted
+    assert remote.exposed == ["/dev/shm/one", "/dev/shm/two"]
+    assert registry.published[-1].path == "/dev/shm/two" and registry.published[-1].machine == "a"

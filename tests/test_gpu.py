@@ -448,7 +448,7 @@ def test_mooncake_moves_a_gpu_pool_between_processes_over_tcp():
     from pdpipe.ipc.cuda import CudaPool
     from pdpipe.messages import PoolInfo
     from pdpipe.rdma import MooncakeTransfer
-    from pdpipe.transfer import TransferJob
+    from pdpipe.transfer import TransferJob, TransferState
 
     shape = (4, 2, 40, 16, 8, 128)
     ctx = mp.get_context("spawn")
@@ -467,7 +467,10 @@ def test_mooncake_moves_a_gpu_pool_between_processes_over_tcp():
         job = TransferJob("r", "src", [3, 4, 5, 17, 30], "dst", [0, 1, 2, 39, 8])
         for layer in range(shape[0]):
             backend.send(job, layer)
-        assert job.bytes_moved == backend.job_bytes(job)
+        deadline = time.monotonic() + 60
+        while backend.poll(job) is TransferState.PENDING and time.monotonic() < deadline:
+            pass  # the writes were submitted; poll until they land
+        assert backend.poll(job) is TransferState.DONE and job.bytes_moved == backend.job_bytes(job)
         parent.send("read")
         dst = parent.recv()
         expected = src.tensor.cpu()

@@ -329,6 +329,65 @@ def test_copies_that_end_between_messages_are_still_reported():
     assert not worker.has_work()
 
 
+def test_copies_that_never_land_fail_their_request_and_never_hold_decode_for_good():
+    """The fake backend's copies never complete: past the copy deadline the job fails with the reason;
+    an aborted job whose copies never settle lets decode free its blocks after the same deadline."""
+    from pdpipe.messages import AbortTransfer, Free, LayersReady, StateEvent
+    from pdpipe.transfer.worker import TransferWorker
+
+    now = [1000.0]
+    backend, sent = FakeTransfer(), []
+    worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)),
+                            clock=lambda: now[0], copy_deadline=30.0)
+    for rid in ("stuck", "gone"):
+        start(worker, rid, [1], "d", [2])
+        backend.in_flight.add(rid)  # never completes
+        worker.handle(LayersReady(request_ids=[rid], layer=0))
+    worker.handle(AbortTransfer(request_id="gone", decode_instance="d", reason="client gone"))
+    now[0] += 29
+    worker.step()
+    assert not [m for _, m in sent if isinstance(m, Free) or getattr(m, "state", "") == "FAILED"]
+    now[0] += 2
+    worker.step()
+    failed = [m for _, m in sent if isinstance(m, StateEvent) and m.state == "FAILED"]
+    assert [(m.request_id, m.detail) for m in failed] == [("stuck", "KV transfer failed: copies did not land "
+                                                                    "within 30 s")]
+    assert [(dest, m.request_id) for dest, m in sent if isinstance(m, Free)] == [("d", "gone")]
+    assert not worker.has_work()
+
+
+@pytest.mark.parametrize("where", ["poll", "send"])
+def test_a_backend_that_raises_fails_that_job_alone(where):
+    """A backend bug (not a TransferError) while polling or sending one job fails that job with the
+    reason; the other job of the same batch lands."""
+    from pdpipe.messages import KVLanded, LayersReady, PrefillDone, StateEvent
+    from pdpipe.transfer.worker import TransferWorker
+
+    class Buggy(FakeTransfer):
+        def poll(self, job):
+            if where == "poll" and job.request_id == "bad":
+                raise KeyError("pool layout")
+            return super().poll(job)
+
+        def send(self, job, layer):
+            if where == "send" and job.request_id == "bad":
+                raise KeyError("pool layout")
+            super().send(job, layer)
+
+    backend, sent = Buggy(), []
+    worker = TransferWorker("transfer", backend, 1, lambda dest, msg: sent.append((dest, msg)))
+    for rid in ("bad", "good"):
+        start(worker, rid, [1], "d", [2])
+    worker.handle(LayersReady(request_ids=["bad", "good"], layer=0))
+    for rid in ("bad", "good"):
+        worker.handle(PrefillDone(request_id=rid, first_token=7))
+    worker.step()
+    failed = [(m.request_id, m.detail) for _, m in sent if isinstance(m, StateEvent) and m.state == "FAILED"]
+    assert failed == [("bad", "KV transfer failed: KeyError: 'pool layout'")]
+    assert [m.request_id for _, m in sent if isinstance(m, KVLanded)] == ["good"]
+    assert worker.jobs == {}
+
+
 def test_requests_prefilled_together_move_in_one_batch_per_layer(model_dir, colocated):
     from local_pipeline import TensorPools
 

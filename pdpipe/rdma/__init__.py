@@ -4,11 +4,15 @@ The same calls run over RDMA NICs (`protocol="rdma"`, `device_names` naming the 
 TCP (`protocol="tcp"`). Each machine's transfer process runs one engine, registers the KV pools of
 its machine's engines, and publishes (segment, base address, layout) per pool in the registry; a
 job writes the request's blocks into the peer's registered pool, layer by layer, coalescing runs of
-contiguous blocks into single writes. Integer return codes become `MooncakeError`.
+contiguous blocks into single writes. Writes are submitted (one batch a layer) and polled, so the
+transfer process goes on with other jobs while they run; a job is done when every batch landed and
+failed once every batch settled with one failed (nothing of it still writes). Integer return codes
+become `MooncakeError`.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +47,15 @@ def _plane_bytes(info: PoolInfo) -> tuple[int, int]:
     return info.shape[3] * info.shape[4] * info.shape[5] * itemsize, info.shape[2]
 
 
+@dataclass
+class _Flight:
+    """A job's batches in flight: (batch id, bytes, layer) each, since when, and the first failure."""
+
+    since: float
+    batches: list[tuple[int, int, int]] = field(default_factory=list)
+    error: str = ""
+
+
 class MooncakeTransfer(TransferBackend):
     def __init__(self, hostname: str, protocol: str = "tcp", device_names: str = ""):
         from mooncake.engine import TransferEngine  # imported here: only cross-machine setups need it
@@ -55,9 +68,14 @@ class MooncakeTransfer(TransferBackend):
         self.segment = f"{hostname}:{self.engine.get_rpc_port()}"
         self.pools: dict[str, PoolInfo] = {}
         self._local: dict[str, torch.Tensor] = {}
+        self._flights: dict[str, _Flight] = {}
 
     def expose(self, info: PoolInfo, pool: torch.Tensor) -> PoolInfo:
-        """Registers a local pool with the engine; returns its info as peers need it."""
+        """Registers a local pool with the engine (again when its engine restarted with a new one);
+        returns its info as peers need it."""
+        old = self._local.pop(info.instance, None)
+        if old is not None:
+            self.engine.unregister_memory(old.data_ptr())
         _check(self.engine.register_memory(pool.data_ptr(), pool.numel() * pool.element_size()),
                "register_memory", info.instance)
         self._local[info.instance] = pool
@@ -86,18 +104,40 @@ class MooncakeTransfer(TransferBackend):
                 srcs.append(src_plane + s * block)
                 dsts.append(dst_plane + d * block)
                 lengths.append(n * block)
-        start = time.perf_counter()
-        _check(self.engine.batch_transfer_sync_write(dst.segment, srcs, dsts, lengths), "batch write",
-               f"{dst.segment} ({job.dst_instance}, request {job.request_id}, layer {layer})")
-        job.seconds += time.perf_counter() - start
-        job.bytes_moved += sum(lengths)
+        batch = self.engine.batch_transfer_async_write(dst.segment, srcs, dsts, lengths)
+        if not batch:
+            raise MooncakeError(f"mooncake batch write to {dst.segment} ({job.dst_instance}, request "
+                                f"{job.request_id}, layer {layer}) could not be submitted")
+        flight = self._flights.setdefault(job.request_id, _Flight(time.perf_counter()))
+        flight.batches.append((batch, sum(lengths), layer))
         job.layers_sent.add(layer)
 
     def poll(self, job: TransferJob) -> TransferState:
-        return TransferState.DONE  # writes are synchronous
+        flight = self._flights.get(job.request_id)
+        if flight is None:
+            return TransferState.FAILED if job.error else TransferState.DONE
+        running = []
+        for batch, size, layer in flight.batches:
+            rc = self.engine.transfer_check_status(batch)
+            if rc == 1:
+                job.bytes_moved += size
+            elif rc == 0:
+                running.append((batch, size, layer))
+            else:
+                flight.error = flight.error or (f"mooncake write of layer {layer} to {job.dst_instance} "
+                                                f"{'timed out' if rc == -2 else 'failed'} (code {rc})")
+        flight.batches = running
+        if running:
+            return TransferState.PENDING
+        del self._flights[job.request_id]
+        job.seconds += time.perf_counter() - flight.since
+        if flight.error:
+            job.error = flight.error
+            return TransferState.FAILED
+        return TransferState.DONE
 
     def abort(self, job: TransferJob) -> None:
-        pass  # nothing in flight once send returned
+        pass  # the worker aborts a job once poll no longer says PENDING: nothing of it is in flight
 
     def job_bytes(self, job: TransferJob) -> int:
         info = self.pools.get(job.src_instance)

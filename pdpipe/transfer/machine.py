@@ -46,6 +46,7 @@ class MachineTransfer(TransferBackend):
         self.pools_dir = pools_dir
         self.local_names: set[str] = set()
         self._published: dict[str, PoolInfo] = {}
+        self._exposed: dict[str, PoolInfo] = {}  # each published pool as its engine announced it
         self._next_publish = 0.0
 
     @classmethod
@@ -76,22 +77,31 @@ class MachineTransfer(TransferBackend):
             return
         self.local.register_pool(pool)
         self.local_names.add(pool.instance)
-        if self.remote is not None and pool.instance not in self._published:
+        if self.remote is not None and self._exposed.get(pool.instance) != pool:  # new, or its engine restarted
             published = self.remote.expose(pool, _pool_tensor(pool))
+            self._exposed[pool.instance] = pool
             self._published[pool.instance] = msgspec.structs.replace(published, machine=self.machine)
             self._next_publish = 0.0
             self.refresh()
 
     def refresh(self) -> None:
-        """Keeps this machine's pools published (called a few times a second)."""
+        """Keeps this machine's pools published, and the other machines' pools it writes into as they
+        are published now (a restarted engine's pool lives elsewhere); called a few times a second."""
         if self.registry is None or time.monotonic() < self._next_publish:
             return
         try:
             for info in self._published.values():
                 self.registry.publish_pool(info)
+            for name, known in list(self.remote.pools.items()):
+                if name not in self.local_names:
+                    now = self.registry.pool(name)
+                    if now is not None and now != known:
+                        log.info("transfer: %s's pool was published anew (%s); writing there now", name,
+                                 now.segment)
+                        self.remote.register_pool(now)
             self._next_publish = time.monotonic() + self.registry.ttl / 3
         except Exception as exc:  # noqa: BLE001 — Redis away: try again on the next call
-            log.warning("transfer: cannot publish pools: %s", exc)
+            log.warning("transfer: cannot publish or refresh pools: %s", exc)
 
     # ---- jobs ----------------------------------------------------------------------------------------
     def _for(self, job: TransferJob) -> TransferBackend:

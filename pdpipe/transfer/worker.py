@@ -44,13 +44,14 @@ log = logging.getLogger("pdpipe")
 
 class TransferWorker:
     def __init__(self, name: str, backend: TransferBackend, num_layers: int, send: Send, clock=time.time,
-                 pool_lookup: Callable[[str], PoolInfo | None] | None = None):
+                 pool_lookup: Callable[[str], PoolInfo | None] | None = None, copy_deadline: float = 30.0):
         self.name, self.backend, self.num_layers, self.send, self.clock = name, backend, num_layers, send, clock
         self.pool_lookup = pool_lookup
+        self.copy_deadline = copy_deadline  # copies handed to the backend must land within this
         self._pools: set[str] = set()
         self.jobs: dict[str, TransferJob] = {}
         self._first: dict[str, PrefillDone] = {}
-        self._draining: dict[str, tuple[TransferJob, AbortTransfer]] = {}  # aborted, copies still running
+        self._draining: dict[str, tuple[TransferJob, AbortTransfer, float]] = {}  # aborted, copies running
         self._blocks: dict[str, DecodeBlocks] = {}  # decode's blocks that came before their TransferStart
         self._tombstones = Tombstones()  # aborted: late messages move nothing
         self.bytes_moved = 0
@@ -122,14 +123,17 @@ class TransferWorker:
         job = self.jobs.pop(rid, None)
         self._first.pop(rid, None)
         self._blocks.pop(rid, None)
-        if job is not None and self.backend.poll(job) is TransferState.PENDING:
-            self._draining[rid] = (job, msg)  # decode frees its blocks once nothing writes them
+        if job is not None and self._state(job) is TransferState.PENDING:
+            self._draining[rid] = (job, msg, self.clock())  # decode frees its blocks once nothing writes them
         else:
             self._aborted(job, msg)
 
     def _aborted(self, job: TransferJob | None, msg: AbortTransfer) -> None:
         if job is not None:
-            self.backend.abort(job)
+            try:
+                self.backend.abort(job)
+            except Exception:  # noqa: BLE001 — decode must still free its blocks
+                log.exception("%s: aborting %s", self.name, job.request_id)
         if msg.decode_instance:
             self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
 
@@ -145,15 +149,15 @@ class TransferWorker:
         layers = range(first, first + count)
         try:
             self.backend.send_batch(jobs, first, count)
-        except TransferError:
+        except Exception:  # noqa: BLE001 — found job by job below; the error lands on its own job
             for job in jobs:
                 for layer in layers:
                     if layer in job.layers_sent or job.error:
                         continue
                     try:
                         self.backend.send(job, layer)
-                    except TransferError as exc:
-                        job.error = str(exc)
+                    except Exception as exc:  # noqa: BLE001 — this job's failure, not the process's
+                        job.error = str(exc) if isinstance(exc, TransferError) else f"{type(exc).__name__}: {exc}"
         what = f"layer {first + 1}" if count == 1 else f"layers {first + 1}-{first + count}"
         now = self.clock()
         for job in jobs:
@@ -164,17 +168,37 @@ class TransferWorker:
                     self._event(job.request_id, "TRANSFERRING", f"{what}/{self.num_layers} sent")
 
     def poll(self) -> None:
-        """Finishes the jobs whose every layer landed, and fails those the backend gave up on."""
-        for rid, (job, msg) in list(self._draining.items()):
-            if self.backend.poll(job) is not TransferState.PENDING:
+        """Finishes the jobs whose every layer landed, and fails those the backend gave up on or whose
+        copies did not land within `copy_deadline`. An aborted job's copies that never settle are
+        given up after the same deadline: decode frees its blocks anyway (logged), not never."""
+        now = self.clock()
+        for rid, (job, msg, since) in list(self._draining.items()):
+            settled = self._state(job) is not TransferState.PENDING
+            if settled or now - since > self.copy_deadline:
+                if not settled:
+                    log.error("%s: %s's copies did not settle within %g s of its abort; freeing its decode "
+                              "blocks anyway", self.name, rid, self.copy_deadline)
                 del self._draining[rid]
                 self._aborted(job, msg)
         for rid, job in list(self.jobs.items()):
-            state = TransferState.FAILED if job.error else self.backend.poll(job)
+            state = self._state(job)
+            if state is TransferState.PENDING and job.last_layer_at and now - job.last_layer_at > self.copy_deadline:
+                job.error = f"copies did not land within {self.copy_deadline:g} s"
+                state = TransferState.FAILED
             if state is TransferState.FAILED:
                 self._fail(job)
             elif state is TransferState.DONE and self._ready(rid, job):
                 self._finish(job, self._first.pop(rid))
+
+    def _state(self, job: TransferJob) -> TransferState:
+        """Where the job stands; a backend that raises fails this job alone."""
+        if job.error:
+            return TransferState.FAILED
+        try:
+            return self.backend.poll(job)
+        except Exception as exc:  # noqa: BLE001 — the job's failure, not the process's
+            job.error = f"{type(exc).__name__}: {exc}"
+            return TransferState.FAILED
 
     def _finish(self, job: TransferJob, first: PrefillDone) -> None:
         del self.jobs[job.request_id]
@@ -194,7 +218,10 @@ class TransferWorker:
         log.warning("%s: transfer failed: %s", job.request_id, job.error or "backend failure")
         del self.jobs[job.request_id]
         self._first.pop(job.request_id, None)
-        self.backend.abort(job)
+        try:
+            self.backend.abort(job)
+        except Exception:  # noqa: BLE001 — the request fails all the same
+            log.exception("%s: aborting %s", self.name, job.request_id)
         self._event(job.request_id, "FAILED", f"KV transfer failed: {job.error or 'backend failure'}")
 
     def _event(self, rid: str, state: str, detail: str) -> None:
@@ -207,8 +234,7 @@ class TransferWorker:
         if self._draining:
             return True
         for rid, job in self.jobs.items():
-            state = TransferState.FAILED if job.error else self.backend.poll(job)
-            if state is not TransferState.DONE or self._ready(rid, job):
+            if self._state(job) is not TransferState.DONE or self._ready(rid, job):
                 return True
         return False
 
