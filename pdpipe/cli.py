@@ -7,7 +7,7 @@ import time
 
 from pdpipe.cli_args import add_dataclass_args, dataclass_from_args
 from pdpipe.config import EngineConfig
-from pdpipe.models.make import MakeModelConfig
+from pdpipe.models.make_config import MakeModelConfig
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -65,11 +65,23 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _run_dir(args: argparse.Namespace) -> str:
+    """The launch to inspect: as given, else the one running on this machine."""
     if args.run_dir:
         return args.run_dir
-    from pdpipe.config import load_launch_config
+    if args.config:
+        from pdpipe.config import load_launch_config
 
-    return load_launch_config(args.config).resolved_run_dir if args.config else "/tmp/pdpipe-single"
+        return load_launch_config(args.config).resolved_run_dir
+    from pdpipe.wire import live_runs
+
+    runs = live_runs()
+    if len(runs) == 1:
+        return str(runs[0])
+    if not runs:
+        raise RuntimeError("no launch is running on this machine; start one with `pdpipe launch CONFIG`, or "
+                           "name a run directory with --run-dir")
+    raise RuntimeError(f"{len(runs)} launches are running ({', '.join(map(str, runs))}); choose one with "
+                       "--run-dir")
 
 
 def _queues(args: argparse.Namespace) -> int:

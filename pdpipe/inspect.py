@@ -37,6 +37,9 @@ def _row(cells, widths) -> str:
     return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
 
+STALE_S = 2.0  # stats come twice a second: older figures are marked
+
+
 def format_queues(snap: dict) -> str:
     states = snap["states"]
     lines = ["requests: " + "  ".join(f"{s} {n}" for s, n in states.items())
@@ -44,11 +47,15 @@ def format_queues(snap: dict) -> str:
     head = ["process", "role", "inbox", "running", "waiting", "blocks used", "blocks free", "routed",
             "requests by state"]
     rows = [head]
+    down = snap.get("down") or {}
     for name, inst in snap["instances"].items():
         st = inst["stats"] or {}
         used = st.get("num_blocks", 0) - st.get("free_blocks", 0)
         by_state = " ".join(f"{k}:{v}" for k, v in sorted(inst["requests"].items())) or "-"
-        role = inst["role"] + (" (paused)" if st.get("paused") else "")
+        age = inst.get("stats_age_s")
+        role = inst["role"] + (" (paused)" if st.get("paused") else "") + (" (down)" if name in down else "")
+        if age is not None and age > STALE_S:  # the figures are its last words, not its state now
+            role += f" (figures {age:.0f} s old)"
         rows.append([name, role, st.get("inbox", "?"), st.get("running", "?"), st.get("waiting", "?"), used,
                      st.get("free_blocks", "?"), inst["routed"], by_state])
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]

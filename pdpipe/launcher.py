@@ -95,6 +95,9 @@ class Launcher:
         (run_dir / "config.json").write_bytes(msgspec.json.encode(self.cfg))
         (run_dir / "launcher.pid").write_text(str(os.getpid()))
         _LIVE_RUNS.add(run_dir)
+        self.paths.live_link.parent.mkdir(exist_ok=True)  # so that `pdpipe queues` finds this launch
+        self.paths.live_link.unlink(missing_ok=True)
+        self.paths.live_link.symlink_to(run_dir.resolve())
         self._ctx = zmq.Context()
         self._inbox = InboxThread(self._ctx, self.paths.inbox("launcher")).start()
         local = {n for _, n in self.plan()} | {"launcher"} if self.cfg.cluster.redis_url else None
@@ -277,6 +280,7 @@ class Launcher:
             self._ctx.term()
         self._clean_leftovers()
         (self.paths.run_dir / "launcher.pid").unlink(missing_ok=True)
+        self.paths.live_link.unlink(missing_ok=True)
         _LIVE_RUNS.discard(self.paths.run_dir)
 
     def dump_stacks(self) -> None:

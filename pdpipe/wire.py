@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import threading
 from pathlib import Path
@@ -15,6 +16,25 @@ import zmq
 from pdpipe.messages import Forward, Msg, decode, encode
 
 log = logging.getLogger("pdpipe")
+
+
+LIVE_DIR = Path("/tmp/pdpipe-live")  # a link per running launch, to its run directory
+
+
+def live_runs() -> list[Path]:
+    """Run directories of the launches running on this machine (links left by a killed launcher are
+    dropped: its pid file names a process that is gone)."""
+    runs = []
+    for link in sorted(LIVE_DIR.glob("*")):
+        try:
+            run_dir = Path(link.readlink())
+            pid = int((run_dir / "launcher.pid").read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            link.unlink(missing_ok=True)
+            continue
+        runs.append(run_dir)
+    return runs
 
 
 class RunPaths:
@@ -30,6 +50,10 @@ class RunPaths:
     @property
     def control(self) -> str:
         return f"ipc://{self.run_dir / 'control.sock'}"
+
+    @property
+    def live_link(self) -> Path:
+        return LIVE_DIR / self.tag
 
     def log(self, name: str) -> Path:
         return self.run_dir / "logs" / f"{name}.log"

@@ -494,3 +494,21 @@ def test_deadlines_run_on_the_schedulers_clock_not_the_senders(skew):
     now[0] += 2
     core.tick()
     assert "a" not in core.live and core.recent["a"].state == "FAILED"
+
+
+def test_queues_marks_old_figures_and_lists_an_instance_that_is_down():
+    from pdpipe.inspect import format_queues
+    from pdpipe.messages import ProcessDown
+
+    now = [100.0]
+    core, _ = make(clock=lambda: now[0])
+    for name, role in ROLES.items():
+        report(core, name, role)
+    now[0] += 1.0
+    report(core, "decode-1", "decode")
+    now[0] += 4.0
+    report(core, "decode-0", "decode")
+    core.handle(ProcessDown(name="prefill-0", role="prefill", detail="exit code -9"))
+    lines = {line.split()[0]: line for line in format_queues(core.snapshot()).splitlines()[2:6]}
+    assert "figures 4 s old" in lines["decode-1"] and "old" not in lines["decode-0"]
+    assert "(down)" in lines["prefill-0"] and "(down)" not in lines["decode-1"]

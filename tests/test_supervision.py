@@ -159,6 +159,27 @@ def test_a_dead_api_is_restarted_and_its_requests_freed(pipeline):
     assert any(r["cut"] for r in results)
 
 
+def test_queues_and_trace_find_the_running_launch_without_torch(pipeline):
+    """`pdpipe queues` and `pdpipe trace` with no flags find the launch running on this machine, and the
+    command line imports no torch (it took seconds a call)."""
+    code = ("import sys; from pdpipe.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    rid = completed_request_id(pipeline)
+    queues = subprocess.run([sys.executable, "-c", code, "queues"], capture_output=True, text=True, timeout=60)
+    assert queues.returncode == 0, queues.stderr
+    assert {"prefill-0", "decode-0", "decode-1"} <= {line.split()[0] for line in queues.stdout.splitlines()[1:]}
+    trace = subprocess.run([sys.executable, "-c", code, "trace", rid], capture_output=True, text=True, timeout=60)
+    assert trace.returncode == 0 and trace.stdout.startswith(f"request {rid}") and "FINISHED" in trace.stdout, \
+        trace.stderr
+
+
+def completed_request_id(launcher) -> str:
+    resp = httpx.post(f"http://127.0.0.1:{launcher.cfg.api.port}/v1/completions",
+                      json={"model": MODEL, "prompt": "once", "max_tokens": 3}, timeout=60)
+    assert resp.status_code == 200
+    return resp.json()["id"]
+
+
 def test_killing_the_launcher_leaves_no_process(tmp_path, model_dir):
     from pipeline_launch import free_port
 

@@ -91,6 +91,7 @@ class SchedulerCore:
         self.down: dict[str, tuple[str, str]] = {}  # dead local instances being restarted → (role, machine)
         self.heard: dict[str, float] = {}  # a process that heartbeats → when it last did (this clock)
         self.silent: set[str] = set()  # ... those down because they stopped reporting (frozen)
+        self.stats_at: dict[str, float] = {}  # when each process's latest stats came (this clock)
         self._numbers = itertools.count()
 
     def of_role(self, role: str) -> list[str]:
@@ -190,6 +191,7 @@ class SchedulerCore:
             if msg.instance in self.down:
                 return  # the last words of a dead instance, or a restarted one not yet ready
             self.stats[msg.instance] = msg
+            self.stats_at[msg.instance] = self.clock()
             if self.roles.get(msg.instance) in ("decode", "prefill") and self.ledger.report(msg):
                 self._pump()
         else:
@@ -430,15 +432,18 @@ class SchedulerCore:
         for r in self.live.values():
             for name in {r.prefill, r.decode, r.whole, r.reserving} - {""}:
                 per_instance.setdefault(name, Counter())[r.state] += 1
+        now = self.clock()
         return {
-            "time": self.clock(),
+            "time": now,
             "states": {s: states.get(s, 0) for s in STATES[:5]},
             "ended": dict(self.ended),
             "instances": {name: {"role": role, "machine": self.machines.get(name, ""),
-                                 "requests": dict(per_instance[name]),
+                                 "requests": dict(per_instance.get(name, {})),
                                  "routed": self.routed[name],
-                                 "stats": _stats_dict(self.stats.get(name))}
-                          for name, role in self.roles.items()},
+                                 "stats": _stats_dict(self.stats.get(name)),
+                                 "stats_age_s": now - self.stats_at[name] if name in self.stats_at else None}
+                          for name, role in {**self.roles, **{n: r for n, (r, _) in self.down.items()
+                                                              if r != "transfer"}}.items()},
             "transfers": {n: _stats_dict(st) for n, st in self.stats.items() if st.role == "transfer"},
             "api": _stats_dict(self.stats.get("api")),
             "admission": self._admission_snapshot(),

@@ -1,0 +1,57 @@
+"""The arguments of `pdpipe make-model`, apart from the code that makes the model (torch), so that the
+command line parses without importing torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .spec import DTYPES
+
+ARCH_NAMES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "ernie4_5": "Ernie4_5ForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class MakeModelConfig:
+    arch: str = field(default="llama", metadata={"help": "architecture", "choices": tuple(ARCH_NAMES)})
+    layers: int = field(default=2, metadata={"help": "number of decoder layers"})
+    hidden: int = field(default=64, metadata={"help": "hidden size"})
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    kv_heads: int = field(default=2, metadata={"help": "key/value heads (GQA when fewer than heads)"})
+    head_dim: int = field(default=0, metadata={"help": "head dimension; 0 means hidden / heads"})
+    intermediate: int = field(default=0, metadata={"help": "MLP size; 0 means 2 * hidden"})
+    vocab: int = field(default=512, metadata={"help": "vocabulary size, reserved tokens fill what "
+                                                     "the corpus cannot"})
+    max_position: int = field(default=4096, metadata={"help": "max_position_embeddings"})
+    sliding_window: int = field(default=0, metadata={"help": "Mistral/Qwen sliding window; 0 is none"})
+    bias: bool | None = field(default=None, metadata={"help": "force projection biases (ERNIE "
+                                                              "use_bias, Llama attention/mlp bias)"})
+    tie_embeddings: bool | None = field(default=None, metadata={"help": "tie lm_head to embeddings; "
+                                                                        "default per architecture"})
+    dtype: str = field(default="float32", metadata={"help": "weight dtype", "choices": DTYPES})
+    shard_mb: int = field(default=0, metadata={"help": "split weights into shards of this many MiB"})
+    weights: bool = field(default=True, metadata={"help": "write weights; without, load the folder "
+                                                          "with load_format=dummy (large shapes)"})
+    seed: int = field(default=0, metadata={"help": "random seed; same seed, same bytes"})
+
+    def __post_init__(self):
+        if self.arch not in ARCH_NAMES:
+            raise ValueError(f"arch: {self.arch!r} is not supported; use one of {', '.join(ARCH_NAMES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        for name in ("layers", "hidden", "heads", "kv_heads", "max_position"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads: {self.kv_heads} must divide heads ({self.heads})")
+        if not self.head_dim and self.hidden % self.heads:
+            raise ValueError(f"hidden: {self.hidden} must be a multiple of heads ({self.heads}) "
+                             "unless head_dim is given")
+        if (self.head_dim or self.hidden // self.heads) % 2:
+            raise ValueError("head_dim: must be even for rotary embeddings")
+        if self.vocab < 300:
+            raise ValueError(f"vocab: must be at least 300 (256 bytes + special tokens), got {self.vocab}")
