@@ -68,15 +68,24 @@ class RunPaths:
         return sorted(Path("/dev/shm").glob(f"pdpipe-{self.tag}-*.kv"))
 
 
+SEND_HWM = 200_000  # messages queued for one peer before more are dropped (8 s of a busy decode's tokens)
+
+
 class Outboxes:
     """PUSH sockets to peers' inboxes, connected on first use. Use from one thread.
 
     With `local` given (a machine in a cluster), a message for a name not on this machine goes to the
-    machine's relay, which puts it on that name's Redis topic."""
+    machine's relay, which puts it on that name's Redis topic.
 
-    def __init__(self, ctx: zmq.Context, paths: RunPaths, local: set[str] | None = None):
-        self.ctx, self.paths, self.local = ctx, paths, local
+    A send never blocks: a peer that stopped reading (frozen, or dead and not yet back) has at most
+    `hwm` messages queued for it, and what comes beyond is dropped and counted (`dropped`, logged).
+    The requests those messages served fail by the heartbeat or their deadline, so memory stays
+    bounded and no sender stalls behind one peer."""
+
+    def __init__(self, ctx: zmq.Context, paths: RunPaths, local: set[str] | None = None, hwm: int = SEND_HWM):
+        self.ctx, self.paths, self.local, self.hwm = ctx, paths, local, hwm
         self._socks: dict[str, zmq.Socket] = {}
+        self.dropped: dict[str, int] = {}
 
     def send(self, dest: str, msg: Msg) -> None:
         if self.local is not None and dest not in self.local:
@@ -89,10 +98,16 @@ class Outboxes:
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 1000)
-            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.SNDHWM, self.hwm)
             sock.connect(self.paths.inbox(dest))
             self._socks[dest] = sock
-        sock.send(payload, copy=False)
+        try:
+            sock.send(payload, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            n = self.dropped[dest] = self.dropped.get(dest, 0) + 1
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th … drop
+                log.error("%s is not reading its inbox (%d messages queued for it): %d dropped so far",
+                          dest, self.hwm, n)
 
     def close(self) -> None:
         for sock in self._socks.values():

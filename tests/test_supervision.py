@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -232,30 +233,43 @@ def test_a_second_launch_over_a_live_run_or_a_taken_port_is_refused_in_one_line(
 
 
 def test_overload_is_refused_at_once_with_429_and_every_accepted_request_completes(model_dir):
-    """150 concurrent long prompts against a bound of 16 waiting for their first token."""
+    """400 concurrent 1000-token prompts against a bound of 16 waiting for their first token: the excess
+    is refused at once (429, Retry-After), every accepted request completes, and the processes' memory
+    does not grow with the burst."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"], num_blocks=256)
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"], num_blocks=512)
     cfg = replace(cfg, api=replace(cfg.api, max_waiting=16))
     with launched(cfg) as launcher:
         base = f"http://127.0.0.1:{launcher.cfg.api.port}"
-        body = {"model": MODEL, "prompt": list(range(1, 200)), "max_tokens": 8, "ignore_eos": True, "temperature": 0}
+        body = {"model": MODEL, "prompt": [1 + i % 400 for i in range(1000)], "max_tokens": 8, "ignore_eos": True,
+                "temperature": 0}
+        assert serves(launcher)
+        before = {c.name: _rss_mb(c.popen.pid) for c in launcher.children}
 
         def one(_):
             start = time.monotonic()
             r = httpx.post(base + "/v1/completions", json=body, timeout=300)
             return r.status_code, r.headers.get("retry-after"), r.json(), time.monotonic() - start
 
-        with ThreadPoolExecutor(max_workers=150) as pool:
-            answers = list(pool.map(one, range(150)))
+        with ThreadPoolExecutor(max_workers=400) as pool:
+            answers = list(pool.map(one, range(400)))
         refused = [a for a in answers if a[0] == 429]
         served = [a for a in answers if a[0] == 200]
-        assert len(refused) + len(served) == 150 and refused and len(served) >= 16
+        assert len(refused) + len(served) == 400 and refused and len(served) >= 16
         assert all(a[1] == "1" and a[2]["error"]["code"] == "overloaded" for a in refused)
         assert all(a[2]["usage"]["completion_tokens"] == 8 for a in served)
-        # refused at once: without waiting for any compute (300 clients on this machine's cores still queue)
+        # refused at once: without waiting for any compute (400 clients on this machine's cores still queue)
         assert statistics.median(a[3] for a in refused) < statistics.median(a[3] for a in served) / 2
         assert wait_until(lambda: leak_free(launcher), what="every block free")
+        grown = {c.name: _rss_mb(c.popen.pid) - before[c.name] for c in launcher.children}
+        print(f"\nRSS growth over the burst (MiB): {grown}; {len(served)} served, {len(refused)} refused")
+        assert max(grown.values()) < 150, grown  # MiB: what 400 queued prompts would cost is not kept
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
 
 
 @pytest.mark.parametrize("drain_s,max_tokens", [(30.0, MAX_TOKENS), (0.5, 900)])

@@ -94,3 +94,29 @@ def test_a_stream_stalled_on_a_lost_output_ends_and_its_request_is_aborted(tmp_p
         bridge.close()
 
     asyncio.run(scenario())
+
+
+def test_a_peer_that_stops_reading_costs_bounded_memory_and_never_blocks_the_sender(tmp_path):
+    """The peer's inbox is bound but never read (a frozen process): sends go on at once, at most about
+    `hwm` messages (plus what the socket buffers hold) wait for it, the rest are dropped and counted;
+    when it reads again it gets what was kept, in order."""
+    from pdpipe.messages import Heartbeat
+    from pdpipe.wire import Outboxes
+
+    ctx = zmq.Context()
+    paths = RunPaths(tmp_path)
+    inbox = ctx.socket(zmq.PULL)
+    inbox.setsockopt(zmq.RCVHWM, 50)
+    inbox.bind(paths.inbox("frozen"))
+    out = Outboxes(ctx, paths, hwm=50)
+    for i in range(20_000):  # a blocking send would hang here
+        out.send("frozen", Heartbeat(instance=f"beat-{i}", role="decode"))
+    got = []
+    while inbox.poll(200):
+        got.append(decode(inbox.recv()).instance)
+    numbers = [int(name.split("-")[1]) for name in got]
+    assert 0 < len(got) < 5_000 and numbers == sorted(numbers) and numbers[:50] == list(range(50))
+    assert out.dropped["frozen"] == 20_000 - len(got)
+    out.close()
+    inbox.close()
+    ctx.term()
