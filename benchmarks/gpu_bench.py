@@ -89,9 +89,8 @@ def _pool_owner(conn, shape):
 
 
 def bench_transfer(results: dict) -> None:
-    from pdpipe.kernels import triton_ops
-
     from pdpipe.ipc.cuda import CudaPool, open_pool
+    from pdpipe.kernels import triton_ops
 
     num_blocks, tokens = 1024, 4096
     shape = (32, 2, num_blocks, BLOCK, 8, 128)
@@ -301,7 +300,8 @@ def attention_vs_sdpa(spec) -> dict:
     qsl = torch.tensor([0, n], dtype=torch.int32, device="cuda")
     lens = torch.tensor([n], dtype=torch.int32, device="cuda")
     ours = cuda_time(lambda: triton_ops.extend_attention(q, kc, vc, tables, qsl, lens, n, d ** -0.5))
-    qs, ks, vs = q.transpose(0, 1)[None], kc.view(n, kvh, d).transpose(0, 1)[None], vc.view(n, kvh, d).transpose(0, 1)[None]
+    qs = q.transpose(0, 1)[None]
+    ks, vs = kc.view(n, kvh, d).transpose(0, 1)[None], vc.view(n, kvh, d).transpose(0, 1)[None]
     sdpa = cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
                                                                              enable_gqa=True))
     flops = 4 * h * d * n * (n + 1) / 2
@@ -474,7 +474,7 @@ def main() -> None:
             start = time.perf_counter()
             try:
                 run()
-            except Exception as exc:  # keep the other figures: a lease is short
+            except Exception as exc:  # noqa: BLE001 — keep the other figures: a lease is short
                 results[f"{name}_error"] = repr(exc)
             print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
             Path(args.json).write_text(json.dumps(results, indent=2))

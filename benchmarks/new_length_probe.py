@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path

@@ -86,7 +86,8 @@ def copy_pool_blocks(src_pool: torch.Tensor, src_ids: torch.Tensor, dst_pool: to
     """Pools `[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]`: moves the blocks of layers
     first_layer .. first_layer + num_layers - 1, keys and values."""
     layers = min(src_pool.shape[0], dst_pool.shape[0])
-    assert num_layers >= 1 and 0 <= first_layer and first_layer + num_layers <= layers, (first_layer, num_layers, layers)
+    assert num_layers >= 1 and 0 <= first_layer and first_layer + num_layers <= layers, \
+        (first_layer, num_layers, layers)
     for layer in range(first_layer, first_layer + num_layers):
         for plane in range(2):
             copy_blocks(src_pool[layer, plane], src_ids, dst_pool[layer, plane], dst_ids)

@@ -255,7 +255,8 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
     assert src_pool.is_contiguous() and dst_pool.is_contiguous()
     assert src_ids.shape == dst_ids.shape and src_ids.dim() == 1
     layers = min(src_pool.shape[0], dst_pool.shape[0])
-    assert num_layers >= 1 and 0 <= first_layer and first_layer + num_layers <= layers, (first_layer, num_layers, layers)
+    assert num_layers >= 1 and 0 <= first_layer and first_layer + num_layers <= layers, \
+        (first_layer, num_layers, layers)
     n = src_ids.shape[0]
     if n == 0:
         return

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdpipe.engine.engine import LLMEngine

@@ -164,7 +164,7 @@ class InboxThread:
         self._bound = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inbox", daemon=True)
 
-    def start(self) -> "InboxThread":
+    def start(self) -> InboxThread:
         self._thread.start()
         self._bound.wait()
         return self

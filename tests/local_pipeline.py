@@ -3,7 +3,6 @@ queues: the same scheduler, engine workers and transfer worker the processes run
 from __future__ import annotations
 
 from collections import deque
-
 from dataclasses import replace
 
 from pdpipe.config import CacheConfig, DeadlineConfig, EngineConfig, RoutingConfig, SchedulerConfig

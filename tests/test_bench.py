@@ -14,13 +14,12 @@ from aiohttp import web
 from pipeline_launch import free_port, launched, make_launch_config
 
 from pdpipe.bench.arrivals import arrival_offsets, dispatch
-from pdpipe.bench.client import DONE, RequestResult, parse_sse_line, take_chunk
 from pdpipe.bench.cli import bench_main
+from pdpipe.bench.client import DONE, RequestResult, parse_sse_line, take_chunk
 from pdpipe.bench.compare import crossings, goodput_rate
 from pdpipe.bench.config import LoadConfig, ServeConfig, WorkloadConfig, parse_range, parse_slos
-from pdpipe.bench.datasets import random_prompts, shared_prefix_prompts, sharegpt_prompts
+from pdpipe.bench.datasets import Prompt, random_prompts, shared_prefix_prompts, sharegpt_prompts
 from pdpipe.bench.metrics import distribution_ms, inter_token_latencies, latencies, percentile, summarize
-from pdpipe.bench.datasets import Prompt
 from pdpipe.bench.report import format_split
 from pdpipe.bench.serve import api_base_url, run_serve, send_all
 from pdpipe.bench.traces import PATH_STAGES, STAGES, scheduler_request_id, trace_milestones, ttft_split

@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
 from conftest import causal_prompt_reference, make_llm, make_prompts  # noqa: E402
-from pdpipe.kernels import reference as ref  # noqa: E402
 
+from pdpipe.kernels import reference as ref  # noqa: E402
 from pdpipe.messages import SamplingParams  # noqa: E402
 
 
@@ -236,9 +236,8 @@ def test_block_copy_reads_peer_memory_through_ipc_handles():
     proc.start()
     try:
         handle, offset, shape, checksum = parent.recv()
-        from pdpipe.kernels import triton_ops
-
         from pdpipe.ipc.cuda import open_pool
+        from pdpipe.kernels import triton_ops
 
         src = open_pool(handle, offset, shape, torch.bfloat16, 1)
         with torch.cuda.device(1):
@@ -347,7 +346,7 @@ def test_gpu_engine_fp32_matches_transformers(model_dir):
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                           output_logits=True, return_dict_in_generate=True)
         toks = out.sequences[0, len(p):].tolist()
-        expected.append((toks, [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, toks)]))
+        expected.append((toks, [torch.log_softmax(row[0].float(), -1)[t].item() for row, t in zip(out.logits, toks)]))
     del hf
     llm = make_llm(model_dir("qwen3"), device="cuda")
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, logprobs=0))

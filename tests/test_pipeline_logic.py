@@ -79,7 +79,7 @@ def abort_at(pipe: LocalPipeline, rid: str, state: str) -> None:
             pipe.send("scheduler", AbortRequest(request_id=rid, reason="client disconnected"))
             return
         if not pipe.deliver():
-            for name, w in pipe.workers.items():
+            for w in pipe.workers.values():
                 if w.has_work():
                     w.step()
                     break
@@ -246,9 +246,9 @@ def test_a_step_that_raises_for_one_request_fails_it_alone(model_dir, colocated,
 def test_a_short_prompt_announces_its_layers_in_groups(model_dir, colocated, threshold, messages, sent):
     """Each layer message costs the prefill's host time; a short prompt's layers are announced together
     and copied in one launch, every layer exactly once, and the output is unchanged."""
-    from pdpipe.messages import LayersReady
-
     from local_pipeline import TensorPools
+
+    from pdpipe.messages import LayersReady
 
     class Recording(TensorPools):
         def __init__(self, engines):

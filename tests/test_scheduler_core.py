@@ -440,9 +440,7 @@ def test_a_dead_prefill_fails_only_requests_whose_prompt_it_still_owed():
 
 
 def test_a_silent_engine_is_routed_around_and_rejoins_when_it_reports_again():
-    from pdpipe.messages import EngineOutput
-
-    from pdpipe.messages import Heartbeat
+    from pdpipe.messages import EngineOutput, Heartbeat
 
     now = [100.0]
     core, sent = make(clock=lambda: now[0])

@@ -220,7 +220,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_second_launch_over_a_live_run_or_a_taken_port_is_refused_in_one_line(pipeline, model_dir):
-    from pdpipe.launcher import LaunchError, Launcher
+    from pdpipe.launcher import Launcher, LaunchError
 
     with pytest.raises(LaunchError, match=r"a launch named 'test' is running \(launcher pid \d+"):
         Launcher(pipeline.cfg).start()

@@ -7,8 +7,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import msgspec
 from starlette.applications import Starlette
@@ -89,7 +89,7 @@ def _error(exc: APIError) -> Response:
     return response
 
 
-def _failure(gen: "Generation") -> APIError:
+def _failure(gen: Generation) -> APIError:
     status = gen.status or 500
     type_ = {503: "service_unavailable", 504: "timeout", 400: "invalid_request_error"}.get(status, "server_error")
     return APIError(status, gen.error, type_=type_)
@@ -459,7 +459,8 @@ def serve_api(proc) -> None:
     _Server = _uvicorn_server()
 
     async def main() -> None:
-        ctx = ApiContext(Tokenizer(model_dir), Bridge(proc.paths, token_gap=cfg.deadlines.token_gap), cfg.api.served_model_name or model_dir.name,
+        bridge = Bridge(proc.paths, token_gap=cfg.deadlines.token_gap)
+        ctx = ApiContext(Tokenizer(model_dir), bridge, cfg.api.served_model_name or model_dir.name,
                          max_len, cfg.api.max_body_bytes, ApiMetrics(), max_waiting=cfg.api.max_waiting,
                          max_waiting_prompt_tokens=cfg.api.max_waiting_prompt_tokens)
         server = _Server(uvicorn.Config(build_app(ctx), host=cfg.api.host, port=cfg.api.port,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 

@@ -145,7 +145,7 @@ async def stream_request(session: aiohttp.ClientSession, url: str, body: bytes,
                         break
                     if item is not None:
                         take_chunk(result, item, elapsed)
-    except Exception as exc:  # asyncio.CancelledError is no Exception: cancelling still cancels
+    except Exception as exc:  # noqa: BLE001 — any failure lands in its result (CancelledError still cancels)
         result.error = f"{type(exc).__name__}: {exc}"[:500]
     finally:
         result.e2e = time.perf_counter() - start

@@ -7,7 +7,7 @@ import asyncio
 import sys
 import time
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -100,7 +100,7 @@ def run_serve(cfg: ServeConfig) -> dict:
     slos = parse_slos(cfg.slo)
     prompts = load_prompts(cfg.workload)
     offsets = arrival_offsets(len(prompts), cfg.load.request_rate, cfg.load.burstiness, cfg.workload.seed)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     model, results, duration = asyncio.run(send_all(cfg, prompts, offsets))
     records = [request_record(r, slos) for r in results]
     result = {"date": started, "base_url": cfg.base_url, "endpoint": cfg.endpoint, "model": model,

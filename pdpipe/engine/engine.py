@@ -1,7 +1,8 @@
 """The engine core: a model replica, its paged KV pool and the continuous-batching step loop.
 
 `step()` is schedule → run the model → sample → update, and returns the new tokens of every request
-that got one; a request whose run raises ends with an "error" output, alone. Requests move WAITING → RUNNING → FINISHED (stop, length, abort); preemption sends a
+that got one; a request whose run raises ends with an "error" output, alone. Requests move
+WAITING → RUNNING → FINISHED (stop, length, abort); preemption sends a
 RUNNING request back to WAITING to be recomputed. No sockets here: the processes of the pipeline
 feed it from their I/O edges, and tests drive it directly.
 """
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 

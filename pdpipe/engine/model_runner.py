@@ -48,7 +48,8 @@ class ModelRunner:
         head = getattr(self.model, "lm_head", None)
         with torch.inference_mode():
             for mod in linears.values():
-                counts = {*range(1, max_rows + 1), *range(self.pad_tokens, max_tokens + self.pad_tokens, self.pad_tokens)}
+                pad = self.pad_tokens
+                counts = {*range(1, max_rows + 1), *range(pad, max_tokens + pad, pad)}
                 x = torch.zeros(max(counts), mod.weight.shape[1], dtype=mod.weight.dtype, device=self.device)
                 for m in sorted(counts):
                     kernels.linear(x[:m], mod.weight, mod.bias)
@@ -108,8 +109,9 @@ class ModelRunner:
         """Returns logits `[num_sampling_seqs, vocab]` float32 (on the model's device) and their sequences."""
         seqs = [c.seq for c in out.chunks if c.samples]
         all_decode = all(c.num_tokens == 1 for c in out.chunks)
-        if self.graphs is not None and on_layer_done is None and all_decode and len(out.chunks) <= self.graphs.max_batch:
-            return self.graphs.run(out), seqs
+        graphs = self.graphs
+        if graphs is not None and on_layer_done is None and all_decode and len(out.chunks) <= graphs.max_batch:
+            return graphs.run(out), seqs
         ids, pos, meta, sample_rows = self.prepare(out)
         hidden = self.model(ids, pos, self.kv_layers, meta, on_layer_done)
         if not sample_rows:

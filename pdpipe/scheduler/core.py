@@ -15,8 +15,8 @@ import bisect
 import itertools
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import msgspec
 
@@ -27,9 +27,9 @@ from pdpipe.messages import (
     EngineOutput,
     Free,
     Freed,
+    Heartbeat,
     InstanceStats,
     Msg,
-    Heartbeat,
     NewRequest,
     Prefill,
     ProcessDown,

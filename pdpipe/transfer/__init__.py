@@ -69,7 +69,7 @@ class TransferBackend(ABC):
     def abort(self, job: TransferJob) -> None:
         ...
 
-    def finished(self, job: TransferJob) -> None:
+    def finished(self, job: TransferJob) -> None:  # noqa: B027 — optional: most backends keep nothing
         """The job landed and was reported; the backend may drop what it kept for it."""
 
     def job_bytes(self, job: TransferJob) -> int:

@@ -50,7 +50,7 @@ class MachineTransfer(TransferBackend):
         self._next_publish = 0.0
 
     @classmethod
-    def for_config(cls, cfg, pools_dir: Path) -> "MachineTransfer":
+    def for_config(cls, cfg, pools_dir: Path) -> MachineTransfer:
         local = _local_backend(cfg.engine.device)
         cluster = cfg.cluster
         if not cluster.redis_url:
