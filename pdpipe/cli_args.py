@@ -22,7 +22,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         if f.name in skip:
             continue
         hint = _scalar_type(hints[f.name])
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             add_dataclass_args(parser, hint, skip)
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -42,7 +42,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
         hint = _scalar_type(hints[f.name])
         if f.name in overrides:
             values[f.name] = overrides[f.name]
-        elif dataclasses.is_dataclass(hint):
+        elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[f.name] = dataclass_from_args(hint, args)
         elif getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import cast
 
 import msgspec
 import redis
@@ -70,7 +71,7 @@ class Registry:
         entries = {}
         for raw in self.redis.mget(names) if names else []:
             if raw is not None:
-                entry = msgspec.msgpack.decode(raw, type=InstanceEntry)
+                entry = msgspec.msgpack.decode(cast(bytes, raw), type=InstanceEntry)
                 entries[entry.name] = entry
         return entries
 
@@ -79,7 +80,7 @@ class Registry:
 
     def pool(self, name: str) -> PoolInfo | None:
         raw = self.redis.get(self.keys.pool(name))
-        return msgspec.msgpack.decode(raw, type=PoolInfo) if raw is not None else None
+        return msgspec.msgpack.decode(cast(bytes, raw), type=PoolInfo) if raw is not None else None
 
     def push(self, dest: str, payload: bytes) -> None:
         key = self.keys.topic(dest)
@@ -94,7 +95,7 @@ class Registry:
         got = self.redis.brpop(keys, timeout=timeout)
         if got is None:
             return None
-        key, raw = got
+        key, raw = cast(tuple[bytes, bytes], got)  # the client returns bytes (no decode_responses)
         env = msgspec.msgpack.decode(raw, type=Envelope)
         if env.expires < time.time():
             log.warning("dropped an expired message for %s", key.decode())

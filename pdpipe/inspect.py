@@ -17,7 +17,7 @@ def control(run_dir: str, op: str, timeout: float = 3.0, **kwargs) -> dict:
     paths = RunPaths(run_dir)
     if not (paths.run_dir / "control.sock").exists():
         raise InspectError(f"no pipeline is running in {run_dir} (no control socket)")
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(paths.control)

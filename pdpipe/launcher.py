@@ -67,7 +67,7 @@ class Launcher:
     cfg: LaunchConfig
     children: list[Child] = field(default_factory=list)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.paths = RunPaths(self.cfg.resolved_run_dir)
         self._stopping = False
         self._ctx: zmq.Context | None = None
@@ -176,6 +176,7 @@ class Launcher:
     def _supervise(self) -> None:
         """Restarts dead children and tells the others (see the module's docstring)."""
         by_name = {c.name: c for c in self.children}
+        assert self._inbox is not None
         while not self._halt.wait(0.05):
             now = time.monotonic()
             for c in self.children:
@@ -190,12 +191,12 @@ class Launcher:
                     msg = self._inbox.queue.get_nowait()
                 except queue.Empty:
                     break
-                c = by_name.get(getattr(msg, "instance", ""))
-                if isinstance(msg, Ready) and c is not None and c.ready is None and c.restart_at is None:
-                    c.ready, c.ready_at = msg, time.monotonic()
-                    log.warning("process %s is back (pid %d, restart %d)", c.name, msg.pid, c.restarts)
-                    if c.role in (*ENGINE_ROLES, "transfer"):
-                        self._send("scheduler", ProcessUp(name=c.name, role=c.role))
+                child = by_name.get(getattr(msg, "instance", ""))
+                if isinstance(msg, Ready) and child is not None and child.ready is None and child.restart_at is None:
+                    child.ready, child.ready_at = msg, time.monotonic()
+                    log.warning("process %s is back (pid %d, restart %d)", child.name, msg.pid, child.restarts)
+                    if child.role in (*ENGINE_ROLES, "transfer"):
+                        self._send("scheduler", ProcessUp(name=child.name, role=child.role))
 
     def _died(self, c: Child, now: float) -> bool:
         """Records a death; schedules the restart and tells the others, or gives up on a crash loop."""
@@ -223,6 +224,7 @@ class Launcher:
         return False
 
     def _send(self, dest: str, msg) -> None:
+        assert self._out is not None
         try:
             self._out.send(dest, msg)
         except zmq.ZMQError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdpipe.engine.engine import LLMEngine
@@ -27,9 +27,9 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
                  | None = None) -> list[RequestOutput]:
         """Runs every prompt (text, or a list of token ids) to completion, in continuous batches."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        batch = cast(Sequence[Prompt], [prompts] if single else prompts)  # mypy cannot tell ids from prompts
+        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in batch]
         return self._run(token_lists, params)
 
     def chat(self, conversations: list[dict] | list[list[dict]],
@@ -63,7 +63,7 @@ class LLM:
 
 def build_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
     """EngineConfig from flat keyword arguments, each routed to the dataclass that owns it."""
-    parts = {"cache": CacheConfig(), "scheduler": SchedulerConfig()}
+    parts: dict[str, Any] = {"cache": CacheConfig(), "scheduler": SchedulerConfig()}
     top: dict[str, Any] = {}
     for key, value in kwargs.items():
         owner = next((n for n, c in parts.items() if key in c.__dataclass_fields__), None)

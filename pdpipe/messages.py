@@ -97,19 +97,19 @@ class Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Base of every wire message."""
 
 
-class NewRequest(Msg):  # api → scheduler
+class NewRequest(Msg, frozen=True):  # api → scheduler
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: float
 
 
-class AbortRequest(Msg):  # api → scheduler: client gone, or a stop string matched
+class AbortRequest(Msg, frozen=True):  # api → scheduler: client gone, or a stop string matched
     request_id: str
     reason: str = "abort"
 
 
-class Reserve(Msg):  # scheduler → decode: hold blocks for this prompt's KV and its output
+class Reserve(Msg, frozen=True):  # scheduler → decode: hold blocks for this prompt's KV and its output
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -117,73 +117,73 @@ class Reserve(Msg):  # scheduler → decode: hold blocks for this prompt's KV an
     num_tokens: int = 0  # tokens of room to hold: the prompt and the output share (0: the prompt only)
 
 
-class Reserved(Msg):  # decode → scheduler; block_ids None when they were not free
+class Reserved(Msg, frozen=True):  # decode → scheduler; block_ids None when they were not free
     request_id: str
     instance: str
     block_ids: list[int] | None
     free_blocks: int
 
 
-class DecodeBlocks(Msg):  # decode → transfer: where the prompt's KV goes (the job may not exist yet)
+class DecodeBlocks(Msg, frozen=True):  # decode → transfer: where the prompt's KV goes (the job may not exist yet)
     request_id: str
     instance: str
     block_ids: list[int]
 
 
-class Prefill(Msg):  # scheduler → prefill (decode_instance named; its blocks reach the transfer from decode),
-    # or scheduler → mixed or decode instance (decode_instance empty: the prompt is computed there)
+class Prefill(Msg, frozen=True):  # scheduler → prefill (decode_instance named; its blocks reach the transfer
+    # from decode), or scheduler → mixed or decode instance (decode_instance empty: the prompt is computed there)
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     decode_instance: str = ""
 
 
-class TransferStart(Msg):  # prefill → transfer: these blocks will move, layer by layer
+class TransferStart(Msg, frozen=True):  # prefill → transfer: these blocks will move, layer by layer
     request_id: str
     src_instance: str
     src_block_ids: list[int]
     dst_instance: str  # its blocks come from decode itself (DecodeBlocks)
 
 
-class LayersReady(Msg):  # prefill → transfer: layers layer-count+1 … layer of these requests are final
+class LayersReady(Msg, frozen=True):  # prefill → transfer: layers layer-count+1 … layer of these requests are final
     request_ids: list[str]
     layer: int
     count: int = 1
 
 
-class PrefillDone(Msg):  # prefill → transfer: every layer written; the first token
+class PrefillDone(Msg, frozen=True):  # prefill → transfer: every layer written; the first token
     request_id: str
     first_token: int
     first_logprob: TokenLogprob | None = None
 
 
-class KVLanded(Msg):  # transfer → decode: all layers are in the reserved blocks
+class KVLanded(Msg, frozen=True):  # transfer → decode: all layers are in the reserved blocks
     request_id: str
     first_token: int
     first_logprob: TokenLogprob | None = None
 
 
-class TransferDone(Msg):  # transfer → prefill: the source blocks may be freed
+class TransferDone(Msg, frozen=True):  # transfer → prefill: the source blocks may be freed
     request_id: str
 
 
-class Free(Msg):  # scheduler → engine (through transfer for decode): drop the request, free its blocks
+class Free(Msg, frozen=True):  # scheduler → engine (through transfer for decode): drop the request, free its blocks
     request_id: str
     reason: str = "abort"
 
 
-class Freed(Msg):  # engine → scheduler: an ended request's blocks are free here (its room can be reused)
+class Freed(Msg, frozen=True):  # engine → scheduler: an ended request's blocks are free here (its room can be reused)
     request_id: str
     instance: str
 
 
-class AbortTransfer(Msg):  # scheduler → transfer: stop moving, then pass Free to the decode instance
+class AbortTransfer(Msg, frozen=True):  # scheduler → transfer: stop moving, then pass Free to the decode instance
     request_id: str
     decode_instance: str
     reason: str = "abort"
 
 
-class StateEvent(Msg):  # any process → scheduler: a request changed state (also the trace)
+class StateEvent(Msg, frozen=True):  # any process → scheduler: a request changed state (also the trace)
     request_id: str
     state: str
     instance: str
@@ -191,7 +191,7 @@ class StateEvent(Msg):  # any process → scheduler: a request changed state (al
     detail: str = ""
 
 
-class InstanceStats(Msg):  # every process → scheduler, a few times a second
+class InstanceStats(Msg, frozen=True):  # every process → scheduler, a few times a second
     instance: str
     role: str
     time: float
@@ -215,12 +215,12 @@ class InstanceStats(Msg):  # every process → scheduler, a few times a second
     prompt_tokens: int = 0  # prompt tokens computed, since start
 
 
-class Ready(Msg):  # every process → launcher, once it can serve
+class Ready(Msg, frozen=True):  # every process → launcher, once it can serve
     instance: str
     pid: int
 
 
-class PoolInfo(Msg):  # engine → transfer (through the run directory): where its KV pool lives
+class PoolInfo(Msg, frozen=True):  # engine → transfer (through the run directory): where its KV pool lives
     instance: str
     path: str  # CPU: the shared-memory file
     shape: list[int]
@@ -233,36 +233,36 @@ class PoolInfo(Msg):  # engine → transfer (through the run directory): where i
     machine: str = ""
 
 
-class Forward(Msg):  # a local process → its machine's relay: deliver to a process on another machine
+class Forward(Msg, frozen=True):  # a local process → its machine's relay: deliver to a process on another machine
     dest: str
     payload: bytes
 
 
-class Pause(Msg):  # debugging: an engine stops stepping and taking KV until resumed
+class Pause(Msg, frozen=True):  # debugging: an engine stops stepping and taking KV until resumed
     paused: bool
 
 
-class Shutdown(Msg):
+class Shutdown(Msg, frozen=True):
     reason: str = ""
 
 
-class ProcessDown(Msg):  # launcher → scheduler (and api): a local process died; it is being restarted
+class ProcessDown(Msg, frozen=True):  # launcher → scheduler (and api): a local process died; it is being restarted
     name: str
     role: str
     detail: str = ""
 
 
-class ProcessUp(Msg):  # launcher → scheduler: a restarted process is ready again
+class ProcessUp(Msg, frozen=True):  # launcher → scheduler: a restarted process is ready again
     name: str
     role: str
 
 
-class Heartbeat(Msg):  # engine, transfer → scheduler, from a thread of their own: alive and not frozen
+class Heartbeat(Msg, frozen=True):  # engine, transfer → scheduler, from a thread of their own: alive and not frozen
     instance: str
     role: str
 
 
-class DropAll(Msg):  # launcher → engines, transfer: the scheduler died; every request it knew is gone
+class DropAll(Msg, frozen=True):  # launcher → engines, transfer: the scheduler died; every request it knew is gone
     reason: str
 
 

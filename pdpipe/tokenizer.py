@@ -67,8 +67,9 @@ class Tokenizer:
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.chat_template = self._find_template(model_dir, cfg.get("chat_template"))
         eos = set(load_eos_token_ids(model_dir))
-        if self.eos_token and self.hf.token_to_id(self.eos_token) is not None:
-            eos.add(self.hf.token_to_id(self.eos_token))
+        eos_id = self.hf.token_to_id(self.eos_token) if self.eos_token else None
+        if eos_id is not None:
+            eos.add(eos_id)
         self.eos_token_ids = frozenset(eos)
 
     @staticmethod
@@ -93,6 +94,7 @@ class Tokenizer:
 
     @cached_property
     def _compiled_template(self) -> jinja2.Template:
+        assert self.chat_template is not None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(

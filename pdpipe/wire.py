@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from pdpipe.messages import Forward, Msg, decode, encode
+from pdpipe.messages import EngineOutput, Forward, Msg, decode, encode
 
 log = logging.getLogger("pdpipe")
 
@@ -87,7 +87,7 @@ class Outboxes:
         self._socks: dict[str, zmq.Socket] = {}
         self.dropped: dict[str, int] = {}
 
-    def send(self, dest: str, msg: Msg) -> None:
+    def send(self, dest: str, msg: Msg | EngineOutput) -> None:
         if self.local is not None and dest not in self.local:
             msg = Forward(dest=dest, payload=encode(msg))
             dest = "relay"
@@ -128,7 +128,7 @@ class SenderThread:
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
         self._thread.start()
 
-    def send(self, dest: str, msg: Msg, after=None) -> None:
+    def send(self, dest: str, msg: Msg | EngineOutput, after=None) -> None:
         self._queue.put((dest, msg, after))
 
     def _run(self) -> None:

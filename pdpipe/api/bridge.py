@@ -31,7 +31,7 @@ class TokenStream:
     """One request's outputs in order. Error outputs (token-less) pass at once. `gap_since` is when
     outputs started waiting for a missing earlier one (None while none waits)."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic) -> None:
         self.queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self._next = 0
         self._early: dict[int, EngineOutput] = {}

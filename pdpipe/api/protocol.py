@@ -86,7 +86,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
     if req.n != 1:
         raise APIError(400, f"n: {req.n} is not supported; pdpipe returns one choice (n=1)", "n")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    values = dict(
+    values: dict[str, Any] = dict(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
         seed=req.seed, repetition_penalty=req.repetition_penalty or 1.0,

@@ -20,7 +20,7 @@ from pdpipe.messages import SamplingParams
 from pdpipe.output import RequestTextState, TextDelta
 from pdpipe.tokenizer import ChatTemplateError, Tokenizer
 
-from .bridge import Bridge
+from .bridge import Bridge, TokenStream
 from .metrics import ApiMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body, sampling_params
 
@@ -90,6 +90,7 @@ def _error(exc: APIError) -> Response:
 
 
 def _failure(gen: Generation) -> APIError:
+    assert gen.error is not None
     status = gen.status or 500
     type_ = {503: "service_unavailable", 504: "timeout", 400: "invalid_request_error"}.get(status, "server_error")
     return APIError(status, gen.error, type_=type_)
@@ -118,7 +119,7 @@ class Generation:
         self.state = RequestTextState(ctx.tokenizer, self.request_id, prompt, params)
         self.error: str | None = None
         self.status = 0  # with an error: its HTTP status (0: 500)
-        self._stream = None
+        self._stream: TokenStream | None = None
         self._started_at = 0.0
         self._first_at: float | None = None
         self._finished = self._closed = False
@@ -132,6 +133,7 @@ class Generation:
     async def deltas(self) -> AsyncIterator[TextDelta]:
         ctx = self.ctx
         await self.start()
+        assert self._stream is not None
         try:
             while not self._finished:
                 out = await self._stream.queue.get()
@@ -321,7 +323,7 @@ class OpenAIRoutes:
         head = {"id": gen.request_id.replace("cmpl-", "chatcmpl-"), "object": "chat.completion.chunk",
                 "created": gen.created, "model": self.ctx.model_name}
         tok = self.ctx.tokenizer
-        sent_role = []
+        sent_role: list[bool] = []
 
         def chunk(delta: TextDelta):
             if not (_worth_a_chunk(req, delta) or not sent_role):

@@ -13,10 +13,10 @@ def parse_range(text: str, what: str) -> tuple[int, int]:
     """'4:40' → (4, 40); '16' → (16, 16). Bounds are inclusive."""
     parts = text.split(":")
     try:
-        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
     except ValueError:
-        low = high = None
-    if low is None or low < 1 or high < low:
+        low = high = 0
+    if low < 1 or high < low:
         raise ValueError(f"{what}: expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
     return low, high
 

@@ -58,7 +58,7 @@ def distribution_ms(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, **{f"p{q}": None for q in QUANTILES}}
     ms = [v * 1e3 for v in values]
-    out = {"mean": float(np.mean(ms))}
+    out: dict[str, float | None] = {"mean": float(np.mean(ms))}
     out.update({f"p{q}": percentile(ms, q) for q in QUANTILES})
     return out
 
@@ -66,7 +66,7 @@ def distribution_ms(values: list[float]) -> dict[str, float | None]:
 def meets_slos(lat: Latencies, slos_ms: dict[str, float]) -> bool:
     """Every given SLO holds; a single-token reply has no TPOT and so cannot miss one."""
     values = {"ttft": lat.ttft, "tpot": lat.tpot, "e2e": lat.e2e}
-    return all(values[name] is None or values[name] * 1e3 <= limit for name, limit in slos_ms.items())
+    return all((value := values[name]) is None or value * 1e3 <= limit for name, limit in slos_ms.items())
 
 
 def summarize(results: list[RequestResult], duration: float, slos_ms: dict[str, float]) -> dict:

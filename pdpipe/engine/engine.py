@@ -197,6 +197,7 @@ class LLMEngine:
         # alone, the others get this step's token. Nothing was committed (only `update` moves a
         # sequence on, and KV rewritten at the same slots is the same), and seeded draws start over.
         for seq, state in drawn.items():
+            assert seq.generator is not None
             seq.generator.set_state(state)
         for chunk in sched.chunks:
             try:

@@ -66,7 +66,9 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.kv_cache.block_size
-        input_ids, positions, slots, sample_rows = [], [], [], []
+        input_ids, sample_rows = [], []
+        positions: list[int] = []
+        slots: list[int] = []
         query_start_loc, seq_lens = [0], []
         for chunk in out.chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens

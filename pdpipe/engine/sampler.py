@@ -66,6 +66,7 @@ class Sampler:
             token = self._pick(logits[i].clone(), seq)
             logprob = None
             if seq.params.logprobs is not None:
+                assert raw_logprobs is not None
                 logprob = self._logprob(raw_logprobs[i], token, seq.params.logprobs)
             samples[seq] = Sample(token, logprob)
         return samples

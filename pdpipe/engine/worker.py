@@ -239,7 +239,7 @@ class EngineWorker:
 
             event = torch.cuda.Event()
             event.record()
-            self.send(self.transfer, msg, after=event)
+            self.send(self.transfer, msg, after=event)  # type: ignore[call-arg]  # a SenderThread's send
         else:
             self.send(self.transfer, msg)
 

@@ -38,7 +38,7 @@ class _Flight:
 
 
 class CudaIpcTransfer(GroupedBackend):
-    def __init__(self):
+    def __init__(self) -> None:
         self.pools: dict[str, PoolInfo] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._flights: dict[str, _Flight] = {}

@@ -25,7 +25,7 @@ def map_pool(path: Path | str, shape: list[int] | tuple[int, ...], dtype: torch.
 class ShmTransfer(GroupedBackend):
     """Synchronous copies: a layer has landed when `send` returns."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pools: dict[str, torch.Tensor] = {}
 
     def register_pool(self, pool: PoolInfo) -> None:

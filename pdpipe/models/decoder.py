@@ -137,6 +137,8 @@ def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
+    inv_freq: torch.Tensor
+
     def __init__(self, rope: RopeSpec, head_dim: int):
         super().__init__()
         self.interleaved = rope.interleaved
@@ -276,6 +278,7 @@ class CausalLM(nn.Module):
     def fuse_projections(self) -> None:
         """q/k/v and gate/up as single GEMMs (GPU): fewer, larger reads of the weights."""
         for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
             layer.self_attn.fuse()
             layer.mlp.fuse()
 

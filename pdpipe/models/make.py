@@ -44,7 +44,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def hf_config(cfg: MakeModelConfig, vocab_size: int, ids: dict[str, int]) -> dict:
+def hf_config(cfg: MakeModelConfig, vocab_size: int, ids: dict[str, int | None]) -> dict:
     head_dim = cfg.head_dim or cfg.hidden // cfg.heads
     tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.arch == "ernie4_5"
     config = {

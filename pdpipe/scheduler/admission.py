@@ -48,7 +48,7 @@ class DecodeRoom:
 class DecodeLedger:
     """What the scheduler has committed on each decode instance."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.rooms: dict[str, DecodeRoom] = {}
         self.commitments: dict[str, tuple[str, int]] = {}  # request id → (decode, tokens)
 
@@ -113,7 +113,7 @@ class DecodeLedger:
 class AdmissionQueue:
     """Requests waiting for decode room, in arrival order (FIFO; a refused request keeps its place)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._entries: list[tuple[int, str]] = []  # (arrival number, request id), sorted
         self._numbers: dict[str, int] = {}
 

@@ -164,7 +164,7 @@ class SchedulerCore:
             self.process_up(ProcessUp(name=name, role=role))
 
     # ---- messages ----------------------------------------------------------------------------
-    def handle(self, msg: Msg) -> None:
+    def handle(self, msg: Msg | EngineOutput) -> None:
         if isinstance(msg, NewRequest):
             self._on_new(msg)
         elif isinstance(msg, AbortRequest):
@@ -232,7 +232,9 @@ class SchedulerCore:
             if whole is not None:
                 busy = f"decode busy: steps over {self.routing.decode_busy_ms:g} ms"
                 self._place_whole(rec, whole, room, busy if decode else "no room on decode")
-            elif rec.prefill:  # refused by a decode instance earlier: its prompt is computed or computing
+                continue
+            assert decode is not None  # whole is None, and with both None the loop returned
+            if rec.prefill:  # refused by a decode instance earlier: its prompt is computed or computing
                 self._reserve(rec, decode, room, "again")
             else:
                 local, why = self._prefill_locally(rec, decode)
@@ -420,10 +422,10 @@ class SchedulerCore:
                 self.silent.add(name)
                 self.process_down(ProcessDown(name=name, role=role, detail=f"no report for {limit:g} s"))
         for rec in list(self.live.values()):
-            limit = getattr(self.deadlines, rec.state.lower(), None)
-            if limit is not None and now - rec.since > limit:
+            deadline = getattr(self.deadlines, rec.state.lower(), None)
+            if deadline is not None and now - rec.since > deadline:
                 self._end(rec, "FAILED", "scheduler",
-                          f"deadline: {rec.state} for more than {limit:g} s")
+                          f"deadline: {rec.state} for more than {deadline:g} s")
 
     # ---- inspection --------------------------------------------------------------------------
     def snapshot(self) -> dict:

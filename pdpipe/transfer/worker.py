@@ -75,11 +75,10 @@ class TransferWorker:
             if msg.request_id not in self.jobs:  # a step that ran again announces its prompts again
                 self._start(msg)
         elif isinstance(msg, DecodeBlocks):
-            job = self.jobs.get(msg.request_id)
-            if job is None:
-                self._blocks[msg.request_id] = msg
+            if msg.request_id in self.jobs:
+                self._destination(self.jobs[msg.request_id], msg)
             else:
-                self._destination(job, msg)
+                self._blocks[msg.request_id] = msg
         elif isinstance(msg, LayersReady):
             jobs = [self.jobs[rid] for rid in msg.request_ids if rid in self.jobs]
             for job in jobs:
