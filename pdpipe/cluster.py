@@ -17,24 +17,9 @@ from typing import cast
 import msgspec
 import redis
 
-from pdpipe.messages import InstanceStats, PoolInfo
+from pdpipe.messages import Envelope, InstanceEntry, InstanceStats, PoolInfo
 
 log = logging.getLogger("pdpipe")
-
-
-class Envelope(msgspec.Struct, array_like=True):
-    expires: float  # wall-clock time after which the message is dropped unread
-    payload: bytes  # an encoded pdpipe message
-
-
-class InstanceEntry(msgspec.Struct, frozen=True):
-    name: str
-    role: str  # prefill | decode | mixed
-    machine: str
-    time: float
-    free_blocks: int = 0
-    num_blocks: int = 0
-    running: int = 0
 
 
 class Keys:

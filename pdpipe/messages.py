@@ -1,6 +1,8 @@
 """Every struct that crosses a process boundary, in one place: tagged msgspec Structs, msgpack on the wire."""
 from __future__ import annotations
 
+import enum
+
 import msgspec
 
 
@@ -183,9 +185,35 @@ class AbortTransfer(Msg, frozen=True):  # scheduler → transfer: stop moving, t
     reason: str = "abort"
 
 
+class Handler:
+    """A process's logic as a handler table: a message of type T goes to the method `_on_T`."""
+
+    name = "process"
+
+    def handle(self, msg: Msg | EngineOutput) -> None:
+        handler = getattr(self, "_on_" + type(msg).__name__, None)
+        if handler is None:
+            raise TypeError(f"{self.name} cannot handle {type(msg).__name__}")
+        handler(msg)
+
+
+class State(enum.StrEnum):
+    """A request's lifecycle: the first five in the order a request moves through them (a prompt
+    computed on its decode instance skips RESERVED and TRANSFERRING), then the three ends."""
+
+    QUEUED = "QUEUED"
+    RESERVED = "RESERVED"
+    PREFILLING = "PREFILLING"
+    TRANSFERRING = "TRANSFERRING"
+    DECODING = "DECODING"
+    FINISHED = "FINISHED"
+    ABORTED = "ABORTED"
+    FAILED = "FAILED"
+
+
 class StateEvent(Msg, frozen=True):  # any process → scheduler: a request changed state (also the trace)
     request_id: str
-    state: str
+    state: State  # a sender may give the name as a plain string: it encodes the same
     instance: str
     time: float
     detail: str = ""
@@ -287,3 +315,25 @@ def encode(msg: Msg | EngineOutput) -> bytes:
 
 def decode(data: bytes) -> Msg | EngineOutput:
     return _decoder.decode(data)
+
+
+# ---- what Redis holds across machines (pdpipe/cluster.py) -----------------------------------------
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    """A message on a process's Redis topic."""
+
+    expires: float  # wall-clock time after which the message is dropped unread
+    payload: bytes  # an encoded pdpipe message
+
+
+class InstanceEntry(msgspec.Struct, frozen=True):
+    """A live instance in the registry, refreshed by its machine's relay."""
+
+    name: str
+    role: str  # prefill | decode | mixed
+    machine: str
+    time: float
+    free_blocks: int = 0
+    num_blocks: int = 0
+    running: int = 0

@@ -21,7 +21,7 @@ import zmq
 
 from pdpipe import envs
 from pdpipe.config import LaunchConfig, transfer_name
-from pdpipe.messages import Forward, Heartbeat, InstanceStats, PoolInfo, Ready, Shutdown, StateEvent
+from pdpipe.messages import Forward, Heartbeat, InstanceStats, PoolInfo, Ready, Shutdown, State, StateEvent
 from pdpipe.wire import InboxThread, Outboxes, RunPaths, SenderThread
 
 log = logging.getLogger("pdpipe")
@@ -108,7 +108,7 @@ def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker, periodic=None
                 log.exception("%s: failed to handle %s", proc.name, type(msg).__name__)
                 rid = getattr(msg, "request_id", None)
                 if rid is not None:
-                    proc.out.send("scheduler", StateEvent(request_id=rid, state="FAILED", instance=proc.name,
+                    proc.out.send("scheduler", StateEvent(request_id=rid, state=State.FAILED, instance=proc.name,
                                                           time=time.time(), detail=f"{proc.name}: {exc}"))
         if worker.has_work():
             worker.step()
@@ -194,7 +194,8 @@ def run_transfer(role: str, name: str, run_dir: str) -> None:
 
 
 def run_relay(role: str, name: str, run_dir: str) -> None:
-    from pdpipe.cluster import InstanceEntry, Registry, Relay
+    from pdpipe.cluster import Registry, Relay
+    from pdpipe.messages import InstanceEntry
 
     proc = ProcessBase(role, name, run_dir)
     cluster = proc.cfg.cluster

@@ -10,8 +10,8 @@ import torch
 from cluster_hosts import RedisServer
 from pipeline_launch import wait_until
 
-from pdpipe.cluster import Envelope, InstanceEntry, Registry
-from pdpipe.messages import PoolInfo
+from pdpipe.cluster import Registry
+from pdpipe.messages import Envelope, InstanceEntry, PoolInfo
 from pdpipe.rdma import MooncakeError, MooncakeTransfer, coalesce
 from pdpipe.transfer import TransferJob, TransferState
 

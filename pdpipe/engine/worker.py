@@ -25,6 +25,7 @@ from pdpipe.messages import (
     EngineOutput,
     Free,
     Freed,
+    Handler,
     InstanceStats,
     KVLanded,
     LayersReady,
@@ -34,6 +35,7 @@ from pdpipe.messages import (
     PrefillDone,
     Reserve,
     Reserved,
+    State,
     StateEvent,
     TransferDone,
     TransferStart,
@@ -56,7 +58,7 @@ LAYER_MESSAGE_TOKENS = 2048
 SLOW_STEP_S = 0.25  # a step this long is logged: on a GPU even 8k prompt tokens take ~0.2 s
 
 
-class EngineWorker:
+class EngineWorker(Handler):
     def __init__(self, name: str, role: str, engine: LLMEngine, send: Send, clock=time.time,
                  transfer: str = TRANSFER, layer_message_tokens: int = LAYER_MESSAGE_TOKENS):
         if role not in ("prefill", "decode", "mixed"):
@@ -83,12 +85,9 @@ class EngineWorker:
         self._fence_layers = role == "prefill" and engine.kv_cache.data.is_cuda
 
     # ---- inbox -----------------------------------------------------------------------------
-    def handle(self, msg: Msg) -> None:
+    def handle(self, msg: Msg | EngineOutput) -> None:
         log.debug("%s: %s %s", self.name, type(msg).__name__, getattr(msg, "request_id", ""))
-        handler = getattr(self, "_on_" + type(msg).__name__, None)
-        if handler is None:
-            raise TypeError(f"{self.name} ({self.role}) cannot handle {type(msg).__name__}")
-        handler(msg)
+        super().handle(msg)
 
     def _on_Pause(self, msg: Pause) -> None:
         self.paused = msg.paused
@@ -132,7 +131,7 @@ class EngineWorker:
             self._pending[msg.request_id] = reserve
             self._deferred.append(msg)
             return
-        self._event(msg.request_id, "DECODING")
+        self._event(msg.request_id, State.DECODING)
         ended = self.engine.add_prefilled(msg.request_id, reserve.prompt_token_ids, msg.first_token,
                                           reserve.params, msg.first_logprob)
         if ended is not None:
@@ -201,7 +200,7 @@ class EngineWorker:
         if prefill is not None:
             self.queued_prompt_tokens -= len(prefill.prompt_token_ids)
         self._started.discard(rid)
-        self._event(rid, "FAILED", detail=reason)
+        self._event(rid, State.FAILED, detail=reason)
 
     def _on_schedule(self, sched: SchedulerOutput):
         """Announces prefills starting and, on a prefill instance, the transfers of prompts this batch
@@ -213,7 +212,7 @@ class EngineWorker:
             rid = chunk.seq.request_id
             if rid in self._prefills and rid not in self._started:
                 self._started.add(rid)
-                self._event(rid, "PREFILLING", now=now)
+                self._event(rid, State.PREFILLING, now=now)
         self._final_chunks = [c.seq.request_id for c in sched.chunks if c.samples and c.seq.request_id
                               in self._prefills and self._hands_over(self._prefills[c.seq.request_id])]
         self._final_tokens = sum(len(self._prefills[rid].prompt_token_ids) for rid in self._final_chunks)
@@ -256,10 +255,10 @@ class EngineWorker:
                 if self._hands_over(prefill):
                     out = self._first_token(prefill, out)
                 elif out.finish_reason is None:
-                    self._event(rid, "DECODING")
+                    self._event(rid, State.DECODING)
             self.send(API, out)
             if out.finish_reason is not None:
-                self._event(rid, "FINISHED", detail=f"{out.finish_reason}, {out.index + len(out.token_ids)} tokens")
+                self._event(rid, State.FINISHED, detail=f"{out.finish_reason}, {out.index + len(out.token_ids)} tokens")
 
     def _first_token(self, prefill: Prefill, out: EngineOutput) -> EngineOutput:
         """Judges the first token by the request's own params (the engine ran it with max_tokens=1)."""
@@ -271,10 +270,10 @@ class EngineWorker:
             return replace(out, finish_reason=ended[0], stop_reason=ended[1])
         logprob = out.logprobs[0] if out.logprobs else None
         self.send(self.transfer, PrefillDone(request_id=rid, first_token=token, first_logprob=logprob))
-        self._event(rid, "TRANSFERRING", detail="prefill end")
+        self._event(rid, State.TRANSFERRING, detail="prefill end")
         return replace(out, finish_reason=None, stop_reason=None)
 
-    def _event(self, rid: str, state: str, detail: str = "", now: float | None = None) -> None:
+    def _event(self, rid: str, state: State, detail: str = "", now: float | None = None) -> None:
         self.send(SCHEDULER, StateEvent(request_id=rid, state=state, instance=self.name,
                                         time=now or self.clock(), detail=detail))
 

@@ -27,6 +27,7 @@ from pdpipe.messages import (
     EngineOutput,
     Free,
     Freed,
+    Handler,
     Heartbeat,
     InstanceStats,
     Msg,
@@ -36,13 +37,14 @@ from pdpipe.messages import (
     ProcessUp,
     Reserve,
     Reserved,
+    State,
     StateEvent,
 )
 
 from .admission import AdmissionQueue, DecodeLedger
 
-STATES = ("QUEUED", "RESERVED", "PREFILLING", "TRANSFERRING", "DECODING", "FINISHED", "ABORTED", "FAILED")
-ENDED = ("FINISHED", "ABORTED", "FAILED")
+STATES = tuple(State)
+ENDED = (State.FINISHED, State.ABORTED, State.FAILED)
 STAGE = {state: i for i, state in enumerate(STATES[:5])}  # an ended state outranks them all
 Send = Callable[[str, Msg | EngineOutput], None]
 
@@ -50,7 +52,7 @@ Send = Callable[[str, Msg | EngineOutput], None]
 @dataclass
 class RequestRecord:
     request: NewRequest
-    state: str
+    state: State
     since: float
     number: int = 0  # arrival order: its place in the admission queue
     queued_at: float = 0.0  # when it last entered the admission queue
@@ -70,7 +72,9 @@ class RequestRecord:
         return len(self.request.prompt_token_ids)
 
 
-class SchedulerCore:
+class SchedulerCore(Handler):
+    name = "scheduler"
+
     def __init__(self, instances: dict[str, str], deadlines: DeadlineConfig, send: Send, clock=time.time,
                  history: int = 2000, machines: dict[str, str] | None = None,
                  routing: RoutingConfig = RoutingConfig()):
@@ -108,10 +112,10 @@ class SchedulerCore:
         dead_machines = {self.machines.get(n, "") for n in gone} - {m for _, m in live.values()}
         for rec in list(self.live.values()):
             # once decoding, a request no longer needs the instance that computed its prompt
-            prefill = rec.prefill if STAGE.get(rec.state, len(STAGE)) < STAGE["DECODING"] else ""
+            prefill = rec.prefill if STAGE.get(rec.state, len(STAGE)) < STAGE[State.DECODING] else ""
             lost = gone & {prefill, rec.decode, rec.whole, rec.reserving}
             if lost:
-                self._end(rec, "FAILED", "scheduler", f"instance {', '.join(sorted(lost))} is gone ({why})")
+                self._end(rec, State.FAILED, "scheduler", f"instance {', '.join(sorted(lost))} is gone ({why})")
                 decode = rec.decode or rec.reserving
                 if decode and decode not in gone and self.machines.get(rec.prefill) in dead_machines:
                     # the transfer that would free decode's blocks died with its machine; nothing can
@@ -124,7 +128,7 @@ class SchedulerCore:
         self.machines = {n: machine for n, (_, machine) in live.items()}
         self._pump()
 
-    def process_down(self, msg: ProcessDown) -> None:
+    def _on_ProcessDown(self, msg: ProcessDown) -> None:
         """The launcher saw a local process die (it restarts it). An engine leaves routing until it is
         back; every request that needed it, or the dead transfer's copies, fails now and each surviving
         holder frees; a dead front-end's requests have no client left, so they are aborted."""
@@ -132,14 +136,14 @@ class SchedulerCore:
         why = f"{msg.name} {what}: {msg.detail}" if msg.detail else f"{msg.name} {what}"
         if msg.role == "api":
             for rec in list(self.live.values()):
-                self._end(rec, "ABORTED", "scheduler", why)
+                self._end(rec, State.ABORTED, "scheduler", why)
         elif msg.role == "transfer":
             self.down[msg.name] = (msg.role, "")  # meanwhile prompts are computed on their decode instance
             for rec in list(self.live.values()):
                 decode = rec.decode or rec.reserving
                 if rec.prefill and decode and self.transfer_of(rec.prefill) == msg.name \
-                        and STAGE.get(rec.state, len(STAGE)) < STAGE["DECODING"]:
-                    self._end(rec, "FAILED", "scheduler", why)
+                        and STAGE.get(rec.state, len(STAGE)) < STAGE[State.DECODING]:
+                    self._end(rec, State.FAILED, "scheduler", why)
                     # no process writes into decode's blocks any more: decode frees them now
                     self.send(decode, Free(request_id=rec.request_id, reason=why))
         elif msg.name in self.roles:
@@ -147,7 +151,7 @@ class SchedulerCore:
             live = {n: (r, self.machines.get(n, "")) for n, r in self.roles.items() if n != msg.name}
             self.update_instances(live, why=why)
 
-    def process_up(self, msg: ProcessUp) -> None:
+    def _on_ProcessUp(self, msg: ProcessUp) -> None:
         """A restarted engine is ready: it rejoins routing (its stats restore its room); a restarted
         transfer takes prompts for prefill instances again."""
         back = self.down.pop(msg.name, None)
@@ -161,53 +165,43 @@ class SchedulerCore:
         self.heard[name] = self.clock()
         if name in self.silent:  # a frozen process reports again: it rejoins
             self.silent.discard(name)
-            self.process_up(ProcessUp(name=name, role=role))
+            self._on_ProcessUp(ProcessUp(name=name, role=role))
 
     # ---- messages ----------------------------------------------------------------------------
-    def handle(self, msg: Msg | EngineOutput) -> None:
-        if isinstance(msg, NewRequest):
-            self._on_new(msg)
-        elif isinstance(msg, AbortRequest):
-            rec = self.live.get(msg.request_id)
-            if rec is not None:  # a stop string is a normal finish that only the front-end can see
-                state = "FINISHED" if msg.reason == "stop" else "ABORTED"
-                self._end(rec, state, "api", "stop string" if msg.reason == "stop" else msg.reason)
-        elif isinstance(msg, Reserved):
-            self._on_reserved(msg)
-        elif isinstance(msg, StateEvent):
-            self._on_event(msg)
-        elif isinstance(msg, Freed):
-            if self.ledger.release(msg.request_id, msg.instance):
-                self._pump()
-        elif isinstance(msg, ProcessDown):
-            self.process_down(msg)
-        elif isinstance(msg, ProcessUp):
-            self.process_up(msg)
-        elif isinstance(msg, Heartbeat):
-            self._heard(msg.instance, msg.role)
-        elif isinstance(msg, InstanceStats):
-            if msg.instance in self.heard:  # stats count as a beat from a process that beats
-                self._heard(msg.instance, msg.role)
-            if msg.instance in self.down:
-                return  # the last words of a dead instance, or a restarted one not yet ready
-            self.stats[msg.instance] = msg
-            self.stats_at[msg.instance] = self.clock()
-            if self.roles.get(msg.instance) in ("decode", "prefill") and self.ledger.report(msg):
-                self._pump()
-        else:
-            raise TypeError(f"scheduler cannot handle {type(msg).__name__}")
+    def _on_AbortRequest(self, msg: AbortRequest) -> None:
+        rec = self.live.get(msg.request_id)
+        if rec is not None:  # a stop string is a normal finish that only the front-end can see
+            state = State.FINISHED if msg.reason == "stop" else State.ABORTED
+            self._end(rec, state, "api", "stop string" if msg.reason == "stop" else msg.reason)
 
-    def _on_new(self, msg: NewRequest) -> None:
-        rec = RequestRecord(msg, "QUEUED", self.clock(), number=next(self._numbers))
+    def _on_Freed(self, msg: Freed) -> None:
+        if self.ledger.release(msg.request_id, msg.instance):
+            self._pump()
+
+    def _on_Heartbeat(self, msg: Heartbeat) -> None:
+        self._heard(msg.instance, msg.role)
+
+    def _on_InstanceStats(self, msg: InstanceStats) -> None:
+        if msg.instance in self.heard:  # stats count as a beat from a process that beats
+            self._heard(msg.instance, msg.role)
+        if msg.instance in self.down:
+            return  # the last words of a dead instance, or a restarted one not yet ready
+        self.stats[msg.instance] = msg
+        self.stats_at[msg.instance] = self.clock()
+        if self.roles.get(msg.instance) in ("decode", "prefill") and self.ledger.report(msg):
+            self._pump()
+
+    def _on_NewRequest(self, msg: NewRequest) -> None:
+        rec = RequestRecord(msg, State.QUEUED, self.clock(), number=next(self._numbers))
         self.live[msg.request_id] = rec
-        self._record(rec, "QUEUED", "api", "")
+        self._record(rec, State.QUEUED, "api", "")
         if self.of_role("decode"):
             self._enqueue(rec)
         elif self.of_role("mixed"):
             rec.whole = min(self.of_role("mixed"), key=self._prefill_load)
             self._send_prefill(rec, rec.whole)
         else:
-            self._end(rec, "FAILED", "scheduler", "no decode or mixed instance is serving")
+            self._end(rec, State.FAILED, "scheduler", "no decode or mixed instance is serving")
 
     def _enqueue(self, rec: RequestRecord) -> None:
         rec.queued_at = self.clock()
@@ -224,7 +218,7 @@ class SchedulerCore:
             whole = self._whole_on_prefill(rec, room, decode)
             if decode is None and whole is None:
                 if self.ledger.never_fits(decodes, room):  # it would hold up the queue for good
-                    self._end(rec, "FAILED", "scheduler", f"needs room for {room} tokens of KV; no decode "
+                    self._end(rec, State.FAILED, "scheduler", f"needs room for {room} tokens of KV; no decode "
                               "instance has that many (lower max_tokens or routing.reserve_output_share)")
                     continue
                 return
@@ -251,7 +245,7 @@ class SchedulerCore:
         on_decode = self.roles.get(instance) == "decode"
         self.decisions["local" if on_decode else "whole"] += 1
         where = f"prefill on {instance} itself" if on_decode else f"prompt and output on {instance}"
-        self._record(rec, "QUEUED", "scheduler", f"{where} ({why})")
+        self._record(rec, State.QUEUED, "scheduler", f"{where} ({why})")
         self._send_prefill(rec, instance)
 
     def _whole_on_prefill(self, rec: RequestRecord, room: int, decode: str | None) -> str | None:
@@ -319,7 +313,7 @@ class SchedulerCore:
         if first:
             rec.prefill = min(self.of_role("prefill"), key=self._prefill_load)
             self.decisions["remote"] += 1
-        self._record(rec, "QUEUED", "scheduler", f"reserve on {decode}, prefill on {rec.prefill}"
+        self._record(rec, State.QUEUED, "scheduler", f"reserve on {decode}, prefill on {rec.prefill}"
                      + (f" ({why})" if why else ""))
         self.send(decode, Reserve(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
                                   transfer=self.transfer_of(rec.prefill), num_tokens=room))
@@ -337,28 +331,28 @@ class SchedulerCore:
         self.send(instance, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
                                     params=r.params, decode_instance=decode))
 
-    def _on_reserved(self, msg: Reserved) -> None:
+    def _on_Reserved(self, msg: Reserved) -> None:
         rec = self.live.get(msg.request_id)
         if rec is None or rec.reserving != msg.instance:
             return  # ended meanwhile: its end sent the transfer an abort, which frees decode's blocks
         rec.reserving = ""
         if msg.block_ids is None:  # decode had less room than the ledger thought: back in the queue
             self.ledger.refused(rec.request_id)
-            self._record(rec, "QUEUED", msg.instance, f"refused: {msg.free_blocks} blocks free")
+            self._record(rec, State.QUEUED, msg.instance, f"refused: {msg.free_blocks} blocks free")
             self._enqueue(rec)
             return
         rec.decode = msg.instance
         self.routed[msg.instance] += 1
-        self._record(rec, "RESERVED", msg.instance, f"{len(msg.block_ids)} blocks")
+        self._record(rec, State.RESERVED, msg.instance, f"{len(msg.block_ids)} blocks")
 
-    def _on_event(self, msg: StateEvent) -> None:
+    def _on_StateEvent(self, msg: StateEvent) -> None:
         rec = self.live.get(msg.request_id)
         if rec is None:
             rec = self.recent.get(msg.request_id)
             if rec is not None:  # late news of an ended request: keep it in the trace
                 rec.events.append((msg.time, msg.state, msg.instance, msg.detail))
             return
-        if msg.state not in ("QUEUED", "RESERVED", "PREFILLING"):
+        if msg.state not in (State.QUEUED, State.RESERVED, State.PREFILLING):
             self._prefill_finished(rec)
         if msg.state in ENDED:
             self._end(rec, msg.state, msg.instance, msg.detail, msg.time)
@@ -371,7 +365,7 @@ class SchedulerCore:
             self.outstanding_tokens[name] -= len(rec.request.prompt_token_ids)
             rec.prefill_done = True
 
-    def _record(self, rec: RequestRecord, state: str, instance: str, detail: str,
+    def _record(self, rec: RequestRecord, state: State, instance: str, detail: str,
                 when: float | None = None) -> None:
         when = when or self.clock()
         bisect.insort(rec.events, (when, state, instance, detail), key=lambda e: e[0])  # senders may cross
@@ -380,7 +374,7 @@ class SchedulerCore:
             rec.state, rec.since = state, self.clock()
 
     # ---- the one way out: finish, abort or fail ---------------------------------------------
-    def _end(self, rec: RequestRecord, state: str, instance: str, detail: str, when: float | None = None) -> None:
+    def _end(self, rec: RequestRecord, state: State, instance: str, detail: str, when: float | None = None) -> None:
         self._record(rec, state, instance, detail, when)
         self._prefill_finished(rec)
         self.queue.remove(rec.request_id)
@@ -390,24 +384,24 @@ class SchedulerCore:
             self.recent.popitem(last=False)
         self.ended[state] += 1
         rid = rec.request_id
-        if state == "FAILED":
+        if state == State.FAILED:
             status = _failure_status(detail) if instance == "scheduler" else 0
             self.send("api", EngineOutput(request_id=rid, token_ids=[], finish_reason="error",
                                           error=detail or "failed", status=status))
         # Every holder frees, except one that reported the finish itself. Decode blocks are freed
         # through the transfer process, after it has stopped writing into them.
-        if state != "FINISHED" or instance == "api":
+        if state != State.FINISHED or instance == "api":
             for holder in {rec.prefill, rec.whole} - {""}:
                 self.send(holder, Free(request_id=rid, reason=detail or state.lower()))
         decode = rec.decode or rec.reserving
-        if (decode or rec.prefill) and (state != "FINISHED" or instance != decode):
+        if (decode or rec.prefill) and (state != State.FINISHED or instance != decode):
             # the transfer process that writes into the decode blocks (the prefill machine's) drops the
             # job, then frees decode's blocks
             self.send(self.transfer_of(rec.prefill or decode),
                       AbortTransfer(request_id=rid, decode_instance=decode, reason=detail or state.lower()))
         # Its room on decode is free once decode has freed its blocks: now if decode finished it,
         # else when decode says `Freed` (the Free above reaches it after the transfer stopped).
-        if state == "FINISHED" and instance in (rec.decode, rec.whole) and self.ledger.release(rid):
+        if state == State.FINISHED and instance in (rec.decode, rec.whole) and self.ledger.release(rid):
             self._pump()
 
     def tick(self) -> None:
@@ -420,11 +414,11 @@ class SchedulerCore:
             role = stats.role if stats else self.roles.get(name, "")
             if now - when > limit and name not in self.down and role in ("prefill", "decode", "mixed", "transfer"):
                 self.silent.add(name)
-                self.process_down(ProcessDown(name=name, role=role, detail=f"no report for {limit:g} s"))
+                self._on_ProcessDown(ProcessDown(name=name, role=role, detail=f"no report for {limit:g} s"))
         for rec in list(self.live.values()):
             deadline = getattr(self.deadlines, rec.state.lower(), None)
             if deadline is not None and now - rec.since > deadline:
-                self._end(rec, "FAILED", "scheduler",
+                self._end(rec, State.FAILED, "scheduler",
                           f"deadline: {rec.state} for more than {deadline:g} s")
 
     # ---- inspection --------------------------------------------------------------------------

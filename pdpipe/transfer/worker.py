@@ -24,12 +24,14 @@ from pdpipe.messages import (
     DropAll,
     EngineOutput,
     Free,
+    Handler,
     InstanceStats,
     KVLanded,
     LayersReady,
     Msg,
     PoolInfo,
     PrefillDone,
+    State,
     StateEvent,
     TransferDone,
     TransferStart,
@@ -42,7 +44,7 @@ Send = Callable[[str, Msg | EngineOutput], None]
 log = logging.getLogger("pdpipe")
 
 
-class TransferWorker:
+class TransferWorker(Handler):
     def __init__(self, name: str, backend: TransferBackend, num_layers: int, send: Send, clock=time.time,
                  pool_lookup: Callable[[str], PoolInfo | None] | None = None, copy_deadline: float = 30.0):
         self.name, self.backend, self.num_layers, self.send, self.clock = name, backend, num_layers, send, clock
@@ -57,40 +59,46 @@ class TransferWorker:
         self.bytes_moved = 0
         self.seconds_moving = 0.0
 
-    def handle(self, msg: Msg) -> None:
+    def handle(self, msg: Msg | EngineOutput) -> None:
         log.debug("%s: %s %s", self.name, type(msg).__name__,
                   getattr(msg, "request_id", None) or getattr(msg, "layer", ""))
-        if isinstance(msg, PoolInfo):
-            self._register(msg)
-        elif isinstance(msg, DropAll):  # the scheduler died: every job goes, decode frees their blocks
-            for rid, job in list(self.jobs.items()):
-                self._abort(AbortTransfer(request_id=rid, decode_instance=job.dst_instance, reason=msg.reason))
-            for rid, blocks in list(self._blocks.items()):
-                self._abort(AbortTransfer(request_id=rid, decode_instance=blocks.instance, reason=msg.reason))
-        elif isinstance(msg, AbortTransfer):
-            self._abort(msg)
-        elif getattr(msg, "request_id", None) in self._tombstones:
-            pass  # the request was aborted before this message arrived
-        elif isinstance(msg, TransferStart):
-            if msg.request_id not in self.jobs:  # a step that ran again announces its prompts again
-                self._start(msg)
-        elif isinstance(msg, DecodeBlocks):
-            if msg.request_id in self.jobs:
-                self._destination(self.jobs[msg.request_id], msg)
-            else:
-                self._blocks[msg.request_id] = msg
-        elif isinstance(msg, LayersReady):
-            jobs = [self.jobs[rid] for rid in msg.request_ids if rid in self.jobs]
-            for job in jobs:
-                if not job.has_destination:
-                    job.layers_ready.update(range(msg.layer - msg.count + 1, msg.layer + 1))
-            self._send_layers([j for j in jobs if j.has_destination], msg.layer - msg.count + 1, msg.count)
-        elif isinstance(msg, PrefillDone):
-            if msg.request_id in self.jobs:
-                self._first[msg.request_id] = msg
-        else:
-            raise TypeError(f"{self.name} cannot handle {type(msg).__name__}")
+        if getattr(msg, "request_id", None) not in self._tombstones or isinstance(msg, AbortTransfer):
+            super().handle(msg)  # else the request was aborted before this message arrived
         self.poll()
+
+    def _on_PoolInfo(self, msg: PoolInfo) -> None:
+        self._register(msg)
+
+    def _on_DropAll(self, msg: DropAll) -> None:
+        """The scheduler died: every job goes, decode frees their blocks."""
+        for rid, job in list(self.jobs.items()):
+            self._abort(AbortTransfer(request_id=rid, decode_instance=job.dst_instance, reason=msg.reason))
+        for rid, blocks in list(self._blocks.items()):
+            self._abort(AbortTransfer(request_id=rid, decode_instance=blocks.instance, reason=msg.reason))
+
+    def _on_AbortTransfer(self, msg: AbortTransfer) -> None:
+        self._abort(msg)
+
+    def _on_TransferStart(self, msg: TransferStart) -> None:
+        if msg.request_id not in self.jobs:  # a step that ran again announces its prompts again
+            self._start(msg)
+
+    def _on_DecodeBlocks(self, msg: DecodeBlocks) -> None:
+        if msg.request_id in self.jobs:
+            self._destination(self.jobs[msg.request_id], msg)
+        else:
+            self._blocks[msg.request_id] = msg
+
+    def _on_LayersReady(self, msg: LayersReady) -> None:
+        jobs = [self.jobs[rid] for rid in msg.request_ids if rid in self.jobs]
+        for job in jobs:
+            if not job.has_destination:
+                job.layers_ready.update(range(msg.layer - msg.count + 1, msg.layer + 1))
+        self._send_layers([j for j in jobs if j.has_destination], msg.layer - msg.count + 1, msg.count)
+
+    def _on_PrefillDone(self, msg: PrefillDone) -> None:
+        if msg.request_id in self.jobs:
+            self._first[msg.request_id] = msg
 
     def _know_pool(self, instance: str) -> None:
         """Registers `instance`'s pool the first time a job names it (across machines: from Redis)."""
@@ -164,7 +172,7 @@ class TransferWorker:
                 job.last_layer_at = now
                 if not job.first_layer_at:
                     job.first_layer_at = now
-                    self._event(job.request_id, "TRANSFERRING", f"{what}/{self.num_layers} sent")
+                    self._event(job.request_id, State.TRANSFERRING, f"{what}/{self.num_layers} sent")
 
     def poll(self) -> None:
         """Finishes the jobs whose every layer landed, and fails those the backend gave up on or whose
@@ -209,7 +217,7 @@ class TransferWorker:
         self.send(job.src_instance, TransferDone(request_id=job.request_id))
         log.debug("%s: %d blocks %s → %s, %d bytes in %.3f ms", job.request_id, len(job.src_block_ids),
                   job.src_instance, job.dst_instance, job.bytes_moved, job.seconds * 1e3)
-        self._event(job.request_id, "TRANSFERRING",
+        self._event(job.request_id, State.TRANSFERRING,
                     f"landed {job.bytes_moved} bytes in {job.seconds * 1e3:.2f} ms; layers sent over "
                     f"{(job.last_layer_at - job.first_layer_at) * 1e3:.2f} ms")
 
@@ -221,9 +229,9 @@ class TransferWorker:
             self.backend.abort(job)
         except Exception:  # noqa: BLE001 — the request fails all the same
             log.exception("%s: aborting %s", self.name, job.request_id)
-        self._event(job.request_id, "FAILED", f"KV transfer failed: {job.error or 'backend failure'}")
+        self._event(job.request_id, State.FAILED, f"KV transfer failed: {job.error or 'backend failure'}")
 
-    def _event(self, rid: str, state: str, detail: str) -> None:
+    def _event(self, rid: str, state: State, detail: str) -> None:
         self.send("scheduler", StateEvent(request_id=rid, state=state, instance=self.name,
                                           time=self.clock(), detail=detail))
 
