@@ -1,8 +1,10 @@
 """Entry point of every pipeline process: `python -m pdpipe.process ROLE NAME RUN_DIR`.
 
 Each reads the run's resolved config from RUN_DIR/config.json, binds its inbox, tells the launcher it
-is ready, and runs its loop until SIGTERM/SIGINT: the engine and transfer loops drain their inbox,
-step while there is work, and report stats to the scheduler a few times a second.
+is ready, and runs its loop until SIGTERM/SIGINT. Every role but the front-end (asyncio) runs the same
+loop, `run_worker_loop`: drain the inbox (and control calls), handle each message through the
+worker's handler table, step while there is work, report stats and run periodic duties a few times a
+second; engines and the transfer also heartbeat from a thread of their own.
 """
 from __future__ import annotations
 
@@ -21,8 +23,18 @@ import zmq
 
 from pdpipe import envs
 from pdpipe.config import LaunchConfig, transfer_name
-from pdpipe.messages import Forward, Heartbeat, InstanceStats, PoolInfo, Ready, Shutdown, State, StateEvent
-from pdpipe.wire import InboxThread, Outboxes, RunPaths, SenderThread
+from pdpipe.messages import (
+    Forward,
+    Handler,
+    Heartbeat,
+    InstanceStats,
+    PoolInfo,
+    Ready,
+    Shutdown,
+    State,
+    StateEvent,
+)
+from pdpipe.wire import ControlCall, ControlThread, InboxThread, Outboxes, RunPaths, SenderThread
 
 log = logging.getLogger("pdpipe")
 STATS_PERIOD = 0.2
@@ -93,34 +105,59 @@ def drain(q: queue.Queue, timeout: float) -> list:
     return msgs
 
 
-def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker, periodic=None) -> None:
-    """Drain the inbox, step while there is work, report stats (and call `periodic`) a few times a
-    second; a bad message costs only itself."""
+def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker, periodic=None,
+                    period: float = STATS_PERIOD) -> None:
+    """Every process's loop: drain the inbox (messages and control calls), handle each through the
+    worker's handler table, step while there is work, and every `period` report stats (where the
+    worker has any) and call `periodic`. A bad message costs only itself."""
     next_stats = 0.0
     while not proc.stop.is_set():
         for msg in drain(inbox.queue, 0 if worker.has_work() else 0.02):
             if isinstance(msg, Shutdown):
                 proc.stop.set()
-                continue
-            try:
-                worker.handle(msg)
-            except Exception as exc:  # noqa: BLE001 — fail that request alone; keep serving the rest
-                log.exception("%s: failed to handle %s", proc.name, type(msg).__name__)
-                rid = getattr(msg, "request_id", None)
-                if rid is not None:
-                    proc.out.send("scheduler", StateEvent(request_id=rid, state=State.FAILED, instance=proc.name,
-                                                          time=time.time(), detail=f"{proc.name}: {exc}"))
+            elif isinstance(msg, ControlCall):
+                msg.answer(worker.control(msg.request))
+            else:
+                _handle(proc, worker, msg)
         if worker.has_work():
             worker.step()
         now = time.monotonic()
         if now >= next_stats:
             stats = worker.stats(inbox.queue.qsize())
-            proc.out.send("scheduler", stats)
-            if proc.cfg.cluster.redis_url:  # the relay puts this instance's load in the registry
-                proc.out.send("relay", stats)
+            if stats is not None:
+                proc.out.send("scheduler", stats)
+                if proc.cfg.cluster.redis_url:  # the relay puts this instance's load in the registry
+                    proc.out.send("relay", stats)
             if periodic is not None:
                 periodic()
-            next_stats = now + STATS_PERIOD
+            next_stats = now + period
+
+
+def _handle(proc: ProcessBase, worker, msg) -> None:
+    try:
+        worker.handle(msg)
+    except Exception as exc:  # noqa: BLE001 — fail that request alone; keep serving the rest
+        log.exception("%s: failed to handle %s", proc.name, type(msg).__name__)
+        rid = getattr(msg, "request_id", None)
+        if rid is not None and proc.role != "scheduler":
+            proc.out.send("scheduler", StateEvent(request_id=rid, state=State.FAILED, instance=proc.name,
+                                                  time=time.time(), detail=f"{proc.name}: {exc}"))
+
+
+class Idle:
+    """What a worker without steps or stats of its own answers to the loop."""
+
+    def has_work(self) -> bool:
+        return False
+
+    def step(self) -> None:
+        pass
+
+    def stats(self, inbox_depth: int = 0) -> None:
+        return None
+
+    def control(self, request) -> dict:
+        return {"error": f"op {request.op!r}: this process answers no control requests"}
 
 
 def run_engine(role: str, name: str, run_dir: str) -> None:
@@ -211,32 +248,58 @@ def run_relay(role: str, name: str, run_dir: str) -> None:
         t.start()
     proc.ready()
     try:
-        while not proc.stop.is_set():
-            for msg in drain(inbox.queue, 0.1):
-                if isinstance(msg, Forward):
-                    relay.outbound(msg.dest, msg.payload)
-                elif isinstance(msg, InstanceStats):
-                    relay.note_stats(msg)
+        run_worker_loop(proc, inbox, RelayWorker(relay))
     finally:
         inbox.stop()
         proc.close()
 
 
-def run_service(role: str, name: str, run_dir: str) -> None:
-    """The scheduler and the API front-end run loops of their own (a zmq poller; asyncio)."""
-    if role == "scheduler":
-        from pdpipe.scheduler.service import serve_scheduler as serve
-    else:
-        from pdpipe.api.server import serve_api as serve
+class RelayWorker(Idle, Handler):
+    """The relay's inbox: messages for other machines go onto their Redis topics; local stats feed
+    this machine's registry entries."""
+
+    name = "relay"
+
+    def __init__(self, relay):
+        self.relay = relay
+
+    def _on_Forward(self, msg: Forward) -> None:
+        self.relay.outbound(msg.dest, msg.payload)
+
+    def _on_InstanceStats(self, msg: InstanceStats) -> None:
+        self.relay.note_stats(msg)
+
+
+def run_scheduler(role: str, name: str, run_dir: str) -> None:
+    from pdpipe.scheduler.service import TICK, SchedulerWorker
+
+    proc = ProcessBase(role, name, run_dir)
+    worker = SchedulerWorker(proc.cfg, proc.out.send)
+    inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
+    control = ControlThread(proc.ctx, proc.paths.control, inbox.queue).start()
+    proc.ready()
+    try:
+        run_worker_loop(proc, inbox, worker, periodic=worker.periodic, period=TICK)
+    finally:
+        worker.close()
+        control.stop()
+        inbox.stop()
+        proc.close()
+
+
+def run_api(role: str, name: str, run_dir: str) -> None:
+    """The front-end's loop is asyncio's (uvicorn), its wires `api/bridge.py`'s."""
+    from pdpipe.api.server import serve_api
+
     proc = ProcessBase(role, name, run_dir)
     try:
-        serve(proc)
+        serve_api(proc)
     finally:
         proc.close()
 
 
 RUNNERS = {"prefill": run_engine, "decode": run_engine, "mixed": run_engine, "transfer": run_transfer,
-           "scheduler": run_service, "api": run_service, "relay": run_relay}
+           "scheduler": run_scheduler, "api": run_api, "relay": run_relay}
 
 
 def die_with_launcher() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from pdpipe.messages import EngineOutput, Forward, Msg, decode, encode
+from pdpipe.messages import ControlRequest, EngineOutput, Forward, Msg, decode, encode
 
 log = logging.getLogger("pdpipe")
 
@@ -152,6 +152,62 @@ class SenderThread:
         """Sends what is queued, then stops."""
         self._queue.put(None)
         self._thread.join(timeout=10)
+
+
+class ControlCall:
+    """A control request (`pdpipe queues`, `trace`, pause/resume) waiting in a process's queue for its
+    loop to answer it between messages."""
+
+    def __init__(self, request: ControlRequest):
+        self.request = request
+        self.reply: dict | None = None
+        self._done = threading.Event()
+
+    def answer(self, reply: dict) -> None:
+        self.reply = reply
+        self._done.set()
+
+    def wait(self, timeout: float) -> dict | None:
+        return self.reply if self._done.wait(timeout) else None
+
+
+class ControlThread:
+    """Serves a process's control socket (REQ/REP) from a thread of its own: each request joins the
+    process's queue as a ControlCall, and the reply goes back once the loop has answered it."""
+
+    def __init__(self, ctx: zmq.Context, address: str, into: queue.Queue, timeout: float = 5.0):
+        self._ctx, self._address, self._into, self._timeout = ctx, address, into, timeout
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+
+    def start(self) -> ControlThread:
+        self._thread.start()
+        self._bound.wait()
+        return self
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self._address)
+        self._bound.set()
+        while not self._stop.is_set():
+            if not sock.poll(100):
+                continue
+            try:
+                call = ControlCall(msgspec.json.decode(sock.recv(), type=ControlRequest))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                sock.send(msgspec.json.encode({"error": f"bad control request: {exc}"}))
+                continue
+            self._into.put(call)
+            reply = call.wait(self._timeout)
+            sock.send(msgspec.json.encode(reply if reply is not None else
+                                          {"error": f"no answer within {self._timeout:g} s (the process is busy)"}))
+        sock.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
 
 
 class InboxThread:

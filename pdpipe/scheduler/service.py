@@ -1,15 +1,13 @@
-"""The scheduler process: its inbox (state events, requests, stats) and its control socket (REQ/REP:
-`pdpipe queues`, `pdpipe trace`, pause/resume, and the front-end's /metrics) on one poll loop."""
+"""The scheduler process's worker on the common loop (`process.run_worker_loop`): its inbox (state
+events, requests, stats) and its control calls (`pdpipe queues`, `pdpipe trace`, pause/resume, and
+the front-end's /metrics) go to the core; every TICK the registry's view and the deadlines."""
 from __future__ import annotations
 
 import logging
 import threading
-import time
 
-import msgspec
-import zmq
-
-from pdpipe.messages import ControlRequest, Pause, decode
+from pdpipe.messages import ControlRequest, Pause
+from pdpipe.process import Idle
 
 from .core import SchedulerCore
 
@@ -61,52 +59,33 @@ class RegistryWatcher:
         self._stop.set()
 
 
-def serve_scheduler(proc) -> None:
-    cluster = proc.cfg.cluster
-    local = {name: (inst.role, cluster.machine) for name, inst in proc.cfg.named_instances()}
-    core = SchedulerCore({n: r for n, (r, _) in local.items()}, proc.cfg.deadlines, proc.out.send,
-                         machines={n: m for n, (_, m) in local.items()}, routing=proc.cfg.routing)
-    watcher = RegistryWatcher(cluster, local) if cluster.redis_url else None
-    inbox = proc.ctx.socket(zmq.PULL)
-    inbox.bind(proc.paths.inbox("scheduler"))
-    control = proc.ctx.socket(zmq.REP)
-    control.bind(proc.paths.control)
-    for sock in (inbox, control):
-        sock.setsockopt(zmq.LINGER, 0)
-    poller = zmq.Poller()
-    poller.register(inbox, zmq.POLLIN)
-    poller.register(control, zmq.POLLIN)
-    proc.ready()
-    next_tick = 0.0
-    while not proc.stop.is_set():
-        events = dict(poller.poll(int(TICK * 1000)))
-        if inbox in events:
-            while True:
-                try:
-                    data = inbox.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    core.handle(decode(data))
-                except Exception:  # noqa: BLE001 — one bad message must not stop the scheduler
-                    log.exception("scheduler: failed to handle a message")
-        if control in events:
-            try:
-                req = msgspec.json.decode(control.recv(), type=ControlRequest)
-                reply = control_reply(core, req, proc.out.send)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                reply = {"error": f"bad control request: {exc}"}
-            control.send(msgspec.json.encode(reply))
-        now = time.monotonic()
-        if now >= next_tick:
-            view = watcher.take() if watcher else None
-            if view is not None:  # a dead local instance stays out until the launcher says it is back
-                view = {n: v for n, v in view.items() if n not in core.down}
-            if view is not None and view != {n: (core.roles[n], core.machines.get(n, "")) for n in core.roles}:
-                core.update_instances(view)
-            core.tick()
-            next_tick = now + TICK
-    if watcher:
-        watcher.stop()
-    inbox.close()
-    control.close()
+class SchedulerWorker(Idle):
+    """The scheduler process's worker for the common loop: messages go to the core, control calls get
+    their replies, and the periodic duty takes the registry's view and runs the core's deadlines."""
+
+    def __init__(self, cfg, send):
+        cluster = cfg.cluster
+        local = {name: (inst.role, cluster.machine) for name, inst in cfg.named_instances()}
+        self.core = SchedulerCore({n: r for n, (r, _) in local.items()}, cfg.deadlines, send,
+                                  machines={n: m for n, (_, m) in local.items()}, routing=cfg.routing)
+        self.watcher = RegistryWatcher(cluster, local) if cluster.redis_url else None
+        self.send = send
+
+    def handle(self, msg) -> None:
+        self.core.handle(msg)
+
+    def control(self, request: ControlRequest) -> dict:
+        return control_reply(self.core, request, self.send)
+
+    def periodic(self) -> None:
+        core = self.core
+        view = self.watcher.take() if self.watcher else None
+        if view is not None:  # a dead local instance stays out until the launcher says it is back
+            view = {n: v for n, v in view.items() if n not in core.down}
+        if view is not None and view != {n: (core.roles[n], core.machines.get(n, "")) for n in core.roles}:
+            core.update_instances(view)
+        core.tick()
+
+    def close(self) -> None:
+        if self.watcher:
+            self.watcher.stop()
