@@ -3,6 +3,7 @@
 touches zmq; it gets messages from a queue and sends through `Outboxes.send(dest, msg)`."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -208,6 +209,56 @@ class ControlThread:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+
+
+class AsyncWires:
+    """The front-end's ZeroMQ edge, for asyncio: its inbox, its outbox to the scheduler (the only peer
+    it sends to), and control requests to the scheduler's control socket."""
+
+    def __init__(self, paths: RunPaths, name: str = "api"):
+        import zmq.asyncio
+
+        self.paths = paths
+        self.ctx = zmq.asyncio.Context()
+        self._push = self.ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.connect(paths.inbox("scheduler"))
+        self._pull = self.ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.bind(paths.inbox(name))
+        self._control_lock = asyncio.Lock()
+
+    async def send(self, msg: Msg) -> None:
+        if not self._push.closed:
+            await self._push.send(encode(msg))
+
+    async def recv(self) -> Msg | EngineOutput | None:
+        """The next message of the inbox; None for one that does not decode (logged)."""
+        data = await self._pull.recv()
+        try:
+            return decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.exception("undecodable message on %s", self.paths.inbox("api"))
+            return None
+
+    async def control(self, request: ControlRequest, timeout: float) -> dict | None:
+        """The scheduler's answer to a control request; None if none came within `timeout`."""
+        async with self._control_lock:
+            sock = self.ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.paths.control)
+            try:
+                await sock.send(msgspec.json.encode(request))
+                if await sock.poll(int(timeout * 1000)) == 0:
+                    return None
+                return msgspec.json.decode(await sock.recv())
+            finally:
+                sock.close()
+
+    def close(self) -> None:
+        self._push.close()
+        self._pull.close()
+        self.ctx.term()
 
 
 class InboxThread:

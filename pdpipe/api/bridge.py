@@ -7,10 +7,6 @@ import asyncio
 import logging
 import time
 
-import msgspec
-import zmq
-import zmq.asyncio
-
 from pdpipe.messages import (
     AbortRequest,
     ControlRequest,
@@ -19,10 +15,8 @@ from pdpipe.messages import (
     NewRequest,
     ProcessDown,
     SamplingParams,
-    decode,
-    encode,
 )
-from pdpipe.wire import RunPaths
+from pdpipe.wire import AsyncWires, RunPaths
 
 log = logging.getLogger("pdpipe")
 
@@ -62,17 +56,10 @@ class TokenStream:
 class Bridge:
     def __init__(self, paths: RunPaths, name: str = "api", token_gap: float = 10.0):
         self.paths, self.token_gap = paths, token_gap
-        self.ctx = zmq.asyncio.Context()
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.LINGER, 0)
-        self.push.connect(paths.inbox("scheduler"))
-        self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.LINGER, 0)
-        self.pull.bind(paths.inbox(name))
+        self.wires = AsyncWires(paths, name)
         self.streams: dict[str, TokenStream] = {}
         self.waiting: dict[str, int] = {}  # requests with no token yet → their prompt tokens
         self.waiting_tokens = 0
-        self._control_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -81,12 +68,7 @@ class Bridge:
 
     async def _read(self) -> None:
         while True:
-            data = await self.pull.recv()
-            try:
-                msg = decode(data)
-            except msgspec.DecodeError:
-                log.exception("api: undecodable message")
-                continue
+            msg = await self.wires.recv()
             if isinstance(msg, ProcessDown):  # the scheduler died: what it knew of our requests is gone
                 self.fail_all(f"{msg.name} died ({msg.detail}); the request was lost, retry it")
                 continue
@@ -110,22 +92,21 @@ class Bridge:
         stream = self.streams[request_id] = TokenStream()
         self.waiting[request_id] = len(prompt)
         self.waiting_tokens += len(prompt)
-        await self.push.send(encode(NewRequest(request_id=request_id, prompt_token_ids=prompt,
-                                               params=params, arrival=arrival)))
+        await self.wires.send(NewRequest(request_id=request_id, prompt_token_ids=prompt, params=params,
+                                         arrival=arrival))
         return stream
 
     async def abort(self, request_id: str, reason: str) -> None:
         self.streams.pop(request_id, None)
         self._not_waiting(request_id)
-        if not self.push.closed:
-            await self.push.send(encode(AbortRequest(request_id=request_id, reason=reason)))
+        await self.wires.send(AbortRequest(request_id=request_id, reason=reason))
 
     async def report(self, period: float = 0.5) -> None:
         """Tells the scheduler how many requests this front-end has open (for `pdpipe queues`), and
         ends the streams stalled on a lost output."""
         while True:
-            await self.push.send(encode(InstanceStats(instance="api", role="api", time=time.time(),
-                                                      running=len(self.streams))))
+            await self.wires.send(InstanceStats(instance="api", role="api", time=time.time(),
+                                                running=len(self.streams)))
             await self.end_stalled()
             await asyncio.sleep(period)
 
@@ -147,21 +128,9 @@ class Bridge:
 
     async def control(self, op: str, timeout: float = 2.0, **kwargs) -> dict | None:
         """A control query to the scheduler; None if it does not answer within `timeout`."""
-        async with self._control_lock:
-            sock = self.ctx.socket(zmq.REQ)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.paths.control)
-            try:
-                await sock.send(msgspec.json.encode(ControlRequest(op=op, **kwargs)))
-                if await sock.poll(int(timeout * 1000)) == 0:
-                    return None
-                return msgspec.json.decode(await sock.recv())
-            finally:
-                sock.close()
+        return await self.wires.control(ControlRequest(op=op, **kwargs), timeout)
 
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        self.push.close()
-        self.pull.close()
-        self.ctx.term()
+        self.wires.close()
