@@ -32,8 +32,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
         _check(self.top_k >= -1, "top_k", self.top_k, "-1 or 0 (off), or a positive integer")
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1]")
-        _check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", self.repetition_penalty,
-               "in (0, 2]")
+        _check(0.01 <= self.repetition_penalty <= 2.0, "repetition_penalty", self.repetition_penalty,
+               "from 0.01 to 2")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "[-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty,
                "[-2, 2]")
@@ -55,12 +55,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 are greedy, as in vLLM (dividing by one would overflow)."""
+        return self.temperature < GREEDY_BELOW
 
 
 MAX_STOP_STRINGS = 64  # stop strings a request may give (OpenAI allows 4), and stop token ids
 MAX_STOP_BYTES = 16384  # their total size: matching them costs the front-end work at every token
 INT32, INT64 = 2 ** 31, 2 ** 63
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:

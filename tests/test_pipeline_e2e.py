@@ -170,7 +170,7 @@ def test_queues_and_trace_show_held_requests(pipeline):
         queues = wait_until(lambda: "api: open requests 1" in (q := cli("queues", "--run-dir", run_dir)).stdout
                             and q, what="the held request in the front-end's count")
         assert queues.returncode == 0, queues.stderr
-        assert "TRANSFERRING 1" in queues.stdout and "decode (paused)" in queues.stdout
+        assert "TRANSFERRING 1" in queues.stdout and "decode (paused)" in queues.stdout, queues.stdout
         decode_row = next(line for line in queues.stdout.splitlines() if line.startswith("decode-0"))
         assert "TRANSFERRING:1" in decode_row
         held = cli("trace", rid, "--run-dir", run_dir).stdout

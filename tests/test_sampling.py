@@ -127,8 +127,18 @@ def test_top_p_and_min_p_filters():
     ("min_p", 2.0), ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -3.0),
     ("logprobs", 21), ("stop", [""]), ("stop_token_ids", [-1]), ("seed", 2 ** 64), ("seed", -(2 ** 63) - 1),
     ("top_k", 2 ** 64), ("max_tokens", 2 ** 64), ("stop_token_ids", [2 ** 64]), ("stop", ["x"] * 65),
-    ("stop", ["x" * 1024] * 17),
+    ("stop", ["x" * 1024] * 17), ("repetition_penalty", 2.2e-309), ("repetition_penalty", 0.009),
 ])
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_extreme_but_valid_params_sample_finite_tokens(llm, prompts):
+    """A subnormal temperature is greedy (dividing by it overflowed to nan, found by the API fuzz test);
+    the smallest repetition penalty still samples."""
+    greedy = llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))[0].token_ids
+    tiny = llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=2.2e-309))[0]
+    assert tiny.token_ids == greedy and tiny.finish_reason == "length"
+    low = llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=1.0, repetition_penalty=0.01, seed=3))[0]
+    assert low.finish_reason == "length" and len(low.token_ids) == 4
