@@ -172,43 +172,62 @@ class ControlCall:
         return self.reply if self._done.wait(timeout) else None
 
 
-class ControlThread:
-    """Serves a process's control socket (REQ/REP) from a thread of its own: each request joins the
-    process's queue as a ControlCall, and the reply goes back once the loop has answered it."""
+class _SocketThread:
+    """A socket bound on a thread of its own and served, a poll at a time, until `stop`."""
 
-    def __init__(self, ctx: zmq.Context, address: str, into: queue.Queue, timeout: float = 5.0):
-        self._ctx, self._address, self._into, self._timeout = ctx, address, into, timeout
+    kind = zmq.PULL
+    thread_name = "socket"
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self._ctx, self._address = ctx, address
         self._stop = threading.Event()
         self._bound = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
-    def start(self) -> ControlThread:
+    def start(self):
         self._thread.start()
         self._bound.wait()
         return self
 
     def _run(self) -> None:
-        sock = self._ctx.socket(zmq.REP)
+        sock = self._ctx.socket(self.kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(self._address)
         self._bound.set()
         while not self._stop.is_set():
-            if not sock.poll(100):
-                continue
-            try:
-                call = ControlCall(msgspec.json.decode(sock.recv(), type=ControlRequest))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                sock.send(msgspec.json.encode({"error": f"bad control request: {exc}"}))
-                continue
-            self._into.put(call)
-            reply = call.wait(self._timeout)
-            sock.send(msgspec.json.encode(reply if reply is not None else
-                                          {"error": f"no answer within {self._timeout:g} s (the process is busy)"}))
+            if sock.poll(100):
+                self._serve(sock)
         sock.close()
+
+    def _serve(self, sock: zmq.Socket) -> None:
+        raise NotImplementedError
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+
+
+class ControlThread(_SocketThread):
+    """Serves a process's control socket (REQ/REP) from a thread of its own: each request joins the
+    process's queue as a ControlCall, and the reply goes back once the loop has answered it."""
+
+    kind = zmq.REP
+    thread_name = "control"
+
+    def __init__(self, ctx: zmq.Context, address: str, into: queue.Queue, timeout: float = 5.0):
+        super().__init__(ctx, address)
+        self._into, self._timeout = into, timeout
+
+    def _serve(self, sock: zmq.Socket) -> None:
+        try:
+            call = ControlCall(msgspec.json.decode(sock.recv(), type=ControlRequest))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            sock.send(msgspec.json.encode({"error": f"bad control request: {exc}"}))
+            return
+        self._into.put(call)
+        reply = call.wait(self._timeout)
+        sock.send(msgspec.json.encode(reply if reply is not None else
+                                      {"error": f"no answer within {self._timeout:g} s (the process is busy)"}))
 
 
 class AsyncWires:
@@ -261,41 +280,23 @@ class AsyncWires:
         self.ctx.term()
 
 
-class InboxThread:
+class InboxThread(_SocketThread):
     """Receives this process's inbox on a thread of its own into `self.queue`."""
 
+    kind = zmq.PULL
+    thread_name = "inbox"
+
     def __init__(self, ctx: zmq.Context, address: str):
+        super().__init__(ctx, address)
         self.queue: queue.Queue = queue.Queue()
-        self._ctx, self._address = ctx, address
-        self._stop = threading.Event()
-        self._bound = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inbox", daemon=True)
 
-    def start(self) -> InboxThread:
-        self._thread.start()
-        self._bound.wait()
-        return self
-
-    def _run(self) -> None:
-        sock = self._ctx.socket(zmq.PULL)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self._address)
-        self._bound.set()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        while not self._stop.is_set():
-            if poller.poll(100):
-                while True:
-                    try:
-                        data = sock.recv(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        self.queue.put(decode(data.bytes))
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        log.exception("undecodable message on %s", self._address)
-        sock.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
+    def _serve(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                data = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self.queue.put(decode(data.bytes))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.exception("undecodable message on %s", self._address)
