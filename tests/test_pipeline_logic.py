@@ -356,6 +356,37 @@ def test_copies_that_never_land_fail_their_request_and_never_hold_decode_for_goo
     assert not worker.has_work()
 
 
+def test_a_job_failing_with_copies_still_landing_frees_decode_only_once_they_landed():
+    """Layer 0's copy is still writing when layer 1's cannot be sent: the request fails at once, but
+    decode frees its blocks only after layer 0's copy has settled (found in review: it was freed at once)."""
+    from pdpipe.messages import AbortTransfer, Free, LayersReady, StateEvent
+    from pdpipe.transfer import TransferError
+    from pdpipe.transfer.worker import TransferWorker
+
+    class Refusing(FakeTransfer):
+        def send(self, job, layer):
+            if layer == 1:
+                raise TransferError("peer refused layer 1")
+            super().send(job, layer)
+
+    backend, sent = Refusing(), []
+    worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
+    start(worker, "r", [1], "d", [2])
+    backend.in_flight.add("r")
+    worker.handle(LayersReady(request_ids=["r"], layer=0))
+    worker.handle(LayersReady(request_ids=["r"], layer=1))
+    worker.step()
+    assert [(m.request_id, m.detail) for _, m in sent if isinstance(m, StateEvent) and m.state == "FAILED"] == \
+        [("r", "KV transfer failed: peer refused layer 1")]
+    worker.handle(AbortTransfer(request_id="r", decode_instance="d", reason="KV transfer failed"))  # the scheduler's
+    worker.step()
+    assert not [m for _, m in sent if isinstance(m, Free)] and worker.has_work()
+    backend.in_flight.clear()
+    worker.step()
+    assert [(dest, m.request_id) for dest, m in sent if isinstance(m, Free)] == [("d", "r")]
+    assert not worker.has_work()
+
+
 @pytest.mark.parametrize("where", ["poll", "send"])
 def test_a_backend_that_raises_fails_that_job_alone(where):
     """A backend bug (not a TransferError) while polling or sending one job fails that job with the

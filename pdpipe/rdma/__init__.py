@@ -4,13 +4,16 @@ The same calls run over RDMA NICs (`protocol="rdma"`, `device_names` naming the 
 TCP (`protocol="tcp"`). Each machine's transfer process runs one engine, registers the KV pools of
 its machine's engines, and publishes (segment, base address, layout) per pool in the registry; a
 job writes the request's blocks into the peer's registered pool, layer by layer, coalescing runs of
-contiguous blocks into single writes. Writes are submitted (one batch a layer) and polled, so the
-transfer process goes on with other jobs while they run; a job is done when every batch landed and
-failed once every batch settled with one failed (nothing of it still writes). Integer return codes
+contiguous blocks into single writes. Writes are submitted (one batch a layer) and a thread waits for
+each batch in Mooncake's own wait (every write of it), so the transfer process goes on with other jobs
+meanwhile; a job is done when every batch landed, and failed once every batch settled with one failed
+(nothing of it still writes). Integer return codes
 become `MooncakeError`.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -49,11 +52,15 @@ def _plane_bytes(info: PoolInfo) -> tuple[int, int]:
 
 @dataclass
 class _Flight:
-    """A job's batches in flight: (batch id, bytes, layer) each, since when, and the first failure."""
+    """A job's batches: how many are still in flight, since when, and the first failure."""
 
     since: float
-    batches: list[tuple[int, int, int]] = field(default_factory=list)
+    pending: int = 0
+    moved: int = 0
     error: str = ""
+
+
+_NO_BATCH = (0, 2**64 - 1)  # what a refused submit returns (an unsigned -1 when the peer cannot be opened)
 
 
 class MooncakeTransfer(TransferBackend):
@@ -69,6 +76,11 @@ class MooncakeTransfer(TransferBackend):
         self.pools: dict[str, PoolInfo] = {}
         self._local: dict[str, torch.Tensor] = {}
         self._flights: dict[str, _Flight] = {}
+        # a thread waits for each submitted batch (every write of it, in Mooncake's own wait) and
+        # passes its outcome to poll(): the transfer loop never blocks on a write
+        self._submitted: queue.SimpleQueue = queue.SimpleQueue()
+        self._settled: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._wait_batches, name="mooncake-wait", daemon=True).start()
 
     def expose(self, info: PoolInfo, pool: torch.Tensor) -> PoolInfo:
         """Registers a local pool with the engine (again when its engine restarted with a new one);
@@ -105,39 +117,51 @@ class MooncakeTransfer(TransferBackend):
                 dsts.append(dst_plane + d * block)
                 lengths.append(n * block)
         batch = self.engine.batch_transfer_async_write(dst.segment, srcs, dsts, lengths)
-        if not batch:
+        if batch in _NO_BATCH or batch < 0:
             raise MooncakeError(f"mooncake batch write to {dst.segment} ({job.dst_instance}, request "
                                 f"{job.request_id}, layer {layer}) could not be submitted")
         flight = self._flights.setdefault(job.request_id, _Flight(time.perf_counter()))
-        flight.batches.append((batch, sum(lengths), layer))
+        flight.pending += 1
+        self._submitted.put((job.request_id, batch, sum(lengths), layer))
         job.layers_sent.add(layer)
 
+    def _wait_batches(self) -> None:
+        while True:
+            rid, batch, size, layer = self._submitted.get()
+            self._settled.put((rid, self.engine.get_batch_transfer_status([batch]), size, layer))
+
+    def _take_settled(self) -> None:
+        while True:
+            try:
+                rid, rc, size, layer = self._settled.get_nowait()
+            except queue.Empty:
+                return
+            flight = self._flights.get(rid)
+            if flight is None:
+                continue  # its job was given up
+            flight.pending -= 1
+            if rc == 0:
+                flight.moved += size
+            elif not flight.error:
+                flight.error = f"mooncake write of layer {layer} failed or timed out (code {rc})"
+
     def poll(self, job: TransferJob) -> TransferState:
+        self._take_settled()
         flight = self._flights.get(job.request_id)
         if flight is None:
             return TransferState.FAILED if job.error else TransferState.DONE
-        running = []
-        for batch, size, layer in flight.batches:
-            rc = self.engine.transfer_check_status(batch)
-            if rc == 1:
-                job.bytes_moved += size
-            elif rc == 0:
-                running.append((batch, size, layer))
-            else:
-                flight.error = flight.error or (f"mooncake write of layer {layer} to {job.dst_instance} "
-                                                f"{'timed out' if rc == -2 else 'failed'} (code {rc})")
-        flight.batches = running
-        if running:
+        if flight.pending:
             return TransferState.PENDING
         del self._flights[job.request_id]
         job.seconds += time.perf_counter() - flight.since
+        job.bytes_moved += flight.moved
         if flight.error:
-            job.error = flight.error
+            job.error = f"{flight.error}, to {job.dst_instance}"
             return TransferState.FAILED
         return TransferState.DONE
 
     def abort(self, job: TransferJob) -> None:
-        pass  # the worker aborts a job once poll no longer says PENDING: nothing of it is in flight
+        self._flights.pop(job.request_id, None)  # what still settles for it is dropped
 
     def job_bytes(self, job: TransferJob) -> int:
         info = self.pools.get(job.src_instance)

@@ -54,6 +54,7 @@ class TransferWorker(Handler):
         self.jobs: dict[str, TransferJob] = {}
         self._first: dict[str, PrefillDone] = {}
         self._draining: dict[str, tuple[TransferJob, AbortTransfer, float]] = {}  # aborted, copies running
+        self._failed: dict[str, TransferJob] = {}  # failed and reported: the scheduler's abort comes next
         self._blocks: dict[str, DecodeBlocks] = {}  # decode's blocks that came before their TransferStart
         self._tombstones = Tombstones()  # aborted: late messages move nothing
         self.bytes_moved = 0
@@ -75,6 +76,8 @@ class TransferWorker(Handler):
             self._abort(AbortTransfer(request_id=rid, decode_instance=job.dst_instance, reason=msg.reason))
         for rid, blocks in list(self._blocks.items()):
             self._abort(AbortTransfer(request_id=rid, decode_instance=blocks.instance, reason=msg.reason))
+        for rid, job in list(self._failed.items()):
+            self._abort(AbortTransfer(request_id=rid, decode_instance=job.dst_instance, reason=msg.reason))
 
     def _on_AbortTransfer(self, msg: AbortTransfer) -> None:
         self._abort(msg)
@@ -127,10 +130,10 @@ class TransferWorker(Handler):
     def _abort(self, msg: AbortTransfer) -> None:
         rid = msg.request_id
         self._tombstones.add(rid)
-        job = self.jobs.pop(rid, None)
+        job = self.jobs.pop(rid, None) or self._failed.pop(rid, None)
         self._first.pop(rid, None)
         self._blocks.pop(rid, None)
-        if job is not None and self._state(job) is TransferState.PENDING:
+        if job is not None and self._in_flight(job):
             self._draining[rid] = (job, msg, self.clock())  # decode frees its blocks once nothing writes them
         else:
             self._aborted(job, msg)
@@ -180,7 +183,7 @@ class TransferWorker(Handler):
         given up after the same deadline: decode frees its blocks anyway (logged), not never."""
         now = self.clock()
         for rid, (job, msg, since) in list(self._draining.items()):
-            settled = self._state(job) is not TransferState.PENDING
+            settled = not self._in_flight(job)
             if settled or now - since > self.copy_deadline:
                 if not settled:
                     log.error("%s: %s's copies did not settle within %g s of its abort; freeing its decode "
@@ -207,6 +210,13 @@ class TransferWorker(Handler):
             job.error = f"{type(exc).__name__}: {exc}"
             return TransferState.FAILED
 
+    def _in_flight(self, job: TransferJob) -> bool:
+        """Copies of the job still writing (a failed job's earlier layers may still be landing)."""
+        try:
+            return self.backend.poll(job) is TransferState.PENDING
+        except Exception:  # noqa: BLE001 — a backend that cannot say has nothing it can finish
+            return False
+
     def _finish(self, job: TransferJob, first: PrefillDone) -> None:
         del self.jobs[job.request_id]
         self.backend.finished(job)
@@ -222,13 +232,12 @@ class TransferWorker(Handler):
                     f"{(job.last_layer_at - job.first_layer_at) * 1e3:.2f} ms")
 
     def _fail(self, job: TransferJob) -> None:
+        """Reports the failure; the job stays known until the scheduler's abort comes, which frees
+        decode's blocks once nothing of the job still writes into them (see `_abort`)."""
         log.warning("%s: transfer failed: %s", job.request_id, job.error or "backend failure")
         del self.jobs[job.request_id]
         self._first.pop(job.request_id, None)
-        try:
-            self.backend.abort(job)
-        except Exception:  # noqa: BLE001 — the request fails all the same
-            log.exception("%s: aborting %s", self.name, job.request_id)
+        self._failed[job.request_id] = job
         self._event(job.request_id, State.FAILED, f"KV transfer failed: {job.error or 'backend failure'}")
 
     def _event(self, rid: str, state: State, detail: str) -> None:
