@@ -133,6 +133,29 @@ def test_a_request_whose_step_raises_fails_alone(model_dir, where):
     assert_leak_free(engine)
 
 
+def test_a_device_fault_is_no_request_s_fault(model_dir):
+    """An error that leaves the GPU unusable (every run raises it) is raised out of the step: no request
+    is blamed for it, and the engine's process must end (its worker re-raises after failing its
+    requests; the launcher starts a new one)."""
+    from pdpipe.engine.worker import EngineWorker
+
+    engine = make_engine(model_dir("llama"))
+    sent = []
+    worker = EngineWorker("decode-0", "mixed", engine, lambda dest, msg: sent.append((dest, msg)))
+
+    def execute(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine.runner.execute = execute
+    for i, prompt in enumerate(make_prompts(512, lengths=(5, 6), seed=4)):
+        engine.add_request(f"r{i}", prompt, GREEDY)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        worker.step()
+    failed = sorted(m.request_id for _, m in sent if getattr(m, "state", "") == "FAILED")
+    assert failed == ["r0", "r1"]
+    assert_leak_free(engine)
+
+
 def test_generation_stops_at_max_model_len(model_dir):
     engine = make_engine(model_dir("llama"), num_blocks=4, block_size=4)
     engine.add_request("r", [5] * 10, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))

@@ -190,7 +190,9 @@ def test_failed_transfer_fails_only_its_request(model_dir):
     assert pipe.leak_free()
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model_dir):
+def test_a_step_that_fails_once_is_run_again_and_its_request_goes_on(model_dir, colocated):
+    """A failure that does not repeat (memory short for one step) is nobody's: the step runs again and
+    the request finishes with the tokens it would have had."""
     pipe = LocalPipeline(model_dir("qwen3"), PD)
     decode = pipe.workers["decode-0"]
     real_step = decode.engine.runner.execute
@@ -203,13 +205,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model_dir):
         return real_step(*args, **kwargs)
 
     decode.engine.runner.execute = flaky
-    pipe.submit("unlucky", make_prompts(384, lengths=(12,))[0], GREEDY)
+    prompt = make_prompts(384, lengths=(12,))[0]
+    pipe.submit("unlucky", prompt, GREEDY)
     pipe.run()
-    assert pipe.state("unlucky") == "FAILED"
-    assert "out of memory" in pipe.outputs["unlucky"][-1].error
-    pipe.submit("next", make_prompts(384, lengths=(9,), seed=2)[0], GREEDY)
-    pipe.run()
-    assert pipe.finish_reason("next") == "length" and len(pipe.tokens("next")) == 10
+    assert calls["n"] > 3 and pipe.finish_reason("unlucky") == "length"
+    assert pipe.tokens("unlucky") == colocated(prompt).token_ids
     assert pipe.leak_free()
 
 

@@ -33,6 +33,13 @@ class RequestError(ValueError):
     """A request the engine cannot take, naming the field at fault."""
 
 
+def device_fault(exc: BaseException) -> bool:
+    """A GPU error that leaves the device unusable (an illegal address, a device-side assert): no
+    request is at fault, and only a new process serves again."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA error" in str(exc)
+
+
 def pool_blocks(spec: ModelSpec, config: EngineConfig) -> int:
     """KV blocks the pool gets: as configured, or as many as fit in kv_cache_mb."""
     per_block = KVCache.block_bytes(spec, config.cache.block_size, getattr(torch, spec.dtype))
@@ -187,24 +194,32 @@ class LLMEngine:
             return outputs
         drawn = {c.seq: c.seq.generator.get_state() for c in sched.chunks if c.seq.generator is not None}
         try:
-            return outputs + self._run(sched, on_schedule)
+            samples = self._forward_and_sample(sched, on_schedule)
         except Exception as exc:  # noqa: BLE001 — the request at fault fails alone, found below
-            if len(sched.chunks) == 1:
-                return outputs + [self._failed(sched.chunks[0].seq, exc)]
+            if device_fault(exc):
+                raise
             log.warning("a step of %d requests failed (%s: %s); running them one at a time",
                         len(sched.chunks), type(exc).__name__, exc)
-        # A batch that raised runs again one request at a time: one whose run still raises fails
-        # alone, the others get this step's token. Nothing was committed (only `update` moves a
-        # sequence on, and KV rewritten at the same slots is the same), and seeded draws start over.
+            sched, samples, failed = self._one_at_a_time(sched, on_schedule, drawn)
+            outputs += failed
+        return outputs + [self._output(seq, [samples[seq].token_id]) for seq in self.scheduler.update(sched, samples)]
+
+    def _one_at_a_time(self, sched: SchedulerOutput, on_schedule, drawn: dict) -> tuple[SchedulerOutput, dict, list]:
+        """A batch that raised runs again one request at a time: one whose run still raises fails
+        alone, the others get this step's token. Nothing was committed (only `update` moves a sequence
+        on, and KV rewritten at the same slots is the same), and seeded draws start over."""
         for seq, state in drawn.items():
-            assert seq.generator is not None
             seq.generator.set_state(state)
+        kept, samples, failed = [], {}, []
         for chunk in sched.chunks:
             try:
-                outputs += self._run(SchedulerOutput(chunks=[chunk]), on_schedule)
+                samples.update(self._forward_and_sample(SchedulerOutput(chunks=[chunk]), on_schedule))
+                kept.append(chunk)
             except Exception as exc:  # noqa: BLE001 — this request's own failure
-                outputs.append(self._failed(chunk.seq, exc))
-        return outputs
+                if device_fault(exc):
+                    raise
+                failed.append(self._failed(chunk.seq, exc))
+        return SchedulerOutput(chunks=kept), samples, failed
 
     def _failed(self, seq: Sequence, exc: Exception) -> EngineOutput:
         log.error("request %s failed its step", seq.request_id, exc_info=exc)
@@ -212,12 +227,10 @@ class LLMEngine:
         return EngineOutput(request_id=seq.request_id, token_ids=[], index=seq.num_output_tokens,
                             finish_reason="error", error=f"{type(exc).__name__}: {exc}")
 
-    def _run(self, sched: SchedulerOutput, on_schedule) -> list[EngineOutput]:
-        """Runs a scheduled batch: forward, sample, update; the outputs of the sequences it moved on."""
+    def _forward_and_sample(self, sched: SchedulerOutput, on_schedule) -> dict:
         on_layer_done = on_schedule(sched) if on_schedule is not None else None
         logits, seqs = self.runner.execute(sched, on_layer_done)
-        samples = self.sampler(logits, seqs) if seqs else {}
-        return [self._output(seq, [samples[seq].token_id]) for seq in self.scheduler.update(sched, samples)]
+        return self.sampler(logits, seqs) if seqs else {}
 
     @staticmethod
     def _output(seq: Sequence, token_ids: list[int]) -> EngineOutput:

@@ -42,7 +42,7 @@ from pdpipe.messages import (
 )
 from pdpipe.tombstones import Tombstones
 
-from .engine import LLMEngine
+from .engine import LLMEngine, device_fault
 from .scheduler import SchedulerOutput, finish_for
 
 log = logging.getLogger("pdpipe")
@@ -176,6 +176,8 @@ class EngineWorker(Handler):
         except Exception as exc:  # noqa: BLE001 — fail this engine's requests; keep serving
             log.exception("%s: a step failed", self.name)
             self.fail_all(f"{self.name}: {exc.__class__.__name__}: {exc}")
+            if device_fault(exc):
+                raise  # the GPU is unusable: the process ends, and its launcher starts a new one
             return
         seconds = time.perf_counter() - start
         self.meter.add(seconds, self._step_prompt_tokens)
