@@ -261,6 +261,7 @@ class PoolInfo(Msg, frozen=True):  # engine → transfer (through the run direct
     segment: str = ""  # across machines: the Mooncake segment ("host:port") that registered it
     base_addr: int = 0  # ... and the pool's address there
     machine: str = ""
+    pid: int = 0  # the engine process that made it: a restarted engine's pool is another, at the same path
 
 
 class Forward(Msg, frozen=True):  # a local process → its machine's relay: deliver to a process on another machine

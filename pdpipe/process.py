@@ -116,7 +116,7 @@ def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker, periodic=None
             if isinstance(msg, Shutdown):
                 proc.stop.set()
             elif isinstance(msg, ControlCall):
-                msg.answer(worker.control(msg.request))
+                _answer(proc, worker, msg)
             else:
                 _handle(proc, worker, msg)
         if worker.has_work():
@@ -131,6 +131,16 @@ def run_worker_loop(proc: ProcessBase, inbox: InboxThread, worker, periodic=None
             if periodic is not None:
                 periodic()
             next_stats = now + period
+
+
+def _answer(proc: ProcessBase, worker, call: ControlCall) -> None:
+    if call.abandoned:
+        return  # its asker was told there was no answer: doing it now would surprise them
+    try:
+        call.answer(worker.control(call.request))
+    except Exception as exc:  # noqa: BLE001 — a failed inspection must not stop the process
+        log.exception("%s: control %s failed", proc.name, call.request.op)
+        call.answer({"error": f"{call.request.op} failed: {type(exc).__name__}: {exc}"})
 
 
 def _handle(proc: ProcessBase, worker, msg) -> None:
@@ -188,7 +198,7 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         worker = EngineWorker(name, role, engine, sender.send if sender else proc.out.send,
                               transfer=transfer_name(proc.cfg.cluster.machine))
         shape = list(engine.kv_cache.data.shape)
-        info = PoolInfo(instance=name, path=str(pool_path), shape=shape, dtype=engine.spec.dtype)
+        info = PoolInfo(instance=name, path=str(pool_path), shape=shape, dtype=engine.spec.dtype, pid=os.getpid())
         if engine.gpu_pool is not None:
             from pdpipe.ipc.cuda import physical_gpu
 

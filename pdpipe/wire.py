@@ -4,11 +4,13 @@ touches zmq; it gets messages from a queue and sends through `Outboxes.send(dest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -19,7 +21,7 @@ from pdpipe.messages import ControlRequest, EngineOutput, Forward, Msg, decode, 
 log = logging.getLogger("pdpipe")
 
 
-LIVE_DIR = Path("/tmp/pdpipe-live")  # a link per running launch, to its run directory
+LIVE_DIR = Path(f"/tmp/pdpipe-live-{os.getuid()}")  # a link per running launch (this user's), to its run directory
 
 
 def live_runs() -> list[Path]:
@@ -31,8 +33,11 @@ def live_runs() -> list[Path]:
             run_dir = Path(link.readlink())
             pid = int((run_dir / "launcher.pid").read_text())
             os.kill(pid, 0)
+        except PermissionError:
+            pass  # alive, under another user
         except (OSError, ValueError):
-            link.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                link.unlink(missing_ok=True)
             continue
         runs.append(run_dir)
     return runs
@@ -162,6 +167,7 @@ class ControlCall:
     def __init__(self, request: ControlRequest):
         self.request = request
         self.reply: dict | None = None
+        self.abandoned = False  # no answer came in time: the loop must not carry it out any more
         self._done = threading.Event()
 
     def answer(self, reply: dict) -> None:
@@ -225,9 +231,14 @@ class ControlThread(_SocketThread):
             sock.send(msgspec.json.encode({"error": f"bad control request: {exc}"}))
             return
         self._into.put(call)
-        reply = call.wait(self._timeout)
-        sock.send(msgspec.json.encode(reply if reply is not None else
-                                      {"error": f"no answer within {self._timeout:g} s (the process is busy)"}))
+        deadline = time.monotonic() + self._timeout
+        reply = None
+        while reply is None and time.monotonic() < deadline and not self._stop.is_set():
+            reply = call.wait(0.1)
+        if reply is None:
+            call.abandoned = True
+            reply = {"error": f"no answer within {self._timeout:g} s (the process is busy)"}
+        sock.send(msgspec.json.encode(reply))
 
 
 class AsyncWires:
@@ -239,17 +250,26 @@ class AsyncWires:
 
         self.paths = paths
         self.ctx = zmq.asyncio.Context()
-        self._push = self.ctx.socket(zmq.PUSH)
+        # sends never wait (a plain socket, NOBLOCK): a scheduler that stopped reading refuses, not hangs
+        self._push: zmq.Socket = zmq.Context.shadow(self.ctx.underlying).socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, SEND_HWM)
         self._push.connect(paths.inbox("scheduler"))
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(paths.inbox(name))
         self._control_lock = asyncio.Lock()
 
-    async def send(self, msg: Msg) -> None:
-        if not self._push.closed:
-            await self._push.send(encode(msg))
+    def send(self, msg: Msg) -> bool:
+        """Queues `msg` for the scheduler without waiting; False when it cannot be (the scheduler has
+        not read its inbox for SEND_HWM messages, or the front-end is closing)."""
+        if self._push.closed:
+            return False
+        try:
+            self._push.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
     async def recv(self) -> Msg | EngineOutput | None:
         """The next message of the inbox; None for one that does not decode (logged)."""

@@ -13,7 +13,7 @@ from pipeline_launch import wait_until
 from pdpipe.cluster import Registry
 from pdpipe.messages import Envelope, InstanceEntry, PoolInfo
 from pdpipe.rdma import MooncakeError, MooncakeTransfer, coalesce
-from pdpipe.transfer import TransferJob, TransferState
+from pdpipe.transfer import TransferError, TransferJob, TransferState
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +142,16 @@ def test_the_transfer_follows_pools_published_anew(monkeypatch):
     transfer._next_publish = 0.0
     transfer.refresh()
     assert remote.pools["b-decode-0"] == old
+    transfer.local_names.add("a-prefill-0")
+    running = TransferJob("r", "a-prefill-0", [1], "b-decode-0", [2])
+    transfer.send(running, 0)  # its blocks are in the old pool
     registry.pools["b-decode-0"] = new = msgspec.structs.replace(old, segment="10.0.0.2:8", base_addr=1 << 21)
     transfer._next_publish = 0.0
     transfer.refresh()
     assert remote.pools["b-decode-0"] == new
+    with pytest.raises(TransferError, match="pool was replaced"):
+        transfer.send(running, 1)  # not into the new pool, at block ids of the old one
+    transfer.send(TransferJob("r2", "a-prefill-0", [1], "b-decode-0", [3]), 0)  # a new job writes there
     local = PoolInfo(instance="a-prefill-0", path="/dev/shm/one", shape=list(SHAPE), dtype="float32")
     transfer.register_pool(local)
     transfer.register_pool(local)  # the same pool announced again: exposed once

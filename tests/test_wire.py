@@ -120,3 +120,30 @@ def test_a_peer_that_stops_reading_costs_bounded_memory_and_never_blocks_the_sen
     out.close()
     inbox.close()
     ctx.term()
+
+
+def test_a_scheduler_that_stopped_reading_gets_new_requests_refused_not_hung(tmp_path, monkeypatch):
+    """The front-end never waits on the scheduler's inbox: once it holds the bound, a new request is
+    refused with 503 at once (the handler used to hang), and nothing of it stays open."""
+    import asyncio
+
+    from pdpipe import wire
+    from pdpipe.api.bridge import Bridge
+    from pdpipe.api.protocol import APIError
+
+    monkeypatch.setattr(wire, "SEND_HWM", 5)
+
+    async def scenario():
+        bridge = Bridge(RunPaths(tmp_path))  # no scheduler reads its inbox
+        params = SamplingParams(max_tokens=4)
+        with pytest.raises(APIError) as refused:
+            for i in range(100):
+                await asyncio.wait_for(bridge.submit(f"r{i}", [1, 2], params, 0.0), timeout=1)
+        kept = len(bridge.streams)
+        assert refused.value.status == 503
+        assert "scheduler" in str(refused.value.body())
+        assert 5 <= kept < 100
+        assert "r" + str(kept) not in bridge.streams
+        bridge.close()
+
+    asyncio.run(scenario())

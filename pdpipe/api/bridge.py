@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 
+from pdpipe.api.protocol import APIError
 from pdpipe.messages import (
     AbortRequest,
     ControlRequest,
@@ -34,10 +35,14 @@ class TokenStream:
 
     def put(self, out: EngineOutput) -> None:
         if not out.token_ids or out.index == self._next:
+            before = self._next
             self._emit(out)
             while self._next in self._early:
                 self._emit(self._early.pop(self._next))
-            self.gap_since = self.gap_since if self._early else None
+            if not self._early:
+                self.gap_since = None
+            elif self._next != before:  # progress: what waits now waits for a new gap, timed from now
+                self.gap_since = self.clock()
         elif out.index > self._next:
             self._early[out.index] = out
             if self.gap_since is None:
@@ -92,21 +97,23 @@ class Bridge:
         stream = self.streams[request_id] = TokenStream()
         self.waiting[request_id] = len(prompt)
         self.waiting_tokens += len(prompt)
-        await self.wires.send(NewRequest(request_id=request_id, prompt_token_ids=prompt, params=params,
-                                         arrival=arrival))
+        if not self.wires.send(NewRequest(request_id=request_id, prompt_token_ids=prompt, params=params,
+                                          arrival=arrival)):
+            self.forget(request_id)
+            raise APIError(503, "the scheduler is not taking requests (its inbox is full); retry shortly",
+                           type_="service_unavailable", code="scheduler_unavailable", headers={"Retry-After": "1"})
         return stream
 
     async def abort(self, request_id: str, reason: str) -> None:
         self.streams.pop(request_id, None)
         self._not_waiting(request_id)
-        await self.wires.send(AbortRequest(request_id=request_id, reason=reason))
+        self.wires.send(AbortRequest(request_id=request_id, reason=reason))
 
     async def report(self, period: float = 0.5) -> None:
         """Tells the scheduler how many requests this front-end has open (for `pdpipe queues`), and
         ends the streams stalled on a lost output."""
         while True:
-            await self.wires.send(InstanceStats(instance="api", role="api", time=time.time(),
-                                                running=len(self.streams)))
+            self.wires.send(InstanceStats(instance="api", role="api", time=time.time(), running=len(self.streams)))
             await self.end_stalled()
             await asyncio.sleep(period)
 

@@ -92,6 +92,7 @@ class MooncakeTransfer(TransferBackend):
                "register_memory", info.instance)
         self._local[info.instance] = pool
         published = PoolInfo(instance=info.instance, path=info.path, shape=list(pool.shape), dtype=info.dtype,
+                             pid=info.pid,
                              segment=self.segment, base_addr=pool.data_ptr())
         self.pools[info.instance] = published
         return published

@@ -47,6 +47,7 @@ class MachineTransfer(TransferBackend):
         self.local_names: set[str] = set()
         self._published: dict[str, PoolInfo] = {}
         self._exposed: dict[str, PoolInfo] = {}  # each published pool as its engine announced it
+        self._job_pools: dict[str, PoolInfo] = {}  # the remote pool each job writes into, from its first write
         self._next_publish = 0.0
 
     @classmethod
@@ -115,6 +116,10 @@ class MachineTransfer(TransferBackend):
             if info is None:
                 raise TransferError(f"request {job.request_id}: no published pool for {job.dst_instance}")
             self.remote.register_pool(info)
+        pool = self._job_pools.setdefault(job.request_id, self.remote.pools[job.dst_instance])
+        if pool != self.remote.pools[job.dst_instance]:  # its blocks were in the old pool
+            raise TransferError(f"request {job.request_id}: {job.dst_instance}'s pool was replaced (its engine "
+                                "restarted)")
         return self.remote
 
     def send(self, job: TransferJob, layer: int) -> None:
@@ -132,13 +137,14 @@ class MachineTransfer(TransferBackend):
         return self._for(job).poll(job)
 
     def abort(self, job: TransferJob) -> None:
-        try:
-            self._for(job).abort(job)
-        except TransferError:
-            pass
+        backend = self.local if job.dst_instance in self.local_names else self.remote
+        if backend is not None:
+            backend.abort(job)
+        self._job_pools.pop(job.request_id, None)
 
     def finished(self, job: TransferJob) -> None:
         self._for(job).finished(job)
+        self._job_pools.pop(job.request_id, None)
 
     def job_bytes(self, job: TransferJob) -> int:
         try:
