@@ -230,9 +230,12 @@ class ControlThread(_SocketThread):
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             sock.send(msgspec.json.encode({"error": f"bad control request: {exc}"}))
             return
-        self._into.put(call)
         deadline = time.monotonic() + self._timeout
         reply = None
+        try:
+            self._into.put(call, timeout=self._timeout)
+        except queue.Full:
+            deadline = 0.0  # its queue is full: busy
         while reply is None and time.monotonic() < deadline and not self._stop.is_set():
             reply = call.wait(0.1)
         if reply is None:
@@ -301,14 +304,15 @@ class AsyncWires:
 
 
 class InboxThread(_SocketThread):
-    """Receives this process's inbox on a thread of its own into `self.queue`."""
+    """Receives this process's inbox on a thread of its own into `self.queue`, which holds at most
+    SEND_HWM messages: a process that falls behind stops reading, and its senders' bounds apply."""
 
     kind = zmq.PULL
     thread_name = "inbox"
 
     def __init__(self, ctx: zmq.Context, address: str):
         super().__init__(ctx, address)
-        self.queue: queue.Queue = queue.Queue()
+        self.queue: queue.Queue = queue.Queue(maxsize=SEND_HWM)
 
     def _serve(self, sock: zmq.Socket) -> None:
         while True:
@@ -317,6 +321,13 @@ class InboxThread(_SocketThread):
             except zmq.Again:
                 return
             try:
-                self.queue.put(decode(data.bytes))
+                msg = decode(data.bytes)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 log.exception("undecodable message on %s", self._address)
+                continue
+            while not self._stop.is_set():
+                try:
+                    self.queue.put(msg, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
