@@ -272,12 +272,12 @@ def _rss_mb(pid: int) -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
 
 
-@pytest.mark.parametrize("drain_s", [30.0, 0.5])
+@pytest.mark.parametrize("drain_s", [120.0, 0.5])
 def test_sigterm_drains_streams_in_flight_then_ends_the_rest_cleanly(model_dir, drain_s):
     """SIGTERM with streams running: new requests get 503 at once; the streams finish within the grace
-    period, or end with an error event and [DONE] when it is short (900 tokens take seconds: the
+    period, or end with an error event and [DONE] when it is short (600 tokens take seconds: the
     front-end is still draining when the test asks)."""
-    max_tokens = 900
+    max_tokens = 600
     cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"], num_blocks=512)
     cfg = replace(cfg, api=replace(cfg.api, drain_s=drain_s))
     launcher = Launcher(cfg)
@@ -291,11 +291,11 @@ def test_sigterm_drains_streams_in_flight_then_ends_the_rest_cleanly(model_dir, 
         late = wait_until(lambda: (status := _status(base)) != 200 and status, timeout=10, what="a refusal")
         assert late == 503
         for t in threads:
-            t.join(timeout=120)
-        stopper.join(timeout=120)
+            t.join(timeout=180)
+        stopper.join(timeout=180)
         assert all(r["cut"] is None and r["done"] for r in results), results
         if drain_s > 1:
-            assert all(r["tokens"] == max_tokens and r["error"] is None for r in results)
+            assert all(r["tokens"] == max_tokens and r["error"] is None for r in results), results
         else:
             assert all(r["error"] and "shutting down" in r["error"] for r in results), results
         assert all(c.popen.poll() is not None for c in launcher.children)
