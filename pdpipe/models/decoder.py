@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pdpipe import kernels
 
+from .parallel import TensorParallel
 from .spec import ModelSpec, RopeSpec
 
 
@@ -167,6 +168,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
         self.qk_norm = spec.qk_norm
         self.qkv_proj: nn.Linear | None = None  # set by fuse(): one GEMM instead of three
+        self.tp: TensorParallel | None = None  # set on a rank of a tensor-parallel instance
 
     def fuse(self) -> None:
         self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
@@ -186,7 +188,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping, rotary.interleaved)
         out = attend(q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(n, -1))
+        out = self.o_proj(out.reshape(n, -1))
+        return self.tp.all_reduce(out) if self.tp is not None else out
 
 
 def _fused_linear(*parts: nn.Linear) -> nn.Linear:
@@ -207,6 +210,7 @@ class MLP(nn.Module):
         self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.gate_up_proj: nn.Linear | None = None
+        self.tp: TensorParallel | None = None
 
     def fuse(self) -> None:
         self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
@@ -214,8 +218,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+            out = self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        else:
+            out = self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.tp.all_reduce(out) if self.tp is not None else out
 
 
 class DecoderLayer(nn.Module):
@@ -238,9 +244,9 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBody(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, vocab_rows: int | None = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = nn.Embedding(vocab_rows or spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -248,13 +254,21 @@ class DecoderBody(nn.Module):
 class CausalLM(nn.Module):
     """`forward` runs the layers over a flat token batch; `logits` projects chosen hidden states."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp: TensorParallel | None = None):
+        """With `tp`, one rank's share: `spec` is then the rank's (parallel.rank_spec), and the embedding
+        and output projection hold this rank's vocabulary rows."""
         super().__init__()
         self.spec = spec
-        self.model = DecoderBody(spec)
+        self.tp = tp
+        rows = spec.vocab_size // tp.size if tp is not None else spec.vocab_size
+        self.model = DecoderBody(spec, rows)
         self.rotary = Rotary(spec.rope, spec.head_dim)
         if not spec.tie_word_embeddings:
-            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            self.lm_head = Linear(spec.hidden_size, rows, bias=False)
+        if tp is not None:
+            for layer in self.model.layers:
+                assert isinstance(layer, DecoderLayer)
+                layer.self_attn.tp = layer.mlp.tp = tp
 
     @torch.inference_mode()
     def forward(
@@ -265,7 +279,7 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         on_layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        x = self.model.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         cos, sin = self.rotary.cos_sin(positions)
         residual = None
         for i, layer in enumerate(self.model.layers):
@@ -274,6 +288,15 @@ class CausalLM(nn.Module):
             if on_layer_done is not None:
                 on_layer_done(i)
         return self.model.norm(x, residual)[0]
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.model.embed_tokens(input_ids)
+        rows = self.model.embed_tokens.num_embeddings
+        local = input_ids - self.tp.rank * rows
+        mine = (local >= 0) & (local < rows)
+        x = self.model.embed_tokens(torch.where(mine, local, 0)) * mine[:, None]
+        return self.tp.all_reduce(x)
 
     def fuse_projections(self) -> None:
         """q/k/v and gate/up as single GEMMs (GPU): fewer, larger reads of the weights."""
@@ -285,4 +308,5 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] → [n, vocab] float32
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return kernels.linear(hidden, weight).float()
+        logits = kernels.linear(hidden, weight).float()
+        return self.tp.gather_last(logits) if self.tp is not None else logits

@@ -9,6 +9,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .decoder import CausalLM, Rotary
+from .parallel import TensorParallel, rank_spec, shard_state_dict
 from .spec import ModelLoadError, ModelSpec, load_spec
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -67,15 +68,17 @@ def check_state_dict(model: CausalLM, state: dict[str, torch.Tensor], model_dir:
 LOAD_FORMATS = ("safetensors", "dummy")
 
 
-def dummy_model(spec: ModelSpec, device: str | torch.device, seed: int = 0) -> CausalLM:
-    """Random weights of the real shapes, made on `device` (no files read): for benchmarks."""
+def dummy_model(spec: ModelSpec, device: str | torch.device, seed: int = 0,
+                tp: TensorParallel | None = None) -> CausalLM:
+    """Random weights of the real shapes (a rank's, with `tp`), made on `device` (no files read): for
+    benchmarks."""
     from .make import init_param_
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, spec.dtype))  # built in its dtype: no float32 copy of 8B weights
     try:
         with torch.device(device):
-            model = CausalLM(spec)
+            model = CausalLM(rank_spec(spec, tp.size) if tp else spec, tp)
     finally:
         torch.set_default_dtype(default)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -86,18 +89,21 @@ def dummy_model(spec: ModelSpec, device: str | torch.device, seed: int = 0) -> C
 
 
 def load_model(model_dir: Path | str, dtype: str | None = None, device: str | torch.device = "cpu",
-               load_format: str = "safetensors") -> CausalLM:
-    """Builds the decoder for `model_dir` and loads its weights onto `device`."""
+               load_format: str = "safetensors", tp: TensorParallel | None = None) -> CausalLM:
+    """Builds the decoder for `model_dir` and loads its weights onto `device`; with `tp`, this rank's
+    share of them (see parallel.py)."""
     model_dir = Path(model_dir)
     spec: ModelSpec = load_spec(model_dir, dtype)
     if load_format == "dummy":
-        return dummy_model(spec, device)
+        return dummy_model(spec, device, tp=tp)
     if load_format != "safetensors":
         raise ValueError(f"load_format: {load_format!r}; allowed: {', '.join(LOAD_FORMATS)}")
     torch_dtype = getattr(torch, spec.dtype)
     with torch.device("meta"):
-        model = CausalLM(spec)
+        model = CausalLM(rank_spec(spec, tp.size) if tp else spec, tp)
     state = read_state_dict(model_dir, torch_dtype)
+    if tp is not None:
+        state = shard_state_dict(state, spec, tp)
     check_state_dict(model, state, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary = Rotary(spec.rope, spec.head_dim)

@@ -1,0 +1,102 @@
+"""Tensor parallelism inside an instance: how a model's weights and heads are split across the ranks
+of one instance, and the collectives its forward pass needs.
+
+Each rank holds `heads / tp` query heads and the key/value heads they read: `kv_heads / tp` of them,
+or, when the ranks outnumber the key/value heads, the one its query heads share (replicated across
+the ranks that share it). q/k/v and gate/up are split by output rows (column-parallel), o_proj and
+down_proj by input columns (row-parallel, summed across ranks by an all-reduce; their bias is added
+once, by rank 0). The embedding and the output projection are split by vocabulary rows: a token's
+embedding comes from the rank that holds its row (the others add zeros), and the logits of every
+rank's rows are gathered. `torch.distributed` carries the collectives (gloo on CPU, NCCL on GPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int
+    size: int
+    group: Any = None  # the torch.distributed process group of the instance's ranks
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank: {self.rank}; allowed: 0 to {self.size - 1} (tp = {self.size})")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            torch.distributed.all_reduce(x, group=self.group)
+        return x
+
+    def gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` side by side along the last dimension (the same shape on every rank)."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def check_splittable(spec: ModelSpec, tp: int) -> None:
+    """Refuses a TP size the model cannot be split by, naming the dimension."""
+    if tp < 1:
+        raise ValueError(f"tp: {tp}; allowed: 1 or more")
+    for name, value in (("num_attention_heads", spec.num_heads), ("intermediate_size", spec.intermediate_size),
+                        ("vocab_size", spec.vocab_size)):
+        if value % tp:
+            raise ValueError(f"tp: {tp} does not divide the model's {name} ({value})")
+    kv = spec.num_kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise ValueError(f"tp: {tp} and the model's num_key_value_heads ({kv}): one must divide the other")
+
+
+def kv_heads_of(rank: int, tp: int, num_heads: int, num_kv_heads: int) -> range:
+    """The key/value heads rank `rank` holds: its share, or the one its query heads read."""
+    if num_kv_heads >= tp:
+        per = num_kv_heads // tp
+        return range(rank * per, (rank + 1) * per)
+    first_q = rank * (num_heads // tp)
+    head = first_q // (num_heads // num_kv_heads)
+    return range(head, head + 1)
+
+
+def rank_spec(spec: ModelSpec, tp: int) -> ModelSpec:
+    """The shapes one rank builds: its heads, key/value heads and MLP share (the vocabulary stays whole:
+    sampling sees every token's logit)."""
+    check_splittable(spec, tp)
+    return replace(spec, num_heads=spec.num_heads // tp, num_kv_heads=max(1, spec.num_kv_heads // tp),
+                   intermediate_size=spec.intermediate_size // tp)
+
+
+def shard_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec, par: TensorParallel) -> dict[str, torch.Tensor]:
+    """This rank's slice of every tensor of a whole checkpoint (`spec` is the whole model's)."""
+    r, tp, d = par.rank, par.size, spec.head_dim
+    q_rows = slice(r * spec.num_heads // tp * d, (r + 1) * spec.num_heads // tp * d)
+    kv = kv_heads_of(r, tp, spec.num_heads, spec.num_kv_heads)
+    kv_rows = slice(kv.start * d, kv.stop * d)
+    mlp = slice(r * spec.intermediate_size // tp, (r + 1) * spec.intermediate_size // tp)
+    vocab = slice(r * spec.vocab_size // tp, (r + 1) * spec.vocab_size // tp)
+    out = {}
+    for name, t in state.items():
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            t = t[q_rows]
+        elif name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+            t = t[kv_rows]
+        elif name.endswith("o_proj.weight"):
+            t = t[:, q_rows]
+        elif name.endswith(("gate_proj.weight", "gate_proj.bias", "up_proj.weight", "up_proj.bias")):
+            t = t[mlp]
+        elif name.endswith("down_proj.weight"):
+            t = t[:, mlp]
+        elif name.endswith(("o_proj.bias", "down_proj.bias")) and r:
+            t = torch.zeros_like(t)  # added once, after the sum
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t = t[vocab]
+        out[name] = t.contiguous()
+    return out

@@ -1,0 +1,94 @@
+"""Tensor parallelism at the model level, on CPU: two real processes joined by torch.distributed (gloo,
+the CPU twin of NCCL) run a model split in two and must compute what the whole model computes, on
+every architecture (mistral's single key/value head is replicated on both ranks)."""
+import multiprocessing as mp
+import queue
+
+import pytest
+import torch
+from conftest import TEST_MODELS
+
+from pdpipe.engine.kv_cache import KVCache
+from pdpipe.models.decoder import AttentionMetadata
+from pdpipe.models.loader import load_model
+from pdpipe.models.parallel import TensorParallel, check_splittable, kv_heads_of
+from pdpipe.models.spec import load_spec
+
+BLOCK = 8
+PROMPT = [(7 * i + 3) % 500 + 1 for i in range(30)]  # longer than mistral's 24-token window
+STEPS = 5
+
+
+def greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Prompt, then `steps` decode steps, through the paged cache; the tokens and every step's logits."""
+    cache = KVCache(model.spec, num_blocks=-(-(len(prompt) + steps) // BLOCK), block_size=BLOCK,
+                    dtype=torch.float32)
+    table = torch.arange(cache.num_blocks, dtype=torch.int32)[None]
+    n = len(prompt)
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=table, query_start_loc=[0, n],
+                             seq_lens=[n], max_query_len=n, fresh=True)
+    hidden = model(torch.tensor(prompt), torch.arange(n), cache.layers(), meta)
+    logits = [model.logits(hidden[-1:])[0]]
+    tokens = [int(logits[-1].argmax())]
+    for i in range(steps):
+        pos = n + i
+        meta = AttentionMetadata(slot_mapping=torch.tensor([pos]), block_tables=table, query_start_loc=[0, 1],
+                                 seq_lens=[pos + 1], max_query_len=1, decode=True)
+        hidden = model(torch.tensor([tokens[-1]]), torch.tensor([pos]), cache.layers(), meta)
+        logits.append(model.logits(hidden)[0])
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, torch.stack(logits)
+
+
+def _rank(rank: int, size: int, init_file: str, model_dirs: list[str], results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
+        for model_dir in model_dirs:
+            model = load_model(model_dir, tp=tp)
+            tokens, logits = greedy(model, PROMPT, STEPS)
+            results.put((rank, model_dir, tokens, logits.numpy()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_dir, tmp_path):
+    dirs = [str(model_dir(arch)) for arch in TEST_MODELS]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_rank, args=(r, 2, str(tmp_path / "store"), dirs, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    got = []
+    while len(got) < 2 * len(dirs):
+        assert all(p.is_alive() or p.exitcode == 0 for p in ranks), "a rank died; see its stderr"
+        try:
+            got.append(results.get(timeout=1))
+        except queue.Empty:
+            continue
+    for p in ranks:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for d in dirs:
+        whole_tokens, whole_logits = greedy(load_model(d), PROMPT, STEPS)
+        for rank, model, tokens, logits in got:
+            if model == d:
+                assert tokens == whole_tokens, (d, rank)
+                torch.testing.assert_close(torch.from_numpy(logits), whole_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_each_rank_holds_the_key_value_heads_its_query_heads_read():
+    assert [kv_heads_of(r, 4, 8, 8) for r in range(4)] == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert [kv_heads_of(r, 4, 8, 2) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    assert [kv_heads_of(r, 2, 4, 1) for r in range(2)] == [range(0, 1), range(0, 1)]
+
+
+@pytest.mark.parametrize("tp, field", [(3, "num_attention_heads"), (4, "num_key_value_heads"), (0, "tp")])
+def test_a_split_the_model_cannot_take_names_the_dimension(model_dir, tp, field):
+    from dataclasses import replace
+
+    spec = load_spec(model_dir("mistral"))  # 4 query heads: 3 ranks cannot share them
+    if field == "num_key_value_heads":  # 12 query heads over 4 ranks, but 3 key/value heads
+        spec = replace(spec, num_kv_heads=3, num_heads=12)
+    with pytest.raises(ValueError, match=field):
+        check_splittable(spec, tp)
