@@ -77,6 +77,69 @@ def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_d
                 torch.testing.assert_close(torch.from_numpy(logits), whole_logits, atol=1e-4, rtol=1e-4)
 
 
+def _engine_rank(rank: int, size: int, init_file: str, model_dirs: list[str], results) -> None:
+    from pdpipe.config import CacheConfig, EngineConfig
+    from pdpipe.engine.engine import LLMEngine
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
+        for model_dir in model_dirs:
+            engine = LLMEngine(EngineConfig(model=model_dir, cache=CacheConfig(block_size=BLOCK, num_blocks=64)),
+                               tp=tp)
+            if rank:
+                engine.runner.follow()
+                continue
+            results.put((model_dir, run_requests(engine)))
+            engine.runner.stop_followers()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_requests(engine) -> dict[str, list[int]]:
+    """Three requests of different lengths batched together, greedy and seeded, to the end."""
+    from pdpipe.messages import SamplingParams
+
+    for i, n in enumerate((30, 9, 17)):
+        params = SamplingParams(max_tokens=6, temperature=0.8 if i == 2 else 0.0, seed=11, ignore_eos=True)
+        engine.add_request(f"r{i}", PROMPT[:n], params)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    assert engine.leak_free()
+    return tokens
+
+
+def test_an_engine_split_over_two_ranks_generates_what_one_engine_does(model_dir, tmp_path):
+    """Rank 0 schedules and samples and hands each step to rank 1, which runs the same forward pass:
+    the tokens are those of the whole model's engine, batched prompts and decode, greedy and seeded."""
+    from pdpipe.config import CacheConfig, EngineConfig
+    from pdpipe.engine.engine import LLMEngine
+
+    dirs = [str(model_dir(arch)) for arch in TEST_MODELS]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_engine_rank, args=(r, 2, str(tmp_path / "store"), dirs, results))
+             for r in range(2)]
+    for p in ranks:
+        p.start()
+    got = {}
+    while len(got) < len(dirs):
+        assert all(p.is_alive() or p.exitcode == 0 for p in ranks), "a rank died; see its stderr"
+        try:
+            model, tokens = results.get(timeout=1)
+        except queue.Empty:
+            continue
+        got[model] = tokens
+    for p in ranks:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for d in dirs:
+        whole = LLMEngine(EngineConfig(model=d, cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
+        assert got[d] == run_requests(whole), d
+
+
 def test_each_rank_holds_the_key_value_heads_its_query_heads_read():
     assert [kv_heads_of(r, 4, 8, 8) for r in range(4)] == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
     assert [kv_heads_of(r, 4, 8, 2) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]

@@ -18,6 +18,7 @@ import torch
 from pdpipe.config import EngineConfig
 from pdpipe.messages import EngineOutput, SamplingParams
 from pdpipe.models.loader import load_model
+from pdpipe.models.parallel import TensorParallel
 from pdpipe.models.spec import ModelSpec, load_eos_token_ids
 
 from .block_manager import BlockManager
@@ -59,15 +60,17 @@ def resolve_max_model_len(spec: ModelSpec, config: EngineConfig, num_blocks: int
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, pool_path: str | None = None):
-        """`pool_path`: back the KV pool with this shared-memory file, so a transfer process can map it."""
+    def __init__(self, config: EngineConfig, pool_path: str | None = None, tp: TensorParallel | None = None):
+        """`pool_path`: back the KV pool with this shared-memory file, so a transfer process can map it.
+        `tp`: this engine is one rank of a tensor-parallel instance (its share of the model and of the
+        KV heads; rank 0 schedules and samples, the others `runner.follow()`)."""
         from pdpipe.demo import resolve_model
 
         if config.device.startswith("cuda") and torch.device(config.device).index is None:
             config = replace(config, device=f"cuda:{torch.cuda.current_device()}")  # one device for all parts
         self.config = config
         self.model_dir = resolve_model(config.model)
-        self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format)
+        self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format, tp=tp)
         self.spec = self.model.spec
         hd = self.spec.head_dim
         if config.device.startswith("cuda") and (hd & (hd - 1) or hd < 16):
@@ -94,8 +97,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, self.max_model_len,
-                                  pad_tokens=TOKEN_PAD if config.device.startswith("cuda") else 1)
-        if config.device.startswith("cuda") and config.cuda_graphs:
+                                  pad_tokens=TOKEN_PAD if config.device.startswith("cuda") else 1, tp=tp)
+        if config.device.startswith("cuda") and config.cuda_graphs and self.runner.tp is None:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
         self.sampler = Sampler(self.eos_token_ids)
         self._arrivals = itertools.count()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pdpipe.models.decoder import AttentionMetadata, CausalLM
+from pdpipe.models.parallel import TensorParallel
 
 from .kv_cache import KVCache
 from .scheduler import SchedulerOutput
@@ -27,8 +28,13 @@ TOKEN_PAD = 32
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, max_model_len: int, pad_tokens: int = 1):
+    """With `tp` (a rank of a tensor-parallel instance), rank 0 runs `execute` and hands each step's
+    inputs to the other ranks, which run the same forward pass in `follow`."""
+
+    def __init__(self, model: CausalLM, kv_cache: KVCache, max_model_len: int, pad_tokens: int = 1,
+                 tp: TensorParallel | None = None):
         self.model = model
+        self.tp = tp if tp is not None and tp.size > 1 else None
         self.kv_cache = kv_cache
         self.kv_layers = kv_cache.layers()
         self.device = next(model.parameters()).device
@@ -115,10 +121,25 @@ class ModelRunner:
         if graphs is not None and on_layer_done is None and all_decode and len(out.chunks) <= graphs.max_batch:
             return graphs.run(out), seqs
         ids, pos, meta, sample_rows = self.prepare(out)
+        if self.tp is not None:
+            self.tp.broadcast((ids, pos, meta, sample_rows))
+        return self._forward(ids, pos, meta, sample_rows, on_layer_done), seqs
+
+    def _forward(self, ids, pos, meta, sample_rows: list[int], on_layer_done=None) -> torch.Tensor:
         hidden = self.model(ids, pos, self.kv_layers, meta, on_layer_done)
         if not sample_rows:
-            return torch.empty(0), seqs
-        return self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)]), seqs
+            return torch.empty(0)
+        return self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
+
+    def follow(self) -> None:
+        """A rank other than 0: runs every step rank 0 hands over, until it hands over None."""
+        assert self.tp is not None and self.tp.rank > 0
+        while (step := self.tp.broadcast(None)) is not None:
+            self._forward(*step)
+
+    def stop_followers(self) -> None:
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.broadcast(None)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:

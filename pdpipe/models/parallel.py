@@ -34,6 +34,13 @@ class TensorParallel:
             torch.distributed.all_reduce(x, group=self.group)
         return x
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (what rank 0 gives; the others give None)."""
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(self.group, 0)
+                                                if self.group is not None else 0, group=self.group)
+        return box[0]
+
     def gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` side by side along the last dimension (the same shape on every rank)."""
         if self.size == 1:
