@@ -151,10 +151,17 @@ class InstanceConfig:
     name: str = field(default="", metadata={"help": "empty: role-N"})
     num_blocks: int = field(default=0, metadata={"help": "KV blocks of this instance; 0: engine's"})
     gpus: tuple[int, ...] = field(default=(), metadata={"help": "physical GPU ids (empty: CPU)"})
+    tp: int = field(default=1, metadata={"help": "tensor-parallel ranks: one process each, joined by "
+                                                 "torch.distributed (only mixed instances so far)"})
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"instances.role: {self.role!r}; allowed: {', '.join(ROLES)}")
+        if self.tp < 1:
+            raise ValueError(f"instances.tp: {self.tp}; allowed: 1 or more")
+        if self.tp > 1 and self.role != "mixed":
+            raise ValueError(f"instances.tp: {self.tp} on a {self.role} instance; allowed: 1 (KV transfer "
+                             "between tensor-parallel instances is not built yet), or role mixed")
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,15 @@ class ClusterConfig:
             raise ValueError(f"cluster.ttl: must be > 0, got {self.ttl}")
 
 
+TP_STORE_ENV = "PDPIPE_TP_STORE"  # the launcher names a fresh rendezvous file each time a group starts
+
+
+def tp_group_of(name: str) -> tuple[str, int]:
+    """(instance, rank) of a process name: "mixed-0" is rank 0 of mixed-0, "mixed-0.rank1" its rank 1."""
+    instance, _, rank = name.partition(".rank")
+    return instance, int(rank or 0)
+
+
 def transfer_name(machine: str) -> str:
     """The transfer process of a machine ("transfer" on a single machine)."""
     return f"transfer-{machine}" if machine else "transfer"
@@ -256,10 +272,12 @@ class LaunchConfig:
 
     def local_processes(self) -> list[tuple[str, str]]:
         """(role, name) of every process this machine runs, in start order."""
-        engines = [(inst.role, name) for name, inst in self.named_instances()]
+        engines = []
+        for name, inst in self.named_instances():  # a tensor-parallel instance's other ranks follow it
+            engines += [(inst.role, name)] + [("rank", f"{name}.rank{r}") for r in range(1, inst.tp)]
         front = [("scheduler", "scheduler")] if self.cluster.frontend else []
         relay = [("relay", "relay")] if self.cluster.redis_url else []
-        transfer = [("transfer", transfer_name(self.cluster.machine))] if any(
+        transfer = [("transfer", transfer_name(self.cluster.machine))] if any(  # ranks need none of their own
             r in ("prefill", "decode") for r, _ in engines) else []
         api = [("api", "api")] if self.cluster.frontend else []
         return [*front, *relay, *transfer, *engines, *api]

@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from pdpipe.config import LaunchConfig
+from pdpipe.config import TP_STORE_ENV, LaunchConfig, tp_group_of
 from pdpipe.messages import DropAll, ProcessDown, ProcessUp, Ready
 from pdpipe.wire import InboxThread, Outboxes, RunPaths
 
@@ -73,6 +73,7 @@ class Launcher:
         self._ctx: zmq.Context | None = None
         self._inbox: InboxThread | None = None
         self._out: Outboxes | None = None
+        self._tp_starts: dict[str, int] = {}  # how many times each tensor-parallel group was started
         self._halt = threading.Event()  # the supervisor stops
         self.fatal: str | None = None  # why the supervisor gave up (a crash loop)
         self._supervisor: threading.Thread | None = None
@@ -138,9 +139,13 @@ class Launcher:
     def _spawn(self, role: str, name: str, again: bool = False) -> subprocess.Popen:
         log_path = self.paths.log(name)
         env = dict(os.environ, PDPIPE_LAUNCHER_PID=str(os.getpid()))
-        inst = dict(self.cfg.named_instances()).get(name)
+        instance, rank = tp_group_of(name)
+        inst = dict(self.cfg.named_instances()).get(instance)
         if inst is not None and inst.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpus))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpus if inst.tp == 1 else inst.gpus[rank:rank + 1]))
+        if inst is not None and inst.tp > 1:  # every rank of one start of the group meets at one fresh file
+            self._tp_starts[instance] = self._tp_starts.get(instance, 0) + (rank == 0)
+            env[TP_STORE_ENV] = str(self.paths.run_dir / f"tp-{instance}-{self._tp_starts[instance]}.store")
         with open(log_path, "ab" if again else "wb") as logf:
             if again:
                 logf.write(f"\n==== pdpipe: restarting {name} ====\n".encode())
@@ -213,6 +218,7 @@ class Launcher:
         log.warning("process %s (%s) exited with code %s; restarting it in %.1f s. The end of %s:\n%s",
                     c.name, c.role, code, delay, c.log_path, _tail(c.log_path, 8))
         detail = f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}"
+        self._restart_group(c, detail)
         if c.role == "scheduler":  # what it knew is lost: engines drop every request, the api fails its own
             for other in self.children:
                 if other.role in (*ENGINE_ROLES, "transfer"):
@@ -222,6 +228,23 @@ class Launcher:
         elif c.role in (*ENGINE_ROLES, "transfer", "api"):
             self._send("scheduler", ProcessDown(name=c.name, role=c.role, detail=detail))
         return False
+
+    def _restart_group(self, dead: Child, detail: str) -> None:
+        """The ranks of a tensor-parallel instance live and die together: when one dies, the others are
+        killed (they would wait in a collective for good) and the group starts again as one, rank 0
+        first, at a fresh rendezvous."""
+        instance, _ = tp_group_of(dead.name)
+        inst = dict(self.cfg.named_instances()).get(instance)
+        if inst is None or inst.tp == 1:
+            return
+        for other in self.children:
+            if other is not dead and tp_group_of(other.name)[0] == instance and other.restart_at is None:
+                if other.popen.poll() is None:
+                    other.popen.kill()
+                    other.popen.wait()
+                other.restart_at, other.ready = dead.restart_at, None
+        if dead.role == "rank":  # rank 0 went down with it: the scheduler must route around the instance
+            self._send("scheduler", ProcessDown(name=instance, role=inst.role, detail=f"{dead.name}: {detail}"))
 
     def _send(self, dest: str, msg) -> None:
         assert self._out is not None

@@ -188,8 +188,9 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         decodes = role != "prefill" or proc.cfg.routing.decode_busy_ms > 0
         engine_cfg = replace(engine_cfg, device="cuda:0", cuda_graphs=engine_cfg.cuda_graphs and decodes)
     pool_path = proc.paths.pool(name)
+    tp = join_tp_group(name, inst.tp, engine_cfg.device)
     try:
-        engine = LLMEngine(engine_cfg, pool_path=str(pool_path))
+        engine = LLMEngine(engine_cfg, pool_path=str(pool_path), tp=tp)
         if engine_cfg.device.startswith("cuda"):
             engine.warm_up()
         inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
@@ -214,8 +215,48 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         inbox.stop()
         if sender is not None:
             sender.close()
+        engine.runner.stop_followers()
     finally:
         pool_path.unlink(missing_ok=True)
+        proc.close()
+
+
+def join_tp_group(name: str, size: int, device: str):
+    """Joins this process to its instance's ranks (gloo on CPU, NCCL on GPU); None for one rank."""
+    if size == 1:
+        return None
+    import torch.distributed as dist
+
+    from pdpipe.config import TP_STORE_ENV, tp_group_of
+    from pdpipe.models.parallel import TensorParallel
+
+    rank = tp_group_of(name)[1]
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            init_method=f"file://{os.environ[TP_STORE_ENV]}", rank=rank, world_size=size)
+    return TensorParallel(rank, size, dist.group.WORLD)
+
+
+def run_rank(role: str, name: str, run_dir: str) -> None:
+    """A rank > 0 of a tensor-parallel instance: its share of the model and of the KV heads, running
+    each step rank 0 hands over until rank 0 says stop (or dies: the launcher restarts the group)."""
+    from pdpipe.config import tp_group_of
+    from pdpipe.engine.engine import LLMEngine
+
+    proc = ProcessBase(role, name, run_dir)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # it waits inside collectives: end at once when told
+    instance = tp_group_of(name)[0]
+    inst = dict(proc.cfg.named_instances())[instance]
+    engine_cfg = proc.cfg.engine
+    if inst.num_blocks:
+        engine_cfg = replace(engine_cfg, cache=replace(engine_cfg.cache, num_blocks=inst.num_blocks))
+    if engine_cfg.device.startswith("cuda"):
+        engine_cfg = replace(engine_cfg, device="cuda:0")
+    tp = join_tp_group(name, inst.tp, engine_cfg.device)
+    try:
+        engine = LLMEngine(engine_cfg, tp=tp)
+        proc.ready()
+        engine.runner.follow()
+    finally:
         proc.close()
 
 
@@ -309,7 +350,7 @@ def run_api(role: str, name: str, run_dir: str) -> None:
 
 
 RUNNERS = {"prefill": run_engine, "decode": run_engine, "mixed": run_engine, "transfer": run_transfer,
-           "scheduler": run_scheduler, "api": run_api, "relay": run_relay}
+           "scheduler": run_scheduler, "api": run_api, "relay": run_relay, "rank": run_rank}
 
 
 def die_with_launcher() -> None:

@@ -155,3 +155,49 @@ def test_a_split_the_model_cannot_take_names_the_dimension(model_dir, tp, field)
         spec = replace(spec, num_kv_heads=3, num_heads=12)
     with pytest.raises(ValueError, match=field):
         check_splittable(spec, tp)
+
+
+def test_a_launched_tp2_instance_serves_what_one_engine_does_and_restarts_as_one(model_dir):
+    """`tp = 2` on a mixed instance: two processes (mixed-0 and mixed-0.rank1) serve the OpenAI API with
+    the tokens of one engine; when rank 1 is killed the launcher restarts both ranks together, and the
+    instance serves the same tokens again with nothing left allocated."""
+    import os
+    import signal
+
+    import httpx
+    from pipeline_launch import launched, leak_free, make_launch_config, wait_until
+
+    from pdpipe.config import CacheConfig, EngineConfig, InstanceConfig
+    from pdpipe.engine.engine import LLMEngine
+
+    model = model_dir("qwen3")
+    cfg = make_launch_config(model, [], num_blocks=64, instances=(InstanceConfig("mixed", tp=2),))
+    whole = LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=64)))
+    expected = run_requests(whole)
+    with launched(cfg) as launcher:
+        assert sorted(c.name for c in launcher.children if c.name.startswith("mixed")) == ["mixed-0", "mixed-0.rank1"]
+        base = f"http://127.0.0.1:{cfg.api.port}/v1/completions"
+
+        def complete(n: int) -> list[int]:
+            body = {"model": "qwen3", "prompt": PROMPT[:n], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}
+            resp = httpx.post(base, json=body, timeout=60)
+            assert resp.status_code == 200, resp.text
+            return resp.json()["choices"][0]["token_ids"]
+
+        assert complete(9) == expected["r1"]
+        rank1 = next(c for c in launcher.children if c.name == "mixed-0.rank1")
+        rank0 = next(c for c in launcher.children if c.name == "mixed-0")
+        old = rank0.popen.pid
+        os.kill(rank1.popen.pid, signal.SIGKILL)
+        wait_until(lambda: rank0.popen.pid != old and rank0.ready is not None and rank1.ready is not None,
+                   timeout=120, what="the group back")
+        assert wait_until(lambda: _serves(complete), timeout=60, what="serving again") == expected["r1"]
+        assert wait_until(lambda: leak_free(launcher), what="every block free")
+
+
+def _serves(complete):
+    try:
+        return complete(9)
+    except AssertionError:
+        return None
