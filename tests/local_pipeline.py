@@ -9,7 +9,7 @@ from pdpipe.config import CacheConfig, DeadlineConfig, EngineConfig, RoutingConf
 from pdpipe.engine.engine import LLMEngine
 from pdpipe.engine.worker import EngineWorker
 from pdpipe.ipc.shm import ShmTransfer
-from pdpipe.messages import EngineOutput, NewRequest, SamplingParams
+from pdpipe.messages import EngineOutput, NewRequest, PoolInfo, SamplingParams
 from pdpipe.scheduler.core import SchedulerCore
 from pdpipe.transfer import TransferBackend
 from pdpipe.transfer.worker import TransferWorker
@@ -20,7 +20,9 @@ class TensorPools(ShmTransfer):
 
     def __init__(self, engines: dict[str, LLMEngine]):
         super().__init__()
-        self.pools = {name: e.kv_cache.data for name, e in engines.items()}
+        self.pools = {name: {0: (e.kv_cache.data, PoolInfo(instance=name, path="", shape=list(e.kv_cache.data.shape),
+                                                           dtype=e.spec.dtype))}
+                      for name, e in engines.items()}
 
 
 class Clock:

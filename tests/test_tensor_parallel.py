@@ -201,3 +201,62 @@ def _serves(complete):
         return complete(9)
     except AssertionError:
         return None
+
+
+def test_head_copy_plan_gives_each_destination_rank_its_heads_once():
+    from pdpipe.transfer import head_copy_plan
+
+    assert head_copy_plan({0: [0, 1], 1: [2, 3]}, {0: [0, 1, 2, 3]}) == [(0, slice(0, 2), 0, slice(0, 2)),
+                                                                        (1, slice(0, 2), 0, slice(2, 4))]
+    assert head_copy_plan({0: [0, 1, 2, 3]}, {0: [0, 1], 1: [2, 3]}) == [(0, slice(0, 2), 0, slice(0, 2)),
+                                                                        (0, slice(2, 4), 1, slice(0, 2))]
+    # four ranks replicating two heads, from two ranks holding one each: every head read from one rank
+    assert head_copy_plan({0: [0], 1: [1]}, {r: [r // 2] for r in range(4)}) == [
+        (0, slice(0, 1), 0, slice(0, 1)), (0, slice(0, 1), 1, slice(0, 1)),
+        (1, slice(0, 1), 2, slice(0, 1)), (1, slice(0, 1), 3, slice(0, 1))]
+
+
+@pytest.mark.parametrize("src_tp, dst_tp", [(2, 1), (1, 2), (2, 2), (4, 2)])
+def test_kv_moves_between_instances_of_different_tp(tmp_path, src_tp, dst_tp):
+    """A request's blocks move from a prefill instance's rank pools to a decode instance's, each
+    destination rank getting exactly its heads (two key/value heads: replicated on four ranks)."""
+    from pdpipe.ipc.shm import ShmTransfer, map_pool
+    from pdpipe.messages import PoolInfo
+    from pdpipe.transfer import TransferJob
+
+    kv_heads, shape = 2, [3, 2, 10, 4]  # layers, K/V, blocks, block size; then heads, dim
+    whole = torch.randn(*shape, kv_heads, 8)
+    backend = ShmTransfer()
+
+    def pools(instance: str, tp: int, fill: bool) -> list:
+        views = []
+        for rank in range(tp):
+            heads = list(kv_heads_of(rank, tp, 4, kv_heads))
+            info = PoolInfo(instance=instance, path=str(tmp_path / f"{instance}-{rank}"), shape=[*shape, len(heads), 8],
+                            dtype="float32", rank=rank, kv_heads=heads)
+            view = map_pool(info.path, info.shape, torch.float32)
+            view.copy_(whole[..., heads, :] if fill else torch.zeros_like(view))
+            backend.register_pool(info)
+            views.append((heads, view))
+        return views
+
+    pools("p", src_tp, fill=True)
+    received = pools("d", dst_tp, fill=False)
+    job = TransferJob("r", "p", [1, 4, 5], "d", [7, 2, 3])
+    backend.send_batch([job], 0, 3)
+    for heads, view in received:
+        assert torch.equal(view[:, :, [7, 2, 3]], whole[:, :, [1, 4, 5]][..., heads, :])
+        assert not view[:, :, [0, 1, 4, 5, 6, 8, 9]].any()
+
+
+def test_instances_that_cannot_exchange_kv_are_refused_naming_the_difference(tmp_path):
+    from pdpipe.ipc.shm import ShmTransfer
+    from pdpipe.messages import PoolInfo
+    from pdpipe.transfer import TransferError, TransferJob
+
+    backend = ShmTransfer()
+    for name, block in (("p", 4), ("d", 8)):
+        backend.register_pool(PoolInfo(instance=name, path=str(tmp_path / name), shape=[2, 2, 4, block, 2, 8],
+                                       dtype="float32"))
+    with pytest.raises(TransferError, match="block size 4 against 8"):
+        backend.send_batch([TransferJob("r", "p", [1], "d", [2])], 0)

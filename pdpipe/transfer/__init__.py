@@ -44,6 +44,41 @@ class TransferJob:
         return bool(self.dst_block_ids)
 
 
+def head_copy_plan(src: dict[int, list[int]], dst: dict[int, list[int]]) -> list[tuple[int, slice, int, slice]]:
+    """How KV moves between instances of different tensor parallelism: `src` and `dst` give each rank's
+    key/value heads (the model's head ids, in pool order). Returns (source rank, head positions there,
+    destination rank, head positions there) runs that give every destination rank exactly the heads it
+    holds, each read once, from the first source rank holding it; contiguous heads go together."""
+    owner: dict[int, tuple[int, int]] = {}
+    for rank in sorted(src):
+        for pos, head in enumerate(src[rank]):
+            owner.setdefault(head, (rank, pos))
+    plan: list[tuple[int, slice, int, slice]] = []
+    for d_rank in sorted(dst):
+        for d_pos, head in enumerate(dst[d_rank]):
+            if head not in owner:
+                raise TransferError(f"key/value head {head} is held by no rank of the source instance")
+            s_rank, s_pos = owner[head]
+            if plan and plan[-1][0] == s_rank and plan[-1][2] == d_rank and plan[-1][1].stop == s_pos \
+                    and plan[-1][3].stop == d_pos:
+                last = plan[-1]
+                plan[-1] = (s_rank, slice(last[1].start, s_pos + 1), d_rank, slice(last[3].start, d_pos + 1))
+            else:
+                plan.append((s_rank, slice(s_pos, s_pos + 1), d_rank, slice(d_pos, d_pos + 1)))
+    return plan
+
+
+def check_pair(src: PoolInfo, dst: PoolInfo, src_heads: set[int], dst_heads: set[int]) -> None:
+    """What two instances' pools must agree on before KV moves between them; the first difference is
+    an error naming it."""
+    fields = (("layers", src.shape[0], dst.shape[0]), ("block size", src.shape[3], dst.shape[3]),
+              ("head dim", src.shape[5], dst.shape[5]), ("dtype", src.dtype, dst.dtype),
+              ("key/value heads", sorted(src_heads), sorted(dst_heads)))
+    for what, a, b in fields:
+        if a != b:
+            raise TransferError(f"{src.instance} and {dst.instance} cannot exchange KV: {what} {a} against {b}")
+
+
 class TransferBackend(ABC):
     @abstractmethod
     def register_pool(self, pool: PoolInfo) -> None:
