@@ -152,16 +152,14 @@ class InstanceConfig:
     num_blocks: int = field(default=0, metadata={"help": "KV blocks of this instance; 0: engine's"})
     gpus: tuple[int, ...] = field(default=(), metadata={"help": "physical GPU ids (empty: CPU)"})
     tp: int = field(default=1, metadata={"help": "tensor-parallel ranks: one process each, joined by "
-                                                 "torch.distributed (only mixed instances so far)"})
+                                                 "torch.distributed (CPU so far)"})
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"instances.role: {self.role!r}; allowed: {', '.join(ROLES)}")
         if self.tp < 1:
             raise ValueError(f"instances.tp: {self.tp}; allowed: 1 or more")
-        if self.tp > 1 and self.role != "mixed":
-            raise ValueError(f"instances.tp: {self.tp} on a {self.role} instance; allowed: 1 (KV transfer "
-                             "between tensor-parallel instances is not built yet), or role mixed")
+
 
 
 @dataclass(frozen=True)

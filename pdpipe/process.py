@@ -198,8 +198,7 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         sender = SenderThread(proc.ctx, proc.paths, proc.out.local) if role == "prefill" else None
         worker = EngineWorker(name, role, engine, sender.send if sender else proc.out.send,
                               transfer=transfer_name(proc.cfg.cluster.machine))
-        shape = list(engine.kv_cache.data.shape)
-        info = PoolInfo(instance=name, path=str(pool_path), shape=shape, dtype=engine.spec.dtype, pid=os.getpid())
+        info = pool_info(name, engine, pool_path, tp)
         if engine.gpu_pool is not None:
             from pdpipe.ipc.cuda import physical_gpu
 
@@ -219,6 +218,22 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
     finally:
         pool_path.unlink(missing_ok=True)
         proc.close()
+
+
+def pool_info(name: str, engine, pool_path: Path, tp) -> PoolInfo:
+    """What the transfer needs of this engine's pool: where, its shape, and, for a rank of a
+    tensor-parallel instance, which rank it is and the key/value heads it holds."""
+    from pdpipe.config import tp_group_of
+    from pdpipe.models.parallel import kv_heads_of
+    from pdpipe.models.spec import load_spec
+
+    info = PoolInfo(instance=tp_group_of(name)[0], path=str(pool_path), shape=list(engine.kv_cache.data.shape),
+                    dtype=engine.spec.dtype, pid=os.getpid())
+    if tp is None:
+        return info
+    whole = load_spec(engine.model_dir)
+    heads = list(kv_heads_of(tp.rank, tp.size, whole.num_heads, whole.num_kv_heads))
+    return msgspec.structs.replace(info, rank=tp.rank, kv_heads=heads)
 
 
 def join_tp_group(name: str, size: int, device: str):
@@ -252,11 +267,15 @@ def run_rank(role: str, name: str, run_dir: str) -> None:
     if engine_cfg.device.startswith("cuda"):
         engine_cfg = replace(engine_cfg, device="cuda:0")
     tp = join_tp_group(name, inst.tp, engine_cfg.device)
+    pool_path = proc.paths.pool(name)
     try:
-        engine = LLMEngine(engine_cfg, tp=tp)
+        engine = LLMEngine(engine_cfg, pool_path=str(pool_path), tp=tp)
+        if inst.role != "mixed":  # the transfer writes into (or reads from) this rank's heads too
+            proc.out.send(transfer_name(proc.cfg.cluster.machine), pool_info(name, engine, pool_path, tp))
         proc.ready()
         engine.runner.follow()
     finally:
+        pool_path.unlink(missing_ok=True)
         proc.close()
 
 

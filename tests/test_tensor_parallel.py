@@ -260,3 +260,31 @@ def test_instances_that_cannot_exchange_kv_are_refused_naming_the_difference(tmp
                                        dtype="float32"))
     with pytest.raises(TransferError, match="block size 4 against 8"):
         backend.send_batch([TransferJob("r", "p", [1], "d", [2])], 0)
+
+
+@pytest.mark.parametrize("arch, prefill_tp, decode_tp", [("llama", 2, 1), ("llama", 1, 2), ("llama", 2, 2),
+                                                          ("mistral", 2, 2)])
+def test_disaggregated_instances_of_any_tp_generate_what_one_engine_does(model_dir, arch, prefill_tp, decode_tp):
+    """1P(TP a) + 1D(TP b) launched: each prompt computed on the prefill ranks, its KV moved head range by
+    head range into the decode ranks, decoded there: the tokens of one colocated engine, nothing left
+    allocated (mistral's single key/value head is replicated on both ranks of each side)."""
+    import httpx
+    from pipeline_launch import launched, leak_free, make_launch_config, wait_until
+
+    from pdpipe.config import CacheConfig, EngineConfig, InstanceConfig
+    from pdpipe.engine.engine import LLMEngine
+
+    model = model_dir(arch)
+    whole = LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=64)))
+    expected = run_requests(whole)
+    cfg = make_launch_config(model, [], num_blocks=64, instances=(InstanceConfig("prefill", tp=prefill_tp),
+                                                                   InstanceConfig("decode", tp=decode_tp)))
+    with launched(cfg) as launcher:
+        for rid, n in (("r0", 30), ("r1", 9)):
+            body = {"model": arch, "prompt": PROMPT[:n], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}
+            resp = httpx.post(f"http://127.0.0.1:{cfg.api.port}/v1/completions", json=body, timeout=60)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["choices"][0]["token_ids"] == expected[rid], rid
+        assert wait_until(lambda: leak_free(launcher), what="every block free")
+        assert launcher.children and all(c.popen.poll() is None for c in launcher.children)
