@@ -157,6 +157,27 @@ def test_a_split_the_model_cannot_take_names_the_dimension(model_dir, tp, field)
         check_splittable(spec, tp)
 
 
+@pytest.mark.parametrize("arch", [a for a in TEST_MODELS if a != "qwen3"])
+def test_a_launched_tp2_instance_serves_what_one_engine_does(model_dir, arch):
+    """`tp = 2` on a mixed instance of each architecture (qwen3: the test below): the OpenAI API answers
+    with one engine's tokens."""
+    import httpx
+    from pipeline_launch import launched, make_launch_config
+
+    from pdpipe.config import CacheConfig, EngineConfig, InstanceConfig
+    from pdpipe.engine.engine import LLMEngine
+
+    model = model_dir(arch)
+    expected = run_requests(LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=64))))
+    cfg = make_launch_config(model, [], num_blocks=64, instances=(InstanceConfig("mixed", tp=2),))
+    with launched(cfg):
+        body = {"model": arch, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        resp = httpx.post(f"http://127.0.0.1:{cfg.api.port}/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["token_ids"] == expected["r0"]
+
+
 def test_a_launched_tp2_instance_serves_what_one_engine_does_and_restarts_as_one(model_dir):
     """`tp = 2` on a mixed instance: two processes (mixed-0 and mixed-0.rank1) serve the OpenAI API with
     the tokens of one engine; when rank 1 is killed the launcher restarts both ranks together, and the
