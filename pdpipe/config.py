@@ -257,6 +257,14 @@ class LaunchConfig:
             if missing:
                 raise ValueError(f"instances.gpus: engine.device is {self.engine.device!r}, so every instance "
                                  f"names its GPU ids; missing for {', '.join(missing)}")
+            for name, inst in self.named_instances():
+                if inst.tp > 1 and len(inst.gpus) != inst.tp:
+                    raise ValueError(f"instances.gpus: {name} has tp = {inst.tp}, so it names {inst.tp} GPU ids "
+                                     f"(one a rank), not {list(inst.gpus)}")
+                if inst.tp > 1 and inst.role != "mixed":
+                    raise ValueError(f"instances.tp: {name} is a {inst.role} instance with tp = {inst.tp} on GPU; "
+                                     "allowed there so far: 1, or a mixed instance (KV between ranks' GPU pools "
+                                     "is not built yet; on CPU it is)")
 
     def named_instances(self) -> list[tuple[str, InstanceConfig]]:
         counts: dict[str, int] = {}
