@@ -45,7 +45,7 @@ def format_queues(snap: dict) -> str:
     lines = ["requests: " + "  ".join(f"{s} {n}" for s, n in states.items())
              + "   ended: " + "  ".join(f"{s} {n}" for s, n in sorted(snap["ended"].items()))]
     head = ["process", "role", "inbox", "running", "waiting", "blocks used", "blocks free", "routed",
-            "requests by state"]
+            "requests by state", "gpu"]
     rows = [head]
     down = snap.get("down") or {}
     for name, inst in snap["instances"].items():
@@ -56,8 +56,10 @@ def format_queues(snap: dict) -> str:
         role = inst["role"] + (" (paused)" if st.get("paused") else "") + (" (down)" if name in down else "")
         if age is not None and age > STALE_S:  # the figures are its last words, not its state now
             role += f" (figures {age:.0f} s old)"
+        gpu = (f"{st['gpu_memory_used'] / 2**30:.1f}/{st['gpu_memory_total'] / 2**30:.0f} GiB "
+               f"{st['gpu_utilization']}%" if st.get("gpu_utilization", -1) >= 0 else "-")
         rows.append([name, role, st.get("inbox", "?"), st.get("running", "?"), st.get("waiting", "?"), used,
-                     st.get("free_blocks", "?"), inst["routed"], by_state])
+                     st.get("free_blocks", "?"), inst["routed"], by_state, gpu])
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     lines += [_row(r, widths) for r in rows]
     for name, x in sorted((snap.get("transfers") or {}).items()):

@@ -89,6 +89,7 @@ class Launcher:
         self._refuse_live_run()
         if any(role == "api" for role, _ in self.plan()):
             self._check_port()
+        self._check_peer_access()
         resolve_model(self.cfg.engine.model)  # make the demo model once, before the processes look for it
         if run_dir.exists():
             self._clean_leftovers()
@@ -123,6 +124,23 @@ class Launcher:
         if (pid != os.getpid() and b"pdpipe" in cmdline) or self.paths.run_dir in _LIVE_RUNS:
             raise LaunchError(f"a launch named {self.cfg.name!r} is running (launcher pid {pid}, run directory "
                               f"{self.paths.run_dir}); stop it (kill {pid}) or give this one another name")
+
+    def _check_peer_access(self) -> None:
+        """KV moves between this machine's GPUs by peer copies: a prefill/decode pair whose GPUs cannot
+        reach each other (NVML) is refused before anything starts."""
+        if not self.cfg.engine.device.startswith("cuda"):
+            return
+        from pdpipe import gpus
+
+        named = self.cfg.named_instances()
+        pairs = [(p, a, d, b) for p, pi in named if pi.role == "prefill" for d, di in named if di.role == "decode"
+                 for a in pi.gpus for b in di.gpus]
+        blocked = gpus.unreachable_pairs(pairs)
+        if blocked:
+            raise LaunchError(f"no peer access between {'; '.join(blocked)} (NVML): KV moves between a prefill "
+                              "and a decode instance of one machine by GPU peer copies, and pdpipe does not stage "
+                              "it through host memory. Put each pair on GPUs joined by NVLink or PCIe P2P "
+                              "(`nvidia-smi topo -p2p r` shows which), or run the instances mixed.")
 
     def _check_port(self) -> None:
         import socket

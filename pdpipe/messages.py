@@ -243,6 +243,9 @@ class InstanceStats(Msg, frozen=True):  # every process → scheduler, a few tim
     prefill_tokens_per_s: float = 0.0  # recent prompt tokens computed per second of stepping
     busy_seconds: float = 0.0  # time spent stepping, since start
     prompt_tokens: int = 0  # prompt tokens computed, since start
+    gpu_memory_used: int = 0  # bytes on its GPU (NVML; all processes'), 0 without a GPU
+    gpu_memory_total: int = 0
+    gpu_utilization: int = -1  # percent; -1 without a GPU
 
 
 class Ready(Msg, frozen=True):  # every process → launcher, once it can serve

@@ -480,3 +480,12 @@ def test_mooncake_moves_a_gpu_pool_between_processes_over_tcp():
         if proc.is_alive():
             parent.send("done")
         proc.join(timeout=30)
+
+
+def test_nvml_sees_the_gpus_and_their_peer_access():
+    from pdpipe import gpus
+
+    first = gpus.figures(0)
+    assert first is not None and first.memory_total > 16 * 2**30 and 0 <= first.utilization <= 100
+    if torch.cuda.device_count() >= 2:
+        assert gpus.peer_access(0, 1) is torch.cuda.can_device_access_peer(0, 1)

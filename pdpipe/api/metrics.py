@@ -26,6 +26,12 @@ class ApiMetrics:
         self.state = Gauge("pdpipe_requests_in_state", "Live requests per lifecycle state", ["state"], registry=r)
         self.blocks_used = Gauge("pdpipe_kv_blocks_used", "KV blocks in use", ["instance", "role"], registry=r)
         self.blocks_free = Gauge("pdpipe_kv_blocks_free", "KV blocks free", ["instance", "role"], registry=r)
+        self.gpu_memory = Gauge("pdpipe_gpu_memory_used_bytes", "Memory used on the instance's GPU (NVML, all "
+                                "processes)", ["instance", "role"], registry=r)
+        self.gpu_memory_total = Gauge("pdpipe_gpu_memory_total_bytes", "Memory of the instance's GPU",
+                                      ["instance", "role"], registry=r)
+        self.gpu_util = Gauge("pdpipe_gpu_utilization_percent", "Share of NVML's last sample period with a "
+                              "kernel running on the instance's GPU", ["instance", "role"], registry=r)
         self.xfer_bytes = Gauge("pdpipe_kv_transfer_bytes_total", "KV bytes moved prefill to decode", registry=r)
         self.xfer_seconds = Gauge("pdpipe_kv_transfer_seconds_total", "Seconds spent moving KV", registry=r)
         self.xfer_inflight = Gauge("pdpipe_kv_transfers_in_flight", "KV transfers in flight", registry=r)
@@ -58,6 +64,10 @@ class ApiMetrics:
                 if stats:
                     self.blocks_used.labels(name, inst["role"]).set(stats["num_blocks"] - stats["free_blocks"])
                     self.blocks_free.labels(name, inst["role"]).set(stats["free_blocks"])
+                    if stats.get("gpu_utilization", -1) >= 0:
+                        self.gpu_memory.labels(name, inst["role"]).set(stats["gpu_memory_used"])
+                        self.gpu_memory_total.labels(name, inst["role"]).set(stats["gpu_memory_total"])
+                        self.gpu_util.labels(name, inst["role"]).set(stats["gpu_utilization"])
             adm = snapshot.get("admission") or {}
             self.queued.set(adm.get("queued", 0))
             self.oldest.set(adm.get("oldest_wait_s", 0.0))

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 from msgspec.structs import replace
 
+from pdpipe import gpus
+from pdpipe.gpus import GpuFigures
 from pdpipe.messages import (
     DecodeBlocks,
     DropAll,
@@ -77,6 +79,7 @@ class EngineWorker(Handler):
         self._unannounced = 0  # layers of this step written but not yet announced
         self.queued_prompt_tokens = 0
         self.meter = StepMeter()
+        self._gpu: tuple[float, GpuFigures | None] = (0.0, None)  # (when read, what NVML said)
         self._step_prompt_tokens = 0
         # prefill on GPU: a layer is announced only once its KV is written: its message goes with a CUDA
         # event recorded after the layer, and `send` (a SenderThread's) lets it leave once the event has
@@ -279,9 +282,24 @@ class EngineWorker(Handler):
         self.send(SCHEDULER, StateEvent(request_id=rid, state=state, instance=self.name,
                                         time=now or self.clock(), detail=detail))
 
+    def _gpu_figures(self) -> GpuFigures | None:
+        """This engine's GPU memory and utilisation, read from NVML at most once a second."""
+        if not self.engine.kv_cache.data.is_cuda:
+            return None
+        now = time.monotonic()
+        if now - self._gpu[0] >= 1.0:
+            from pdpipe.ipc.cuda import physical_gpu
+
+            self._gpu = (now, gpus.figures(physical_gpu(self.engine.kv_cache.data.device.index or 0)))
+        return self._gpu[1]
+
     def stats(self, inbox_depth: int = 0) -> InstanceStats:
         sched = self.engine.scheduler
+        gpu = self._gpu_figures()
         return InstanceStats(instance=self.name, role=self.role, time=self.clock(),
+                             gpu_memory_used=gpu.memory_used if gpu else 0,
+                             gpu_memory_total=gpu.memory_total if gpu else 0,
+                             gpu_utilization=gpu.utilization if gpu else -1,
                              num_blocks=self.engine.blocks.num_blocks,
                              free_blocks=self.engine.blocks.num_free_blocks,
                              running=len(sched.running), waiting=len(sched.waiting) + len(self._deferred),
