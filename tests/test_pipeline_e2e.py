@@ -167,10 +167,10 @@ def test_queues_and_trace_show_held_requests(pipeline):
         first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
         rid = first["id"]  # the first token came from prefill although decode is paused
         wait_until(lambda: snapshot(pipeline)["states"]["TRANSFERRING"] == 1, what="TRANSFERRING")
-        queues = wait_until(lambda: "api: open requests 1" in (q := cli("queues", "--run-dir", run_dir)).stdout
-                            and q, what="the held request in the front-end's count")
+        # the figures are each process's latest stats (five a second): wait for those after the pause
+        queues = wait_until(lambda: all(x in (q := cli("queues", "--run-dir", run_dir)).stdout for x in (
+            "api: open requests 1", "decode (paused)", "TRANSFERRING 1")) and q, what="the held request in queues")
         assert queues.returncode == 0, queues.stderr
-        assert "TRANSFERRING 1" in queues.stdout and "decode (paused)" in queues.stdout, queues.stdout
         decode_row = next(line for line in queues.stdout.splitlines() if line.startswith("decode-0"))
         assert "TRANSFERRING:1" in decode_row
         held = cli("trace", rid, "--run-dir", run_dir).stdout
