@@ -32,8 +32,12 @@ def peer_access(a: int, b: int) -> bool | None:
     nv = nvml()
     if nv is None:
         return None
-    status = nv.nvmlDeviceGetP2PStatus(nv.nvmlDeviceGetHandleByIndex(a), nv.nvmlDeviceGetHandleByIndex(b),
-                                       nv.NVML_P2P_CAPS_INDEX_READ)
+    try:
+        status = nv.nvmlDeviceGetP2PStatus(nv.nvmlDeviceGetHandleByIndex(a), nv.nvmlDeviceGetHandleByIndex(b),
+                                           nv.NVML_P2P_CAPS_INDEX_READ)
+    except Exception as exc:  # noqa: BLE001 — an NVML error (a lost GPU, MIG): cannot say
+        log.warning("NVML: peer access of GPUs %d and %d: %s", a, b, exc)
+        return None
     return status == nv.NVML_P2P_STATUS_OK
 
 
@@ -48,9 +52,12 @@ def figures(gpu: int) -> GpuFigures | None:
     nv = nvml()
     if nv is None:
         return None
-    handle = nv.nvmlDeviceGetHandleByIndex(gpu)
-    memory = nv.nvmlDeviceGetMemoryInfo(handle)
-    return GpuFigures(int(memory.used), int(memory.total), int(nv.nvmlDeviceGetUtilizationRates(handle).gpu))
+    try:
+        handle = nv.nvmlDeviceGetHandleByIndex(gpu)
+        memory = nv.nvmlDeviceGetMemoryInfo(handle)
+        return GpuFigures(int(memory.used), int(memory.total), int(nv.nvmlDeviceGetUtilizationRates(handle).gpu))
+    except Exception:  # noqa: BLE001 — an NVML error (utilisation is not reported under MIG): no figures
+        return None
 
 
 def unreachable_pairs(pairs: list[tuple[str, int, str, int]]) -> list[str]:

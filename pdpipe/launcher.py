@@ -163,7 +163,8 @@ class Launcher:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpus if inst.tp == 1 else inst.gpus[rank:rank + 1]))
         if inst is not None and inst.tp > 1:  # every rank of one start of the group meets at one fresh file
             self._tp_starts[instance] = self._tp_starts.get(instance, 0) + (rank == 0)
-            env[TP_STORE_ENV] = str(self.paths.run_dir / f"tp-{instance}-{self._tp_starts[instance]}.store")
+            store = f"tp-{instance}-{os.getpid()}-{self._tp_starts[instance]}.store"  # this launch's, this start's
+            env[TP_STORE_ENV] = str(self.paths.run_dir / store)
         with open(log_path, "ab" if again else "wb") as logf:
             if again:
                 logf.write(f"\n==== pdpipe: restarting {name} ====\n".encode())
@@ -304,10 +305,19 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 log.warning("the api did not stop in %.0f s; killing it", self.cfg.api.drain_s + timeout)
                 c.popen.kill()
+        # ranks > 0 of a tensor-parallel instance are stopped by their rank 0 (so that it never waits on a
+        # dead peer): they are told last, when whatever is left of them has to go
         for c in reversed(self.children):
-            if c.popen.poll() is None:
+            if c.popen.poll() is None and c.role != "rank":
                 c.popen.terminate()
         deadline = time.monotonic() + timeout
+        for c in self.children:
+            if c.role != "rank":
+                continue
+            try:
+                c.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.popen.terminate()
         for c in self.children:
             try:
                 c.popen.wait(max(0.1, deadline - time.monotonic()))
@@ -333,7 +343,7 @@ class Launcher:
                 c.popen.send_signal(signal.SIGUSR1)
 
     def _clean_leftovers(self) -> None:
-        for path in (*self.paths.socket_files(), *self.paths.pool_files()):
+        for path in (*self.paths.socket_files(), *self.paths.pool_files(), *self.paths.run_dir.glob("tp-*.store")):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.paths.run_dir / "pools", ignore_errors=True)
 

@@ -267,6 +267,8 @@ class PoolInfo(Msg, frozen=True):  # engine → transfer (through the run direct
     pid: int = 0  # the engine process that made it: a restarted engine's pool is another, at the same path
     rank: int = 0  # a tensor-parallel instance has a pool per rank, holding these key/value heads
     kv_heads: list[int] = []  # (the whole model's head ids; empty: all of them, in order)
+    tp: int = 1  # ... of its `tp` ranks, all from one start of the group (`group`)
+    group: str = ""
 
 
 class Forward(Msg, frozen=True):  # a local process → its machine's relay: deliver to a process on another machine

@@ -231,9 +231,12 @@ def pool_info(name: str, engine, pool_path: Path, tp) -> PoolInfo:
                     dtype=engine.spec.dtype, pid=os.getpid())
     if tp is None:
         return info
+    from pdpipe.config import TP_STORE_ENV
+
     whole = load_spec(engine.model_dir)
     heads = list(kv_heads_of(tp.rank, tp.size, whole.num_heads, whole.num_kv_heads))
-    return msgspec.structs.replace(info, rank=tp.rank, kv_heads=heads)
+    return msgspec.structs.replace(info, rank=tp.rank, kv_heads=heads, tp=tp.size,
+                                   group=Path(os.environ[TP_STORE_ENV]).name)
 
 
 def join_tp_group(name: str, size: int, device: str):
@@ -271,7 +274,10 @@ def run_rank(role: str, name: str, run_dir: str) -> None:
     try:
         engine = LLMEngine(engine_cfg, pool_path=str(pool_path), tp=tp)
         if inst.role != "mixed":  # the transfer writes into (or reads from) this rank's heads too
-            proc.out.send(transfer_name(proc.cfg.cluster.machine), pool_info(name, engine, pool_path, tp))
+            info = pool_info(name, engine, pool_path, tp)
+            (proc.paths.run_dir / "pools").mkdir(exist_ok=True)
+            (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
+            proc.out.send(transfer_name(proc.cfg.cluster.machine), info)
         proc.ready()
         engine.runner.follow()
     finally:
@@ -401,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("%s failed", name)
         return 1
+    if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+        # a rank of a tensor-parallel instance: gloo's threads can abort the interpreter's teardown
+        # ("terminate called without an active exception"), which would read as a crash
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

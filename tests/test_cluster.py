@@ -90,8 +90,9 @@ def test_prefill_on_a_decode_on_b_equals_single_machine(hosts, model_dir):
     assert (entry.role, entry.machine) == ("decode", "b")
     pool = Registry(hosts.redis.url(hosts.addr_a), "default", 3.0).pool("b-decode-0")
     assert pool.segment.startswith(hosts.addr_b + ":") and pool.shape[2] == 128
-    moved = snap["transfers"]["transfer-a"]["bytes_moved"]
-    assert moved > 0, "the KV crossed from host A to host B"
+    # the transfer's figures come with its stats, five times a second
+    assert wait_until(lambda: snapshot(a)["transfers"]["transfer-a"]["bytes_moved"] > 0,
+                      what="the KV crossed from host A to host B")
     assert wait_until(lambda: all_free(a), what="all blocks free on both hosts")
 
 

@@ -3,6 +3,8 @@ runs the forward pass (a captured CUDA graph for decode batches on GPU), and ret
 positions that sample."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pdpipe.models.decoder import AttentionMetadata, CausalLM
@@ -25,6 +27,7 @@ def decode_splits(max_seq_len: int, batch: int, kv_heads: int) -> int:
 # sweep of other counts avoids it; benchmarks/RESULTS.md): with padding the counts are few enough for
 # the warm-up to run them all.
 TOKEN_PAD = 32
+log = logging.getLogger("pdpipe")
 
 
 class ModelRunner:
@@ -135,11 +138,17 @@ class ModelRunner:
         """A rank other than 0: runs every step rank 0 hands over, until it hands over None."""
         assert self.tp is not None and self.tp.rank > 0
         while (step := self.tp.broadcast(None)) is not None:
-            self._forward(*step)
+            try:
+                self._forward(*step)
+            except Exception:  # noqa: BLE001 — rank 0 met the same failure: it re-runs or fails the request
+                log.exception("rank %d: a step failed", self.tp.rank)
 
     def stop_followers(self) -> None:
         if self.tp is not None and self.tp.rank == 0:
-            self.tp.broadcast(None)
+            try:
+                self.tp.broadcast(None)
+            except Exception as exc:  # noqa: BLE001 — a rank already gone: nothing to stop
+                log.info("stopping the other ranks: %s", exc)
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:

@@ -38,9 +38,16 @@ class ShmTransfer(GroupedBackend):
         self._checked = {pair for pair in self._checked if pool.instance not in pair}
 
     def _ranks(self, instance: str, job: TransferJob) -> dict[int, tuple[torch.Tensor, PoolInfo]]:
+        """Every rank's pool of `instance`, all from one start of its group (else the job fails: copying
+        some ranks' heads only would decode from stale KV)."""
         ranks = self.pools.get(instance)
         if not ranks:
             raise TransferError(f"request {job.request_id}: no KV pool registered for {instance}")
+        first = ranks[min(ranks)][1]
+        if sorted(ranks) != list(range(first.tp)) or len({info.group for _, info in ranks.values()}) > 1:
+            have = ", ".join(f"{r} ({info.group or 'no group'})" for r, (_, info) in sorted(ranks.items()))
+            raise TransferError(f"request {job.request_id}: {instance}'s {first.tp} rank pools are not all known "
+                                f"from one start (have ranks {have})")
         return ranks
 
     @staticmethod

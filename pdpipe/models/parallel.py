@@ -105,5 +105,5 @@ def shard_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec, par: Tenso
             t = torch.zeros_like(t)  # added once, after the sum
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
             t = t[vocab]
-        out[name] = t.contiguous()
+        out[name] = t.clone()  # its own storage: the whole tensor is not kept alive behind a view
     return out

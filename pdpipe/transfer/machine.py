@@ -78,6 +78,11 @@ class MachineTransfer(TransferBackend):
             return
         self.local.register_pool(pool)
         self.local_names.add(pool.instance)
+        if pool.tp > 1 and pool.rank == 0:  # its other ranks too, as they last wrote themselves down
+            for rank in range(1, pool.tp):
+                path = self.pools_dir / f"{pool.instance}.rank{rank}.json"
+                if path.is_file():
+                    self.local.register_pool(msgspec.json.decode(path.read_bytes(), type=PoolInfo))
         if self.remote is not None and self._exposed.get(pool.instance) != pool:  # new, or its engine restarted
             published = self.remote.expose(pool, _pool_tensor(pool))
             self._exposed[pool.instance] = pool
