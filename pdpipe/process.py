@@ -273,6 +273,8 @@ def run_rank(role: str, name: str, run_dir: str) -> None:
     pool_path = proc.paths.pool(name)
     try:
         engine = LLMEngine(engine_cfg, pool_path=str(pool_path), tp=tp)
+        proc.role = inst.role  # its heartbeat speaks for its instance: a frozen rank freezes the instance
+        proc.start_heartbeat()
         if inst.role != "mixed":  # the transfer writes into (or reads from) this rank's heads too
             info = pool_info(name, engine, pool_path, tp)
             (proc.paths.run_dir / "pools").mkdir(exist_ok=True)

@@ -510,3 +510,38 @@ def test_queues_marks_old_figures_and_lists_an_instance_that_is_down():
     lines = {line.split()[0]: line for line in format_queues(core.snapshot()).splitlines()[2:6]}
     assert "figures 4 s old" in lines["decode-1"] and "old" not in lines["decode-0"]
     assert "(down)" in lines["prefill-0"] and "(down)" not in lines["decode-1"]
+
+
+def test_a_silent_rank_takes_its_instance_out_and_back():
+    """decode-0 has two ranks, each beating; rank 1 freezes (rank 0 then waits in a collective, yet its
+    own heartbeat goes on): decode-0 is routed around and its requests fail; when rank 1 beats again
+    the instance rejoins. A death after the freeze is the launcher's to bring back."""
+    from pdpipe.messages import EngineOutput, Heartbeat, ProcessDown
+
+    now = [100.0]
+    core, sent = make(clock=lambda: now[0])
+    beating = [*ROLES.items(), ("decode-0.rank1", "decode")]
+    for name, role in beating:
+        core.handle(Heartbeat(instance=name, role=role))
+    for rid in "abcd":
+        new(core, rid)
+    on = {m.request_id: dest for dest, m in dispatched(sent, Reserve)}
+    now[0] += 6.0
+    for name, role in beating:
+        if name != "decode-0.rank1":
+            core.handle(Heartbeat(instance=name, role=role))
+    sent.clear()
+    core.tick()
+    failed = {m.request_id: m.error for _, m in dispatched(sent, EngineOutput)}
+    assert set(failed) == {r for r, d in on.items() if d == "decode-0"}
+    assert all("decode-0.rank1: no report" in e for e in failed.values())
+    assert core.snapshot()["down"] == {"decode-0": "decode"}
+    core.handle(Heartbeat(instance="decode-0.rank1", role="decode"))  # it thaws
+    assert not core.snapshot()["down"]
+    now[0] += 6.0
+    for name, role in ROLES.items():
+        core.handle(Heartbeat(instance=name, role=role))
+    core.tick()  # rank 1 silent again, then the launcher sees the instance die: it restarts it
+    core.handle(ProcessDown(name="decode-0", role="decode", detail="signal 9"))
+    core.handle(Heartbeat(instance="decode-0.rank1", role="decode"))  # the new rank 1, before rank 0 is ready
+    assert core.snapshot()["down"] == {"decode-0": "decode"}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from pdpipe.config import DeadlineConfig, RoutingConfig, transfer_name
+from pdpipe.config import DeadlineConfig, RoutingConfig, tp_group_of, transfer_name
 from pdpipe.messages import (
     AbortRequest,
     AbortTransfer,
@@ -94,7 +94,8 @@ class SchedulerCore(Handler):
         self.decisions: Counter[str] = Counter()  # where prompts were computed: remote, local
         self.down: dict[str, tuple[str, str]] = {}  # dead local instances being restarted → (role, machine)
         self.heard: dict[str, float] = {}  # a process that heartbeats → when it last did (this clock)
-        self.silent: set[str] = set()  # ... those down because they stopped reporting (frozen)
+        self.silent: set[str] = set()  # processes (or ranks) that stopped reporting
+        self.frozen: set[str] = set()  # instances down because one of their processes is silent
         self.stats_at: dict[str, float] = {}  # when each process's latest stats came (this clock)
         self._numbers = itertools.count()
 
@@ -132,7 +133,10 @@ class SchedulerCore(Handler):
         """The launcher saw a local process die (it restarts it). An engine leaves routing until it is
         back; every request that needed it, or the dead transfer's copies, fails now and each surviving
         holder frees; a dead front-end's requests have no client left, so they are aborted."""
-        what = "stopped reporting" if msg.name in self.silent else "died"
+        if msg.name in self.down and msg.name in self.frozen:  # frozen, then died: the launcher brings it back
+            self.frozen.discard(msg.name)
+            self.silent = {n for n in self.silent if tp_group_of(n)[0] != msg.name}
+        what = "stopped reporting" if msg.name in self.frozen else "died"
         why = f"{msg.name} {what}: {msg.detail}" if msg.detail else f"{msg.name} {what}"
         if msg.role == "api":
             for rec in list(self.live.values()):
@@ -162,10 +166,14 @@ class SchedulerCore(Handler):
         self._pump()
 
     def _heard(self, name: str, role: str) -> None:
+        """`name` is a process, or a rank > 0 of an instance ("decode-0.rank1"), which speaks for it."""
         self.heard[name] = self.clock()
         if name in self.silent:  # a frozen process reports again: it rejoins
             self.silent.discard(name)
-            self._on_ProcessUp(ProcessUp(name=name, role=role))
+            instance = tp_group_of(name)[0]
+            if instance in self.frozen and not any(tp_group_of(n)[0] == instance for n in self.silent):
+                self.frozen.discard(instance)
+                self._on_ProcessUp(ProcessUp(name=instance, role=role))
 
     # ---- messages ----------------------------------------------------------------------------
     def _on_AbortRequest(self, msg: AbortRequest) -> None:
@@ -410,11 +418,15 @@ class SchedulerCore(Handler):
         now = self.clock()
         limit = self.deadlines.heartbeat
         for name, when in list(self.heard.items()):
-            stats = self.stats.get(name)
-            role = stats.role if stats else self.roles.get(name, "")
-            if now - when > limit and name not in self.down and role in ("prefill", "decode", "mixed", "transfer"):
+            instance = tp_group_of(name)[0]  # a silent rank takes its instance with it
+            stats = self.stats.get(instance)
+            role = stats.role if stats else self.roles.get(instance, "")
+            if now - when > limit and name not in self.silent and role in ("prefill", "decode", "mixed", "transfer"):
                 self.silent.add(name)
-                self._on_ProcessDown(ProcessDown(name=name, role=role, detail=f"no report for {limit:g} s"))
+                if instance not in self.down:
+                    self.frozen.add(instance)
+                    what = f"{name}: no report" if name != instance else "no report"
+                    self._on_ProcessDown(ProcessDown(name=instance, role=role, detail=f"{what} for {limit:g} s"))
         for rec in list(self.live.values()):
             deadline = getattr(self.deadlines, rec.state.lower(), None)
             if deadline is not None and now - rec.since > deadline:
