@@ -459,9 +459,7 @@ def test_a_silent_engine_is_routed_around_and_rejoins_when_it_reports_again():
     for name, role in ROLES.items():
         if name != "decode-0":
             report(core, name, role)  # stats count as beats too
-    sent.clear()
-    core.tick()
-    failed = {m.request_id: m.error for _, m in dispatched(sent, EngineOutput)}
+    failed = tick_and_fail(core, sent)
     assert set(failed) == {r for r, d in on.items() if d == "decode-0"}
     assert all("decode-0 stopped reporting" in e for e in failed.values())
     assert core.snapshot()["down"] == {"decode-0": "decode"}
@@ -516,7 +514,7 @@ def test_a_silent_rank_takes_its_instance_out_and_back():
     """decode-0 has two ranks, each beating; rank 1 freezes (rank 0 then waits in a collective, yet its
     own heartbeat goes on): decode-0 is routed around and its requests fail; when rank 1 beats again
     the instance rejoins. A death after the freeze is the launcher's to bring back."""
-    from pdpipe.messages import EngineOutput, Heartbeat, ProcessDown
+    from pdpipe.messages import Heartbeat, ProcessDown
 
     now = [100.0]
     core, sent = make(clock=lambda: now[0])
@@ -530,9 +528,7 @@ def test_a_silent_rank_takes_its_instance_out_and_back():
     for name, role in beating:
         if name != "decode-0.rank1":
             core.handle(Heartbeat(instance=name, role=role))
-    sent.clear()
-    core.tick()
-    failed = {m.request_id: m.error for _, m in dispatched(sent, EngineOutput)}
+    failed = tick_and_fail(core, sent)
     assert set(failed) == {r for r, d in on.items() if d == "decode-0"}
     assert all("decode-0.rank1: no report" in e for e in failed.values())
     assert core.snapshot()["down"] == {"decode-0": "decode"}
@@ -545,3 +541,12 @@ def test_a_silent_rank_takes_its_instance_out_and_back():
     core.handle(ProcessDown(name="decode-0", role="decode", detail="signal 9"))
     core.handle(Heartbeat(instance="decode-0.rank1", role="decode"))  # the new rank 1, before rank 0 is ready
     assert core.snapshot()["down"] == {"decode-0": "decode"}
+
+
+def tick_and_fail(core, sent) -> dict[str, str]:
+    """The requests one tick fails, with their errors."""
+    from pdpipe.messages import EngineOutput
+
+    sent.clear()
+    core.tick()
+    return {m.request_id: m.error for _, m in dispatched(sent, EngineOutput)}
