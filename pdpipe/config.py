@@ -2,7 +2,7 @@
 name the field. The CLI is generated from their fields (see `pdpipe.cli_args`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pdpipe.models.spec import DTYPES
 
@@ -89,9 +89,9 @@ class DeadlineConfig:
                 "between machines) ends with an error, and its request is aborted"})
 
     def __post_init__(self):
-        for name in ("queued", "reserved", "prefilling", "transferring", "decoding", "heartbeat", "copy", "token_gap"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"deadlines.{name}: must be > 0 seconds, got {getattr(self, name)}")
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"deadlines.{f.name}: must be > 0 seconds, got {getattr(self, f.name)}")
 
 
 DISAGGREGATION = ("always", "conditional")

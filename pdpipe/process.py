@@ -22,7 +22,7 @@ import msgspec
 import zmq
 
 from pdpipe import envs
-from pdpipe.config import LaunchConfig, transfer_name
+from pdpipe.config import TP_STORE_ENV, LaunchConfig, tp_group_of, transfer_name
 from pdpipe.messages import (
     Forward,
     Handler,
@@ -175,18 +175,7 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
     from pdpipe.engine.worker import EngineWorker
 
     proc = ProcessBase(role, name, run_dir)
-    inst = dict(proc.cfg.named_instances())[name]
-    engine_cfg = proc.cfg.engine
-    if inst.num_blocks:
-        engine_cfg = replace(engine_cfg, cache=replace(engine_cfg.cache, num_blocks=inst.num_blocks))
-    if role == "decode":  # the prompts it computes itself (conditional disaggregation) go in small chunks
-        engine_cfg = replace(engine_cfg, scheduler=replace(engine_cfg.scheduler,
-                                                           max_prefill_tokens=proc.cfg.routing.local_step_tokens))
-    if engine_cfg.device.startswith("cuda"):
-        # the launcher made only this instance's GPUs visible; a prefill engine decodes only whole
-        # requests (routing.decode_busy_ms)
-        decodes = role != "prefill" or proc.cfg.routing.decode_busy_ms > 0
-        engine_cfg = replace(engine_cfg, device="cuda:0", cuda_graphs=engine_cfg.cuda_graphs and decodes)
+    inst, engine_cfg = engine_config(proc.cfg, name)
     pool_path = proc.paths.pool(name)
     tp = join_tp_group(name, inst.tp, engine_cfg.device)
     try:
@@ -198,16 +187,7 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         sender = SenderThread(proc.ctx, proc.paths, proc.out.local) if role == "prefill" else None
         worker = EngineWorker(name, role, engine, sender.send if sender else proc.out.send,
                               transfer=transfer_name(proc.cfg.cluster.machine))
-        info = pool_info(name, engine, pool_path, tp)
-        if engine.gpu_pool is not None:
-            from pdpipe.ipc.cuda import physical_gpu
-
-            handle, offset = engine.gpu_pool.export()
-            info = msgspec.structs.replace(info, path="", gpu=physical_gpu(0), ipc_handle=handle, ipc_offset=offset)
-        (proc.paths.run_dir / "pools").mkdir(exist_ok=True)
-        (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
-        if role != "mixed":  # the machine's transfer process maps (and, across machines, publishes) it now
-            proc.out.send(transfer_name(proc.cfg.cluster.machine), info)
+        announce_pool(proc, name, role, pool_info(name, engine, pool_path, tp))
         proc.start_heartbeat()
         proc.ready()
         run_worker_loop(proc, inbox, worker)
@@ -220,19 +200,50 @@ def run_engine(role: str, name: str, run_dir: str) -> None:
         proc.close()
 
 
+def engine_config(cfg: LaunchConfig, name: str):
+    """(the instance's config, the engine config its processes run) for the engine process `name` (a
+    rank > 0 gets its instance's)."""
+    instance = tp_group_of(name)[0]
+    inst = dict(cfg.named_instances())[instance]
+    engine_cfg = cfg.engine
+    if inst.num_blocks:
+        engine_cfg = replace(engine_cfg, cache=replace(engine_cfg.cache, num_blocks=inst.num_blocks))
+    if inst.role == "decode":  # the prompts it computes itself (conditional disaggregation) go in small chunks
+        engine_cfg = replace(engine_cfg, scheduler=replace(engine_cfg.scheduler,
+                                                           max_prefill_tokens=cfg.routing.local_step_tokens))
+    if engine_cfg.device.startswith("cuda"):
+        # the launcher made only this process's GPUs visible; a prefill engine decodes only whole
+        # requests (routing.decode_busy_ms)
+        decodes = inst.role != "prefill" or cfg.routing.decode_busy_ms > 0
+        engine_cfg = replace(engine_cfg, device="cuda:0", cuda_graphs=engine_cfg.cuda_graphs and decodes)
+    return inst, engine_cfg
+
+
+def announce_pool(proc: ProcessBase, name: str, role: str, info: PoolInfo) -> None:
+    """Writes the pool down in the run directory (a restarted transfer reads it there) and hands it to
+    the machine's transfer process, which maps (and, across machines, publishes) it now."""
+    (proc.paths.run_dir / "pools").mkdir(exist_ok=True)
+    (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
+    if role != "mixed":
+        proc.out.send(transfer_name(proc.cfg.cluster.machine), info)
+
+
 def pool_info(name: str, engine, pool_path: Path, tp) -> PoolInfo:
-    """What the transfer needs of this engine's pool: where, its shape, and, for a rank of a
-    tensor-parallel instance, which rank it is and the key/value heads it holds."""
-    from pdpipe.config import tp_group_of
+    """What the transfer needs of this engine's pool: where (a shared-memory file, or a CUDA IPC
+    handle), its shape, and, for a rank of a tensor-parallel instance, which rank it is and the
+    key/value heads it holds."""
     from pdpipe.models.parallel import kv_heads_of
     from pdpipe.models.spec import load_spec
 
     info = PoolInfo(instance=tp_group_of(name)[0], path=str(pool_path), shape=list(engine.kv_cache.data.shape),
                     dtype=engine.spec.dtype, pid=os.getpid())
+    if engine.gpu_pool is not None:
+        from pdpipe.ipc.cuda import physical_gpu
+
+        handle, offset = engine.gpu_pool.export()
+        info = msgspec.structs.replace(info, path="", gpu=physical_gpu(0), ipc_handle=handle, ipc_offset=offset)
     if tp is None:
         return info
-    from pdpipe.config import TP_STORE_ENV
-
     whole = load_spec(engine.model_dir)
     heads = list(kv_heads_of(tp.rank, tp.size, whole.num_heads, whole.num_kv_heads))
     return msgspec.structs.replace(info, rank=tp.rank, kv_heads=heads, tp=tp.size,
@@ -245,7 +256,6 @@ def join_tp_group(name: str, size: int, device: str):
         return None
     import torch.distributed as dist
 
-    from pdpipe.config import TP_STORE_ENV, tp_group_of
     from pdpipe.models.parallel import TensorParallel
 
     rank = tp_group_of(name)[1]
@@ -257,29 +267,18 @@ def join_tp_group(name: str, size: int, device: str):
 def run_rank(role: str, name: str, run_dir: str) -> None:
     """A rank > 0 of a tensor-parallel instance: its share of the model and of the KV heads, running
     each step rank 0 hands over until rank 0 says stop (or dies: the launcher restarts the group)."""
-    from pdpipe.config import tp_group_of
     from pdpipe.engine.engine import LLMEngine
 
     proc = ProcessBase(role, name, run_dir)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # it waits inside collectives: end at once when told
-    instance = tp_group_of(name)[0]
-    inst = dict(proc.cfg.named_instances())[instance]
-    engine_cfg = proc.cfg.engine
-    if inst.num_blocks:
-        engine_cfg = replace(engine_cfg, cache=replace(engine_cfg.cache, num_blocks=inst.num_blocks))
-    if engine_cfg.device.startswith("cuda"):
-        engine_cfg = replace(engine_cfg, device="cuda:0")
+    inst, engine_cfg = engine_config(proc.cfg, name)
     tp = join_tp_group(name, inst.tp, engine_cfg.device)
     pool_path = proc.paths.pool(name)
     try:
         engine = LLMEngine(engine_cfg, pool_path=str(pool_path), tp=tp)
         proc.role = inst.role  # its heartbeat speaks for its instance: a frozen rank freezes the instance
         proc.start_heartbeat()
-        if inst.role != "mixed":  # the transfer writes into (or reads from) this rank's heads too
-            info = pool_info(name, engine, pool_path, tp)
-            (proc.paths.run_dir / "pools").mkdir(exist_ok=True)
-            (proc.paths.run_dir / "pools" / f"{name}.json").write_bytes(msgspec.json.encode(info))
-            proc.out.send(transfer_name(proc.cfg.cluster.machine), info)
+        announce_pool(proc, name, inst.role, pool_info(name, engine, pool_path, tp))  # the transfer moves its heads too
         proc.ready()
         engine.runner.follow()
     finally:

@@ -195,7 +195,8 @@ class LLMEngine:
         outputs = [self._output(seq, []) for seq in sched.finished]
         if not sched.chunks:
             return outputs
-        drawn = {c.seq: c.seq.generator.get_state() for c in sched.chunks if c.seq.generator is not None}
+        drawn = {c.seq: c.seq.generator.get_state() for c in sched.chunks  # only a failure uses them
+                 if c.samples and c.seq.generator is not None and not c.seq.params.greedy}
         try:
             samples = self._forward_and_sample(sched, on_schedule)
         except Exception as exc:  # noqa: BLE001 — the request at fault fails alone, found below
