@@ -1,7 +1,8 @@
 """How much slower is a prefill that finds its machine idle? The same prompt is computed by the
 8B-shaped engine back to back, then after an idle while (as a lightly loaded prefill instance idles
 between requests): with the process asleep (CPU and GPU idle), or spinning on the CPU (GPU idle
-only). The SM clock is read through NVML just before each prompt, and the host time the forward
+only); and asleep with the prefill instance's per-layer announcements on (an event recorded per group
+of layers, a sender thread waiting on it and sending to an inbox nobody reads). The SM clock is read through NVML just before each prompt, and the host time the forward
 pass takes to launch (a short prompt's step is bound by it) is timed apart from the whole.
 
     python benchmarks/idle_gpu_probe.py [--tokens 2048,320]   (GPU machine, the 8B-shaped folder)
@@ -49,12 +50,38 @@ def main() -> None:
 
     engine.runner.execute = timed_execute
 
+    import tempfile
+
+    import zmq
+
+    from pdpipe.engine.worker import LAYER_MESSAGE_TOKENS
+    from pdpipe.messages import LayersReady
+    from pdpipe.wire import RunPaths, SenderThread
+
+    sender = SenderThread(zmq.Context.instance(), RunPaths(tempfile.mkdtemp()))
+    announce = False
+
+    def on_schedule(sched):
+        tokens = sum(c.num_tokens for c in sched.chunks)
+        pending = [0]
+
+        def on_layer(layer: int) -> None:
+            pending[0] += 1
+            if layer < engine.spec.num_layers - 1 and tokens * pending[0] < LAYER_MESSAGE_TOKENS:
+                return
+            event = torch.cuda.Event()
+            event.record()
+            sender.send("nobody", LayersReady(request_ids=["probe"], layer=layer, count=pending[0]), after=event)
+            pending[0] = 0
+
+        return on_layer if announce else None
+
     def prefill(prompt) -> tuple[float, int, float]:
         clock = pynvml.nvmlDeviceGetClockInfo(gpu, pynvml.NVML_CLOCK_SM)
         start = time.perf_counter()
         engine.add_request("probe", prompt, params)
         while engine.has_unfinished():
-            engine.step()
+            engine.step(on_schedule)
         return (time.perf_counter() - start) * 1e3, clock, launch_ms[-1]
 
     def spin(seconds: float) -> None:
@@ -65,16 +92,17 @@ def main() -> None:
     for n in (int(x) for x in args.tokens.split(",")):
         prompt = torch.randint(0, engine.spec.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         print(f"--- {n}-token prompt")
-        print(f"{'idle before (ms)':>16} {'how':>6} {'prefill ms (median of 5)':>25} {'of it launching':>16} "
+        print(f"{'idle before (ms)':>16} {'how':>8} {'prefill ms (median of 5)':>25} {'of it launching':>16} "
               f"{'SM MHz before':>14}")
         for idle in IDLE_S:
-            for how, wait in (("sleep", time.sleep), ("spin", spin)):
+            for how, wait in (("sleep", time.sleep), ("spin", spin), ("announce", time.sleep)):
+                announce = how == "announce"
                 runs = []
                 for _ in range(5):
                     prefill(prompt)  # the machine busy right before the idle period
                     wait(idle)
                     runs.append(prefill(prompt))
-                print(f"{idle * 1e3:>16.0f} {how:>6} {statistics.median(r[0] for r in runs):>25.1f} "
+                print(f"{idle * 1e3:>16.0f} {how:>8} {statistics.median(r[0] for r in runs):>25.1f} "
                       f"{statistics.median(r[2] for r in runs):>16.1f} {statistics.median(r[1] for r in runs):>14.0f}",
                       flush=True)
 
