@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
     bench) timeout ${BENCH_S:-540} python3 benchmarks/gpu_bench.py --only "$2" 2>&1 | tee "$OUT/bench_${2//,/_}.log" | tail -80
            tar czf "$OUT/bench_logs.tgz" /tmp/pdb-*/logs 2>/dev/null; shift 2 ;;
     probe) python3 benchmarks/gil_probe.py 2>&1 | tee "$OUT/gil_probe.log"; shift ;;
-    idle) python3 benchmarks/idle_gpu_probe.py 2>&1 | tee "$OUT/idle_gpu_probe.log"; shift ;;
+    idle) python3 benchmarks/idle_gpu_probe.py ${IDLE_ARGS:-} 2>&1 | tee "$OUT/idle_gpu_probe.log"; shift ;;
     lengths) python3 benchmarks/new_length_probe.py 2>&1 | grep -v Warn | tee "$OUT/new_length_probe.log" | head -60; shift ;;
     prefill) timeout ${PREFILL_S:-240} python3 benchmarks/prefill_service.py --input-len "$2" --prompts "$3" \
                --out "$OUT/prefill_${2/:/-}.json" 2>&1 | tail -3; shift 3 ;;

@@ -27,6 +27,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="2048,320")
+    parser.add_argument("--idle", default=",".join(str(x) for x in IDLE_S), help="idle times, seconds")
+    parser.add_argument("--modes", default="sleep,spin,announce", help="of sleep, spin, announce, keepalive2, "
+                        "keepalive20 (asleep but a tiny kernel every 2 or 20 ms)")
     args = parser.parse_args()
 
     from pdpipe.config import load_launch_config
@@ -89,13 +92,27 @@ def main() -> None:
         while time.perf_counter() < end:
             pass
 
+    tiny = torch.zeros(1, device="cuda")
+
+    def keepalive(every: float):
+        def wait(seconds: float) -> None:
+            end = time.perf_counter() + seconds
+            while (left := end - time.perf_counter()) > 0:
+                tiny.add_(1)
+                time.sleep(min(every, left))
+        return wait
+
+    waits = {"sleep": time.sleep, "spin": spin, "announce": time.sleep, "keepalive2": keepalive(0.002),
+             "keepalive20": keepalive(0.02)}
+
     for n in (int(x) for x in args.tokens.split(",")):
         prompt = torch.randint(0, engine.spec.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         print(f"--- {n}-token prompt")
         print(f"{'idle before (ms)':>16} {'how':>8} {'prefill ms (median of 5)':>25} {'of it launching':>16} "
               f"{'SM MHz before':>14}")
-        for idle in IDLE_S:
-            for how, wait in (("sleep", time.sleep), ("spin", spin), ("announce", time.sleep)):
+        for idle in (float(x) for x in args.idle.split(",")):
+            for how in args.modes.split(","):
+                wait = waits[how]
                 announce = how == "announce"
                 runs = []
                 for _ in range(5):
@@ -105,6 +122,35 @@ def main() -> None:
                 print(f"{idle * 1e3:>16.0f} {how:>8} {statistics.median(r[0] for r in runs):>25.1f} "
                       f"{statistics.median(r[2] for r in runs):>16.1f} {statistics.median(r[1] for r in runs):>14.0f}",
                       flush=True)
+
+    # The same idle gaps before bare work: 600 tiny kernels (launch-bound), and the 8B shape's seven
+    # projections of 32 layers at 320 rows (GPU-bound).
+    x = torch.zeros(1024, device="cuda")
+    a = torch.randn(320, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def launches() -> None:
+        for _ in range(600):
+            x.add_(1)
+
+    def gemms() -> None:
+        for _ in range(32 * 7):
+            torch.mm(a, w)
+
+    for name, work in (("600 tiny kernels", launches), ("224 GEMMs 320x4096x4096", gemms)):
+        print(f"--- {name}: idle ms, host ms to enqueue, ms until done (medians of 7)")
+        for idle in (0.0, 0.05, 0.25, 1.0):
+            enq, done = [], []
+            for _ in range(7):
+                work()
+                torch.cuda.synchronize()
+                time.sleep(idle)
+                start = time.perf_counter()
+                work()
+                enq.append((time.perf_counter() - start) * 1e3)
+                torch.cuda.synchronize()
+                done.append((time.perf_counter() - start) * 1e3)
+            print(f"{idle * 1e3:>8.0f} {statistics.median(enq):>8.2f} {statistics.median(done):>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ class EngineConfig:
         "help": "safetensors; or dummy: random weights of the config's shapes, for benchmarks",
         "choices": ("safetensors", "dummy")})
     cuda_graphs: bool = field(default=True, metadata={"help": "capture decode steps as CUDA graphs (GPU)"})
+    prefill_graph_tokens: int = field(default=512, metadata={
+        "help": "capture steps of whole prompts up to this many tokens as CUDA graphs (GPU; 0: none): "
+                "short prompts are otherwise bound by launching their kernels"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -67,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"load_format: {self.load_format!r}; allowed: safetensors, dummy")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device: {self.device!r}; allowed: cpu, cuda, cuda:N")
+        if self.prefill_graph_tokens < 0:
+            raise ValueError(f"prefill_graph_tokens: must be >= 0, got {self.prefill_graph_tokens}")
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,10 @@ def peer_access(a: int, b: int) -> bool | None:
     nv = nvml()
     if nv is None:
         return None
+    read = nv.NVML_P2P_CAPS_INDEX_READ
+    read = read[0] if isinstance(read, tuple) else read  # nvidia-ml-py defines it as `0,` (a tuple)
     try:
-        status = nv.nvmlDeviceGetP2PStatus(nv.nvmlDeviceGetHandleByIndex(a), nv.nvmlDeviceGetHandleByIndex(b),
-                                           nv.NVML_P2P_CAPS_INDEX_READ)
+        status = nv.nvmlDeviceGetP2PStatus(nv.nvmlDeviceGetHandleByIndex(a), nv.nvmlDeviceGetHandleByIndex(b), read)
     except Exception as exc:  # noqa: BLE001 — an NVML error (a lost GPU, MIG): cannot say
         log.warning("NVML: peer access of GPUs %d and %d: %s", a, b, exc)
         return None

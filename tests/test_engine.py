@@ -302,3 +302,47 @@ def test_gemm_warm_up_runs_every_projection_at_every_padded_count(model_dir, mon
         assert {m for m, s, b in seen if (s, b) == (shape, bias)} == {1, 2, 3, 4, 5, 32, 64, 96, 128}
     head = tuple(model.lm_head.weight.shape)
     assert {m for m, s, _ in seen if s == head} == {1, 2, 3, 4, 5}
+
+
+def test_prefill_graph_sizes_cover_every_count_with_little_padding():
+    from pdpipe.engine.model_runner import prefill_graph_sizes
+
+    sizes = prefill_graph_sizes(512)
+    assert sizes == [*range(32, 257, 32), 320, 384, 448, 512]
+    sizes = prefill_graph_sizes(1000)
+    assert sizes[-1] == 1024 and sizes == sorted(set(sizes)) and all(s % 32 == 0 for s in sizes)
+    for n in range(1, 1001):
+        size = next(s for s in sizes if s >= n)
+        assert size - n < 32 or size - n <= n // 4, (n, size)
+    assert prefill_graph_sizes(20) == [32]
+
+
+def test_prefill_graph_layout_computes_what_the_eager_step_does(model_dir):
+    """A step of whole prompts laid out as a prefill graph reads it (padded rows in no prompt, empty
+    prompts after the real ones, sampled rows picked by index): the same logits as the eager step, and
+    the padding writes no block. The CPU twin of the GPU graph (same layout, reference kernels)."""
+    from pdpipe.engine.model_runner import pack_prompts
+    from pdpipe.models.decoder import AttentionMetadata
+
+    engine = make_engine(model_dir("llama"), num_blocks=64, block_size=8, max_num_batched_tokens=150)
+    prompts = make_prompts(384, lengths=(3, 37, 50, 70), seed=5)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    out = engine.scheduler.schedule()
+    assert [c.start for c in out.chunks] == [0, 0, 0, 0] and out.chunks[-1].samples is False  # the 70 split at 150
+    eager, seqs = engine.runner.execute(out)
+    kv_before = engine.runner.kv_cache.data.clone()
+    packed = pack_prompts(out.chunks, 8, size=192, max_seqs=6)
+    cu = packed["cu"]
+    assert len(packed["ids"]) == 192 and packed["slots"][out.num_tokens:] == [-1] * (192 - out.num_tokens)
+    assert cu[-3:] == [out.num_tokens] * 3 and packed["rows"] == [2, 39, 89, 0, 0, 0]
+    bounds = cu[: len(out.chunks) + 1]
+    meta = AttentionMetadata(slot_mapping=torch.tensor(packed["slots"]), block_tables=engine.runner.prepare(out)[2]
+                             .block_tables, query_start_loc=bounds, seq_lens=[b - a for a, b in zip(bounds, bounds[1:])])
+    model = engine.runner.model
+    hidden = model(torch.tensor(packed["ids"]), torch.tensor(packed["pos"]), engine.runner.kv_layers, meta)
+    graphed = model.logits(hidden[torch.tensor(packed["rows"][: len(seqs)])])
+    torch.testing.assert_close(graphed, eager)
+    theirs = {b for c in out.chunks for b in c.seq.block_table}
+    others = torch.tensor([b for b in range(64) if b not in theirs])
+    assert torch.equal(kv_before[:, :, others], engine.runner.kv_cache.data[:, :, others])

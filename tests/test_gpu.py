@@ -365,6 +365,39 @@ def test_cuda_graph_decode_equals_eager(model_dir):
         assert a.token_ids == b.token_ids
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_prefill_graphs_equal_eager_steps(model_dir, arch):
+    """Steps of whole prompts replaying prefill graphs (five prompts in one step; then a prompt longer
+    than the graphs, which runs eagerly) give the eager steps' tokens, and logprobs within bf16's
+    rounding of theirs."""
+    from pdpipe.engine.model_runner import PrefillGraphs
+
+    groups = [make_prompts(384, lengths=(3, 17, 40, 8, 25), seed=6), make_prompts(384, lengths=(300,), seed=7)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
+    replays = []
+    run = PrefillGraphs.run
+
+    def counting(self, out):
+        replays.append(out.num_tokens)
+        return run(self, out)
+
+    PrefillGraphs.run = counting
+    try:
+        results = {}
+        for tokens in (256, 0):
+            llm = make_llm(model_dir(arch), device="cuda", dtype="bfloat16", cuda_graphs=False,
+                           prefill_graph_tokens=tokens)
+            assert (llm.engine.runner.prefill_graphs is not None) == (tokens > 0)
+            results[tokens] = [out for group in groups for out in llm.generate(group, params)]
+            assert llm.engine.leak_free()
+    finally:
+        PrefillGraphs.run = run
+    assert replays == [93]  # the five prompts' step; the 300-token prompt ran eagerly
+    for a, b in zip(results[256], results[0]):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
+
+
 def _complete(port, prompt, max_tokens):
     body = json.dumps({"model": "llama", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "ignore_eos": True, "return_token_ids": True}).encode()

@@ -12,13 +12,19 @@ from pdpipe import gpus
 LINKED = {0, 1}  # GPUs 0 and 1 reach each other; GPU 2 reaches neither
 
 
+def _refuse(cap):
+    raise TypeError(f"Don't know how to convert parameter 3 ({cap!r})")  # what ctypes says of a tuple
+
+
 @pytest.fixture
 def fake_nvml(monkeypatch):
     nv = types.SimpleNamespace(
-        NVML_P2P_CAPS_INDEX_READ=0, NVML_P2P_STATUS_OK=0, NVML_P2P_STATUS_NOT_SUPPORTED=5,
+        NVML_P2P_CAPS_INDEX_READ=(0,),  # as nvidia-ml-py defines it (a stray comma makes it a tuple)
+        NVML_P2P_STATUS_OK=0, NVML_P2P_STATUS_NOT_SUPPORTED=5,
         nvmlInit=lambda: None,
         nvmlDeviceGetHandleByIndex=lambda i: i,
-        nvmlDeviceGetP2PStatus=lambda a, b, cap: 0 if {a, b} <= LINKED else 5,
+        nvmlDeviceGetP2PStatus=lambda a, b, cap: (0 if {a, b} <= LINKED else 5) if cap == 0 and type(cap) is int
+        else _refuse(cap),
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=(h + 1) * 3 * 2**29, total=80 * 2**30),
         nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=37 + h),
     )

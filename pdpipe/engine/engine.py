@@ -100,6 +100,9 @@ class LLMEngine:
                                   pad_tokens=TOKEN_PAD if config.device.startswith("cuda") else 1, tp=tp)
         if config.device.startswith("cuda") and config.cuda_graphs and self.runner.tp is None:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
+        if config.device.startswith("cuda") and config.prefill_graph_tokens and self.runner.tp is None:
+            self.runner.capture_prefill_graphs(min(config.prefill_graph_tokens,
+                                                   config.scheduler.max_num_batched_tokens))
         self.sampler = Sampler(self.eos_token_ids)
         self._arrivals = itertools.count()
         self._reserved: dict[str, list[int]] = {}

@@ -1,6 +1,6 @@
 """Runs the model on what the scheduler picked: turns block tables into slot indices and positions,
-runs the forward pass (a captured CUDA graph for decode batches on GPU), and returns the logits of the
-positions that sample."""
+runs the forward pass (on GPU a captured CUDA graph for decode batches, and for batches of a few short
+whole prompts), and returns the logits of the positions that sample."""
 from __future__ import annotations
 
 import logging
@@ -44,6 +44,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.pad_tokens = pad_tokens
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
 
     def warm_gemms(self, max_tokens: int, max_rows: int) -> None:
         """Runs each distinct projection of the model at every padded token count up to `max_tokens`
@@ -72,6 +73,14 @@ class ModelRunner:
 
         kernels.enable_skinny()  # each projection's kernel is chosen by timing during the warm-up runs
         self.graphs = DecodeGraphs(self, max_batch)
+
+    def capture_prefill_graphs(self, max_tokens: int) -> None:
+        """Steps of whole prompts up to `max_tokens` tokens replay CUDA graphs, where the model allows
+        (prompt attention through varlen flash attention, no sliding window)."""
+        from pdpipe.models.decoder import prompt_attention_capturable
+
+        if prompt_attention_capturable(self.model):
+            self.prefill_graphs = PrefillGraphs(self, max_tokens)
 
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.kv_cache.block_size
@@ -123,6 +132,13 @@ class ModelRunner:
         graphs = self.graphs
         if graphs is not None and on_layer_done is None and all_decode and len(out.chunks) <= graphs.max_batch:
             return graphs.run(out), seqs
+        prefills = self.prefill_graphs
+        if prefills is not None and prefills.holds(out):
+            logits = prefills.run(out)
+            if on_layer_done is not None:  # every layer's KV is written once the graph has run
+                for layer in range(self.model.spec.num_layers):
+                    on_layer_done(layer)
+            return logits, seqs
         ids, pos, meta, sample_rows = self.prepare(out)
         if self.tp is not None:
             self.tp.broadcast((ids, pos, meta, sample_rows))
@@ -149,6 +165,21 @@ class ModelRunner:
                 self.tp.broadcast(None)
             except Exception as exc:  # noqa: BLE001 — a rank already gone: nothing to stop
                 log.info("stopping the other ranks: %s", exc)
+
+
+def capture(step, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`step()` captured as a CUDA graph (after two runs on a side stream, as capture needs), with the
+    tensor it returns, which each replay overwrites."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -183,16 +214,7 @@ class DecodeGraphs:
             def step(bs=bs, meta=meta):
                 return model.logits(model(self.ids[:bs], self.pos[:bs], runner.kv_layers, meta))
 
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = step()
-            self.graphs[bs] = (graph, logits)
+            self.graphs[bs] = capture(step, pool)
         torch.cuda.synchronize()
 
     def run(self, out: SchedulerOutput) -> torch.Tensor:
@@ -217,3 +239,83 @@ class DecodeGraphs:
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]
+
+
+def prefill_graph_sizes(max_tokens: int, pad: int = TOKEN_PAD) -> list[int]:
+    """Token counts a prefill graph is captured at: multiples of `pad` up to 256 tokens, of 2 × `pad` up
+    to 512, of 4 × `pad` beyond (a step replays the smallest that holds it: padding costs at most a
+    quarter of a step, mostly much less), and `max_tokens` rounded up to a multiple of `pad`."""
+    sizes, size = [], pad
+    while size < max_tokens:
+        sizes.append(size)
+        size += pad if size < 256 else 2 * pad if size < 512 else 4 * pad
+    return [*sizes, -(-max_tokens // pad) * pad]
+
+
+def pack_prompts(chunks: list, block_size: int, size: int, max_seqs: int) -> dict[str, list[int]]:
+    """A step of whole prompts laid out for a prefill graph of `size` tokens and `max_seqs` prompts:
+    token ids, positions and KV slots, padded with rows in no prompt that write nowhere (slot -1); the
+    prompts' bounds (`cu`, padded with empty prompts); the rows whose logits are sampled (`rows`,
+    padded with row 0)."""
+    ids: list[int] = []
+    slots: list[int] = []
+    cu, rows = [0], []
+    for chunk in chunks:
+        table, n = chunk.seq.block_table, chunk.num_tokens
+        ids.extend(chunk.seq.token_ids[:n])
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(n))
+        cu.append(cu[-1] + n)
+        if chunk.samples:
+            rows.append(cu[-1] - 1)
+    pos = [p for a, b in zip(cu, cu[1:]) for p in range(b - a)]
+    pad = size - len(ids)
+    assert pad >= 0 and len(cu) <= max_seqs + 1, (size, len(ids), max_seqs, len(cu) - 1)
+    return {"ids": ids + [0] * pad, "pos": pos + [0] * pad, "slots": slots + [-1] * pad,
+            "cu": cu + [cu[-1]] * (max_seqs + 1 - len(cu)), "rows": rows + [0] * (max_seqs - len(rows))}
+
+
+class PrefillGraphs:
+    """Steps of whole prompts (no context before them, what a prefill instance mostly computes) of up
+    to `max_tokens` tokens in at most MAX_SEQS prompts, captured as one CUDA graph per padded token
+    count. Such a step of short prompts is bound by the host launching ~15 kernels a layer (a 320-token
+    prompt of the 8B shape took 13-25 ms eagerly on H200, varying with the host: benchmarks/RESULTS.md);
+    a replay is one launch. The prompts attend through one varlen flash-attention call whose bounds
+    are read from the device, its grid sized for the graph's whole token count."""
+
+    MAX_SEQS = 16
+
+    def __init__(self, runner: ModelRunner, max_tokens: int):
+        self.runner = runner
+        self.sizes = prefill_graph_sizes(max_tokens)
+        model, dev, most = runner.model, runner.device, self.sizes[-1]
+        self.ids = torch.zeros(most, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(most, dtype=torch.long, device=dev)
+        self.slots = torch.full((most,), -1, dtype=torch.long, device=dev)
+        self.cu = torch.zeros(self.MAX_SEQS + 1, dtype=torch.int32, device=dev)
+        self.rows = torch.zeros(self.MAX_SEQS, dtype=torch.long, device=dev)
+        no_tables = torch.zeros(self.MAX_SEQS, 1, dtype=torch.int32, device=dev)  # prompt attention reads none
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            meta = AttentionMetadata(slot_mapping=self.slots[:size], block_tables=no_tables, query_start_loc=[],
+                                     seq_lens=[], query_start_loc_t=self.cu, max_query_len=size, fresh=True)
+
+            def step(size=size, meta=meta):
+                return model.logits(model(self.ids[:size], self.pos[:size], runner.kv_layers, meta)[self.rows])
+
+            self.graphs[size] = capture(step, pool)
+        torch.cuda.synchronize()
+
+    def holds(self, out: SchedulerOutput) -> bool:
+        return (len(out.chunks) <= self.MAX_SEQS and out.num_tokens <= self.sizes[-1]
+                and all(c.start == 0 for c in out.chunks))
+
+    def run(self, out: SchedulerOutput) -> torch.Tensor:
+        size = next(s for s in self.sizes if s >= out.num_tokens)
+        packed = pack_prompts(out.chunks, self.runner.kv_cache.block_size, size, self.MAX_SEQS)
+        for name, values in packed.items():
+            target = getattr(self, name)
+            target[: len(values)].copy_(torch.tensor(values, dtype=target.dtype), non_blocking=True)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[: sum(c.samples for c in out.chunks)]
