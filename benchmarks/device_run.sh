@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS]
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
@@ -50,6 +50,16 @@ while [ $# -gt 0 ]; do
                --output-len "$4" --request-rates "$5" --num-prompts ${PROMPTS:-150} --vocab-size 128000 \
                --ignore-eos --slo ${SLO:-ttft:600 tpot:15} --out /tmp/compare_$2 2>&1 | tee "$OUT/compare_$2.log" | tail -40
              tar czf "$OUT/compare_$2.tgz" -C /tmp compare_$2 $(ls -d /tmp/pdpipe-1p1d* /tmp/pdpipe-2mixed 2>/dev/null | sed 's|/tmp/||'); shift 5 ;;
+    tp70b) big=/tmp/pdpipe-models/llama-70b-shape  # launch/gpu-70b-tp2.toml's folder
+           [ -f $big/config.json ] || python3 -m pdpipe.cli make-model $big --arch llama --layers 80 --hidden 8192 \
+             --heads 64 --kv-heads 8 --intermediate 28672 --vocab 128256 --max-position 131072 --dtype bfloat16 \
+             --no-weights >/dev/null
+           timeout ${TP_S:-300} python3 benchmarks/tp_bench.py --model $big --json "$OUT/tp_bench.json" 2>&1 \
+             | grep -v Warn | tee "$OUT/tp_bench.log" | tail -12
+           timeout ${SERVE_S:-300} python3 -m pdpipe.cli bench compare launch/gpu-70b-tp2.toml --input-len 1024 \
+             --output-len 64 --request-rates ${TP_RATES:-1,4} --num-prompts ${TP_PROMPTS:-16} --vocab-size 128000 \
+             --ignore-eos --out /tmp/compare_70b 2>&1 | tee "$OUT/serve_70b.log" | tail -12
+           tar czf "$OUT/serve_70b.tgz" -C /tmp compare_70b pdpipe-70b-tp2 2>/dev/null; shift ;;
     *) echo "unknown step $1"; exit 2 ;;
   esac
 done

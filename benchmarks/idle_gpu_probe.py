@@ -1,9 +1,10 @@
 """How much slower is a prefill that finds its machine idle? The same prompt is computed by the
 8B-shaped engine back to back, then after an idle while (as a lightly loaded prefill instance idles
 between requests): with the process asleep (CPU and GPU idle), or spinning on the CPU (GPU idle
-only); and asleep with the prefill instance's per-layer announcements on (an event recorded per group
-of layers, a sender thread waiting on it and sending to an inbox nobody reads). The SM clock is read through NVML just before each prompt, and the host time the forward
-pass takes to launch (a short prompt's step is bound by it) is timed apart from the whole.
+only); and asleep with the prefill instance's per-layer announcements on (an event recorded per
+group of layers, a sender thread waiting on it and sending to an inbox nobody reads). The SM clock
+is read through NVML just before each prompt, and the time `runner.execute` takes apart from the
+whole step. Then bare work after the same gaps: 600 tiny kernels, and 224 GEMMs of a short prompt.
 
     python benchmarks/idle_gpu_probe.py [--tokens 2048,320]   (GPU machine, the 8B-shaped folder)
 """

@@ -160,7 +160,7 @@ class Launcher:
         instance, rank = tp_group_of(name)
         inst = dict(self.cfg.named_instances()).get(instance)
         if inst is not None and inst.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpus if inst.tp == 1 else inst.gpus[rank:rank + 1]))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpus))  # rank r runs on cuda:r of them
         if inst is not None and inst.tp > 1:  # every rank of one start of the group meets at one fresh file
             self._tp_starts[instance] = self._tp_starts.get(instance, 0) + (rank == 0)
             store = f"tp-{instance}-{os.getpid()}-{self._tp_starts[instance]}.store"  # this launch's, this start's

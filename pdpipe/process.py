@@ -212,10 +212,12 @@ def engine_config(cfg: LaunchConfig, name: str):
         engine_cfg = replace(engine_cfg, scheduler=replace(engine_cfg.scheduler,
                                                            max_prefill_tokens=cfg.routing.local_step_tokens))
     if engine_cfg.device.startswith("cuda"):
-        # the launcher made only this process's GPUs visible; a prefill engine decodes only whole
+        # the launcher made only this instance's GPUs visible; a prefill engine decodes only whole
         # requests (routing.decode_busy_ms)
         decodes = inst.role != "prefill" or cfg.routing.decode_busy_ms > 0
-        engine_cfg = replace(engine_cfg, device="cuda:0", cuda_graphs=engine_cfg.cuda_graphs and decodes)
+        rank = tp_group_of(name)[1] if inst.tp > 1 else 0  # the instance's GPUs are visible to each rank, which
+        # runs on its own (NCCL then sees the peers it reaches directly)
+        engine_cfg = replace(engine_cfg, device=f"cuda:{rank}", cuda_graphs=engine_cfg.cuda_graphs and decodes)
     return inst, engine_cfg
 
 
@@ -241,7 +243,8 @@ def pool_info(name: str, engine, pool_path: Path, tp) -> PoolInfo:
         from pdpipe.ipc.cuda import physical_gpu
 
         handle, offset = engine.gpu_pool.export()
-        info = msgspec.structs.replace(info, path="", gpu=physical_gpu(0), ipc_handle=handle, ipc_offset=offset)
+        info = msgspec.structs.replace(info, path="", gpu=physical_gpu(engine.kv_cache.data.device.index or 0),
+                                       ipc_handle=handle, ipc_offset=offset)
     if tp is None:
         return info
     whole = load_spec(engine.model_dir)
@@ -254,14 +257,13 @@ def join_tp_group(name: str, size: int, device: str):
     """Joins this process to its instance's ranks (gloo on CPU, NCCL on GPU); None for one rank."""
     if size == 1:
         return None
-    import torch.distributed as dist
+    from pdpipe.models.parallel import join_group
 
-    from pdpipe.models.parallel import TensorParallel
+    if device.startswith("cuda"):
+        import torch
 
-    rank = tp_group_of(name)[1]
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                            init_method=f"file://{os.environ[TP_STORE_ENV]}", rank=rank, world_size=size)
-    return TensorParallel(rank, size, dist.group.WORLD)
+        torch.cuda.set_device(torch.device(device))
+    return join_group(tp_group_of(name)[1], size, f"file://{os.environ[TP_STORE_ENV]}", device)
 
 
 def run_rank(role: str, name: str, run_dir: str) -> None:

@@ -260,14 +260,14 @@ def test_padded_steps_generate_what_unpadded_steps_do(model_dir, arch):
         engine = make_engine(model_dir(arch), num_blocks=64, block_size=8, max_num_batched_tokens=48)
         engine.runner.pad_tokens = pad
         sizes = []
-        prepare = engine.runner.prepare
+        place = engine.runner.place
 
-        def recording(out, prepare=prepare, sizes=sizes):
-            ids, pos, meta, rows = prepare(out)
+        def recording(lay, place=place, sizes=sizes):
+            ids, pos, meta, rows = place(lay)
             sizes.append((ids.shape[0], meta.query_start_loc[-1], meta.slot_mapping[meta.query_start_loc[-1]:]))
             return ids, pos, meta, rows
 
-        engine.runner.prepare = recording
+        engine.runner.place = recording
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, GREEDY)
         results.append(run_all(engine))
@@ -330,15 +330,17 @@ def test_prefill_graph_layout_computes_what_the_eager_step_does(model_dir):
         engine.add_request(str(i), p, GREEDY)
     out = engine.scheduler.schedule()
     assert [c.start for c in out.chunks] == [0, 0, 0, 0] and out.chunks[-1].samples is False  # the 70 split at 150
-    eager, seqs = engine.runner.execute(out)
+    runner = engine.runner
+    eager, seqs = runner.execute(out)
     kv_before = engine.runner.kv_cache.data.clone()
     packed = pack_prompts(out.chunks, 8, size=192, max_seqs=6)
     cu = packed["cu"]
     assert len(packed["ids"]) == 192 and packed["slots"][out.num_tokens:] == [-1] * (192 - out.num_tokens)
     assert cu[-3:] == [out.num_tokens] * 3 and packed["rows"] == [2, 39, 89, 0, 0, 0]
     bounds = cu[: len(out.chunks) + 1]
-    meta = AttentionMetadata(slot_mapping=torch.tensor(packed["slots"]), block_tables=engine.runner.prepare(out)[2]
-                             .block_tables, query_start_loc=bounds, seq_lens=[b - a for a, b in zip(bounds, bounds[1:])])
+    tables = runner.place(runner.layout(out))[2].block_tables
+    meta = AttentionMetadata(slot_mapping=torch.tensor(packed["slots"]), block_tables=tables, query_start_loc=bounds,
+                             seq_lens=[b - a for a, b in zip(bounds, bounds[1:])])
     model = engine.runner.model
     hidden = model(torch.tensor(packed["ids"]), torch.tensor(packed["pos"]), engine.runner.kv_layers, meta)
     graphed = model.logits(hidden[torch.tensor(packed["rows"][: len(seqs)])])

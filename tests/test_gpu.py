@@ -375,13 +375,13 @@ def test_prefill_graphs_equal_eager_steps(model_dir, arch):
     groups = [make_prompts(384, lengths=(3, 17, 40, 8, 25), seed=6), make_prompts(384, lengths=(300,), seed=7)]
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
     replays = []
-    run = PrefillGraphs.run
+    replay = PrefillGraphs.replay
 
-    def counting(self, out):
-        replays.append(out.num_tokens)
-        return run(self, out)
+    def counting(self, size, inputs):
+        replays.append(size)
+        return replay(self, size, inputs)
 
-    PrefillGraphs.run = counting
+    PrefillGraphs.replay = counting
     try:
         results = {}
         for tokens in (256, 0):
@@ -391,8 +391,8 @@ def test_prefill_graphs_equal_eager_steps(model_dir, arch):
             results[tokens] = [out for group in groups for out in llm.generate(group, params)]
             assert llm.engine.leak_free()
     finally:
-        PrefillGraphs.run = run
-    assert replays == [93]  # the five prompts' step; the 300-token prompt ran eagerly
+        PrefillGraphs.replay = replay
+    assert replays == [96]  # the five prompts' step (93 tokens); the 300-token prompt ran eagerly
     for a, b in zip(results[256], results[0]):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
@@ -457,6 +457,125 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch, dt
                 if c.role == "transfer":
                     print(c.log_path.read_text()[-6000:])
             raise
+
+
+TP_PROMPTS = ((3, 17, 40, 8, 25), (600,))  # a step of five prompts (prefill graph), then one over 512 (eager)
+
+
+def _tp_engine_rank(rank: int, model_dir: str, dtype: str, init_file: str, results) -> None:
+    import os
+
+    from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdpipe.engine.engine import LLMEngine
+    from pdpipe.models.parallel import join_group
+
+    failed = False
+    try:
+        torch.cuda.set_device(rank)
+        tp = join_group(rank, 2, f"file://{init_file}", f"cuda:{rank}")
+        engine = LLMEngine(EngineConfig(model=model_dir, device=f"cuda:{rank}", dtype=dtype,
+                                        cache=CacheConfig(block_size=16, num_blocks=256),
+                                        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)), tp=tp)
+        if rank:
+            engine.runner.follow()
+        else:
+            engine.warm_up()  # its GEMM warm-up is handed to rank 1 too
+            results.put(_tp_generate(engine))
+            engine.runner.stop_followers()
+    except BaseException:  # noqa: BLE001 — reported, and the exit code says so
+        import traceback
+
+        traceback.print_exc()
+        failed = True
+    results.put(("exit", rank, failed))
+    results.close()
+    results.join_thread()
+    os._exit(1 if failed else 0)  # NCCL's and gloo's threads can abort the interpreter's teardown
+
+
+def _tp_generate(engine) -> list[tuple[list[int], list[float]]]:
+    """Greedy, 8 tokens, each group of prompts batched: (tokens, their logprobs) per prompt."""
+    out = []
+    for group, lengths in enumerate(TP_PROMPTS):
+        for i, p in enumerate(make_prompts(384, lengths=lengths, seed=9 + group)):
+            engine.add_request(f"{group}-{i}", p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                                                                  logprobs=0))
+        done = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                tokens, logprobs = done.setdefault(o.request_id, ([], []))
+                tokens += o.token_ids
+                logprobs += [lp.logprob for lp in o.logprobs or []]
+        out += [done[k] for k in sorted(done, key=lambda k: int(k.split("-")[1]))]
+    assert engine.leak_free()
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tp2_on_two_gpus_computes_what_one_gpu_does(model_dir, tmp_path, dtype):
+    """One engine split over two GPUs (NCCL; decode and prefill CUDA graphs with their all-reduces
+    inside, and eager steps) against the whole model on one GPU, greedy. fp32: the same tokens, logprobs
+    within 1e-3. bf16, where the split changes the order of the sums and so the rounding: the first token
+    of every prompt equal (one forward pass, no feedback), with its logprob within 0.05; the tokens after
+    it are compared up to the first difference only, where the same bound holds."""
+    import multiprocessing as mp
+
+    from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdpipe.engine.engine import LLMEngine
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_tp_engine_rank, args=(r, str(model_dir("llama")), dtype, str(tmp_path / "s"),
+                                                       results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    got, exits = None, []
+    while len(exits) < 2:
+        item = results.get(timeout=300)
+        if item[0] == "exit":
+            exits.append(item[2])
+        else:
+            got = item
+    for p in ranks:
+        p.join(timeout=60)
+    assert exits == [False, False] and got is not None
+    whole = LLMEngine(EngineConfig(model=str(model_dir("llama")), device="cuda:0", dtype=dtype,
+                                   cache=CacheConfig(block_size=16, num_blocks=256),
+                                   scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)))
+    expected = _tp_generate(whole)
+    tolerance = 1e-3 if dtype == "float32" else 0.05
+    for (tokens, logprobs), (exp_tokens, exp_logprobs) in zip(got, expected):
+        if dtype == "float32":
+            assert tokens == exp_tokens
+        assert tokens[0] == exp_tokens[0]
+        same = next((i for i, (a, b) in enumerate(zip(tokens, exp_tokens)) if a != b), len(tokens))
+        assert max(abs(a - b) for a, b in zip(logprobs[:same], exp_logprobs[:same])) < tolerance
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launched_tp2_mixed_instance_on_two_gpus_answers_as_one_gpu(model_dir):
+    """`pdpipe launch` of one mixed instance with gpus = [0, 1] (two rank processes, NCCL): the OpenAI
+    completions equal the one-GPU engine's, fp32 greedy; every block free after."""
+    from dataclasses import replace
+
+    from pipeline_launch import launched, leak_free, make_launch_config, wait_until
+
+    from pdpipe.config import InstanceConfig
+
+    prompts = make_prompts(384, lengths=(1, 16, 47, 130), seed=6)
+    one = make_llm(model_dir("llama"), device="cuda", dtype="float32")
+    expected = [one.generate([p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].token_ids
+                for p in prompts]
+    del one
+    torch.cuda.empty_cache()
+    cfg = make_launch_config(model_dir("llama"), ["mixed"])
+    cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="float32"),
+                  instances=(InstanceConfig("mixed", gpus=(0, 1), tp=2),))
+    with launched(cfg) as launcher:
+        for p, exp in zip(prompts, expected):
+            assert _complete(cfg.api.port, p, 12) == exp
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
 
 
 def _mooncake_gpu_receiver(conn, shape):

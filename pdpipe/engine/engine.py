@@ -98,9 +98,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, self.max_model_len,
                                   pad_tokens=TOKEN_PAD if config.device.startswith("cuda") else 1, tp=tp)
-        if config.device.startswith("cuda") and config.cuda_graphs and self.runner.tp is None:
+        # every rank of a tensor-parallel instance captures the same graphs (their collectives inside)
+        if config.device.startswith("cuda") and config.cuda_graphs:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
-        if config.device.startswith("cuda") and config.prefill_graph_tokens and self.runner.tp is None:
+        if config.device.startswith("cuda") and config.prefill_graph_tokens:
             self.runner.capture_prefill_graphs(min(config.prefill_graph_tokens,
                                                    config.scheduler.max_num_batched_tokens))
         self.sampler = Sampler(self.eos_token_ids)

@@ -49,8 +49,12 @@ class ModelRunner:
     def warm_gemms(self, max_tokens: int, max_rows: int) -> None:
         """Runs each distinct projection of the model at every padded token count up to `max_tokens`
         and at every row count up to `max_rows` (decode batches), and the LM head at every row count up
-        to `max_rows`, so that no live step is cuBLAS's first at its shape (see TOKEN_PAD)."""
+        to `max_rows`, so that no live step is cuBLAS's first at its shape (see TOKEN_PAD). Rank 0 of a
+        tensor-parallel instance has the other ranks do the same."""
         from pdpipe import kernels
+
+        if self.tp is not None and self.tp.rank == 0:
+            self._hand_over(("warm_gemms", max_tokens, max_rows))
 
         layers = getattr(self.model.model, "layers", [])
         linears = {(tuple(m.weight.shape), m.bias is not None): m for m in
@@ -82,67 +86,76 @@ class ModelRunner:
         if prompt_attention_capturable(self.model):
             self.prefill_graphs = PrefillGraphs(self, max_tokens)
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def layout(self, out: SchedulerOutput) -> dict:
+        """The step as plain lists (what rank 0 hands the other ranks of a tensor-parallel instance):
+        token ids, positions, KV slots, prompt bounds, context lengths, block tables, sampled rows."""
         bs = self.kv_cache.block_size
-        input_ids, sample_rows = [], []
+        ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_start_loc, seq_lens = [0], []
+        rows: list[int] = []
+        qsl, seq_lens = [0], []
         for chunk in out.chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
-            input_ids.extend(seq.token_ids[start:end])
+            ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + chunk.num_tokens)
+            qsl.append(qsl[-1] + chunk.num_tokens)
             seq_lens.append(end)
             if chunk.samples:
-                sample_rows.append(query_start_loc[-1] - 1)
+                rows.append(qsl[-1] - 1)
         # decode batches keep one row per sequence (their kernels index rows by sequence)
-        pad = 0 if all(c.num_tokens == 1 for c in out.chunks) else -len(input_ids) % self.pad_tokens
-        input_ids.extend([0] * pad)
-        positions.extend([0] * pad)
-        slots.extend([-1] * pad)
-        width = max(len(c.seq.block_table) for c in out.chunks)
-        tables = torch.zeros(len(out.chunks), width, dtype=torch.int32)
-        for i, chunk in enumerate(out.chunks):
-            tables[i, : len(chunk.seq.block_table)] = torch.tensor(chunk.seq.block_table, dtype=torch.int32)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=tables.to(dev),
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-        )
+        pad = 0 if all(c.num_tokens == 1 for c in out.chunks) else -len(ids) % self.pad_tokens
+        return {"ids": ids + [0] * pad, "pos": positions + [0] * pad, "slots": slots + [-1] * pad,
+                "qsl": qsl, "seq_lens": seq_lens, "tables": [c.seq.block_table for c in out.chunks],
+                "rows": rows, "fresh": all(c.start == 0 for c in out.chunks)}
+
+    def place(self, lay: dict) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """A layout's tensors on this rank's device, and the attention metadata."""
+        tables = torch.zeros(len(lay["tables"]), max(len(t) for t in lay["tables"]), dtype=torch.int32)
+        for i, table in enumerate(lay["tables"]):
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        dev, qsl, seq_lens = self.device, lay["qsl"], lay["seq_lens"]
+        meta = AttentionMetadata(slot_mapping=torch.tensor(lay["slots"], dtype=torch.long, device=dev),
+                                 block_tables=tables.to(dev), query_start_loc=qsl, seq_lens=seq_lens)
         if dev.type == "cuda":
-            meta.query_start_loc_t = torch.tensor(query_start_loc, dtype=torch.int32, device=dev)
+            meta.query_start_loc_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
             meta.seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
-            meta.max_query_len = max(c.num_tokens for c in out.chunks)
+            meta.max_query_len = max(b - a for a, b in zip(qsl, qsl[1:]))
             meta.decode = meta.max_query_len == 1
-            meta.fresh = all(c.start == 0 for c in out.chunks)
+            meta.fresh = lay["fresh"]
             meta.num_splits = decode_splits(max(seq_lens), len(seq_lens), self.model.spec.num_kv_heads)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, meta, sample_rows
+        ids = torch.tensor(lay["ids"], dtype=torch.long, device=dev)
+        pos = torch.tensor(lay["pos"], dtype=torch.long, device=dev)
+        return ids, pos, meta, lay["rows"]
 
     def execute(self, out: SchedulerOutput, on_layer_done=None) -> tuple[torch.Tensor, list[Sequence]]:
-        """Returns logits `[num_sampling_seqs, vocab]` float32 (on the model's device) and their sequences."""
+        """Returns logits `[num_sampling_seqs, vocab]` float32 (on the model's device) and their sequences.
+        With other ranks, each hears first what to run: ("decode" | "prefill", graph size, inputs) to
+        replay the same graph, or ("eager", layout)."""
         seqs = [c.seq for c in out.chunks if c.samples]
         all_decode = all(c.num_tokens == 1 for c in out.chunks)
-        graphs = self.graphs
+        graphs, prefills = self.graphs, self.prefill_graphs
         if graphs is not None and on_layer_done is None and all_decode and len(out.chunks) <= graphs.max_batch:
-            return graphs.run(out), seqs
-        prefills = self.prefill_graphs
+            size, inputs = graphs.inputs(out)
+            self._hand_over(("decode", size, inputs))
+            return graphs.replay(size, inputs)[: len(out.chunks)], seqs
         if prefills is not None and prefills.holds(out):
-            logits = prefills.run(out)
+            size, inputs = prefills.inputs(out)
+            self._hand_over(("prefill", size, inputs))
+            logits = prefills.replay(size, inputs)[: len(seqs)]
             if on_layer_done is not None:  # every layer's KV is written once the graph has run
                 for layer in range(self.model.spec.num_layers):
                     on_layer_done(layer)
             return logits, seqs
-        ids, pos, meta, sample_rows = self.prepare(out)
+        lay = self.layout(out)
+        self._hand_over(("eager", lay))
+        return self._forward(*self.place(lay), on_layer_done), seqs
+
+    def _hand_over(self, step: tuple) -> None:
         if self.tp is not None:
-            self.tp.broadcast((ids, pos, meta, sample_rows))
-        return self._forward(ids, pos, meta, sample_rows, on_layer_done), seqs
+            self.tp.broadcast(step)
 
     def _forward(self, ids, pos, meta, sample_rows: list[int], on_layer_done=None) -> torch.Tensor:
         hidden = self.model(ids, pos, self.kv_layers, meta, on_layer_done)
@@ -154,8 +167,16 @@ class ModelRunner:
         """A rank other than 0: runs every step rank 0 hands over, until it hands over None."""
         assert self.tp is not None and self.tp.rank > 0
         while (step := self.tp.broadcast(None)) is not None:
+            kind, *args = step
             try:
-                self._forward(*step)
+                if kind == "decode":
+                    self.graphs.replay(*args)  # type: ignore[union-attr]  # rank 0 captured the same
+                elif kind == "prefill":
+                    self.prefill_graphs.replay(*args)  # type: ignore[union-attr]
+                elif kind == "warm_gemms":
+                    self.warm_gemms(*args)
+                else:
+                    self._forward(*self.place(*args))
             except Exception:  # noqa: BLE001 — rank 0 met the same failure: it re-runs or fails the request
                 log.exception("rank %d: a step failed", self.tp.rank)
 
@@ -217,28 +238,40 @@ class DecodeGraphs:
             self.graphs[bs] = capture(step, pool)
         torch.cuda.synchronize()
 
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
+    def inputs(self, out: SchedulerOutput) -> tuple[int, dict[str, list]]:
+        """The graph size that holds this batch, and its inputs as lists (padding rows write nowhere)."""
         n = len(out.chunks)
         bs = min(b for b in self.graphs if b >= n)
         block = self.runner.kv_cache.block_size
-        ids, pos, slots, lens = [], [], [], []
-        tables = torch.zeros(bs, self.tables.shape[1], dtype=torch.int32)
-        for i, chunk in enumerate(out.chunks):
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for chunk in out.chunks:
             seq, p = chunk.seq, chunk.start
             ids.append(seq.token_ids[p])
             pos.append(p)
             slots.append(seq.block_table[p // block] * block + p % block)
             lens.append(p + 1)
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+            tables.append(seq.block_table)
         pad = bs - n
-        self.ids[:bs].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.pos[:bs].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        self.slots[:bs].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        self.lens[:bs].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)
+        return bs, {"ids": ids + [0] * pad, "pos": pos + [0] * pad, "slots": slots + [-1] * pad,
+                    "lens": lens + [0] * pad, "tables": tables}
+
+    def replay(self, bs: int, inputs: dict[str, list]) -> torch.Tensor:
+        tables = torch.zeros(bs, self.tables.shape[1], dtype=torch.int32)
+        for i, table in enumerate(inputs["tables"]):
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        fill(self, inputs, exclude=("tables",))
         self.tables[:bs].copy_(tables, non_blocking=True)
         graph, logits = self.graphs[bs]
         graph.replay()
-        return logits[:n]
+        return logits
+
+
+def fill(graphs, inputs: dict[str, list], exclude: tuple[str, ...] = ()) -> None:
+    """Copies each input list into the graph's static tensor of that name (its first entries)."""
+    for name, values in inputs.items():
+        if name not in exclude:
+            target = getattr(graphs, name)
+            target[: len(values)].copy_(torch.tensor(values, dtype=target.dtype), non_blocking=True)
 
 
 def prefill_graph_sizes(max_tokens: int, pad: int = TOKEN_PAD) -> list[int]:
@@ -310,12 +343,12 @@ class PrefillGraphs:
         return (len(out.chunks) <= self.MAX_SEQS and out.num_tokens <= self.sizes[-1]
                 and all(c.start == 0 for c in out.chunks))
 
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
+    def inputs(self, out: SchedulerOutput) -> tuple[int, dict[str, list[int]]]:
         size = next(s for s in self.sizes if s >= out.num_tokens)
-        packed = pack_prompts(out.chunks, self.runner.kv_cache.block_size, size, self.MAX_SEQS)
-        for name, values in packed.items():
-            target = getattr(self, name)
-            target[: len(values)].copy_(torch.tensor(values, dtype=target.dtype), non_blocking=True)
+        return size, pack_prompts(out.chunks, self.runner.kv_cache.block_size, size, self.MAX_SEQS)
+
+    def replay(self, size: int, inputs: dict[str, list[int]]) -> torch.Tensor:
+        fill(self, inputs)
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[: sum(c.samples for c in out.chunks)]
+        return logits

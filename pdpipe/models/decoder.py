@@ -84,13 +84,12 @@ def _prompt_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.T
     return out
 
 
-def prompt_attention_capturable(model: nn.Module) -> bool:
+def prompt_attention_capturable(model: CausalLM) -> bool:
     """Whether a step of whole prompts can be captured as a CUDA graph: one varlen flash-attention call
     for the batch (bf16/fp16, head dim <= 256, torch's varlen available) and no sliding window (those
     layers attend through the Triton extend kernel)."""
-    spec = model.spec
-    dtype = next(model.parameters()).dtype
-    return (next(model.parameters()).is_cuda and kernels.triton_ops is not None and dtype in (torch.float16, torch.bfloat16)
+    spec, weight = model.spec, next(model.parameters())
+    return (weight.is_cuda and kernels.triton_ops is not None and weight.dtype in (torch.float16, torch.bfloat16)
             and spec.head_dim <= 256 and all(w is None for w in spec.sliding_windows) and bool(_varlen()))
 
 

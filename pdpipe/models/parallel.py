@@ -7,7 +7,8 @@ the ranks that share it). q/k/v and gate/up are split by output rows (column-par
 down_proj by input columns (row-parallel, summed across ranks by an all-reduce; their bias is added
 once, by rank 0). The embedding and the output projection are split by vocabulary rows: a token's
 embedding comes from the rank that holds its row (the others add zeros), and the logits of every
-rank's rows are gathered. `torch.distributed` carries the collectives (gloo on CPU, NCCL on GPU).
+rank's rows are gathered. `torch.distributed` carries the collectives (gloo on CPU, NCCL on GPU);
+rank 0 hands each step's inputs to the others over gloo on both (small Python objects, no GPU sync).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class TensorParallel:
     rank: int
     size: int
     group: Any = None  # the torch.distributed process group of the instance's ranks
+    control: Any = None  # a gloo group of the same ranks for `broadcast` (None: `group` is gloo already)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -37,17 +39,33 @@ class TensorParallel:
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (what rank 0 gives; the others give None)."""
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(self.group, 0)
-                                                if self.group is not None else 0, group=self.group)
+        group = self.control if self.control is not None else self.group
+        torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(group, 0)
+                                                if group is not None else 0, group=group)
         return box[0]
 
     def gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` side by side along the last dimension (the same shape on every rank)."""
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        if x.is_cuda:  # one NCCL call into one buffer (capturable in a CUDA graph)
+            parts = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+            torch.distributed.all_gather_into_tensor(parts, x.contiguous(), group=self.group)
+            return torch.cat(parts.unbind(0), dim=-1)
+        parts_list = [torch.empty_like(x) for _ in range(self.size)]
+        torch.distributed.all_gather(parts_list, x.contiguous(), group=self.group)
+        return torch.cat(parts_list, dim=-1)
+
+
+def join_group(rank: int, size: int, init_method: str, device: str) -> TensorParallel:
+    """This process as rank `rank` of `size` (NCCL for the collectives on GPU, with a gloo group beside
+    it for handing over steps; gloo alone on CPU). On GPU the process's device must be set first."""
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=size)
+    control = dist.new_group(backend="gloo") if cuda else None
+    return TensorParallel(rank, size, dist.group.WORLD, control)
 
 
 def check_splittable(spec: ModelSpec, tp: int) -> None:
