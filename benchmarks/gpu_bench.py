@@ -9,6 +9,8 @@
             prompts, against the prefill compute alone (overhead ≤ 5 % at 4k), and through one mixed
             engine behind the same front-end
   profile   the decode step's kernels, by time (not part of the table)
+  tpcopy    the same KV between instances of different tensor parallelism (TP2 pool pair → TP1 pool,
+            TP1 → TP2) through the CUDA IPC backend's head-range plan, against the raw peer copy
   rdma      the Mooncake backend moving the same 4k-token KV between two processes' GPU pools over tcp
   hf        the same model under transformers: decode tokens/s at batch 1 and time to first token
 
@@ -119,6 +121,86 @@ def bench_transfer(results: dict) -> None:
                                    one_launch_GBps=one_launch / 1e9, per_layer_pct=100 * per_layer / raw,
                                    one_launch_pct=100 * one_launch / raw, correct=ok)
         dst_pool.close()
+    finally:
+        parent.send("done")
+        owner.join(timeout=60)
+
+
+def _tp_pool_owner(conn, pools):
+    """Makes the pools {name: (shape, gpu)} (random), hands out their IPC handles, keeps them until told."""
+    from pdpipe.ipc.cuda import CudaPool
+
+    made = {}
+    for name, (shape, gpu) in pools.items():
+        made[name] = CudaPool(shape, torch.bfloat16, gpu)
+        made[name].tensor.view(-1).normal_()
+    torch.cuda.synchronize()
+    conn.send({name: pool.export() for name, pool in made.items()})
+    conn.recv()
+    for pool in made.values():
+        pool.close()
+
+
+def bench_tp_copy(results: dict) -> None:
+    """KV of a 4k-token request (8B shape) between instances of different tensor parallelism through
+    the CUDA IPC backend (`head_copy_plan`: a launch a run of heads a layer, on the destination rank's
+    GPU): a TP2 pool pair (GPU0: heads 0-3, GPU1: heads 4-7) into a TP1 pool on GPU1, and a TP1 pool on
+    GPU0 into a TP2 pair; against the raw GPU0 → GPU1 peer copy of 1 GiB."""
+    from pdpipe.ipc.cuda_transfer import CudaIpcTransfer
+    from pdpipe.messages import PoolInfo
+    from pdpipe.transfer import TransferJob, TransferState
+
+    num_blocks, layers = 512, 32
+    half, whole = (layers, 2, num_blocks, BLOCK, 4, 128), (layers, 2, num_blocks, BLOCK, 8, 128)
+    layout = {"p2.0": (half, 0), "p2.1": (half, 1), "d1": (whole, 1), "p1": (whole, 0), "d2.0": (half, 0),
+              "d2.1": (half, 1)}
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    owner = ctx.Process(target=_tp_pool_owner, args=(child, layout))
+    owner.start()
+    handles = parent.recv()
+    try:
+        a = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda:0")
+        b = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda:1")
+        torch.cuda.set_device(1)
+        raw = (1 << 30) / cuda_time(lambda: b.copy_(a))
+        del a, b
+        rows = {}
+        for label, src, dst in (("TP2 -> TP1", "p2", "d1"), ("TP1 -> TP2", "p1", "d2")):
+            backend = CudaIpcTransfer()
+            for name, (shape, gpu) in layout.items():
+                if name.split(".")[0] not in (src, dst):
+                    continue
+                rank = int(name.split(".")[1]) if "." in name else 0
+                tp = 2 if "." in name else 1
+                heads = list(range(8))[rank * 4:(rank + 1) * 4] if tp == 2 else list(range(8))
+                handle, offset = handles[name]
+                backend.register_pool(PoolInfo(instance=name.split(".")[0], path="", shape=list(shape),
+                                               dtype="bfloat16", gpu=gpu, ipc_handle=handle, ipc_offset=offset,
+                                               rank=rank, kv_heads=heads, tp=tp, group="bench"))
+            n = 4096 // BLOCK
+            gen = torch.Generator().manual_seed(5)
+            src_ids = torch.randperm(num_blocks, generator=gen)[:n].tolist()
+            dst_ids = torch.randperm(num_blocks, generator=gen)[:n].tolist()
+            times = []
+            for _ in range(6):
+                job = TransferJob("bench", src, src_ids, dst, dst_ids)
+                for layer in range(layers):
+                    backend.send(job, layer)
+                while backend.poll(job) is TransferState.PENDING:
+                    pass
+                times.append(job.seconds)
+                backend.finished(job)
+            seconds = statistics.median(times[1:])
+            views = {r: backend._view(info, 1) for r, (_, info) in backend.pools[src].items()}
+            got = {r: backend._view(info, 1) for r, (_, info) in backend.pools[dst].items()}
+            full_src = torch.cat([views[r] for r in sorted(views)], dim=4)[:, :, src_ids]
+            full_dst = torch.cat([got[r] for r in sorted(got)], dim=4)[:, :, dst_ids]
+            rows[label] = dict(bytes=job.bytes_moved, ms=seconds * 1e3, GBps=job.bytes_moved / seconds / 1e9,
+                               pct_of_raw_peer=100 * job.bytes_moved / seconds / raw,
+                               launches_per_layer=len(backend.copy_plan(job)[2]),
+                               correct=bool(torch.equal(full_src, full_dst)))
+        results["tp_copy"] = dict(raw_peer_GBps=raw / 1e9, **rows)
     finally:
         parent.send("done")
         owner.join(timeout=60)
@@ -463,6 +545,7 @@ def main() -> None:
     results["copy_bw_TBps"] = copy_bandwidth(0) / 1e12
     results["gemm_tflops"] = gemm_tflops(0)
     stages = [("transfer", lambda: bench_transfer(results)),
+              ("tpcopy", lambda: bench_tp_copy(results)),
               ("rdma", lambda: bench_rdma(results)),
               ("decode", lambda: bench_decode(model, results, results["copy_bw_TBps"] * 1e12)),
               ("prefill", lambda: bench_prefill(model, results, results["gemm_tflops"])),

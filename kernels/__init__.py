@@ -76,10 +76,10 @@ def silu_and_mul(gate_up):
     return reference.silu_and_mul(gate_up)
 
 
-def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0, num_layers: int = 1) -> None:
-    if use_triton(dst_pool):
-        return triton_ops.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers)
-    return reference.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers)
+def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0, num_layers: int = 1,
+                     src_heads: slice | None = None, dst_heads: slice | None = None) -> None:
+    ops = triton_ops if use_triton(dst_pool) else reference
+    return ops.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers, src_heads, dst_heads)
 
 
 __all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "gather_blocks", "linear", "paged_attention",

@@ -82,12 +82,17 @@ def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst
 
 
 def copy_pool_blocks(src_pool: torch.Tensor, src_ids: torch.Tensor, dst_pool: torch.Tensor, dst_ids: torch.Tensor,
-                     first_layer: int = 0, num_layers: int = 1) -> None:
+                     first_layer: int = 0, num_layers: int = 1, src_heads: slice | None = None,
+                     dst_heads: slice | None = None) -> None:
     """Pools `[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]`: moves the blocks of layers
-    first_layer .. first_layer + num_layers - 1, keys and values."""
+    first_layer .. first_layer + num_layers - 1, keys and values; with `src_heads`/`dst_heads`, only
+    those key/value heads of each block, into those of the destination (pools of different tensor
+    parallelism hold different heads)."""
     layers = min(src_pool.shape[0], dst_pool.shape[0])
     assert num_layers >= 1 and 0 <= first_layer and first_layer + num_layers <= layers, \
         (first_layer, num_layers, layers)
+    src_pool = src_pool[..., src_heads or slice(None), :]
+    dst_pool = dst_pool[..., dst_heads or slice(None), :]
     for layer in range(first_layer, first_layer + num_layers):
         for plane in range(2):
             copy_blocks(src_pool[layer, plane], src_ids, dst_pool[layer, plane], dst_ids)

@@ -233,7 +233,10 @@ def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq
 
 @triton.jit
 def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, num_ids, src_plane, dst_plane,
-                        BLOCK_ELEMS: tl.constexpr, CHUNK: tl.constexpr):
+                        src_block, dst_block, src_row, dst_row, src_first, dst_first,
+                        ELEMS: tl.constexpr, ROW: tl.constexpr, CHUNK: tl.constexpr):
+    """Moves ELEMS elements of each block: its rows (one a token) of ROW elements (the heads copied, head
+    dim each) that start `src_first`/`dst_first` into a row of `src_row`/`dst_row` elements."""
     item = tl.program_id(0)  # plane * num_ids + i
     chunk = tl.program_id(1)
     plane = item // num_ids
@@ -241,34 +244,47 @@ def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, num_ids, src
     s = tl.load(src_ids_ptr + i).to(tl.int64)
     d = tl.load(dst_ids_ptr + i).to(tl.int64)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    mask = offs < BLOCK_ELEMS
-    x = tl.load(src_ptr + plane.to(tl.int64) * src_plane + s * BLOCK_ELEMS + offs, mask=mask)
-    tl.store(dst_ptr + plane.to(tl.int64) * dst_plane + d * BLOCK_ELEMS + offs, x, mask=mask)
+    mask = offs < ELEMS
+    token = offs // ROW
+    within = offs % ROW
+    x = tl.load(src_ptr + plane.to(tl.int64) * src_plane + s * src_block + token * src_row + src_first + within,
+                mask=mask)
+    tl.store(dst_ptr + plane.to(tl.int64) * dst_plane + d * dst_block + token * dst_row + dst_first + within, x,
+             mask=mask)
 
 
-def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0, num_layers: int = 1) -> None:
-    """Moves blocks of `num_layers` layers from `first_layer` on, K and V, in one launch.
+def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0, num_layers: int = 1,
+                     src_heads: slice | None = None, dst_heads: slice | None = None) -> None:
+    """Moves blocks of `num_layers` layers from `first_layer` on, K and V, in one launch; with
+    `src_heads`/`dst_heads` (ranges of the same length) only those key/value heads, into those.
 
-    Pools: [num_layers, 2, num_blocks, block_size, kv_heads, head_dim], contiguous; ids int32/int64 on the
-    device that runs the copy (the pools may live on different GPUs: one is then peer memory)."""
-    assert src_pool.dim() == 6 and src_pool.shape[3:] == dst_pool.shape[3:] and src_pool.dtype == dst_pool.dtype
-    assert src_pool.is_contiguous() and dst_pool.is_contiguous()
+    Pools: [num_layers, 2, num_blocks, block_size, kv_heads, head_dim], contiguous (the two may hold
+    different heads); ids int32/int64 on the device that runs the copy (the pools may live on different
+    GPUs: one is then peer memory)."""
+    assert src_pool.dim() == 6 and src_pool.shape[3] == dst_pool.shape[3] and src_pool.shape[5] == dst_pool.shape[5]
+    assert src_pool.dtype == dst_pool.dtype and src_pool.is_contiguous() and dst_pool.is_contiguous()
     assert src_ids.shape == dst_ids.shape and src_ids.dim() == 1
     layers = min(src_pool.shape[0], dst_pool.shape[0])
     assert num_layers >= 1 and 0 <= first_layer and first_layer + num_layers <= layers, \
         (first_layer, num_layers, layers)
+    sh = range(src_pool.shape[4])[src_heads or slice(None)]
+    dh = range(dst_pool.shape[4])[dst_heads or slice(None)]
+    assert len(sh) == len(dh) > 0 and sh.step == dh.step == 1, (src_heads, dst_heads)
     n = src_ids.shape[0]
     if n == 0:
         return
-    block_elems = src_pool[0, 0, 0].numel()
-    chunk = min(4096, triton.next_power_of_2(block_elems))
-    planes = num_layers * 2
+    page, dim = src_pool.shape[3], src_pool.shape[5]
+    row = len(sh) * dim
+    elems = page * row
+    chunk = min(4096, triton.next_power_of_2(elems))
     src = src_pool[first_layer:first_layer + num_layers]
     dst = dst_pool[first_layer:first_layer + num_layers]
-    grid = (planes * n, triton.cdiv(block_elems, chunk))
-    _copy_blocks_kernel[grid](src, dst, src_ids, dst_ids, n, src_pool.shape[2] * block_elems,
-                              dst_pool.shape[2] * block_elems, BLOCK_ELEMS=block_elems, CHUNK=chunk,
-                              num_warps=8)
+    src_block, dst_block = src_pool[0, 0, 0].numel(), dst_pool[0, 0, 0].numel()
+    grid = (num_layers * 2 * n, triton.cdiv(elems, chunk))
+    _copy_blocks_kernel[grid](src, dst, src_ids, dst_ids, n, src_pool.shape[2] * src_block,
+                              dst_pool.shape[2] * dst_block, src_block, dst_block, src_pool.shape[4] * dim,
+                              dst_pool.shape[4] * dim, sh.start * dim, dh.start * dim, ELEMS=elems, ROW=row,
+                              CHUNK=chunk, num_warps=8)
 
 
 # ---- fused elementwise work of a layer: decode steps are launch-bound without these ----------------

@@ -157,7 +157,8 @@ class InstanceConfig:
     num_blocks: int = field(default=0, metadata={"help": "KV blocks of this instance; 0: engine's"})
     gpus: tuple[int, ...] = field(default=(), metadata={"help": "physical GPU ids (empty: CPU)"})
     tp: int = field(default=1, metadata={"help": "tensor-parallel ranks: one process each, joined by "
-                                                 "torch.distributed (CPU so far)"})
+                                                 "torch.distributed (gloo on CPU, NCCL on GPU: gpus names "
+                                                 "one GPU a rank)"})
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -269,10 +270,6 @@ class LaunchConfig:
                 if inst.tp > 1 and len(inst.gpus) != inst.tp:
                     raise ValueError(f"instances.gpus: {name} has tp = {inst.tp}, so it names {inst.tp} GPU ids "
                                      f"(one a rank), not {list(inst.gpus)}")
-                if inst.tp > 1 and inst.role != "mixed":
-                    raise ValueError(f"instances.tp: {name} is a {inst.role} instance with tp = {inst.tp} on GPU; "
-                                     "allowed there so far: 1, or a mixed instance (KV between ranks' GPU pools "
-                                     "is not built yet; on CPU it is)")
 
     def named_instances(self) -> list[tuple[str, InstanceConfig]]:
         counts: dict[str, int] = {}

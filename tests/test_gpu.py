@@ -226,6 +226,24 @@ def test_block_copy_moves_exactly_the_blocks(layers, first, count):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("src_heads,dst_heads,src_n,dst_n", [
+    (slice(0, 4), slice(4, 8), 4, 8), (slice(2, 3), slice(0, 1), 4, 1), (slice(4, 8), slice(0, 4), 8, 4),
+    (None, None, 8, 8)])
+def test_block_copy_moves_exactly_the_heads(src_heads, dst_heads, src_n, dst_n):
+    """Between pools holding different key/value heads (tensor parallelism): only the given heads of
+    the given blocks move, into the given heads; everything else is untouched."""
+    from pdpipe.kernels import triton_ops
+
+    src = torch.randn(3, 2, 20, 16, src_n, 64, device="cuda").to(torch.bfloat16)
+    dst = torch.randn(3, 2, 20, 16, dst_n, 64, device="cuda").to(torch.bfloat16)
+    expected = dst.clone()
+    si = torch.tensor([3, 7, 0], dtype=torch.int32, device="cuda")
+    di = torch.tensor([5, 1, 19], dtype=torch.int32, device="cuda")
+    triton_ops.copy_pool_blocks(src, si, dst, di, 1, 2, src_heads, dst_heads)
+    ref.copy_pool_blocks(src, si.long(), expected, di.long(), 1, 2, src_heads, dst_heads)
+    assert torch.equal(dst, expected)
+
+
 def test_block_copy_reads_peer_memory_through_ipc_handles():
     """The pool exported by one process, opened through its IPC handle, copied from on another GPU."""
     import multiprocessing as mp
@@ -572,6 +590,35 @@ def test_launched_tp2_mixed_instance_on_two_gpus_answers_as_one_gpu(model_dir):
     cfg = make_launch_config(model_dir("llama"), ["mixed"])
     cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="float32"),
                   instances=(InstanceConfig("mixed", gpus=(0, 1), tp=2),))
+    with launched(cfg) as launcher:
+        for p, exp in zip(prompts, expected):
+            assert _complete(cfg.api.port, p, 12) == exp
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
+def test_launched_1p1d_of_different_tp_on_two_gpus_equals_one_gpu(model_dir, prefill_tp, decode_tp):
+    """1P+1D where one side is split over both GPUs (NCCL) and the other runs on one of them: KV moves
+    between ranks' pools by head range through CUDA IPC; the completions equal the one-GPU engine's
+    (fp32 greedy), and every block of every rank is free after."""
+    from dataclasses import replace
+
+    from pipeline_launch import launched, leak_free, make_launch_config, wait_until
+
+    from pdpipe.config import InstanceConfig
+
+    prompts = make_prompts(384, lengths=(1, 16, 47, 130), seed=8)
+    one = make_llm(model_dir("llama"), device="cuda", dtype="float32")
+    expected = [one.generate([p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].token_ids
+                for p in prompts]
+    del one
+    torch.cuda.empty_cache()
+    gpus = {1: (0,), 2: (0, 1)}
+    cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
+    cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="float32"),
+                  instances=(InstanceConfig("prefill", gpus=gpus[prefill_tp], tp=prefill_tp),
+                             InstanceConfig("decode", gpus=gpus[decode_tp] if decode_tp == 2 else (1,), tp=decode_tp)))
     with launched(cfg) as launcher:
         for p, exp in zip(prompts, expected):
             assert _complete(cfg.api.port, p, 12) == exp

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdpipe.messages import PoolInfo
 
@@ -130,6 +131,73 @@ class GroupedBackend(TransferBackend):
     def send_group(self, jobs: list[TransferJob], layer: int, count: int) -> None:
         """Starts moving layers layer … layer+count-1 of jobs that share their source pool and their
         destination pool."""
+
+
+Run = tuple[int, "slice | None", int, "slice | None"]  # (source rank, its heads, destination rank, its heads)
+
+
+class RankedBackend(GroupedBackend):
+    """A same-machine backend whose instances may have a pool a rank (tensor parallelism), each holding
+    its key/value heads: `pools[instance][rank]` is (what the backend keeps of the pool, its PoolInfo).
+    `copy_plan` says which head ranges move between which ranks' pools; a pair of instances is checked
+    for what must match once, at its first copy."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, dict[int, tuple[Any, PoolInfo]]] = {}
+        self._checked: set[tuple[str, str]] = set()
+
+    @abstractmethod
+    def open(self, pool: PoolInfo) -> Any:
+        """What the backend keeps of a pool (opened again when re-registered: a restarted engine)."""
+
+    def register_pool(self, pool: PoolInfo) -> None:
+        self.pools.setdefault(pool.instance, {})[pool.rank] = (self.open(pool), pool)
+        self._checked = {pair for pair in self._checked if pool.instance not in pair}
+
+    def ranks(self, instance: str, job: TransferJob) -> dict[int, tuple[Any, PoolInfo]]:
+        """Every rank's pool of `instance`, all from one start of its group (else the job fails: copying
+        some ranks' heads only would decode from stale KV)."""
+        ranks = self.pools.get(instance)
+        if not ranks:
+            raise TransferError(f"request {job.request_id}: no KV pool registered for {instance}")
+        first = ranks[min(ranks)][1]
+        if sorted(ranks) != list(range(first.tp)) or len({info.group for _, info in ranks.values()}) > 1:
+            have = ", ".join(f"{r} ({info.group or 'no group'})" for r, (_, info) in sorted(ranks.items()))
+            raise TransferError(f"request {job.request_id}: {instance}'s {first.tp} rank pools are not all known "
+                                f"from one start (have ranks {have})")
+        return ranks
+
+    @staticmethod
+    def heads(ranks: dict[int, tuple[Any, PoolInfo]]) -> dict[int, list[int]]:
+        return {r: info.kv_heads or list(range(info.shape[4])) for r, (_, info) in ranks.items()}
+
+    def copy_plan(self, job: TransferJob) -> tuple[dict, dict, list[Run]]:
+        """The job's source and destination ranks, and the runs of heads between them: one run of whole
+        blocks between two single pools of the same heads, else `head_copy_plan`'s."""
+        src, dst = self.ranks(job.src_instance, job), self.ranks(job.dst_instance, job)
+        src_heads, dst_heads = self.heads(src), self.heads(dst)
+        pair = (job.src_instance, job.dst_instance)
+        if pair not in self._checked:
+            check_pair(src[0][1], dst[0][1], {h for hs in src_heads.values() for h in hs},
+                       {h for hs in dst_heads.values() for h in hs})
+            self._checked.add(pair)
+        if len(src) == 1 and len(dst) == 1 and src_heads == dst_heads:
+            return src, dst, [(0, None, 0, None)]
+        return src, dst, list(head_copy_plan(src_heads, dst_heads))
+
+    @staticmethod
+    def block_bytes(ranks: dict[int, tuple[Any, PoolInfo]]) -> int:
+        """K and V of one block of one layer, over the instance's ranks."""
+        import torch
+
+        return sum(2 * info.shape[3] * info.shape[4] * info.shape[5] * getattr(torch, info.dtype).itemsize
+                   for _, info in ranks.values())
+
+    def job_bytes(self, job: TransferJob) -> int:
+        ranks = self.pools.get(job.dst_instance) or self.pools.get(job.src_instance)
+        if not ranks:
+            return 0
+        return len(job.src_block_ids) * self.block_bytes(ranks) * ranks[min(ranks)][1].shape[0]
 
 
 class FakeTransfer(TransferBackend):
