@@ -79,8 +79,9 @@ class CudaPool:
 
     def export(self) -> tuple[bytes, int]:
         """(IPC handle, offset of the pool inside the allocation the handle names)."""
-        handle = _check(cudart.cudaIpcGetMemHandle(self.ptr), "cudaIpcGetMemHandle", hex(self.ptr))
-        base, _size = _check(cuda_driver.cuMemGetAddressRange(self.ptr), "cuMemGetAddressRange", hex(self.ptr))
+        with torch.cuda.device(self.device):  # the driver looks the address up in the current context
+            handle = _check(cudart.cudaIpcGetMemHandle(self.ptr), "cudaIpcGetMemHandle", hex(self.ptr))
+            base, _size = _check(cuda_driver.cuMemGetAddressRange(self.ptr), "cuMemGetAddressRange", hex(self.ptr))
         return _handle_bytes(handle), self.ptr - int(base)
 
     def close(self) -> None:
