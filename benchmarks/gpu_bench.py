@@ -145,7 +145,9 @@ def bench_tp_copy(results: dict) -> None:
     """KV of a 4k-token request (8B shape) between instances of different tensor parallelism through
     the CUDA IPC backend (`head_copy_plan`: a launch a run of heads a layer, on the destination rank's
     GPU): a TP2 pool pair (GPU0: heads 0-3, GPU1: heads 4-7) into a TP1 pool on GPU1, and a TP1 pool on
-    GPU0 into a TP2 pair; against the raw GPU0 → GPU1 peer copy of 1 GiB."""
+    GPU0 into a TP2 pair; against the raw GPU0 → GPU1 peer copy of 1 GiB. Timed on the GPU from the
+    first copy's start to the last's end: all layers in one send (the copy's own speed), and a send a
+    layer (as a prefill announces them; the span then includes the host's time between sends)."""
     from pdpipe.ipc.cuda_transfer import CudaIpcTransfer
     from pdpipe.messages import PoolInfo
     from pdpipe.transfer import TransferJob, TransferState
@@ -182,21 +184,25 @@ def bench_tp_copy(results: dict) -> None:
             gen = torch.Generator().manual_seed(5)
             src_ids = torch.randperm(num_blocks, generator=gen)[:n].tolist()
             dst_ids = torch.randperm(num_blocks, generator=gen)[:n].tolist()
-            times = []
-            for _ in range(6):
-                job = TransferJob("bench", src, src_ids, dst, dst_ids)
-                for layer in range(layers):
-                    backend.send(job, layer)
-                while backend.poll(job) is TransferState.PENDING:
-                    pass
-                times.append(job.seconds)
-                backend.finished(job)
-            seconds = statistics.median(times[1:])
+            spans = {}
+            for how, per_send in (("per layer", 1), ("all layers at once", layers)):
+                times = []
+                for _ in range(6):
+                    job = TransferJob("bench", src, src_ids, dst, dst_ids)
+                    for layer in range(0, layers, per_send):
+                        backend.send_batch([job], layer, per_send)
+                    while backend.poll(job) is TransferState.PENDING:
+                        pass
+                    times.append(job.seconds)
+                    backend.finished(job)
+                spans[how] = statistics.median(times[1:])
+            seconds = spans["all layers at once"]
             views = {r: backend._view(info, 1) for r, (_, info) in backend.pools[src].items()}
             got = {r: backend._view(info, 1) for r, (_, info) in backend.pools[dst].items()}
             full_src = torch.cat([views[r] for r in sorted(views)], dim=4)[:, :, src_ids]
             full_dst = torch.cat([got[r] for r in sorted(got)], dim=4)[:, :, dst_ids]
             rows[label] = dict(bytes=job.bytes_moved, ms=seconds * 1e3, GBps=job.bytes_moved / seconds / 1e9,
+                               per_layer_sends_ms=spans["per layer"] * 1e3,
                                pct_of_raw_peer=100 * job.bytes_moved / seconds / raw,
                                launches_per_layer=len(backend.copy_plan(job)[2]),
                                correct=bool(torch.equal(full_src, full_dst)))
