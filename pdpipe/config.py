@@ -19,11 +19,18 @@ class CacheConfig:
     num_blocks: int = field(default=0, metadata={"help": "KV blocks in the pool; 0 sizes the pool "
                                                         "from kv_cache_mb"})
     kv_cache_mb: int = field(default=256, metadata={"help": "memory for the KV pool when num_blocks is 0"})
+    gpu_memory_utilization: float = field(default=0.0, metadata={
+        "help": "on GPU, the share of the GPU's memory this engine may use in all (as in vLLM): the KV pool "
+                "gets what the weights, a full step's activations and the CUDA graphs leave of it; 0: "
+                "kv_cache_mb (num_blocks, when set, wins over both)"})
 
     def __post_init__(self):
         _positive(self, "block_size", "kv_cache_mb")
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks: must be >= 0, got {self.num_blocks}")
+        if not 0.0 <= self.gpu_memory_utilization < 1.0:
+            raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization}; allowed: 0 (off) or "
+                             "above 0 and below 1")
 
 
 @dataclass(frozen=True)

@@ -348,3 +348,27 @@ def test_prefill_graph_layout_computes_what_the_eager_step_does(model_dir):
     theirs = {b for c in out.chunks for b in c.seq.block_table}
     others = torch.tensor([b for b in range(64) if b not in theirs])
     assert torch.equal(kv_before[:, :, others], engine.runner.kv_cache.data[:, :, others])
+
+
+def test_gpu_memory_utilization_sizes_the_pool_from_what_is_left():
+    from pdpipe.engine.engine import kv_room, pool_blocks
+    from pdpipe.models.spec import load_spec
+
+    gib = 2**30
+    # 80 GiB GPU, 90 %: the weights took 16 GiB, a full step needs 2 more, the graphs up to 1
+    assert kv_room(0.9, 80 * gib, 79 * gib, 63 * gib, 2 * gib, reserve=gib) == int(0.9 * 80 * gib) - 16 * gib - 3 * gib
+    # another process holds most of the GPU: no more than is free now
+    assert kv_room(0.9, 80 * gib, 30 * gib, 14 * gib, 2 * gib, reserve=gib) == 11 * gib
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization: 0.2 .* leaves no room for KV"):
+        kv_room(0.2, 80 * gib, 79 * gib, 63 * gib, 2 * gib)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="gpu_memory_utilization"):
+            CacheConfig(gpu_memory_utilization=bad)
+    from pdpipe.demo import resolve_model
+
+    spec = load_spec(resolve_model(""))
+    per_block = 2 * spec.num_layers * 16 * spec.num_kv_heads * spec.head_dim * 4
+    cfg = EngineConfig(cache=CacheConfig(block_size=16, kv_cache_mb=1))
+    assert pool_blocks(spec, cfg, gpu_room=100 * per_block + 5) == 100
+    assert pool_blocks(spec, cfg) == 2**20 // per_block
+    assert pool_blocks(spec, EngineConfig(cache=CacheConfig(num_blocks=7)), gpu_room=100 * per_block) == 7

@@ -416,6 +416,20 @@ def test_prefill_graphs_equal_eager_steps(model_dir, arch):
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
 
 
+def test_gpu_memory_utilization_keeps_the_engine_within_its_share(model_dir):
+    """A quarter of the GPU: the pool gets nearly all of it (a tiny model's weights, step and graphs
+    take little), the engine's memory stays within it, and it serves."""
+    share = 0.25
+    free_before, total = torch.cuda.mem_get_info()
+    llm = make_llm(model_dir("llama"), device="cuda", dtype="bfloat16", num_blocks=0, gpu_memory_utilization=share)
+    pool = llm.engine.kv_cache.data
+    used = free_before - torch.cuda.mem_get_info()[0]
+    assert share * total - 2 * 2**30 < pool.numel() * pool.element_size() < share * total
+    assert used <= share * total
+    out = llm.generate(make_prompts(384, lengths=(5, 40), seed=1), SamplingParams(max_tokens=4, temperature=0.0))
+    assert all(len(o.token_ids) == 4 for o in out) and llm.engine.leak_free()
+
+
 def _complete(port, prompt, max_tokens):
     body = json.dumps({"model": "llama", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "ignore_eos": True, "return_token_ids": True}).encode()

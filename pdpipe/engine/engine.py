@@ -41,10 +41,35 @@ def device_fault(exc: BaseException) -> bool:
     return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA error" in str(exc)
 
 
-def pool_blocks(spec: ModelSpec, config: EngineConfig) -> int:
-    """KV blocks the pool gets: as configured, or as many as fit in kv_cache_mb."""
+def pool_blocks(spec: ModelSpec, config: EngineConfig, gpu_room: int | None = None) -> int:
+    """KV blocks the pool gets: as configured, or as many as fit in `gpu_room` bytes (sized from
+    gpu_memory_utilization), or in kv_cache_mb."""
     per_block = KVCache.block_bytes(spec, config.cache.block_size, getattr(torch, spec.dtype))
-    return config.cache.num_blocks or max(1, config.cache.kv_cache_mb * 2**20 // per_block)
+    if config.cache.num_blocks:
+        return config.cache.num_blocks
+    return max(1, (gpu_room if gpu_room is not None else config.cache.kv_cache_mb * 2**20) // per_block)
+
+
+# What the CUDA graphs captured after the pool is sized may take (their activations for the largest
+# decode batch and prefill step, and the logits): counted against gpu_memory_utilization up front.
+GRAPH_RESERVE = 1 << 30
+
+
+def kv_room(utilization: float, total: int, free_at_start: int, free_now: int, step_peak: int,
+            reserve: int = GRAPH_RESERVE) -> int:
+    """Bytes for the KV pool under gpu_memory_utilization: the engine's share of the GPU (`utilization` ×
+    `total`) less what it already uses (free memory before its weights less free memory now), a full
+    step's activations beyond that (`step_peak`) and `reserve`; and no more than is free now less those.
+    Refuses, naming the setting, when nothing is left."""
+    used = free_at_start - free_now
+    room = min(int(utilization * total) - used, free_now) - step_peak - reserve
+    if room <= 0:
+        gib = 2**30
+        raise ValueError(
+            f"gpu_memory_utilization: {utilization} of the GPU's {total / gib:.1f} GiB leaves no room for KV: the "
+            f"weights take {used / gib:.1f} GiB, a full step's activations {step_peak / gib:.1f} GiB, the CUDA "
+            f"graphs up to {reserve / gib:.1f} GiB, and {free_now / gib:.1f} GiB is free; raise it (or free the GPU)")
+    return room
 
 
 def resolve_max_model_len(spec: ModelSpec, config: EngineConfig, num_blocks: int) -> int:
@@ -70,6 +95,11 @@ class LLMEngine:
             config = replace(config, device=f"cuda:{torch.cuda.current_device()}")  # one device for all parts
         self.config = config
         self.model_dir = resolve_model(config.model)
+        size_from_gpu = (config.device.startswith("cuda") and config.cache.gpu_memory_utilization > 0
+                         and not config.cache.num_blocks)
+        if size_from_gpu:
+            torch.cuda.set_device(torch.device(config.device))
+            free_at_start, total = torch.cuda.mem_get_info()
         self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format, tp=tp)
         self.spec = self.model.spec
         hd = self.spec.head_dim
@@ -78,7 +108,12 @@ class LLMEngine:
                              "(64, 128, ...); run this model on device=cpu")
         dtype = getattr(torch, self.spec.dtype)
         block_size = config.cache.block_size
-        num_blocks = pool_blocks(self.spec, config)
+        gpu_room = None
+        if size_from_gpu:
+            step_peak = self._step_peak(tp)
+            gpu_room = kv_room(config.cache.gpu_memory_utilization, total, free_at_start,
+                               torch.cuda.mem_get_info()[0], step_peak)
+        num_blocks = pool_blocks(self.spec, config, gpu_room)
         self.max_model_len = resolve_max_model_len(self.spec, config, num_blocks)
         self.eos_token_ids = load_eos_token_ids(self.model_dir)
         shape = KVCache.shape(self.spec, num_blocks, block_size)
@@ -108,6 +143,33 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._reserved: dict[str, list[int]] = {}
         torch.manual_seed(config.seed)
+
+    def _step_peak(self, tp: TensorParallel | None) -> int:
+        """Memory a full step (max_num_batched_tokens of one prompt, logits for max_num_seqs rows) needs
+        beyond what is allocated now: one such forward pass, writing no KV (a one-block throw-away cache,
+        every slot -1). Every rank of a tensor-parallel instance runs it at once (its collectives)."""
+        from pdpipe.models.decoder import AttentionMetadata
+
+        n = self.config.scheduler.max_num_batched_tokens
+        dev = torch.device(self.config.device)
+        cache = KVCache(self.spec, 1, self.config.cache.block_size, getattr(torch, self.spec.dtype), self.config.device)
+        meta = AttentionMetadata(slot_mapping=torch.full((n,), -1, dtype=torch.long, device=dev),
+                                 block_tables=torch.zeros(1, 1, dtype=torch.int32, device=dev), query_start_loc=[0, n],
+                                 seq_lens=[n], query_start_loc_t=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                                 seq_lens_t=torch.tensor([n], dtype=torch.int32, device=dev), max_query_len=n,
+                                 fresh=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), torch.arange(n, device=dev), cache.layers(),
+                            meta)
+        rows = min(n, self.config.scheduler.max_num_seqs)
+        self.model.logits(hidden[:rows])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del hidden, cache
+        torch.cuda.empty_cache()
+        return peak
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     hold_kv: bool = False) -> None:
