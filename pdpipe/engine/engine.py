@@ -50,9 +50,11 @@ def pool_blocks(spec: ModelSpec, config: EngineConfig, gpu_room: int | None = No
     return max(1, (gpu_room if gpu_room is not None else config.cache.kv_cache_mb * 2**20) // per_block)
 
 
-# What the CUDA graphs captured after the pool is sized may take (their activations for the largest
-# decode batch and prefill step, and the logits): counted against gpu_memory_utilization up front.
-GRAPH_RESERVE = 1 << 30
+# What is allocated after the pool is sized, counted against gpu_memory_utilization up front: the CUDA
+# graphs (their activations for the largest decode batch and prefill step, and logits) and the kernel
+# code the warm-up and the captures load (H200, test model: 1.4 GB in all; a 1 GiB reserve let an
+# engine at a 0.25 share end 0.4 GB over it).
+GRAPH_RESERVE = 2 << 30
 
 
 def kv_room(utilization: float, total: int, free_at_start: int, free_now: int, step_peak: int,
