@@ -424,7 +424,7 @@ def test_gpu_memory_utilization_keeps_the_engine_within_its_share(model_dir):
     llm = make_llm(model_dir("llama"), device="cuda", dtype="bfloat16", num_blocks=0, gpu_memory_utilization=share)
     pool = llm.engine.kv_cache.data
     used = free_before - torch.cuda.mem_get_info()[0]
-    assert share * total - 2 * 2**30 < pool.numel() * pool.element_size() < share * total
+    assert share * total - 3 * 2**30 < pool.numel() * pool.element_size() < share * total
     assert used <= share * total
     out = llm.generate(make_prompts(384, lengths=(5, 40), seed=1), SamplingParams(max_tokens=4, temperature=0.0))
     assert all(len(o.token_ids) == 4 for o in out) and llm.engine.leak_free()
