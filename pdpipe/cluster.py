@@ -29,8 +29,8 @@ class Keys:
     def instance(self, name: str) -> str:
         return f"{self.prefix}inst:{name}"
 
-    def pool(self, name: str) -> str:
-        return f"{self.prefix}pool:{name}"
+    def pool(self, name: str, rank: int = 0) -> str:
+        return f"{self.prefix}pool:{name}" + (f".rank{rank}" if rank else "")
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}topic:{name}"
@@ -61,10 +61,11 @@ class Registry:
         return entries
 
     def publish_pool(self, info: PoolInfo) -> None:
-        self.redis.set(self.keys.pool(info.instance), self._enc.encode(info), px=int(self.ttl * 1000))
+        """An instance's pool (each rank's, for a tensor-parallel instance)."""
+        self.redis.set(self.keys.pool(info.instance, info.rank), self._enc.encode(info), px=int(self.ttl * 1000))
 
-    def pool(self, name: str) -> PoolInfo | None:
-        raw = self.redis.get(self.keys.pool(name))
+    def pool(self, name: str, rank: int = 0) -> PoolInfo | None:
+        raw = self.redis.get(self.keys.pool(name, rank))
         return msgspec.msgpack.decode(cast(bytes, raw), type=PoolInfo) if raw is not None else None
 
     def push(self, dest: str, payload: bytes) -> None:

@@ -262,9 +262,6 @@ class LaunchConfig:
             raise ValueError("instances: at least one instance is needed")
         if ("prefill" in roles) != ("decode" in roles) and not self.cluster.redis_url:
             raise ValueError("instances: prefill and decode instances come together (or use mixed)")
-        if self.cluster.redis_url and any(i.tp > 1 and i.role != "mixed" for i in self.instances):
-            raise ValueError("instances.tp: a prefill or decode instance with tp > 1 in a cluster (redis_url set) is "
-                             "not built yet (KV between machines moves one pool an instance); use tp = 1 there")
         names = [n for n, _ in self.named_instances()]
         if len(set(names)) != len(names):
             raise ValueError(f"instances.name: duplicate names in {names}")

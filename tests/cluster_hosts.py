@@ -92,8 +92,9 @@ def machine_config(path: Path, *, model: str, redis_url: str, machine: str, host
              "[routing]", 'disaggregation = "always"',  # the short test prompts would stay on decode
              "[cluster]", f'redis_url = "{redis_url}"', f'machine = "{machine}"', f"frontend = {str(frontend).lower()}",
              f'advertise_host = "{host}"', f"ttl = {ttl}", "[api]", f"port = {port or free_port()}"]
-    for role in roles:
-        lines += ["[[instances]]", f'role = "{role}"']
+    for role in roles:  # "decode", or "decode:2" for a tensor-parallel instance of two ranks
+        name, _, tp = role.partition(":")
+        lines += ["[[instances]]", f'role = "{name}"'] + ([f"tp = {tp}"] if tp else [])
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -53,7 +53,8 @@ def hosts(model_dir, tmp_path):
             started.append(a)
             b = RemoteLauncher(ns, cfg_b)
             started.append(b)
-            expected = {f"b-{r}-{i}" for r in set(roles_b) for i in range(roles_b.count(r))}
+            kinds = [r.partition(":")[0] for r in roles_b]
+            expected = {f"b-{r}-{i}" for r in set(kinds) for i in range(kinds.count(r))}
             wait_until(lambda: decoded_elsewhere(a, expected), what="host B's instances in the registry")
             return a, b
 
@@ -93,6 +94,24 @@ def test_prefill_on_a_decode_on_b_equals_single_machine(hosts, model_dir):
     # the transfer's figures come with its stats, five times a second
     assert wait_until(lambda: snapshot(a)["transfers"]["transfer-a"]["bytes_moved"] > 0,
                       what="the KV crossed from host A to host B")
+    assert wait_until(lambda: all_free(a), what="all blocks free on both hosts")
+
+
+
+def test_tensor_parallel_prefill_on_a_decode_on_b(hosts, model_dir):
+    """Prefill of two ranks (gloo) on host A, decode of one on host B: each rank's pool is published,
+    and each block's heads cross from the rank that holds them into B's pool (Mooncake over TCP);
+    the completions equal one machine's, and every block of every rank is free after."""
+    a, b = hosts.launch(["prefill:2"], ["decode"])
+    prompts = make_prompts(384, lengths=(3, 30, 57), seed=22)
+    expected = make_llm(model_dir(MODEL)).generate(
+        prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    registry = Registry(hosts.redis.url(hosts.addr_a), "default", 3.0)
+    assert wait_until(lambda: registry.pool("a-prefill-0", 1) is not None, what="rank 1's pool published")
+    for p, e in zip(prompts, expected):
+        resp = complete(a.cfg.api.port, p, 8)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["token_ids"] == e.token_ids
     assert wait_until(lambda: all_free(a), what="all blocks free on both hosts")
 
 

@@ -4,7 +4,11 @@ The same calls run over RDMA NICs (`protocol="rdma"`, `device_names` naming the 
 TCP (`protocol="tcp"`). Each machine's transfer process runs one engine, registers the KV pools of
 its machine's engines, and publishes (segment, base address, layout) per pool in the registry; a
 job writes the request's blocks into the peer's registered pool, layer by layer, coalescing runs of
-contiguous blocks into single writes. Writes are submitted (one batch a layer) and a thread waits for
+contiguous blocks into single writes. A tensor-parallel instance has a pool a rank, each published;
+between instances of the same heads a rank, each rank's blocks go whole to its peer rank; between
+instances of different tensor parallelism (`head_copy_plan`) each block's run of heads is strided in
+the pool (a token's heads are contiguous, its next token's follow), so it goes as one write per token
+of each block: correct, but many small writes. Writes are submitted (one batch a layer) and a thread waits for
 each batch in Mooncake's own wait (every write of it), so the transfer process goes on with other jobs
 meanwhile; a job is done when every batch landed, and failed once every batch settled with one failed
 (nothing of it still writes). Integer return codes
@@ -17,10 +21,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from pdpipe.messages import PoolInfo
-from pdpipe.transfer import TransferBackend, TransferError, TransferJob, TransferState
+from pdpipe.transfer import RankedBackend, TransferError, TransferJob, TransferState
 
 
 class MooncakeError(TransferError):
@@ -43,11 +48,32 @@ def coalesce(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int
     return runs
 
 
-def _plane_bytes(info: PoolInfo) -> tuple[int, int]:
-    """(bytes of one block in one layer's K or V plane, blocks per plane) of a pool
-    [layers, 2, blocks, block_size, heads, dim]."""
-    itemsize = torch.empty(0, dtype=getattr(torch, info.dtype)).element_size()
-    return info.shape[3] * info.shape[4] * info.shape[5] * itemsize, info.shape[2]
+def block_writes(src: PoolInfo, dst: PoolInfo, layer: int, src_ids: list[int], dst_ids: list[int],
+                 src_heads: slice | None = None, dst_heads: slice | None = None) -> list[tuple[int, int, int]]:
+    """(source address, destination address, bytes) of the writes that move `layer` of the blocks, K
+    and V, between two published pools [layers, 2, blocks, block_size, heads, dim] (addresses from
+    their `base_addr`): runs of blocks contiguous on both sides when the heads are whole on both, else
+    one write a token of each block for the run of heads (strided in the pool)."""
+    itemsize = torch.empty(0, dtype=getattr(torch, src.dtype)).element_size()
+    page, dim = src.shape[3], src.shape[5]
+    s_heads = range(src.shape[4])[src_heads or slice(None)]
+    d_heads = range(dst.shape[4])[dst_heads or slice(None)]
+    s_row, d_row = src.shape[4] * dim * itemsize, dst.shape[4] * dim * itemsize  # one token's heads
+    s_block, d_block = page * s_row, page * d_row
+    whole = len(s_heads) == src.shape[4] == dst.shape[4]
+    writes = []
+    for plane in range(2):
+        s_plane = src.base_addr + (layer * 2 + plane) * src.shape[2] * s_block
+        d_plane = dst.base_addr + (layer * 2 + plane) * dst.shape[2] * d_block
+        if whole:
+            writes += [(s_plane + s * s_block, d_plane + d * d_block, n * s_block)
+                       for s, d, n in coalesce(src_ids, dst_ids)]
+            continue
+        run = len(s_heads) * dim * itemsize
+        for s, d in zip(src_ids, dst_ids):
+            writes += [(s_plane + s * s_block + t * s_row + s_heads.start * dim * itemsize,
+                        d_plane + d * d_block + t * d_row + d_heads.start * dim * itemsize, run) for t in range(page)]
+    return writes
 
 
 @dataclass
@@ -63,18 +89,17 @@ class _Flight:
 _NO_BATCH = (0, 2**64 - 1)  # what a refused submit returns (an unsigned -1 when the peer cannot be opened)
 
 
-class MooncakeTransfer(TransferBackend):
+class MooncakeTransfer(RankedBackend):
     def __init__(self, hostname: str, protocol: str = "tcp", device_names: str = ""):
         from mooncake.engine import TransferEngine  # imported here: only cross-machine setups need it
 
         if protocol not in ("tcp", "rdma"):
             raise ValueError(f"protocol: {protocol!r}; allowed: tcp, rdma")
+        super().__init__()  # pools[instance][rank]: (the local tensor, or None for another machine's; info)
         self.engine = TransferEngine()
         _check(self.engine.initialize(hostname, "P2PHANDSHAKE", protocol, device_names), "initialize",
                f"{hostname} ({protocol})")
         self.segment = f"{hostname}:{self.engine.get_rpc_port()}"
-        self.pools: dict[str, PoolInfo] = {}
-        self._local: dict[str, torch.Tensor] = {}
         self._flights: dict[str, _Flight] = {}
         # a thread waits for each submitted batch (every write of it, in Mooncake's own wait) and
         # passes its outcome to poll(): the transfer loop never blocks on a write
@@ -83,47 +108,48 @@ class MooncakeTransfer(TransferBackend):
         threading.Thread(target=self._wait_batches, name="mooncake-wait", daemon=True).start()
 
     def expose(self, info: PoolInfo, pool: torch.Tensor) -> PoolInfo:
-        """Registers a local pool with the engine (again when its engine restarted with a new one);
-        returns its info as peers need it."""
-        old = self._local.pop(info.instance, None)
-        if old is not None:
-            self.engine.unregister_memory(old.data_ptr())
+        """Registers a local pool (a rank's) with the engine (again when its engine restarted with a new
+        one); returns its info as peers need it."""
+        old = self.pools.get(info.instance, {}).get(info.rank)
+        if old is not None and old[0] is not None:
+            self.engine.unregister_memory(old[0].data_ptr())
         _check(self.engine.register_memory(pool.data_ptr(), pool.numel() * pool.element_size()),
                "register_memory", info.instance)
-        self._local[info.instance] = pool
-        published = PoolInfo(instance=info.instance, path=info.path, shape=list(pool.shape), dtype=info.dtype,
-                             pid=info.pid,
-                             segment=self.segment, base_addr=pool.data_ptr())
-        self.pools[info.instance] = published
+        published = msgspec.structs.replace(info, shape=list(pool.shape), gpu=-1, ipc_handle=b"", ipc_offset=0,
+                                            segment=self.segment, base_addr=pool.data_ptr())
+        self.pools.setdefault(info.instance, {})[info.rank] = (pool, published)
+        self._checked = {pair for pair in self._checked if info.instance not in pair}
         return published
 
-    def register_pool(self, pool: PoolInfo) -> None:
+    def open(self, pool: PoolInfo) -> None:
+        """Another machine's pool: written through its segment, nothing to open here."""
         if not pool.segment:
             raise TransferError(f"{pool.instance}: its pool was not published with a transfer segment")
-        self.pools[pool.instance] = pool
+
+    def send_group(self, jobs: list[TransferJob], layer: int, count: int) -> None:
+        for job in jobs:
+            for one in range(layer, layer + count):
+                self.send(job, one)
 
     def send(self, job: TransferJob, layer: int) -> None:
-        src, dst = self.pools.get(job.src_instance), self.pools.get(job.dst_instance)
-        if src is None or dst is None or job.src_instance not in self._local:
-            raise TransferError(f"request {job.request_id}: pools of {job.src_instance} → {job.dst_instance} "
-                                "are not both known here")
-        block, src_blocks = _plane_bytes(src)
-        _, dst_blocks = _plane_bytes(dst)
-        srcs, dsts, lengths = [], [], []
-        for plane in range(2):
-            src_plane = src.base_addr + (layer * 2 + plane) * src_blocks * block
-            dst_plane = dst.base_addr + (layer * 2 + plane) * dst_blocks * block
-            for s, d, n in coalesce(job.src_block_ids, job.dst_block_ids):
-                srcs.append(src_plane + s * block)
-                dsts.append(dst_plane + d * block)
-                lengths.append(n * block)
-        batch = self.engine.batch_transfer_async_write(dst.segment, srcs, dsts, lengths)
-        if batch in _NO_BATCH or batch < 0:
-            raise MooncakeError(f"mooncake batch write to {dst.segment} ({job.dst_instance}, request "
-                                f"{job.request_id}, layer {layer}) could not be submitted")
+        """Submits `layer` of the job: one batch of writes a destination segment."""
+        src, dst, plan = self.copy_plan(job)
+        if any(tensor is None for tensor, _ in src.values()):
+            raise TransferError(f"request {job.request_id}: {job.src_instance}'s pools are not this machine's")
+        by_segment: dict[str, list[tuple[int, int, int]]] = {}
+        for s_rank, s_heads, d_rank, d_heads in plan:
+            d_info = dst[d_rank][1]
+            by_segment.setdefault(d_info.segment, []).extend(block_writes(
+                src[s_rank][1], d_info, layer, job.src_block_ids, job.dst_block_ids, s_heads, d_heads))
         flight = self._flights.setdefault(job.request_id, _Flight(time.perf_counter()))
-        flight.pending += 1
-        self._submitted.put((job.request_id, batch, sum(lengths), layer))
+        for segment, writes in by_segment.items():
+            srcs, dsts, lengths = (list(column) for column in zip(*writes))
+            batch = self.engine.batch_transfer_async_write(segment, srcs, dsts, lengths)
+            if batch in _NO_BATCH or batch < 0:
+                raise MooncakeError(f"mooncake batch write to {segment} ({job.dst_instance}, request "
+                                    f"{job.request_id}, layer {layer}) could not be submitted")
+            flight.pending += 1
+            self._submitted.put((job.request_id, batch, sum(lengths), layer))
         job.layers_sent.add(layer)
 
     def _wait_batches(self) -> None:
@@ -163,10 +189,3 @@ class MooncakeTransfer(TransferBackend):
 
     def abort(self, job: TransferJob) -> None:
         self._flights.pop(job.request_id, None)  # what still settles for it is dropped
-
-    def job_bytes(self, job: TransferJob) -> int:
-        info = self.pools.get(job.src_instance)
-        if info is None:
-            return 0
-        block, _ = _plane_bytes(info)
-        return 2 * info.shape[0] * block * len(job.src_block_ids)

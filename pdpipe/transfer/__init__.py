@@ -206,14 +206,14 @@ class FakeTransfer(TransferBackend):
 
     def __init__(self, fail: set[str] | None = None):
         self.fail = fail if fail is not None else set()
-        self.pools: dict[str, PoolInfo] = {}
+        self.pools: dict[str, dict[int, tuple[None, PoolInfo]]] = {}  # as a RankedBackend keeps them
         self.sent: list[tuple[str, int]] = []
         self.batches: list[tuple[list[str], int]] = []  # (request ids, layer) of each send_batch, by layer
         self.aborted: list[str] = []
         self.in_flight: set[str] = set()
 
     def register_pool(self, pool: PoolInfo) -> None:
-        self.pools[pool.instance] = pool
+        self.pools.setdefault(pool.instance, {})[pool.rank] = (None, pool)
 
     def send(self, job: TransferJob, layer: int) -> None:
         self.sent.append((job.request_id, layer))

@@ -45,9 +45,10 @@ class MachineTransfer(TransferBackend):
         self.local, self.remote, self.registry, self.machine = local, remote, registry, machine
         self.pools_dir = pools_dir
         self.local_names: set[str] = set()
-        self._published: dict[str, PoolInfo] = {}
-        self._exposed: dict[str, PoolInfo] = {}  # each published pool as its engine announced it
-        self._job_pools: dict[str, PoolInfo] = {}  # the remote pool each job writes into, from its first write
+        # each published pool, by (instance, rank): as published, and as its engine announced it
+        self._published: dict[tuple[str, int], PoolInfo] = {}
+        self._exposed: dict[tuple[str, int], PoolInfo] = {}
+        self._job_pools: dict[str, tuple[PoolInfo, ...]] = {}  # the remote pools each job writes into
         self._next_publish = 0.0
 
     @classmethod
@@ -78,17 +79,21 @@ class MachineTransfer(TransferBackend):
             return
         self.local.register_pool(pool)
         self.local_names.add(pool.instance)
+        ranks = [pool]
         if pool.tp > 1 and pool.rank == 0:  # its other ranks too, as they last wrote themselves down
             for rank in range(1, pool.tp):
                 path = self.pools_dir / f"{pool.instance}.rank{rank}.json"
                 if path.is_file():
-                    self.local.register_pool(msgspec.json.decode(path.read_bytes(), type=PoolInfo))
-        if self.remote is not None and self._exposed.get(pool.instance) != pool:  # new, or its engine restarted
-            published = self.remote.expose(pool, _pool_tensor(pool))
-            self._exposed[pool.instance] = pool
-            self._published[pool.instance] = msgspec.structs.replace(published, machine=self.machine)
-            self._next_publish = 0.0
-            self.refresh()
+                    ranks.append(msgspec.json.decode(path.read_bytes(), type=PoolInfo))
+                    self.local.register_pool(ranks[-1])
+        for info in ranks if self.remote is not None else []:
+            key = (info.instance, info.rank)
+            if self._exposed.get(key) != info:  # new, or its engine restarted
+                published = self.remote.expose(info, _pool_tensor(info))
+                self._exposed[key] = info
+                self._published[key] = msgspec.structs.replace(published, machine=self.machine)
+                self._next_publish = 0.0
+        self.refresh()
 
     def refresh(self) -> None:
         """Keeps this machine's pools published, and the other machines' pools it writes into as they
@@ -98,16 +103,32 @@ class MachineTransfer(TransferBackend):
         try:
             for info in self._published.values():
                 self.registry.publish_pool(info)
-            for name, known in list(self.remote.pools.items()):
-                if name not in self.local_names:
-                    now = self.registry.pool(name)
+            for name, ranks in list(self.remote.pools.items()):
+                if name in self.local_names:
+                    continue
+                for rank, (_, known) in list(ranks.items()):
+                    now = self.registry.pool(name, rank)
                     if now is not None and now != known:
-                        log.info("transfer: %s's pool was published anew (%s); writing there now", name,
-                                 now.segment)
+                        log.info("transfer: %s's pool (rank %d) was published anew (%s); writing there now", name,
+                                 rank, now.segment)
                         self.remote.register_pool(now)
             self._next_publish = time.monotonic() + self.registry.ttl / 3
         except Exception as exc:  # noqa: BLE001 — Redis away: try again on the next call
             log.warning("transfer: cannot publish or refresh pools: %s", exc)
+
+    def _remote_pools(self, instance: str, job: TransferJob) -> tuple[PoolInfo, ...]:
+        """Another machine's instance's pools, every rank's (looked up in the registry at first)."""
+        if instance not in self.remote.pools:
+            info = self.lookup(instance)
+            if info is None:
+                raise TransferError(f"request {job.request_id}: no published pool for {instance}")
+            self.remote.register_pool(info)
+            for rank in range(1, info.tp):
+                other = self.registry.pool(instance, rank) if self.registry is not None else None
+                if other is None:
+                    raise TransferError(f"request {job.request_id}: rank {rank} of {instance} has published no pool")
+                self.remote.register_pool(other)
+        return tuple(info for _, (_, info) in sorted(self.remote.pools[instance].items()))
 
     # ---- jobs ----------------------------------------------------------------------------------------
     def _for(self, job: TransferJob) -> TransferBackend:
@@ -116,13 +137,8 @@ class MachineTransfer(TransferBackend):
         if self.remote is None:
             raise TransferError(f"request {job.request_id}: {job.dst_instance} is on another machine and "
                                 "this machine has no cross-machine transfer (cluster.redis_url unset)")
-        if job.dst_instance not in self.remote.pools:
-            info = self.lookup(job.dst_instance)
-            if info is None:
-                raise TransferError(f"request {job.request_id}: no published pool for {job.dst_instance}")
-            self.remote.register_pool(info)
-        pool = self._job_pools.setdefault(job.request_id, self.remote.pools[job.dst_instance])
-        if pool != self.remote.pools[job.dst_instance]:  # its blocks were in the old pool
+        pools = self._remote_pools(job.dst_instance, job)
+        if self._job_pools.setdefault(job.request_id, pools) != pools:  # its blocks were in the old pool
             raise TransferError(f"request {job.request_id}: {job.dst_instance}'s pool was replaced (its engine "
                                 "restarted)")
         return self.remote
