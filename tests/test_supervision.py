@@ -315,17 +315,22 @@ def _health(launcher) -> dict:
     return httpx.get(f"http://127.0.0.1:{launcher.cfg.api.port}/health", timeout=10).json()
 
 
-def test_a_frozen_decode_engine_is_routed_around_within_seconds_and_rejoins(model_dir):
+@pytest.mark.parametrize("frozen", ["decode-0", "decode-0.rank1"])
+def test_a_frozen_decode_engine_is_routed_around_within_seconds_and_rejoins(model_dir, frozen):
     """SIGSTOP: the process lives, so no restart; its heartbeat stops, its streams end with an error
-    within seconds, new requests go to the other decode instance; SIGCONT: it serves again."""
-    from pdpipe.config import DeadlineConfig
+    within seconds, new requests go to the other decode instance; SIGCONT: it serves again. The same
+    when the frozen process is the second rank of a tensor-parallel decode instance (its rank 0 waits
+    in a collective, its own heartbeat going on)."""
+    from pdpipe.config import DeadlineConfig, InstanceConfig
 
-    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode", "decode"], num_blocks=512,
-                             deadlines=DeadlineConfig(heartbeat=2.0))
+    tp = 2 if frozen.endswith("rank1") else 1
+    cfg = make_launch_config(model_dir(MODEL), [], num_blocks=512, deadlines=DeadlineConfig(heartbeat=2.0),
+                             instances=(InstanceConfig("prefill"), InstanceConfig("decode", tp=tp),
+                                        InstanceConfig("decode")))
     with launched(cfg) as launcher:
         threads, results = start_streams(launcher, 6, 0)
         wait_until(lambda: eval_when(snapshot(launcher), "decode-0:DECODING"), what="decode-0 decoding")
-        pid = child(launcher, "decode-0").popen.pid
+        pid = child(launcher, frozen).popen.pid
         os.kill(pid, signal.SIGSTOP)
         frozen_at = time.monotonic()
         try:
@@ -342,7 +347,7 @@ def test_a_frozen_decode_engine_is_routed_around_within_seconds_and_rejoins(mode
         assert failed and all("decode-0 stopped reporting" in r["error"] for r in failed)
         assert any(r["error"] is None for r in results)
         wait_until(lambda: _health(launcher)["status"] == "ok", what="decode-0 back")
-        print(f"\nfrozen decode-0 routed around after {routed_around:.2f} s (heartbeat deadline 2 s)")
-        assert child(launcher, "decode-0").restarts == 0
+        print(f"\nfrozen {frozen} routed around after {routed_around:.2f} s (heartbeat deadline 2 s)")
+        assert child(launcher, "decode-0").restarts == 0 and child(launcher, frozen).restarts == 0
         assert wait_until(lambda: leak_free(launcher), timeout=30, what="every block free")
 
