@@ -11,16 +11,22 @@ import torch
 from pdpipe.llm import LLM
 from pdpipe.models.make import MakeModelConfig, make_model
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "ernie4_5")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "ernie4_5", "ernie4_5_moe", "qwen3_moe", "mixtral")
 
 # Tiny, but each exercises its family's switches: tied embeddings (llama, ernie), q/k/v bias (qwen2),
-# q/k norm (qwen3), sliding window (mistral), o/mlp bias and interleaved rope (ernie).
+# q/k norm (qwen3), sliding window (mistral), o/mlp bias and interleaved rope (ernie), routed experts
+# (the MoE three).
 TEST_MODELS = {
     "llama": MakeModelConfig(arch="llama", tie_embeddings=True, seed=1),
     "qwen2": MakeModelConfig(arch="qwen2", seed=2),
     "qwen3": MakeModelConfig(arch="qwen3", head_dim=32, seed=3),
     "mistral": MakeModelConfig(arch="mistral", sliding_window=24, kv_heads=1, seed=4),
     "ernie4_5": MakeModelConfig(arch="ernie4_5", bias=True, seed=5),
+    # mixture of experts: ERNIE's first layer dense, its selection bias and a shared expert; Qwen3-MoE's
+    # top-k weights not renormalised (its default) and a dense first layer; Mixtral's every layer routed
+    "ernie4_5_moe": MakeModelConfig(arch="ernie4_5_moe", layers=3, experts=16, top_k=2, shared_experts=1, seed=6),
+    "qwen3_moe": MakeModelConfig(arch="qwen3_moe", layers=3, head_dim=32, experts=8, top_k=2, seed=7),
+    "mixtral": MakeModelConfig(arch="mixtral", experts=8, top_k=2, seed=8),
 }
 
 

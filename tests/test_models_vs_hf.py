@@ -76,3 +76,25 @@ def test_continuous_batching_with_preemption_matches_transformers(arch, model_di
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
     assert partial_chunks, "the token budget was meant to split prompts into chunks"
     assert_leak_free(engine)
+
+
+@pytest.mark.parametrize("arch", ["ernie4_5_moe", "qwen3_moe", "mixtral"])
+def test_moe_steps_where_some_experts_get_no_token_match_transformers(arch, model_dir, hf_results, monkeypatch):
+    """The routed layers saw steps whose tokens left some experts without any (every decode step of
+    one sequence does, top-2 of 8-16) and steps that reached many; the output is still transformers'."""
+    from pdpipe.models.decoder import MoE
+
+    hit: list[tuple[int, int]] = []  # (experts that got tokens, experts) per routed-layer call
+    forward = MoE.forward
+
+    def counting(self, x):
+        hit.append((len(self.route(x)[1].unique()), self.moe.num_experts))
+        return forward(self, x)
+
+    monkeypatch.setattr(MoE, "forward", counting)
+    prompts, expected = hf_results(arch)
+    llm = make_llm(model_dir(arch))
+    for prompt, exp in zip(prompts[:3], expected[:3]):
+        out = llm.generate([prompt], GREEDY)[0]
+        assert_same_as_hf(out.token_ids, [lp.logprob for lp in out.logprobs], exp)
+    assert any(got < of for got, of in hit) and any(got > 2 for got, _ in hit)

@@ -1,4 +1,5 @@
-"""One parametrised pre-norm decoder for every supported family (Llama, Qwen2, Qwen3, Mistral, ERNIE 4.5).
+"""One parametrised pre-norm decoder for every supported family (Llama, Qwen2, Qwen3, Mistral, ERNIE 4.5,
+and the mixture-of-experts ERNIE 4.5 MoE, Qwen3-MoE and Mixtral).
 
 Module names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`…), so a
 checkpoint's state dict loads without renaming. The forward pass takes a flat batch of tokens from
@@ -18,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pdpipe import kernels
 
 from .parallel import TensorParallel
-from .spec import ModelSpec, RopeSpec
+from .spec import ModelSpec, MoeSpec, RopeSpec
 
 
 @dataclass
@@ -233,13 +234,100 @@ class MLP(nn.Module):
         return self.tp.all_reduce(out) if self.tp is not None else out
 
 
+class Expert(nn.Module):
+    """One expert's SiLU-gated MLP, its projections named as the checkpoint names them (gate, up, down:
+    `gate_proj`/`up_proj`/`down_proj`, or Mixtral's `w1`/`w3`/`w2`)."""
+
+    def __init__(self, hidden: int, inter: int, names: tuple[str, str, str], bias: bool = False):
+        super().__init__()
+        self.names = names
+        for name, (i, o) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden))):
+            self.add_module(name, Linear(i, o, bias=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(nn.functional.silu(gate(x)) * up(x))
+
+
+class Statics(nn.Module):
+    """ERNIE's per-expert selection bias (`moe_statics.e_score_correction_bias`, float32)."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts, dtype=torch.float32))
+
+
+def float32_weights(spec: ModelSpec) -> tuple[str, ...]:
+    """Name suffixes of the weights kept in float32 whatever the model's dtype (ERNIE's router, as
+    `transformers` keeps it)."""
+    if spec.moe is None or not spec.moe.router_fp32:
+        return ()
+    return (f"{spec.moe.module}.gate.weight", "moe_statics.e_score_correction_bias")
+
+
+class MoE(nn.Module):
+    """Routed experts in place of the MLP. The router (`gate`) scores experts by softmax in float32;
+    each token goes to its top-k, weighted by its scores (renormalised where the model does, see
+    MoeSpec); shared experts (ERNIE) add their output unweighted. This is the reference path: a loop
+    over the experts that received tokens, as `transformers` computes it."""
+
+    def __init__(self, spec: ModelSpec, moe: MoeSpec):
+        super().__init__()
+        self.moe = moe
+        self.gate = nn.Linear(spec.hidden_size, moe.num_experts, bias=False,
+                              dtype=torch.float32 if moe.router_fp32 else None)
+        if moe.selection_bias:
+            self.moe_statics = Statics(moe.num_experts)
+        self.experts = nn.ModuleList(Expert(spec.hidden_size, moe.intermediate_size, moe.names)
+                                     for _ in range(moe.num_experts))
+        if moe.shared_experts:
+            self.shared_experts = Expert(spec.hidden_size, moe.intermediate_size * moe.shared_experts,
+                                         ("gate_proj", "up_proj", "down_proj"), bias=spec.mlp_bias)
+        self.tp: TensorParallel | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [tokens, top_k] float32, expert ids [tokens, top_k])."""
+        moe = self.moe
+        if moe.router_fp32:
+            logits = nn.functional.linear(x.float(), self.gate.weight.float())
+        else:
+            logits = nn.functional.linear(x, self.gate.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if moe.selection_bias:
+            ids = torch.topk(probs + self.moe_statics.e_score_correction_bias[0], moe.top_k, dim=-1).indices
+            weights = probs.gather(-1, ids)
+        else:
+            weights, ids = torch.topk(probs, moe.top_k, dim=-1)
+        if moe.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(moe.norm_min)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            y = self.experts[e](x[rows])
+            out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
+        if self.moe.shared_experts:
+            out = out + self.shared_experts(x)
+        return self.tp.all_reduce(out) if self.tp is not None else out
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(spec, spec.sliding_windows[layer_idx])
-        self.mlp = MLP(spec)
+        routed = spec.moe is not None and spec.moe.layers[layer_idx]
+        # the MLP or the experts, under the checkpoint's name for them (`mlp`, Mixtral's `block_sparse_moe`)
+        self.ffn_name = spec.moe.module if routed and spec.moe is not None else "mlp"
+        self.add_module(self.ffn_name, MoE(spec, spec.moe) if routed and spec.moe is not None else MLP(spec))
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    @property
+    def ffn(self) -> MLP | MoE:
+        return getattr(self, self.ffn_name)
 
     def forward(self, x, residual, rotary, cos, sin, k_cache, v_cache, meta):
         """(x, residual) → (x, residual): the residual adds ride in the norms (one kernel each on GPU)."""
@@ -249,7 +337,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, rotary, cos, sin, k_cache, v_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.ffn(x), residual
 
 
 class DecoderBody(nn.Module):
@@ -277,7 +365,7 @@ class CausalLM(nn.Module):
         if tp is not None:
             for layer in self.model.layers:
                 assert isinstance(layer, DecoderLayer)
-                layer.self_attn.tp = layer.mlp.tp = tp
+                layer.self_attn.tp = layer.ffn.tp = tp
 
     @torch.inference_mode()
     def forward(
@@ -312,7 +400,8 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
             layer.self_attn.fuse()
-            layer.mlp.fuse()
+            if isinstance(layer.ffn, MLP):
+                layer.ffn.fuse()
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] → [n, vocab] float32

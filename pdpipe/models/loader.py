@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .decoder import CausalLM, Rotary
+from .decoder import CausalLM, Rotary, float32_weights
 from .parallel import TensorParallel, rank_spec, shard_state_dict
 from .spec import ModelLoadError, ModelSpec, load_spec
 
@@ -34,7 +34,9 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_state_dict(model_dir: Path, dtype: torch.dtype,
+                    keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor in `dtype`, but those whose names end with one of `keep_fp32` in float32."""
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
         try:
@@ -43,7 +45,7 @@ def read_state_dict(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tens
             raise ModelLoadError(f"{path}: cannot read safetensors file ({exc})") from None
         for name, tensor in tensors.items():
             if not name.endswith(_IGNORED_SUFFIXES):
-                state[name] = tensor.to(dtype)
+                state[name] = tensor.to(torch.float32 if keep_fp32 and name.endswith(keep_fp32) else dtype)
     return state
 
 
@@ -101,7 +103,7 @@ def load_model(model_dir: Path | str, dtype: str | None = None, device: str | to
     torch_dtype = getattr(torch, spec.dtype)
     with torch.device("meta"):
         model = CausalLM(rank_spec(spec, tp.size) if tp else spec, tp)
-    state = read_state_dict(model_dir, torch_dtype)
+    state = read_state_dict(model_dir, torch_dtype, float32_weights(spec))
     if tp is not None:
         state = shard_state_dict(state, spec, tp)
     check_state_dict(model, state, model_dir)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .decoder import CausalLM
-from .make_config import ARCH_NAMES, MakeModelConfig
+from .make_config import ARCH_NAMES, MOE_ARCHS, MakeModelConfig
 from .spec import ModelSpec, spec_from_config
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -46,7 +46,8 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
 
 def hf_config(cfg: MakeModelConfig, vocab_size: int, ids: dict[str, int | None]) -> dict:
     head_dim = cfg.head_dim or cfg.hidden // cfg.heads
-    tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.arch == "ernie4_5"
+    ernie = cfg.arch in ("ernie4_5", "ernie4_5_moe")
+    tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else ernie
     config = {
         "architectures": [ARCH_NAMES[cfg.arch]],
         "model_type": cfg.arch,
@@ -59,8 +60,8 @@ def hf_config(cfg: MakeModelConfig, vocab_size: int, ids: dict[str, int | None])
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position,
-        "rms_norm_eps": 1e-5 if cfg.arch == "ernie4_5" else 1e-6,
-        "rope_theta": 500000.0 if cfg.arch in ("llama", "ernie4_5") else 1000000.0,
+        "rms_norm_eps": 1e-5 if ernie else 1e-6,
+        "rope_theta": 500000.0 if cfg.arch == "llama" or ernie else 1000000.0,
         "tie_word_embeddings": tie,
         "initializer_range": 0.02,
         "bos_token_id": ids["<|endoftext|>"],
@@ -81,9 +82,27 @@ def hf_config(cfg: MakeModelConfig, vocab_size: int, ids: dict[str, int | None])
             config.update(attention_bias=bias)
     elif cfg.arch == "mistral":
         config.update(sliding_window=cfg.sliding_window or None)
-    elif cfg.arch == "ernie4_5":
+    elif ernie:
         config.update(use_bias=bias)
+    if cfg.arch in MOE_ARCHS:
+        config.update(moe_config(cfg))
     return config
+
+
+def moe_config(cfg: MakeModelConfig) -> dict:
+    """The routed experts' fields, under each architecture's own names."""
+    inter = cfg.moe_intermediate or cfg.hidden
+    if cfg.arch == "mixtral":
+        return {"num_local_experts": cfg.experts, "num_experts_per_tok": cfg.top_k, "intermediate_size": inter,
+                "sliding_window": cfg.sliding_window or None}
+    if cfg.arch == "qwen3_moe":
+        return {"num_experts": cfg.experts, "num_experts_per_tok": cfg.top_k, "moe_intermediate_size": inter,
+                "norm_topk_prob": cfg.norm_topk, "decoder_sparse_step": 1,
+                "mlp_only_layers": list(range(min(cfg.first_moe_layer, cfg.layers))), "attention_bias": bool(cfg.bias),
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.layers}
+    return {"moe_num_experts": cfg.experts, "moe_k": cfg.top_k, "moe_intermediate_size": inter,
+            "moe_num_shared_experts": cfg.shared_experts, "moe_layer_start_index": cfg.first_moe_layer,
+            "moe_layer_end_index": cfg.layers - 1, "moe_layer_interval": 1, "moe_norm_min": 1e-12}
 
 
 def init_param_(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -91,7 +110,7 @@ def init_param_(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tenso
     is peaked, as a trained model's is."""
     if name.endswith("norm.weight"):
         return t.normal_(1.0, 0.1, generator=gen)
-    if name.endswith(".bias"):
+    if name.endswith((".bias", "e_score_correction_bias")):
         return t.normal_(0.0, 0.05, generator=gen)
     if name == "model.embed_tokens.weight":
         return t.normal_(0.0, 0.5, generator=gen)

@@ -12,7 +12,11 @@ ARCH_NAMES = {
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
     "ernie4_5": "Ernie4_5ForCausalLM",
+    "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
+MOE_ARCHS = ("ernie4_5_moe", "qwen3_moe", "mixtral")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,15 @@ class MakeModelConfig:
                                                               "use_bias, Llama attention/mlp bias)"})
     tie_embeddings: bool | None = field(default=None, metadata={"help": "tie lm_head to embeddings; "
                                                                         "default per architecture"})
+    experts: int = field(default=8, metadata={"help": "MoE architectures: routed experts a layer"})
+    top_k: int = field(default=2, metadata={"help": "MoE: experts a token goes to"})
+    moe_intermediate: int = field(default=0, metadata={"help": "MoE: each expert's MLP size; 0 means hidden"})
+    shared_experts: int = field(default=1, metadata={"help": "ERNIE MoE: shared experts (moe_num_shared_experts)"})
+    first_moe_layer: int = field(default=1, metadata={
+        "help": "MoE: layers before this one are dense (ERNIE moe_layer_start_index, Qwen3-MoE mlp_only_layers; "
+                "Mixtral has none)"})
+    norm_topk: bool = field(default=False, metadata={"help": "Qwen3-MoE: norm_topk_prob (renormalise the top-k "
+                                                             "weights); ERNIE and Mixtral always do"})
     dtype: str = field(default="float32", metadata={"help": "weight dtype", "choices": DTYPES})
     shard_mb: int = field(default=0, metadata={"help": "split weights into shards of this many MiB"})
     weights: bool = field(default=True, metadata={"help": "write weights; without, load the folder "
@@ -53,5 +66,7 @@ class MakeModelConfig:
                              "unless head_dim is given")
         if (self.head_dim or self.hidden // self.heads) % 2:
             raise ValueError("head_dim: must be even for rotary embeddings")
+        if self.arch in MOE_ARCHS and not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"top_k: {self.top_k}; allowed: 1 to experts ({self.experts})")
         if self.vocab < 300:
             raise ValueError(f"vocab: must be at least 300 (256 bytes + special tokens), got {self.vocab}")

@@ -5,7 +5,10 @@ Each rank holds `heads / tp` query heads and the key/value heads they read: `kv_
 or, when the ranks outnumber the key/value heads, the one its query heads share (replicated across
 the ranks that share it). q/k/v and gate/up are split by output rows (column-parallel), o_proj and
 down_proj by input columns (row-parallel, summed across ranks by an all-reduce; their bias is added
-once, by rank 0). The embedding and the output projection are split by vocabulary rows: a token's
+once, by rank 0). Every expert of a mixture-of-experts layer is split the same way (its gate/up by
+rows, its down by columns; the router replicated), one all-reduce after the experts' weighted sum
+(tensor parallelism of the experts; expert parallelism is another split). The embedding and the
+output projection are split by vocabulary rows: a token's
 embedding comes from the rank that holds its row (the others add zeros), and the logits of every
 rank's rows are gathered. `torch.distributed` carries the collectives (gloo on CPU, NCCL on GPU);
 rank 0 hands each step's inputs to the others over gloo on both (small Python objects, no GPU sync).
@@ -72,8 +75,11 @@ def check_splittable(spec: ModelSpec, tp: int) -> None:
     """Refuses a TP size the model cannot be split by, naming the dimension."""
     if tp < 1:
         raise ValueError(f"tp: {tp}; allowed: 1 or more")
-    for name, value in (("num_attention_heads", spec.num_heads), ("intermediate_size", spec.intermediate_size),
-                        ("vocab_size", spec.vocab_size)):
+    sizes = [("num_attention_heads", spec.num_heads), ("intermediate_size", spec.intermediate_size),
+             ("vocab_size", spec.vocab_size)]
+    if spec.moe is not None and any(spec.moe.layers):
+        sizes.append(("moe_intermediate_size", spec.moe.intermediate_size))
+    for name, value in sizes:
         if value % tp:
             raise ValueError(f"tp: {tp} does not divide the model's {name} ({value})")
     kv = spec.num_kv_heads
@@ -95,18 +101,20 @@ def rank_spec(spec: ModelSpec, tp: int) -> ModelSpec:
     """The shapes one rank builds: its heads, key/value heads and MLP share (the vocabulary stays whole:
     sampling sees every token's logit)."""
     check_splittable(spec, tp)
+    moe = spec.moe and replace(spec.moe, intermediate_size=spec.moe.intermediate_size // tp)
     return replace(spec, num_heads=spec.num_heads // tp, num_kv_heads=max(1, spec.num_kv_heads // tp),
-                   intermediate_size=spec.intermediate_size // tp)
+                   intermediate_size=spec.intermediate_size // tp, moe=moe)
 
 
 def shard_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec, par: TensorParallel) -> dict[str, torch.Tensor]:
-    """This rank's slice of every tensor of a whole checkpoint (`spec` is the whole model's)."""
+    """This rank's slice of every tensor of a whole checkpoint (`spec` is the whole model's). MLP and
+    expert projections are split by their own widths (dense, expert and shared-expert widths differ)."""
     r, tp, d = par.rank, par.size, spec.head_dim
     q_rows = slice(r * spec.num_heads // tp * d, (r + 1) * spec.num_heads // tp * d)
     kv = kv_heads_of(r, tp, spec.num_heads, spec.num_kv_heads)
     kv_rows = slice(kv.start * d, kv.stop * d)
-    mlp = slice(r * spec.intermediate_size // tp, (r + 1) * spec.intermediate_size // tp)
     vocab = slice(r * spec.vocab_size // tp, (r + 1) * spec.vocab_size // tp)
+    mine = lambda n: slice(r * n // tp, (r + 1) * n // tp)  # noqa: E731 — this rank's share of n
     out = {}
     for name, t in state.items():
         if name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -115,10 +123,11 @@ def shard_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec, par: Tenso
             t = t[kv_rows]
         elif name.endswith("o_proj.weight"):
             t = t[:, q_rows]
-        elif name.endswith(("gate_proj.weight", "gate_proj.bias", "up_proj.weight", "up_proj.bias")):
-            t = t[mlp]
-        elif name.endswith("down_proj.weight"):
-            t = t[:, mlp]
+        elif name.endswith(("gate_proj.weight", "gate_proj.bias", "up_proj.weight", "up_proj.bias", "w1.weight",
+                            "w3.weight")):
+            t = t[mine(t.shape[0])]
+        elif name.endswith(("down_proj.weight", "w2.weight")):
+            t = t[:, mine(t.shape[1])]
         elif name.endswith(("o_proj.bias", "down_proj.bias")) and r:
             t = torch.zeros_like(t)  # added once, after the sum
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):

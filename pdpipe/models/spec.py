@@ -2,7 +2,8 @@
 
 Llama, Qwen2, Qwen3, Mistral and ERNIE 4.5 are the same pre-norm decoder with a handful of differences:
 which projections carry a bias, whether q/k get an RMSNorm per head, how RoPE pairs dimensions, and
-the defaults a config may leave out.
+the defaults a config may leave out. Their mixture-of-experts kin (ERNIE 4.5 MoE, Qwen3-MoE, Mixtral)
+replace the MLP of some or all layers by routed experts (`MoeSpec`), each with its routing rules.
 """
 from __future__ import annotations
 
@@ -58,6 +59,22 @@ ARCHITECTURES: dict[str, ArchTraits] = {
         defaults=dict(rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, head_dim=128,
                       max_position_embeddings=131072),
     ),
+    "Ernie4_5_MoeForCausalLM": ArchTraits(
+        "ernie4_5_moe", "use_bias", "use_bias", "use_bias", rope_interleaved=True,
+        defaults=dict(rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      max_position_embeddings=131072),
+    ),
+    "Qwen3MoeForCausalLM": ArchTraits(
+        "qwen3_moe", "attention_bias", "attention_bias", None, qk_norm=True, sliding_window_style="upper_layers",
+        defaults=dict(rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                      max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False,
+                      max_window_layers=28),
+    ),
+    "MixtralForCausalLM": ArchTraits(
+        "mixtral", None, None, None, sliding_window_style="all",
+        defaults=dict(rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      max_position_embeddings=131072, sliding_window=None),
+    ),
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -75,6 +92,25 @@ class RopeSpec:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     interleaved: bool = False
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """The routed experts of a mixture-of-experts model, as `transformers` computes them: a router
+    (the `gate`, [experts, hidden]) scores every expert by softmax, each token goes to its `top_k`,
+    and their outputs are summed weighted by those scores."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # each expert's MLP width
+    layers: tuple[bool, ...]  # per layer: routed experts (True) or the dense MLP of `intermediate_size`
+    renormalize: bool  # the top-k weights divided by their sum
+    selection_bias: bool = False  # ERNIE: experts picked by softmax + e_score_correction_bias, weighted without it
+    norm_min: float = 0.0  # ERNIE: that sum clamped to at least this
+    shared_experts: int = 0  # ERNIE: a dense MLP `shared_experts` × intermediate_size wide, added unweighted
+    router_fp32: bool = False  # ERNIE: the router's weights and scores kept in float32
+    module: str = "mlp"  # checkpoint names: layers.N.<module>.gate.weight, <module>.experts.E.<names>
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -99,6 +135,7 @@ class ModelSpec:
     dtype: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    moe: MoeSpec | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -167,6 +204,56 @@ def _sliding_windows(config: dict, traits: ArchTraits, num_layers: int) -> tuple
     return tuple(int(window) if i >= first else None for i in range(num_layers))
 
 
+def _first(config: dict, keys: tuple[str, ...], default: Any, path: Path) -> Any:
+    for key in keys:
+        if key in config and config[key] is not None:
+            return config[key]
+    if default is None:
+        raise ModelLoadError(f"{path}: config.json lacks the required field {keys[0]!r}")
+    return default
+
+
+def _moe_spec(config: dict, arch: str, num_layers: int, path: Path) -> MoeSpec | None:
+    """The routed experts of the MoE architectures, each field read as `transformers` reads it."""
+    if arch == "MixtralForCausalLM":
+        moe = MoeSpec(num_experts=int(_first(config, ("num_local_experts",), 8, path)),
+                      top_k=int(_first(config, ("num_experts_per_tok",), 2, path)),
+                      intermediate_size=int(_required(config, "intermediate_size", path)),
+                      layers=(True,) * num_layers, renormalize=True, module="block_sparse_moe",
+                      names=("w1", "w3", "w2"))
+    elif arch == "Qwen3MoeForCausalLM":
+        experts = int(_first(config, ("num_experts", "num_local_experts"), 128, path))
+        step = int(config.get("decoder_sparse_step", 1))
+        if step < 1:
+            raise ModelLoadError(f"{path}: decoder_sparse_step {step}; allowed: 1 or more")
+        dense = set(config.get("mlp_only_layers") or [])
+        moe = MoeSpec(num_experts=experts, top_k=int(_first(config, ("num_experts_per_tok",), 8, path)),
+                      intermediate_size=int(_first(config, ("moe_intermediate_size",), 768, path)),
+                      layers=tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(num_layers)),
+                      renormalize=bool(config.get("norm_topk_prob", False)))
+    elif arch == "Ernie4_5_MoeForCausalLM":
+        interval = int(config.get("moe_layer_interval", 1))
+        if interval < 1:
+            raise ModelLoadError(f"{path}: moe_layer_interval {interval}; allowed: 1 or more")
+        start, end = int(config.get("moe_layer_start_index", 1)), int(config.get("moe_layer_end_index", 27))
+        moe = MoeSpec(num_experts=int(_first(config, ("moe_num_experts", "num_experts"), 64, path)),
+                      top_k=int(_first(config, ("moe_k", "num_experts_per_tok"), 6, path)),
+                      intermediate_size=int(_first(config, ("moe_intermediate_size",), 1536, path)),
+                      layers=tuple((i + 1) % interval == 0 and start <= i <= end for i in range(num_layers)),
+                      renormalize=True, selection_bias=True, norm_min=float(config.get("moe_norm_min", 1e-12)),
+                      shared_experts=int(config.get("moe_num_shared_experts", 2)), router_fp32=True)
+    else:
+        return None
+    if not any(moe.layers):
+        return moe  # every layer dense: a plain decoder, with the MoE model's names
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ModelLoadError(f"{path}: {moe.top_k} experts per token of {moe.num_experts}; allowed: 1 to "
+                             f"{moe.num_experts} (num_experts_per_tok / moe_k)")
+    if moe.intermediate_size < 1 or moe.shared_experts < 0:
+        raise ModelLoadError(f"{path}: moe_intermediate_size must be >= 1 and moe_num_shared_experts >= 0")
+    return moe
+
+
 def _flag(config: dict, key: str | None, default: bool) -> bool:
     return bool(config.get(key, default)) if key else default
 
@@ -216,6 +303,7 @@ def spec_from_config(config: dict, path: Path | str = "<config>", dtype: str | N
         dtype=normalize_dtype(dtype or config.get("torch_dtype") or config.get("dtype") or "float32"),
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_eos_ids(config.get("eos_token_id")),
+        moe=_moe_spec(config, arch, num_layers, path),
     )
 
 
