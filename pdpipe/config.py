@@ -66,6 +66,9 @@ class EngineConfig:
     prefill_graph_tokens: int = field(default=512, metadata={
         "help": "capture steps of whole prompts up to this many tokens as CUDA graphs (GPU; 0: none): "
                 "short prompts are otherwise bound by launching their kernels"})
+    expert_parallel: bool = field(default=False, metadata={
+        "help": "a mixture-of-experts model on an instance of tp > 1 ranks: split the experts by id (each "
+                "rank holds num_experts / tp of them whole) instead of splitting every expert's width"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -53,21 +53,26 @@ def _leave(results, failed: bool) -> None:
     os._exit(1 if failed else 0)
 
 
-def _rank(rank: int, size: int, init_file: str, model_dirs: list[str], results) -> None:
+def _rank(rank: int, size: int, init_file: str, models: list[tuple[str, bool]], results) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
     try:
-        tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
-        for model_dir in model_dirs:
+        for model_dir, expert_parallel in models:
+            tp = TensorParallel(rank, size, torch.distributed.group.WORLD, expert_parallel=expert_parallel)
             model = load_model(model_dir, tp=tp)
             tokens, logits = greedy(model, PROMPT, STEPS)
-            results.put((rank, model_dir, tokens, logits.numpy()))
+            results.put((rank, (model_dir, expert_parallel), tokens, logits.numpy()))
     except BaseException:  # noqa: BLE001 — reported, and the exit code says so
         _leave(results, failed=True)
     _leave(results, failed=False)
 
 
+MOE = ("ernie4_5_moe", "qwen3_moe", "mixtral")
+
+
 def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_dir, tmp_path):
-    dirs = [str(model_dir(arch)) for arch in TEST_MODELS]
+    """Every architecture split by tensor parallelism, and the MoE ones also by expert parallelism
+    (each rank holding half the experts whole, rank 0 the shared ones)."""
+    dirs = [(str(model_dir(arch)), False) for arch in TEST_MODELS] + [(str(model_dir(a)), True) for a in MOE]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     ranks = [ctx.Process(target=_rank, args=(r, 2, str(tmp_path / "store"), dirs, results)) for r in range(2)]
@@ -84,7 +89,7 @@ def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_d
         p.join(timeout=60)
         assert p.exitcode == 0
     for d in dirs:
-        whole_tokens, whole_logits = greedy(load_model(d), PROMPT, STEPS)
+        whole_tokens, whole_logits = greedy(load_model(d[0]), PROMPT, STEPS)
         for rank, model, tokens, logits in got:
             if model == d:
                 assert tokens == whole_tokens, (d, rank)
@@ -239,6 +244,27 @@ def _serves(complete):
         return None
 
 
+def test_expert_parallelism_gives_each_rank_whole_experts_by_id(model_dir):
+    """EP2: rank 1 holds the second half of the experts whole (numbered from 0 there) and the shared
+    experts whole; width-split TP2 holds every expert at half width."""
+    from pdpipe.models.loader import read_state_dict
+    from pdpipe.models.parallel import shard_state_dict
+
+    path = model_dir("ernie4_5_moe")
+    spec = load_spec(path)
+    state = read_state_dict(path, torch.float32)
+    ep = shard_state_dict(state, spec, TensorParallel(1, 2, expert_parallel=True))
+    tp = shard_state_dict(state, spec, TensorParallel(1, 2))
+    layer = "model.layers.1.mlp"
+    assert torch.equal(ep[f"{layer}.experts.0.up_proj.weight"], state[f"{layer}.experts.8.up_proj.weight"])
+    assert f"{layer}.experts.8.up_proj.weight" not in ep and f"{layer}.experts.7.up_proj.weight" in ep
+    shared = f"{layer}.shared_experts.down_proj.weight"
+    assert torch.equal(ep[shared], state[shared])
+    assert tp[f"{layer}.experts.8.up_proj.weight"].shape[0] * 2 == state[f"{layer}.experts.8.up_proj.weight"].shape[0]
+    model = load_model(path, tp=TensorParallel(1, 2, expert_parallel=True))
+    assert len(model.model.layers[1].ffn.experts) == 8 and model.model.layers[1].ffn.held == range(8, 16)
+
+
 def test_head_copy_plan_gives_each_destination_rank_its_heads_once():
     from pdpipe.transfer import head_copy_plan
 
@@ -304,12 +330,17 @@ def test_instances_that_cannot_exchange_kv_are_refused_naming_the_difference(tmp
         backend.send_batch([TransferJob("r", "p", [1], "d", [2])], 0)
 
 
-@pytest.mark.parametrize("arch, prefill_tp, decode_tp", [("llama", 2, 1), ("llama", 1, 2), ("llama", 2, 2),
-                                                          ("mistral", 2, 2)])
-def test_disaggregated_instances_of_any_tp_generate_what_one_engine_does(model_dir, arch, prefill_tp, decode_tp):
+@pytest.mark.parametrize("arch, prefill_tp, decode_tp, expert_parallel", [
+    ("llama", 2, 1, False), ("llama", 1, 2, False), ("llama", 2, 2, False), ("mistral", 2, 2, False),
+    ("ernie4_5_moe", 2, 1, True)])
+def test_disaggregated_instances_of_any_tp_generate_what_one_engine_does(model_dir, arch, prefill_tp, decode_tp,
+                                                                         expert_parallel):
     """1P(TP a) + 1D(TP b) launched: each prompt computed on the prefill ranks, its KV moved head range by
     head range into the decode ranks, decoded there: the tokens of one colocated engine, nothing left
-    allocated (mistral's single key/value head is replicated on both ranks of each side)."""
+    allocated (mistral's single key/value head is replicated on both ranks of each side; the MoE model's
+    prefill ranks hold half the experts each)."""
+    from dataclasses import replace
+
     import httpx
     from pipeline_launch import launched, leak_free, make_launch_config, wait_until
 
@@ -321,6 +352,7 @@ def test_disaggregated_instances_of_any_tp_generate_what_one_engine_does(model_d
     expected = run_requests(whole)
     cfg = make_launch_config(model, [], num_blocks=64, instances=(InstanceConfig("prefill", tp=prefill_tp),
                                                                    InstanceConfig("decode", tp=decode_tp)))
+    cfg = replace(cfg, engine=replace(cfg.engine, expert_parallel=expert_parallel))
     with launched(cfg) as launcher:
         for rid, n in (("r0", 30), ("r1", 9)):
             body = {"model": arch, "prompt": PROMPT[:n], "max_tokens": 6, "temperature": 0, "ignore_eos": True,

@@ -95,6 +95,8 @@ class LLMEngine:
 
         if config.device.startswith("cuda") and torch.device(config.device).index is None:
             config = replace(config, device=f"cuda:{torch.cuda.current_device()}")  # one device for all parts
+        if tp is not None and config.expert_parallel:
+            tp = replace(tp, expert_parallel=True)
         self.config = config
         self.model_dir = resolve_model(config.model)
         size_from_gpu = (config.device.startswith("cuda") and config.cache.gpu_memory_utilization > 0

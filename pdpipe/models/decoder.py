@@ -278,8 +278,8 @@ class MoE(nn.Module):
                               dtype=torch.float32 if moe.router_fp32 else None)
         if moe.selection_bias:
             self.moe_statics = Statics(moe.num_experts)
-        self.experts = nn.ModuleList(Expert(spec.hidden_size, moe.intermediate_size, moe.names)
-                                     for _ in range(moe.num_experts))
+        self.held = range(moe.first_expert, moe.first_expert + (moe.held_experts or moe.num_experts))
+        self.experts = nn.ModuleList(Expert(spec.hidden_size, moe.intermediate_size, moe.names) for _ in self.held)
         if moe.shared_experts:
             self.shared_experts = Expert(spec.hidden_size, moe.intermediate_size * moe.shared_experts,
                                          ("gate_proj", "up_proj", "down_proj"), bias=spec.mlp_bias)
@@ -306,10 +306,12 @@ class MoE(nn.Module):
         weights, ids = self.route(x)
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
+            if e not in self.held:  # expert parallelism: another rank's
+                continue
             rows, slot = (ids == e).nonzero(as_tuple=True)
-            y = self.experts[e](x[rows])
+            y = self.experts[e - self.held.start](x[rows])
             out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
-        if self.moe.shared_experts:
+        if self.moe.shared_experts and (self.tp is None or not self.tp.expert_parallel or self.tp.rank == 0):
             out = out + self.shared_experts(x)
         return self.tp.all_reduce(out) if self.tp is not None else out
 

@@ -80,7 +80,7 @@ def dummy_model(spec: ModelSpec, device: str | torch.device, seed: int = 0,
     torch.set_default_dtype(getattr(torch, spec.dtype))  # built in its dtype: no float32 copy of 8B weights
     try:
         with torch.device(device):
-            model = CausalLM(rank_spec(spec, tp.size) if tp else spec, tp)
+            model = CausalLM(rank_spec(spec, tp) if tp else spec, tp)
     finally:
         torch.set_default_dtype(default)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -102,7 +102,7 @@ def load_model(model_dir: Path | str, dtype: str | None = None, device: str | to
         raise ValueError(f"load_format: {load_format!r}; allowed: {', '.join(LOAD_FORMATS)}")
     torch_dtype = getattr(torch, spec.dtype)
     with torch.device("meta"):
-        model = CausalLM(rank_spec(spec, tp.size) if tp else spec, tp)
+        model = CausalLM(rank_spec(spec, tp) if tp else spec, tp)
     state = read_state_dict(model_dir, torch_dtype, float32_weights(spec))
     if tp is not None:
         state = shard_state_dict(state, spec, tp)

@@ -7,14 +7,17 @@ the ranks that share it). q/k/v and gate/up are split by output rows (column-par
 down_proj by input columns (row-parallel, summed across ranks by an all-reduce; their bias is added
 once, by rank 0). Every expert of a mixture-of-experts layer is split the same way (its gate/up by
 rows, its down by columns; the router replicated), one all-reduce after the experts' weighted sum
-(tensor parallelism of the experts; expert parallelism is another split). The embedding and the
-output projection are split by vocabulary rows: a token's
+(tensor parallelism of the experts). With `expert_parallel` the experts are split by id instead: each
+rank holds num_experts / tp of them whole and computes them for every token (the tokens are on every
+rank: attention stays tensor-parallel), rank 0 adds the shared experts, and the same all-reduce sums
+the ranks' parts. The embedding and the output projection are split by vocabulary rows: a token's
 embedding comes from the rank that holds its row (the others add zeros), and the logits of every
 rank's rows are gathered. `torch.distributed` carries the collectives (gloo on CPU, NCCL on GPU);
 rank 0 hands each step's inputs to the others over gloo on both (small Python objects, no GPU sync).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +32,7 @@ class TensorParallel:
     size: int
     group: Any = None  # the torch.distributed process group of the instance's ranks
     control: Any = None  # a gloo group of the same ranks for `broadcast` (None: `group` is gloo already)
+    expert_parallel: bool = False  # a MoE model's experts split by id across the ranks, not by width
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -71,14 +75,15 @@ def join_group(rank: int, size: int, init_method: str, device: str) -> TensorPar
     return TensorParallel(rank, size, dist.group.WORLD, control)
 
 
-def check_splittable(spec: ModelSpec, tp: int) -> None:
+def check_splittable(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> None:
     """Refuses a TP size the model cannot be split by, naming the dimension."""
     if tp < 1:
         raise ValueError(f"tp: {tp}; allowed: 1 or more")
     sizes = [("num_attention_heads", spec.num_heads), ("intermediate_size", spec.intermediate_size),
              ("vocab_size", spec.vocab_size)]
     if spec.moe is not None and any(spec.moe.layers):
-        sizes.append(("moe_intermediate_size", spec.moe.intermediate_size))
+        sizes.append(("num_experts", spec.moe.num_experts) if expert_parallel
+                     else ("moe_intermediate_size", spec.moe.intermediate_size))
     for name, value in sizes:
         if value % tp:
             raise ValueError(f"tp: {tp} does not divide the model's {name} ({value})")
@@ -97,13 +102,23 @@ def kv_heads_of(rank: int, tp: int, num_heads: int, num_kv_heads: int) -> range:
     return range(head, head + 1)
 
 
-def rank_spec(spec: ModelSpec, tp: int) -> ModelSpec:
-    """The shapes one rank builds: its heads, key/value heads and MLP share (the vocabulary stays whole:
-    sampling sees every token's logit)."""
-    check_splittable(spec, tp)
-    moe = spec.moe and replace(spec.moe, intermediate_size=spec.moe.intermediate_size // tp)
+def rank_spec(spec: ModelSpec, par: TensorParallel) -> ModelSpec:
+    """The shapes one rank builds: its heads, key/value heads and MLP share, and its experts' (each
+    expert's width, or with expert parallelism its whole experts); the vocabulary stays whole:
+    sampling sees every token's logit."""
+    tp = par.size
+    check_splittable(spec, tp, par.expert_parallel)
+    moe = spec.moe
+    if moe is not None and par.expert_parallel:
+        held = moe.num_experts // tp
+        moe = replace(moe, first_expert=par.rank * held, held_experts=held)
+    elif moe is not None:
+        moe = replace(moe, intermediate_size=moe.intermediate_size // tp)
     return replace(spec, num_heads=spec.num_heads // tp, num_kv_heads=max(1, spec.num_kv_heads // tp),
                    intermediate_size=spec.intermediate_size // tp, moe=moe)
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 def shard_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec, par: TensorParallel) -> dict[str, torch.Tensor]:
@@ -115,8 +130,18 @@ def shard_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec, par: Tenso
     kv_rows = slice(kv.start * d, kv.stop * d)
     vocab = slice(r * spec.vocab_size // tp, (r + 1) * spec.vocab_size // tp)
     mine = lambda n: slice(r * n // tp, (r + 1) * n // tp)  # noqa: E731 — this rank's share of n
+    held = spec.moe.num_experts // tp if spec.moe is not None else 0
     out = {}
     for name, t in state.items():
+        expert = _EXPERT.search(name)
+        if par.expert_parallel and (expert or ".shared_experts." in name):
+            if expert:  # whole experts, this rank's by id, numbered from 0 here
+                index = int(expert.group(1)) - r * held
+                if not 0 <= index < held:
+                    continue
+                name = f"{name[:expert.start()]}.experts.{index}.{name[expert.end():]}"
+            out[name] = t.clone()  # shared experts whole: rank 0 adds them
+            continue
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             t = t[q_rows]
         elif name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):

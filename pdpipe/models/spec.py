@@ -111,6 +111,8 @@ class MoeSpec:
     router_fp32: bool = False  # ERNIE: the router's weights and scores kept in float32
     module: str = "mlp"  # checkpoint names: layers.N.<module>.gate.weight, <module>.experts.E.<names>
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    first_expert: int = 0  # expert parallelism: a rank holds experts first_expert .. + held_experts - 1
+    held_experts: int = 0  # (0: all of them)
 
 
 @dataclass(frozen=True)
