@@ -76,12 +76,18 @@ def silu_and_mul(gate_up):
     return reference.silu_and_mul(gate_up)
 
 
+def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0):
+    """Routed experts over stacked weights (see reference.fused_moe)."""
+    ops = triton_ops if use_triton(x) else reference
+    return ops.fused_moe(x, w13, w2, weights, ids, first_expert)
+
+
 def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0, num_layers: int = 1,
                      src_heads: slice | None = None, dst_heads: slice | None = None) -> None:
     ops = triton_ops if use_triton(dst_pool) else reference
     return ops.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers, src_heads, dst_heads)
 
 
-__all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "gather_blocks", "linear", "paged_attention",
-           "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul", "store_kv",
-           "triton_ops", "use_triton"]
+__all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "fused_moe", "gather_blocks", "linear",
+           "paged_attention", "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul",
+           "store_kv", "triton_ops", "use_triton"]

@@ -446,6 +446,98 @@ def silu_and_mul(gate_up):
     return out
 
 
+# ---- fused MoE: routed experts as two grouped GEMMs over tokens sorted by expert ----------------------
+
+def moe_align(ids: torch.Tensor, num_experts: int, first_expert: int, block_m: int):
+    """(token-expert pairs sorted by expert, each expert's run padded to a multiple of `block_m` with the
+    sentinel `pairs`; the expert of each block of `block_m`, `num_experts` past the last; pairs). Pair
+    p is token p // k's j = p % k-th choice. Sizes are fixed by the shapes (no host sync: capturable);
+    pairs whose expert this rank does not hold are left out."""
+    pairs = ids.numel()
+    local = ids.flatten().long() - first_expert
+    bucket = torch.where((local >= 0) & (local < num_experts), local, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(
+        0, bucket, torch.ones_like(bucket))[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    order = torch.argsort(bucket, stable=True)  # pairs by expert; those of no expert here last
+    sorted_bucket = bucket[order]
+    run_start = counts.cumsum(0) - counts
+    held = sorted_bucket < num_experts
+    e = sorted_bucket.clamp(max=num_experts - 1)
+    rank = torch.arange(pairs, device=ids.device) - run_start[e]
+    size = pairs + num_experts * (block_m - 1)
+    position = torch.where(held, padded_start[e] + rank, size)  # the last slot takes the left-out pairs
+    sorted_pairs = torch.full((size + 1,), pairs, dtype=torch.int32, device=ids.device)
+    sorted_pairs.scatter_(0, position, order.to(torch.int32))
+    blocks = triton.cdiv(size, block_m)
+    block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=ids.device) * block_m, right=True)
+    return sorted_pairs[:size], block_expert.to(torch.int32), pairs
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N, K, num_pairs,
+                     num_experts, stride_am, stride_we, stride_wn, stride_cm, TOP_K: tl.constexpr,
+                     ROWS_ARE_PAIRS: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[pair] = A[row of pair] @ W[expert].T (· the pair's routing weight), for the pairs of one block
+    of one expert; A's row is the pair's token (first GEMM) or the pair itself (second)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < num_experts:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
+        valid = pair < num_pairs
+        if ROWS_ARE_PAIRS:
+            row = pair
+        else:
+            row = pair // TOP_K
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + row[:, None] * stride_am + offs_k[None, :],
+                        mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None],
+                        mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
+            acc += tl.dot(a, w, input_precision=PRECISION)
+        if MUL_WEIGHT:
+            acc = acc * tl.load(weight_ptr + pair, mask=valid, other=0.0)[:, None]
+        tl.store(c_ptr + pair[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: int, rows_are_pairs: bool,
+              block_m: int) -> None:
+    n, k = w.shape[1], w.shape[2]
+    assert a.stride(1) == 1 and w.is_contiguous() and c.stride(1) == 1
+    block_n, block_k = 64, 64
+    grid = (block_expert.shape[0], triton.cdiv(n, block_n))
+    _moe_gemm_kernel[grid](a, w, c, sorted_pairs, block_expert, weights, n, k, pairs, w.shape[0], a.stride(0),
+                           w.stride(0), w.stride(1), c.stride(0), TOP_K=top_k, ROWS_ARE_PAIRS=rows_are_pairs,
+                           MUL_WEIGHT=weights is not None, PRECISION=_precision(a), BLOCK_M=block_m,
+                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+
+
+def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, block_m: int = 16):
+    """reference.fused_moe on the GPU: the pairs sorted by expert (`moe_align`), one grouped GEMM for
+    gate/up, SiLU·mul, one grouped GEMM for down with the routing weight applied, and the sum over each
+    token's k pairs. No Python loop over experts and no host sync (CUDA-graph safe)."""
+    tokens, top_k = ids.shape
+    experts, two_inter, hidden = w13.shape
+    assert x.shape == (tokens, hidden) and w2.shape == (experts, hidden, two_inter // 2)
+    sorted_pairs, block_expert, pairs = moe_align(ids, experts, first_expert, block_m)
+    gate_up = torch.empty(pairs, two_inter, dtype=x.dtype, device=x.device)
+    _moe_gemm(x, w13, gate_up, sorted_pairs, block_expert, None, pairs, top_k, False, block_m)
+    inter = silu_and_mul(gate_up)
+    down = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # pairs of no expert here stay 0
+    _moe_gemm(inter, w2, down, sorted_pairs, block_expert, weights.reshape(-1).float().contiguous(), pairs, top_k,
+              True, block_m)
+    return down.view(tokens, top_k, hidden).sum(1)
+
+
 # ---- skinny GEMM: the decode step's projections at batch 1-4, where the weights' bytes are all ------
 
 _SKINNY_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)

@@ -211,6 +211,28 @@ def test_fused_silu_and_mul_matches_reference(rows, inter):
     assert rel_err(triton_ops.silu_and_mul(gu), ref.silu_and_mul(gu.float())) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,held", [
+    (1, 128, 8, 256, 128, 128), (7, 8, 2, 256, 512, 8), (64, 64, 6, 512, 256, 64), (4096, 8, 2, 256, 128, 8),
+    (300, 128, 8, 256, 128, 64), (0, 8, 2, 256, 128, 8)])
+def test_fused_moe_matches_reference(dtype, tokens, experts, top_k, hidden, inter, held):
+    """Tokens per expert from 0 (one token, 128 experts) to ~1000 (4096 tokens, 8 experts); an expert-
+    parallel rank holding the second half of the experts; no tokens at all."""
+    from pdpipe.kernels import triton_ops
+
+    gen = torch.Generator(device="cuda").manual_seed(tokens + experts)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(dtype)
+    w13 = (torch.randn(held, 2 * inter, hidden, device="cuda", generator=gen) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(held, hidden, inter, device="cuda", generator=gen) / inter ** 0.5).to(dtype)
+    weights, ids = torch.randn(tokens, experts, device="cuda", generator=gen).softmax(-1).topk(top_k, -1)
+    first = experts - held
+    got = triton_ops.fused_moe(x, w13, w2, weights, ids, first)
+    expected = ref.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids, first)
+    assert got.shape == (tokens, hidden)
+    if tokens:
+        assert rel_err(got, expected) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 @pytest.mark.parametrize("layers,first,count", [(4, 0, 4), (32, 5, 1), (3, 2, 1)])
 def test_block_copy_moves_exactly_the_blocks(layers, first, count):
     from pdpipe.kernels import triton_ops
@@ -354,24 +376,46 @@ def _export_pool(conn):
 
 
 def test_gpu_engine_fp32_matches_transformers(model_dir):
-    import transformers
-
     prompts = make_prompts(384, lengths=(1, 9, 33, 70))
-    expected = []
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir("qwen3"), dtype=torch.float32).cuda()
-    for p in prompts:
-        ids = torch.tensor([p], device="cuda")
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-                          output_logits=True, return_dict_in_generate=True)
-        toks = out.sequences[0, len(p):].tolist()
-        expected.append((toks, [torch.log_softmax(row[0].float(), -1)[t].item() for row, t in zip(out.logits, toks)]))
-    del hf
+    expected = hf_greedy_gpu(model_dir("qwen3"), prompts, 12)
     llm = make_llm(model_dir("qwen3"), device="cuda")
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, logprobs=0))
     for out, (tokens, logprobs) in zip(outs, expected):
         assert out.token_ids == tokens
         assert max(abs(a.logprob - b) for a, b in zip(out.logprobs, logprobs)) < 1e-3
     assert llm.engine.leak_free() and llm.engine.runner.graphs is not None
+
+
+@pytest.mark.parametrize("arch", ["ernie4_5_moe", "qwen3_moe", "mixtral"])
+def test_gpu_moe_engine_fp32_matches_transformers(model_dir, arch):
+    """The fused MoE kernel in the GPU engine, decode steps replaying CUDA graphs: transformers' greedy
+    tokens, logprobs within 1e-3 (fp32)."""
+    prompts = make_prompts(384, lengths=(1, 9, 33, 70))
+    expected = hf_greedy_gpu(model_dir(arch), prompts, 10)
+    llm = make_llm(model_dir(arch), device="cuda")
+    assert llm.engine.runner.graphs is not None
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, logprobs=0))
+    for out, (tokens, logprobs) in zip(outs, expected):
+        assert out.token_ids[:len(tokens)] == tokens
+        assert max(abs(a.logprob - b) for a, b in zip(out.logprobs, logprobs)) < 1e-3
+    assert llm.engine.leak_free()
+
+
+def hf_greedy_gpu(path, prompts, steps):
+    """transformers' greedy tokens and their logprobs on the GPU, fp32."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda()
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps,
+                          output_logits=True, return_dict_in_generate=True)
+        toks = out.sequences[0, len(p):].tolist()
+        expected.append((toks, [torch.log_softmax(row[0].float(), -1)[t].item() for row, t in zip(out.logits, toks)]))
+    del hf
+    torch.cuda.empty_cache()
+    return expected
 
 
 def test_cuda_graph_decode_equals_eager(model_dir):

@@ -98,3 +98,28 @@ def test_moe_steps_where_some_experts_get_no_token_match_transformers(arch, mode
         out = llm.generate([prompt], GREEDY)[0]
         assert_same_as_hf(out.token_ids, [lp.logprob for lp in out.logprobs], exp)
     assert any(got < of for got, of in hit) and any(got > 2 for got, _ in hit)
+
+
+@pytest.mark.parametrize("arch", ["ernie4_5_moe", "qwen3_moe", "mixtral"])
+def test_moe_with_stacked_experts_computes_what_the_loop_does(arch, model_dir):
+    """The experts stacked for the fused kernel (its CPU twin: `reference.fused_moe`) give the logits of
+    the per-expert loop, on the whole model and on an expert-parallel rank's half of the experts."""
+    import torch
+
+    from pdpipe.models.decoder import MoE
+    from pdpipe.models.loader import load_model
+    from pdpipe.models.parallel import TensorParallel
+
+    x = torch.randn(37, load_model(model_dir(arch)).spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    for tp in (None, TensorParallel(1, 2, expert_parallel=True)):
+        layers = [m for m in load_model(model_dir(arch), tp=tp).modules() if isinstance(m, MoE)]
+        assert layers
+        for moe in layers:
+            weights, ids = moe.route(x)
+            looped = moe._experts_loop(x, weights, ids)
+            moe.fuse()
+            assert len(moe.experts) == 0 and moe.w13 is not None
+            from pdpipe import kernels
+
+            torch.testing.assert_close(kernels.fused_moe(x, moe.w13, moe.w2, weights, ids, moe.held.start), looped,
+                                       atol=1e-5, rtol=1e-5)

@@ -137,11 +137,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, self.max_model_len,
                                   pad_tokens=TOKEN_PAD if config.device.startswith("cuda") else 1, tp=tp)
-        # every rank of a tensor-parallel instance captures the same graphs (their collectives inside);
-        # routed experts run the reference loop, which asks the host which experts got tokens: no graphs
-        graphs = config.device.startswith("cuda") and not (self.spec.moe and any(self.spec.moe.layers))
-        if not graphs and config.device.startswith("cuda"):
-            log.info("CUDA graphs off: the experts' reference path waits on the host each layer")
+        # every rank of a tensor-parallel instance captures the same graphs (their collectives inside;
+        # routed experts run fused, without host syncs)
+        graphs = config.device.startswith("cuda")
         if graphs and config.cuda_graphs:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
         if graphs and config.prefill_graph_tokens:

@@ -268,8 +268,9 @@ def float32_weights(spec: ModelSpec) -> tuple[str, ...]:
 class MoE(nn.Module):
     """Routed experts in place of the MLP. The router (`gate`) scores experts by softmax in float32;
     each token goes to its top-k, weighted by its scores (renormalised where the model does, see
-    MoeSpec); shared experts (ERNIE) add their output unweighted. This is the reference path: a loop
-    over the experts that received tokens, as `transformers` computes it."""
+    MoeSpec); shared experts (ERNIE) add their output unweighted. Unfused (CPU) a loop over the experts
+    that received tokens, as `transformers` computes it; fused (GPU) `kernels.fused_moe`: two grouped
+    GEMMs over the tokens sorted by expert, no host sync (CUDA graphs capture it)."""
 
     def __init__(self, spec: ModelSpec, moe: MoeSpec):
         super().__init__()
@@ -284,6 +285,18 @@ class MoE(nn.Module):
             self.shared_experts = Expert(spec.hidden_size, moe.intermediate_size * moe.shared_experts,
                                          ("gate_proj", "up_proj", "down_proj"), bias=spec.mlp_bias)
         self.tp: TensorParallel | None = None
+        self.w13: torch.Tensor | None = None  # set by fuse(): every expert's gate/up rows, and its down
+        self.w2: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """The experts' weights stacked ([experts, 2 · inter, hidden] and [experts, hidden, inter]) for
+        the fused kernel, which runs them all in two grouped GEMMs (GPU)."""
+        gate, up, down = self.moe.names
+        experts = [e for e in self.experts if isinstance(e, Expert)]
+        with torch.no_grad():
+            self.w13 = torch.stack([torch.cat([getattr(e, gate).weight, getattr(e, up).weight]) for e in experts])
+            self.w2 = torch.stack([getattr(e, down).weight for e in experts])
+        self.experts = nn.ModuleList()  # the stacked copies are the only ones now
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [tokens, top_k] float32, expert ids [tokens, top_k])."""
@@ -304,6 +317,15 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
+        if self.w13 is not None and self.w2 is not None:
+            out = kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.held.start)
+        else:
+            out = self._experts_loop(x, weights, ids)
+        if self.moe.shared_experts and (self.tp is None or not self.tp.expert_parallel or self.tp.rank == 0):
+            out = out + self.shared_experts(x)
+        return self.tp.all_reduce(out) if self.tp is not None else out
+
+    def _experts_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
             if e not in self.held:  # expert parallelism: another rank's
@@ -311,9 +333,7 @@ class MoE(nn.Module):
             rows, slot = (ids == e).nonzero(as_tuple=True)
             y = self.experts[e - self.held.start](x[rows])
             out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
-        if self.moe.shared_experts and (self.tp is None or not self.tp.expert_parallel or self.tp.rank == 0):
-            out = out + self.shared_experts(x)
-        return self.tp.all_reduce(out) if self.tp is not None else out
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -398,12 +418,12 @@ class CausalLM(nn.Module):
         return self.tp.all_reduce(x)
 
     def fuse_projections(self) -> None:
-        """q/k/v and gate/up as single GEMMs (GPU): fewer, larger reads of the weights."""
+        """q/k/v and gate/up as single GEMMs, and the experts stacked for the fused MoE kernel (GPU):
+        fewer, larger reads of the weights."""
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
             layer.self_attn.fuse()
-            if isinstance(layer.ffn, MLP):
-                layer.ffn.fuse()
+            layer.ffn.fuse()
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] → [n, vocab] float32
