@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b]
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b] [moe]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
@@ -60,6 +60,13 @@ while [ $# -gt 0 ]; do
              --output-len 64 --request-rates ${TP_RATES:-1,4} --num-prompts ${TP_PROMPTS:-16} --vocab-size 128000 \
              --ignore-eos --out /tmp/compare_70b 2>&1 | tee "$OUT/serve_70b.log" | tail -12
            tar czf "$OUT/serve_70b.tgz" -C /tmp compare_70b pdpipe-70b-tp2 2>/dev/null; shift ;;
+    moe) timeout ${MOE_S:-300} python3 benchmarks/moe_bench.py --json "$OUT/moe_bench.json" 2>&1 | grep -v Warn \
+           | tee "$OUT/moe_bench.log" | tail -10
+         timeout ${COMPARE_S:-400} python3 -m pdpipe.cli bench compare launch/gpu-ernie21b-1p1d.toml \
+           launch/gpu-ernie21b-2mixed.toml --input-len 1024:3072 --output-len 128:384 --request-rates ${MOE_RATES:-4,8,14} \
+           --num-prompts ${PROMPTS:-100} --vocab-size 103000 --ignore-eos --slo ${SLO:-ttft:600 tpot:15} \
+           --out /tmp/compare_moe 2>&1 | tee "$OUT/compare_moe.log" | tail -14
+         tar czf "$OUT/compare_moe.tgz" -C /tmp compare_moe 2>/dev/null; shift ;;
     *) echo "unknown step $1"; exit 2 ;;
   esac
 done

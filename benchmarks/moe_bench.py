@@ -1,0 +1,130 @@
+"""Mixture-of-experts models on one GPU, each figure against a limit measured in the same run:
+
+  decode   one step of an ERNIE-4.5-21B-A3B-shaped and a Qwen3-30B-A3B-shaped model (dummy weights, bf16,
+           CUDA graphs, the fused MoE kernel) at batch 1/16/64, 1k context, against the HBM floor of the
+           weights the step reads — everything but the experts, plus in each routed layer the experts
+           its tokens select (counted by running the router on the step's own hidden states) — and its
+           KV, at the device's copy bandwidth                       (goal ≤ 1.5× at batch 1, ≤ 1.6× at 64)
+  prefill  one 2048-token prompt, FLOPs of the parameters each token uses (its top-k experts, the
+           shared ones, the rest) and causal attention, against the bf16 GEMM            (goal ≥ 45 %)
+
+    python benchmarks/moe_bench.py [--json OUT] [--models ernie,qwen]      (GPU; makes the folders)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import BLOCK, attention_flops, batch_of, copy_bandwidth, cuda_time, gemm_tflops, make_engine, release  # noqa: E402
+
+SHAPES = {
+    "ernie": ("ernie-21b-a3b-shape", dict(arch="ernie4_5_moe", layers=28, hidden=2560, heads=20, kv_heads=4,
+                                          head_dim=128, intermediate=12288, moe_intermediate=1536, experts=64,
+                                          top_k=6, shared_experts=2, first_moe_layer=1, vocab=103424)),
+    "qwen": ("qwen3-30b-a3b-shape", dict(arch="qwen3_moe", layers=48, hidden=2048, heads=32, kv_heads=4,
+                                         head_dim=128, intermediate=6144, moe_intermediate=768, experts=128,
+                                         top_k=8, first_moe_layer=0, norm_topk=True, vocab=151936)),
+}
+
+
+def model_dir(root: Path, name: str) -> Path:
+    from dataclasses import replace
+
+    from pdpipe.models.make import make_model
+    from pdpipe.models.make_config import MakeModelConfig
+
+    folder, shape = SHAPES[name]
+    path = root / folder
+    if not (path / "config.json").exists():
+        make_model(path, replace(MakeModelConfig(), max_position=131072, dtype="bfloat16", weights=False, **shape))
+    return path
+
+
+def expert_split(model) -> tuple[int, int, list]:
+    """(bytes of every weight but the routed experts', bytes of one routed expert, the MoE layers)."""
+    from pdpipe.models.decoder import MoE
+
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    expert = sum(t[0].numel() * t.element_size() for t in (layers[0].w13, layers[0].w2))
+    rest = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if model.spec.tie_word_embeddings:  # the LM head reads the embedding
+        rest += model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    return rest, expert, layers
+
+
+def experts_read(engine, out, layers) -> int:
+    """Distinct experts the step's tokens select, over the routed layers: the step run once eagerly with
+    the routers watched."""
+    seen: list[int] = []
+    originals = {}
+    for moe in layers:
+        originals[moe] = moe.route
+
+        def watched(x, moe=moe):
+            weights, ids = originals[moe](x)
+            seen.append(int(ids.unique().numel()))
+            return weights, ids
+
+        moe.route = watched
+    runner = engine.runner
+    runner._forward(*runner.place(runner.layout(out)))
+    for moe in layers:
+        moe.route = originals[moe]
+    return sum(seen)
+
+
+def bench(name: str, root: Path, copy_bw: float, gemm: float) -> dict:
+    path = model_dir(root, name)
+    engine = make_engine(path, 0, 64, num_blocks=64 * 1040 // BLOCK + 64)
+    spec, model = engine.spec, engine.model
+    rest, expert, layers = expert_split(model)
+    rows = []
+    for batch in (1, 16, 64):
+        out = batch_of(engine, [1024] * batch, decode=True)
+        step = cuda_time(lambda: engine.runner.execute(out)[0].argmax(-1).tolist(), iters=30)
+        read = experts_read(engine, out, layers)
+        floor = (rest + read * expert + batch * 1024 * spec.kv_bytes_per_token) / copy_bw
+        rows.append(dict(batch=batch, step_ms=step * 1e3, floor_ms=floor * 1e3, step_x_floor=step / floor,
+                         experts_read=read, experts_read_per_layer=read / len(layers), tokens_per_s=batch / step))
+        release(engine, out)
+    moe = spec.moe
+    active = (rest - spec.vocab_size * spec.hidden_size * 2) // 2 + len(layers) * moe.top_k * expert // 2
+    prompt = batch_of(engine, [2048], decode=False)
+    t = cuda_time(lambda: engine.runner.execute(prompt)[0].argmax(-1).tolist(), iters=10)
+    release(engine, prompt)
+    flops = 2 * active * 2048 + attention_flops(spec, [2048])
+    prefill = dict(ms=t * 1e3, tflops=flops / t / 1e12, pct_of_gemm=100 * flops / t / 1e12 / gemm)
+    result = dict(model=name, weights_GB=(rest + expert * moe.num_experts * len(layers)) / 1e9, decode=rows,
+                  prefill_2048=prefill)
+    del engine
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="")
+    parser.add_argument("--models", default="ernie,qwen")
+    parser.add_argument("--work", default="/tmp/pdpipe-models")
+    args = parser.parse_args()
+    copy_bw, gemm = copy_bandwidth(0), gemm_tflops(0)
+    results = {"device": torch.cuda.get_device_name(0), "copy_bw_TBps": copy_bw / 1e12, "gemm_tflops": gemm,
+               "models": [bench(m, Path(args.work), copy_bw, gemm) for m in args.models.split(",")]}
+    print(json.dumps(results, indent=1))
+    for r in results["models"]:
+        for row in r["decode"]:
+            print(f"{r['model']} decode batch {row['batch']:>3}: {row['step_ms']:.2f} ms, floor {row['floor_ms']:.2f} "
+                  f"ms, {row['step_x_floor']:.2f}x ({row['experts_read_per_layer']:.1f} experts a layer)")
+        p = r["prefill_2048"]
+        print(f"{r['model']} prefill 2048: {p['ms']:.1f} ms, {p['pct_of_gemm']:.0f} % of GEMM")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
