@@ -629,6 +629,17 @@ def test_tp2_on_two_gpus_computes_what_one_gpu_does(model_dir, tmp_path, dtype):
         assert max(abs(a - b) for a, b in zip(logprobs[:same], exp_logprobs[:same])) < tolerance
 
 
+def _one_gpu_completions(model, prompts, max_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy tokens from a one-GPU fp32 engine, one prompt at a time (as the pipeline
+    gets them in these tests); the GPU freed after."""
+    one = make_llm(model, device="cuda", dtype="float32")
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    expected = [one.generate([p], params)[0].token_ids for p in prompts]
+    del one
+    torch.cuda.empty_cache()
+    return expected
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_launched_tp2_mixed_instance_on_two_gpus_answers_as_one_gpu(model_dir):
     """`pdpipe launch` of one mixed instance with gpus = [0, 1] (two rank processes, NCCL): the OpenAI
@@ -640,11 +651,7 @@ def test_launched_tp2_mixed_instance_on_two_gpus_answers_as_one_gpu(model_dir):
     from pdpipe.config import InstanceConfig
 
     prompts = make_prompts(384, lengths=(1, 16, 47, 130), seed=6)
-    one = make_llm(model_dir("llama"), device="cuda", dtype="float32")
-    expected = [one.generate([p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].token_ids
-                for p in prompts]
-    del one
-    torch.cuda.empty_cache()
+    expected = _one_gpu_completions(model_dir("llama"), prompts, 12)
     cfg = make_launch_config(model_dir("llama"), ["mixed"])
     cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="float32"),
                   instances=(InstanceConfig("mixed", gpus=(0, 1), tp=2),))
@@ -667,11 +674,7 @@ def test_launched_1p1d_of_different_tp_on_two_gpus_equals_one_gpu(model_dir, pre
     from pdpipe.config import InstanceConfig
 
     prompts = make_prompts(384, lengths=(1, 16, 47, 130), seed=8)
-    one = make_llm(model_dir("llama"), device="cuda", dtype="float32")
-    expected = [one.generate([p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].token_ids
-                for p in prompts]
-    del one
-    torch.cuda.empty_cache()
+    expected = _one_gpu_completions(model_dir("llama"), prompts, 12)
     gpus = {1: (0,), 2: (0, 1)}
     cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
     cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="float32"),
