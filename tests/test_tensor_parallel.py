@@ -177,7 +177,9 @@ def test_a_split_the_model_cannot_take_names_the_dimension(model_dir, tp, field)
         check_splittable(spec, tp)
 
 
-@pytest.mark.parametrize("arch", [a for a in TEST_MODELS if a != "qwen3"])
+# qwen3: the test below; two of the MoE three: split at the model and engine level above (launching
+# costs the suite seconds each), ERNIE MoE launched here and, expert-parallel, disaggregated below
+@pytest.mark.parametrize("arch", [a for a in TEST_MODELS if a not in ("qwen3", "qwen3_moe", "mixtral")])
 def test_a_launched_tp2_instance_serves_what_one_engine_does(model_dir, arch):
     """`tp = 2` on a mixed instance of each architecture (qwen3: the test below): the OpenAI API answers
     with one engine's tokens."""
