@@ -151,3 +151,32 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
             y = silu_and_mul(x[rows] @ w13[e].t()) @ w2[e].t()
             out.index_add_(0, rows, y.to(acc) * weights[rows, slot, None].to(acc))
     return out.to(x.dtype)
+
+
+def moe_align(ids: torch.Tensor, num_experts: int, first_expert: int, block_m: int):
+    """(token-expert pairs sorted by expert, each expert's run padded to a multiple of `block_m` with the
+    sentinel `pairs`; the expert of each block of `block_m`, `num_experts` past the last; pairs). Pair
+    p is token p // k's j = p % k-th choice. Sizes are fixed by the shapes (no host sync: capturable);
+    pairs whose expert this rank does not hold are left out. Plain torch: the fused kernel's sort, run
+    (and tested) anywhere."""
+    pairs = ids.numel()
+    local = ids.flatten().long() - first_expert
+    bucket = torch.where((local >= 0) & (local < num_experts), local, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(
+        0, bucket, torch.ones_like(bucket))[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    order = torch.argsort(bucket, stable=True)  # pairs by expert; those of no expert here last
+    sorted_bucket = bucket[order]
+    run_start = counts.cumsum(0) - counts
+    held = sorted_bucket < num_experts
+    e = sorted_bucket.clamp(max=num_experts - 1)
+    rank = torch.arange(pairs, device=ids.device) - run_start[e]
+    size = pairs + num_experts * (block_m - 1)
+    position = torch.where(held, padded_start[e] + rank, size)  # the last slot takes the left-out pairs
+    sorted_pairs = torch.full((size + 1,), pairs, dtype=torch.int32, device=ids.device)
+    sorted_pairs.scatter_(0, position, order.to(torch.int32))
+    blocks = -(-size // block_m)
+    block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=ids.device) * block_m, right=True)
+    return sorted_pairs[:size], block_expert.to(torch.int32), pairs

@@ -448,34 +448,6 @@ def silu_and_mul(gate_up):
 
 # ---- fused MoE: routed experts as two grouped GEMMs over tokens sorted by expert ----------------------
 
-def moe_align(ids: torch.Tensor, num_experts: int, first_expert: int, block_m: int):
-    """(token-expert pairs sorted by expert, each expert's run padded to a multiple of `block_m` with the
-    sentinel `pairs`; the expert of each block of `block_m`, `num_experts` past the last; pairs). Pair
-    p is token p // k's j = p % k-th choice. Sizes are fixed by the shapes (no host sync: capturable);
-    pairs whose expert this rank does not hold are left out."""
-    pairs = ids.numel()
-    local = ids.flatten().long() - first_expert
-    bucket = torch.where((local >= 0) & (local < num_experts), local, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(
-        0, bucket, torch.ones_like(bucket))[:num_experts]
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded.cumsum(0)
-    padded_start = padded_end - padded
-    order = torch.argsort(bucket, stable=True)  # pairs by expert; those of no expert here last
-    sorted_bucket = bucket[order]
-    run_start = counts.cumsum(0) - counts
-    held = sorted_bucket < num_experts
-    e = sorted_bucket.clamp(max=num_experts - 1)
-    rank = torch.arange(pairs, device=ids.device) - run_start[e]
-    size = pairs + num_experts * (block_m - 1)
-    position = torch.where(held, padded_start[e] + rank, size)  # the last slot takes the left-out pairs
-    sorted_pairs = torch.full((size + 1,), pairs, dtype=torch.int32, device=ids.device)
-    sorted_pairs.scatter_(0, position, order.to(torch.int32))
-    blocks = triton.cdiv(size, block_m)
-    block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=ids.device) * block_m, right=True)
-    return sorted_pairs[:size], block_expert.to(torch.int32), pairs
-
-
 @triton.jit
 def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N, K, num_pairs,
                      num_experts, stride_am, stride_we, stride_wn, stride_cm, TOP_K: tl.constexpr,
@@ -528,6 +500,8 @@ def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, block_m: int = 16
     tokens, top_k = ids.shape
     experts, two_inter, hidden = w13.shape
     assert x.shape == (tokens, hidden) and w2.shape == (experts, hidden, two_inter // 2)
+    from .reference import moe_align
+
     sorted_pairs, block_expert, pairs = moe_align(ids, experts, first_expert, block_m)
     gate_up = torch.empty(pairs, two_inter, dtype=x.dtype, device=x.device)
     _moe_gemm(x, w13, gate_up, sorted_pairs, block_expert, None, pairs, top_k, False, block_m)
