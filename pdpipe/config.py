@@ -169,6 +169,9 @@ class InstanceConfig:
     tp: int = field(default=1, metadata={"help": "tensor-parallel ranks: one process each, joined by "
                                                  "torch.distributed (gloo on CPU, NCCL on GPU: gpus names "
                                                  "one GPU a rank)"})
+    expert_parallel: bool | None = field(default=None, metadata={
+        "help": "a MoE model on this instance's ranks: experts split by id (true) or by width (false); "
+                "unset: engine.expert_parallel (prefill and decode may differ)"})
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -334,15 +334,13 @@ def test_instances_that_cannot_exchange_kv_are_refused_naming_the_difference(tmp
 
 @pytest.mark.parametrize("arch, prefill_tp, decode_tp, expert_parallel", [
     ("llama", 2, 1, False), ("llama", 1, 2, False), ("llama", 2, 2, False), ("mistral", 2, 2, False),
-    ("ernie4_5_moe", 2, 1, True)])
+    ("ernie4_5_moe", 2, 2, True)])
 def test_disaggregated_instances_of_any_tp_generate_what_one_engine_does(model_dir, arch, prefill_tp, decode_tp,
                                                                          expert_parallel):
     """1P(TP a) + 1D(TP b) launched: each prompt computed on the prefill ranks, its KV moved head range by
     head range into the decode ranks, decoded there: the tokens of one colocated engine, nothing left
     allocated (mistral's single key/value head is replicated on both ranks of each side; the MoE model's
-    prefill ranks hold half the experts each)."""
-    from dataclasses import replace
-
+    prefill ranks hold half the experts each, its decode ranks half of every expert)."""
     import httpx
     from pipeline_launch import launched, leak_free, make_launch_config, wait_until
 
@@ -352,9 +350,9 @@ def test_disaggregated_instances_of_any_tp_generate_what_one_engine_does(model_d
     model = model_dir(arch)
     whole = LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=64)))
     expected = run_requests(whole)
-    cfg = make_launch_config(model, [], num_blocks=64, instances=(InstanceConfig("prefill", tp=prefill_tp),
-                                                                   InstanceConfig("decode", tp=decode_tp)))
-    cfg = replace(cfg, engine=replace(cfg.engine, expert_parallel=expert_parallel))
+    cfg = make_launch_config(model, [], num_blocks=64, instances=(
+        InstanceConfig("prefill", tp=prefill_tp, expert_parallel=expert_parallel or None),
+        InstanceConfig("decode", tp=decode_tp)))
     with launched(cfg) as launcher:
         for rid, n in (("r0", 30), ("r1", 9)):
             body = {"model": arch, "prompt": PROMPT[:n], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
