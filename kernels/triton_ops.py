@@ -493,12 +493,15 @@ def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: i
                            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
 
 
-def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, block_m: int = 16):
+def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, block_m: int = 0):
     """reference.fused_moe on the GPU: the pairs sorted by expert (`moe_align`), one grouped GEMM for
     gate/up, SiLU·mul, one grouped GEMM for down with the routing weight applied, and the sum over each
     token's k pairs. No Python loop over experts and no host sync (CUDA-graph safe)."""
     tokens, top_k = ids.shape
     experts, two_inter, hidden = w13.shape
+    # a block reads its expert's weights once: small blocks where experts get few pairs (decode), larger
+    # ones where they get many (prefill), so the weights are not re-read every 16 pairs
+    block_m = block_m or (16 if tokens * top_k < 32 * experts else 64)
     assert x.shape == (tokens, hidden) and w2.shape == (experts, hidden, two_inter // 2)
     from .reference import moe_align
 

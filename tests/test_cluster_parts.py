@@ -236,3 +236,39 @@ def test_the_transfer_follows_pools_published_anew(monkeypatch):
     transfer.register_pool(msgspec.structs.replace(local, path="/dev/shm/two"))  # its engine restarted
     assert remote.exposed == ["/dev/shm/one", "/dev/shm/two"]
     assert registry.published[-1].path == "/dev/shm/two" and registry.published[-1].machine == "a"
+
+
+def test_a_remote_instance_of_two_ranks_is_used_once_both_published(monkeypatch):
+    """Rank 1 of another machine's TP2 decode publishes after its rank 0: a job meanwhile fails naming
+    the missing rank, the next one (rank 1 published) goes through; back with one rank, the second is
+    forgotten."""
+    from pdpipe.transfer import FakeTransfer
+    from pdpipe.transfer import machine as machine_mod
+
+    class Registry:
+        ttl = 3.0
+
+        def __init__(self):
+            self.pools = {}
+
+        def pool(self, name, rank=0):
+            return self.pools.get((name, rank))
+
+        def publish_pool(self, info):
+            pass
+
+    registry, remote = Registry(), FakeTransfer()
+    transfer = machine_mod.MachineTransfer(FakeTransfer(), Path("/nonexistent"), remote, registry, "a")
+    transfer.local_names.add("a-prefill-0")
+    rank = lambda r, tp=2: PoolInfo(instance="b-decode-0", path="", shape=list(SHAPE), dtype="float32",  # noqa: E731
+                                    segment="10.0.0.2:7", base_addr=1 << 20, rank=r, tp=tp, group="g")
+    registry.pools["b-decode-0", 0] = rank(0)
+    with pytest.raises(TransferError, match="rank 1 of b-decode-0 has published no pool"):
+        transfer.send(TransferJob("r1", "a-prefill-0", [1], "b-decode-0", [2]), 0)
+    registry.pools["b-decode-0", 1] = rank(1)
+    transfer.send(TransferJob("r2", "a-prefill-0", [1], "b-decode-0", [2]), 0)
+    assert sorted(remote.pools["b-decode-0"]) == [0, 1] and remote.sent == [("r2", 0)]
+    registry.pools["b-decode-0", 0] = rank(0, tp=1)
+    transfer._next_publish = 0.0
+    transfer.refresh()
+    assert sorted(remote.pools["b-decode-0"]) == [0]

@@ -112,12 +112,20 @@ class LLMEngine:
                              "(64, 128, ...); run this model on device=cpu")
         dtype = getattr(torch, self.spec.dtype)
         block_size = config.cache.block_size
+        if config.device.startswith("cuda"):
+            self.model.fuse_projections()  # before the step is profiled: the fused experts' buffers count
         gpu_room = None
         if size_from_gpu:
             step_peak = self._step_peak(tp)
             gpu_room = kv_room(config.cache.gpu_memory_utilization, total, free_at_start,
                                torch.cuda.mem_get_info()[0], step_peak)
         num_blocks = pool_blocks(self.spec, config, gpu_room)
+        if size_from_gpu and tp is not None:  # every rank the same pool (rank 0's block ids index them all)
+            import torch.distributed as dist
+
+            agreed = torch.tensor([num_blocks])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp.control if tp.control is not None else tp.group)
+            num_blocks = int(agreed.item())
         self.max_model_len = resolve_max_model_len(self.spec, config, num_blocks)
         self.eos_token_ids = load_eos_token_ids(self.model_dir)
         shape = KVCache.shape(self.spec, num_blocks, block_size)
@@ -127,7 +135,6 @@ class LLMEngine:
 
             self.gpu_pool = CudaPool(shape, dtype, torch.device(config.device).index)
             buffer = self.gpu_pool.tensor
-            self.model.fuse_projections()
         elif pool_path:
             from pdpipe.ipc.shm import map_pool
 
@@ -152,16 +159,19 @@ class LLMEngine:
 
     def _step_peak(self, tp: TensorParallel | None) -> int:
         """Memory a full step (max_num_batched_tokens of one prompt, logits for max_num_seqs rows) needs
-        beyond what is allocated now: one such forward pass, writing no KV (a one-block throw-away cache,
-        every slot -1). Every rank of a tensor-parallel instance runs it at once (its collectives)."""
+        beyond what is allocated now: one such forward pass, writing no KV (every slot -1; a one-block
+        throw-away cache, which every block-table entry names). Every rank of a tensor-parallel instance
+        runs it at once (its collectives)."""
         from pdpipe.models.decoder import AttentionMetadata
 
         n = self.config.scheduler.max_num_batched_tokens
         dev = torch.device(self.config.device)
         cache = KVCache(self.spec, 1, self.config.cache.block_size, getattr(torch, self.spec.dtype), self.config.device)
+        pages = -(-n // self.config.cache.block_size)  # every entry block 0: sliding-window layers read pages
         meta = AttentionMetadata(slot_mapping=torch.full((n,), -1, dtype=torch.long, device=dev),
-                                 block_tables=torch.zeros(1, 1, dtype=torch.int32, device=dev), query_start_loc=[0, n],
-                                 seq_lens=[n], query_start_loc_t=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                                 block_tables=torch.zeros(1, pages, dtype=torch.int32, device=dev),
+                                 query_start_loc=[0, n], seq_lens=[n],
+                                 query_start_loc_t=torch.tensor([0, n], dtype=torch.int32, device=dev),
                                  seq_lens_t=torch.tensor([n], dtype=torch.int32, device=dev), max_query_len=n,
                                  fresh=True)
         torch.cuda.synchronize()

@@ -4,6 +4,7 @@ whole prompts), and returns the logits of the positions that sample."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -140,7 +141,10 @@ class ModelRunner:
         if graphs is not None and on_layer_done is None and all_decode and len(out.chunks) <= graphs.max_batch:
             size, inputs = graphs.inputs(out)
             self._hand_over(("decode", size, inputs))
-            return graphs.replay(size, inputs)[: len(out.chunks)], seqs
+            logits = graphs.replay(size, inputs)[: len(out.chunks)]
+            if len(seqs) < len(out.chunks):  # a one-token chunk of a prompt that does not sample yet
+                logits = logits[[i for i, c in enumerate(out.chunks) if c.samples]]
+            return logits, seqs
         if prefills is not None and prefills.holds(out):
             size, inputs = prefills.inputs(out)
             self._hand_over(("prefill", size, inputs))
@@ -177,8 +181,14 @@ class ModelRunner:
                     self.warm_gemms(*args)
                 else:
                     self._forward(*self.place(*args))
-            except Exception:  # noqa: BLE001 — rank 0 met the same failure: it re-runs or fails the request
+            except Exception as exc:  # noqa: BLE001 — rank 0 met the same failure: it re-runs or fails the request
+                from .engine import device_fault
+
                 log.exception("rank %d: a step failed", self.tp.rank)
+                if device_fault(exc) or isinstance(exc, torch.cuda.OutOfMemoryError):
+                    # this rank's own failure: rank 0 would wait in a collective for good; ending lets the
+                    # launcher restart the group
+                    os._exit(1)
 
     def stop_followers(self) -> None:
         if self.tp is not None and self.tp.rank == 0:

@@ -154,6 +154,11 @@ class RankedBackend(GroupedBackend):
         self.pools.setdefault(pool.instance, {})[pool.rank] = (self.open(pool), pool)
         self._checked = {pair for pair in self._checked if pool.instance not in pair}
 
+    def forget(self, instance: str, rank: int) -> None:
+        """A rank the instance no longer has (it came back with a smaller tp)."""
+        self.pools.get(instance, {}).pop(rank, None)
+        self._checked = {pair for pair in self._checked if instance not in pair}
+
     def ranks(self, instance: str, job: TransferJob) -> dict[int, tuple[Any, PoolInfo]]:
         """Every rank's pool of `instance`, all from one start of its group (else the job fails: copying
         some ranks' heads only would decode from stale KV)."""
@@ -214,6 +219,9 @@ class FakeTransfer(TransferBackend):
 
     def register_pool(self, pool: PoolInfo) -> None:
         self.pools.setdefault(pool.instance, {})[pool.rank] = (None, pool)
+
+    def forget(self, instance: str, rank: int) -> None:
+        self.pools.get(instance, {}).pop(rank, None)
 
     def send(self, job: TransferJob, layer: int) -> None:
         self.sent.append((job.request_id, layer))

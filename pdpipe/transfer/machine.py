@@ -112,18 +112,25 @@ class MachineTransfer(TransferBackend):
                         log.info("transfer: %s's pool (rank %d) was published anew (%s); writing there now", name,
                                  rank, now.segment)
                         self.remote.register_pool(now)
+                    if now is not None and rank == 0:  # back with fewer ranks: the others are gone
+                        for gone in [r for r in ranks if r >= now.tp]:
+                            self.remote.forget(name, gone)
             self._next_publish = time.monotonic() + self.registry.ttl / 3
         except Exception as exc:  # noqa: BLE001 — Redis away: try again on the next call
             log.warning("transfer: cannot publish or refresh pools: %s", exc)
 
     def _remote_pools(self, instance: str, job: TransferJob) -> tuple[PoolInfo, ...]:
-        """Another machine's instance's pools, every rank's (looked up in the registry at first)."""
-        if instance not in self.remote.pools:
+        """Another machine's instance's pools, every rank's: looked up in the registry while any is
+        missing (a rank may publish after its rank 0)."""
+        known = self.remote.pools.get(instance) or {}
+        if 0 not in known:
             info = self.lookup(instance)
             if info is None:
                 raise TransferError(f"request {job.request_id}: no published pool for {instance}")
             self.remote.register_pool(info)
-            for rank in range(1, info.tp):
+            known = self.remote.pools[instance]
+        for rank in range(known[0][1].tp):
+            if rank not in known:
                 other = self.registry.pool(instance, rank) if self.registry is not None else None
                 if other is None:
                     raise TransferError(f"request {job.request_id}: rank {rank} of {instance} has published no pool")
