@@ -640,6 +640,60 @@ def _one_gpu_completions(model, prompts, max_tokens: int) -> list[list[int]]:
     return expected
 
 
+def _tp_sized_rank(rank: int, model_dir: str, init_file: str, results) -> None:
+    import os
+
+    from pdpipe.config import CacheConfig, EngineConfig
+    from pdpipe.engine.engine import LLMEngine
+    from pdpipe.models.parallel import join_group
+
+    failed = False
+    try:
+        torch.cuda.set_device(rank)
+        tp = join_group(rank, 2, f"file://{init_file}", f"cuda:{rank}")
+        free, total = torch.cuda.mem_get_info()
+        hold = torch.empty(int(free - 0.1 * total), dtype=torch.uint8, device="cuda") if rank else None  # noqa: F841
+        engine = LLMEngine(EngineConfig(model=model_dir, device=f"cuda:{rank}", dtype="bfloat16",
+                                        cache=CacheConfig(block_size=16, gpu_memory_utilization=0.3)), tp=tp)
+        results.put(("blocks", rank, engine.blocks.num_blocks))
+        if rank:
+            engine.runner.follow()
+        else:
+            results.put(("served", rank, _tp_generate(engine)[0][0]))
+            engine.runner.stop_followers()
+    except BaseException:  # noqa: BLE001 — reported, and the exit code says so
+        import traceback
+
+        traceback.print_exc()
+        failed = True
+    results.put(("exit", rank, failed))
+    results.close()
+    results.join_thread()
+    os._exit(1 if failed else 0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tp_ranks_sized_from_gpu_memory_agree_on_their_pool(model_dir, tmp_path):
+    """gpu_memory_utilization on a TP2 instance whose second GPU has only a tenth free: both ranks get
+    the smaller pool (rank 0's block ids index every rank's pool), and the instance serves."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_tp_sized_rank, args=(r, str(model_dir("llama")), str(tmp_path / "s"), results))
+             for r in range(2)]
+    for p in ranks:
+        p.start()
+    got: dict[str, dict[int, object]] = {"blocks": {}, "served": {}, "exit": {}}
+    while len(got["exit"]) < 2:
+        kind, rank, value = results.get(timeout=300)
+        got[kind][rank] = value
+    for p in ranks:
+        p.join(timeout=60)
+    assert got["exit"] == {0: False, 1: False}
+    assert got["blocks"][0] == got["blocks"][1] and got["served"][0]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_launched_tp2_mixed_instance_on_two_gpus_answers_as_one_gpu(model_dir):
     """`pdpipe launch` of one mixed instance with gpus = [0, 1] (two rank processes, NCCL): the OpenAI
