@@ -47,7 +47,7 @@ def model_dir(root: Path, name: str) -> Path:
 
 def expert_split(model) -> tuple[int, int, list]:
     """(bytes of every weight but the routed experts', bytes of one routed expert, the MoE layers)."""
-    from pdpipe.models.decoder import MoE
+    from pdpipe.models.moe import MoE
 
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     expert = sum(t[0].numel() * t.element_size() for t in (layers[0].w13, layers[0].w2))

@@ -82,7 +82,7 @@ def test_continuous_batching_with_preemption_matches_transformers(arch, model_di
 def test_moe_steps_where_some_experts_get_no_token_match_transformers(arch, model_dir, hf_results, monkeypatch):
     """The routed layers saw steps whose tokens left some experts without any (every decode step of
     one sequence does, top-2 of 8-16) and steps that reached many; the output is still transformers'."""
-    from pdpipe.models.decoder import MoE
+    from pdpipe.models.moe import MoE
 
     hit: list[tuple[int, int]] = []  # (experts that got tokens, experts) per routed-layer call
     forward = MoE.forward
@@ -106,8 +106,8 @@ def test_moe_with_stacked_experts_computes_what_the_loop_does(arch, model_dir):
     the per-expert loop, on the whole model and on an expert-parallel rank's half of the experts."""
     import torch
 
-    from pdpipe.models.decoder import MoE
     from pdpipe.models.loader import load_model
+    from pdpipe.models.moe import MoE
     from pdpipe.models.parallel import TensorParallel
 
     x = torch.randn(37, load_model(model_dir(arch)).spec.hidden_size, generator=torch.Generator().manual_seed(3))

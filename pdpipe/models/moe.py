@@ -1,0 +1,115 @@
+"""Routed experts in place of a decoder layer's MLP (ERNIE 4.5 MoE, Qwen3-MoE, Mixtral): the router,
+the experts as the checkpoints name them, shared experts, and their split across the ranks of a
+tensor-parallel instance (by width, or by id with expert parallelism; see parallel.py)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdpipe import kernels
+
+from .decoder import Linear
+from .parallel import TensorParallel
+from .spec import ModelSpec, MoeSpec
+
+
+class Expert(nn.Module):
+    """One expert's SiLU-gated MLP, its projections named as the checkpoint names them (gate, up, down:
+    `gate_proj`/`up_proj`/`down_proj`, or Mixtral's `w1`/`w3`/`w2`)."""
+
+    def __init__(self, hidden: int, inter: int, names: tuple[str, str, str], bias: bool = False):
+        super().__init__()
+        self.names = names
+        for name, (i, o) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden))):
+            self.add_module(name, Linear(i, o, bias=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(nn.functional.silu(gate(x)) * up(x))
+
+
+class Statics(nn.Module):
+    """ERNIE's per-expert selection bias (`moe_statics.e_score_correction_bias`, float32)."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts, dtype=torch.float32))
+
+
+def float32_weights(spec: ModelSpec) -> tuple[str, ...]:
+    """Name suffixes of the weights kept in float32 whatever the model's dtype (ERNIE's router, as
+    `transformers` keeps it)."""
+    if spec.moe is None or not spec.moe.router_fp32:
+        return ()
+    return (f"{spec.moe.module}.gate.weight", "moe_statics.e_score_correction_bias")
+
+
+class MoE(nn.Module):
+    """Routed experts in place of the MLP. The router (`gate`) scores experts by softmax in float32;
+    each token goes to its top-k, weighted by its scores (renormalised where the model does, see
+    MoeSpec); shared experts (ERNIE) add their output unweighted. Unfused (CPU) a loop over the experts
+    that received tokens, as `transformers` computes it; fused (GPU) `kernels.fused_moe`: two grouped
+    GEMMs over the tokens sorted by expert, no host sync (CUDA graphs capture it)."""
+
+    def __init__(self, spec: ModelSpec, moe: MoeSpec):
+        super().__init__()
+        self.moe = moe
+        self.gate = nn.Linear(spec.hidden_size, moe.num_experts, bias=False,
+                              dtype=torch.float32 if moe.router_fp32 else None)
+        if moe.selection_bias:
+            self.moe_statics = Statics(moe.num_experts)
+        self.held = range(moe.first_expert, moe.first_expert + (moe.held_experts or moe.num_experts))
+        self.experts = nn.ModuleList(Expert(spec.hidden_size, moe.intermediate_size, moe.names) for _ in self.held)
+        if moe.shared_experts:
+            self.shared_experts = Expert(spec.hidden_size, moe.intermediate_size * moe.shared_experts,
+                                         ("gate_proj", "up_proj", "down_proj"), bias=spec.mlp_bias)
+        self.tp: TensorParallel | None = None
+        self.w13: torch.Tensor | None = None  # set by fuse(): every expert's gate/up rows, and its down
+        self.w2: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """The experts' weights stacked ([experts, 2 · inter, hidden] and [experts, hidden, inter]) for
+        the fused kernel, which runs them all in two grouped GEMMs (GPU)."""
+        gate, up, down = self.moe.names
+        experts = [e for e in self.experts if isinstance(e, Expert)]
+        with torch.no_grad():
+            self.w13 = torch.stack([torch.cat([getattr(e, gate).weight, getattr(e, up).weight]) for e in experts])
+            self.w2 = torch.stack([getattr(e, down).weight for e in experts])
+        self.experts = nn.ModuleList()  # the stacked copies are the only ones now
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [tokens, top_k] float32, expert ids [tokens, top_k])."""
+        moe = self.moe
+        if moe.router_fp32:
+            logits = nn.functional.linear(x.float(), self.gate.weight.float())
+        else:
+            logits = nn.functional.linear(x, self.gate.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if moe.selection_bias:
+            ids = torch.topk(probs + self.moe_statics.e_score_correction_bias[0], moe.top_k, dim=-1).indices
+            weights = probs.gather(-1, ids)
+        else:
+            weights, ids = torch.topk(probs, moe.top_k, dim=-1)
+        if moe.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(moe.norm_min)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        if self.w13 is not None and self.w2 is not None:
+            out = kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.held.start)
+        else:
+            out = self._experts_loop(x, weights, ids)
+        if self.moe.shared_experts and (self.tp is None or not self.tp.expert_parallel or self.tp.rank == 0):
+            out = out + self.shared_experts(x)
+        return self.tp.all_reduce(out) if self.tp is not None else out
+
+    def _experts_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            if e not in self.held:  # expert parallelism: another rank's
+                continue
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            y = self.experts[e - self.held.start](x[rows])
+            out.index_add_(0, rows, (y.float() * weights[rows, slot, None]).to(x.dtype))
+        return out
