@@ -538,35 +538,62 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch, dt
 TP_PROMPTS = ((3, 17, 40, 8, 25), (600,))  # a step of five prompts (prefill graph), then one over 512 (eager)
 
 
-def _tp_engine_rank(rank: int, model_dir: str, dtype: str, init_file: str, results) -> None:
+def _gpu_rank(rank: int, init_file: str, results, work, *args) -> None:
+    """Rank `rank` of two, on GPU `rank` (NCCL): runs work(rank, tp, put, *args), put(kind, value)
+    reporting to the test; then ("exit", rank, failed), and ends without the interpreter's teardown
+    (NCCL's and gloo's threads can abort it)."""
     import os
+    import traceback
 
-    from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
-    from pdpipe.engine.engine import LLMEngine
     from pdpipe.models.parallel import join_group
 
     failed = False
     try:
         torch.cuda.set_device(rank)
         tp = join_group(rank, 2, f"file://{init_file}", f"cuda:{rank}")
-        engine = LLMEngine(EngineConfig(model=model_dir, device=f"cuda:{rank}", dtype=dtype,
-                                        cache=CacheConfig(block_size=16, num_blocks=256),
-                                        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)), tp=tp)
-        if rank:
-            engine.runner.follow()
-        else:
-            engine.warm_up()  # its GEMM warm-up is handed to rank 1 too
-            results.put(_tp_generate(engine))
-            engine.runner.stop_followers()
+        work(rank, tp, lambda kind, value: results.put((kind, rank, value)), *args)
     except BaseException:  # noqa: BLE001 — reported, and the exit code says so
-        import traceback
-
         traceback.print_exc()
         failed = True
     results.put(("exit", rank, failed))
     results.close()
     results.join_thread()
-    os._exit(1 if failed else 0)  # NCCL's and gloo's threads can abort the interpreter's teardown
+    os._exit(1 if failed else 0)
+
+
+def _on_two_gpus(tmp_path, work, *args) -> dict[str, dict[int, object]]:
+    """`work` run as both ranks of a TP2 group (`_gpu_rank`): what they reported, by kind and rank, once
+    both ended cleanly."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_gpu_rank, args=(r, str(tmp_path / "s"), results, work, *args)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    got: dict[str, dict[int, object]] = {"exit": {}}
+    while len(got["exit"]) < 2:
+        kind, rank, value = results.get(timeout=300)
+        got.setdefault(kind, {})[rank] = value
+    for p in ranks:
+        p.join(timeout=60)
+    assert got["exit"] == {0: False, 1: False}
+    return got
+
+
+def _tp_engine_work(rank: int, tp, put, model_dir: str, dtype: str) -> None:
+    from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pdpipe.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=model_dir, device=f"cuda:{rank}", dtype=dtype,
+                                    cache=CacheConfig(block_size=16, num_blocks=256),
+                                    scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)), tp=tp)
+    if rank:
+        engine.runner.follow()
+    else:
+        engine.warm_up()  # its GEMM warm-up is handed to rank 1 too
+        put("result", _tp_generate(engine))
+        engine.runner.stop_followers()
 
 
 def _tp_generate(engine) -> list[tuple[list[int], list[float]]]:
@@ -595,27 +622,10 @@ def test_tp2_on_two_gpus_computes_what_one_gpu_does(model_dir, tmp_path, dtype):
     within 1e-3. bf16, where the split changes the order of the sums and so the rounding: the first token
     of every prompt equal (one forward pass, no feedback), with its logprob within 0.05; the tokens after
     it are compared up to the first difference only, where the same bound holds."""
-    import multiprocessing as mp
-
     from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdpipe.engine.engine import LLMEngine
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    ranks = [ctx.Process(target=_tp_engine_rank, args=(r, str(model_dir("llama")), dtype, str(tmp_path / "s"),
-                                                       results)) for r in range(2)]
-    for p in ranks:
-        p.start()
-    got, exits = None, []
-    while len(exits) < 2:
-        item = results.get(timeout=300)
-        if item[0] == "exit":
-            exits.append(item[2])
-        else:
-            got = item
-    for p in ranks:
-        p.join(timeout=60)
-    assert exits == [False, False] and got is not None
+    got = _on_two_gpus(tmp_path, _tp_engine_work, str(model_dir("llama")), dtype)["result"][0]
     whole = LLMEngine(EngineConfig(model=str(model_dir("llama")), device="cuda:0", dtype=dtype,
                                    cache=CacheConfig(block_size=16, num_blocks=256),
                                    scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)))
@@ -640,57 +650,27 @@ def _one_gpu_completions(model, prompts, max_tokens: int) -> list[list[int]]:
     return expected
 
 
-def _tp_sized_rank(rank: int, model_dir: str, init_file: str, results) -> None:
-    import os
-
+def _tp_sized_work(rank: int, tp, put, model_dir: str) -> None:
     from pdpipe.config import CacheConfig, EngineConfig
     from pdpipe.engine.engine import LLMEngine
-    from pdpipe.models.parallel import join_group
 
-    failed = False
-    try:
-        torch.cuda.set_device(rank)
-        tp = join_group(rank, 2, f"file://{init_file}", f"cuda:{rank}")
-        free, total = torch.cuda.mem_get_info()
-        hold = torch.empty(int(free - 0.1 * total), dtype=torch.uint8, device="cuda") if rank else None  # noqa: F841
-        engine = LLMEngine(EngineConfig(model=model_dir, device=f"cuda:{rank}", dtype="bfloat16",
-                                        cache=CacheConfig(block_size=16, gpu_memory_utilization=0.3)), tp=tp)
-        results.put(("blocks", rank, engine.blocks.num_blocks))
-        if rank:
-            engine.runner.follow()
-        else:
-            results.put(("served", rank, _tp_generate(engine)[0][0]))
-            engine.runner.stop_followers()
-    except BaseException:  # noqa: BLE001 — reported, and the exit code says so
-        import traceback
-
-        traceback.print_exc()
-        failed = True
-    results.put(("exit", rank, failed))
-    results.close()
-    results.join_thread()
-    os._exit(1 if failed else 0)
+    free, total = torch.cuda.mem_get_info()
+    hold = torch.empty(int(free - 0.1 * total), dtype=torch.uint8, device="cuda") if rank else None  # noqa: F841
+    engine = LLMEngine(EngineConfig(model=model_dir, device=f"cuda:{rank}", dtype="bfloat16",
+                                    cache=CacheConfig(block_size=16, gpu_memory_utilization=0.3)), tp=tp)
+    put("blocks", engine.blocks.num_blocks)
+    if rank:
+        engine.runner.follow()
+    else:
+        put("served", _tp_generate(engine)[0][0])
+        engine.runner.stop_followers()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tp_ranks_sized_from_gpu_memory_agree_on_their_pool(model_dir, tmp_path):
     """gpu_memory_utilization on a TP2 instance whose second GPU has only a tenth free: both ranks get
     the smaller pool (rank 0's block ids index every rank's pool), and the instance serves."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    ranks = [ctx.Process(target=_tp_sized_rank, args=(r, str(model_dir("llama")), str(tmp_path / "s"), results))
-             for r in range(2)]
-    for p in ranks:
-        p.start()
-    got: dict[str, dict[int, object]] = {"blocks": {}, "served": {}, "exit": {}}
-    while len(got["exit"]) < 2:
-        kind, rank, value = results.get(timeout=300)
-        got[kind][rank] = value
-    for p in ranks:
-        p.join(timeout=60)
-    assert got["exit"] == {0: False, 1: False}
+    got = _on_two_gpus(tmp_path, _tp_sized_work, str(model_dir("llama")))
     assert got["blocks"][0] == got["blocks"][1] and got["served"][0]
 
 
