@@ -39,14 +39,9 @@ def all_reduce_ms(hidden: int, layers: int, batch: int) -> float:
         for _ in range(2 * layers):
             torch.distributed.all_reduce(x)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        reduces()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        reduces()
+    from pdpipe.engine.model_runner import capture
+
+    graph, _ = capture(reduces, None)
     return cuda_time(graph.replay, iters=20) * 1e3
 
 

@@ -69,10 +69,15 @@ def _varlen() -> tuple:
 _PROMPT_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def _varlen_for(dtype: torch.dtype, head_dim: int) -> tuple:
+    """Varlen flash attention where it takes these prompts (fp16/bf16, head dim <= 256), else ()."""
+    return _varlen() if dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 else ()
+
+
 def _prompt_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Whole prompts attend only to themselves: flash attention over the packed batch (measured faster
     than the paged Triton kernel for this case, and than one call per prompt; benchmarks/RESULTS.md)."""
-    varlen = _varlen() if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 else ()
+    varlen = _varlen_for(q.dtype, q.shape[-1])
     if varlen:
         attn, extra = varlen
         cu = meta.query_start_loc_t
@@ -94,8 +99,8 @@ def prompt_attention_capturable(model: CausalLM) -> bool:
     for the batch (bf16/fp16, head dim <= 256, torch's varlen available) and no sliding window (those
     layers attend through the Triton extend kernel)."""
     spec, weight = model.spec, next(model.parameters())
-    return (weight.is_cuda and kernels.triton_ops is not None and weight.dtype in (torch.float16, torch.bfloat16)
-            and spec.head_dim <= 256 and all(w is None for w in spec.sliding_windows) and bool(_varlen()))
+    return (weight.is_cuda and kernels.triton_ops is not None and all(w is None for w in spec.sliding_windows)
+            and bool(_varlen_for(weight.dtype, spec.head_dim)))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
