@@ -291,7 +291,7 @@ def batch_of(engine, lengths: list[int], decode: bool):
     out = SchedulerOutput()
     gen = torch.Generator().manual_seed(len(lengths))
     for i, n in enumerate(lengths):
-        seq = Sequence(f"b{i}", torch.randint(0, 128000, (n,), generator=gen).tolist(),
+        seq = Sequence(f"b{i}", torch.randint(0, min(128000, engine.spec.vocab_size), (n,), generator=gen).tolist(),
                        SamplingParams(max_tokens=8, temperature=0.0))
         seq.block_table = engine.blocks.allocate(engine.blocks.blocks_for(n + 1))
         out.chunks.append(ScheduledChunk(seq, n - 1, 1) if decode else ScheduledChunk(seq, 0, n))

@@ -78,7 +78,7 @@ def experts_read(engine, out, layers) -> int:
     return sum(seen)
 
 
-def bench(name: str, root: Path, copy_bw: float, gemm: float) -> dict:
+def bench(name: str, root: Path, copy_bw: float, gemm: float, profile: bool = False) -> dict:
     path = model_dir(root, name)
     engine = make_engine(path, 0, 64, num_blocks=64 * 1040 // BLOCK + 64)
     spec, model = engine.spec, engine.model
@@ -92,6 +92,8 @@ def bench(name: str, root: Path, copy_bw: float, gemm: float) -> dict:
         rows.append(dict(batch=batch, step_ms=step * 1e3, floor_ms=floor * 1e3, step_x_floor=step / floor,
                          experts_read=read, experts_read_per_layer=read / len(layers), tokens_per_s=batch / step))
         release(engine, out)
+    if profile:
+        rows[0]["kernels"] = kernel_profile(engine, batch_of(engine, [1024], decode=True))
     moe = spec.moe
     active = (rest - spec.vocab_size * spec.hidden_size * 2) // 2 + len(layers) * moe.top_k * expert // 2
     prompt = batch_of(engine, [2048], decode=False)
@@ -99,6 +101,8 @@ def bench(name: str, root: Path, copy_bw: float, gemm: float) -> dict:
     release(engine, prompt)
     flops = 2 * active * 2048 + attention_flops(spec, [2048])
     prefill = dict(ms=t * 1e3, tflops=flops / t / 1e12, pct_of_gemm=100 * flops / t / 1e12 / gemm)
+    if profile:
+        prefill["kernels"] = kernel_profile(engine, batch_of(engine, [2048], decode=False))
     result = dict(model=name, weights_GB=(rest + expert * moe.num_experts * len(layers)) / 1e9, decode=rows,
                   prefill_2048=prefill)
     del engine
@@ -106,15 +110,35 @@ def bench(name: str, root: Path, copy_bw: float, gemm: float) -> dict:
     return result
 
 
+def kernel_profile(engine, out) -> dict:
+    """One step run eagerly under the profiler: GPU time by kernel (the top 12, in µs), their sum and
+    how many launches; next to the step's time it shows what the gaps between kernels cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.runner
+    args = runner.place(runner.layout(out))
+    runner._forward(*args)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner._forward(*args)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    release(engine, out)
+    return {"total_us": sum(e.self_device_time_total for e in events), "launches": sum(e.count for e in events),
+            "top": [(e.key[:60], e.count, round(e.self_device_time_total, 1)) for e in events[:12]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="")
     parser.add_argument("--models", default="ernie,qwen")
     parser.add_argument("--work", default="/tmp/pdpipe-models")
+    parser.add_argument("--profile", action="store_true", help="a batch-1 step's and a prefill's kernels, eager")
     args = parser.parse_args()
     copy_bw, gemm = copy_bandwidth(0), gemm_tflops(0)
     results = {"device": torch.cuda.get_device_name(0), "copy_bw_TBps": copy_bw / 1e12, "gemm_tflops": gemm,
-               "models": [bench(m, Path(args.work), copy_bw, gemm) for m in args.models.split(",")]}
+               "models": [bench(m, Path(args.work), copy_bw, gemm, args.profile) for m in args.models.split(",")]}
     print(json.dumps(results, indent=1))
     for r in results["models"]:
         for row in r["decode"]:

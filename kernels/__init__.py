@@ -11,9 +11,9 @@ from . import reference
 from .reference import copy_blocks, gather_blocks, scatter_blocks
 
 try:  # Triton is optional: GPU machines have it, CPU-only installs need not
-    from . import triton_ops
+    from . import triton_moe, triton_ops
 except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton_ops = None
+    triton_moe = triton_ops = None  # type: ignore[assignment]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -76,9 +76,15 @@ def silu_and_mul(gate_up):
     return reference.silu_and_mul(gate_up)
 
 
+def moe_route(logits, bias, top_k: int, renormalize: bool, norm_min: float):
+    """The router's choice from its logits (see reference.moe_route): one launch on GPU."""
+    ops = triton_moe if use_triton(logits) else reference
+    return ops.moe_route(logits, bias, top_k, renormalize, norm_min)
+
+
 def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0):
     """Routed experts over stacked weights (see reference.fused_moe)."""
-    ops = triton_ops if use_triton(x) else reference
+    ops = triton_moe if use_triton(x) else reference
     return ops.fused_moe(x, w13, w2, weights, ids, first_expert)
 
 
@@ -88,6 +94,6 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
     return ops.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers, src_heads, dst_heads)
 
 
-__all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "fused_moe", "gather_blocks", "linear",
+__all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "fused_moe", "gather_blocks", "linear", "moe_route",
            "paged_attention", "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul",
-           "store_kv", "triton_ops", "use_triton"]
+           "store_kv", "triton_moe", "triton_ops", "use_triton"]

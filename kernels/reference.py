@@ -153,6 +153,23 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     return out.to(x.dtype)
 
 
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
+              norm_min: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's choice: softmax over the experts (float32); each token's top-k by probability
+    (plus `bias`, ERNIE's selection bias, which picks but does not weigh); their probabilities as the
+    weights, divided by their sum (at least `norm_min`) where the model renormalises. logits: [tokens,
+    experts]; returns (weights [tokens, top_k] float32, expert ids [tokens, top_k])."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    if bias is not None:
+        ids = torch.topk(probs + bias.float().view(1, -1), top_k, dim=-1).indices
+        weights = probs.gather(-1, ids)
+    else:
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(norm_min)
+    return weights, ids
+
+
 def moe_align(ids: torch.Tensor, num_experts: int, first_expert: int, block_m: int):
     """(token-expert pairs sorted by expert, each expert's run padded to a multiple of `block_m` with the
     sentinel `pairs`; the expert of each block of `block_m`, `num_experts` past the last; pairs). Pair

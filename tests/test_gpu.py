@@ -218,7 +218,7 @@ def test_fused_silu_and_mul_matches_reference(rows, inter):
 def test_fused_moe_matches_reference(dtype, tokens, experts, top_k, hidden, inter, held):
     """Tokens per expert from 0 (one token, 128 experts) to ~1000 (4096 tokens, 8 experts); an expert-
     parallel rank holding the second half of the experts; no tokens at all."""
-    from pdpipe.kernels import triton_ops
+    from pdpipe.kernels import triton_moe
 
     gen = torch.Generator(device="cuda").manual_seed(tokens + experts)
     x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(dtype)
@@ -226,11 +226,42 @@ def test_fused_moe_matches_reference(dtype, tokens, experts, top_k, hidden, inte
     w2 = (torch.randn(held, hidden, inter, device="cuda", generator=gen) / inter ** 0.5).to(dtype)
     weights, ids = torch.randn(tokens, experts, device="cuda", generator=gen).softmax(-1).topk(top_k, -1)
     first = experts - held
-    got = triton_ops.fused_moe(x, w13, w2, weights, ids, first)
+    got = triton_moe.fused_moe(x, w13, w2, weights, ids, first)
     expected = ref.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids, first)
     assert got.shape == (tokens, hidden)
     if tokens:
         assert rel_err(got, expected) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,bias,renormalize", [
+    (1, 64, 6, True, True), (64, 128, 8, False, True), (300, 8, 2, False, False), (5, 6, 2, True, False),
+    (0, 8, 2, False, True)])
+def test_moe_route_matches_reference(tokens, experts, top_k, bias, renormalize):
+    """The router kernel picks the experts torch's topk picks (by probability, or probability plus the
+    selection bias), with their probabilities (renormalised or not) as the weights."""
+    from pdpipe.kernels import triton_moe
+
+    gen = torch.Generator(device="cuda").manual_seed(tokens + experts)
+    logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+    b = torch.randn(experts, device="cuda", generator=gen) * 0.1 if bias else None
+    weights, ids = triton_moe.moe_route(logits, b, top_k, renormalize, 1e-12)
+    ref_weights, ref_ids = ref.moe_route(logits, b, top_k, renormalize, 1e-12)
+    assert torch.equal(ids.long(), ref_ids)
+    assert torch.allclose(weights, ref_weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,first,held,block_m", [
+    (1, 64, 6, 0, 64, 16), (64, 128, 8, 0, 128, 16), (7, 8, 2, 4, 4, 16), (256, 64, 6, 32, 32, 64),
+    (255, 128, 8, 0, 128, 64), (0, 8, 2, 0, 8, 16), (3000, 64, 6, 0, 64, 128), (500, 128, 8, 64, 64, 64)])
+def test_moe_align_kernel_matches_reference(tokens, experts, top_k, first, held, block_m):
+    """The sort gives the reference's padded runs: one program up to 2048 pairs, three kernels beyond."""
+    from pdpipe.kernels import triton_moe
+
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    ids = torch.rand(tokens, experts, device="cuda", generator=gen).topk(top_k, -1).indices.int()
+    got = triton_moe.moe_align(ids, held, first, block_m)
+    expected = ref.moe_align(ids, held, first, block_m)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and got[2] == expected[2]
 
 
 @pytest.mark.parametrize("layers,first,count", [(4, 0, 4), (32, 5, 1), (3, 2, 1)])
@@ -581,12 +612,12 @@ def _on_two_gpus(tmp_path, work, *args) -> dict[str, dict[int, object]]:
     return got
 
 
-def _tp_engine_work(rank: int, tp, put, model_dir: str, dtype: str) -> None:
+def _tp_engine_work(rank: int, tp, put, model_dir: str, dtype: str, expert_parallel: bool = False) -> None:
     from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdpipe.engine.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=model_dir, device=f"cuda:{rank}", dtype=dtype,
-                                    cache=CacheConfig(block_size=16, num_blocks=256),
+                                    expert_parallel=expert_parallel, cache=CacheConfig(block_size=16, num_blocks=256),
                                     scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)), tp=tp)
     if rank:
         engine.runner.follow()
@@ -615,22 +646,26 @@ def _tp_generate(engine) -> list[tuple[list[int], list[float]]]:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tp2_on_two_gpus_computes_what_one_gpu_does(model_dir, tmp_path, dtype):
+@pytest.mark.parametrize("arch,expert_parallel,dtype", [
+    ("llama", False, "float32"), ("llama", False, "bfloat16"), ("ernie4_5_moe", True, "float32"),
+    ("ernie4_5_moe", True, "bfloat16"), ("qwen3_moe", False, "bfloat16")])
+def test_tp2_on_two_gpus_computes_what_one_gpu_does(model_dir, tmp_path, arch, expert_parallel, dtype):
     """One engine split over two GPUs (NCCL; decode and prefill CUDA graphs with their all-reduces
-    inside, and eager steps) against the whole model on one GPU, greedy. fp32: the same tokens, logprobs
-    within 1e-3. bf16, where the split changes the order of the sums and so the rounding: the first token
-    of every prompt equal (one forward pass, no feedback), with its logprob within 0.05; the tokens after
-    it are compared up to the first difference only, where the same bound holds."""
+    inside, and eager steps; a MoE model's experts split by id — expert parallelism — or by width)
+    against the whole model on one GPU, greedy. fp32: the same tokens, logprobs within 1e-3. bf16,
+    where the split changes the order of the sums and so the rounding: the first token of every prompt
+    equal (one forward pass, no feedback), with its logprob within 0.05 (0.1 for MoE models, whose
+    output adds k experts' rounded sums, and whose routing moves with them); the tokens after it are
+    compared up to the first difference only, where the same bound holds."""
     from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdpipe.engine.engine import LLMEngine
 
-    got = _on_two_gpus(tmp_path, _tp_engine_work, str(model_dir("llama")), dtype)["result"][0]
-    whole = LLMEngine(EngineConfig(model=str(model_dir("llama")), device="cuda:0", dtype=dtype,
+    got = _on_two_gpus(tmp_path, _tp_engine_work, str(model_dir(arch)), dtype, expert_parallel)["result"][0]
+    whole = LLMEngine(EngineConfig(model=str(model_dir(arch)), device="cuda:0", dtype=dtype,
                                    cache=CacheConfig(block_size=16, num_blocks=256),
                                    scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)))
     expected = _tp_generate(whole)
-    tolerance = 1e-3 if dtype == "float32" else 0.05
+    tolerance = 1e-3 if dtype == "float32" else 0.1 if "moe" in arch else 0.05
     for (tokens, logprobs), (exp_tokens, exp_logprobs) in zip(got, expected):
         if dtype == "float32":
             assert tokens == exp_tokens

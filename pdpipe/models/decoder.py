@@ -190,7 +190,7 @@ class Attention(nn.Module):
         self.tp: TensorParallel | None = None  # set on a rank of a tensor-parallel instance
 
     def fuse(self) -> None:
-        self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, rotary: Rotary, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
@@ -211,10 +211,10 @@ class Attention(nn.Module):
         return self.tp.all_reduce(out) if self.tp is not None else out
 
 
-def _fused_linear(*parts: nn.Linear) -> nn.Linear:
+def fused_linear(*parts: nn.Linear) -> nn.Linear:
     first = parts[0]
     fused = Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
-                      device=first.weight.device, dtype=first.weight.dtype)
+                   device=first.weight.device, dtype=first.weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(torch.cat([p.weight for p in parts]))
         if first.bias is not None:
@@ -232,7 +232,7 @@ class MLP(nn.Module):
         self.tp: TensorParallel | None = None
 
     def fuse(self) -> None:
-        self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
+        self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,6 +333,8 @@ class CausalLM(nn.Module):
             assert isinstance(layer, DecoderLayer)
             layer.self_attn.fuse()
             layer.ffn.fuse()
+        if self.model.embed_tokens.weight.is_cuda:  # the unfused copies back to the driver: the KV pool is
+            torch.cuda.empty_cache()                # a plain cudaMalloc, outside torch's cache
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] → [n, vocab] float32

@@ -8,7 +8,7 @@ from torch import nn
 
 from pdpipe import kernels
 
-from .decoder import Linear
+from .decoder import Linear, fused_linear
 from .parallel import TensorParallel
 from .spec import ModelSpec, MoeSpec
 
@@ -22,10 +22,19 @@ class Expert(nn.Module):
         self.names = names
         for name, (i, o) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden))):
             self.add_module(name, Linear(i, o, bias=bias))
+        self.gate_up: nn.Linear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            return getattr(self, self.names[2])(kernels.silu_and_mul(self.gate_up(x)))
         gate, up, down = (getattr(self, n) for n in self.names)
         return down(nn.functional.silu(gate(x)) * up(x))
+
+    def fuse(self) -> None:
+        """gate and up as one GEMM (the shared experts on GPU)."""
+        self.gate_up = fused_linear(getattr(self, self.names[0]), getattr(self, self.names[1]))
+        delattr(self, self.names[0])
+        delattr(self, self.names[1])
 
 
 class Statics(nn.Module):
@@ -76,23 +85,18 @@ class MoE(nn.Module):
             self.w13 = torch.stack([torch.cat([getattr(e, gate).weight, getattr(e, up).weight]) for e in experts])
             self.w2 = torch.stack([getattr(e, down).weight for e in experts])
         self.experts = nn.ModuleList()  # the stacked copies are the only ones now
+        if self.moe.shared_experts:
+            self.shared_experts.fuse()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [tokens, top_k] float32, expert ids [tokens, top_k])."""
+        """(weights [tokens, top_k] float32, expert ids [tokens, top_k]): see kernels.moe_route."""
         moe = self.moe
         if moe.router_fp32:
             logits = nn.functional.linear(x.float(), self.gate.weight.float())
         else:
             logits = nn.functional.linear(x, self.gate.weight)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if moe.selection_bias:
-            ids = torch.topk(probs + self.moe_statics.e_score_correction_bias[0], moe.top_k, dim=-1).indices
-            weights = probs.gather(-1, ids)
-        else:
-            weights, ids = torch.topk(probs, moe.top_k, dim=-1)
-        if moe.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(moe.norm_min)
-        return weights, ids
+        bias = self.moe_statics.e_score_correction_bias if moe.selection_bias else None
+        return kernels.moe_route(logits, bias, moe.top_k, moe.renormalize, moe.norm_min)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)

@@ -1,0 +1,279 @@
+"""Triton kernels of the routed experts: the router's top-k (`moe_route`), the sort of token-expert
+pairs by expert (`moe_align`) and the two grouped GEMMs (`fused_moe`), each matching the function of
+the same name in `reference.py`. A decode step's MoE layer is a handful of launches, none of them a
+host sync, so CUDA graphs capture it."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_ops import _precision
+
+# ---- the router: softmax, top-k (by score + selection bias), renormalisation, one token a program -
+
+@triton.jit
+def _moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stride_l, norm_min,
+                      E: tl.constexpr, TOP_K: tl.constexpr, K_POW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      RENORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E)
+    valid = offs < num_experts
+    logits = tl.load(logits_ptr + t * stride_l + offs, mask=valid, other=-float("inf")).to(tl.float32)
+    p = tl.exp(logits - tl.max(logits, 0))
+    p = p / tl.sum(p, 0)
+    score = p
+    if HAS_BIAS:
+        score = p + tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    score = tl.where(valid, score, -float("inf"))
+    slots = tl.arange(0, K_POW)
+    chosen_w = tl.zeros((K_POW,), dtype=tl.float32)
+    chosen_id = tl.zeros((K_POW,), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(score, 0)
+        w = tl.sum(tl.where(offs == best, p, 0.0), 0)
+        chosen_w = tl.where(slots == j, w, chosen_w)
+        chosen_id = tl.where(slots == j, best, chosen_id)
+        score = tl.where(offs == best, -float("inf"), score)
+    if RENORM:
+        chosen_w = chosen_w / tl.maximum(tl.sum(chosen_w, 0), norm_min)
+    tl.store(weights_ptr + t * TOP_K + slots, chosen_w, mask=slots < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + slots, chosen_id, mask=slots < TOP_K)
+
+
+def moe_route(logits, bias, top_k: int, renormalize: bool, norm_min: float):
+    """reference.moe_route: (weights [tokens, top_k] float32, expert ids [tokens, top_k] int32)."""
+    tokens, experts = logits.shape
+    assert logits.stride(1) == 1 and 1 <= top_k <= experts and (bias is None or bias.numel() == experts)
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=logits.device)
+    if tokens:
+        _moe_route_kernel[(tokens,)](logits, bias if bias is not None else logits, weights, ids, experts,
+                                     logits.stride(0), norm_min, E=triton.next_power_of_2(experts), TOP_K=top_k,
+                                     K_POW=triton.next_power_of_2(top_k), HAS_BIAS=bias is not None,
+                                     RENORM=renormalize)
+    return weights, ids
+
+
+# ---- the pairs sorted by expert, each expert's run padded to whole blocks -------------------------
+# Decode-sized steps: one program does it all. Larger ones: programs count their share of the pairs,
+# one program turns the counts into each share's first slot per expert (and the block experts), and
+# the programs place their pairs.
+
+ALIGN_ONE_PROGRAM = 2048  # pairs up to which one program sorts them all
+SHARE = 1024  # pairs a program counts and places beyond that
+FILL = tl.constexpr(1024)  # slots a program writes at once
+
+
+@triton.jit
+def _expert_onehot(ids_ptr, offs, pairs, first_expert, experts, mine):
+    local = tl.load(ids_ptr + offs, mask=offs < pairs, other=-1).to(tl.int32) - first_expert
+    local = tl.where(offs < pairs, local, -1)
+    return ((local[:, None] == experts[None, :]) & mine[None, :]).to(tl.int32)  # [CHUNK, E]
+
+
+@triton.jit
+def _padded_runs(counts, sorted_ptr, block_expert_ptr, pairs, size, blocks, mine, CHUNK: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Writes the sentinel into every slot and each block's expert; returns each expert's first slot."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, 0)
+    for s0 in range(0, size, FILL):
+        offs = s0 + tl.arange(0, FILL)
+        tl.store(sorted_ptr + offs, tl.zeros((FILL,), dtype=tl.int32) + pairs, mask=offs < size)
+    for b0 in range(0, blocks, CHUNK):  # a block's expert: how many experts' runs end at or before it
+        b = b0 + tl.arange(0, CHUNK)
+        ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & mine[None, :]
+        tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), 1), mask=b < blocks)
+    return padded_end - padded
+
+
+@triton.jit
+def _place_pairs(ids_ptr, sorted_ptr, lo, hi, first_expert, experts, mine, start, CHUNK: tl.constexpr):
+    """Writes pairs lo..hi into their slots, each expert's from `start` on, in order."""
+    for p0 in range(lo, hi, CHUNK):
+        offs = p0 + tl.arange(0, CHUNK)
+        onehot = _expert_onehot(ids_ptr, offs, hi, first_expert, experts, mine)
+        rank = tl.sum((tl.cumsum(onehot, 0) - 1) * onehot, 1)  # earlier pairs of its expert in this chunk
+        tl.store(sorted_ptr + tl.sum(onehot * start[None, :], 1) + rank, offs, mask=tl.sum(onehot, 1) > 0)
+        start += tl.sum(onehot, 0)
+
+
+@triton.jit
+def _moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, pairs, first_expert, num_experts, size, blocks,
+                      E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
+    experts = tl.arange(0, E)
+    mine = experts < num_experts
+    counts = tl.zeros((E,), dtype=tl.int32)
+    for p0 in range(0, pairs, CHUNK):
+        counts += tl.sum(_expert_onehot(ids_ptr, p0 + tl.arange(0, CHUNK), pairs, first_expert, experts, mine), 0)
+    start = _padded_runs(counts, sorted_ptr, block_expert_ptr, pairs, size, blocks, mine, CHUNK, BLOCK_M)
+    tl.debug_barrier()  # the sentinels are down before the pairs overwrite theirs
+    _place_pairs(ids_ptr, sorted_ptr, 0, pairs, first_expert, experts, mine, start, CHUNK)
+
+
+@triton.jit
+def _moe_count_kernel(ids_ptr, counts_ptr, pairs, first_expert, num_experts, E: tl.constexpr,
+                      CHUNK: tl.constexpr, SHARE: tl.constexpr):
+    share = tl.program_id(0)
+    experts = tl.arange(0, E)
+    mine = experts < num_experts
+    counts = tl.zeros((E,), dtype=tl.int32)
+    end = tl.minimum(share * SHARE + SHARE, pairs)
+    for p0 in range(share * SHARE, end, CHUNK):
+        counts += tl.sum(_expert_onehot(ids_ptr, p0 + tl.arange(0, CHUNK), end, first_expert, experts, mine), 0)
+    tl.store(counts_ptr + share * E + experts, counts)
+
+
+@triton.jit
+def _moe_offsets_kernel(counts_ptr, starts_ptr, sorted_ptr, block_expert_ptr, shares, pairs, num_experts, size,
+                        blocks, E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
+    experts = tl.arange(0, E)
+    mine = experts < num_experts
+    counts = tl.zeros((E,), dtype=tl.int32)
+    for share in range(0, shares):
+        counts += tl.load(counts_ptr + share * E + experts)
+    start = _padded_runs(counts, sorted_ptr, block_expert_ptr, pairs, size, blocks, mine, CHUNK, BLOCK_M)
+    for share in range(0, shares):  # each share's pairs of an expert follow the earlier shares'
+        tl.store(starts_ptr + share * E + experts, start)
+        start += tl.load(counts_ptr + share * E + experts)
+
+
+@triton.jit
+def _moe_place_kernel(ids_ptr, starts_ptr, sorted_ptr, pairs, first_expert, num_experts, E: tl.constexpr,
+                      CHUNK: tl.constexpr, SHARE: tl.constexpr):
+    share = tl.program_id(0)
+    experts = tl.arange(0, E)
+    start = tl.load(starts_ptr + share * E + experts)
+    _place_pairs(ids_ptr, sorted_ptr, share * SHARE, tl.minimum(share * SHARE + SHARE, pairs), first_expert, experts,
+                 experts < num_experts, start, CHUNK)
+
+
+def moe_align(ids, num_experts: int, first_expert: int, block_m: int):
+    """reference.moe_align: one launch up to ALIGN_ONE_PROGRAM pairs, three beyond."""
+    pairs = ids.numel()
+    size = pairs + num_experts * (block_m - 1)
+    blocks = -(-size // block_m)
+    sorted_pairs = torch.empty(size, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
+    e_pow = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(128, 8192 // e_pow))
+    ids = ids.contiguous()
+    if pairs <= ALIGN_ONE_PROGRAM:
+        _moe_align_kernel[(1,)](ids, sorted_pairs, block_expert, pairs, first_expert, num_experts, size, blocks,
+                                E=e_pow, CHUNK=chunk, BLOCK_M=block_m, num_warps=4)
+        return sorted_pairs, block_expert, pairs
+    shares = triton.cdiv(pairs, SHARE)
+    counts = torch.empty(shares, e_pow, dtype=torch.int32, device=ids.device)
+    starts = torch.empty_like(counts)
+    _moe_count_kernel[(shares,)](ids, counts, pairs, first_expert, num_experts, E=e_pow, CHUNK=chunk, SHARE=SHARE)
+    _moe_offsets_kernel[(1,)](counts, starts, sorted_pairs, block_expert, shares, pairs, num_experts, size, blocks,
+                              E=e_pow, CHUNK=chunk, BLOCK_M=block_m)
+    _moe_place_kernel[(shares,)](ids, starts, sorted_pairs, pairs, first_expert, num_experts, E=e_pow, CHUNK=chunk,
+                                 SHARE=SHARE)
+    return sorted_pairs, block_expert, pairs
+
+
+# ---- the grouped GEMMs ---------------------------------------------------------------------------
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N, K, num_pairs,
+                     num_experts, stride_am, stride_we, stride_wn, stride_cm, TOP_K: tl.constexpr,
+                     ROWS_ARE_PAIRS: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[pair] = A[row of pair] @ W[expert].T (· the pair's routing weight), for the pairs of one block
+    of one expert; A's row is the pair's token (first GEMM) or the pair itself (second). GATED: W's
+    rows are gate then up (N each), and C = silu(A @ gate.T) · (A @ up.T)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < num_experts:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
+        valid = pair < num_pairs
+        if ROWS_ARE_PAIRS:
+            row = pair
+        else:
+            row = pair // TOP_K
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=(offs_n[None, :] < N) & kmask[:, None], other=0.0)
+            acc += tl.dot(a, w, input_precision=PRECISION)
+            if GATED:
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=(offs_n[None, :] < N) & kmask[:, None], other=0.0)
+                acc_up += tl.dot(a, w_up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if GATED:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if MUL_WEIGHT:
+            acc = acc * tl.load(weight_ptr + pair, mask=valid, other=0.0)[:, None]
+        tl.store(c_ptr + pair[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+class GemmConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# (gate/up GEMM, down GEMM) by the pairs' block size: 16 where experts get a few pairs (decode), 64 or
+# 128 where they get many (prefill); the tiles are what benchmarks/moe_kernel_sweep.py measured
+# fastest on an H200 over the ERNIE-4.5-21B-A3B and Qwen3-30B-A3B shapes
+CONFIGS: dict[int, tuple[GemmConfig, GemmConfig]] = {
+    16: (GemmConfig(32, 128, 4, 4), GemmConfig(64, 256, 4, 3)),
+    64: (GemmConfig(256, 64, 8, 3), GemmConfig(128, 64, 4, 3)),
+    128: (GemmConfig(128, 64, 8, 4), GemmConfig(256, 64, 8, 3)),
+}
+
+
+def block_m_for(tokens: int, top_k: int, experts: int) -> int:
+    """A block reads its expert's weights once: small blocks where experts get few pairs (decode),
+    larger ones where they get many (prefill), so the weights are not re-read every 16 pairs."""
+    per_expert = tokens * top_k / experts
+    return 16 if per_expert < 32 else 64 if per_expert < 128 else 128
+
+
+def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: int, rows_are_pairs: bool,
+              gated: bool, block_m: int, cfg: GemmConfig) -> None:
+    n, k = w.shape[1] // (2 if gated else 1), w.shape[2]
+    assert a.stride(1) == 1 and w.is_contiguous() and c.stride(1) == 1 and c.shape[1] == n
+    if not pairs:
+        return
+    # the blocks holding pairs come first, and there are at most as many as pairs
+    grid = (min(block_expert.shape[0], pairs), triton.cdiv(n, cfg.block_n))
+    _moe_gemm_kernel[grid](a, w, c, sorted_pairs, block_expert, weights, n, k, pairs, w.shape[0], a.stride(0),
+                           w.stride(0), w.stride(1), c.stride(0), TOP_K=top_k, ROWS_ARE_PAIRS=rows_are_pairs,
+                           GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=_precision(a), BLOCK_M=block_m,
+                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
+
+
+def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, block_m: int = 0,
+              configs: tuple[GemmConfig, GemmConfig] | None = None):
+    """reference.fused_moe on the GPU: the pairs sorted by expert (`moe_align`), one grouped GEMM for
+    gate/up with SiLU·mul in its epilogue, one for down with the routing weight applied, and the sum
+    over each token's k pairs. No Python loop over experts and no host sync (CUDA-graph safe)."""
+    tokens, top_k = ids.shape
+    experts, two_inter, hidden = w13.shape
+    assert x.shape == (tokens, hidden) and w2.shape == (experts, hidden, two_inter // 2)
+    block_m = block_m or block_m_for(tokens, top_k, experts)
+    first, second = configs or CONFIGS[block_m]
+    sorted_pairs, block_expert, pairs = moe_align(ids, experts, first_expert, block_m)
+    inter = torch.empty(pairs, two_inter // 2, dtype=x.dtype, device=x.device)
+    _moe_gemm(x, w13, inter, sorted_pairs, block_expert, None, pairs, top_k, False, True, block_m, first)
+    down = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # pairs of no expert here stay 0
+    _moe_gemm(inter, w2, down, sorted_pairs, block_expert, weights.reshape(-1).float().contiguous(), pairs, top_k,
+              True, False, block_m, second)
+    return down.view(tokens, top_k, hidden).sum(1)
