@@ -232,8 +232,8 @@ class GemmConfig(NamedTuple):
 # 128 where they get many (prefill); the tiles are what benchmarks/moe_kernel_sweep.py measured
 # fastest on an H200 over the ERNIE-4.5-21B-A3B and Qwen3-30B-A3B shapes
 CONFIGS: dict[int, tuple[GemmConfig, GemmConfig]] = {
-    16: (GemmConfig(32, 128, 4, 4), GemmConfig(64, 256, 4, 3)),
-    64: (GemmConfig(256, 64, 8, 3), GemmConfig(128, 64, 4, 3)),
+    16: (GemmConfig(32, 128, 4, 4), GemmConfig(64, 128, 4, 3)),
+    64: (GemmConfig(64, 64, 4, 3), GemmConfig(128, 64, 8, 4)),
     128: (GemmConfig(128, 64, 8, 4), GemmConfig(256, 64, 8, 3)),
 }
 
@@ -245,12 +245,29 @@ def block_m_for(tokens: int, top_k: int, experts: int) -> int:
     return 16 if per_expert < 32 else 64 if per_expert < 128 else 128
 
 
+SHARED_MEMORY = 200 << 10  # what a tile's pipeline stages may take (an H100/H200 SM has 227 KiB)
+
+
+def _fitted(cfg: GemmConfig, block_m: int, gated: bool, element_size: int) -> GemmConfig:
+    """The tile with fewer stages, then a shorter K step, until its stages fit in shared memory (the
+    tiles are sized for bf16; fp32 models take twice the bytes)."""
+    def stages_bytes(c: GemmConfig) -> int:
+        return c.num_stages * (block_m * c.block_k + (2 if gated else 1) * c.block_k * c.block_n) * element_size
+
+    while stages_bytes(cfg) > SHARED_MEMORY and cfg.num_stages > 2:
+        cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+    while stages_bytes(cfg) > SHARED_MEMORY and cfg.block_k > 16:
+        cfg = cfg._replace(block_k=cfg.block_k // 2)
+    return cfg
+
+
 def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: int, rows_are_pairs: bool,
               gated: bool, block_m: int, cfg: GemmConfig) -> None:
     n, k = w.shape[1] // (2 if gated else 1), w.shape[2]
     assert a.stride(1) == 1 and w.is_contiguous() and c.stride(1) == 1 and c.shape[1] == n
     if not pairs:
         return
+    cfg = _fitted(cfg, block_m, gated, a.element_size())
     # the blocks holding pairs come first, and there are at most as many as pairs
     grid = (min(block_expert.shape[0], pairs), triton.cdiv(n, cfg.block_n))
     _moe_gemm_kernel[grid](a, w, c, sorted_pairs, block_expert, weights, n, k, pairs, w.shape[0], a.stride(0),
