@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moesweep] [ep2]
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
@@ -33,6 +33,10 @@ sed -e 's/^name = "1p1d"/name = "1p1d-nobusy"/' -e 's/^decode_busy_ms = .*/decod
   launch/gpu-8b-1p1d.toml > /tmp/gpu-8b-1p1d-nobusy.toml
 layout_config() { case "$1" in 1p1d-always|1p1d-backlog|1p1d-busy|1p1d-nobusy) echo /tmp/gpu-8b-$1.toml ;;
                   *) echo launch/gpu-8b-$1.toml ;; esac; }
+ernie=/tmp/pdpipe-models/ernie-21b-a3b-shape  # launch/gpu-ernie21b-*.toml's folder, as benchmarks/moe_bench.py makes it
+make_ernie() { [ -f $ernie/config.json ] || python3 -m pdpipe.cli make-model $ernie --arch ernie4_5_moe --layers 28 \
+  --hidden 2560 --heads 20 --kv-heads 4 --head-dim 128 --intermediate 12288 --moe-intermediate 1536 --experts 64 \
+  --top-k 6 --shared-experts 2 --vocab 103424 --max-position 131072 --dtype bfloat16 --no-weights >/dev/null; }
 while [ $# -gt 0 ]; do
   case "$1" in
     tests) timeout ${TESTS_S:-360} python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --timeout 120 ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
@@ -62,15 +66,12 @@ while [ $# -gt 0 ]; do
            tar czf "$OUT/serve_70b.tgz" -C /tmp compare_70b pdpipe-70b-tp2 2>/dev/null; shift ;;
     moesweep) timeout ${SWEEP_S:-300} python3 benchmarks/moe_kernel_sweep.py --json "$OUT/moe_sweep.json" 2>&1 \
                 | grep -v Warn | tee "$OUT/moe_sweep.log" | tail -40; shift ;;
-    ep2) ernie=/tmp/pdpipe-models/ernie-21b-a3b-shape  # as benchmarks/moe_bench.py makes it
-         [ -f $ernie/config.json ] || python3 -m pdpipe.cli make-model $ernie --arch ernie4_5_moe --layers 28 \
-           --hidden 2560 --heads 20 --kv-heads 4 --head-dim 128 --intermediate 12288 --moe-intermediate 1536 \
-           --experts 64 --top-k 6 --shared-experts 2 --vocab 103424 --max-position 131072 --dtype bfloat16 --no-weights >/dev/null
+    ep2) make_ernie
          timeout ${EP_S:-240} python3 benchmarks/tp_bench.py --model $ernie --expert-parallel --json "$OUT/ep2_bench.json" \
            2>&1 | grep -v Warn | tee "$OUT/ep2_bench.log" | tail -6; shift ;;
-    moe|moebench) timeout ${MOE_S:-300} python3 benchmarks/moe_bench.py ${MOE_ARGS:-} --json "$OUT/moe_bench.json" 2>&1 | grep -v Warn \
+    moe|moebench|moecompare) [ "$1" = moecompare ] && make_ernie || timeout ${MOE_S:-300} python3 benchmarks/moe_bench.py ${MOE_ARGS:-} --json "$OUT/moe_bench.json" 2>&1 | grep -v Warn \
            | tee "$OUT/moe_bench.log" | tail -10
-         [ "$1" = moebench ] && { shift; continue; }
+         [ "$1" = moebench ] && { shift; continue; }  # moecompare: the compare alone
          timeout ${COMPARE_S:-400} python3 -m pdpipe.cli bench compare launch/gpu-ernie21b-1p1d.toml \
            launch/gpu-ernie21b-2mixed.toml --input-len 1024:3072 --output-len 128:384 --request-rates ${MOE_RATES:-4,8,14} \
            --num-prompts ${PROMPTS:-100} --vocab-size 103000 --ignore-eos --slo ${SLO:-ttft:600 tpot:15} \
