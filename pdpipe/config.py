@@ -69,6 +69,10 @@ class EngineConfig:
     expert_parallel: bool = field(default=False, metadata={
         "help": "a mixture-of-experts model on an instance of tp > 1 ranks: split the experts by id (each "
                 "rank holds num_experts / tp of them whole) instead of splitting every expert's width"})
+    data_parallel_attention: bool = field(default=False, metadata={
+        "help": "a mixture-of-experts model on an instance of tp > 1 ranks with expert_parallel: each rank "
+                "holds the whole model but its experts and serves its own sequences (its own KV pool); only "
+                "the MoE layers exchange tokens (mixed instances)"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -78,6 +82,9 @@ class EngineConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r}; allowed: safetensors, dummy")
+        if self.data_parallel_attention and not self.expert_parallel:
+            raise ValueError("data_parallel_attention: needs expert_parallel = true (the experts split by id; "
+                             "every rank holds the rest whole)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device: {self.device!r}; allowed: cpu, cuda, cuda:N")
         if self.prefill_graph_tokens < 0:
@@ -172,6 +179,9 @@ class InstanceConfig:
     expert_parallel: bool | None = field(default=None, metadata={
         "help": "a MoE model on this instance's ranks: experts split by id (true) or by width (false); "
                 "unset: engine.expert_parallel (prefill and decode may differ)"})
+    data_parallel_attention: bool | None = field(default=None, metadata={
+        "help": "a MoE model on this mixed instance's ranks: attention data-parallel (each rank its own "
+                "sequences) with the experts split by id; unset: engine.data_parallel_attention"})
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -276,6 +286,17 @@ class LaunchConfig:
             if missing:
                 raise ValueError(f"instances.gpus: engine.device is {self.engine.device!r}, so every instance "
                                  f"names its GPU ids; missing for {', '.join(missing)}")
+        for name, inst in self.named_instances():
+            data_parallel = (self.engine.data_parallel_attention if inst.data_parallel_attention is None
+                             else inst.data_parallel_attention)
+            expert_parallel = self.engine.expert_parallel if inst.expert_parallel is None else inst.expert_parallel
+            if data_parallel and not expert_parallel:
+                raise ValueError(f"instances.data_parallel_attention: {name} needs expert_parallel = true (the "
+                                 "experts split by id)")
+            if data_parallel and inst.tp > 1 and inst.role != "mixed":
+                raise ValueError(f"instances.data_parallel_attention: {name} is a {inst.role} instance; allowed on "
+                                 "mixed instances only (KV transfer between data-parallel ranks is not built)")
+        if self.engine.device.startswith("cuda"):
             for name, inst in self.named_instances():
                 if inst.tp > 1 and len(inst.gpus) != inst.tp:
                     raise ValueError(f"instances.gpus: {name} has tp = {inst.tp}, so it names {inst.tp} GPU ids "

@@ -210,6 +210,8 @@ def engine_config(cfg: LaunchConfig, name: str):
         engine_cfg = replace(engine_cfg, cache=replace(engine_cfg.cache, num_blocks=inst.num_blocks))
     if inst.expert_parallel is not None:
         engine_cfg = replace(engine_cfg, expert_parallel=inst.expert_parallel)
+    if inst.data_parallel_attention is not None:
+        engine_cfg = replace(engine_cfg, data_parallel_attention=inst.data_parallel_attention)
     if inst.role == "decode":  # the prompts it computes itself (conditional disaggregation) go in small chunks
         engine_cfg = replace(engine_cfg, scheduler=replace(engine_cfg.scheduler,
                                                            max_prefill_tokens=cfg.routing.local_step_tokens))

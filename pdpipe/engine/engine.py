@@ -97,6 +97,9 @@ class LLMEngine:
             config = replace(config, device=f"cuda:{torch.cuda.current_device()}")  # one device for all parts
         if tp is not None and config.expert_parallel:
             tp = replace(tp, expert_parallel=True)
+        if tp is not None and config.data_parallel_attention:
+            tp = replace(tp, data_parallel_attention=True)
+        data_parallel = tp is not None and tp.data_parallel_attention and tp.size > 1
         self.config = config
         self.model_dir = resolve_model(config.model)
         size_from_gpu = (config.device.startswith("cuda") and config.cache.gpu_memory_utilization > 0
@@ -140,13 +143,14 @@ class LLMEngine:
 
             buffer = map_pool(pool_path, shape, dtype)
         self.kv_cache = KVCache(self.spec, num_blocks, block_size, dtype, config.device, buffer)
-        self.blocks = BlockManager(num_blocks, block_size)
+        ranks = tp.size if data_parallel and tp is not None else 1  # data-parallel: a pool a rank, all scheduled here
+        self.blocks = BlockManager(num_blocks * ranks, block_size, partitions=ranks)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, self.max_model_len,
                                   pad_tokens=TOKEN_PAD if config.device.startswith("cuda") else 1, tp=tp)
         # every rank of a tensor-parallel instance captures the same graphs (their collectives inside;
         # routed experts run fused, without host syncs)
-        graphs = config.device.startswith("cuda")
+        graphs = config.device.startswith("cuda") and not data_parallel  # data-parallel steps run eagerly
         if graphs and config.cuda_graphs:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
         if graphs and config.prefill_graph_tokens:
@@ -345,7 +349,7 @@ class LLMEngine:
         # rest); the last two rounds continue their second prompt from a chunk
         rounds = [[1], [5], [16], [300], [2048], [7, 16, 100], [64, 96], [budget - 40, 300], [budget - 40, 50]]
         for r, lengths in enumerate(rounds):
-            if self.blocks.blocks_for(sum(lengths) + 3 * len(lengths)) > self.blocks.num_blocks:
+            if self.blocks.blocks_for(sum(lengths) + 3 * len(lengths)) > self.blocks.partition_size:
                 continue  # a small pool: that round does not fit
             for i, n in enumerate(lengths):
                 self.add_request(f"warm-up-{r}-{i}", prompt(n), params)

@@ -11,6 +11,7 @@ import torch
 from pdpipe.models.decoder import AttentionMetadata, CausalLM
 from pdpipe.models.parallel import TensorParallel
 
+from .data_parallel import run_share, shares
 from .kv_cache import KVCache
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -87,9 +88,10 @@ class ModelRunner:
         if prompt_attention_capturable(self.model):
             self.prefill_graphs = PrefillGraphs(self, max_tokens)
 
-    def layout(self, out: SchedulerOutput) -> dict:
+    def layout(self, out: SchedulerOutput, first_block: int = 0) -> dict:
         """The step as plain lists (what rank 0 hands the other ranks of a tensor-parallel instance):
-        token ids, positions, KV slots, prompt bounds, context lengths, block tables, sampled rows."""
+        token ids, positions, KV slots, prompt bounds, context lengths, block tables, sampled rows.
+        `first_block`: the id of this pool's block 0 in the block manager's (data-parallel ranks)."""
         bs = self.kv_cache.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -100,7 +102,7 @@ class ModelRunner:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            table = seq.block_table
+            table = [b - first_block for b in seq.block_table] if first_block else seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             qsl.append(qsl[-1] + chunk.num_tokens)
             seq_lens.append(end)
@@ -109,12 +111,13 @@ class ModelRunner:
         # decode batches keep one row per sequence (their kernels index rows by sequence)
         pad = 0 if all(c.num_tokens == 1 for c in out.chunks) else -len(ids) % self.pad_tokens
         return {"ids": ids + [0] * pad, "pos": positions + [0] * pad, "slots": slots + [-1] * pad,
-                "qsl": qsl, "seq_lens": seq_lens, "tables": [c.seq.block_table for c in out.chunks],
+                "qsl": qsl, "seq_lens": seq_lens,
+                "tables": [[b - first_block for b in c.seq.block_table] for c in out.chunks],
                 "rows": rows, "fresh": all(c.start == 0 for c in out.chunks)}
 
     def place(self, lay: dict) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """A layout's tensors on this rank's device, and the attention metadata."""
-        tables = torch.zeros(len(lay["tables"]), max(len(t) for t in lay["tables"]), dtype=torch.int32)
+        tables = torch.zeros(len(lay["tables"]), max((len(t) for t in lay["tables"]), default=1), dtype=torch.int32)
         for i, table in enumerate(lay["tables"]):
             tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
         dev, qsl, seq_lens = self.device, lay["qsl"], lay["seq_lens"]
@@ -123,10 +126,10 @@ class ModelRunner:
         if dev.type == "cuda":
             meta.query_start_loc_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
             meta.seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
-            meta.max_query_len = max(b - a for a, b in zip(qsl, qsl[1:]))
+            meta.max_query_len = max((b - a for a, b in zip(qsl, qsl[1:])), default=0)
             meta.decode = meta.max_query_len == 1
             meta.fresh = lay["fresh"]
-            meta.num_splits = decode_splits(max(seq_lens), len(seq_lens), self.model.spec.num_kv_heads)
+            meta.num_splits = decode_splits(max(seq_lens, default=1), len(seq_lens), self.model.spec.num_kv_heads)
         ids = torch.tensor(lay["ids"], dtype=torch.long, device=dev)
         pos = torch.tensor(lay["pos"], dtype=torch.long, device=dev)
         return ids, pos, meta, lay["rows"]
@@ -135,6 +138,10 @@ class ModelRunner:
         """Returns logits `[num_sampling_seqs, vocab]` float32 (on the model's device) and their sequences.
         With other ranks, each hears first what to run: ("decode" | "prefill", graph size, inputs) to
         replay the same graph, or ("eager", layout)."""
+        if self.tp is not None and self.tp.data_parallel_attention:  # each rank its own sequences
+            lays, seqs = shares(self, out)
+            self._hand_over(("data", lays))
+            return run_share(self, lays, on_layer_done), seqs
         seqs = [c.seq for c in out.chunks if c.samples]
         all_decode = all(c.num_tokens == 1 for c in out.chunks)
         graphs, prefills = self.graphs, self.prefill_graphs
@@ -179,6 +186,8 @@ class ModelRunner:
                     self.prefill_graphs.replay(*args)  # type: ignore[union-attr]
                 elif kind == "warm_gemms":
                     self.warm_gemms(*args)
+                elif kind == "data":
+                    run_share(self, *args)
                 else:
                     self._forward(*self.place(*args))
             except Exception as exc:  # noqa: BLE001 — rank 0 met the same failure: it re-runs or fails the request

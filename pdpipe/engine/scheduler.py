@@ -117,11 +117,12 @@ class Scheduler:
                 i += 1
                 continue
             while not self.blocks.ensure_capacity(seq.block_table, seq.num_computed_tokens + n):
-                if len(self.running) == 1:  # cannot happen while max_model_len fits the pool
+                mates = self._sharing_pool(seq)
+                if mates == [i]:  # alone in its pool: cannot happen while max_model_len fits the pool
                     self.finish(seq, "length")
                     out.finished.append(seq)
                     return budget, prompt_budget
-                victim = self.running.pop()
+                victim = self.running.pop(mates[-1])  # the newest: seq itself, or one after it
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -132,6 +133,13 @@ class Scheduler:
                 prompt_budget -= n
             i += 1
         return budget, prompt_budget
+
+    def _sharing_pool(self, seq: Sequence) -> list[int]:
+        """Indices in `running` of the sequences whose blocks come from seq's pool (every one, but with
+        data-parallel attention only those on seq's rank: preempting another rank's frees nothing here)."""
+        part = self.blocks.partition_of(seq.block_table[0]) if seq.block_table else None
+        return [j for j, s in enumerate(self.running)
+                if part is None or (s.block_table and self.blocks.partition_of(s.block_table[0]) == part)]
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

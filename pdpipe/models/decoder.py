@@ -287,16 +287,22 @@ class CausalLM(nn.Module):
         and output projection hold this rank's vocabulary rows."""
         super().__init__()
         self.spec = spec
-        self.tp = tp
-        rows = spec.vocab_size // tp.size if tp is not None else spec.vocab_size
+        data_parallel = tp is not None and tp.data_parallel_attention
+        self.tp = None if data_parallel else tp  # with data-parallel attention only the experts are split
+        rows = spec.vocab_size // tp.size if self.tp is not None else spec.vocab_size
         self.model = DecoderBody(spec, rows)
         self.rotary = Rotary(spec.rope, spec.head_dim)
         if not spec.tie_word_embeddings:
             self.lm_head = Linear(spec.hidden_size, rows, bias=False)
         if tp is not None:
+            from .moe import MoE
+
             for layer in self.model.layers:
                 assert isinstance(layer, DecoderLayer)
-                layer.self_attn.tp = layer.ffn.tp = tp
+                if not data_parallel:
+                    layer.self_attn.tp = layer.ffn.tp = tp
+                elif isinstance(layer.ffn, MoE):
+                    layer.ffn.tp = tp
 
     @torch.inference_mode()
     def forward(

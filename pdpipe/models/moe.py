@@ -99,14 +99,20 @@ class MoE(nn.Module):
         return kernels.moe_route(logits, bias, moe.top_k, moe.renormalize, moe.norm_min)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(x)
-        if self.w13 is not None and self.w2 is not None:
-            out = kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.held.start)
-        else:
-            out = self._experts_loop(x, weights, ids)
+        if self.tp is not None and self.tp.data_parallel_attention:  # every rank's tokens through our experts
+            out = self.tp.reduce_scatter_rows(self._routed(self.tp.all_gather_rows(x)))
+            return out + self.shared_experts(x) if self.moe.shared_experts else out
+        out = self._routed(x)
         if self.moe.shared_experts and (self.tp is None or not self.tp.expert_parallel or self.tp.rank == 0):
             out = out + self.shared_experts(x)
         return self.tp.all_reduce(out) if self.tp is not None else out
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum (of the experts this rank holds)."""
+        weights, ids = self.route(x)
+        if self.w13 is not None and self.w2 is not None:
+            return kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.held.start)
+        return self._experts_loop(x, weights, ids)
 
     def _experts_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)

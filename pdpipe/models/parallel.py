@@ -14,6 +14,11 @@ the ranks' parts. The embedding and the output projection are split by vocabular
 embedding comes from the rank that holds its row (the others add zeros), and the logits of every
 rank's rows are gathered. `torch.distributed` carries the collectives (gloo on CPU, NCCL on GPU);
 rank 0 hands each step's inputs to the others over gloo on both (small Python objects, no GPU sync).
+
+With `data_parallel_attention` (and experts split by id) the ranks share only the experts: each holds
+the whole model but its experts and computes its own sequences (its own KV pool), every MoE layer
+gathers all ranks' tokens, runs this rank's experts on them and hands each rank back the sum of its
+tokens' parts (all-gather, then reduce-scatter); each rank adds the shared experts of its own tokens.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class TensorParallel:
     group: Any = None  # the torch.distributed process group of the instance's ranks
     control: Any = None  # a gloo group of the same ranks for `broadcast` (None: `group` is gloo already)
     expert_parallel: bool = False  # a MoE model's experts split by id across the ranks, not by width
+    data_parallel_attention: bool = False  # each rank its own sequences; only the experts are split
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -50,6 +56,32 @@ class TensorParallel:
         torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(group, 0)
                                                 if group is not None else 0, group=group)
         return box[0]
+
+    def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows, rank 0's first (`x` the same shape on every rank)."""
+        if self.size == 1:
+            return x
+        if x.is_cuda:
+            out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+            torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+            return out
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of `x`'s rows, this rank's share of them (the inverse of
+        all_gather_rows)."""
+        if self.size == 1:
+            return x
+        rows = x.shape[0] // self.size
+        if x.is_cuda:
+            out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            torch.distributed.reduce_scatter_tensor(out, x.contiguous(), group=self.group)
+            return out
+        x = x.contiguous()
+        torch.distributed.all_reduce(x, group=self.group)  # gloo has no reduce-scatter
+        return x[self.rank * rows:(self.rank + 1) * rows]
 
     def gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` side by side along the last dimension (the same shape on every rank)."""
@@ -75,10 +107,20 @@ def join_group(rank: int, size: int, init_method: str, device: str) -> TensorPar
     return TensorParallel(rank, size, dist.group.WORLD, control)
 
 
-def check_splittable(spec: ModelSpec, tp: int, expert_parallel: bool = False) -> None:
+def check_splittable(spec: ModelSpec, tp: int, expert_parallel: bool = False,
+                     data_parallel_attention: bool = False) -> None:
     """Refuses a TP size the model cannot be split by, naming the dimension."""
     if tp < 1:
         raise ValueError(f"tp: {tp}; allowed: 1 or more")
+    if data_parallel_attention:
+        if spec.moe is None or not any(spec.moe.layers):
+            raise ValueError("data_parallel_attention: the model has no routed experts to split; run a dense "
+                             "model's replicas as separate instances")
+        if not expert_parallel:
+            raise ValueError("data_parallel_attention: needs expert_parallel = true (the experts split by id)")
+        if spec.moe.num_experts % tp:
+            raise ValueError(f"tp: {tp} does not divide the model's num_experts ({spec.moe.num_experts})")
+        return
     sizes = [("num_attention_heads", spec.num_heads), ("intermediate_size", spec.intermediate_size),
              ("vocab_size", spec.vocab_size)]
     if spec.moe is not None and any(spec.moe.layers):
@@ -104,16 +146,18 @@ def kv_heads_of(rank: int, tp: int, num_heads: int, num_kv_heads: int) -> range:
 
 def rank_spec(spec: ModelSpec, par: TensorParallel) -> ModelSpec:
     """The shapes one rank builds: its heads, key/value heads and MLP share, and its experts' (each
-    expert's width, or with expert parallelism its whole experts); the vocabulary stays whole:
-    sampling sees every token's logit."""
+    expert's width, or with expert parallelism its whole experts; with data-parallel attention only
+    the experts are split)."""
     tp = par.size
-    check_splittable(spec, tp, par.expert_parallel)
+    check_splittable(spec, tp, par.expert_parallel, par.data_parallel_attention)
     moe = spec.moe
     if moe is not None and par.expert_parallel:
         held = moe.num_experts // tp
         moe = replace(moe, first_expert=par.rank * held, held_experts=held)
     elif moe is not None:
         moe = replace(moe, intermediate_size=moe.intermediate_size // tp)
+    if par.data_parallel_attention:
+        return replace(spec, moe=moe)
     return replace(spec, num_heads=spec.num_heads // tp, num_kv_heads=max(1, spec.num_kv_heads // tp),
                    intermediate_size=spec.intermediate_size // tp, moe=moe)
 
@@ -140,7 +184,10 @@ def shard_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec, par: Tenso
                 if not 0 <= index < held:
                     continue
                 name = f"{name[:expert.start()]}.experts.{index}.{name[expert.end():]}"
-            out[name] = t.clone()  # shared experts whole: rank 0 adds them
+            out[name] = t.clone()  # shared experts whole: rank 0 adds them (each rank its tokens' with DP)
+            continue
+        if par.data_parallel_attention:  # the rest whole on every rank
+            out[name] = t
             continue
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             t = t[q_rows]

@@ -1,0 +1,169 @@
+"""Data-parallel attention with the experts split by id, on CPU (gloo, the CPU twin of NCCL): each rank
+of an instance serves its own sequences from its own KV pool and only the MoE layers exchange tokens;
+an instance of two such ranks must generate what one engine does, its pools must never mix, and the
+settings it needs are checked by name."""
+import multiprocessing as mp
+import queue
+
+import pytest
+import torch
+from test_tensor_parallel import BLOCK, PROMPT, _leave, run_requests
+
+from pdpipe.config import CacheConfig, EngineConfig, InstanceConfig, SchedulerConfig
+from pdpipe.engine.block_manager import BlockError, BlockManager
+from pdpipe.engine.scheduler import Scheduler
+from pdpipe.engine.sequence import Sequence
+from pdpipe.messages import SamplingParams
+from pdpipe.models.parallel import TensorParallel, check_splittable
+from pdpipe.models.spec import load_spec
+
+MOE_ARCHS = ("ernie4_5_moe", "qwen3_moe", "mixtral")
+
+
+def test_a_partitioned_pool_keeps_each_table_in_one_partition():
+    bm = BlockManager(num_blocks=8, block_size=4, partitions=2)
+    a = bm.allocate(3)  # the emptiest partition (a tie: the first)
+    b = bm.allocate(2)  # now partition 1 has more free
+    assert {bm.partition_of(i) for i in a} == {0} and {bm.partition_of(i) for i in b} == {1}
+    assert bm.ensure_capacity(a, 16) and {bm.partition_of(i) for i in a} == {0} and len(a) == 4
+    assert not bm.ensure_capacity(a, 17)  # partition 0 is full, though partition 1 has 2 free
+    assert bm.num_free_blocks == 2 and bm.can_allocate(2) and not bm.can_allocate(3)
+    with pytest.raises(BlockError, match="asked for 1 blocks, 0 free"):
+        bm.allocate(1, partition=0)
+    bm.free(a)
+    bm.free(b)
+    assert bm.all_free()
+    with pytest.raises(ValueError, match="partitions must divide"):
+        BlockManager(num_blocks=9, block_size=4, partitions=2)
+
+
+def test_a_sequence_short_of_blocks_preempts_on_its_own_rank_only():
+    """Two ranks' pools of 3 blocks, each full: when the oldest sequence (rank 0) needs a block, the
+    newest sequence *of rank 0* is preempted, not the newest overall (on rank 1, whose blocks would not
+    help it)."""
+    blocks = BlockManager(num_blocks=6, block_size=4, partitions=2)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks, max_model_len=16,
+                      eos_token_ids=frozenset())
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for i, (n, rank, count) in enumerate(((9, 0, 2), (4, 1, 1), (4, 0, 1), (4, 1, 1))):  # s0 needs a 3rd block
+        tokens = list(range(1, n + 1))
+        sched.add_running(Sequence(f"s{i}", tokens[:-1], params, arrival=i, token_ids=tokens, num_computed_tokens=n - 1,
+                                   block_table=blocks.allocate(count, partition=rank)))
+    out = sched.schedule()
+    assert [s.request_id for s in out.preempted] == ["s2"]  # s3 is newer, but on rank 1
+    assert [c.seq.request_id for c in out.chunks] == ["s0", "s1", "s3"]
+    assert {blocks.partition_of(b) for b in sched.running[0].block_table} == {0}
+
+
+def _dp_rank(rank: int, size: int, init_file: str, model_dirs: list[str], results) -> None:
+    from pdpipe.engine.engine import LLMEngine
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    try:
+        tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
+        for model_dir in model_dirs:
+            engine = LLMEngine(EngineConfig(model=model_dir, expert_parallel=True, data_parallel_attention=True,
+                                            cache=CacheConfig(block_size=BLOCK, num_blocks=32)), tp=tp)
+            if rank:
+                engine.runner.follow()
+                continue
+            results.put((model_dir, serve(engine)))
+            engine.runner.stop_followers()
+    except BaseException:  # noqa: BLE001 — reported, and the exit code says so
+        _leave(results, failed=True)
+    _leave(results, failed=False)
+
+
+def serve(engine) -> dict:
+    """Three requests batched (spread over the ranks: steps where the ranks hold different token
+    counts), then one alone (a rank with nothing to attend to follows along); greedy and seeded. The
+    tokens, and the pools (partitions) the requests' blocks came from."""
+    from pdpipe.messages import SamplingParams
+
+    for i, n in enumerate((30, 9, 17)):  # as run_requests
+        params = SamplingParams(max_tokens=6, temperature=0.8 if i == 2 else 0.0, seed=11, ignore_eos=True)
+        engine.add_request(f"r{i}", PROMPT[:n], params)
+    tokens: dict[str, list[int]] = {}
+    pools = set()
+    for alone in (True, False):
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            pools |= {engine.blocks.partition_of(s.block_table[0]) for s in engine.scheduler.running}
+        if alone:
+            engine.add_request("alone", PROMPT[:13], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    assert engine.leak_free()
+    return {"tokens": tokens, "pools": sorted(pools), "partition_size": engine.blocks.partition_size}
+
+
+def test_data_parallel_attention_on_two_ranks_generates_what_one_engine_does(model_dir, tmp_path):
+    """Each MoE architecture on two ranks of data-parallel attention (32 blocks a rank, scheduled by
+    rank 0 as one 64-block pool of two partitions): the tokens of one whole engine, and no block left."""
+    from pdpipe.engine.engine import LLMEngine
+
+    dirs = [str(model_dir(arch)) for arch in MOE_ARCHS]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_dp_rank, args=(r, 2, str(tmp_path / "store"), dirs, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    got = {}
+    while len(got) < len(dirs):
+        assert all(p.is_alive() or p.exitcode == 0 for p in ranks), "a rank died; see its stderr"
+        try:
+            model, result = results.get(timeout=1)
+        except queue.Empty:
+            continue
+        got[model] = result
+    for p in ranks:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for d in dirs:
+        whole = LLMEngine(EngineConfig(model=d, cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
+        assert got[d]["tokens"] == serve(whole)["tokens"], d
+        assert got[d]["partition_size"] == 32 and got[d]["pools"] == [0, 1]
+
+
+def test_a_launched_data_parallel_instance_serves_what_one_engine_does(model_dir):
+    """`tp = 2` with data-parallel attention on a mixed instance: the OpenAI API answers concurrent
+    requests with one engine's tokens; every block free after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from pipeline_launch import launched, leak_free, make_launch_config, wait_until
+
+    from pdpipe.engine.engine import LLMEngine
+
+    model = model_dir("ernie4_5_moe")
+    expected = run_requests(LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=64))))
+    cfg = make_launch_config(model, [], num_blocks=32, instances=(
+        InstanceConfig("mixed", tp=2, expert_parallel=True, data_parallel_attention=True),))
+    with launched(cfg) as launcher:
+        def complete(n: int) -> list[int]:
+            body = {"model": "ernie4_5_moe", "prompt": PROMPT[:n], "max_tokens": 6, "temperature": 0,
+                    "ignore_eos": True,
+                    "return_token_ids": True}
+            resp = httpx.post(f"http://127.0.0.1:{cfg.api.port}/v1/completions", json=body, timeout=60)
+            assert resp.status_code == 200, resp.text
+            return resp.json()["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(complete, (30, 9, 30, 9)))
+        assert answers == [expected["r0"], expected["r1"]] * 2
+        assert wait_until(lambda: leak_free(launcher), what="every block free")
+
+
+def test_data_parallel_attention_is_refused_where_it_cannot_run(model_dir):
+    with pytest.raises(ValueError, match="data_parallel_attention: needs expert_parallel"):
+        EngineConfig(data_parallel_attention=True)
+    with pytest.raises(ValueError, match="data_parallel_attention: the model has no routed experts"):
+        check_splittable(load_spec(model_dir("llama")), 2, expert_parallel=True, data_parallel_attention=True)
+    from pipeline_launch import make_launch_config
+
+    with pytest.raises(ValueError, match="instances.data_parallel_attention: prefill-0 is a prefill instance"):
+        make_launch_config(model_dir("ernie4_5_moe"), [], instances=(
+            InstanceConfig("prefill", tp=2, expert_parallel=True, data_parallel_attention=True),
+            InstanceConfig("decode")))
+    with pytest.raises(ValueError, match="instances.data_parallel_attention: mixed-0 needs expert_parallel"):
+        make_launch_config(model_dir("ernie4_5_moe"), [], instances=(
+            InstanceConfig("mixed", tp=2, data_parallel_attention=True),))
