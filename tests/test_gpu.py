@@ -612,12 +612,13 @@ def _on_two_gpus(tmp_path, work, *args) -> dict[str, dict[int, object]]:
     return got
 
 
-def _tp_engine_work(rank: int, tp, put, model_dir: str, dtype: str, expert_parallel: bool = False) -> None:
+def _tp_engine_work(rank: int, tp, put, model_dir: str, dtype: str, split: str = "tp") -> None:
     from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdpipe.engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=model_dir, device=f"cuda:{rank}", dtype=dtype,
-                                    expert_parallel=expert_parallel, cache=CacheConfig(block_size=16, num_blocks=256),
+    engine = LLMEngine(EngineConfig(model=model_dir, device=f"cuda:{rank}", dtype=dtype, expert_parallel=split != "tp",
+                                    data_parallel_attention=split == "dp",
+                                    cache=CacheConfig(block_size=16, num_blocks=256),
                                     scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)), tp=tp)
     if rank:
         engine.runner.follow()
@@ -646,13 +647,15 @@ def _tp_generate(engine) -> list[tuple[list[int], list[float]]]:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("arch,expert_parallel,dtype", [
-    ("llama", False, "float32"), ("llama", False, "bfloat16"), ("ernie4_5_moe", True, "float32"),
-    ("ernie4_5_moe", True, "bfloat16"), ("qwen3_moe", False, "bfloat16")])
-def test_tp2_on_two_gpus_computes_what_one_gpu_does(model_dir, tmp_path, arch, expert_parallel, dtype):
+@pytest.mark.parametrize("arch,split,dtype", [
+    ("llama", "tp", "float32"), ("llama", "tp", "bfloat16"), ("ernie4_5_moe", "ep", "float32"),
+    ("ernie4_5_moe", "ep", "bfloat16"), ("qwen3_moe", "tp", "bfloat16"), ("qwen3_moe", "dp", "float32"),
+    ("ernie4_5_moe", "dp", "bfloat16")])
+def test_tp2_on_two_gpus_computes_what_one_gpu_does(model_dir, tmp_path, arch, split, dtype):
     """One engine split over two GPUs (NCCL; decode and prefill CUDA graphs with their all-reduces
-    inside, and eager steps; a MoE model's experts split by id — expert parallelism — or by width)
-    against the whole model on one GPU, greedy. fp32: the same tokens, logprobs within 1e-3. bf16,
+    inside, and eager steps; a MoE model's experts split by width (tp), by id (ep), or by id with each
+    GPU serving its own sequences — data-parallel attention, eager steps with the MoE layers' all-gather
+    and reduce-scatter) against the whole model on one GPU, greedy. fp32: the same tokens, logprobs within 1e-3. bf16,
     where the split changes the order of the sums and so the rounding: the first token of every prompt
     equal (one forward pass, no feedback), with its logprob within 0.05 (0.1 for MoE models, whose
     output adds k experts' rounded sums, and whose routing moves with them); the tokens after it are
@@ -660,7 +663,7 @@ def test_tp2_on_two_gpus_computes_what_one_gpu_does(model_dir, tmp_path, arch, e
     from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdpipe.engine.engine import LLMEngine
 
-    got = _on_two_gpus(tmp_path, _tp_engine_work, str(model_dir(arch)), dtype, expert_parallel)["result"][0]
+    got = _on_two_gpus(tmp_path, _tp_engine_work, str(model_dir(arch)), dtype, split)["result"][0]
     whole = LLMEngine(EngineConfig(model=str(model_dir(arch)), device="cuda:0", dtype=dtype,
                                    cache=CacheConfig(block_size=16, num_blocks=256),
                                    scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024)))
