@@ -107,6 +107,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
            meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
     """Paged attention of this step's queries (`k`, `v`: this step's keys and values, already stored):
     Triton kernels on GPU, the torch reference elsewhere."""
+    if len(meta.query_start_loc) == 1:  # no sequence at all: a data-parallel rank following a step
+        return torch.zeros_like(q)
     if kernels.use_triton(q):
         ops = kernels.triton_ops
         if meta.decode:
