@@ -72,7 +72,7 @@ class EngineConfig:
     data_parallel_attention: bool = field(default=False, metadata={
         "help": "a mixture-of-experts model on an instance of tp > 1 ranks with expert_parallel: each rank "
                 "holds the whole model but its experts and serves its own sequences (its own KV pool); only "
-                "the MoE layers exchange tokens (mixed instances)"})
+                "the MoE layers exchange tokens"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -180,7 +180,7 @@ class InstanceConfig:
         "help": "a MoE model on this instance's ranks: experts split by id (true) or by width (false); "
                 "unset: engine.expert_parallel (prefill and decode may differ)"})
     data_parallel_attention: bool | None = field(default=None, metadata={
-        "help": "a MoE model on this mixed instance's ranks: attention data-parallel (each rank its own "
+        "help": "a MoE model on this instance's ranks: attention data-parallel (each rank its own "
                 "sequences) with the experts split by id; unset: engine.data_parallel_attention"})
 
     def __post_init__(self):
@@ -188,6 +188,8 @@ class InstanceConfig:
             raise ValueError(f"instances.role: {self.role!r}; allowed: {', '.join(ROLES)}")
         if self.tp < 1:
             raise ValueError(f"instances.tp: {self.tp}; allowed: 1 or more")
+        if "@" in self.name or "." in self.name:
+            raise ValueError(f"instances.name: {self.name!r}; '@' and '.' are kept for ranks' pools and processes")
 
 
 
@@ -293,9 +295,10 @@ class LaunchConfig:
             if data_parallel and not expert_parallel:
                 raise ValueError(f"instances.data_parallel_attention: {name} needs expert_parallel = true (the "
                                  "experts split by id)")
-            if data_parallel and inst.tp > 1 and inst.role != "mixed":
-                raise ValueError(f"instances.data_parallel_attention: {name} is a {inst.role} instance; allowed on "
-                                 "mixed instances only (KV transfer between data-parallel ranks is not built)")
+            if data_parallel and inst.tp > 1 and inst.role != "mixed" and self.cluster.redis_url:
+                raise ValueError(f"instances.data_parallel_attention: {name} is a {inst.role} instance of a "
+                                 "multi-machine cluster; allowed on one machine (KV between data-parallel ranks "
+                                 "across machines is not built)")
         if self.engine.device.startswith("cuda"):
             for name, inst in self.named_instances():
                 if inst.tp > 1 and len(inst.gpus) != inst.tp:

@@ -269,6 +269,8 @@ class PoolInfo(Msg, frozen=True):  # engine → transfer (through the run direct
     kv_heads: list[int] = []  # (the whole model's head ids; empty: all of them, in order)
     tp: int = 1  # ... of its `tp` ranks, all from one start of the group (`group`)
     group: str = ""
+    data_parallel: bool = False  # data-parallel attention: each rank's pool holds every head of its own
+    # sequences, and the instance's block ids run over the ranks' pools in turn (block b: rank b // blocks)
 
 
 class Forward(Msg, frozen=True):  # a local process → its machine's relay: deliver to a process on another machine

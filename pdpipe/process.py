@@ -252,8 +252,9 @@ def pool_info(name: str, engine, pool_path: Path, tp) -> PoolInfo:
     if tp is None:
         return info
     whole = load_spec(engine.model_dir)
-    heads = list(kv_heads_of(tp.rank, tp.size, whole.num_heads, whole.num_kv_heads))
-    return msgspec.structs.replace(info, rank=tp.rank, kv_heads=heads, tp=tp.size,
+    data_parallel = engine.config.data_parallel_attention
+    heads = [] if data_parallel else list(kv_heads_of(tp.rank, tp.size, whole.num_heads, whole.num_kv_heads))
+    return msgspec.structs.replace(info, rank=tp.rank, kv_heads=heads, tp=tp.size, data_parallel=data_parallel,
                                    group=Path(os.environ[TP_STORE_ENV]).name)
 
 

@@ -153,6 +153,40 @@ def test_a_launched_data_parallel_instance_serves_what_one_engine_does(model_dir
         assert wait_until(lambda: leak_free(launcher), what="every block free")
 
 
+@pytest.mark.parametrize("prefill, decode", [("dp", "dp"), ("dp", "tp1"), ("tp2", "dp")])
+def test_disaggregated_data_parallel_instances_generate_what_one_engine_does(model_dir, prefill, decode):
+    """1P+1D launched where either side (or both) runs data-parallel attention on two ranks: each
+    request's prompt KV lives in one prefill rank's pool and moves, whole heads, into one decode rank's
+    (or from a TP2 prefill's head halves into a decode rank's whole heads); concurrent requests spread
+    over the ranks; the tokens of one colocated engine, nothing left allocated."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from pipeline_launch import launched, leak_free, make_launch_config, wait_until
+
+    from pdpipe.engine.engine import LLMEngine
+
+    model = model_dir("ernie4_5_moe")
+    expected = run_requests(LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=64))))
+    side = {"dp": dict(tp=2, expert_parallel=True, data_parallel_attention=True), "tp1": dict(tp=1),
+            "tp2": dict(tp=2)}
+    cfg = make_launch_config(model, [], num_blocks=32, instances=(
+        InstanceConfig("prefill", **side[prefill]), InstanceConfig("decode", **side[decode])))
+    with launched(cfg) as launcher:
+        def complete(n: int) -> list[int]:
+            body = {"model": "ernie4_5_moe", "prompt": PROMPT[:n], "max_tokens": 6, "temperature": 0,
+                    "ignore_eos": True, "return_token_ids": True}
+            resp = httpx.post(f"http://127.0.0.1:{cfg.api.port}/v1/completions", json=body, timeout=60)
+            assert resp.status_code == 200, resp.text
+            return resp.json()["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(complete, (30, 9, 30, 9, 30, 9)))
+        assert answers == [expected["r0"], expected["r1"]] * 3
+        assert wait_until(lambda: leak_free(launcher), what="every block free")
+        assert launcher.children and all(c.popen.poll() is None for c in launcher.children)
+
+
 def test_data_parallel_attention_is_refused_where_it_cannot_run(model_dir):
     with pytest.raises(ValueError, match="data_parallel_attention: needs expert_parallel"):
         EngineConfig(data_parallel_attention=True)
@@ -160,10 +194,6 @@ def test_data_parallel_attention_is_refused_where_it_cannot_run(model_dir):
         check_splittable(load_spec(model_dir("llama")), 2, expert_parallel=True, data_parallel_attention=True)
     from pipeline_launch import make_launch_config
 
-    with pytest.raises(ValueError, match="instances.data_parallel_attention: prefill-0 is a prefill instance"):
-        make_launch_config(model_dir("ernie4_5_moe"), [], instances=(
-            InstanceConfig("prefill", tp=2, expert_parallel=True, data_parallel_attention=True),
-            InstanceConfig("decode")))
     with pytest.raises(ValueError, match="instances.data_parallel_attention: mixed-0 needs expert_parallel"):
         make_launch_config(model_dir("ernie4_5_moe"), [], instances=(
             InstanceConfig("mixed", tp=2, data_parallel_attention=True),))

@@ -36,16 +36,19 @@ def shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[list[dict], list[
 
 def run_share(runner: ModelRunner, lays: list[dict], on_layer_done=None) -> torch.Tensor:
     """This rank's share of the step; returns every rank's sampled rows' logits, rank 0's first
-    ([rows, vocab] float32; what rank 0 samples from)."""
+    ([rows, vocab] float32; what rank 0 samples from). The gather ends every step, sampling or not:
+    once it is over every rank has written all its KV, and only then are the layers announced (a
+    layer with no collective, a dense one, would otherwise be announced before the other ranks wrote
+    it)."""
     assert runner.tp is not None
     lay = lays[runner.tp.rank]
-    logits = runner._forward(*runner.place(lay), on_layer_done)
-    most = max(len(other["rows"]) for other in lays)
-    vocab = runner.model.spec.vocab_size
-    if not most:
-        return torch.empty(0, vocab, device=runner.device)
-    padded = torch.zeros(most, vocab, dtype=torch.float32, device=runner.device)
+    logits = runner._forward(*runner.place(lay))
+    most = max(1, max(len(other["rows"]) for other in lays))
+    padded = torch.zeros(most, runner.model.spec.vocab_size, dtype=torch.float32, device=runner.device)
     if lay["rows"]:
         padded[: len(lay["rows"])] = logits
     everyone = runner.tp.all_gather_rows(padded)
+    if on_layer_done is not None:
+        for layer in range(runner.model.spec.num_layers):
+            on_layer_done(layer)
     return everyone[[rank * most + i for rank, other in enumerate(lays) for i in range(len(other["rows"]))]]

@@ -291,7 +291,7 @@ class CausalLM(nn.Module):
         self.spec = spec
         data_parallel = tp is not None and tp.data_parallel_attention
         self.tp = None if data_parallel else tp  # with data-parallel attention only the experts are split
-        rows = spec.vocab_size // tp.size if self.tp is not None else spec.vocab_size
+        rows = spec.vocab_size // self.tp.size if self.tp is not None else spec.vocab_size
         self.model = DecoderBody(spec, rows)
         self.rotary = Rotary(spec.rope, spec.head_dim)
         if not spec.tie_word_embeddings:

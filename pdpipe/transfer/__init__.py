@@ -15,6 +15,16 @@ from typing import Any
 from pdpipe.messages import PoolInfo
 
 
+def rank_pool(instance: str, rank: int) -> str:
+    """The name a rank's pool of a data-parallel instance is registered under (instance names hold no '@')."""
+    return f"{instance}@{rank}"
+
+
+def pool_instance(pool: str) -> str:
+    """The instance a registered pool belongs to."""
+    return pool.partition("@")[0]
+
+
 class TransferState(enum.Enum):
     PENDING = "pending"  # layers sent and not yet landed
     DONE = "done"  # every layer sent so far has landed
@@ -39,6 +49,14 @@ class TransferJob:
     first_layer_at: float = 0.0  # when its first and its latest layers were handed to the backend
     last_layer_at: float = 0.0
     layers_ready: set[int] = field(default_factory=set)  # computed on prefill, waiting for dst_block_ids
+    # the pools the blocks are in, as registered: the instance, or for a rank of data-parallel attention
+    # `instance@rank` (the block ids then that pool's own)
+    src_pool: str = ""
+    dst_pool: str = ""
+
+    def __post_init__(self) -> None:
+        self.src_pool = self.src_pool or self.src_instance
+        self.dst_pool = self.dst_pool or self.dst_instance
 
     @property
     def has_destination(self) -> bool:
@@ -123,7 +141,7 @@ class GroupedBackend(TransferBackend):
     def send_batch(self, jobs: list[TransferJob], layer: int, count: int = 1) -> None:
         groups: dict[tuple[str, str], list[TransferJob]] = {}
         for job in jobs:
-            groups.setdefault((job.src_instance, job.dst_instance), []).append(job)
+            groups.setdefault((job.src_pool, job.dst_pool), []).append(job)
         for group in groups.values():
             self.send_group(group, layer, count)
 
@@ -179,9 +197,9 @@ class RankedBackend(GroupedBackend):
     def copy_plan(self, job: TransferJob) -> tuple[dict, dict, list[Run]]:
         """The job's source and destination ranks, and the runs of heads between them: one run of whole
         blocks between two single pools of the same heads, else `head_copy_plan`'s."""
-        src, dst = self.ranks(job.src_instance, job), self.ranks(job.dst_instance, job)
+        src, dst = self.ranks(job.src_pool, job), self.ranks(job.dst_pool, job)
         src_heads, dst_heads = self.heads(src), self.heads(dst)
-        pair = (job.src_instance, job.dst_instance)
+        pair = (job.src_pool, job.dst_pool)
         if pair not in self._checked:
             check_pair(src[0][1], dst[0][1], {h for hs in src_heads.values() for h in hs},
                        {h for hs in dst_heads.values() for h in hs})
@@ -199,7 +217,7 @@ class RankedBackend(GroupedBackend):
                    for _, info in ranks.values())
 
     def job_bytes(self, job: TransferJob) -> int:
-        ranks = self.pools.get(job.dst_instance) or self.pools.get(job.src_instance)
+        ranks = self.pools.get(job.dst_pool) or self.pools.get(job.src_pool)
         if not ranks:
             return 0
         return len(job.src_block_ids) * self.block_bytes(ranks) * ranks[min(ranks)][1].shape[0]

@@ -13,7 +13,7 @@ import torch
 
 from pdpipe.messages import PoolInfo
 
-from . import TransferBackend, TransferError, TransferJob, TransferState
+from . import TransferBackend, TransferError, TransferJob, TransferState, pool_instance
 
 log = logging.getLogger("pdpipe")
 
@@ -78,7 +78,7 @@ class MachineTransfer(TransferBackend):
             self.remote.register_pool(pool)
             return
         self.local.register_pool(pool)
-        self.local_names.add(pool.instance)
+        self.local_names |= {pool.instance, pool_instance(pool.instance)}  # a data-parallel rank's: its instance's too
         ranks = [pool]
         if pool.tp > 1 and pool.rank == 0:  # its other ranks too, as they last wrote themselves down
             for rank in range(1, pool.tp):
@@ -139,7 +139,7 @@ class MachineTransfer(TransferBackend):
 
     # ---- jobs ----------------------------------------------------------------------------------------
     def _for(self, job: TransferJob) -> TransferBackend:
-        if job.dst_instance in self.local_names:
+        if job.dst_pool in self.local_names:
             return self.local
         if self.remote is None:
             raise TransferError(f"request {job.request_id}: {job.dst_instance} is on another machine and "
@@ -165,7 +165,7 @@ class MachineTransfer(TransferBackend):
         return self._for(job).poll(job)
 
     def abort(self, job: TransferJob) -> None:
-        backend = self.local if job.dst_instance in self.local_names else self.remote
+        backend = self.local if job.dst_pool in self.local_names else self.remote
         if backend is not None:
             backend.abort(job)
         self._job_pools.pop(job.request_id, None)
