@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2]
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
@@ -66,9 +66,10 @@ while [ $# -gt 0 ]; do
            tar czf "$OUT/serve_70b.tgz" -C /tmp compare_70b pdpipe-70b-tp2 2>/dev/null; shift ;;
     moesweep) timeout ${SWEEP_S:-300} python3 benchmarks/moe_kernel_sweep.py --json "$OUT/moe_sweep.json" 2>&1 \
                 | grep -v Warn | tee "$OUT/moe_sweep.log" | tail -40; shift ;;
-    ep2) make_ernie
-         timeout ${EP_S:-240} python3 benchmarks/tp_bench.py --model $ernie --expert-parallel --json "$OUT/ep2_bench.json" \
-           2>&1 | grep -v Warn | tee "$OUT/ep2_bench.log" | tail -6; shift ;;
+    ep2|dp2) make_ernie  # dp2: the same with data-parallel attention
+         flags="--expert-parallel"; [ "$1" = dp2 ] && flags="$flags --data-parallel-attention"
+         timeout ${EP_S:-240} python3 benchmarks/tp_bench.py --model $ernie $flags --json "$OUT/$1_bench.json" \
+           2>&1 | grep -v Warn | tee "$OUT/$1_bench.log" | tail -6; shift ;;
     moe|moebench|moecompare) [ "$1" = moecompare ] && make_ernie || timeout ${MOE_S:-300} python3 benchmarks/moe_bench.py ${MOE_ARGS:-} --json "$OUT/moe_bench.json" 2>&1 | grep -v Warn \
            | tee "$OUT/moe_bench.log" | tail -10
          [ "$1" = moebench ] && { shift; continue; }  # moecompare: the compare alone

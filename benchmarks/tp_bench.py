@@ -9,8 +9,9 @@ measured in the same run on the same GPUs:
            alone, captured in a graph and replayed on both GPUs
   prefill  one 2048-token prompt, eager, against two GPUs' bf16 GEMM rate               (goal ≥ 60 %)
 
-  With --expert-parallel (a MoE model, its experts split by id): the decode step and prefill times, set
-  beside the one-GPU figures of benchmarks/moe_bench.py (the floors above assume dense weights).
+  With --expert-parallel (a MoE model, its experts split by id), and --data-parallel-attention (each
+  GPU its own sequences, eager steps): the decode step and prefill times, set beside the one-GPU
+  figures of benchmarks/moe_bench.py (the floors above assume dense weights).
 
     python benchmarks/tp_bench.py --model DIR [--expert-parallel] [--json OUT]
                                                             (2 GPUs; DIR made by `pdpipe make-model`)
@@ -49,10 +50,10 @@ def all_reduce_ms(hidden: int, layers: int, batch: int) -> float:
     return cuda_time(graph.replay, iters=20) * 1e3
 
 
-def rank_main(rank: int, model: str, store: str, results, expert_parallel: bool) -> None:
+def rank_main(rank: int, model: str, store: str, results, expert_parallel: bool, data_parallel: bool) -> None:
     failed = False
     try:
-        measure(rank, model, store, results, expert_parallel)
+        measure(rank, model, store, results, expert_parallel, data_parallel)
     except BaseException:  # noqa: BLE001 — reported, and the exit code says so
         import traceback
 
@@ -63,7 +64,7 @@ def rank_main(rank: int, model: str, store: str, results, expert_parallel: bool)
     os._exit(1 if failed else 0)  # NCCL's and gloo's threads can abort the interpreter's teardown
 
 
-def measure(rank: int, model: str, store: str, results, expert_parallel: bool) -> None:
+def measure(rank: int, model: str, store: str, results, expert_parallel: bool, data_parallel: bool) -> None:
     from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdpipe.engine.engine import LLMEngine
     from pdpipe.messages import SamplingParams
@@ -76,7 +77,7 @@ def measure(rank: int, model: str, store: str, results, expert_parallel: bool) -
     out: dict = {"rank": rank, "copy_bw_TBps": copy_bandwidth(rank) / 1e12, "gemm_tflops": gemm_tflops(rank)}
     out["all_reduce_ms"] = {b: all_reduce_ms(whole.hidden_size, whole.num_layers, b) for b in BATCHES}
     cfg = EngineConfig(model=model, device=f"cuda:{rank}", dtype="bfloat16", load_format="dummy",
-                       expert_parallel=expert_parallel,
+                       expert_parallel=expert_parallel, data_parallel_attention=data_parallel,
                        cache=CacheConfig(block_size=BLOCK, num_blocks=64 * 1040 // BLOCK + 256),
                        scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=8192))
     start = time.perf_counter()
@@ -130,12 +131,13 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--json", default="")
     parser.add_argument("--expert-parallel", action="store_true")
+    parser.add_argument("--data-parallel-attention", action="store_true")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     store = os.path.join(tempfile.mkdtemp(), "store")
-    ranks = [ctx.Process(target=rank_main, args=(r, args.model, store, results, args.expert_parallel))
-             for r in range(2)]
+    ranks = [ctx.Process(target=rank_main, args=(r, args.model, store, results, args.expert_parallel,
+                                                 args.data_parallel_attention)) for r in range(2)]
     for p in ranks:
         p.start()
     got = {}
@@ -153,7 +155,8 @@ def main() -> None:
             p.kill()
     r0 = got[0]
     print(json.dumps(got, indent=1, default=str))
-    label = f"{Path(args.model).name} TP2{' EP' if args.expert_parallel else ''}"
+    label = f"{Path(args.model).name} TP2{' EP' if args.expert_parallel else ''}" \
+            f"{' DP attention' if args.data_parallel_attention else ''}"
     print(f"{label}: weights {r0['weights_GB']:.1f} GB a GPU, copy {r0['copy_bw_TBps']:.2f} TB/s, "
           f"GEMM {r0['gemm_tflops']:.0f} TFLOP/s a GPU")
     for row in r0["decode"]:
