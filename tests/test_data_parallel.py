@@ -2,12 +2,9 @@
 of an instance serves its own sequences from its own KV pool and only the MoE layers exchange tokens;
 an instance of two such ranks must generate what one engine does, its pools must never mix, and the
 settings it needs are checked by name."""
-import multiprocessing as mp
-import queue
-
 import pytest
 import torch
-from test_tensor_parallel import BLOCK, PROMPT, _leave, run_requests
+from test_tensor_parallel import BLOCK, PROMPT, _leave, on_two_ranks, run_requests
 
 from pdpipe.config import CacheConfig, EngineConfig, InstanceConfig, SchedulerConfig
 from pdpipe.engine.block_manager import BlockError, BlockManager
@@ -102,22 +99,7 @@ def test_data_parallel_attention_on_two_ranks_generates_what_one_engine_does(mod
     from pdpipe.engine.engine import LLMEngine
 
     dirs = [str(model_dir(arch)) for arch in MOE_ARCHS]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    ranks = [ctx.Process(target=_dp_rank, args=(r, 2, str(tmp_path / "store"), dirs, results)) for r in range(2)]
-    for p in ranks:
-        p.start()
-    got = {}
-    while len(got) < len(dirs):
-        assert all(p.is_alive() or p.exitcode == 0 for p in ranks), "a rank died; see its stderr"
-        try:
-            model, result = results.get(timeout=1)
-        except queue.Empty:
-            continue
-        got[model] = result
-    for p in ranks:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = dict(on_two_ranks(_dp_rank, tmp_path, dirs, len(dirs)))
     for d in dirs:
         whole = LLMEngine(EngineConfig(model=d, cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
         assert got[d]["tokens"] == serve(whole)["tokens"], d

@@ -69,17 +69,16 @@ def _rank(rank: int, size: int, init_file: str, models: list[tuple[str, bool]], 
 MOE = ("ernie4_5_moe", "qwen3_moe", "mixtral")
 
 
-def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_dir, tmp_path):
-    """Every architecture split by tensor parallelism, and the MoE ones also by expert parallelism
-    (each rank holding half the experts whole, rank 0 the shared ones)."""
-    dirs = [(str(model_dir(arch)), False) for arch in TEST_MODELS] + [(str(model_dir(a)), True) for a in MOE]
+def on_two_ranks(target, tmp_path, work, count: int) -> list:
+    """`target(rank, 2, store, work, results)` run as two spawned ranks (gloo): the first `count` things
+    they put on `results`, once both ended cleanly."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    ranks = [ctx.Process(target=_rank, args=(r, 2, str(tmp_path / "store"), dirs, results)) for r in range(2)]
+    ranks = [ctx.Process(target=target, args=(r, 2, str(tmp_path / "store"), work, results)) for r in range(2)]
     for p in ranks:
         p.start()
-    got = []
-    while len(got) < 2 * len(dirs):
+    got: list = []
+    while len(got) < count:
         assert all(p.is_alive() or p.exitcode == 0 for p in ranks), "a rank died; see its stderr"
         try:
             got.append(results.get(timeout=1))
@@ -88,6 +87,14 @@ def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_d
     for p in ranks:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return got
+
+
+def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_dir, tmp_path):
+    """Every architecture split by tensor parallelism, and the MoE ones also by expert parallelism
+    (each rank holding half the experts whole, rank 0 the shared ones)."""
+    dirs = [(str(model_dir(arch)), False) for arch in TEST_MODELS] + [(str(model_dir(a)), True) for a in MOE]
+    got = on_two_ranks(_rank, tmp_path, dirs, 2 * len(dirs))
     for d in dirs:
         whole_tokens, whole_logits = greedy(load_model(d[0]), PROMPT, STEPS)
         for rank, model, tokens, logits in got:
@@ -138,23 +145,7 @@ def test_an_engine_split_over_two_ranks_generates_what_one_engine_does(model_dir
     from pdpipe.engine.engine import LLMEngine
 
     dirs = [str(model_dir(arch)) for arch in TEST_MODELS]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    ranks = [ctx.Process(target=_engine_rank, args=(r, 2, str(tmp_path / "store"), dirs, results))
-             for r in range(2)]
-    for p in ranks:
-        p.start()
-    got = {}
-    while len(got) < len(dirs):
-        assert all(p.is_alive() or p.exitcode == 0 for p in ranks), "a rank died; see its stderr"
-        try:
-            model, tokens = results.get(timeout=1)
-        except queue.Empty:
-            continue
-        got[model] = tokens
-    for p in ranks:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = dict(on_two_ranks(_engine_rank, tmp_path, dirs, len(dirs)))
     for d in dirs:
         whole = LLMEngine(EngineConfig(model=d, cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
         assert got[d] == run_requests(whole), d
