@@ -227,6 +227,8 @@ class InstanceStats(Msg, frozen=True):  # every process → scheduler, a few tim
     time: float
     num_blocks: int = 0
     free_blocks: int = 0
+    pool_blocks: int = 0  # data-parallel attention: one rank's pool, what one request's KV can take,
+    pool_free_blocks: int = 0  # and the most free in one of them (pool_blocks 0: num_blocks, free_blocks)
     running: int = 0
     waiting: int = 0
     inbox: int = 0

@@ -3,15 +3,14 @@ of an instance serves its own sequences from its own KV pool and only the MoE la
 an instance of two such ranks must generate what one engine does, its pools must never mix, and the
 settings it needs are checked by name."""
 import pytest
-import torch
-from test_tensor_parallel import BLOCK, PROMPT, _leave, on_two_ranks, run_requests
+from test_tensor_parallel import BLOCK, PROMPT, _engine_rank, on_two_ranks, run_requests
 
 from pdpipe.config import CacheConfig, EngineConfig, InstanceConfig, SchedulerConfig
 from pdpipe.engine.block_manager import BlockError, BlockManager
 from pdpipe.engine.scheduler import Scheduler
 from pdpipe.engine.sequence import Sequence
 from pdpipe.messages import SamplingParams
-from pdpipe.models.parallel import TensorParallel, check_splittable
+from pdpipe.models.parallel import check_splittable
 from pdpipe.models.spec import load_spec
 
 MOE_ARCHS = ("ernie4_5_moe", "qwen3_moe", "mixtral")
@@ -52,25 +51,6 @@ def test_a_sequence_short_of_blocks_preempts_on_its_own_rank_only():
     assert {blocks.partition_of(b) for b in sched.running[0].block_table} == {0}
 
 
-def _dp_rank(rank: int, size: int, init_file: str, model_dirs: list[str], results) -> None:
-    from pdpipe.engine.engine import LLMEngine
-
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
-    try:
-        tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
-        for model_dir in model_dirs:
-            engine = LLMEngine(EngineConfig(model=model_dir, expert_parallel=True, data_parallel_attention=True,
-                                            cache=CacheConfig(block_size=BLOCK, num_blocks=32)), tp=tp)
-            if rank:
-                engine.runner.follow()
-                continue
-            results.put((model_dir, serve(engine)))
-            engine.runner.stop_followers()
-    except BaseException:  # noqa: BLE001 — reported, and the exit code says so
-        _leave(results, failed=True)
-    _leave(results, failed=False)
-
-
 def serve(engine) -> dict:
     """Three requests batched (spread over the ranks: steps where the ranks hold different token
     counts), then one alone (a rank with nothing to attend to follows along); greedy and seeded. The
@@ -99,7 +79,8 @@ def test_data_parallel_attention_on_two_ranks_generates_what_one_engine_does(mod
     from pdpipe.engine.engine import LLMEngine
 
     dirs = [str(model_dir(arch)) for arch in MOE_ARCHS]
-    got = dict(on_two_ranks(_dp_rank, tmp_path, dirs, len(dirs)))
+    data_parallel = {"expert_parallel": True, "data_parallel_attention": True}
+    got = dict(on_two_ranks(_engine_rank, tmp_path, [(d, 32, data_parallel, serve) for d in dirs], len(dirs)))
     for d in dirs:
         whole = LLMEngine(EngineConfig(model=d, cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
         assert got[d]["tokens"] == serve(whole)["tokens"], d

@@ -205,6 +205,22 @@ def test_a_request_no_decode_instance_can_ever_hold_fails_instead_of_blocking_th
     assert reserves(sent) == ["small"]
 
 
+def test_a_data_parallel_decode_counts_room_in_one_rank_pool():
+    """A decode instance of data-parallel ranks reports 8 blocks over two pools of 4: a request needing 5
+    is never reserved there (no rank's pool holds it), and one it refused is asked again only once one
+    pool has the room (4 blocks free over two pools, 2 and 2, are not enough for a request of 3)."""
+    core, sent = make(roles=PD1, num_blocks=8, pool_blocks=4, pool_free_blocks=4)
+    assert core.ledger.never_fits(["decode-0"], 76) and not core.ledger.never_fits(["decode-0"], 64)
+    new(core, "five", 60)  # 76 tokens: 5 blocks
+    assert "five" not in reserves(sent)
+    new(core, "three", 30)  # 46 tokens: 3 blocks
+    core.handle(Reserved(request_id="three", instance="decode-0", block_ids=None, free_blocks=4))
+    report(core, "decode-0", max_num_seqs=8, num_blocks=8, free_blocks=4, pool_blocks=4, pool_free_blocks=2)
+    assert reserves(sent) == ["three"]
+    report(core, "decode-0", max_num_seqs=8, num_blocks=8, free_blocks=4, pool_blocks=4, pool_free_blocks=3)
+    assert reserves(sent) == ["three", "three"]
+
+
 # ---- conditional disaggregation ------------------------------------------------------------------
 COND = RoutingConfig(disaggregation="conditional", local_prompt_tokens=32, local_step_tokens=256,
                      local_on_backlog=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TEST_MODELS
 
+from pdpipe.config import CacheConfig, EngineConfig
 from pdpipe.engine.kv_cache import KVCache
 from pdpipe.models.decoder import AttentionMetadata
 from pdpipe.models.loader import load_model
@@ -103,20 +104,21 @@ def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_d
                 torch.testing.assert_close(torch.from_numpy(logits), whole_logits, atol=1e-4, rtol=1e-4)
 
 
-def _engine_rank(rank: int, size: int, init_file: str, model_dirs: list[str], results) -> None:
-    from pdpipe.config import CacheConfig, EngineConfig
+def _engine_rank(rank: int, size: int, init_file: str, work: list[tuple[str, int, dict, object]], results) -> None:
+    """Rank `rank` of an engine split over `size` processes, for each (model folder, KV blocks a rank,
+    more EngineConfig fields, what rank 0 runs on it: `run(engine)`, its result reported)."""
     from pdpipe.engine.engine import LLMEngine
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
     try:
         tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
-        for model_dir in model_dirs:
-            engine = LLMEngine(EngineConfig(model=model_dir, cache=CacheConfig(block_size=BLOCK, num_blocks=64)),
-                               tp=tp)
+        for model_dir, num_blocks, fields, run in work:
+            engine = LLMEngine(EngineConfig(model=model_dir, cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
+                                            **fields), tp=tp)
             if rank:
                 engine.runner.follow()
                 continue
-            results.put((model_dir, run_requests(engine)))
+            results.put((model_dir, run(engine)))  # type: ignore[operator]
             engine.runner.stop_followers()
     except BaseException:  # noqa: BLE001 — reported, and the exit code says so
         _leave(results, failed=True)
@@ -145,7 +147,7 @@ def test_an_engine_split_over_two_ranks_generates_what_one_engine_does(model_dir
     from pdpipe.engine.engine import LLMEngine
 
     dirs = [str(model_dir(arch)) for arch in TEST_MODELS]
-    got = dict(on_two_ranks(_engine_rank, tmp_path, dirs, len(dirs)))
+    got = dict(on_two_ranks(_engine_rank, tmp_path, [(d, 64, {}, run_requests) for d in dirs], len(dirs)))
     for d in dirs:
         whole = LLMEngine(EngineConfig(model=d, cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
         assert got[d] == run_requests(whole), d

@@ -36,6 +36,11 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @property
+    def num_free_for_new_table(self) -> int:
+        """The free blocks of the partition a new table gets (all free blocks, with one partition)."""
+        return len(self._free[self._partition()])
+
     def partition_of(self, block_id: int) -> int:
         return block_id // self.partition_size
 

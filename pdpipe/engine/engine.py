@@ -100,6 +100,7 @@ class LLMEngine:
         if tp is not None and config.data_parallel_attention:
             tp = replace(tp, data_parallel_attention=True)
         data_parallel = tp is not None and tp.data_parallel_attention and tp.size > 1
+        self.data_parallel = data_parallel
         self.config = config
         self.model_dir = resolve_model(config.model)
         size_from_gpu = (config.device.startswith("cuda") and config.cache.gpu_memory_utilization > 0
@@ -286,7 +287,9 @@ class LLMEngine:
         try:
             samples = self._forward_and_sample(sched, on_schedule)
         except Exception as exc:  # noqa: BLE001 — the request at fault fails alone, found below
-            if device_fault(exc):
+            if device_fault(exc) or self.data_parallel:
+                # with data-parallel attention the other ranks ran other sequences and may sit in a
+                # collective: the group restarts (the launcher), as after a device fault
                 raise
             log.warning("a step of %d requests failed (%s: %s); running them one at a time",
                         len(sched.chunks), type(exc).__name__, exc)

@@ -127,7 +127,8 @@ class ModelRunner:
             meta.query_start_loc_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
             meta.seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
             meta.max_query_len = max((b - a for a, b in zip(qsl, qsl[1:])), default=0)
-            meta.decode = meta.max_query_len == 1
+            meta.decode = meta.max_query_len == 1 and len(lay["ids"]) == len(seq_lens)  # no padding rows (a
+            # data-parallel share padded to the others' count runs the extend kernel)
             meta.fresh = lay["fresh"]
             meta.num_splits = decode_splits(max(seq_lens, default=1), len(seq_lens), self.model.spec.num_kv_heads)
         ids = torch.tensor(lay["ids"], dtype=torch.long, device=dev)
@@ -194,8 +195,10 @@ class ModelRunner:
                 from .engine import device_fault
 
                 log.exception("rank %d: a step failed", self.tp.rank)
-                if device_fault(exc) or isinstance(exc, torch.cuda.OutOfMemoryError):
-                    # this rank's own failure: rank 0 would wait in a collective for good; ending lets the
+                if device_fault(exc) or isinstance(exc, torch.cuda.OutOfMemoryError) \
+                        or self.tp.data_parallel_attention:
+                    # this rank's own failure (with data-parallel attention any failure is: the ranks run
+                    # other sequences): rank 0 would wait in a collective for good; ending lets the
                     # launcher restart the group
                     os._exit(1)
 

@@ -302,6 +302,8 @@ class EngineWorker(Handler):
                              gpu_utilization=gpu.utilization if gpu else -1,
                              num_blocks=self.engine.blocks.num_blocks,
                              free_blocks=self.engine.blocks.num_free_blocks,
+                             pool_blocks=self.engine.blocks.partition_size,
+                             pool_free_blocks=self.engine.blocks.num_free_for_new_table,
                              running=len(sched.running), waiting=len(sched.waiting) + len(self._deferred),
                              inbox=inbox_depth, queued_prompt_tokens=self.queued_prompt_tokens,
                              paused=self.paused, block_size=self.engine.blocks.block_size,

@@ -18,6 +18,7 @@ from pdpipe.messages import InstanceStats
 @dataclass
 class DecodeRoom:
     num_blocks: int = 0  # 0: not reported yet
+    pool_blocks: int = 0  # the most one request can take (one rank's pool with data-parallel attention)
     block_size: int = 0
     max_num_seqs: int = 0
     blocks: int = 0  # committed to requests dispatched here
@@ -37,7 +38,8 @@ class DecodeRoom:
             return False
         if not self.known:  # not reported yet: let decode itself say (it refuses what does not fit)
             return self.seqs == 0
-        return (self.blocks + self.blocks_for(num_tokens) <= self.num_blocks
+        need = self.blocks_for(num_tokens)
+        return (self.blocks + need <= self.num_blocks and need <= (self.pool_blocks or self.num_blocks)
                 and (not self.max_num_seqs or self.seqs < self.max_num_seqs))
 
     @property
@@ -59,8 +61,10 @@ class DecodeLedger:
         """An instance's stats; True when it may take a request it could not take before (its size is
         known now, or it refused one and now reports the free blocks that one needed)."""
         room = self.room(stats.instance)
-        opened = not room.known or (room.blocked and stats.free_blocks >= room.needs)
+        free = stats.pool_free_blocks if stats.pool_blocks else stats.free_blocks  # in one pool
+        opened = not room.known or (room.blocked and free >= room.needs)
         room.num_blocks, room.block_size = stats.num_blocks, stats.block_size or room.block_size or 1
+        room.pool_blocks = stats.pool_blocks or stats.num_blocks
         room.max_num_seqs = stats.max_num_seqs
         room.blocks = sum(room.blocks_for(n) for d, n in self.commitments.values() if d == stats.instance)
         if opened:
@@ -100,7 +104,8 @@ class DecodeLedger:
 
     def never_fits(self, decodes: list[str], num_tokens: int) -> bool:
         rooms = [self.room(d) for d in decodes]
-        return bool(rooms) and all(r.known and r.blocks_for(num_tokens) > r.num_blocks for r in rooms)
+        return bool(rooms) and all(r.known and r.blocks_for(num_tokens) > (r.pool_blocks or r.num_blocks)
+                                   for r in rooms)
 
     def best(self, decodes: list[str], num_tokens: int) -> str | None:
         """The decode instance with the most free room that fits `num_tokens`, or None."""
