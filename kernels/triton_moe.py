@@ -44,7 +44,9 @@ def _moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, s
 
 
 def moe_route(logits, bias, top_k: int, renormalize: bool, norm_min: float):
-    """reference.moe_route: (weights [tokens, top_k] float32, expert ids [tokens, top_k] int32)."""
+    """reference.moe_route: (weights [tokens, top_k] float32, expert ids [tokens, top_k] int32). Of
+    experts with exactly equal scores the lower id is taken first (torch.topk leaves that open: a router
+    of all-equal logits may pick other experts on CPU than here)."""
     tokens, experts = logits.shape
     assert logits.stride(1) == 1 and 1 <= top_k <= experts and (bias is None or bias.numel() == experts)
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=logits.device)
