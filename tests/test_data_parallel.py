@@ -51,6 +51,22 @@ def test_a_sequence_short_of_blocks_preempts_on_its_own_rank_only():
     assert {blocks.partition_of(b) for b in sched.running[0].block_table} == {0}
 
 
+def test_a_sequence_that_gives_way_on_its_rank_leaves_the_other_ranks_scheduled():
+    """Rank 0's pool is full and its newest sequence needs a block: it is preempted, and the sequence of
+    rank 1 after it still runs this step."""
+    blocks = BlockManager(num_blocks=8, block_size=4, partitions=2)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks, max_model_len=16,
+                      eos_token_ids=frozenset())
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for i, (n, rank, count) in enumerate(((9, 0, 3), (4, 1, 1), (5, 0, 1), (4, 1, 1))):  # s2 needs a 2nd block
+        tokens = list(range(1, n + 1))
+        sched.add_running(Sequence(f"s{i}", tokens[:-1], params, arrival=i, token_ids=tokens, num_computed_tokens=n - 1,
+                                   block_table=blocks.allocate(count, partition=rank)))
+    out = sched.schedule()
+    assert [s.request_id for s in out.preempted] == ["s2"]
+    assert [c.seq.request_id for c in out.chunks] == ["s0", "s1", "s3"]
+
+
 def serve(engine) -> dict:
     """Three requests batched (spread over the ranks: steps where the ranks hold different token
     counts), then one alone (a rank with nothing to attend to follows along); greedy and seeded. The

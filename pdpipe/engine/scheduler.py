@@ -116,23 +116,31 @@ class Scheduler:
             if n <= 0:  # a prompt chunk that waits for the next step's prompt budget
                 i += 1
                 continue
-            while not self.blocks.ensure_capacity(seq.block_table, seq.num_computed_tokens + n):
-                mates = self._sharing_pool(seq)
-                if mates == [i]:  # alone in its pool: cannot happen while max_model_len fits the pool
-                    self.finish(seq, "length")
-                    out.finished.append(seq)
-                    return budget, prompt_budget
-                victim = self.running.pop(mates[-1])  # the newest: seq itself, or one after it
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    return budget, prompt_budget
+            if not self._make_room(seq, i, n, out):  # seq gave way (or ended): running[i] is the next one now
+                continue
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
             if prompt:
                 prompt_budget -= n
             i += 1
         return budget, prompt_budget
+
+    def _make_room(self, seq: Sequence, i: int, n: int, out: SchedulerOutput) -> bool:
+        """Blocks for seq's next n tokens (seq is running[i]), preempting the newest sequences of its
+        pool, seq itself the last: whether seq has them (if not, it was preempted, or, alone in its
+        pool, ended with "length"; either way it left `running`)."""
+        while not self.blocks.ensure_capacity(seq.block_table, seq.num_computed_tokens + n):
+            mates = self._sharing_pool(seq)
+            if mates == [i]:  # alone in its pool: cannot happen while max_model_len fits the pool
+                self.finish(seq, "length")
+                out.finished.append(seq)
+                return False
+            victim = self.running.pop(mates[-1])  # the newest: seq itself, or one after it
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _sharing_pool(self, seq: Sequence) -> list[int]:
         """Indices in `running` of the sequences whose blocks come from seq's pool (every one, but with
