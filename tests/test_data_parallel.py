@@ -103,6 +103,50 @@ def test_data_parallel_attention_on_two_ranks_generates_what_one_engine_does(mod
         assert got[d]["partition_size"] == 32 and got[d]["pools"] == [0, 1]
 
 
+def _fail_rank1_once(engine, rank: int) -> None:
+    """Rank 1's third forward pass raises (a fault of one of its own sequences)."""
+    if rank != 1:
+        return
+    real, calls = engine.runner._forward, []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a kernel fault on rank 1 (simulated)")
+        return real(*args, **kwargs)
+    engine.runner._forward = forward
+
+
+def _serve_or_report(engine):
+    try:
+        return serve(engine)
+    except Exception as exc:  # noqa: BLE001 — what the test wants to see
+        return f"raised {type(exc).__name__}"
+
+
+def test_a_step_failing_on_one_rank_ends_the_group_instead_of_hanging(model_dir, tmp_path):
+    """With data-parallel attention the ranks run other sequences, so a step may fail on one rank only:
+    that rank ends (the launcher restarts the group) and rank 0's step raises, instead of rank 0 retrying
+    the batch while rank 1 waits for the next step (two ranks in different collectives: a hang)."""
+    import multiprocessing as mp
+    import queue
+
+    work = [(str(model_dir("ernie4_5_moe")), 32, {"expert_parallel": True, "data_parallel_attention": True},
+             _serve_or_report, _fail_rank1_once)]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=_engine_rank, args=(r, 2, str(tmp_path / "store"), work, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    model, outcome = results.get(timeout=120)
+    assert outcome.startswith("raised")
+    ranks[1].join(timeout=60)
+    assert ranks[1].exitcode == 1
+    ranks[0].join(timeout=60)
+    with pytest.raises(queue.Empty):
+        results.get(timeout=0.1)
+
+
 def test_a_launched_data_parallel_instance_serves_what_one_engine_does(model_dir):
     """`tp = 2` with data-parallel attention on a mixed instance: the OpenAI API answers concurrent
     requests with one engine's tokens; every block free after."""

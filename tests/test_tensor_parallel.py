@@ -104,17 +104,20 @@ def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_d
                 torch.testing.assert_close(torch.from_numpy(logits), whole_logits, atol=1e-4, rtol=1e-4)
 
 
-def _engine_rank(rank: int, size: int, init_file: str, work: list[tuple[str, int, dict, object]], results) -> None:
+def _engine_rank(rank: int, size: int, init_file: str, work: list[tuple], results) -> None:
     """Rank `rank` of an engine split over `size` processes, for each (model folder, KV blocks a rank,
-    more EngineConfig fields, what rank 0 runs on it: `run(engine)`, its result reported)."""
+    more EngineConfig fields, what rank 0 runs on it: `run(engine)`, its result reported[, what every
+    rank does to its engine first: `prepare(engine, rank)`])."""
     from pdpipe.engine.engine import LLMEngine
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
     try:
         tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
-        for model_dir, num_blocks, fields, run in work:
+        for model_dir, num_blocks, fields, run, *prepare in work:
             engine = LLMEngine(EngineConfig(model=model_dir, cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
                                             **fields), tp=tp)
+            for step in prepare:
+                step(engine, rank)
             if rank:
                 engine.runner.follow()
                 continue
