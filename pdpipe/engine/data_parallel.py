@@ -1,7 +1,9 @@
 """Data-parallel attention inside an instance (models/parallel.py): rank 0 schedules every rank's
 sequences, a sequence living on the rank whose pool holds its blocks (the block manager's partitions),
 and hands each step's shares over; every rank runs its share, padded to the same token count (each MoE
-layer gathers all ranks' tokens), and rank 0 gathers the logits of the rows that sample."""
+layer gathers all ranks' tokens), and rank 0 gathers the logits of the rows that sample. Decode steps
+replay every rank's CUDA graph of one batch size (the largest share's), padded rows attending to
+nothing; other steps run eagerly."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -15,14 +17,45 @@ if TYPE_CHECKING:
     from .sequence import Sequence
 
 
-def shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[list[dict], list[Sequence]]:
-    """Each rank's layout of the step (its block ids its own pool's), padded to one token count, and
-    the sampling sequences in the order of the logits `run_share` returns."""
+def _by_rank(runner: ModelRunner, out: SchedulerOutput) -> list[list]:
     assert runner.tp is not None
     per_rank = runner.kv_cache.num_blocks
     chunks: list[list] = [[] for _ in range(runner.tp.size)]
     for chunk in out.chunks:
         chunks[chunk.seq.block_table[0] // per_rank].append(chunk)
+    return chunks
+
+
+def graph_shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[int, list[dict], list[list[int]], list] | None:
+    """A decode step as every rank's inputs to its graph of one size (the smallest holding the largest
+    share), each rank's sampling rows and the sampling sequences in that order; None when the step is
+    not for the graphs."""
+    graphs = runner.graphs
+    if graphs is None or not all(c.num_tokens == 1 for c in out.chunks):
+        return None
+    chunks = _by_rank(runner, out)
+    most = max(len(mine) for mine in chunks)
+    if most > graphs.max_batch:
+        return None
+    size, per_rank = graphs.size_for(max(most, 1)), runner.kv_cache.num_blocks
+    inputs = [graphs.inputs(SchedulerOutput(chunks=mine), first_block=rank * per_rank, size=size)[1]
+              for rank, mine in enumerate(chunks)]
+    rows = [[i for i, c in enumerate(mine) if c.samples] for mine in chunks]
+    return size, inputs, rows, [c.seq for mine in chunks for c in mine if c.samples]
+
+
+def replay_share(runner: ModelRunner, size: int, inputs: list[dict], rows: list[list[int]]) -> torch.Tensor:
+    """This rank's graph replayed on its inputs; every rank's sampling rows' logits, rank 0's first."""
+    assert runner.tp is not None and runner.graphs is not None
+    everyone = runner.tp.all_gather_rows(runner.graphs.replay(size, inputs[runner.tp.rank]))
+    return everyone[[rank * size + i for rank, mine in enumerate(rows) for i in mine]]
+
+
+def shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[list[dict], list[Sequence]]:
+    """Each rank's layout of the step (its block ids its own pool's), padded to one token count, and
+    the sampling sequences in the order of the logits `run_share` returns."""
+    per_rank = runner.kv_cache.num_blocks
+    chunks = _by_rank(runner, out)
     lays = [runner.layout(SchedulerOutput(chunks=mine), first_block=rank * per_rank)
             for rank, mine in enumerate(chunks)]
     tokens = max(len(lay["ids"]) for lay in lays)

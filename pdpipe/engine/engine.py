@@ -151,10 +151,10 @@ class LLMEngine:
                                   pad_tokens=TOKEN_PAD if config.device.startswith("cuda") else 1, tp=tp)
         # every rank of a tensor-parallel instance captures the same graphs (their collectives inside;
         # routed experts run fused, without host syncs)
-        graphs = config.device.startswith("cuda") and not data_parallel  # data-parallel steps run eagerly
+        graphs = config.device.startswith("cuda")
         if graphs and config.cuda_graphs:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
-        if graphs and config.prefill_graph_tokens:
+        if graphs and config.prefill_graph_tokens and not data_parallel:  # data-parallel prompts run eagerly
             self.runner.capture_prefill_graphs(min(config.prefill_graph_tokens,
                                                    config.scheduler.max_num_batched_tokens))
         self.sampler = Sampler(self.eos_token_ids)

@@ -11,7 +11,7 @@ import torch
 from pdpipe.models.decoder import AttentionMetadata, CausalLM
 from pdpipe.models.parallel import TensorParallel
 
-from .data_parallel import run_share, shares
+from .data_parallel import graph_shares, replay_share, run_share, shares
 from .kv_cache import KVCache
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -140,9 +140,7 @@ class ModelRunner:
         With other ranks, each hears first what to run: ("decode" | "prefill", graph size, inputs) to
         replay the same graph, or ("eager", layout)."""
         if self.tp is not None and self.tp.data_parallel_attention:  # each rank its own sequences
-            lays, seqs = shares(self, out)
-            self._hand_over(("data", lays))
-            return run_share(self, lays, on_layer_done), seqs
+            return self._execute_shares(out, on_layer_done)
         seqs = [c.seq for c in out.chunks if c.samples]
         all_decode = all(c.num_tokens == 1 for c in out.chunks)
         graphs, prefills = self.graphs, self.prefill_graphs
@@ -164,6 +162,18 @@ class ModelRunner:
         lay = self.layout(out)
         self._hand_over(("eager", lay))
         return self._forward(*self.place(lay), on_layer_done), seqs
+
+    def _execute_shares(self, out: SchedulerOutput, on_layer_done) -> tuple[torch.Tensor, list[Sequence]]:
+        """A data-parallel step (data_parallel.py): decode steps replay every rank's graph, others run
+        eagerly; rank 0 gets every rank's sampled logits."""
+        graphed = graph_shares(self, out) if on_layer_done is None else None
+        if graphed is not None:
+            size, rank_inputs, rows, seqs = graphed
+            self._hand_over(("data_graph", size, rank_inputs, rows))
+            return replay_share(self, size, rank_inputs, rows), seqs
+        lays, seqs = shares(self, out)
+        self._hand_over(("data", lays))
+        return run_share(self, lays, on_layer_done), seqs
 
     def _hand_over(self, step: tuple) -> None:
         if self.tp is not None:
@@ -189,6 +199,8 @@ class ModelRunner:
                     self.warm_gemms(*args)
                 elif kind == "data":
                     run_share(self, *args)
+                elif kind == "data_graph":
+                    replay_share(self, *args)
                 else:
                     self._forward(*self.place(*args))
             except Exception as exc:  # noqa: BLE001 — rank 0 met the same failure: it re-runs or fails the request
@@ -260,19 +272,24 @@ class DecodeGraphs:
             self.graphs[bs] = capture(step, pool)
         torch.cuda.synchronize()
 
-    def inputs(self, out: SchedulerOutput) -> tuple[int, dict[str, list]]:
-        """The graph size that holds this batch, and its inputs as lists (padding rows write nowhere)."""
+    def size_for(self, n: int) -> int:
+        return min(b for b in self.graphs if b >= n)
+
+    def inputs(self, out: SchedulerOutput, first_block: int = 0, size: int = 0) -> tuple[int, dict[str, list]]:
+        """The graph size that holds this batch (or `size`), and its inputs as lists (padding rows write
+        nowhere). `first_block`: as in ModelRunner.layout."""
         n = len(out.chunks)
-        bs = min(b for b in self.graphs if b >= n)
+        bs = size or self.size_for(n)
         block = self.runner.kv_cache.block_size
         ids, pos, slots, lens, tables = [], [], [], [], []
         for chunk in out.chunks:
             seq, p = chunk.seq, chunk.start
+            table = [b - first_block for b in seq.block_table] if first_block else seq.block_table
             ids.append(seq.token_ids[p])
             pos.append(p)
-            slots.append(seq.block_table[p // block] * block + p % block)
+            slots.append(table[p // block] * block + p % block)
             lens.append(p + 1)
-            tables.append(seq.block_table)
+            tables.append(table)
         pad = bs - n
         return bs, {"ids": ids + [0] * pad, "pos": pos + [0] * pad, "slots": slots + [-1] * pad,
                     "lens": lens + [0] * pad, "tables": tables}
