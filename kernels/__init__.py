@@ -82,10 +82,10 @@ def moe_route(logits, bias, top_k: int, renormalize: bool, norm_min: float):
     return ops.moe_route(logits, bias, top_k, renormalize, norm_min)
 
 
-def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0):
-    """Routed experts over stacked weights (see reference.fused_moe)."""
+def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, add=None):
+    """Routed experts over stacked weights, plus `add` (see reference.fused_moe)."""
     ops = triton_moe if use_triton(x) else reference
-    return ops.fused_moe(x, w13, w2, weights, ids, first_expert)
+    return ops.fused_moe(x, w13, w2, weights, ids, first_expert, add)
 
 
 def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0, num_layers: int = 1,

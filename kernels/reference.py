@@ -137,11 +137,12 @@ def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleave
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-              first_expert: int = 0) -> torch.Tensor:
+              first_expert: int = 0, add: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts over stacked weights: token t's output is the sum over its top-k experts e (those
     this rank holds: first_expert .. first_expert + len(w13) - 1) of weights[t, j] · down_e(silu(gate_e(x_t))
     · up_e(x_t)). x: [tokens, hidden]; w13: [experts, 2 · inter, hidden] (gate rows, then up rows); w2:
-    [experts, hidden, inter]; weights: [tokens, k] float32; ids: [tokens, k] (the model's expert ids)."""
+    [experts, hidden, inter]; weights: [tokens, k] float32; ids: [tokens, k] (the model's expert ids);
+    `add` ([tokens, hidden], the shared experts' output) added to the sum."""
     acc = torch.promote_types(x.dtype, torch.float32)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
     local = ids - first_expert
@@ -150,6 +151,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         if rows.numel():
             y = silu_and_mul(x[rows] @ w13[e].t()) @ w2[e].t()
             out.index_add_(0, rows, y.to(acc) * weights[rows, slot, None].to(acc))
+    if add is not None:
+        out += add.to(acc)
     return out.to(x.dtype)
 
 

@@ -164,6 +164,7 @@ def moe_align(ids, num_experts: int, first_expert: int, block_m: int):
     chunk = max(16, min(128, 8192 // e_pow))
     ids = ids.contiguous()
     if pairs <= ALIGN_ONE_PROGRAM:
+        chunk = min(chunk, max(16, triton.next_power_of_2(pairs)))  # a decode step's few pairs: small tiles
         _moe_align_kernel[(1,)](ids, sorted_pairs, block_expert, pairs, first_expert, num_experts, size, blocks,
                                 E=e_pow, CHUNK=chunk, BLOCK_M=block_m, num_warps=4)
         return sorted_pairs, block_expert, pairs
@@ -279,11 +280,39 @@ def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: i
                            num_stages=cfg.num_stages)
 
 
-def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, block_m: int = 0,
+@triton.jit
+def _moe_sum_kernel(down_ptr, add_ptr, out_ptr, hidden, TOP_K: tl.constexpr, HAS_ADD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = h < hidden
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(down_ptr + (t * TOP_K + j) * hidden + h, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        acc += tl.load(add_ptr + t * hidden + h, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * hidden + h, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def moe_sum(down, top_k: int, add=None):
+    """Each token's k rows of `down` ([tokens · k, hidden]) summed, plus its row of `add` (the shared
+    experts' output) if given: one launch, one rounding."""
+    tokens, hidden = down.shape[0] // top_k, down.shape[1]
+    assert down.is_contiguous() and (add is None or (add.shape == (tokens, hidden) and add.is_contiguous()))
+    out = torch.empty(tokens, hidden, dtype=down.dtype, device=down.device)
+    if tokens:
+        block = min(1024, triton.next_power_of_2(hidden))
+        _moe_sum_kernel[(tokens, triton.cdiv(hidden, block))](down, add if add is not None else down, out, hidden,
+                                                              TOP_K=top_k, HAS_ADD=add is not None, BLOCK=block)
+    return out
+
+
+def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, add=None, block_m: int = 0,
               configs: tuple[GemmConfig, GemmConfig] | None = None):
     """reference.fused_moe on the GPU: the pairs sorted by expert (`moe_align`), one grouped GEMM for
     gate/up with SiLU·mul in its epilogue, one for down with the routing weight applied, and the sum
-    over each token's k pairs. No Python loop over experts and no host sync (CUDA-graph safe)."""
+    over each token's k pairs with `add` (the shared experts' output) in one kernel. No Python loop
+    over experts and no host sync (CUDA-graph safe)."""
     tokens, top_k = ids.shape
     experts, two_inter, hidden = w13.shape
     assert x.shape == (tokens, hidden) and w2.shape == (experts, hidden, two_inter // 2)
@@ -295,4 +324,4 @@ def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, block_m: int = 0,
     down = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # pairs of no expert here stay 0
     _moe_gemm(inter, w2, down, sorted_pairs, block_expert, weights.reshape(-1).float().contiguous(), pairs, top_k,
               True, False, block_m, second)
-    return down.view(tokens, top_k, hidden).sum(1)
+    return moe_sum(down, top_k, add)

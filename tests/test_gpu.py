@@ -217,7 +217,8 @@ def test_fused_silu_and_mul_matches_reference(rows, inter):
     (300, 128, 8, 256, 128, 64), (0, 8, 2, 256, 128, 8)])
 def test_fused_moe_matches_reference(dtype, tokens, experts, top_k, hidden, inter, held):
     """Tokens per expert from 0 (one token, 128 experts) to ~1000 (4096 tokens, 8 experts); an expert-
-    parallel rank holding the second half of the experts; no tokens at all."""
+    parallel rank holding the second half of the experts; no tokens at all; with odd token counts the
+    shared experts' output added in the sum's kernel."""
     from pdpipe.kernels import triton_moe
 
     gen = torch.Generator(device="cuda").manual_seed(tokens + experts)
@@ -226,8 +227,10 @@ def test_fused_moe_matches_reference(dtype, tokens, experts, top_k, hidden, inte
     w2 = (torch.randn(held, hidden, inter, device="cuda", generator=gen) / inter ** 0.5).to(dtype)
     weights, ids = torch.randn(tokens, experts, device="cuda", generator=gen).softmax(-1).topk(top_k, -1)
     first = experts - held
-    got = triton_moe.fused_moe(x, w13, w2, weights, ids, first)
-    expected = ref.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids, first)
+    add = torch.randn(tokens, hidden, device="cuda", generator=gen).to(dtype) if tokens % 2 else None  # shared
+    got = triton_moe.fused_moe(x, w13, w2, weights, ids, first, add)
+    expected = ref.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids, first,
+                             None if add is None else add.double())
     assert got.shape == (tokens, hidden)
     if tokens:
         assert rel_err(got, expected) < (2e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -102,17 +102,19 @@ class MoE(nn.Module):
         if self.tp is not None and self.tp.data_parallel_attention:  # every rank's tokens through our experts
             out = self.tp.reduce_scatter_rows(self._routed(self.tp.all_gather_rows(x)))
             return out + self.shared_experts(x) if self.moe.shared_experts else out
-        out = self._routed(x)
+        shared = None
         if self.moe.shared_experts and (self.tp is None or not self.tp.expert_parallel or self.tp.rank == 0):
-            out = out + self.shared_experts(x)
+            shared = self.shared_experts(x)
+        out = self._routed(x, shared)
         return self.tp.all_reduce(out) if self.tp is not None else out
 
-    def _routed(self, x: torch.Tensor) -> torch.Tensor:
-        """The routed experts' weighted sum (of the experts this rank holds)."""
+    def _routed(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts' weighted sum (of the experts this rank holds), plus `add`."""
         weights, ids = self.route(x)
-        if self.w13 is not None and self.w2 is not None:
-            return kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.held.start)
-        return self._experts_loop(x, weights, ids)
+        if self.w13 is not None and self.w2 is not None:  # the sum and the add in one kernel on GPU
+            return kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.held.start, add)
+        out = self._experts_loop(x, weights, ids)
+        return out + add if add is not None else out
 
     def _experts_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
