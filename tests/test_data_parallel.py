@@ -33,18 +33,25 @@ def test_a_partitioned_pool_keeps_each_table_in_one_partition():
         BlockManager(num_blocks=9, block_size=4, partitions=2)
 
 
+def running_on_two_ranks(pool_blocks: int, seqs: list[tuple[int, int, int]]) -> tuple[Scheduler, BlockManager]:
+    """A scheduler over two ranks' pools of `pool_blocks` blocks of 4 tokens, running s0, s1, ... given
+    as (tokens, rank, blocks held): each decodes its last token next."""
+    blocks = BlockManager(num_blocks=2 * pool_blocks, block_size=4, partitions=2)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks, max_model_len=16,
+                      eos_token_ids=frozenset())
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for i, (n, rank, count) in enumerate(seqs):
+        tokens = list(range(1, n + 1))
+        sched.add_running(Sequence(f"s{i}", tokens[:-1], params, arrival=i, token_ids=tokens, num_computed_tokens=n - 1,
+                                   block_table=blocks.allocate(count, partition=rank)))
+    return sched, blocks
+
+
 def test_a_sequence_short_of_blocks_preempts_on_its_own_rank_only():
     """Two ranks' pools of 3 blocks, each full: when the oldest sequence (rank 0) needs a block, the
     newest sequence *of rank 0* is preempted, not the newest overall (on rank 1, whose blocks would not
     help it)."""
-    blocks = BlockManager(num_blocks=6, block_size=4, partitions=2)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks, max_model_len=16,
-                      eos_token_ids=frozenset())
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
-    for i, (n, rank, count) in enumerate(((9, 0, 2), (4, 1, 1), (4, 0, 1), (4, 1, 1))):  # s0 needs a 3rd block
-        tokens = list(range(1, n + 1))
-        sched.add_running(Sequence(f"s{i}", tokens[:-1], params, arrival=i, token_ids=tokens, num_computed_tokens=n - 1,
-                                   block_table=blocks.allocate(count, partition=rank)))
+    sched, blocks = running_on_two_ranks(3, [(9, 0, 2), (4, 1, 1), (4, 0, 1), (4, 1, 1)])  # s0 needs a 3rd block
     out = sched.schedule()
     assert [s.request_id for s in out.preempted] == ["s2"]  # s3 is newer, but on rank 1
     assert [c.seq.request_id for c in out.chunks] == ["s0", "s1", "s3"]
@@ -54,14 +61,7 @@ def test_a_sequence_short_of_blocks_preempts_on_its_own_rank_only():
 def test_a_sequence_that_gives_way_on_its_rank_leaves_the_other_ranks_scheduled():
     """Rank 0's pool is full and its newest sequence needs a block: it is preempted, and the sequence of
     rank 1 after it still runs this step."""
-    blocks = BlockManager(num_blocks=8, block_size=4, partitions=2)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks, max_model_len=16,
-                      eos_token_ids=frozenset())
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
-    for i, (n, rank, count) in enumerate(((9, 0, 3), (4, 1, 1), (5, 0, 1), (4, 1, 1))):  # s2 needs a 2nd block
-        tokens = list(range(1, n + 1))
-        sched.add_running(Sequence(f"s{i}", tokens[:-1], params, arrival=i, token_ids=tokens, num_computed_tokens=n - 1,
-                                   block_table=blocks.allocate(count, partition=rank)))
+    sched, _ = running_on_two_ranks(4, [(9, 0, 3), (4, 1, 1), (5, 0, 1), (4, 1, 1)])  # s2 needs a 2nd block
     out = sched.schedule()
     assert [s.request_id for s in out.preempted] == ["s2"]
     assert [c.seq.request_id for c in out.chunks] == ["s0", "s1", "s3"]
