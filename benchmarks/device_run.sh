@@ -7,7 +7,8 @@
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
 #   (decode_busy_ms = BUSY_MS, default 12), 1p1d-nobusy (decode_busy_ms 0), 2mixed; default
 #   1p1d 1p1d-always 2mixed),
-#   PROMPTS (requests per rate, default 150), SLO (default "ttft:600 tpot:15"), COMPARE_S
+#   PROMPTS (requests per rate, default 150), SLO (default "ttft:600 tpot:15"), COMPARE_S; for moe:
+#   MOE_LAYOUTS (of 1p1d 2mixed dp2; default 1p1d 2mixed), MOE_RATES
 # .whl holds py3.12 manylinux wheels of what the machine lacks: pyzmq msgspec starlette uvicorn h11
 # httptools uvloop click anyio sniffio prometheus-client redis msgpack pytest pluggy iniconfig
 # pytest-timeout mooncake-transfer-engine-cuda13, and .whl/debs the .debs of libibverbs1
@@ -73,8 +74,8 @@ while [ $# -gt 0 ]; do
     moe|moebench|moecompare) [ "$1" = moecompare ] && make_ernie || timeout ${MOE_S:-300} python3 benchmarks/moe_bench.py ${MOE_ARGS:-} --json "$OUT/moe_bench.json" 2>&1 | grep -v Warn \
            | tee "$OUT/moe_bench.log" | tail -10
          [ "$1" = moebench ] && { shift; continue; }  # moecompare: the compare alone
-         timeout ${COMPARE_S:-400} python3 -m pdpipe.cli bench compare launch/gpu-ernie21b-1p1d.toml \
-           launch/gpu-ernie21b-2mixed.toml --input-len 1024:3072 --output-len 128:384 --request-rates ${MOE_RATES:-4,8,14} \
+         moe_configs=(); for l in ${MOE_LAYOUTS:-1p1d 2mixed}; do moe_configs+=("launch/gpu-ernie21b-$l.toml"); done
+         timeout ${COMPARE_S:-400} python3 -m pdpipe.cli bench compare "${moe_configs[@]}" --input-len 1024:3072 --output-len 128:384 --request-rates ${MOE_RATES:-4,8,14} \
            --num-prompts ${PROMPTS:-100} --vocab-size 103000 --ignore-eos --slo ${SLO:-ttft:600 tpot:15} \
            --out /tmp/compare_moe 2>&1 | tee "$OUT/compare_moe.log" | tail -14
          tar czf "$OUT/compare_moe.tgz" -C /tmp compare_moe 2>/dev/null; shift ;;
