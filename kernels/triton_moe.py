@@ -298,7 +298,8 @@ def moe_sum(down, top_k: int, add=None):
     """Each token's k rows of `down` ([tokens · k, hidden]) summed, plus its row of `add` (the shared
     experts' output) if given: one launch, one rounding."""
     tokens, hidden = down.shape[0] // top_k, down.shape[1]
-    assert down.is_contiguous() and (add is None or (add.shape == (tokens, hidden) and add.is_contiguous()))
+    assert down.is_contiguous() and (add is None or add.shape == (tokens, hidden))
+    add = add.contiguous() if add is not None else None
     out = torch.empty(tokens, hidden, dtype=down.dtype, device=down.device)
     if tokens:
         block = min(1024, triton.next_power_of_2(hidden))
