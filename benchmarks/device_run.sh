@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2]
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
@@ -38,6 +38,9 @@ ernie=/tmp/pdpipe-models/ernie-21b-a3b-shape  # launch/gpu-ernie21b-*.toml's fol
 make_ernie() { [ -f $ernie/config.json ] || python3 -m pdpipe.cli make-model $ernie --arch ernie4_5_moe --layers 28 \
   --hidden 2560 --heads 20 --kv-heads 4 --head-dim 128 --intermediate 12288 --moe-intermediate 1536 --experts 64 \
   --top-k 6 --shared-experts 2 --vocab 103424 --max-position 131072 --dtype bfloat16 --no-weights >/dev/null; }
+big=/tmp/pdpipe-models/llama-70b-shape  # launch/gpu-70b-*.toml's folder
+make_70b() { [ -f $big/config.json ] || python3 -m pdpipe.cli make-model $big --arch llama --layers 80 --hidden 8192 \
+  --heads 64 --kv-heads 8 --intermediate 28672 --vocab 128256 --max-position 131072 --dtype bfloat16 --no-weights >/dev/null; }
 while [ $# -gt 0 ]; do
   case "$1" in
     tests) timeout ${TESTS_S:-360} python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --timeout 120 ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
@@ -55,10 +58,13 @@ while [ $# -gt 0 ]; do
                --output-len "$4" --request-rates "$5" --num-prompts ${PROMPTS:-150} --vocab-size 128000 \
                --ignore-eos --slo ${SLO:-ttft:600 tpot:15} --out /tmp/compare_$2 2>&1 | tee "$OUT/compare_$2.log" | tail -40
              tar czf "$OUT/compare_$2.tgz" -C /tmp compare_$2 $(ls -d /tmp/pdpipe-1p1d* /tmp/pdpipe-2mixed 2>/dev/null | sed 's|/tmp/||'); shift 5 ;;
-    tp70b) big=/tmp/pdpipe-models/llama-70b-shape  # launch/gpu-70b-tp2.toml's folder
-           [ -f $big/config.json ] || python3 -m pdpipe.cli make-model $big --arch llama --layers 80 --hidden 8192 \
-             --heads 64 --kv-heads 8 --intermediate 28672 --vocab 128256 --max-position 131072 --dtype bfloat16 \
-             --no-weights >/dev/null
+    tp4) make_70b  # four GPUs: 1P(TP2)+1D(TP2) against 2x mixed TP2, long prompts (issue 13)
+         timeout ${COMPARE_S:-560} python3 -m pdpipe.cli bench compare launch/gpu-70b-1p1d-tp2.toml \
+           launch/gpu-70b-2mixed-tp2.toml --input-len 1024:3072 --output-len 128:512 --request-rates ${TP4_RATES:-1,2,4} \
+           --num-prompts ${PROMPTS:-60} --vocab-size 128000 --ignore-eos --slo ${SLO:-ttft:1000 tpot:40} \
+           --out /tmp/compare_tp4 2>&1 | tee "$OUT/compare_tp4.log" | tail -14
+         tar czf "$OUT/compare_tp4.tgz" -C /tmp compare_tp4 2>/dev/null; shift ;;
+    tp70b) make_70b
            timeout ${TP_S:-300} python3 benchmarks/tp_bench.py --model $big --json "$OUT/tp_bench.json" 2>&1 \
              | grep -v Warn | tee "$OUT/tp_bench.log" | tail -12
            timeout ${SERVE_S:-300} python3 -m pdpipe.cli bench compare launch/gpu-70b-tp2.toml --input-len 1024 \

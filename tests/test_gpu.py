@@ -761,6 +761,30 @@ def test_launched_1p1d_of_different_tp_on_two_gpus_equals_one_gpu(model_dir, pre
         assert wait_until(lambda: leak_free(launcher), what="all blocks free")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs four GPUs")
+@pytest.mark.parametrize("prefill,decode", [((0, 1), (2, 3)), ((0, 1), (2,)), ((0,), (1, 2))])
+def test_launched_1p1d_on_four_gpus_equals_one_gpu(model_dir, prefill, decode):
+    """1P(TP2)+1D(TP2) on GPUs 0-1 and 2-3, and TP2 → TP1 / TP1 → TP2 on three GPUs (no GPU shared
+    between the instances): KV moves by head range between the ranks' pools; the completions equal the
+    one-GPU engine's (fp32 greedy), every block free after."""
+    from dataclasses import replace
+
+    from pipeline_launch import launched, leak_free, make_launch_config, wait_until
+
+    from pdpipe.config import InstanceConfig
+
+    prompts = make_prompts(384, lengths=(1, 16, 47, 130), seed=8)
+    expected = _one_gpu_completions(model_dir("llama"), prompts, 12)
+    cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])
+    cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="float32"),
+                  instances=(InstanceConfig("prefill", gpus=prefill, tp=len(prefill)),
+                             InstanceConfig("decode", gpus=decode, tp=len(decode))))
+    with launched(cfg) as launcher:
+        for p, exp in zip(prompts, expected):
+            assert _complete(cfg.api.port, p, 12) == exp
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
+
+
 def _mooncake_gpu_receiver(conn, shape):
     from pdpipe.ipc.cuda import CudaPool
     from pdpipe.messages import PoolInfo
