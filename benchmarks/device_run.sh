@@ -58,7 +58,9 @@ while [ $# -gt 0 ]; do
                --output-len "$4" --request-rates "$5" --num-prompts ${PROMPTS:-150} --vocab-size 128000 \
                --ignore-eos --slo ${SLO:-ttft:600 tpot:15} --out /tmp/compare_$2 2>&1 | tee "$OUT/compare_$2.log" | tail -40
              tar czf "$OUT/compare_$2.tgz" -C /tmp compare_$2 $(ls -d /tmp/pdpipe-1p1d* /tmp/pdpipe-2mixed 2>/dev/null | sed 's|/tmp/||'); shift 5 ;;
-    tp4) make_70b  # four GPUs: 1P(TP2)+1D(TP2) against 2x mixed TP2, long prompts (issue 13)
+    tp4) make_70b  # four GPUs: KV between TP2/TP1 instances on separate GPUs; 1P(TP2)+1D(TP2) against 2x mixed TP2
+         timeout ${BENCH_S:-300} python3 benchmarks/gpu_bench.py --only tpcopy --json "$OUT/tpcopy4.json" 2>&1 \
+           | tail -20 > "$OUT/tpcopy4.log"
          timeout ${COMPARE_S:-560} python3 -m pdpipe.cli bench compare launch/gpu-70b-1p1d-tp2.toml \
            launch/gpu-70b-2mixed-tp2.toml --input-len 1024:3072 --output-len 128:512 --request-rates ${TP4_RATES:-1,2,4} \
            --num-prompts ${PROMPTS:-60} --vocab-size 128000 --ignore-eos --slo ${SLO:-ttft:1000 tpot:40} \

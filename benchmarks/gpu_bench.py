@@ -145,7 +145,9 @@ def bench_tp_copy(results: dict) -> None:
     """KV of a 4k-token request (8B shape) between instances of different tensor parallelism through
     the CUDA IPC backend (`head_copy_plan`: a launch a run of heads a layer, on the destination rank's
     GPU): a TP2 pool pair (GPU0: heads 0-3, GPU1: heads 4-7) into a TP1 pool on GPU1, and a TP1 pool on
-    GPU0 into a TP2 pair; against the raw GPU0 → GPU1 peer copy of 1 GiB. Timed on the GPU from the
+    GPU0 into a TP2 pair; against the raw GPU0 → GPU1 peer copy of 1 GiB. With four GPUs also between
+    instances on separate GPUs (TP2 on 0-1 into TP2 on 2-3, into TP1 on 2; TP1 on 0 into TP2 on 2-3),
+    beside two peer copies at once (0 → 2 and 1 → 3). Timed on the GPU from the
     first copy's start to the last's end: all layers in one send (the copy's own speed), and a send a
     layer (as a prefill announces them; the span then includes the host's time between sends)."""
     from pdpipe.ipc.cuda_transfer import CudaIpcTransfer
@@ -156,6 +158,12 @@ def bench_tp_copy(results: dict) -> None:
     half, whole = (layers, 2, num_blocks, BLOCK, 4, 128), (layers, 2, num_blocks, BLOCK, 8, 128)
     layout = {"p2.0": (half, 0), "p2.1": (half, 1), "d1": (whole, 1), "p1": (whole, 0), "d2.0": (half, 0),
               "d2.1": (half, 1)}
+    pairs = [("TP2 -> TP1", "p2", "d1"), ("TP1 -> TP2", "p1", "d2")]
+    four = torch.cuda.device_count() >= 4  # instances on separate GPUs: 0-1 → 2-3, 0-1 → 2, 0 → 2-3
+    if four:
+        layout.update({"q2.0": (half, 2), "q2.1": (half, 3), "t1": (whole, 2)})
+        pairs += [("TP2 (0-1) -> TP2 (2-3)", "p2", "q2"), ("TP2 (0-1) -> TP1 (2)", "p2", "t1"),
+                  ("TP1 (0) -> TP2 (2-3)", "p1", "q2")]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     owner = ctx.Process(target=_tp_pool_owner, args=(child, layout))
@@ -167,8 +175,25 @@ def bench_tp_copy(results: dict) -> None:
         torch.cuda.set_device(1)
         raw = (1 << 30) / cuda_time(lambda: b.copy_(a))
         del a, b
+        if four:  # two peer copies at once, 0 → 2 and 1 → 3: what a TP2 → TP2 transfer may reach
+            src_pair = [torch.empty(1 << 29, dtype=torch.bfloat16, device=f"cuda:{g}") for g in (0, 1)]
+            dst_pair = [torch.empty(1 << 29, dtype=torch.bfloat16, device=f"cuda:{g}") for g in (2, 3)]
+            streams = [torch.cuda.Stream(device=f"cuda:{g}") for g in (2, 3)]
+
+            def both():
+                for src_t, dst_t, stream in zip(src_pair, dst_pair, streams):
+                    with torch.cuda.stream(stream):
+                        dst_t.copy_(src_t, non_blocking=True)
+                for g in (2, 3):
+                    torch.cuda.synchronize(g)
+            both()
+            start = time.perf_counter()
+            for _ in range(5):
+                both()
+            results["peer_pair_GBps"] = 2 * (1 << 30) * 5 / (time.perf_counter() - start) / 1e9
+            del src_pair, dst_pair
         rows = {}
-        for label, src, dst in (("TP2 -> TP1", "p2", "d1"), ("TP1 -> TP2", "p1", "d2")):
+        for label, src, dst in pairs:
             backend = CudaIpcTransfer()
             for name, (shape, gpu) in layout.items():
                 if name.split(".")[0] not in (src, dst):
