@@ -295,10 +295,6 @@ class LaunchConfig:
             if data_parallel and not expert_parallel:
                 raise ValueError(f"instances.data_parallel_attention: {name} needs expert_parallel = true (the "
                                  "experts split by id)")
-            if data_parallel and inst.tp > 1 and inst.role != "mixed" and self.cluster.redis_url:
-                raise ValueError(f"instances.data_parallel_attention: {name} is a {inst.role} instance of a "
-                                 "multi-machine cluster; allowed on one machine (KV between data-parallel ranks "
-                                 "across machines is not built)")
         if self.engine.device.startswith("cuda"):
             for name, inst in self.named_instances():
                 if inst.tp > 1 and len(inst.gpus) != inst.tp:

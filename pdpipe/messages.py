@@ -132,6 +132,7 @@ class DecodeBlocks(Msg, frozen=True):  # decode → transfer: where the prompt's
     request_id: str
     instance: str
     block_ids: list[int]
+    pool: str = ""  # a data-parallel rank's pool ("instance@rank"; the ids then its own); empty: the instance's
 
 
 class Prefill(Msg, frozen=True):  # scheduler → prefill (decode_instance named; its blocks reach the transfer
@@ -147,6 +148,7 @@ class TransferStart(Msg, frozen=True):  # prefill → transfer: these blocks wil
     src_instance: str
     src_block_ids: list[int]
     dst_instance: str  # its blocks come from decode itself (DecodeBlocks)
+    src_pool: str = ""  # as DecodeBlocks.pool
 
 
 class LayersReady(Msg, frozen=True):  # prefill → transfer: layers layer-count+1 … layer of these requests are final
@@ -272,7 +274,7 @@ class PoolInfo(Msg, frozen=True):  # engine → transfer (through the run direct
     tp: int = 1  # ... of its `tp` ranks, all from one start of the group (`group`)
     group: str = ""
     data_parallel: bool = False  # data-parallel attention: each rank's pool holds every head of its own
-    # sequences, and the instance's block ids run over the ranks' pools in turn (block b: rank b // blocks)
+    # sequences; the transfer registers it as the one-rank pool "instance@rank"
 
 
 class Forward(Msg, frozen=True):  # a local process → its machine's relay: deliver to a process on another machine

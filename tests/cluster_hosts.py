@@ -92,9 +92,11 @@ def machine_config(path: Path, *, model: str, redis_url: str, machine: str, host
              "[routing]", 'disaggregation = "always"',  # the short test prompts would stay on decode
              "[cluster]", f'redis_url = "{redis_url}"', f'machine = "{machine}"', f"frontend = {str(frontend).lower()}",
              f'advertise_host = "{host}"', f"ttl = {ttl}", "[api]", f"port = {port or free_port()}"]
-    for role in roles:  # "decode", or "decode:2" for a tensor-parallel instance of two ranks
-        name, _, tp = role.partition(":")
-        lines += ["[[instances]]", f'role = "{name}"'] + ([f"tp = {tp}"] if tp else [])
+    for role in roles:  # "decode", "decode:2" for a tensor-parallel instance of two ranks, "decode:2:dp" for
+        name, _, tp = role.partition(":")  # two data-parallel ranks (a MoE model's experts split by id)
+        tp, _, dp = tp.partition(":")
+        lines += ["[[instances]]", f'role = "{name}"'] + ([f"tp = {tp}"] if tp else []) + (
+            ["expert_parallel = true", "data_parallel_attention = true"] if dp else [])
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -41,11 +41,11 @@ def hosts(model_dir, tmp_path):
         redis_server = RedisServer(["127.0.0.1", addr_a]).start()
         started = []
 
-        def launch(roles_a, roles_b, ttl=3.0):
-            cfg_a = machine_config(tmp_path / "a.toml", model=str(model_dir(MODEL)),
+        def launch(roles_a, roles_b, ttl=3.0, model=MODEL):
+            cfg_a = machine_config(tmp_path / "a.toml", model=str(model_dir(model)),
                                    redis_url=redis_server.url(addr_a), machine="a", host=addr_a, roles=roles_a,
                                    frontend=True, ttl=ttl)
-            cfg_b = machine_config(tmp_path / "b.toml", model=str(model_dir(MODEL)),
+            cfg_b = machine_config(tmp_path / "b.toml", model=str(model_dir(model)),
                                    redis_url=redis_server.url(addr_a), machine="b", host=addr_b, roles=roles_b,
                                    frontend=False, ttl=ttl)
             a = Launcher(load_launch_config(str(cfg_a)))
@@ -112,6 +112,32 @@ def test_tensor_parallel_prefill_on_a_decode_on_b(hosts, model_dir):
         resp = complete(a.cfg.api.port, p, 8)
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["token_ids"] == e.token_ids
+    assert wait_until(lambda: all_free(a), what="all blocks free on both hosts")
+
+
+def test_data_parallel_prefill_on_a_decode_on_b(hosts, model_dir):
+    """A MoE model, prefill of two data-parallel ranks on host A, decode of two on host B: each rank's
+    pool is published as its own ("instance@rank"), and each request's KV crosses from the prefill rank
+    that holds it into the decode rank that reserved it (Mooncake over TCP); concurrent requests spread
+    over the ranks; the completions equal one machine's, every block free after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = hosts.launch(["prefill:2:dp"], ["decode:2:dp"], model="ernie4_5_moe")
+    prompts = make_prompts(384, lengths=(3, 30, 57, 12), seed=23)
+    expected = make_llm(model_dir("ernie4_5_moe")).generate(
+        prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    registry = Registry(hosts.redis.url(hosts.addr_a), "default", 3.0)
+    assert wait_until(lambda: registry.pool("b-decode-0@1") is not None, what="decode rank 1's pool published")
+
+    def answer(prompt):
+        resp = httpx.post(f"http://127.0.0.1:{a.cfg.api.port}/v1/completions", timeout=60, json={
+            "model": "ernie4_5_moe", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["choices"][0]["token_ids"]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(answer, prompts * 2)) == [e.token_ids for e in expected] * 2
     assert wait_until(lambda: all_free(a), what="all blocks free on both hosts")
 
 

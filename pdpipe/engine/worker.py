@@ -121,8 +121,9 @@ class EngineWorker(Handler):
             self._pending[msg.request_id] = msg
             # the prompt's blocks to the transfer that writes them (the rest is room for the output);
             # the prefill engine got the prompt from the scheduler at the same time as this Reserve
-            self.send(msg.transfer, DecodeBlocks(request_id=msg.request_id, instance=self.name,
-                                                 block_ids=blocks[:self.engine.blocks.blocks_for(prompt_len)]))
+            pool, ids = self._in_pool(blocks[:self.engine.blocks.blocks_for(prompt_len)])
+            self.send(msg.transfer, DecodeBlocks(request_id=msg.request_id, instance=self.name, block_ids=ids,
+                                                 pool=pool))
         self.send(SCHEDULER, Reserved(request_id=msg.request_id, instance=self.name, block_ids=blocks,
                                       free_blocks=self.engine.blocks.num_free_blocks))
 
@@ -226,10 +227,21 @@ class EngineWorker(Handler):
             return None
         for rid in self._final_chunks:
             p = self._prefills[rid]
-            self.send(self.transfer, TransferStart(request_id=rid, src_instance=self.name,
-                                              src_block_ids=self.engine.kv_blocks(rid),
-                                              dst_instance=p.decode_instance))
+            pool, ids = self._in_pool(self.engine.kv_blocks(rid))
+            self.send(self.transfer, TransferStart(request_id=rid, src_instance=self.name, src_block_ids=ids,
+                                                   dst_instance=p.decode_instance, src_pool=pool))
         return self._on_layer
+
+    def _in_pool(self, block_ids: list[int]) -> tuple[str, list[int]]:
+        """The pool a request's blocks are in, for the transfer, and their ids there: with data-parallel
+        attention one rank's ("name@rank"), else the instance's ("")."""
+        blocks = self.engine.blocks
+        if not self.engine.data_parallel or not block_ids:
+            return "", block_ids
+        from pdpipe.transfer import rank_pool
+
+        rank = blocks.partition_of(block_ids[0])
+        return rank_pool(self.name, rank), [b - rank * blocks.partition_size for b in block_ids]
 
     def _on_layer(self, layer: int) -> None:
         self._unannounced += 1

@@ -66,9 +66,14 @@ class MachineTransfer(TransferBackend):
 
     # ---- pools -------------------------------------------------------------------------------------
     def lookup(self, instance: str) -> PoolInfo | None:
-        path = self.pools_dir / f"{instance}.json"
+        """A pool by the name jobs give it: an instance's (rank 0's), or a data-parallel rank's
+        ("instance@rank": as this machine's engine wrote it down, or as its machine published it)."""
+        base, _, rank = instance.partition("@")
+        path = self.pools_dir / (f"{base}.rank{rank}.json" if rank not in ("", "0") else f"{base}.json")
         if path.is_file():
-            return msgspec.json.decode(path.read_bytes(), type=PoolInfo)
+            info = msgspec.json.decode(path.read_bytes(), type=PoolInfo)
+            if not rank or info.data_parallel:
+                return info
         if self.registry is not None:
             return self.registry.pool(instance)
         return None
@@ -144,7 +149,7 @@ class MachineTransfer(TransferBackend):
         if self.remote is None:
             raise TransferError(f"request {job.request_id}: {job.dst_instance} is on another machine and "
                                 "this machine has no cross-machine transfer (cluster.redis_url unset)")
-        pools = self._remote_pools(job.dst_instance, job)
+        pools = self._remote_pools(job.dst_pool, job)
         if self._job_pools.setdefault(job.request_id, pools) != pools:  # its blocks were in the old pool
             raise TransferError(f"request {job.request_id}: {job.dst_instance}'s pool was replaced (its engine "
                                 "restarted)")

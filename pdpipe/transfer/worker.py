@@ -53,7 +53,6 @@ class TransferWorker(Handler):
         self.pool_lookup = pool_lookup
         self.copy_deadline = copy_deadline  # copies handed to the backend must land within this
         self._pools: set[str] = set()
-        self._rank_blocks: dict[str, int] = {}  # data-parallel instances: the blocks of each rank's pool
         self.jobs: dict[str, TransferJob] = {}
         self._first: dict[str, PrefillDone] = {}
         self._draining: dict[str, tuple[TransferJob, AbortTransfer, float]] = {}  # aborted, copies running
@@ -113,20 +112,18 @@ class TransferWorker(Handler):
             self._register(info)
 
     def _start(self, msg: TransferStart) -> None:
-        for instance in (msg.src_instance, msg.dst_instance):
-            self._know_pool(instance)
-        src_pool, src_ids = self._in_pool(msg.src_instance, list(msg.src_block_ids))
-        job = self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, src_ids, msg.dst_instance, [],
-                                                      src_pool=src_pool)
+        for pool in (msg.src_pool or msg.src_instance, msg.dst_instance):
+            self._know_pool(pool)
+        job = self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, list(msg.src_block_ids),
+                                                      msg.dst_instance, [], src_pool=msg.src_pool)
         early = self._blocks.pop(msg.request_id, None)
         if early is not None:
             self._destination(job, early)
 
     def _destination(self, job: TransferJob, msg: DecodeBlocks) -> None:
         """Decode's blocks are known: the layers computed meanwhile move now, in one batch."""
-        self._know_pool(msg.instance)
-        job.dst_instance = msg.instance
-        job.dst_pool, job.dst_block_ids = self._in_pool(msg.instance, list(msg.block_ids))
+        self._know_pool(msg.pool or msg.instance)
+        job.dst_instance, job.dst_pool, job.dst_block_ids = msg.instance, msg.pool or msg.instance, list(msg.block_ids)
         if job.layers_ready:
             last = max(job.layers_ready)
             self._send_layers([job], 0, last + 1)  # layers finish in order: 0 … last are all ready
@@ -153,21 +150,11 @@ class TransferWorker(Handler):
             self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
 
     def _register(self, pool: PoolInfo) -> None:
-        self._pools.add(pool.instance)
         if pool.data_parallel:  # each rank's pool on its own, whole heads: the backends see one-rank pools
-            self._rank_blocks[pool.instance] = pool.shape[2]
             pool = msgspec.structs.replace(pool, instance=rank_pool(pool.instance, pool.rank), rank=0, tp=1,
                                            kv_heads=[], data_parallel=False)
+        self._pools.add(pool.instance)
         self.backend.register_pool(pool)
-
-    def _in_pool(self, instance: str, block_ids: list[int]) -> tuple[str, list[int]]:
-        """The pool `block_ids` (an instance's) are in, and their ids there: a data-parallel instance's
-        blocks are all in one rank's pool."""
-        per_rank = self._rank_blocks.get(instance)
-        if not per_rank or not block_ids:
-            return instance, block_ids
-        rank = block_ids[0] // per_rank
-        return rank_pool(instance, rank), [b - rank * per_rank for b in block_ids]
 
     def _send_layers(self, jobs: list[TransferJob], first: int, count: int) -> None:
         """One batched send for the layers; if it fails, job by job and layer by layer, so the error
@@ -222,6 +209,8 @@ class TransferWorker(Handler):
         """Where the job stands; a backend that raises fails this job alone."""
         if job.error:
             return TransferState.FAILED
+        if not job.has_destination:  # decode's blocks (and so the pool they are in) not known yet
+            return TransferState.PENDING
         try:
             return self.backend.poll(job)
         except Exception as exc:  # noqa: BLE001 — the job's failure, not the process's
