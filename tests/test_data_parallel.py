@@ -147,6 +147,29 @@ def test_a_step_failing_on_one_rank_ends_the_group_instead_of_hanging(model_dir,
         results.get(timeout=0.1)
 
 
+def test_a_failed_step_ends_a_data_parallel_rank_0_where_a_lone_engine_serves_on(model_dir):
+    """A step that raises fails its requests; a lone engine then serves on, but rank 0 of a data-parallel
+    instance ends (the launcher restarts its group: the other ranks may sit in the step's collectives)."""
+    from pdpipe.engine.engine import LLMEngine
+    from pdpipe.engine.worker import EngineWorker
+
+    engine = LLMEngine(EngineConfig(model=str(model_dir("llama")), cache=CacheConfig(block_size=BLOCK, num_blocks=32)))
+    sent: list = []
+    worker = EngineWorker("mixed-0", "mixed", engine, lambda dest, msg: sent.append(msg))
+
+    def execute(*args, **kwargs):
+        raise RuntimeError("a kernel fault (simulated)")
+    engine.runner.execute = execute
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    engine.add_request("lone", PROMPT[:9], params)
+    worker.step()  # no exception: the request failed, the engine goes on
+    assert not engine.has_unfinished() and any("a kernel fault" in str(m) for m in sent)
+    engine.data_parallel = True  # what an engine of data-parallel ranks has
+    engine.add_request("ranked", PROMPT[:9], params)
+    with pytest.raises(RuntimeError, match="a kernel fault"):
+        worker.step()
+
+
 def test_a_launched_data_parallel_instance_serves_what_one_engine_does(model_dir):
     """`tp = 2` with data-parallel attention on a mixed instance: the OpenAI API answers concurrent
     requests with one engine's tokens; every block free after."""

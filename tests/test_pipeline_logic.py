@@ -288,6 +288,23 @@ def start(worker, rid: str, src_blocks: list[int], dst: str, dst_blocks: list[in
     worker.handle(DecodeBlocks(request_id=rid, instance=dst, block_ids=dst_blocks))
 
 
+def test_a_job_waiting_for_decode_blocks_leaves_the_transfer_idle():
+    """Prefill announced the job and its layers, decode's blocks have not come (its reservation was
+    refused and waits in the scheduler's queue): nothing for `step` to do until they come — the
+    transfer does not spin — and the layers move once they do."""
+    from pdpipe.messages import DecodeBlocks, LayersReady, TransferStart
+    from pdpipe.transfer.worker import TransferWorker
+
+    backend, sent = FakeTransfer(), []
+    worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
+    worker.handle(TransferStart(request_id="r", src_instance="p", src_block_ids=[1], dst_instance="d"))
+    worker.handle(LayersReady(request_ids=["r"], layer=1, count=2))
+    assert not worker.has_work() and not backend.sent
+    backend.in_flight.add("r")
+    worker.handle(DecodeBlocks(request_id="r", instance="d", block_ids=[5]))
+    assert backend.sent == [("r", 0), ("r", 1)] and worker.has_work()
+
+
 def test_abort_lets_decode_free_only_after_the_copies_in_flight_end():
     from pdpipe.messages import AbortTransfer, Free, LayersReady
     from pdpipe.transfer.worker import TransferWorker

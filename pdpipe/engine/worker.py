@@ -180,8 +180,10 @@ class EngineWorker(Handler):
         except Exception as exc:  # noqa: BLE001 — fail this engine's requests; keep serving
             log.exception("%s: a step failed", self.name)
             self.fail_all(f"{self.name}: {exc.__class__.__name__}: {exc}")
-            if device_fault(exc):
-                raise  # the GPU is unusable: the process ends, and its launcher starts a new one
+            if device_fault(exc) or self.engine.data_parallel:
+                # the GPU is unusable, or (data-parallel attention) the other ranks may sit in this step's
+                # collectives: the process ends, and its launcher starts the group anew
+                raise
             return
         seconds = time.perf_counter() - start
         self.meter.add(seconds, self._step_prompt_tokens)

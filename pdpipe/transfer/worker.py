@@ -112,8 +112,7 @@ class TransferWorker(Handler):
             self._register(info)
 
     def _start(self, msg: TransferStart) -> None:
-        for pool in (msg.src_pool or msg.src_instance, msg.dst_instance):
-            self._know_pool(pool)
+        self._know_pool(msg.src_pool or msg.src_instance)  # decode's: when its blocks say which pool
         job = self.jobs[msg.request_id] = TransferJob(msg.request_id, msg.src_instance, list(msg.src_block_ids),
                                                       msg.dst_instance, [], src_pool=msg.src_pool)
         early = self._blocks.pop(msg.request_id, None)
@@ -150,10 +149,11 @@ class TransferWorker(Handler):
             self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
 
     def _register(self, pool: PoolInfo) -> None:
+        self._pools.add(pool.instance)
         if pool.data_parallel:  # each rank's pool on its own, whole heads: the backends see one-rank pools
             pool = msgspec.structs.replace(pool, instance=rank_pool(pool.instance, pool.rank), rank=0, tp=1,
                                            kv_heads=[], data_parallel=False)
-        self._pools.add(pool.instance)
+            self._pools.add(pool.instance)
         self.backend.register_pool(pool)
 
     def _send_layers(self, jobs: list[TransferJob], first: int, count: int) -> None:
@@ -256,8 +256,8 @@ class TransferWorker(Handler):
         (a job whose copies end between two messages is finished by `step`, not by a message)."""
         if self._draining:
             return True
-        for rid, job in self.jobs.items():
-            if self._state(job) is not TransferState.DONE or self._ready(rid, job):
+        for rid, job in self.jobs.items():  # one waiting for decode's blocks waits for a message
+            if job.has_destination and (self._state(job) is not TransferState.DONE or self._ready(rid, job)):
                 return True
         return False
 
