@@ -32,6 +32,11 @@ TOKEN_PAD = 32
 log = logging.getLogger("pdpipe")
 
 
+def local_table(block_table: list[int], first_block: int) -> list[int]:
+    """A block table in the ids of the pool whose block 0 is `first_block` (a data-parallel rank's)."""
+    return [b - first_block for b in block_table] if first_block else block_table
+
+
 class ModelRunner:
     """With `tp` (a rank of a tensor-parallel instance), rank 0 runs `execute` and hands each step's
     inputs to the other ranks, which run the same forward pass in `follow`."""
@@ -97,12 +102,13 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         rows: list[int] = []
-        qsl, seq_lens = [0], []
+        qsl, seq_lens, tables = [0], [], []
         for chunk in out.chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            table = [b - first_block for b in seq.block_table] if first_block else seq.block_table
+            table = local_table(seq.block_table, first_block)
+            tables.append(table)
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             qsl.append(qsl[-1] + chunk.num_tokens)
             seq_lens.append(end)
@@ -111,9 +117,8 @@ class ModelRunner:
         # decode batches keep one row per sequence (their kernels index rows by sequence)
         pad = 0 if all(c.num_tokens == 1 for c in out.chunks) else -len(ids) % self.pad_tokens
         return {"ids": ids + [0] * pad, "pos": positions + [0] * pad, "slots": slots + [-1] * pad,
-                "qsl": qsl, "seq_lens": seq_lens,
-                "tables": [[b - first_block for b in c.seq.block_table] for c in out.chunks],
-                "rows": rows, "fresh": all(c.start == 0 for c in out.chunks)}
+                "qsl": qsl, "seq_lens": seq_lens, "tables": tables, "rows": rows,
+                "fresh": all(c.start == 0 for c in out.chunks)}
 
     def place(self, lay: dict) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """A layout's tensors on this rank's device, and the attention metadata."""
@@ -284,7 +289,7 @@ class DecodeGraphs:
         ids, pos, slots, lens, tables = [], [], [], [], []
         for chunk in out.chunks:
             seq, p = chunk.seq, chunk.start
-            table = [b - first_block for b in seq.block_table] if first_block else seq.block_table
+            table = local_table(seq.block_table, first_block)
             ids.append(seq.token_ids[p])
             pos.append(p)
             slots.append(table[p // block] * block + p % block)

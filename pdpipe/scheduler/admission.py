@@ -18,7 +18,8 @@ from pdpipe.messages import InstanceStats
 @dataclass
 class DecodeRoom:
     num_blocks: int = 0  # 0: not reported yet
-    pool_blocks: int = 0  # the most one request can take (one rank's pool with data-parallel attention)
+    pool_blocks: int = 0  # the most one request can take (one rank's pool with data-parallel attention); set
+    # with num_blocks
     block_size: int = 0
     max_num_seqs: int = 0
     blocks: int = 0  # committed to requests dispatched here
@@ -39,7 +40,7 @@ class DecodeRoom:
         if not self.known:  # not reported yet: let decode itself say (it refuses what does not fit)
             return self.seqs == 0
         need = self.blocks_for(num_tokens)
-        return (self.blocks + need <= self.num_blocks and need <= (self.pool_blocks or self.num_blocks)
+        return (self.blocks + need <= self.num_blocks and need <= self.pool_blocks
                 and (not self.max_num_seqs or self.seqs < self.max_num_seqs))
 
     @property
@@ -104,8 +105,7 @@ class DecodeLedger:
 
     def never_fits(self, decodes: list[str], num_tokens: int) -> bool:
         rooms = [self.room(d) for d in decodes]
-        return bool(rooms) and all(r.known and r.blocks_for(num_tokens) > (r.pool_blocks or r.num_blocks)
-                                   for r in rooms)
+        return bool(rooms) and all(r.known and r.blocks_for(num_tokens) > r.pool_blocks for r in rooms)
 
     def best(self, decodes: list[str], num_tokens: int) -> str | None:
         """The decode instance with the most free room that fits `num_tokens`, or None."""
