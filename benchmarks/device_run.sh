@@ -41,7 +41,13 @@ make_ernie() { [ -f $ernie/config.json ] || python3 -m pdpipe.cli make-model $er
 big=/tmp/pdpipe-models/llama-70b-shape  # launch/gpu-70b-*.toml's folder
 make_70b() { [ -f $big/config.json ] || python3 -m pdpipe.cli make-model $big --arch llama --layers 80 --hidden 8192 \
   --heads 64 --kv-heads 8 --intermediate 28672 --vocab 128256 --max-position 131072 --dtype bfloat16 --no-weights >/dev/null; }
+clear_gpus() {  # a step cut off by its timeout may leave rank processes on the GPUs, slowing what runs next
+  local pids; pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ')
+  [ -n "$pids" ] && { echo "killing leftover GPU processes: $pids" | tee -a "$OUT/leftovers.log"; kill -9 $pids
+                  for pid in $pids; do while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done; done; }
+  return 0; }
 while [ $# -gt 0 ]; do
+  clear_gpus
   case "$1" in
     tests) timeout ${TESTS_S:-360} python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --timeout 120 ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
              | tee "$OUT/gpu_tests.log" | tail -40

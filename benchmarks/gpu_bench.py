@@ -329,7 +329,12 @@ def release(engine, out) -> None:
 
 
 def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    """The bytes a step reads at most: the parameters but the embedding, and a MoE layer's stacked
+    experts (plain tensors once fused)."""
+    stacked = [t for m in model.modules() for t in (getattr(m, "w13", None), getattr(m, "w2", None))
+               if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in stacked) + \
+        sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
 
 
 def bench_decode(model: Path, results: dict, copy_bw: float) -> None:

@@ -124,9 +124,36 @@ def kernel_profile(engine, out) -> dict:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: -e.self_device_time_total)
+    host = host_profile(runner, args)
     release(engine, out)
     return {"total_us": sum(e.self_device_time_total for e in events), "launches": sum(e.count for e in events),
-            "top": [(e.key[:60], e.count, round(e.self_device_time_total, 1)) for e in events[:12]]}
+            "top": [(e.key[:60], e.count, round(e.self_device_time_total, 1)) for e in events[:12]], **host}
+
+
+def host_profile(runner, args) -> dict:
+    """The same step's host side: how long Python takes to enqueue it (against the time until the GPU
+    is done: a step whose enqueue takes as long is host-bound), and where that time goes (cProfile's
+    top functions by their own time; cProfile slows Python, so read these as shares)."""
+    import cProfile
+    import pstats
+    import time
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    runner._forward(*args)
+    enqueued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    runner._forward(*args)
+    torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:20]  # type: ignore[attr-defined]
+    return {"host_enqueue_ms": (enqueued - start) * 1e3, "host_wall_ms": (done - start) * 1e3,
+            "host_top": [(f"{Path(f).name}:{line}:{fn}", calls, round(tt * 1e3, 2), round(ct * 1e3, 2))
+                         for (f, line, fn), (_, calls, tt, ct, _) in rows]}
 
 
 def main() -> None:
@@ -146,6 +173,10 @@ def main() -> None:
                   f"ms, {row['step_x_floor']:.2f}x ({row['experts_read_per_layer']:.1f} experts a layer)")
         p = r["prefill_2048"]
         print(f"{r['model']} prefill 2048: {p['ms']:.1f} ms, {p['pct_of_gemm']:.0f} % of GEMM")
+        for name, k in (("decode batch 1", r["decode"][0].get("kernels")), ("prefill 2048", p.get("kernels"))):
+            if k:
+                print(f"  {name} eager: kernels {k['total_us'] / 1e3:.1f} ms ({k['launches']} launches), "
+                      f"enqueued in {k['host_enqueue_ms']:.1f} ms, done in {k['host_wall_ms']:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

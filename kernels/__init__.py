@@ -46,11 +46,11 @@ def rotary(x, cos, sin, interleaved: bool):
     return reference.rotary(x, cos, sin, interleaved)
 
 
-def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool):
-    """(rotated q, rotated k), with the rotated k and v written into the cache: one launch on GPU."""
-    if use_triton(q):
-        return triton_ops.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved)
-    return reference.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved)
+def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool, norms=None):
+    """(rotated q, rotated k), with the rotated k and v written into the cache, each head RMS-normalised
+    first where `norms` = (q weight, k weight, eps) is given: one launch on GPU."""
+    ops = triton_ops if use_triton(q) else reference
+    return ops.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved, norms)
 
 
 _skinny = False  # decode engines turn it on: they time each shape while capturing their graphs

@@ -129,8 +129,12 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool):
-    """Rotary on q and k, then the rotated k and v stored into the paged cache; returns (q, k)."""
+def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool, norms=None):
+    """Rotary on q and k (each head RMS-normalised first where `norms` = (q weight, k weight, eps):
+    Qwen3's q_norm/k_norm), then the rotated k and v stored into the paged cache; returns (q, k)."""
+    if norms is not None:
+        q_norm, k_norm, eps = norms
+        q, k = rms_norm(q, q_norm, eps)[0], rms_norm(k, k_norm, eps)[0]
     q, k = rotary(q, cos, sin, interleaved), rotary(k, cos, sin, interleaved)
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     return q, k

@@ -27,7 +27,8 @@ def _moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, s
     score = p
     if HAS_BIAS:
         score = p + tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    score = tl.where(valid, score, -float("inf"))
+    # a NaN score (a padding row of a CUDA graph may hold anything) never wins: every id stays in range
+    score = tl.where(valid & (score == score), score, -float("inf"))
     slots = tl.arange(0, K_POW)
     chosen_w = tl.zeros((K_POW,), dtype=tl.float32)
     chosen_id = tl.zeros((K_POW,), dtype=tl.int32)
@@ -281,30 +282,37 @@ def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: i
 
 
 @triton.jit
-def _moe_sum_kernel(down_ptr, add_ptr, out_ptr, hidden, TOP_K: tl.constexpr, HAS_ADD: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _moe_sum_kernel(down_ptr, ids_ptr, add_ptr, out_ptr, hidden, first_expert, held_experts, TOP_K: tl.constexpr,
+                    HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = h < hidden
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        acc += tl.load(down_ptr + (t * TOP_K + j) * hidden + h, mask=mask, other=0.0).to(tl.float32)
+        local = tl.load(ids_ptr + t * TOP_K + j) - first_expert
+        held = (local >= 0) & (local < held_experts)  # another rank's expert: its row was never written
+        acc += tl.load(down_ptr + (t * TOP_K + j) * hidden + h, mask=mask & held, other=0.0).to(tl.float32)
     if HAS_ADD:
         acc += tl.load(add_ptr + t * hidden + h, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * hidden + h, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def moe_sum(down, top_k: int, add=None):
-    """Each token's k rows of `down` ([tokens · k, hidden]) summed, plus its row of `add` (the shared
-    experts' output) if given: one launch, one rounding."""
-    tokens, hidden = down.shape[0] // top_k, down.shape[1]
-    assert down.is_contiguous() and (add is None or add.shape == (tokens, hidden))
+def moe_sum(down, ids, first_expert: int, held_experts: int, add=None):
+    """Each token's k rows of `down` ([tokens · k, hidden]) summed, those of the experts this rank holds
+    (`ids` [tokens, k]: first_expert .. first_expert + held_experts - 1; the other rows are never read,
+    so `down` needs no zeroing), plus its row of `add` (the shared experts' output) if given: one launch,
+    one rounding."""
+    tokens, top_k = ids.shape
+    hidden = down.shape[1]
+    assert down.is_contiguous() and down.shape[0] == tokens * top_k and ids.is_contiguous()
+    assert add is None or add.shape == (tokens, hidden)
     add = add.contiguous() if add is not None else None
     out = torch.empty(tokens, hidden, dtype=down.dtype, device=down.device)
     if tokens:
         block = min(1024, triton.next_power_of_2(hidden))
-        _moe_sum_kernel[(tokens, triton.cdiv(hidden, block))](down, add if add is not None else down, out, hidden,
-                                                              TOP_K=top_k, HAS_ADD=add is not None, BLOCK=block)
+        _moe_sum_kernel[(tokens, triton.cdiv(hidden, block))](down, ids, add if add is not None else down, out, hidden,
+                                                              first_expert, held_experts, TOP_K=top_k,
+                                                              HAS_ADD=add is not None, BLOCK=block)
     return out
 
 
@@ -322,7 +330,7 @@ def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, add=None, block_m
     sorted_pairs, block_expert, pairs = moe_align(ids, experts, first_expert, block_m)
     inter = torch.empty(pairs, two_inter // 2, dtype=x.dtype, device=x.device)
     _moe_gemm(x, w13, inter, sorted_pairs, block_expert, None, pairs, top_k, False, True, block_m, first)
-    down = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # pairs of no expert here stay 0
+    down = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)  # pairs of no expert here: never read
     _moe_gemm(inter, w2, down, sorted_pairs, block_expert, weights.reshape(-1).float().contiguous(), pairs, top_k,
               True, False, block_m, second)
-    return moe_sum(down, top_k, add)
+    return moe_sum(down, ids.contiguous(), first_expert, experts, add)

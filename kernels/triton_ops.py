@@ -324,45 +324,75 @@ def rms_norm(x, weight, eps: float, residual=None):
 
 
 @triton.jit
-def _rotate_heads(x_ptr, stride_h, cos, sin, lo, hi, imask, HEADS: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One token's heads rotated: (first halves of the pairs, second halves, head index, mask)."""
+def _rotate_heads(x_ptr, stride_h, cos, sin, norm_ptr, eps, HEADS: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr):
+    """One token's heads rotated: (first halves of the pairs, second halves, head index), float32
+    [BLOCK_H, BLOCK_HALF]. Interleaved pairs (2i, 2i+1) are split from whole rows (vector loads, where
+    loads of every other element were ~6x slower); NORM: each head RMS-normalised over its head_dim and
+    scaled by `norm_ptr`'s weights first (Qwen3's q_norm/k_norm, rounded to the input's dtype as the
+    model does)."""
     h = tl.arange(0, BLOCK_H)
-    hmask = (h < HEADS)[:, None] & imask[None, :]
-    base = x_ptr + h[:, None] * stride_h
-    x1 = tl.load(base + lo[None, :], mask=hmask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + hi[None, :], mask=hmask, other=0.0).to(tl.float32)
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin, h, hmask
-
-
-@triton.jit
-def _pair_index(cos_ptr, sin_ptr, t, stride_c, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                INTERLEAVED: tl.constexpr):
     i = tl.arange(0, BLOCK_HALF)
-    imask = i < HALF
+    base = x_ptr + h[:, None] * stride_h
     if INTERLEAVED:
+        d = tl.arange(0, 2 * BLOCK_HALF)
+        row = tl.load(base + d[None, :], mask=(h < HEADS)[:, None] & (d < 2 * HALF)[None, :], other=0.0)
+        x1, x2 = tl.split(tl.reshape(row, (BLOCK_H, BLOCK_HALF, 2)))
         lo, hi = 2 * i, 2 * i + 1
     else:
+        hmask = (h < HEADS)[:, None] & (i < HALF)[None, :]
+        x1 = tl.load(base + i[None, :], mask=hmask, other=0.0)
+        x2 = tl.load(base + HALF + i[None, :], mask=hmask, other=0.0)
         lo, hi = i, i + HALF
-    cos = tl.load(cos_ptr + t * stride_c + lo, mask=imask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + t * stride_c + lo, mask=imask, other=0.0).to(tl.float32)[None, :]
-    return lo, hi, imask, cos, sin
+    if NORM:
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        r = tl.rsqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(norm_ptr + lo, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(norm_ptr + hi, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        # weight · normalised.to(dtype), each product rounded to the dtype (as torch's does)
+        x1 = (w1 * (a * r).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        x2 = (w2 * (b * r).to(x2.dtype).to(tl.float32)).to(x2.dtype)
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin, h
 
 
 @triton.jit
-def _store_rotated(out_ptr, first_row, h, lo, hi, r1, r2, hmask, HALF: tl.constexpr):
-    """Rotated heads into rows `first_row + h` of a [rows, head_dim] array."""
+def _cos_sin(cos_ptr, sin_ptr, t, stride_c, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+             INTERLEAVED: tl.constexpr):
+    """Token t's cos and sin of each pair, [1, BLOCK_HALF] float32."""
+    i = tl.arange(0, BLOCK_HALF)
+    lo = 2 * i if INTERLEAVED else i
+    cos = tl.load(cos_ptr + t * stride_c + lo, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_c + lo, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def _store_rotated(out_ptr, first_row, h, r1, r2, HEADS: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rotated heads into rows `first_row + h` of a [rows, head_dim] array (interleaved pairs joined
+    back into whole rows: vector stores)."""
     base = out_ptr + (first_row + h[:, None]) * (2 * HALF)
-    tl.store(base + lo[None, :], r1.to(out_ptr.dtype.element_ty), mask=hmask)
-    tl.store(base + hi[None, :], r2.to(out_ptr.dtype.element_ty), mask=hmask)
+    if INTERLEAVED:
+        d = tl.arange(0, 2 * BLOCK_HALF)
+        row = tl.reshape(tl.join(r1, r2), (BLOCK_H, 2 * BLOCK_HALF))
+        tl.store(base + d[None, :], row.to(out_ptr.dtype.element_ty),
+                 mask=(h < HEADS)[:, None] & (d < 2 * HALF)[None, :])
+    else:
+        i = tl.arange(0, BLOCK_HALF)
+        hmask = (h < HEADS)[:, None] & (i < HALF)[None, :]
+        tl.store(base + i[None, :], r1.to(out_ptr.dtype.element_ty), mask=hmask)
+        tl.store(base + HALF + i[None, :], r2.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
 @triton.jit
 def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_c, HEADS: tl.constexpr,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    lo, hi, imask, cos, sin = _pair_index(cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_HALF, INTERLEAVED)
-    r1, r2, h, hmask = _rotate_heads(x_ptr + t * stride_xt, stride_xh, cos, sin, lo, hi, imask, HEADS, BLOCK_H)
-    _store_rotated(out_ptr, t * HEADS, h, lo, hi, r1, r2, hmask, HALF)
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_HALF, INTERLEAVED)
+    r1, r2, h = _rotate_heads(x_ptr + t * stride_xt, stride_xh, cos, sin, x_ptr, 0.0, HEADS, HALF, BLOCK_H,
+                              BLOCK_HALF, INTERLEAVED, False)
+    _store_rotated(out_ptr, t * HEADS, h, r1, r2, HEADS, HALF, BLOCK_H, BLOCK_HALF, INTERLEAVED)
 
 
 def rotary(x, cos, sin, interleaved: bool):
@@ -379,19 +409,21 @@ def rotary(x, cos, sin, interleaved: bool):
 
 @triton.jit
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, slot_ptr,
-                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
-                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_KVH: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-                       INTERLEAVED: tl.constexpr):
+                       qn_ptr, kn_ptr, eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_c, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                       BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    lo, hi, imask, cos, sin = _pair_index(cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_HALF, INTERLEAVED)
-    r1, r2, h, hmask = _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, lo, hi, imask, HEADS, BLOCK_H)
-    _store_rotated(qo_ptr, t * HEADS, h, lo, hi, r1, r2, hmask, HALF)
-    r1, r2, h, hmask = _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, lo, hi, imask, KV_HEADS, BLOCK_KVH)
-    _store_rotated(ko_ptr, t * KV_HEADS, h, lo, hi, r1, r2, hmask, HALF)
+    cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_HALF, INTERLEAVED)
+    r1, r2, h = _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, qn_ptr, eps, HEADS, HALF, BLOCK_H,
+                              BLOCK_HALF, INTERLEAVED, NORM)
+    _store_rotated(qo_ptr, t * HEADS, h, r1, r2, HEADS, HALF, BLOCK_H, BLOCK_HALF, INTERLEAVED)
+    r1, r2, h = _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, kn_ptr, eps, KV_HEADS, HALF, BLOCK_KVH,
+                              BLOCK_HALF, INTERLEAVED, NORM)
+    _store_rotated(ko_ptr, t * KV_HEADS, h, r1, r2, KV_HEADS, HALF, BLOCK_KVH, BLOCK_HALF, INTERLEAVED)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:  # negative slots are padding (CUDA-graph batches)
-        _store_rotated(kc_ptr, slot * KV_HEADS, h, lo, hi, r1, r2, hmask, HALF)
+        _store_rotated(kc_ptr, slot * KV_HEADS, h, r1, r2, KV_HEADS, HALF, BLOCK_KVH, BLOCK_HALF, INTERLEAVED)
         d = tl.arange(0, BLOCK_D)
         vmask = (h < KV_HEADS)[:, None] & (d < 2 * HALF)[None, :]
         v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=vmask)
@@ -399,8 +431,9 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr, cos_
                  mask=vmask)
 
 
-def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool):
-    """Rotates q and k, and writes the rotated k and v into the paged cache, in one launch.
+def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool, norms=None):
+    """Rotates q and k (RMS-normalising each head first with `norms` = (q weight, k weight, eps)), and
+    writes the rotated k and v into the paged cache, in one launch.
 
     q: [num_tokens, heads, head_dim], k/v: [num_tokens, kv_heads, head_dim] (strided views of a fused qkv
     output are fine); returns contiguous rotated (q, k)."""
@@ -412,15 +445,18 @@ def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleave
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
     assert cos.shape == (n, dim) and sin.shape == (n, dim) and cos.stride(1) == 1 and sin.stride() == cos.stride()
     assert slot_mapping.shape == (n,) and slot_mapping.dtype in (torch.int32, torch.int64)
+    q_norm, k_norm, eps = norms if norms is not None else (q, k, 0.0)
+    assert norms is None or (q_norm.shape == k_norm.shape == (dim,) and q_norm.is_contiguous()
+                             and k_norm.is_contiguous())
     q_out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
     k_out = torch.empty(n, kv_heads, dim, dtype=k.dtype, device=k.device)
     if n:
-        _rope_store_kernel[(n,)](q, k, v, q_out, k_out, k_cache, v_cache, cos, sin, slot_mapping,
+        _rope_store_kernel[(n,)](q, k, v, q_out, k_out, k_cache, v_cache, cos, sin, slot_mapping, q_norm, k_norm, eps,
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                  cos.stride(0), HEADS=heads, KV_HEADS=kv_heads, HALF=dim // 2,
                                  BLOCK_H=triton.next_power_of_2(heads), BLOCK_KVH=triton.next_power_of_2(kv_heads),
                                  BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK_D=triton.next_power_of_2(dim),
-                                 INTERLEAVED=interleaved)
+                                 INTERLEAVED=interleaved, NORM=norms is not None)
     return q_out, k_out
 
 

@@ -63,9 +63,10 @@ class EngineConfig:
         "help": "safetensors; or dummy: random weights of the config's shapes, for benchmarks",
         "choices": ("safetensors", "dummy")})
     cuda_graphs: bool = field(default=True, metadata={"help": "capture decode steps as CUDA graphs (GPU)"})
-    prefill_graph_tokens: int = field(default=512, metadata={
-        "help": "capture steps of whole prompts up to this many tokens as CUDA graphs (GPU; 0: none): "
-                "short prompts are otherwise bound by launching their kernels"})
+    prefill_graph_tokens: int = field(default=-1, metadata={
+        "help": "capture steps of whole prompts up to this many tokens as CUDA graphs (GPU; 0: none; -1: "
+                "512 for dense models, 2048 for mixture-of-experts ones, whose steps stay bound by launching "
+                "their kernels up to ~2k tokens): short prompts are otherwise bound by those launches"})
     expert_parallel: bool = field(default=False, metadata={
         "help": "a mixture-of-experts model on an instance of tp > 1 ranks: split the experts by id (each "
                 "rank holds num_experts / tp of them whole) instead of splitting every expert's width"})
@@ -87,8 +88,9 @@ class EngineConfig:
                              "every rank holds the rest whole)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device: {self.device!r}; allowed: cpu, cuda, cuda:N")
-        if self.prefill_graph_tokens < 0:
-            raise ValueError(f"prefill_graph_tokens: must be >= 0, got {self.prefill_graph_tokens}")
+        if self.prefill_graph_tokens < -1:
+            raise ValueError(f"prefill_graph_tokens: must be >= 0, or -1 (by the model), "
+                             f"got {self.prefill_graph_tokens}")
 
 
 @dataclass(frozen=True)

@@ -315,6 +315,28 @@ def test_prefill_graph_sizes_cover_every_count_with_little_padding():
         size = next(s for s in sizes if s >= n)
         assert size - n < 32 or size - n <= n // 4, (n, size)
     assert prefill_graph_sizes(20) == [32]
+    sizes = prefill_graph_sizes(8192)
+    assert sizes[-1] == 8192 and len(sizes) == 40 and sizes == sorted(set(sizes))
+    for n in range(1025, 8193):  # beyond 1k tokens an eighth at most
+        size = next(s for s in sizes if s >= n)
+        assert size - n < n // 8, (n, size)
+
+
+def test_prefill_graphs_by_default_hold_more_tokens_for_mixture_of_experts_models():
+    from types import SimpleNamespace
+
+    from pdpipe.config import EngineConfig, SchedulerConfig
+    from pdpipe.engine.engine import prefill_graph_limit
+
+    dense, moe = SimpleNamespace(moe=None), SimpleNamespace(moe=object())
+    assert prefill_graph_limit(EngineConfig(model="m"), dense) == 512
+    assert prefill_graph_limit(EngineConfig(model="m"), moe) == 2048
+    assert prefill_graph_limit(EngineConfig(model="m", prefill_graph_tokens=0), moe) == 0
+    assert prefill_graph_limit(EngineConfig(model="m", prefill_graph_tokens=300), moe) == 300
+    small = EngineConfig(model="m", scheduler=SchedulerConfig(max_num_batched_tokens=1024))
+    assert prefill_graph_limit(small, moe) == 1024  # never more than a step holds
+    with pytest.raises(ValueError, match="prefill_graph_tokens"):
+        EngineConfig(model="m", prefill_graph_tokens=-2)
 
 
 def test_prefill_graph_layout_computes_what_the_eager_step_does(model_dir):

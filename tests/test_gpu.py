@@ -163,9 +163,12 @@ def test_fused_rotary_matches_reference(interleaved, heads, dim):
     assert out.is_contiguous() and rel_err(out, expected) < 1e-2
 
 
+@pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (14, 2, 64), (8, 8, 32), (28, 4, 128)])
-def test_fused_rope_and_store_matches_reference(interleaved, heads, kv_heads, dim):
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (14, 2, 64), (8, 8, 32), (28, 4, 128), (20, 4, 128)])
+def test_fused_rope_and_store_matches_reference(interleaved, heads, kv_heads, dim, norm):
+    """Strided q/k/v views of a fused qkv output, interleaved or half-split pairs, head counts of no
+    power of two, with and without the per-head RMS norm first (Qwen3's q_norm/k_norm)."""
     from pdpipe.kernels import triton_ops
 
     n, blocks, page = 45, 20, 16
@@ -177,7 +180,11 @@ def test_fused_rope_and_store_matches_reference(interleaved, heads, kv_heads, di
     slots[::7] = -1  # padding rows write nowhere
     kc = torch.full((blocks, page, kv_heads, dim), float("nan"), device="cuda", dtype=torch.bfloat16)
     vc = kc.clone()
-    q_out, k_out = triton_ops.rope_and_store(q, k, v, emb.cos(), emb.sin(), kc, vc, slots, interleaved)
+    norms = (torch.rand(dim, device="cuda").to(torch.bfloat16) + 0.5, torch.rand(dim, device="cuda").to(
+        torch.bfloat16) + 0.5, 1e-6) if norm else None
+    q_out, k_out = triton_ops.rope_and_store(q, k, v, emb.cos(), emb.sin(), kc, vc, slots, interleaved, norms)
+    if norms is not None:
+        q, k = ref.rms_norm(q, norms[0], 1e-6)[0], ref.rms_norm(k, norms[1], 1e-6)[0]
     q_ref, k_ref = ref.rotary(q.float(), emb.cos(), emb.sin(), interleaved), ref.rotary(k.float(), emb.cos(),
                                                                                         emb.sin(), interleaved)
     assert rel_err(q_out, q_ref) < 1e-2 and rel_err(k_out, k_ref) < 1e-2
@@ -228,6 +235,8 @@ def test_fused_moe_matches_reference(dtype, tokens, experts, top_k, hidden, inte
     weights, ids = torch.randn(tokens, experts, device="cuda", generator=gen).softmax(-1).topk(top_k, -1)
     first = experts - held
     add = torch.randn(tokens, hidden, device="cuda", generator=gen).to(dtype) if tokens % 2 else None  # shared
+    poison = torch.full((4 * tokens * top_k * max(hidden, inter) + (1 << 20),), float("nan"), device="cuda")
+    del poison  # the kernels' scratch comes from NaN-filled memory: rows of other ranks' experts are never read
     got = triton_moe.fused_moe(x, w13, w2, weights, ids, first, add)
     expected = ref.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids, first,
                              None if add is None else add.double())
@@ -251,6 +260,19 @@ def test_moe_route_matches_reference(tokens, experts, top_k, bias, renormalize):
     ref_weights, ref_ids = ref.moe_route(logits, b, top_k, renormalize, 1e-12)
     assert torch.equal(ids.long(), ref_ids)
     assert torch.allclose(weights, ref_weights, rtol=1e-5, atol=1e-7)
+
+
+def test_moe_route_keeps_ids_in_range_on_nan_rows():
+    """A padding row of a CUDA graph may hold NaN: its experts are still ids the sort can count."""
+    from pdpipe.kernels import triton_moe
+
+    logits = torch.randn(6, 60, device="cuda")
+    logits[1] = float("nan")
+    logits[4, ::3] = float("nan")
+    weights, ids = triton_moe.moe_route(logits, None, 6, True, 1e-12)
+    assert ((ids >= 0) & (ids < 60)).all()
+    ref_weights, ref_ids = ref.moe_route(logits[[0, 2, 3, 5]], None, 6, True, 1e-12)
+    assert torch.equal(ids[[0, 2, 3, 5]].long(), ref_ids)
 
 
 @pytest.mark.parametrize("tokens,experts,top_k,first,held,block_m", [

@@ -86,6 +86,17 @@ def resolve_max_model_len(spec: ModelSpec, config: EngineConfig, num_blocks: int
     return asked or limit
 
 
+def prefill_graph_limit(config: EngineConfig, spec: ModelSpec) -> int:
+    """How many tokens of whole prompts a step may hold to replay a prefill graph: the configured count,
+    or by the model (-1): 512 for dense models, 2048 for mixture-of-experts ones (a MoE step launches
+    ~20-30 kernels a layer for few FLOPs: an ERNIE-21B-A3B-shaped 2048-token prompt took longer to
+    enqueue than to compute; benchmarks/RESULTS.md); never more than a step's token budget."""
+    tokens = config.prefill_graph_tokens
+    if tokens < 0:
+        tokens = 2048 if spec.moe is not None else 512
+    return min(tokens, config.scheduler.max_num_batched_tokens)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, pool_path: str | None = None, tp: TensorParallel | None = None):
         """`pool_path`: back the KV pool with this shared-memory file, so a transfer process can map it.
@@ -154,9 +165,9 @@ class LLMEngine:
         graphs = config.device.startswith("cuda")
         if graphs and config.cuda_graphs:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
-        if graphs and config.prefill_graph_tokens and not data_parallel:  # data-parallel prompts run eagerly
-            self.runner.capture_prefill_graphs(min(config.prefill_graph_tokens,
-                                                   config.scheduler.max_num_batched_tokens))
+        prefill_graph_tokens = prefill_graph_limit(config, self.spec)
+        if graphs and prefill_graph_tokens and not data_parallel:  # data-parallel prompts run eagerly
+            self.runner.capture_prefill_graphs(prefill_graph_tokens)
         self.sampler = Sampler(self.eos_token_ids)
         self._arrivals = itertools.count()
         self._reserved: dict[str, list[int]] = {}

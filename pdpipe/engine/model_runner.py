@@ -320,12 +320,13 @@ def fill(graphs, inputs: dict[str, list], exclude: tuple[str, ...] = ()) -> None
 
 def prefill_graph_sizes(max_tokens: int, pad: int = TOKEN_PAD) -> list[int]:
     """Token counts a prefill graph is captured at: multiples of `pad` up to 256 tokens, of 2 × `pad` up
-    to 512, of 4 × `pad` beyond (a step replays the smallest that holds it: padding costs at most a
-    quarter of a step, mostly much less), and `max_tokens` rounded up to a multiple of `pad`."""
+    to 512, of 4 × `pad` up to 2048, then steps of an eighth of a power of two (a step replays the
+    smallest that holds it: padding costs at most a quarter of a step, an eighth beyond 1024 tokens),
+    and `max_tokens` rounded up to a multiple of `pad`."""
     sizes, size = [], pad
     while size < max_tokens:
         sizes.append(size)
-        size += pad if size < 256 else 2 * pad if size < 512 else 4 * pad
+        size += pad if size < 256 else 2 * pad if size < 512 else max(4 * pad, 1 << (size.bit_length() - 4))
     return [*sizes, -(-max_tokens // pad) * pad]
 
 

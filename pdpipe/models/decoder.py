@@ -205,9 +205,9 @@ class Attention(nn.Module):
         q = q.reshape(n, self.num_heads, self.head_dim)
         k = k.reshape(n, self.num_kv_heads, self.head_dim)
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = kernels.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping, rotary.interleaved)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
+        q, k = kernels.rope_and_store(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping, rotary.interleaved,
+                                      norms)
         out = attend(q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window)
         out = self.o_proj(out.reshape(n, -1))
         return self.tp.all_reduce(out) if self.tp is not None else out
