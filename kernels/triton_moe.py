@@ -104,7 +104,7 @@ def _place_pairs(ids_ptr, sorted_ptr, lo, hi, first_expert, experts, mine, start
         start += tl.sum(onehot, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pairs", "size", "blocks"])  # see triton_ops.py, VARYING
 def _moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, pairs, first_expert, num_experts, size, blocks,
                       E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
     experts = tl.arange(0, E)
@@ -117,7 +117,7 @@ def _moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, pairs, first_expert
     _place_pairs(ids_ptr, sorted_ptr, 0, pairs, first_expert, experts, mine, start, CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pairs"])  # see triton_ops.py, VARYING
 def _moe_count_kernel(ids_ptr, counts_ptr, pairs, first_expert, num_experts, E: tl.constexpr,
                       CHUNK: tl.constexpr, SHARE: tl.constexpr):
     share = tl.program_id(0)
@@ -130,7 +130,7 @@ def _moe_count_kernel(ids_ptr, counts_ptr, pairs, first_expert, num_experts, E: 
     tl.store(counts_ptr + share * E + experts, counts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["shares", "pairs", "size", "blocks"])  # see triton_ops.py, VARYING
 def _moe_offsets_kernel(counts_ptr, starts_ptr, sorted_ptr, block_expert_ptr, shares, pairs, num_experts, size,
                         blocks, E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
     experts = tl.arange(0, E)
@@ -144,7 +144,7 @@ def _moe_offsets_kernel(counts_ptr, starts_ptr, sorted_ptr, block_expert_ptr, sh
         start += tl.load(counts_ptr + share * E + experts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pairs"])  # see triton_ops.py, VARYING
 def _moe_place_kernel(ids_ptr, starts_ptr, sorted_ptr, pairs, first_expert, num_experts, E: tl.constexpr,
                       CHUNK: tl.constexpr, SHARE: tl.constexpr):
     share = tl.program_id(0)
@@ -182,16 +182,20 @@ def moe_align(ids, num_experts: int, first_expert: int, block_m: int):
 
 # ---- the grouped GEMMs ---------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # see triton_ops.py, VARYING
 def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N, K, num_pairs,
                      num_experts, stride_am, stride_we, stride_wn, stride_cm, TOP_K: tl.constexpr,
                      ROWS_ARE_PAIRS: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[pair] = A[row of pair] @ W[expert].T (· the pair's routing weight), for the pairs of one block
     of one expert; A's row is the pair's token (first GEMM) or the pair itself (second). GATED: W's
-    rows are gate then up (N each), and C = silu(A @ gate.T) · (A @ up.T)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    rows are gate then up (N each), and C = silu(A @ gate.T) · (A @ up.T). One program a (block, column
+    tile), a block's column tiles consecutive: the programs running together share their block's
+    gathered rows in L2 (block-major order re-read every block's rows from HBM once per column tile:
+    ~2 GB a layer for a 2k-token ERNIE prefill, more than its experts' weights)."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // tiles_n
+    pid_n = tl.program_id(0) % tiles_n
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < num_experts:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -273,7 +277,7 @@ def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: i
         return
     cfg = _fitted(cfg, block_m, gated, a.element_size())
     # the blocks holding pairs come first, and there are at most as many as pairs
-    grid = (min(block_expert.shape[0], pairs), triton.cdiv(n, cfg.block_n))
+    grid = (min(block_expert.shape[0], pairs) * triton.cdiv(n, cfg.block_n),)
     _moe_gemm_kernel[grid](a, w, c, sorted_pairs, block_expert, weights, n, k, pairs, w.shape[0], a.stride(0),
                            w.stride(0), w.stride(1), c.stride(0), TOP_K=top_k, ROWS_ARE_PAIRS=rows_are_pairs,
                            GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=_precision(a), BLOCK_M=block_m,

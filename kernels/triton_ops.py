@@ -7,6 +7,11 @@ import torch
 import triton
 import triton.language as tl
 
+# VARYING: integer arguments that change with a step's sizes (token-expert pairs, sort blocks, a block
+# table's width, blocks to copy) are not specialised on. Triton compiles a variant for each value's
+# divisibility by 16 (and for 1), 0.3-0.9 s each, which the first request of a step bringing a new one
+# waited for: TTFT spikes of 600-880 ms under load (benchmarks/RESULTS.md, MoE under load).
+
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
@@ -72,7 +77,7 @@ def _attend_tile(q, k, v, allowed, m, l_sum, acc, scale, PRECISION: tl.constexpr
 
 # ---- decode attention: one query token per sequence, split over the context --------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "max_blocks"])  # see VARYING
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr,
                          scale, window, stride_bt, max_blocks,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, KV_HEADS: tl.constexpr,
@@ -166,7 +171,7 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
 
 # ---- prefill / extend attention: variable-length queries over their paged context --------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # see VARYING
 def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr, scale, window, stride_bt,
                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -231,7 +236,7 @@ def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq
 
 # ---- block copy: one launch moves many scattered blocks (the KV transfer) -----------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_ids"])  # see VARYING
 def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, num_ids, src_plane, dst_plane,
                         src_block, dst_block, src_row, dst_row, src_first, dst_first,
                         ELEMS: tl.constexpr, ROW: tl.constexpr, CHUNK: tl.constexpr):
