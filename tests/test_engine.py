@@ -355,7 +355,7 @@ def test_prefill_graph_layout_computes_what_the_eager_step_does(model_dir):
     runner = engine.runner
     eager, seqs = runner.execute(out)
     kv_before = engine.runner.kv_cache.data.clone()
-    packed = pack_prompts(out.chunks, 8, size=192, max_seqs=6)
+    packed = {name: values.tolist() for name, values in pack_prompts(out.chunks, 8, size=192, max_seqs=6).items()}
     cu = packed["cu"]
     assert len(packed["ids"]) == 192 and packed["slots"][out.num_tokens:] == [-1] * (192 - out.num_tokens)
     assert cu[-3:] == [out.num_tokens] * 3 and packed["rows"] == [2, 39, 89, 0, 0, 0]

@@ -235,8 +235,10 @@ def test_fused_moe_matches_reference(dtype, tokens, experts, top_k, hidden, inte
     weights, ids = torch.randn(tokens, experts, device="cuda", generator=gen).softmax(-1).topk(top_k, -1)
     first = experts - held
     add = torch.randn(tokens, hidden, device="cuda", generator=gen).to(dtype) if tokens % 2 else None  # shared
-    poison = torch.full((4 * tokens * top_k * max(hidden, inter) + (1 << 20),), float("nan"), device="cuda")
-    del poison  # the kernels' scratch comes from NaN-filled memory: rows of other ranks' experts are never read
+    torch.cuda.empty_cache()  # the kernels' scratch then comes from NaN-filled memory: rows of other ranks'
+    poison = torch.full((4 * tokens * top_k * max(hidden, inter) + (1 << 20),), float("nan"), device="cuda",
+                        dtype=dtype)
+    del poison  # experts are never read
     got = triton_moe.fused_moe(x, w13, w2, weights, ids, first, add)
     expected = ref.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids, first,
                              None if add is None else add.double())
@@ -267,8 +269,8 @@ def test_moe_kernels_compile_once_for_every_step_size():
     reuse the compiled MoE kernels: a new variant cost the first request of such a step 0.3-0.9 s."""
     from pdpipe.kernels import triton_moe
 
-    kernels = (triton_moe._moe_count_kernel, triton_moe._moe_offsets_kernel, triton_moe._moe_place_kernel,
-               triton_moe._moe_gemm_kernel)
+    kernels = (triton_moe._moe_align_kernel, triton_moe._moe_count_kernel, triton_moe._moe_offsets_kernel,
+               triton_moe._moe_place_kernel, triton_moe._moe_gemm_kernel)
 
     def variants() -> list[int]:
         return [sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels]
@@ -276,14 +278,18 @@ def test_moe_kernels_compile_once_for_every_step_size():
     experts, top_k, hidden, inter = 64, 6, 256, 128
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda").to(torch.bfloat16) / hidden ** 0.5
     w2 = torch.randn(experts, hidden, inter, device="cuda").to(torch.bfloat16) / inter ** 0.5
-    seen = None
-    for tokens in (400, 433, 512, 777, 1000, 1031):  # 2400-6186 pairs: the three-kernel sort, blocks of 64
+    seen: list[int] = []
+    # the first two compile (one-program sort: up to 2048 pairs; three kernels beyond), the rest reuse:
+    # pairs, sort blocks and shares of other divisibilities by 16, blocks of 64 throughout
+    for i, tokens in enumerate((100, 400, 111, 128, 150, 433, 512, 777, 1000, 1031)):
         x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
         weights, ids = torch.randn(tokens, experts, device="cuda").softmax(-1).topk(top_k, -1)
         got = triton_moe.fused_moe(x, w13, w2, weights, ids, 0, None, block_m=64)
         assert rel_err(got, ref.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)) < 2e-2
-        seen = seen or variants()
-        assert variants() == seen, (tokens, variants(), seen)
+        if i == 1:
+            seen = variants()
+        elif i > 1:
+            assert variants() == seen, (tokens, variants(), seen)
 
 
 def test_moe_route_keeps_ids_in_range_on_nan_rows():
