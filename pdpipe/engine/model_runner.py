@@ -162,9 +162,9 @@ class ModelRunner:
                 logits = logits[[i for i, c in enumerate(out.chunks) if c.samples]]
             return logits, seqs
         if prefills is not None and prefills.holds(out):
-            size, inputs = prefills.inputs(out)
-            self._hand_over(("prefill", size, inputs))
-            logits = prefills.replay(size, inputs)[: len(seqs)]
+            size, packed = prefills.inputs(out)
+            self._hand_over(("prefill", size, packed))
+            logits = prefills.replay(size, packed)[: len(seqs)]
             if on_layer_done is not None:  # every layer's KV is written once the graph has run
                 for layer in range(self.model.spec.num_layers):
                     on_layer_done(layer)
