@@ -82,6 +82,19 @@ def moe_route(logits, bias, top_k: int, renormalize: bool, norm_min: float):
     return ops.moe_route(logits, bias, top_k, renormalize, norm_min)
 
 
+ROUTER_FUSED_TOKENS = 64  # from here the router's GEMM and choice run as one kernel on GPU
+
+
+def moe_router(x, gate, bias, top_k: int, renormalize: bool, norm_min: float, fp32: bool):
+    """The router: its logits (x by gate, in float32 where `fp32`) and their choice (see
+    reference.moe_router). On GPU one kernel for steps of ROUTER_FUSED_TOKENS tokens or more (each of
+    its programs reads the whole gate: a decode step's few tokens keep cuBLAS's GEMV and moe_route)."""
+    if use_triton(x) and x.shape[0] >= ROUTER_FUSED_TOKENS:
+        return triton_moe.moe_router(x, gate, bias, top_k, renormalize, norm_min, fp32)
+    logits = reference.router_logits(x, gate, fp32)
+    return moe_route(logits, bias, top_k, renormalize, norm_min)
+
+
 def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, add=None):
     """Routed experts over stacked weights, plus `add` (see reference.fused_moe)."""
     ops = triton_moe if use_triton(x) else reference
@@ -95,5 +108,5 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
 
 
 __all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "fused_moe", "gather_blocks", "linear", "moe_route",
-           "paged_attention", "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul",
-           "store_kv", "triton_moe", "triton_ops", "use_triton"]
+           "moe_router", "paged_attention", "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks",
+           "silu_and_mul", "store_kv", "triton_moe", "triton_ops", "use_triton"]

@@ -177,6 +177,18 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renor
     return weights, ids
 
 
+def router_logits(x: torch.Tensor, gate: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """x [tokens, hidden] by the router's weight [experts, hidden]: in float32 where the model computes
+    its router in float32 (ERNIE), else in the weight's dtype as its Linear does."""
+    return torch.nn.functional.linear(x.float(), gate.float()) if fp32 else torch.nn.functional.linear(x, gate)
+
+
+def moe_router(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
+               norm_min: float, fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router from the hidden states: router_logits, then moe_route's choice."""
+    return moe_route(router_logits(x, gate, fp32), bias, top_k, renormalize, norm_min)
+
+
 def moe_align(ids: torch.Tensor, num_experts: int, first_expert: int, block_m: int):
     """(token-expert pairs sorted by expert, each expert's run padded to a multiple of `block_m` with the
     sentinel `pairs`; the expert of each block of `block_m`, `num_experts` past the last; pairs). Pair

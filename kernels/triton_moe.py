@@ -12,36 +12,78 @@ import triton.language as tl
 
 from .triton_ops import _precision
 
-# ---- the router: softmax, top-k (by score + selection bias), renormalisation, one token a program -
+# ---- the router: softmax, top-k (by score + selection bias), renormalisation, a tile of tokens a program
 
 @triton.jit
-def _moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stride_l, norm_min,
-                      E: tl.constexpr, TOP_K: tl.constexpr, K_POW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      RENORM: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, E)
-    valid = offs < num_experts
-    logits = tl.load(logits_ptr + t * stride_l + offs, mask=valid, other=-float("inf")).to(tl.float32)
-    p = tl.exp(logits - tl.max(logits, 0))
-    p = p / tl.sum(p, 0)
+def _top_k_rows(logits, bias_ptr, weights_ptr, ids_ptr, t, tmask, offs, valid, norm_min, TOP_K: tl.constexpr,
+                K_POW: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr):
+    """Each row's (token `t`'s) experts from its logits [rows, E] float32: stored as weights and ids."""
+    logits = tl.where(valid[None, :], logits, -float("inf"))
+    p = tl.exp(logits - tl.max(logits, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
     score = p
     if HAS_BIAS:
-        score = p + tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        score = p + tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)[None, :]
     # a NaN score (a padding row of a CUDA graph may hold anything) never wins: every id stays in range
-    score = tl.where(valid & (score == score), score, -float("inf"))
+    score = tl.where(valid[None, :] & (score == score), score, -float("inf"))
     slots = tl.arange(0, K_POW)
-    chosen_w = tl.zeros((K_POW,), dtype=tl.float32)
-    chosen_id = tl.zeros((K_POW,), dtype=tl.int32)
+    chosen_w = tl.zeros((logits.shape[0], K_POW), dtype=tl.float32)
+    chosen_id = tl.zeros((logits.shape[0], K_POW), dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.argmax(score, 0)
-        w = tl.sum(tl.where(offs == best, p, 0.0), 0)
-        chosen_w = tl.where(slots == j, w, chosen_w)
-        chosen_id = tl.where(slots == j, best, chosen_id)
-        score = tl.where(offs == best, -float("inf"), score)
+        best = tl.argmax(score, 1)
+        hit = offs[None, :] == best[:, None]
+        w = tl.sum(tl.where(hit, p, 0.0), 1)
+        chosen_w = tl.where(slots[None, :] == j, w[:, None], chosen_w)
+        chosen_id = tl.where(slots[None, :] == j, best[:, None], chosen_id)
+        score = tl.where(hit, -float("inf"), score)
     if RENORM:
-        chosen_w = chosen_w / tl.maximum(tl.sum(chosen_w, 0), norm_min)
-    tl.store(weights_ptr + t * TOP_K + slots, chosen_w, mask=slots < TOP_K)
-    tl.store(ids_ptr + t * TOP_K + slots, chosen_id, mask=slots < TOP_K)
+        chosen_w = chosen_w / tl.maximum(tl.sum(chosen_w, 1), norm_min)[:, None]
+    out = t[:, None] * TOP_K + slots[None, :]
+    mask = tmask[:, None] & (slots[None, :] < TOP_K)
+    tl.store(weights_ptr + out, chosen_w, mask=mask)
+    tl.store(ids_ptr + out, chosen_id, mask=mask)
+
+
+@triton.jit(do_not_specialize=["tokens"])  # see triton_ops.py, VARYING
+def _moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, num_experts, stride_l, norm_min,
+                      E: tl.constexpr, TOP_K: tl.constexpr, K_POW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      RENORM: tl.constexpr, BLOCK_T: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < tokens
+    offs = tl.arange(0, E)
+    valid = offs < num_experts
+    logits = tl.load(logits_ptr + t[:, None] * stride_l + offs[None, :], mask=tmask[:, None] & valid[None, :],
+                     other=0.0).to(tl.float32)
+    _top_k_rows(logits, bias_ptr, weights_ptr, ids_ptr, t, tmask, offs, valid, norm_min, TOP_K, K_POW, HAS_BIAS,
+                RENORM)
+
+
+@triton.jit(do_not_specialize=["tokens"])  # see triton_ops.py, VARYING
+def _moe_router_kernel(x_ptr, w_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, hidden, num_experts, stride_x,
+                       norm_min, E: tl.constexpr, TOP_K: tl.constexpr, K_POW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       RENORM: tl.constexpr, FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The router's GEMM and its choice in one kernel: logits = x · Wᵀ for a tile of tokens, in float32
+    from float32 inputs (FP32: ERNIE's router, as the model computes it in float32) or in the weight's
+    dtype accumulated in float32 and rounded to it (the others' bf16 Linear), then _top_k_rows."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < tokens
+    offs = tl.arange(0, E)
+    valid = offs < num_experts
+    acc = tl.zeros((BLOCK_T, E), dtype=tl.float32)
+    for h0 in range(0, hidden, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        hmask = h < hidden
+        x = tl.load(x_ptr + t[:, None] * stride_x + h[None, :], mask=tmask[:, None] & hmask[None, :], other=0.0)
+        w = tl.load(w_ptr + offs[None, :] * hidden + h[:, None], mask=valid[None, :] & hmask[:, None], other=0.0)
+        # TF32 holds a bf16/fp16 value exactly: the products are a 16-bit GEMM's, summed in float32
+        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee" if FP32 else "tf32")
+    if not FP32:
+        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)  # the Linear's output dtype, as the model rounds
+    _top_k_rows(acc, bias_ptr, weights_ptr, ids_ptr, t, tmask, offs, valid, norm_min, TOP_K, K_POW, HAS_BIAS,
+                RENORM)
+
+
+ROUTE_TOKENS = 16  # tokens a program routes
 
 
 def moe_route(logits, bias, top_k: int, renormalize: bool, norm_min: float):
@@ -53,10 +95,31 @@ def moe_route(logits, bias, top_k: int, renormalize: bool, norm_min: float):
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=logits.device)
     if tokens:
-        _moe_route_kernel[(tokens,)](logits, bias if bias is not None else logits, weights, ids, experts,
-                                     logits.stride(0), norm_min, E=triton.next_power_of_2(experts), TOP_K=top_k,
-                                     K_POW=triton.next_power_of_2(top_k), HAS_BIAS=bias is not None,
-                                     RENORM=renormalize)
+        _moe_route_kernel[(triton.cdiv(tokens, ROUTE_TOKENS),)](
+            logits, bias if bias is not None else logits, weights, ids, tokens, experts, logits.stride(0), norm_min,
+            E=triton.next_power_of_2(experts), TOP_K=top_k, K_POW=triton.next_power_of_2(top_k),
+            HAS_BIAS=bias is not None, RENORM=renormalize, BLOCK_T=ROUTE_TOKENS)
+    return weights, ids
+
+
+def moe_router(x, gate, bias, top_k: int, renormalize: bool, norm_min: float, fp32: bool):
+    """reference.moe_router in one launch: the router's GEMM (x [tokens, hidden] by gate [experts,
+    hidden]) and moe_route's choice. Each program reads the whole gate, so this is for steps of many
+    tokens (a prompt's: ~1 launch instead of the float32 copy of x, cuBLAS's float32 GEMM and the
+    choice); kernels.moe_router takes the two-launch path for a few."""
+    tokens, hidden = x.shape
+    experts = gate.shape[0]
+    assert x.stride(1) == 1 and gate.is_contiguous() and gate.shape[1] == hidden and 1 <= top_k <= experts
+    fp32 = fp32 or gate.dtype == torch.float32  # a float32 Linear computes in float32 (no TF32)
+    assert bias is None or bias.numel() == experts
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=x.device)
+    if tokens:
+        _moe_router_kernel[(triton.cdiv(tokens, ROUTE_TOKENS),)](
+            x, gate, bias if bias is not None else gate, weights, ids, tokens, hidden, experts, x.stride(0), norm_min,
+            E=max(16, triton.next_power_of_2(experts)), TOP_K=top_k, K_POW=triton.next_power_of_2(top_k),
+            HAS_BIAS=bias is not None, RENORM=renormalize, FP32=fp32, BLOCK_T=ROUTE_TOKENS,
+            BLOCK_H=32 if fp32 else 64)
     return weights, ids
 
 

@@ -292,6 +292,33 @@ def test_moe_kernels_compile_once_for_every_step_size():
             assert variants() == seen, (tokens, variants(), seen)
 
 
+@pytest.mark.parametrize("tokens,experts,top_k,bias,fp32", [
+    (64, 64, 6, True, True), (2048, 64, 6, True, True), (300, 128, 8, False, False), (77, 8, 2, False, False),
+    (100, 60, 4, False, True)])
+def test_moe_router_matches_reference(tokens, experts, top_k, bias, fp32):
+    """The router's GEMM and choice in one kernel (prompt steps) against torch's Linear and topk: in
+    float32 (ERNIE's router) the same experts and weights; in bf16 (a Linear in the model's dtype,
+    its logits rounded to bf16, so near-ties may order otherwise) the chosen experts' probabilities
+    are the top-k probabilities, and the weights are those probabilities."""
+    from pdpipe.kernels import triton_moe
+
+    gen = torch.Generator(device="cuda").manual_seed(tokens + experts)
+    x = torch.randn(tokens, 1024, device="cuda", generator=gen).to(torch.bfloat16)
+    gate = torch.randn(experts, 1024, device="cuda", generator=gen) / 32
+    gate = gate if fp32 else gate.to(torch.bfloat16)
+    b = torch.randn(experts, device="cuda", generator=gen) * 0.1 if bias else None
+    weights, ids = triton_moe.moe_router(x, gate, b, top_k, True, 1e-12, fp32)
+    ref_weights, ref_ids = ref.moe_router(x, gate, b, top_k, True, 1e-12, fp32)
+    if fp32:
+        assert torch.equal(ids.long(), ref_ids)
+        assert torch.allclose(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    else:
+        probs = ref.router_logits(x, gate, False).float().softmax(-1)
+        chosen = probs.gather(-1, ids.long())
+        assert torch.allclose(chosen.sort(-1).values, probs.topk(top_k, -1).values.sort(-1).values, atol=1e-3)
+        assert torch.allclose(weights, chosen / chosen.sum(-1, keepdim=True), atol=1e-3)
+
+
 def test_moe_route_keeps_ids_in_range_on_nan_rows():
     """A padding row of a CUDA graph may hold NaN: its experts are still ids the sort can count."""
     from pdpipe.kernels import triton_moe

@@ -89,14 +89,11 @@ class MoE(nn.Module):
             self.shared_experts.fuse()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [tokens, top_k] float32, expert ids [tokens, top_k]): see kernels.moe_route."""
+        """(weights [tokens, top_k] float32, expert ids [tokens, top_k]): see kernels.moe_router."""
         moe = self.moe
-        if moe.router_fp32:
-            logits = nn.functional.linear(x.float(), self.gate.weight.float())
-        else:
-            logits = nn.functional.linear(x, self.gate.weight)
         bias = self.moe_statics.e_score_correction_bias if moe.selection_bias else None
-        return kernels.moe_route(logits, bias, moe.top_k, moe.renormalize, moe.norm_min)
+        return kernels.moe_router(x, self.gate.weight, bias, moe.top_k, moe.renormalize, moe.norm_min,
+                                  moe.router_fp32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is not None and self.tp.data_parallel_attention:  # every rank's tokens through our experts
