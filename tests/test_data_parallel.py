@@ -67,6 +67,52 @@ def test_a_sequence_that_gives_way_on_its_rank_leaves_the_other_ranks_scheduled(
     assert [c.seq.request_id for c in out.chunks] == ["s0", "s1", "s3"]
 
 
+def test_prompt_steps_replay_every_ranks_prefill_graph_of_one_size():
+    """A step of whole prompts spread over two ranks: each rank's inputs to its prefill graph of one
+    token count (the smallest graph holding the larger share; the other rank pads), KV slots in its
+    own pool, the logits gathered rank 0 first in the order of the sampling sequences — or no graph
+    when a share is not whole prompts. The layout the GPU graphs replay, checked without them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pdpipe.engine.data_parallel import prefill_graph_shares, replay_prefill_share
+    from pdpipe.engine.model_runner import PrefillGraphs
+    from pdpipe.engine.scheduler import ScheduledChunk, SchedulerOutput
+
+    per_rank, block = 8, 4
+    graphs = PrefillGraphs.__new__(PrefillGraphs)  # its layout, without a GPU to capture on
+    graphs.sizes = [32, 64, 96]
+    params = SamplingParams(max_tokens=4)
+
+    def chunk(name: str, n: int, table: list[int], start: int = 0, length: int = 0) -> ScheduledChunk:
+        tokens = list(range(1, (length or n) + 1))
+        seq = Sequence(name, tokens, params, token_ids=tokens, block_table=table)
+        return ScheduledChunk(seq, start, n)
+
+    # rank 0: a 10-token prompt and the first 7 tokens of a 20-token one; rank 1: one 30-token prompt
+    a, b, c = chunk("a", 10, [1, 2, 3]), chunk("b", 7, [4, 5], length=20), chunk("c", 30, [8 + i for i in range(8)])
+    handed = []
+    tp = SimpleNamespace(size=2, rank=0, all_gather_rows=lambda x: torch.cat([x, x + 100]))
+    runner = SimpleNamespace(tp=tp, kv_cache=SimpleNamespace(num_blocks=per_rank, block_size=block),
+                             prefill_graphs=graphs, model=SimpleNamespace(spec=SimpleNamespace(num_layers=2)))
+    graphs.runner = runner
+    graphs.replay = lambda size, inputs: torch.arange(PrefillGraphs.MAX_SEQS, dtype=torch.float32)[:, None]
+    size, packed, counts, seqs = prefill_graph_shares(runner, SchedulerOutput(chunks=[c, a, b]))
+    assert size == 32 and counts == [1, 1] and [s.request_id for s in seqs] == ["a", "c"]
+    zero, one = packed
+    assert zero["cu"].tolist()[:3] == [0, 10, 17] and one["cu"].tolist()[:2] == [0, 30]
+    assert len(zero["ids"]) == len(one["ids"]) == 32 and (zero["slots"][17:] == -1).all()
+    assert zero["slots"][:10].tolist() == [4 + i for i in range(10)]  # blocks 1-3 of rank 0's pool
+    assert one["slots"][:30].tolist() == list(range(30))  # blocks 8-15: rank 1's pool's 0-7
+    assert zero["rows"][:1].tolist() == [9] and one["rows"][:1].tolist() == [29]
+    announced: list[int] = []
+    logits = replay_prefill_share(runner, size, packed, counts, announced.append)
+    assert logits[:, 0].tolist() == [0.0, 100.0] and announced == [0, 1]  # a's row, then c's (rank 1's row 0)
+    b.start, b.num_tokens = 7, 13  # the rest of b: a chunk with context runs eagerly
+    assert prefill_graph_shares(runner, SchedulerOutput(chunks=[b, c])) is None
+
+
 def serve(engine) -> dict:
     """Three requests batched (spread over the ranks: steps where the ranks hold different token
     counts), then one alone (a rank with nothing to attend to follows along); greedy and seeded. The

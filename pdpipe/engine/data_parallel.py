@@ -3,7 +3,8 @@ sequences, a sequence living on the rank whose pool holds its blocks (the block 
 and hands each step's shares over; every rank runs its share, padded to the same token count (each MoE
 layer gathers all ranks' tokens), and rank 0 gathers the logits of the rows that sample. Decode steps
 replay every rank's CUDA graph of one batch size (the largest share's), padded rows attending to
-nothing; other steps run eagerly."""
+nothing, and steps of whole prompts every rank's prefill graph of one token count; other steps run
+eagerly."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -49,6 +50,39 @@ def replay_share(runner: ModelRunner, size: int, inputs: list[dict], rows: list[
     assert runner.tp is not None and runner.graphs is not None
     everyone = runner.tp.all_gather_rows(runner.graphs.replay(size, inputs[runner.tp.rank]))
     return everyone[[rank * size + i for rank, mine in enumerate(rows) for i in mine]]
+
+
+def prefill_graph_shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[int, list[dict], list[int], list] | None:
+    """A step of whole prompts as every rank's inputs to its prefill graph of one size (the smallest
+    holding the largest share: a rank with fewer tokens, or none, replays padding rows for the MoE
+    layers' collectives), how many logits each rank samples, and the sampling sequences in that order;
+    None when a share does not fit the graphs."""
+    prefills = runner.prefill_graphs
+    if prefills is None:
+        return None
+    chunks = _by_rank(runner, out)
+    if not all(prefills.holds(SchedulerOutput(chunks=mine)) for mine in chunks):
+        return None
+    size = prefills.size_for(max(1, max(sum(c.num_tokens for c in mine) for mine in chunks)))
+    per_rank = runner.kv_cache.num_blocks
+    packed = [prefills.inputs(SchedulerOutput(chunks=mine), first_block=rank * per_rank, size=size)[1]
+              for rank, mine in enumerate(chunks)]
+    counts = [sum(c.samples for c in mine) for mine in chunks]
+    return size, packed, counts, [c.seq for mine in chunks for c in mine if c.samples]
+
+
+def replay_prefill_share(runner: ModelRunner, size: int, packed: list[dict], counts: list[int],
+                         on_layer_done=None) -> torch.Tensor:
+    """This rank's prefill graph replayed on its inputs; every rank's sampled logits, rank 0's first.
+    As in run_share, the layers are announced once the gather is over (every rank's KV written)."""
+    assert runner.tp is not None and runner.prefill_graphs is not None
+    logits = runner.prefill_graphs.replay(size, packed[runner.tp.rank])
+    everyone = runner.tp.all_gather_rows(logits)
+    if on_layer_done is not None:
+        for layer in range(runner.model.spec.num_layers):
+            on_layer_done(layer)
+    most = logits.shape[0]
+    return everyone[[rank * most + i for rank, n in enumerate(counts) for i in range(n)]]
 
 
 def shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[list[dict], list[Sequence]]:

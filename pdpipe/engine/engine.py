@@ -166,7 +166,7 @@ class LLMEngine:
         if graphs and config.cuda_graphs:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
         prefill_graph_tokens = prefill_graph_limit(config, self.spec)
-        if graphs and prefill_graph_tokens and not data_parallel:  # data-parallel prompts run eagerly
+        if graphs and prefill_graph_tokens:
             self.runner.capture_prefill_graphs(prefill_graph_tokens)
         self.sampler = Sampler(self.eos_token_ids)
         self._arrivals = itertools.count()

@@ -12,7 +12,7 @@ import torch
 from pdpipe.models.decoder import AttentionMetadata, CausalLM
 from pdpipe.models.parallel import TensorParallel
 
-from .data_parallel import graph_shares, replay_share, run_share, shares
+from .data_parallel import graph_shares, prefill_graph_shares, replay_prefill_share, replay_share, run_share, shares
 from .kv_cache import KVCache
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -181,6 +181,11 @@ class ModelRunner:
             size, rank_inputs, rows, seqs = graphed
             self._hand_over(("data_graph", size, rank_inputs, rows))
             return replay_share(self, size, rank_inputs, rows), seqs
+        prompts = prefill_graph_shares(self, out)
+        if prompts is not None:
+            size, packed, counts, seqs = prompts
+            self._hand_over(("data_prefill", size, packed, counts))
+            return replay_prefill_share(self, size, packed, counts, on_layer_done), seqs
         lays, seqs = shares(self, out)
         self._hand_over(("data", lays))
         return run_share(self, lays, on_layer_done), seqs
@@ -211,6 +216,8 @@ class ModelRunner:
                     run_share(self, *args)
                 elif kind == "data_graph":
                     replay_share(self, *args)
+                elif kind == "data_prefill":
+                    replay_prefill_share(self, *args)
                 else:
                     self._forward(*self.place(*args))
             except Exception as exc:  # noqa: BLE001 — rank 0 met the same failure: it re-runs or fails the request
@@ -336,12 +343,13 @@ def prefill_graph_sizes(max_tokens: int, pad: int = TOKEN_PAD) -> list[int]:
     return [*sizes, -(-max_tokens // pad) * pad]
 
 
-def pack_prompts(chunks: list, block_size: int, size: int, max_seqs: int) -> dict[str, np.ndarray]:
+def pack_prompts(chunks: list, block_size: int, size: int, max_seqs: int,
+                 first_block: int = 0) -> dict[str, np.ndarray]:
     """A step of whole prompts laid out for a prefill graph of `size` tokens and `max_seqs` prompts:
     token ids, positions and KV slots, padded with rows in no prompt that write nowhere (slot -1); the
     prompts' bounds (`cu`, padded with empty prompts); the rows whose logits are sampled (`rows`,
-    padded with row 0). Computed per prompt with numpy (a per-token Python loop took ~0.7 ms of a
-    2048-token step, with the GPU idle)."""
+    padded with row 0). `first_block`: as in ModelRunner.layout. Computed per prompt with numpy (a
+    per-token Python loop took ~0.7 ms of a 2048-token step, with the GPU idle)."""
     ids = np.zeros(size, dtype=np.int64)
     pos = np.zeros(size, dtype=np.int64)
     slots = np.full(size, -1, dtype=np.int64)
@@ -353,7 +361,7 @@ def pack_prompts(chunks: list, block_size: int, size: int, max_seqs: int) -> dic
         n = chunk.num_tokens
         assert start + n <= size, (size, start + n)
         here = np.arange(n)
-        table = np.asarray(chunk.seq.block_table[: -(-n // block_size)], dtype=np.int64)
+        table = np.asarray(local_table(chunk.seq.block_table[: -(-n // block_size)], first_block), dtype=np.int64)
         ids[start: start + n] = chunk.seq.token_ids[:n]
         pos[start: start + n] = here
         slots[start: start + n] = table[here // block_size] * block_size + here % block_size
@@ -401,9 +409,14 @@ class PrefillGraphs:
         return (len(out.chunks) <= self.MAX_SEQS and out.num_tokens <= self.sizes[-1]
                 and all(c.start == 0 for c in out.chunks))
 
-    def inputs(self, out: SchedulerOutput) -> tuple[int, dict[str, np.ndarray]]:
-        size = next(s for s in self.sizes if s >= out.num_tokens)
-        return size, pack_prompts(out.chunks, self.runner.kv_cache.block_size, size, self.MAX_SEQS)
+    def size_for(self, tokens: int) -> int:
+        return next(s for s in self.sizes if s >= tokens)
+
+    def inputs(self, out: SchedulerOutput, first_block: int = 0, size: int = 0) -> tuple[int, dict[str, np.ndarray]]:
+        """The graph size that holds this step (or `size`) and its inputs. `first_block`: as in
+        ModelRunner.layout."""
+        size = size or self.size_for(out.num_tokens)
+        return size, pack_prompts(out.chunks, self.runner.kv_cache.block_size, size, self.MAX_SEQS, first_block)
 
     def replay(self, size: int, inputs: dict[str, np.ndarray]) -> torch.Tensor:
         fill(self, inputs)
