@@ -92,7 +92,6 @@ def test_prompt_steps_replay_every_ranks_prefill_graph_of_one_size():
 
     # rank 0: a 10-token prompt and the first 7 tokens of a 20-token one; rank 1: one 30-token prompt
     a, b, c = chunk("a", 10, [1, 2, 3]), chunk("b", 7, [4, 5], length=20), chunk("c", 30, [8 + i for i in range(8)])
-    handed = []
     tp = SimpleNamespace(size=2, rank=0, all_gather_rows=lambda x: torch.cat([x, x + 100]))
     runner = SimpleNamespace(tp=tp, kv_cache=SimpleNamespace(num_blocks=per_rank, block_size=block),
                              prefill_graphs=graphs, model=SimpleNamespace(spec=SimpleNamespace(num_layers=2)))
@@ -109,6 +108,10 @@ def test_prompt_steps_replay_every_ranks_prefill_graph_of_one_size():
     announced: list[int] = []
     logits = replay_prefill_share(runner, size, packed, counts, announced.append)
     assert logits[:, 0].tolist() == [0.0, 100.0] and announced == [0, 1]  # a's row, then c's (rank 1's row 0)
+    size, packed, counts, seqs = prefill_graph_shares(runner, SchedulerOutput(chunks=[a]))  # rank 1: nothing
+    assert size == 32 and counts == [1, 0] and [s.request_id for s in seqs] == ["a"]
+    assert packed[1]["cu"].tolist() == [0] * 17 and (packed[1]["slots"] == -1).all()  # padding rows only
+    assert replay_prefill_share(runner, size, packed, counts)[:, 0].tolist() == [0.0]
     b.start, b.num_tokens = 7, 13  # the rest of b: a chunk with context runs eagerly
     assert prefill_graph_shares(runner, SchedulerOutput(chunks=[b, c])) is None
 

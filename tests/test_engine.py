@@ -335,6 +335,8 @@ def test_prefill_graphs_by_default_hold_more_tokens_for_mixture_of_experts_model
     assert prefill_graph_limit(EngineConfig(model="m", prefill_graph_tokens=300), moe) == 300
     small = EngineConfig(model="m", scheduler=SchedulerConfig(max_num_batched_tokens=1024))
     assert prefill_graph_limit(small, moe) == 1024  # never more than a step holds
+    assert prefill_graph_limit(EngineConfig(model="m"), moe, ranks=2) == 1024  # a data-parallel rank's share
+    assert prefill_graph_limit(EngineConfig(model="m", prefill_graph_tokens=0), moe, ranks=2) == 0
     with pytest.raises(ValueError, match="prefill_graph_tokens"):
         EngineConfig(model="m", prefill_graph_tokens=-2)
 

@@ -86,15 +86,18 @@ def resolve_max_model_len(spec: ModelSpec, config: EngineConfig, num_blocks: int
     return asked or limit
 
 
-def prefill_graph_limit(config: EngineConfig, spec: ModelSpec) -> int:
+def prefill_graph_limit(config: EngineConfig, spec: ModelSpec, ranks: int = 1) -> int:
     """How many tokens of whole prompts a step may hold to replay a prefill graph: the configured count,
     or by the model (-1): 512 for dense models, 2048 for mixture-of-experts ones (a MoE step launches
     ~20-30 kernels a layer for few FLOPs: an ERNIE-21B-A3B-shaped 2048-token prompt took longer to
-    enqueue than to compute; benchmarks/RESULTS.md); never more than a step's token budget."""
+    enqueue than to compute; benchmarks/RESULTS.md); never more than a step's token budget. With
+    `ranks` data-parallel ranks, a rank's share: its MoE layers gather every rank's rows, so its graphs'
+    memory (held for good, beside the eager steps') stays that of one graph of the whole count."""
     tokens = config.prefill_graph_tokens
     if tokens < 0:
         tokens = 2048 if spec.moe is not None else 512
-    return min(tokens, config.scheduler.max_num_batched_tokens)
+    tokens = min(tokens, config.scheduler.max_num_batched_tokens)
+    return tokens if ranks == 1 or not tokens else max(TOKEN_PAD, tokens // ranks)
 
 
 class LLMEngine:
@@ -165,7 +168,7 @@ class LLMEngine:
         graphs = config.device.startswith("cuda")
         if graphs and config.cuda_graphs:
             self.runner.capture_graphs(config.scheduler.max_num_seqs)
-        prefill_graph_tokens = prefill_graph_limit(config, self.spec)
+        prefill_graph_tokens = prefill_graph_limit(config, self.spec, ranks)
         if graphs and prefill_graph_tokens:
             self.runner.capture_prefill_graphs(prefill_graph_tokens)
         self.sampler = Sampler(self.eos_token_ids)
