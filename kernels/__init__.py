@@ -87,8 +87,8 @@ ROUTER_FUSED_TOKENS = 64  # from here the router's GEMM and choice run as one ke
 
 def moe_router(x, gate, bias, top_k: int, renormalize: bool, norm_min: float, fp32: bool):
     """The router: its logits (x by gate, in float32 where `fp32`) and their choice (see
-    reference.moe_router). On GPU one kernel for steps of ROUTER_FUSED_TOKENS tokens or more (each of
-    its programs reads the whole gate: a decode step's few tokens keep cuBLAS's GEMV and moe_route)."""
+    reference.moe_router). On GPU one kernel for ROUTER_FUSED_TOKENS rows or more (each of its programs
+    reads the whole gate: a few rows, a decode step's, keep cuBLAS's GEMV and moe_route)."""
     if use_triton(x) and x.shape[0] >= ROUTER_FUSED_TOKENS:
         return triton_moe.moe_router(x, gate, bias, top_k, renormalize, norm_min, fp32)
     logits = reference.router_logits(x, gate, fp32)
