@@ -45,11 +45,25 @@ def graph_shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[int, list[d
     return size, inputs, rows, [c.seq for mine in chunks for c in mine if c.samples]
 
 
+def _gather_sampled(runner: ModelRunner, logits: torch.Tensor, rows: list[list[int]],
+                    on_layer_done=None) -> torch.Tensor:
+    """Every rank's `logits` (one row count on all) gathered: the rows each rank samples, rank 0's
+    first. The gather ends every data-parallel step, sampling or not: once it is over every rank has
+    written all its KV, and only then are the layers announced (a layer with no collective, a dense
+    one, would otherwise be announced before the other ranks wrote it)."""
+    assert runner.tp is not None
+    everyone = runner.tp.all_gather_rows(logits)
+    if on_layer_done is not None:
+        for layer in range(runner.model.spec.num_layers):
+            on_layer_done(layer)
+    most = logits.shape[0]
+    return everyone[[rank * most + i for rank, mine in enumerate(rows) for i in mine]]
+
+
 def replay_share(runner: ModelRunner, size: int, inputs: list[dict], rows: list[list[int]]) -> torch.Tensor:
     """This rank's graph replayed on its inputs; every rank's sampling rows' logits, rank 0's first."""
     assert runner.tp is not None and runner.graphs is not None
-    everyone = runner.tp.all_gather_rows(runner.graphs.replay(size, inputs[runner.tp.rank]))
-    return everyone[[rank * size + i for rank, mine in enumerate(rows) for i in mine]]
+    return _gather_sampled(runner, runner.graphs.replay(size, inputs[runner.tp.rank]), rows)
 
 
 def prefill_graph_shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[int, list[dict], list[int], list] | None:
@@ -73,16 +87,11 @@ def prefill_graph_shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[int
 
 def replay_prefill_share(runner: ModelRunner, size: int, packed: list[dict], counts: list[int],
                          on_layer_done=None) -> torch.Tensor:
-    """This rank's prefill graph replayed on its inputs; every rank's sampled logits, rank 0's first.
-    As in run_share, the layers are announced once the gather is over (every rank's KV written)."""
+    """This rank's prefill graph replayed on its inputs (its sampled rows first); every rank's sampled
+    logits, rank 0's first."""
     assert runner.tp is not None and runner.prefill_graphs is not None
     logits = runner.prefill_graphs.replay(size, packed[runner.tp.rank])
-    everyone = runner.tp.all_gather_rows(logits)
-    if on_layer_done is not None:
-        for layer in range(runner.model.spec.num_layers):
-            on_layer_done(layer)
-    most = logits.shape[0]
-    return everyone[[rank * most + i for rank, n in enumerate(counts) for i in range(n)]]
+    return _gather_sampled(runner, logits, [list(range(n)) for n in counts], on_layer_done)
 
 
 def shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[list[dict], list[Sequence]]:
@@ -103,10 +112,7 @@ def shares(runner: ModelRunner, out: SchedulerOutput) -> tuple[list[dict], list[
 
 def run_share(runner: ModelRunner, lays: list[dict], on_layer_done=None) -> torch.Tensor:
     """This rank's share of the step; returns every rank's sampled rows' logits, rank 0's first
-    ([rows, vocab] float32; what rank 0 samples from). The gather ends every step, sampling or not:
-    once it is over every rank has written all its KV, and only then are the layers announced (a
-    layer with no collective, a dense one, would otherwise be announced before the other ranks wrote
-    it)."""
+    ([rows, vocab] float32; what rank 0 samples from), as _gather_sampled."""
     assert runner.tp is not None
     lay = lays[runner.tp.rank]
     logits = runner._forward(*runner.place(lay))
@@ -114,8 +120,4 @@ def run_share(runner: ModelRunner, lays: list[dict], on_layer_done=None) -> torc
     padded = torch.zeros(most, runner.model.spec.vocab_size, dtype=torch.float32, device=runner.device)
     if lay["rows"]:
         padded[: len(lay["rows"])] = logits
-    everyone = runner.tp.all_gather_rows(padded)
-    if on_layer_done is not None:
-        for layer in range(runner.model.spec.num_layers):
-            on_layer_done(layer)
-    return everyone[[rank * most + i for rank, other in enumerate(lays) for i in range(len(other["rows"]))]]
+    return _gather_sampled(runner, padded, [list(range(len(other["rows"]))) for other in lays], on_layer_done)
