@@ -8,7 +8,7 @@
 #   (decode_busy_ms = BUSY_MS, default 12), 1p1d-nobusy (decode_busy_ms 0), 2mixed; default
 #   1p1d 1p1d-always 2mixed),
 #   PROMPTS (requests per rate, default 150), SLO (default "ttft:600 tpot:15"), COMPARE_S; for moe:
-#   MOE_LAYOUTS (of 1p1d 2mixed dp2; default 1p1d 2mixed), MOE_RATES
+#   MOE_LAYOUTS (of 1p1d 2mixed dp2; default 1p1d 2mixed), MOE_RATES; for moesweep: SWEEP_ONLY (of sweep,parts,router), SWEEP_CASES, SWEEP_MODELS
 # .whl holds py3.12 manylinux wheels of what the machine lacks: pyzmq msgspec starlette uvicorn h11
 # httptools uvloop click anyio sniffio prometheus-client redis msgpack pytest pluggy iniconfig
 # pytest-timeout mooncake-transfer-engine-cuda13, and .whl/debs the .debs of libibverbs1
@@ -79,7 +79,7 @@ while [ $# -gt 0 ]; do
              --output-len 64 --request-rates ${TP_RATES:-1,4} --num-prompts ${TP_PROMPTS:-16} --vocab-size 128000 \
              --ignore-eos --out /tmp/compare_70b 2>&1 | tee "$OUT/serve_70b.log" | tail -12
            tar czf "$OUT/serve_70b.tgz" -C /tmp compare_70b pdpipe-70b-tp2 2>/dev/null; shift ;;
-    moesweep) timeout ${SWEEP_S:-300} python3 benchmarks/moe_kernel_sweep.py --json "$OUT/moe_sweep.json" 2>&1 \
+    moesweep) timeout ${SWEEP_S:-300} python3 benchmarks/moe_kernel_sweep.py --json "$OUT/moe_sweep.json" ${SWEEP_ONLY:+--only $SWEEP_ONLY} ${SWEEP_CASES:+--cases $SWEEP_CASES} ${SWEEP_MODELS:+--models $SWEEP_MODELS} 2>&1 \
                 | grep -v Warn | tee "$OUT/moe_sweep.log" | tail -40; shift ;;
     ep2|dp2) make_ernie  # dp2: the same with data-parallel attention
          flags="--expert-parallel"; [ "$1" = dp2 ] && flags="$flags --data-parallel-attention"

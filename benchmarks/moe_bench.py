@@ -78,9 +78,12 @@ def experts_read(engine, out, layers) -> int:
     return sum(seen)
 
 
-def bench(name: str, root: Path, copy_bw: float, gemm: float, profile: bool = False) -> dict:
+def bench(name: str, root: Path, copy_bw: float, gemm: float, profile: bool = False, first: bool = False) -> dict:
     path = model_dir(root, name)
     engine = make_engine(path, 0, 64, num_blocks=64 * 1040 // BLOCK + 64)
+    if first:
+        engine.warm_up()  # as an engine process starts
+    first_steps = unseen_steps(engine) if first else None
     spec, model = engine.spec, engine.model
     rest, expert, layers = expert_split(model)
     rows = []
@@ -93,7 +96,8 @@ def bench(name: str, root: Path, copy_bw: float, gemm: float, profile: bool = Fa
                          experts_read=read, experts_read_per_layer=read / len(layers), tokens_per_s=batch / step))
         release(engine, out)
     if profile:
-        rows[0]["kernels"] = kernel_profile(engine, batch_of(engine, [1024], decode=True))
+        for row in (rows[0], rows[-1]):
+            row["kernels"] = kernel_profile(engine, batch_of(engine, [1024] * row["batch"], decode=True))
     moe = spec.moe
     active = (rest - spec.vocab_size * spec.hidden_size * 2) // 2 + len(layers) * moe.top_k * expert // 2
     prompt = batch_of(engine, [2048], decode=False)
@@ -104,10 +108,49 @@ def bench(name: str, root: Path, copy_bw: float, gemm: float, profile: bool = Fa
     if profile:
         prefill["kernels"] = kernel_profile(engine, batch_of(engine, [2048], decode=False))
     result = dict(model=name, weights_GB=(rest + expert * moe.num_experts * len(layers)) / 1e9, decode=rows,
-                  prefill_2048=prefill)
+                  prefill_2048=prefill, first_steps=first_steps)
     del engine
     torch.cuda.empty_cache()
     return result
+
+
+def unseen_steps(engine) -> list[dict]:
+    """Prompt steps the warmed-up engine has no CUDA graph for (over the prefill graphs' largest size),
+    run once and again: their times, the Triton kernels that compiled a variant for them and the first
+    run's costliest host calls (the first request of such a step under load waits for what a first
+    run does more)."""
+    import time
+
+    import triton
+    from torch.profiler import ProfilerActivity, profile
+
+    from pdpipe.kernels import triton_moe, triton_ops
+
+    jits = {name: k for module in (triton_ops, triton_moe) for name, k in vars(module).items()
+            if isinstance(k, triton.runtime.jit.JITFunction)}
+
+    def variants() -> dict[str, int]:
+        return {name: sum(len(cache[0]) for cache in k.device_caches.values()) for name, k in jits.items()}
+
+    out = []
+    for lengths in ([1082, 1034, 1278], [2071], [1576, 1654], [3000]):
+        before, times = variants(), []
+        for again in (False, True):
+            step = batch_of(engine, lengths, decode=False)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                engine.runner.execute(step)[0].argmax(-1).tolist()
+            times.append((time.perf_counter() - start) * 1e3)
+            release(engine, step)
+            if not again:  # where a first step's host time went
+                slow = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+        after = variants()
+        out.append(dict(prompts=lengths, first_ms=round(times[0], 1), again_ms=round(times[1], 1),
+                        compiled=[name for name in after if after[name] != before[name]],
+                        first_top_ops_ms=[(e.key, round(e.self_cpu_time_total / 1e3, 1)) for e in slow]))
+        print(json.dumps(out[-1]))
+    return out
 
 
 def kernel_profile(engine, out) -> dict:
@@ -161,11 +204,13 @@ def main() -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--models", default="ernie,qwen")
     parser.add_argument("--work", default="/tmp/pdpipe-models")
-    parser.add_argument("--profile", action="store_true", help="a batch-1 step's and a prefill's kernels, eager")
+    parser.add_argument("--profile", action="store_true", help="kernels of steps of 1 and 64, a prefill's")
+    parser.add_argument("--first-steps", action="store_true", help="prompt steps beyond the graphs, first and again")
     args = parser.parse_args()
     copy_bw, gemm = copy_bandwidth(0), gemm_tflops(0)
     results = {"device": torch.cuda.get_device_name(0), "copy_bw_TBps": copy_bw / 1e12, "gemm_tflops": gemm,
-               "models": [bench(m, Path(args.work), copy_bw, gemm, args.profile) for m in args.models.split(",")]}
+               "models": [bench(m, Path(args.work), copy_bw, gemm, args.profile, args.first_steps)
+                          for m in args.models.split(",")]}
     print(json.dumps(results, indent=1))
     for r in results["models"]:
         for row in r["decode"]:

@@ -6,8 +6,11 @@ router and the sort against their torch references, and where a MoE layer's time
            (distinct experts × their bytes ÷ the device's copy bandwidth); the weights of 4 layers
            cycled, so no layer's experts sit in L2 between calls
   prefill  512 and 2048 tokens: each GEMM's FLOPs against the bf16 GEMM rate
+  router   16 to 8192 tokens: the fused router (tile sizes, float32 GEMM precisions) against cuBLAS's
+           GEMM + the choice kernel (where kernels.ROUTER_FUSED_TOKENS comes from); the sort's kernels
+           specialised on their sizes against not (triton_ops.py, VARYING)
 
-    python benchmarks/moe_kernel_sweep.py [--json OUT]                                            (GPU)
+    python benchmarks/moe_kernel_sweep.py [--json OUT] [--only sweep,parts,router]               (GPU)
 """
 from __future__ import annotations
 
@@ -119,6 +122,49 @@ def parts(name: str, shape: dict, tokens: int) -> dict:
                 x.float(), w13.float(), w2.float(), ref_w, ref_ids).float()).abs().max())}
 
 
+def router(name: str, shape: dict) -> list[dict]:
+    """The router two ways by step size (see the module's docstring), and the sort specialised or not."""
+    import triton
+
+    from pdpipe.kernels import triton_moe as tm
+
+    e, k, h = shape["experts"], shape["top_k"], shape["hidden"]
+    fp32 = name == "ernie"  # ERNIE's router is float32; Qwen's a bf16 Linear
+    gate = torch.randn(e, h, device="cuda") * 0.02
+    gate = gate if fp32 else gate.to(torch.bfloat16)
+    bias = torch.randn(e, device="cuda") * 0.01 if fp32 else None
+    us = lambda fn: round(graph_time(fn, iters=20) * 1e6, 1)  # noqa: E731
+    rows = []
+    for tokens in (16, 64, 128, 256, 512, 2048, 8192):
+        x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
+
+        def unfused():
+            logits = torch.nn.functional.linear(x.float(), gate) if fp32 else torch.nn.functional.linear(x, gate)
+            return tm.moe_route(logits, bias, k, True, 1e-12)
+        row = {"model": name, "tokens": tokens, "unfused_us": us(unfused)}
+        for block_t in (16, 32, 64):
+            row[f"fused_t{block_t}_us"] = us(lambda: tm.moe_router(x, gate, bias, k, True, 1e-12, fp32, block_t))
+        if fp32:
+            row["fused_t16_ieee_us"] = us(lambda: tm.moe_router(x, gate, bias, k, True, 1e-12, fp32, 16, "ieee"))
+        ids = unfused()[1]
+        block_m = tm.block_m_for(tokens, k, e)
+        row["align_us"] = us(lambda: tm.moe_align(ids, e, 0, block_m))
+        names = ("_moe_align_kernel", "_moe_count_kernel", "_moe_offsets_kernel", "_moe_place_kernel")
+        kept = {n: getattr(tm, n) for n in names}
+        for which in (names, *((n,) for n in names[1:])):  # all specialised on every integer, then each alone
+            try:
+                for n in which:
+                    setattr(tm, n, triton.jit(kept[n].fn))
+                label = "all" if len(which) > 1 else which[0].split("_")[2]
+                row[f"align_specialised_{label}_us"] = us(lambda: tm.moe_align(ids, e, 0, block_m))
+            finally:
+                for n in names:
+                    setattr(tm, n, kept[n])
+        print(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
 def chosen(sweep: list[dict]) -> dict:
     """Per block size and GEMM, the tile whose time, relative to each case's fastest, averages least."""
     out = {}
@@ -134,20 +180,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="")
     parser.add_argument("--models", default="ernie,qwen")
+    parser.add_argument("--only", default="sweep,parts,router")
+    parser.add_argument("--cases", default="", help="token counts of the sweep, e.g. 1,64 (default: all)")
     args = parser.parse_args()
+    only, models = args.only.split(","), args.models.split(",")
     copy_bw, gemm = copy_bandwidth(0), gemm_tflops(0)
-    cases = [(m, t, bm) for m, (t, bm) in itertools.product(args.models.split(","), (
-        (1, 16), (16, 16), (64, 16), (512, 64), (2048, 128)))]
+    cases = [(m, t, bm) for m, (t, bm) in itertools.product(models, (
+        (1, 16), (16, 16), (64, 16), (512, 64), (2048, 128))) if not args.cases or str(t) in args.cases.split(",")
+    ] if "sweep" in only else []
     results = {"device": torch.cuda.get_device_name(0), "copy_bw_TBps": copy_bw / 1e12, "gemm_tflops": gemm,
+               "router": [r for m in models for r in router(m, SHAPES[m])] if "router" in only else [],
                "sweep": [sweep_case(m, SHAPES[m], t, bm, copy_bw, gemm) for m, t, bm in cases],
-               "parts": [parts(m, SHAPES[m], t) for m in args.models.split(",") for t in (1, 64, 256, 2048)]}
+               "parts": [parts(m, SHAPES[m], t) for m in models for t in (1, 64, 256, 2048)] if "parts" in only else []}
     for r in results["sweep"]:
         for g in ("gate_up", "down"):
             row = r[g]
             print(f"{r['model']:5} {r['tokens']:>5} tok bm {r['block_m']:>3} {g:7}: best {row['best']} "
                   f"{row['best_us']:7.1f} us ({row['x_floor']:.2f}x floor, {row['pct_of_gemm']:.0f} % GEMM); "
                   f"current {row['current']} {row['current_us']}")
-    results["chosen"] = chosen(results["sweep"])
+    results["chosen"] = chosen(results["sweep"]) if cases else {}
     print("chosen (least time over the cases, each relative to its fastest):", results["chosen"])
     for p in results["parts"]:
         print(json.dumps(p))

@@ -61,10 +61,12 @@ def _moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, num_ex
 @triton.jit(do_not_specialize=["tokens"])  # see triton_ops.py, VARYING
 def _moe_router_kernel(x_ptr, w_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, hidden, num_experts, stride_x,
                        norm_min, E: tl.constexpr, TOP_K: tl.constexpr, K_POW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       RENORM: tl.constexpr, FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                       RENORM: tl.constexpr, FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
     """The router's GEMM and its choice in one kernel: logits = x · Wᵀ for a tile of tokens, in float32
-    from float32 inputs (FP32: ERNIE's router, as the model computes it in float32) or in the weight's
-    dtype accumulated in float32 and rounded to it (the others' bf16 Linear), then _top_k_rows."""
+    (FP32: ERNIE's router, as the model computes it in float32; PRECISION "tf32x3" where x is 16-bit,
+    which TF32 holds exactly, so only the weight is split) or in x's dtype accumulated in float32 and
+    rounded to it (the others' bf16 Linear), then _top_k_rows."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < tokens
     offs = tl.arange(0, E)
@@ -75,8 +77,10 @@ def _moe_router_kernel(x_ptr, w_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, hid
         hmask = h < hidden
         x = tl.load(x_ptr + t[:, None] * stride_x + h[None, :], mask=tmask[:, None] & hmask[None, :], other=0.0)
         w = tl.load(w_ptr + offs[None, :] * hidden + h[:, None], mask=valid[None, :] & hmask[:, None], other=0.0)
-        # TF32 holds a bf16/fp16 value exactly: the products are a 16-bit GEMM's, summed in float32
-        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee" if FP32 else "tf32")
+        if FP32:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(x, w)
     if not FP32:
         acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)  # the Linear's output dtype, as the model rounds
     _top_k_rows(acc, bias_ptr, weights_ptr, ids_ptr, t, tmask, offs, valid, norm_min, TOP_K, K_POW, HAS_BIAS,
@@ -102,23 +106,31 @@ def moe_route(logits, bias, top_k: int, renormalize: bool, norm_min: float):
     return weights, ids
 
 
-def moe_router(x, gate, bias, top_k: int, renormalize: bool, norm_min: float, fp32: bool):
+ROUTER_TOKENS = 16  # tokens a program of the fused router takes (each reads the whole gate)
+
+
+def moe_router(x, gate, bias, top_k: int, renormalize: bool, norm_min: float, fp32: bool,
+               block_t: int = ROUTER_TOKENS, precision: str = ""):
     """reference.moe_router in one launch: the router's GEMM (x [tokens, hidden] by gate [experts,
     hidden]) and moe_route's choice. Each program reads the whole gate, so this is for steps of many
-    tokens (a prompt's: ~1 launch instead of the float32 copy of x, cuBLAS's float32 GEMM and the
-    choice); kernels.moe_router takes the two-launch path for a few."""
+    tokens (a prompt's: one launch instead of the float32 copy of x, cuBLAS's GEMM and the choice);
+    kernels.moe_router takes the two-launch path for fewer. `precision` of the float32 GEMM: "ieee"
+    where x is float32, else "tf32x3" (x exact in TF32, the gate split in two: float32's accuracy at a
+    tensor-core GEMM's speed, where "ieee" took 120 us a layer for 2k ERNIE tokens)."""
     tokens, hidden = x.shape
     experts = gate.shape[0]
     assert x.stride(1) == 1 and gate.is_contiguous() and gate.shape[1] == hidden and 1 <= top_k <= experts
     fp32 = fp32 or gate.dtype == torch.float32  # a float32 Linear computes in float32 (no TF32)
+    assert fp32 or x.dtype == gate.dtype, (x.dtype, gate.dtype)
     assert bias is None or bias.numel() == experts
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=x.device)
     if tokens:
-        _moe_router_kernel[(triton.cdiv(tokens, ROUTE_TOKENS),)](
+        _moe_router_kernel[(triton.cdiv(tokens, block_t),)](
             x, gate, bias if bias is not None else gate, weights, ids, tokens, hidden, experts, x.stride(0), norm_min,
             E=max(16, triton.next_power_of_2(experts)), TOP_K=top_k, K_POW=triton.next_power_of_2(top_k),
-            HAS_BIAS=bias is not None, RENORM=renormalize, FP32=fp32, BLOCK_T=ROUTE_TOKENS,
+            HAS_BIAS=bias is not None, RENORM=renormalize, FP32=fp32,
+            PRECISION=precision or ("ieee" if x.dtype == torch.float32 else "tf32x3"), BLOCK_T=block_t,
             BLOCK_H=32 if fp32 else 64)
     return weights, ids
 
@@ -305,7 +317,7 @@ class GemmConfig(NamedTuple):
 CONFIGS: dict[int, tuple[GemmConfig, GemmConfig]] = {
     16: (GemmConfig(32, 128, 4, 4), GemmConfig(64, 128, 4, 3)),
     64: (GemmConfig(64, 64, 4, 3), GemmConfig(128, 64, 8, 4)),
-    128: (GemmConfig(128, 64, 8, 4), GemmConfig(256, 64, 8, 3)),
+    128: (GemmConfig(128, 64, 8, 4), GemmConfig(128, 64, 8, 3)),
 }
 
 
