@@ -10,7 +10,9 @@ import triton.language as tl
 # VARYING: integer arguments that change with a step's sizes (token-expert pairs, sort blocks, a block
 # table's width, blocks to copy) are not specialised on. Triton compiles a variant for each value's
 # divisibility by 16 (and for 1), 0.3-0.9 s each, which the first request of a step bringing a new one
-# waited for: TTFT spikes of 600-880 ms under load (benchmarks/RESULTS.md, MoE under load).
+# would wait for. (The 600-900 ms TTFT bursts once seen under load were not these but the skinny GEMM
+# timed live: ModelRunner.warm_gemms.) Measured cost: Qwen3-MoE's sort (128 experts) 25-35 % slower
+# unspecialised on its pairs (benchmarks/moe/router_sort_probe_s7.json), ERNIE's none.
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
