@@ -87,11 +87,12 @@ ROUTER_FUSED_TOKENS = 1024  # from here a float32 router's GEMM and choice run a
 
 def moe_router(x, gate, bias, top_k: int, renormalize: bool, norm_min: float, fp32: bool):
     """The router: its logits (x by gate, in float32 where `fp32`) and their choice (see
-    reference.moe_router). On GPU one kernel for a float32 router (ERNIE's) of ROUTER_FUSED_TOKENS rows
-    or more; otherwise cuBLAS's GEMM and moe_route, which measured faster (benchmarks/moe_kernel_sweep.py,
-    router: ERNIE's 20 us against the kernel's 37 us up to 256 rows, 51 against 39 at 2048; a bf16
-    router's 17 us against 22 at every size — each program of the kernel reads the whole gate)."""
-    if use_triton(x) and fp32 and x.shape[0] >= ROUTER_FUSED_TOKENS:
+    reference.moe_router). On GPU one kernel for a float32 router (ERNIE's) over 16-bit x of
+    ROUTER_FUSED_TOKENS rows or more (float32 x would take the kernel's slow "ieee" path); otherwise
+    cuBLAS's GEMM and moe_route, which measured faster (benchmarks/moe_kernel_sweep.py, router: ERNIE's
+    20 us against the kernel's 37 us up to 256 rows, 51 against 39 at 2048; a bf16 router's 17 us
+    against 22 at every size — each program of the kernel reads the whole gate)."""
+    if use_triton(x) and fp32 and x.dtype != torch.float32 and x.shape[0] >= ROUTER_FUSED_TOKENS:
         return triton_moe.moe_router(x, gate, bias, top_k, renormalize, norm_min, fp32)
     logits = reference.router_logits(x, gate, fp32)
     return moe_route(logits, bias, top_k, renormalize, norm_min)

@@ -64,9 +64,9 @@ def _moe_router_kernel(x_ptr, w_ptr, bias_ptr, weights_ptr, ids_ptr, tokens, hid
                        RENORM: tl.constexpr, FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_H: tl.constexpr):
     """The router's GEMM and its choice in one kernel: logits = x · Wᵀ for a tile of tokens, in float32
-    (FP32: ERNIE's router, as the model computes it in float32; PRECISION "tf32x3" where x is 16-bit,
-    which TF32 holds exactly, so only the weight is split) or in x's dtype accumulated in float32 and
-    rounded to it (the others' bf16 Linear), then _top_k_rows."""
+    (FP32: ERNIE's router, as the model computes it in float32; PRECISION "tf32x3" where x is 16-bit:
+    x's low part is zero, so the error is the gate's split alone — near float32's, not bit-equal to
+    cuBLAS) or in x's dtype accumulated in float32 and rounded to it (a bf16 Linear), then _top_k_rows."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < tokens
     offs = tl.arange(0, E)
@@ -114,14 +114,16 @@ def moe_router(x, gate, bias, top_k: int, renormalize: bool, norm_min: float, fp
     """reference.moe_router in one launch: the router's GEMM (x [tokens, hidden] by gate [experts,
     hidden]) and moe_route's choice. Each program reads the whole gate, so this is for steps of many
     tokens (a prompt's: one launch instead of the float32 copy of x, cuBLAS's GEMM and the choice);
-    kernels.moe_router takes the two-launch path for fewer. `precision` of the float32 GEMM: "ieee"
-    where x is float32, else "tf32x3" (x exact in TF32, the gate split in two: float32's accuracy at a
-    tensor-core GEMM's speed, where "ieee" took 120 us a layer for 2k ERNIE tokens)."""
+    kernels.moe_router takes it for float32 routers over 16-bit x only (the bf16 path, a bf16 Linear's,
+    measured slower than cuBLAS + moe_route and serves tests and the sweep). `precision` of the float32
+    GEMM: "ieee" where x is float32, else "tf32x3" (near float32 at tensor-core speed, where "ieee" took
+    120 us a layer for 2k ERNIE tokens)."""
     tokens, hidden = x.shape
     experts = gate.shape[0]
     assert x.stride(1) == 1 and gate.is_contiguous() and gate.shape[1] == hidden and 1 <= top_k <= experts
     fp32 = fp32 or gate.dtype == torch.float32  # a float32 Linear computes in float32 (no TF32)
     assert fp32 or x.dtype == gate.dtype, (x.dtype, gate.dtype)
+    assert block_t >= 16 and block_t & (block_t - 1) == 0, f"block_t {block_t}: a power of two >= 16"
     assert bias is None or bias.numel() == experts
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=x.device)

@@ -283,32 +283,42 @@ def test_padded_steps_generate_what_unpadded_steps_do(model_dir, arch):
 @pytest.mark.parametrize("arch", ["qwen2", "ernie4_5_moe"])
 def test_gemm_warm_up_runs_every_projection_at_every_padded_count(model_dir, monkeypatch, arch):
     """Every layer's projections (a MoE model's dense and routed layers differ) at every padded token
-    count and decode row count, and the LM head's weight (the embedding's where tied) at every row
+    count and decode row count, each as the model runs it (decoder Linears through kernels.linear, a
+    router's gate through torch's), and the LM head's weight (the embedding's where tied) at every row
     count: no live step is the first at a shape (a first 3-sequence prompt step once timed the skinny
     GEMM for the tied head live, 0.6-0.8 s)."""
     from pdpipe import kernels
+    from pdpipe.models.decoder import Linear
 
     engine = make_engine(model_dir(arch))
     engine.runner.pad_tokens = 32
-    seen = set()
-    linear = kernels.linear
+    seen: dict[str, set] = {"kernels": set(), "torch": set()}
+    torch_linear = torch.nn.functional.linear
 
-    def recording(x, weight, bias=None):
-        seen.add((x.shape[0], weight.data_ptr(), tuple(weight.shape), bias is not None))
-        return linear(x, weight, bias)
+    def recording(path, fn):
+        def run(x, weight, bias=None):
+            seen[path].add((x.shape[0], weight.data_ptr(), tuple(weight.shape), bias is not None))
+            return fn(x, weight, bias)
+        return run
 
-    monkeypatch.setattr(kernels, "linear", recording)
+    monkeypatch.setattr(kernels, "linear", recording("kernels", torch_linear))  # what it runs on CPU, unrecorded
+    monkeypatch.setattr(torch.nn.functional, "linear", recording("torch", torch_linear))
     engine.runner.warm_gemms(max_tokens=100, max_rows=5)
     model = engine.runner.model
-    shapes = {(tuple(m.weight.shape), m.bias is not None) for layer in model.model.layers for m in layer.modules()
-              if isinstance(m, torch.nn.Linear)}
-    assert len(shapes) >= 4
-    for shape, bias in shapes:
-        assert {m for m, _, s, b in seen if (s, b) == (shape, bias)} == {1, 2, 3, 4, 5, 32, 64, 96, 128}
+    mods = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    gates = {(tuple(m.weight.shape), m.bias is not None) for m in mods if not isinstance(m, Linear)}
+    assert bool(gates) == (arch == "ernie4_5_moe")
+    gate_ptrs = {m.weight.data_ptr() for m in mods if not isinstance(m, Linear)}
+    assert not any(ptr in gate_ptrs for _, ptr, _, _ in seen["kernels"])  # not timed as a skinny GEMM
+    for path, shapes in (("kernels", {(tuple(m.weight.shape), m.bias is not None) for m in mods
+                                      if isinstance(m, Linear)}), ("torch", gates)):
+        for shape, bias in shapes:
+            counts = {m for m, _, s, b in seen[path] if (s, b) == (shape, bias)}
+            assert counts == {1, 2, 3, 4, 5, 32, 64, 96, 128}, (path, shape)
     tied = model.spec.tie_word_embeddings
     assert tied == (arch == "ernie4_5_moe")
     head = model.model.embed_tokens.weight if tied else model.lm_head.weight
-    assert {m for m, ptr, _, _ in seen if ptr == head.data_ptr()} == {1, 2, 3, 4, 5}
+    assert {m for m, ptr, _, _ in seen["kernels"] if ptr == head.data_ptr()} == {1, 2, 3, 4, 5}
 
 
 def test_prefill_graph_sizes_cover_every_count_with_little_padding():

@@ -63,28 +63,32 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None
 
     def warm_gemms(self, max_tokens: int, max_rows: int) -> None:
-        """Runs each distinct projection of the model at every padded token count up to `max_tokens`
-        and at every row count up to `max_rows` (decode batches), and the LM head at every row count up
-        to `max_rows`, so that no live step is cuBLAS's first at its shape (see TOKEN_PAD). Rank 0 of a
-        tensor-parallel instance has the other ranks do the same."""
+        """Runs each distinct projection of the model (every layer's: a MoE model's dense and routed
+        layers differ) at every padded token count up to `max_tokens` and at every row count up to
+        `max_rows` (decode batches), and the LM head at every row count up to `max_rows`, so that no
+        live step is cuBLAS's first at its shape (see TOKEN_PAD) nor times the skinny GEMM (a first
+        prompt step of 3 sequences once did, for a tied head: 0.6-0.8 s of TTFT). Projections run as
+        the model runs them: decoder Linears through kernels.linear, a MoE router's gate through
+        torch's. A data-parallel step's MoE layers see every rank's rows: counts beyond these there
+        pay cuBLAS's first call (milliseconds). Rank 0 of a tensor-parallel instance has the other
+        ranks do the same."""
         from pdpipe import kernels
+        from pdpipe.models.decoder import Linear
 
         if self.tp is not None and self.tp.rank == 0:
             self._hand_over(("warm_gemms", max_tokens, max_rows))
 
-        linears = {(tuple(m.weight.shape), m.bias is not None): m for m in self.model.model.modules()
-                   if isinstance(m, torch.nn.Linear)}  # every layer's: MoE models' dense layers differ
-        # the LM head's weight (the embedding's where tied: ERNIE's) at every row count: a prompt step
-        # of 3 sequences timed the skinny GEMM at 3 rows live, 0.6-0.8 s in its requests' TTFT
-        head = self.model.model.embed_tokens.weight if self.model.spec.tie_word_embeddings else \
-            self.model.lm_head.weight
+        linears = {(tuple(m.weight.shape), m.weight.dtype, m.bias is not None): m for m in self.model.model.modules()
+                   if isinstance(m, torch.nn.Linear)}
+        head = self.model.head_weight
         with torch.inference_mode():
             for mod in linears.values():
                 pad = self.pad_tokens
                 counts = {*range(1, max_rows + 1), *range(pad, max_tokens + pad, pad)}
                 x = torch.zeros(max(counts), mod.weight.shape[1], dtype=mod.weight.dtype, device=self.device)
+                run = kernels.linear if isinstance(mod, Linear) else torch.nn.functional.linear
                 for m in sorted(counts):
-                    kernels.linear(x[:m], mod.weight, mod.bias)
+                    run(x[:m], mod.weight, mod.bias)
             x = torch.zeros(max_rows, head.shape[1], dtype=head.dtype, device=self.device)
             for m in range(1, max_rows + 1):
                 kernels.linear(x[:m], head)

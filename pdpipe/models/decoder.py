@@ -344,8 +344,12 @@ class CausalLM(nn.Module):
         if self.model.embed_tokens.weight.is_cuda:  # the unfused copies back to the driver: the KV pool is
             torch.cuda.empty_cache()                # a plain cudaMalloc, outside torch's cache
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight: the embedding's where tied (this rank's vocabulary share)."""
+        return self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] → [n, vocab] float32
-        weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        logits = kernels.linear(hidden, weight).float()
+        logits = kernels.linear(hidden, self.head_weight).float()
         return self.tp.gather_last(logits) if self.tp is not None else logits
