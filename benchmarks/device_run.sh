@@ -18,7 +18,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 mkdir -p /tmp/debs; for deb in .whl/debs/*.deb; do dpkg -x "$deb" /tmp/debs; done 2>/dev/null  # Mooncake's verbs / netlink libraries
 cudart=$(dirname "$(find /opt /usr/local -name 'libcudart.so.13*' 2>/dev/null | head -1)")
 export LD_LIBRARY_PATH=/tmp/debs/usr/lib/x86_64-linux-gnu:$cudart${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-ln -sfn ../kernels pdpipe/kernels  # pdpipe.kernels without an install (setup.cfg maps it the same way)
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 nvidia-smi -L
 model=/tmp/pdpipe-models/llama-8b-shape  # what launch/gpu-8b-*.toml serve: Llama-3.1-8B shapes, dummy weights
