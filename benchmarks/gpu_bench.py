@@ -152,7 +152,7 @@ def bench_tp_copy(results: dict) -> None:
     layer (as a prefill announces them; the span then includes the host's time between sends)."""
     from pdpipe.ipc.cuda_transfer import CudaIpcTransfer
     from pdpipe.messages import PoolInfo
-    from pdpipe.transfer import TransferJob, TransferState
+    from pdpipe.transfer.base import TransferJob, TransferState
 
     num_blocks, layers = 512, 32
     half, whole = (layers, 2, num_blocks, BLOCK, 4, 128), (layers, 2, num_blocks, BLOCK, 8, 128)
@@ -242,7 +242,7 @@ def bench_tp_copy(results: dict) -> None:
 def _mooncake_target(conn, shape):
     from pdpipe.ipc.cuda import CudaPool
     from pdpipe.messages import PoolInfo
-    from pdpipe.rdma import MooncakeTransfer
+    from pdpipe.rdma.mooncake import MooncakeTransfer
 
     pool = CudaPool(shape, torch.bfloat16, 1)
     backend = MooncakeTransfer("127.0.0.1", "tcp")
@@ -255,8 +255,8 @@ def _mooncake_target(conn, shape):
 def bench_rdma(results: dict) -> None:
     from pdpipe.ipc.cuda import CudaPool
     from pdpipe.messages import PoolInfo
-    from pdpipe.rdma import MooncakeTransfer
-    from pdpipe.transfer import TransferJob
+    from pdpipe.rdma.mooncake import MooncakeTransfer
+    from pdpipe.transfer.base import TransferJob
 
     shape = (32, 2, 512, BLOCK, 8, 128)
     ctx = mp.get_context("spawn")

@@ -38,7 +38,7 @@ PREFILL = [(bn, bk, w, s) for bn, bk, w, s in (
 
 def graph_time(fn, iters: int = 10) -> float:
     """Median seconds of `fn` replayed as a CUDA graph (no launch gaps from the host, as in the engine)."""
-    from pdpipe.engine.model_runner import capture
+    from pdpipe.engine.graphs import capture
 
     graph, _ = capture(fn, None)
     return cuda_time(graph.replay, iters=iters, warmup=2)

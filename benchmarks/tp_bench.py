@@ -44,7 +44,7 @@ def all_reduce_ms(hidden: int, layers: int, batch: int) -> float:
         for _ in range(2 * layers):
             torch.distributed.all_reduce(x)
 
-    from pdpipe.engine.model_runner import capture
+    from pdpipe.engine.graphs import capture
 
     graph, _ = capture(reduces, None)
     return cuda_time(graph.replay, iters=20) * 1e3

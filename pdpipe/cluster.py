@@ -1,23 +1,18 @@
 """Redis as the meeting point of machines: a registry of live instances kept alive by heartbeats with a
-TTL, and one topic (a list) per process whose key expires when nobody feeds it, so nothing waits for a
-machine that is gone. Everything stored is msgpack from msgspec; no pickle.
-
-Each machine's `relay` process carries messages between its local processes (ZeroMQ) and Redis:
-what a local process sends to a remote name goes onto that name's topic; what lands on a local
-name's topic is handed to that process's inbox. Processes themselves never talk to Redis for
-messages.
+TTL, the published KV pools, and one topic (a list) per process whose key expires when nobody feeds it,
+so nothing waits for a machine that is gone. Everything stored is msgpack from msgspec; no pickle.
+Processes never talk to Redis for messages: each machine's relay (`pdpipe.relay`) does.
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import cast
 
 import msgspec
 import redis
 
-from pdpipe.messages import Envelope, InstanceEntry, InstanceStats, PoolInfo
+from pdpipe.messages import Envelope, InstanceEntry, PoolInfo
 
 log = logging.getLogger("pdpipe")
 
@@ -87,51 +82,3 @@ class Registry:
             log.warning("dropped an expired message for %s", key.decode())
             return None
         return key.decode()[len(self.keys.prefix) + len("topic:"):], env.payload
-
-
-def entry_from_stats(stats: InstanceStats, machine: str) -> InstanceEntry:
-    return InstanceEntry(name=stats.instance, role=stats.role, machine=machine, time=time.time(),
-                         free_blocks=stats.free_blocks, num_blocks=stats.num_blocks, running=stats.running)
-
-
-class Relay:
-    """One machine's bridge between its processes and Redis (see the module docstring)."""
-
-    def __init__(self, registry: Registry, local_names: list[str], deliver, machine: str,
-                 stop: threading.Event | None = None):
-        self.registry, self.local_names, self.deliver, self.machine = registry, local_names, deliver, machine
-        self.stop = stop or threading.Event()
-        self.instances: dict[str, InstanceEntry] = {}  # local engines, refreshed from their stats
-
-    def outbound(self, dest: str, payload: bytes) -> None:
-        """A local process's message for a remote name; kept trying while Redis is away."""
-        while not self.stop.is_set():
-            try:
-                self.registry.push(dest, payload)
-                return
-            except redis.RedisError as exc:
-                log.warning("relay: Redis unreachable (%s); retrying", exc)
-                self.stop.wait(0.5)
-
-    def note_stats(self, stats: InstanceStats) -> None:
-        if stats.role in ("prefill", "decode", "mixed"):
-            self.instances[stats.instance] = entry_from_stats(stats, self.machine)
-
-    def run_inbound(self) -> None:
-        while not self.stop.is_set():
-            try:
-                got = self.registry.pop(self.local_names, timeout=1.0)
-            except redis.RedisError as exc:
-                log.warning("relay: Redis unreachable (%s); retrying", exc)
-                self.stop.wait(0.5)
-                continue
-            if got is not None:
-                self.deliver(*got)
-
-    def run_heartbeats(self) -> None:
-        while not self.stop.wait(self.registry.ttl / 3):
-            try:
-                for entry in list(self.instances.values()):
-                    self.registry.heartbeat(msgspec.structs.replace(entry, time=time.time()))
-            except redis.RedisError as exc:
-                log.warning("relay: heartbeat failed (%s)", exc)

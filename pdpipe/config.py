@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from pdpipe.models.spec import DTYPES
+DTYPES = ("float32", "bfloat16", "float16")  # what weights and KV may be
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def _positive(obj, *names: str) -> None:

@@ -11,7 +11,7 @@ from pdpipe.engine.worker import EngineWorker
 from pdpipe.ipc.shm import ShmTransfer
 from pdpipe.messages import EngineOutput, NewRequest, PoolInfo, SamplingParams
 from pdpipe.scheduler.core import SchedulerCore
-from pdpipe.transfer import TransferBackend
+from pdpipe.transfer.base import TransferBackend
 from pdpipe.transfer.worker import TransferWorker
 
 

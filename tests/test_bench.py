@@ -418,7 +418,7 @@ def test_serve_accounts_for_every_request_and_splits_ttft(pipeline, vocab):
 def test_serve_from_the_command_line_writes_its_result(pipeline, vocab, tmp_path):
     out = tmp_path / "serve.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pdpipe.bench.serve", "--base-url", f"http://127.0.0.1:{pipeline.cfg.api.port}",
+        [sys.executable, "-m", "pdpipe.bench", "serve", "--base-url", f"http://127.0.0.1:{pipeline.cfg.api.port}",
          "--num-prompts", "6", "--input-len", "8:16", "--output-len", "5", "--vocab-size", str(vocab),
          "--ignore-eos", "--max-concurrency", "2", "--slo", "ttft:60000", "--no-progress",
          "--run-dir", str(pipeline.paths.run_dir), "--result-file", str(out)],

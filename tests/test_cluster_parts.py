@@ -13,8 +13,9 @@ from pipeline_launch import wait_until
 
 from pdpipe.cluster import Registry
 from pdpipe.messages import Envelope, InstanceEntry, PoolInfo
-from pdpipe.rdma import MooncakeError, MooncakeTransfer, block_writes, coalesce
-from pdpipe.transfer import TransferError, TransferJob, TransferState
+from pdpipe.rdma.mooncake import MooncakeError, MooncakeTransfer
+from pdpipe.rdma.writes import block_writes, coalesce
+from pdpipe.transfer.base import TransferError, TransferJob, TransferState
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +187,8 @@ def test_mooncake_moves_kv_between_instances_of_a_pool_a_rank(src_tp, dst_tp):
 def test_the_transfer_follows_pools_published_anew(monkeypatch):
     """Another machine's decode restarted: its pool is published anew (another segment or address) and
     the transfer writes there from its next refresh; a local engine that restarted is exposed again."""
-    from pdpipe.transfer import FakeTransfer
     from pdpipe.transfer import machine as machine_mod
+    from pdpipe.transfer.base import FakeTransfer
 
     class Registry:
         ttl = 3.0
@@ -242,8 +243,8 @@ def test_a_remote_instance_of_two_ranks_is_used_once_both_published(monkeypatch)
     """Rank 1 of another machine's TP2 decode publishes after its rank 0: a job meanwhile fails naming
     the missing rank, the next one (rank 1 published) goes through; back with one rank, the second is
     forgotten."""
-    from pdpipe.transfer import FakeTransfer
     from pdpipe.transfer import machine as machine_mod
+    from pdpipe.transfer.base import FakeTransfer
 
     class Registry:
         ttl = 3.0

@@ -67,22 +67,31 @@ def test_a_sequence_that_gives_way_on_its_rank_leaves_the_other_ranks_scheduled(
     assert [c.seq.request_id for c in out.chunks] == ["s0", "s1", "s3"]
 
 
-def test_prompt_steps_replay_every_ranks_prefill_graph_of_one_size():
+def test_prompt_steps_replay_every_ranks_prefill_graph_of_one_size(model_dir):
     """A step of whole prompts spread over two ranks: each rank's inputs to its prefill graph of one
     token count (the smallest graph holding the larger share; the other rank pads), KV slots in its
     own pool, the logits gathered rank 0 first in the order of the sampling sequences — or no graph
-    when a share is not whole prompts. The layout the GPU graphs replay, checked without them."""
+    when a share is not whole prompts. The layout the GPU graphs replay, checked without them (the
+    graphs' replay returns row numbers, the gather adds 100 for rank 1)."""
     from types import SimpleNamespace
 
     import torch
 
-    from pdpipe.engine.data_parallel import prefill_graph_shares, replay_prefill_share
-    from pdpipe.engine.model_runner import PrefillGraphs
+    from pdpipe.engine.data_parallel import DataParallelRunner
+    from pdpipe.engine.graphs import PrefillGraphs
+    from pdpipe.engine.kv_cache import KVCache
+    from pdpipe.engine.layout import EagerShares, PrefillShares
     from pdpipe.engine.scheduler import ScheduledChunk, SchedulerOutput
+    from pdpipe.models.loader import load_model
 
     per_rank, block = 8, 4
+    model = load_model(model_dir("ernie4_5_moe"))
+    tp = SimpleNamespace(size=2, rank=0, all_gather_rows=lambda x: torch.cat([x, x + 100]))
+    runner = DataParallelRunner(model, KVCache(model.spec, per_rank, block, torch.float32), 64, tp=tp)
     graphs = PrefillGraphs.__new__(PrefillGraphs)  # its layout, without a GPU to capture on
-    graphs.sizes = [32, 64, 96]
+    graphs.sizes, graphs.block_size = [32, 64, 96], block
+    graphs.replay = lambda size, inputs: torch.arange(PrefillGraphs.MAX_SEQS, dtype=torch.float32)[:, None]
+    runner.prefill_graphs = graphs
     params = SamplingParams(max_tokens=4)
 
     def chunk(name: str, n: int, table: list[int], start: int = 0, length: int = 0) -> ScheduledChunk:
@@ -91,29 +100,28 @@ def test_prompt_steps_replay_every_ranks_prefill_graph_of_one_size():
         return ScheduledChunk(seq, start, n)
 
     # rank 0: a 10-token prompt and the first 7 tokens of a 20-token one; rank 1: one 30-token prompt
-    a, b, c = chunk("a", 10, [1, 2, 3]), chunk("b", 7, [4, 5], length=20), chunk("c", 30, [8 + i for i in range(8)])
-    tp = SimpleNamespace(size=2, rank=0, all_gather_rows=lambda x: torch.cat([x, x + 100]))
-    runner = SimpleNamespace(tp=tp, kv_cache=SimpleNamespace(num_blocks=per_rank, block_size=block),
-                             prefill_graphs=graphs, model=SimpleNamespace(spec=SimpleNamespace(num_layers=2)))
-    graphs.runner = runner
-    graphs.replay = lambda size, inputs: torch.arange(PrefillGraphs.MAX_SEQS, dtype=torch.float32)[:, None]
-    size, packed, counts, seqs = prefill_graph_shares(runner, SchedulerOutput(chunks=[c, a, b]))
-    assert size == 32 and counts == [1, 1] and [s.request_id for s in seqs] == ["a", "c"]
-    zero, one = packed
+    a, b, c = chunk("a", 10, [1, 2, 3]), chunk("b", 7, [4, 5, 6, 7, 0], length=20), chunk("c", 30, [8 + i for i in range(8)])
+    step, seqs = runner.plan(SchedulerOutput(chunks=[c, a, b]))
+    assert isinstance(step, PrefillShares) and step.size == 32 and step.counts == [1, 1]
+    assert [s.request_id for s in seqs] == ["a", "c"]
+    zero, one = step.inputs
     assert zero["cu"].tolist()[:3] == [0, 10, 17] and one["cu"].tolist()[:2] == [0, 30]
     assert len(zero["ids"]) == len(one["ids"]) == 32 and (zero["slots"][17:] == -1).all()
     assert zero["slots"][:10].tolist() == [4 + i for i in range(10)]  # blocks 1-3 of rank 0's pool
     assert one["slots"][:30].tolist() == list(range(30))  # blocks 8-15: rank 1's pool's 0-7
     assert zero["rows"][:1].tolist() == [9] and one["rows"][:1].tolist() == [29]
     announced: list[int] = []
-    logits = replay_prefill_share(runner, size, packed, counts, announced.append)
-    assert logits[:, 0].tolist() == [0.0, 100.0] and announced == [0, 1]  # a's row, then c's (rank 1's row 0)
-    size, packed, counts, seqs = prefill_graph_shares(runner, SchedulerOutput(chunks=[a]))  # rank 1: nothing
-    assert size == 32 and counts == [1, 0] and [s.request_id for s in seqs] == ["a"]
-    assert packed[1]["cu"].tolist() == [0] * 17 and (packed[1]["slots"] == -1).all()  # padding rows only
-    assert replay_prefill_share(runner, size, packed, counts)[:, 0].tolist() == [0.0]
+    logits = runner.run(step, announced.append)
+    layers = model.spec.num_layers
+    assert logits[:, 0].tolist() == [0.0, 100.0] and announced == list(range(layers))  # a's row, then c's
+    step, seqs = runner.plan(SchedulerOutput(chunks=[a]))  # rank 1: nothing
+    assert isinstance(step, PrefillShares) and step.size == 32 and step.counts == [1, 0]
+    assert [s.request_id for s in seqs] == ["a"]
+    assert step.inputs[1]["cu"].tolist() == [0] * 17 and (step.inputs[1]["slots"] == -1).all()  # padding only
+    assert runner.run(step)[:, 0].tolist() == [0.0]
     b.start, b.num_tokens = 7, 13  # the rest of b: a chunk with context runs eagerly
-    assert prefill_graph_shares(runner, SchedulerOutput(chunks=[b, c])) is None
+    step, _ = runner.plan(SchedulerOutput(chunks=[b, c]))
+    assert isinstance(step, EagerShares) and len(step.layouts[0].ids) == len(step.layouts[1].ids) == 30
 
 
 def serve(engine) -> dict:
@@ -156,14 +164,14 @@ def _fail_rank1_once(engine, rank: int) -> None:
     """Rank 1's third forward pass raises (a fault of one of its own sequences)."""
     if rank != 1:
         return
-    real, calls = engine.runner._forward, []
+    real, calls = engine.runner.forward, []
 
     def forward(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("a kernel fault on rank 1 (simulated)")
         return real(*args, **kwargs)
-    engine.runner._forward = forward
+    engine.runner.forward = forward
 
 
 def _serve_or_report(engine):

@@ -263,9 +263,9 @@ def test_padded_steps_generate_what_unpadded_steps_do(model_dir, arch):
         place = engine.runner.place
 
         def recording(lay, place=place, sizes=sizes):
-            ids, pos, meta, rows = place(lay)
+            ids, pos, meta = place(lay)
             sizes.append((ids.shape[0], meta.query_start_loc[-1], meta.slot_mapping[meta.query_start_loc[-1]:]))
-            return ids, pos, meta, rows
+            return ids, pos, meta
 
         engine.runner.place = recording
         for i, p in enumerate(prompts):
@@ -288,7 +288,7 @@ def test_gemm_warm_up_runs_every_projection_at_every_padded_count(model_dir, mon
     count: no live step is the first at a shape (a first 3-sequence prompt step once timed the skinny
     GEMM for the tied head live, 0.6-0.8 s)."""
     from pdpipe import kernels
-    from pdpipe.models.decoder import Linear
+    from pdpipe.models.layers import Linear
 
     engine = make_engine(model_dir(arch))
     engine.runner.pad_tokens = 32
@@ -322,7 +322,7 @@ def test_gemm_warm_up_runs_every_projection_at_every_padded_count(model_dir, mon
 
 
 def test_prefill_graph_sizes_cover_every_count_with_little_padding():
-    from pdpipe.engine.model_runner import prefill_graph_sizes
+    from pdpipe.engine.graphs import prefill_graph_sizes
 
     sizes = prefill_graph_sizes(512)
     assert sizes == [*range(32, 257, 32), 320, 384, 448, 512]
@@ -343,7 +343,7 @@ def test_prefill_graphs_by_default_hold_more_tokens_for_mixture_of_experts_model
     from types import SimpleNamespace
 
     from pdpipe.config import EngineConfig, SchedulerConfig
-    from pdpipe.engine.engine import prefill_graph_limit
+    from pdpipe.engine.sizing import prefill_graph_limit
 
     dense, moe = SimpleNamespace(moe=None), SimpleNamespace(moe=object())
     assert prefill_graph_limit(EngineConfig(model="m"), dense) == 512
@@ -362,7 +362,7 @@ def test_prefill_graph_layout_computes_what_the_eager_step_does(model_dir):
     """A step of whole prompts laid out as a prefill graph reads it (padded rows in no prompt, empty
     prompts after the real ones, sampled rows picked by index): the same logits as the eager step, and
     the padding writes no block. The CPU twin of the GPU graph (same layout, reference kernels)."""
-    from pdpipe.engine.model_runner import pack_prompts
+    from pdpipe.engine.graphs import pack_prompts
     from pdpipe.models.decoder import AttentionMetadata
 
     engine = make_engine(model_dir("llama"), num_blocks=64, block_size=8, max_num_batched_tokens=150)
@@ -392,7 +392,7 @@ def test_prefill_graph_layout_computes_what_the_eager_step_does(model_dir):
 
 
 def test_gpu_memory_utilization_sizes_the_pool_from_what_is_left():
-    from pdpipe.engine.engine import kv_room, pool_blocks
+    from pdpipe.engine.sizing import kv_room, pool_blocks
     from pdpipe.models.spec import load_spec
 
     gib = 2**30

@@ -454,7 +454,7 @@ def test_cuda_ipc_backend_runs_job_after_job():
 
     from pdpipe.ipc.cuda_transfer import CudaIpcTransfer
     from pdpipe.messages import PoolInfo
-    from pdpipe.transfer import TransferJob, TransferState
+    from pdpipe.transfer.base import TransferJob, TransferState
 
     shape = (4, 2, 64, 16, 8, 128)
     ctx = mp.get_context("spawn")
@@ -573,7 +573,7 @@ def test_prefill_graphs_equal_eager_steps(model_dir, arch):
     """Steps of whole prompts replaying prefill graphs (five prompts in one step; then a prompt longer
     than the graphs, which runs eagerly) give the eager steps' tokens, and logprobs within bf16's
     rounding of theirs."""
-    from pdpipe.engine.model_runner import PrefillGraphs
+    from pdpipe.engine.graphs import PrefillGraphs
 
     groups = [make_prompts(384, lengths=(3, 17, 40, 8, 25), seed=6), make_prompts(384, lengths=(300,), seed=7)]
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
@@ -895,7 +895,7 @@ def test_launched_1p1d_on_four_gpus_equals_one_gpu(model_dir, prefill, decode):
 def _mooncake_gpu_receiver(conn, shape):
     from pdpipe.ipc.cuda import CudaPool
     from pdpipe.messages import PoolInfo
-    from pdpipe.rdma import MooncakeTransfer
+    from pdpipe.rdma.mooncake import MooncakeTransfer
 
     pool = CudaPool(shape, torch.bfloat16, 1)  # zeroed
     backend = MooncakeTransfer("127.0.0.1", "tcp")
@@ -912,8 +912,8 @@ def test_mooncake_moves_a_gpu_pool_between_processes_over_tcp():
     pytest.importorskip("mooncake.engine")
     from pdpipe.ipc.cuda import CudaPool
     from pdpipe.messages import PoolInfo
-    from pdpipe.rdma import MooncakeTransfer
-    from pdpipe.transfer import TransferJob, TransferState
+    from pdpipe.rdma.mooncake import MooncakeTransfer
+    from pdpipe.transfer.base import TransferJob, TransferState
 
     shape = (4, 2, 40, 16, 8, 128)
     ctx = mp.get_context("spawn")

@@ -20,7 +20,7 @@ from pdpipe.engine.engine import LLMEngine
 from pdpipe.engine.worker import EngineWorker
 from pdpipe.messages import AbortRequest, NewRequest, SamplingParams, StateEvent
 from pdpipe.scheduler.core import SchedulerCore
-from pdpipe.transfer import TransferState
+from pdpipe.transfer.base import TransferState
 from pdpipe.transfer.worker import TransferWorker
 
 

@@ -6,7 +6,7 @@ from local_pipeline import LocalPipeline
 
 from pdpipe.config import DeadlineConfig
 from pdpipe.messages import AbortRequest, Pause, SamplingParams
-from pdpipe.transfer import FakeTransfer
+from pdpipe.transfer.base import FakeTransfer
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0)
 PD = {"prefill-0": "prefill", "decode-0": "decode"}
@@ -377,7 +377,7 @@ def test_a_job_failing_with_copies_still_landing_frees_decode_only_once_they_lan
     """Layer 0's copy is still writing when layer 1's cannot be sent: the request fails at once, but
     decode frees its blocks only after layer 0's copy has settled (found in review: it was freed at once)."""
     from pdpipe.messages import AbortTransfer, Free, LayersReady, StateEvent
-    from pdpipe.transfer import TransferError
+    from pdpipe.transfer.base import TransferError
     from pdpipe.transfer.worker import TransferWorker
 
     class Refusing(FakeTransfer):
@@ -463,7 +463,7 @@ def test_requests_prefilled_together_move_in_one_batch_per_layer(model_dir, colo
 
 def test_a_failing_batch_is_retried_job_by_job_so_only_the_bad_job_fails():
     from pdpipe.messages import LayersReady
-    from pdpipe.transfer import TransferError
+    from pdpipe.transfer.base import TransferError
     from pdpipe.transfer.worker import TransferWorker
 
     class OneBadPeer(FakeTransfer):

@@ -25,11 +25,13 @@ ROLES = {"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode", "
 ALWAYS = RoutingConfig(disaggregation="always")
 
 
-def make(clock=lambda: 100.0, roles=ROLES, routing=ALWAYS, num_blocks=100, max_num_seqs=8, **stats):
+def make(clock=lambda: 100.0, roles=ROLES, routing=ALWAYS, num_blocks=100, max_num_seqs=8, report_all=True,
+         **stats):
+    """A core over `roles`, each of which has reported its room (unless `report_all` is off)."""
     sent = []
     core = SchedulerCore(roles, DeadlineConfig(), lambda dest, msg: sent.append((dest, msg)), clock,
                          routing=routing)
-    for name, role in roles.items():
+    for name, role in roles.items() if report_all else ():
         report(core, name, role, num_blocks=num_blocks, max_num_seqs=max_num_seqs, **stats)
     return core, sent
 
@@ -566,3 +568,33 @@ def tick_and_fail(core, sent) -> dict[str, str]:
     sent.clear()
     core.tick()
     return {m.request_id: m.error for _, m in dispatched(sent, EngineOutput)}
+
+
+def test_serving_lists_the_decode_instances_that_reported_since_they_came_up_and_are_not_down():
+    """What /health asks: a decode (or mixed) instance serves once it has reported since it started or
+    came back, and while it is neither dead nor frozen. A launch whose engines never became ready, or
+    whose only decode instance froze or died, serves nothing."""
+    from pdpipe.messages import Heartbeat, ProcessDown, ProcessUp
+
+    now = [100.0]
+    core, _ = make(clock=lambda: now[0], roles={"prefill-0": "prefill", "decode-0": "decode"}, report_all=False)
+    assert core.snapshot()["serving"] == []  # configured, still loading its model
+    report(core, "prefill-0", "prefill")
+    core.handle(Heartbeat(instance="decode-0", role="decode"))  # it beats before it is ready
+    assert core.snapshot()["serving"] == [] and not core.snapshot()["instances"]["decode-0"]["ready"]
+    report(core, "decode-0")
+    assert core.snapshot()["serving"] == ["decode-0"] and core.snapshot()["instances"]["decode-0"]["ready"]
+    now[0] += 6.0
+    core.tick()  # silent past the heartbeat deadline: frozen
+    snap = core.snapshot()
+    assert snap["serving"] == [] and snap["down"] == {"decode-0": "decode"}
+    core.handle(Heartbeat(instance="decode-0", role="decode"))  # it thaws; its next stats make it ready
+    report(core, "decode-0")
+    assert core.snapshot()["serving"] == ["decode-0"]
+    core.handle(ProcessDown(name="decode-0", role="decode", detail="signal 9"))
+    report(core, "decode-0")  # its last words
+    assert core.snapshot()["serving"] == []
+    core.handle(ProcessUp(name="decode-0", role="decode"))
+    assert core.snapshot()["serving"] == []  # restarted, not yet reported
+    report(core, "decode-0")
+    assert core.snapshot()["serving"] == ["decode-0"]

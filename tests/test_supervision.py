@@ -354,3 +354,31 @@ def test_a_frozen_decode_engine_is_routed_around_within_seconds_and_rejoins(mode
         assert child(launcher, "decode-0").restarts == 0 and child(launcher, frozen).restarts == 0
         assert wait_until(lambda: leak_free(launcher), timeout=30, what="every block free")
 
+
+
+def test_health_is_503_while_the_only_decode_instance_is_frozen_or_dead(model_dir):
+    """1P+1D: /health answers 200 only while a decode instance serves; frozen (SIGSTOP, past the
+    heartbeat deadline) or killed, the launch serves nothing to the end and says so with 503 (a
+    readiness probe must fail), and 200 again once it is back."""
+    from pdpipe.config import DeadlineConfig
+
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"], deadlines=DeadlineConfig(heartbeat=2.0))
+    url = f"http://127.0.0.1:{cfg.api.port}/health"
+
+    def status(code: int):
+        return lambda: (r := httpx.get(url, timeout=10)).status_code == code and r
+
+    with launched(cfg) as launcher:
+        assert httpx.get(url, timeout=10).json() == {"status": "ok"}
+        pid = child(launcher, "decode-0").popen.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            frozen = wait_until(status(503), what="503 while decode-0 is frozen")
+            assert "decode-0" in frozen.json()["error"]["message"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(status(200), what="200 once decode-0 beats again")
+        os.kill(child(launcher, "decode-0").popen.pid, signal.SIGKILL)
+        dead = wait_until(status(503), what="503 while decode-0 restarts")
+        assert "decode-0" in dead.json()["error"]["message"]
+        assert wait_until(status(200), timeout=60, what="200 once decode-0 is back").json() == {"status": "ok"}

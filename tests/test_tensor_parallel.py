@@ -264,7 +264,7 @@ def test_expert_parallelism_gives_each_rank_whole_experts_by_id(model_dir):
 
 
 def test_head_copy_plan_gives_each_destination_rank_its_heads_once():
-    from pdpipe.transfer import head_copy_plan
+    from pdpipe.transfer.base import head_copy_plan
 
     assert head_copy_plan({0: [0, 1], 1: [2, 3]}, {0: [0, 1, 2, 3]}) == [(0, slice(0, 2), 0, slice(0, 2)),
                                                                         (1, slice(0, 2), 0, slice(2, 4))]
@@ -282,7 +282,7 @@ def test_kv_moves_between_instances_of_different_tp(tmp_path, src_tp, dst_tp):
     destination rank getting exactly its heads (two key/value heads: replicated on four ranks)."""
     from pdpipe.ipc.shm import ShmTransfer, map_pool
     from pdpipe.messages import PoolInfo
-    from pdpipe.transfer import TransferJob
+    from pdpipe.transfer.base import TransferJob
 
     kv_heads, shape = 2, [3, 2, 10, 4]  # layers, K/V, blocks, block size; then heads, dim
     whole = torch.randn(*shape, kv_heads, 8)
@@ -308,7 +308,7 @@ def test_kv_moves_between_instances_of_different_tp(tmp_path, src_tp, dst_tp):
         assert torch.equal(view[:, :, [7, 2, 3]], whole[:, :, [1, 4, 5]][..., heads, :])
         assert not view[:, :, [0, 1, 4, 5, 6, 8, 9]].any()
     if dst_tp > 1:  # a rank restarted and not yet back: no copy at all rather than some heads only
-        from pdpipe.transfer import TransferError
+        from pdpipe.transfer.base import TransferError
 
         del backend.pools["d"][1]
         with pytest.raises(TransferError, match="rank pools are not all known"):
@@ -318,7 +318,7 @@ def test_kv_moves_between_instances_of_different_tp(tmp_path, src_tp, dst_tp):
 def test_instances_that_cannot_exchange_kv_are_refused_naming_the_difference(tmp_path):
     from pdpipe.ipc.shm import ShmTransfer
     from pdpipe.messages import PoolInfo
-    from pdpipe.transfer import TransferError, TransferJob
+    from pdpipe.transfer.base import TransferError, TransferJob
 
     backend = ShmTransfer()
     for name, block in (("p", 4), ("d", 8)):

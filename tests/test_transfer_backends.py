@@ -9,7 +9,7 @@ import torch
 
 from pdpipe.ipc import cuda_transfer
 from pdpipe.messages import PoolInfo
-from pdpipe.transfer import TransferJob, TransferState
+from pdpipe.transfer.base import TransferJob, TransferState
 
 SHAPE = (3, 2, 16, 4, 2, 8)  # layers, K/V, blocks, block size, heads, dim
 

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from pdpipe.loop import ProcessBase
 from pdpipe.messages import SamplingParams
 from pdpipe.output import RequestTextState, TextDelta
 from pdpipe.tokenizer import ChatTemplateError, Tokenizer
@@ -399,10 +400,13 @@ class OpenAIRoutes:
         snap = await self.ctx.bridge.control("snapshot", timeout=1.0)
         if snap is None:
             return _json(APIError(503, "the scheduler does not answer", type_="server_error").body(), 503)
-        roles = {inst["role"] for inst in snap["instances"].values()}
-        down = sorted(snap.get("down", {}))
-        if not roles & {"mixed", "decode"}:  # a decode instance alone still serves: prompts go local
-            return _json(APIError(503, f"no route for a request: instances down: {', '.join(down) or 'none'}",
+        down = sorted(snap["down"])
+        if not snap["serving"]:  # a decode instance alone still serves: prompts go local
+            starting = sorted(n for n, inst in snap["instances"].items()
+                              if inst["role"] in ("decode", "mixed") and not inst["ready"] and n not in down)
+            why = (f"instances down: {', '.join(down)}" if down else "") + ("; " if down and starting else "") \
+                + (f"not ready yet: {', '.join(starting)}" if starting else "")
+            return _json(APIError(503, f"no decode or mixed instance serves now ({why or 'none configured'})",
                                   type_="service_unavailable").body(), 503)
         return _json({"status": "degraded", "down": down} if down else {"status": "ok"})
 
@@ -448,7 +452,7 @@ def serve_api(proc) -> None:
     import uvloop
 
     from pdpipe.demo import resolve_model
-    from pdpipe.engine.engine import pool_blocks, resolve_max_model_len
+    from pdpipe.engine.sizing import pool_blocks, resolve_max_model_len
     from pdpipe.models.spec import load_spec
 
     cfg = proc.cfg
@@ -492,3 +496,12 @@ def serve_api(proc) -> None:
         ctx.bridge.close()
 
     uvloop.run(main())
+
+
+def run_api(role: str, name: str, run_dir: str) -> None:
+    """The front-end's process: its loop is asyncio's (uvicorn), its wires `api/bridge.py`'s."""
+    proc = ProcessBase(role, name, run_dir)
+    try:
+        serve_api(proc)
+    finally:
+        proc.close()

@@ -82,7 +82,7 @@ def add_bench_commands(bench: argparse.ArgumentParser) -> None:
 
 
 def bench_main(argv: list[str]) -> int:
-    """`pdpipe bench ...` on its own (what `python -m pdpipe.bench.serve` runs)."""
+    """`pdpipe bench ...` on its own (`python -m pdpipe.bench`)."""
     parser = argparse.ArgumentParser(prog="pdpipe bench", description=__doc__)
     add_bench_commands(parser)
     args = parser.parse_args(argv)

@@ -8,7 +8,6 @@ to which every swept rate attains that (a lucky pass above a rate that missed do
 from __future__ import annotations
 
 import itertools
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -119,12 +118,3 @@ def run_compare(cfg: CompareConfig) -> dict:
     write_json(out / "compare.json", result)
     return result
 
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import bench_main
-
-    return bench_main(["compare", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

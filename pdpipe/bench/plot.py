@@ -3,7 +3,6 @@
 `bench` extra; where it is missing, compare still writes its JSON and this makes the plots later."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 PANELS = (("ttft_ms", "TTFT (ms)"), ("tpot_ms", "TPOT (ms)"), ("itl_ms", "ITL (ms)"))
@@ -62,12 +61,3 @@ def plot_or_explain(result: dict, out: Path) -> str:
                 f"`pdpipe bench plot {out / 'compare.json'}` (pip install 'pdpipe[bench]')")
     return "plots: " + " ".join(str(p) for p in paths)
 
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import bench_main
-
-    return bench_main(["plot", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

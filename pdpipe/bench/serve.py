@@ -4,7 +4,6 @@ throughput and goodput; given the launch's run dir, each request's TTFT split by
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -112,12 +111,3 @@ def run_serve(cfg: ServeConfig) -> dict:
         write_json(Path(cfg.result_file), result)
     return result
 
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import bench_main
-
-    return bench_main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,88 +16,39 @@ from dataclasses import replace
 import torch
 
 from pdpipe.config import EngineConfig
+from pdpipe.demo import resolve_model
 from pdpipe.messages import EngineOutput, SamplingParams
 from pdpipe.models.loader import load_model
 from pdpipe.models.parallel import TensorParallel
-from pdpipe.models.spec import ModelSpec, load_eos_token_ids
+from pdpipe.models.spec import load_eos_token_ids
 
 from .block_manager import BlockManager
+from .data_parallel import DataParallelRunner
 from .kv_cache import KVCache
-from .model_runner import TOKEN_PAD, ModelRunner
+from .model_runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
+from .sizing import TOKEN_PAD, device_fault, kv_room, pool_blocks, prefill_graph_limit, resolve_max_model_len
 
 log = logging.getLogger("pdpipe")
 
+
+def _placed(config: EngineConfig, tp: TensorParallel | None) -> tuple[EngineConfig, TensorParallel | None]:
+    """The config on one named device (all parts there), and the ranks with the parallelism it asks for."""
+    if config.device.startswith("cuda"):
+        if torch.device(config.device).index is None:
+            config = replace(config, device=f"cuda:{torch.cuda.current_device()}")
+        torch.cuda.set_device(torch.device(config.device))
+    if tp is not None and config.expert_parallel:
+        tp = replace(tp, expert_parallel=True)
+    if tp is not None and config.data_parallel_attention:
+        tp = replace(tp, data_parallel_attention=True)
+    return config, tp
+
+
 class RequestError(ValueError):
     """A request the engine cannot take, naming the field at fault."""
-
-
-def device_fault(exc: BaseException) -> bool:
-    """A GPU error that leaves the device unusable (an illegal address, a device-side assert): no
-    request is at fault, and only a new process serves again."""
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA error" in str(exc)
-
-
-def pool_blocks(spec: ModelSpec, config: EngineConfig, gpu_room: int | None = None) -> int:
-    """KV blocks the pool gets: as configured, or as many as fit in `gpu_room` bytes (sized from
-    gpu_memory_utilization), or in kv_cache_mb."""
-    per_block = KVCache.block_bytes(spec, config.cache.block_size, getattr(torch, spec.dtype))
-    if config.cache.num_blocks:
-        return config.cache.num_blocks
-    return max(1, (gpu_room if gpu_room is not None else config.cache.kv_cache_mb * 2**20) // per_block)
-
-
-# What is allocated after the pool is sized, counted against gpu_memory_utilization up front: the CUDA
-# graphs (their activations for the largest decode batch and prefill step, and logits) and the kernel
-# code the warm-up and the captures load (H200, test model: 1.4 GB in all; a 1 GiB reserve let an
-# engine at a 0.25 share end 0.4 GB over it).
-GRAPH_RESERVE = 2 << 30
-
-
-def kv_room(utilization: float, total: int, free_at_start: int, free_now: int, step_peak: int,
-            reserve: int = GRAPH_RESERVE) -> int:
-    """Bytes for the KV pool under gpu_memory_utilization: the engine's share of the GPU (`utilization` ×
-    `total`) less what it already uses (free memory before its weights less free memory now), a full
-    step's activations beyond that (`step_peak`) and `reserve`; and no more than is free now less those.
-    Refuses, naming the setting, when nothing is left."""
-    used = free_at_start - free_now
-    room = min(int(utilization * total) - used, free_now) - step_peak - reserve
-    if room <= 0:
-        gib = 2**30
-        raise ValueError(
-            f"gpu_memory_utilization: {utilization} of the GPU's {total / gib:.1f} GiB leaves no room for KV: the "
-            f"weights take {used / gib:.1f} GiB, a full step's activations {step_peak / gib:.1f} GiB, the CUDA "
-            f"graphs up to {reserve / gib:.1f} GiB, and {free_now / gib:.1f} GiB is free; raise it (or free the GPU)")
-    return room
-
-
-def resolve_max_model_len(spec: ModelSpec, config: EngineConfig, num_blocks: int) -> int:
-    asked = config.scheduler.max_model_len
-    pool_tokens = num_blocks * config.cache.block_size
-    limit = min(spec.max_position_embeddings, pool_tokens)
-    if asked > limit:
-        raise ValueError(
-            f"max_model_len: {asked} exceeds what fits: the model's max_position_embeddings is "
-            f"{spec.max_position_embeddings} and the KV pool holds {pool_tokens} tokens "
-            "(raise num_blocks or kv_cache_mb)")
-    return asked or limit
-
-
-def prefill_graph_limit(config: EngineConfig, spec: ModelSpec, ranks: int = 1) -> int:
-    """How many tokens of whole prompts a step may hold to replay a prefill graph: the configured count,
-    or by the model (-1): 512 for dense models, 2048 for mixture-of-experts ones (a MoE step launches
-    ~20-30 kernels a layer for few FLOPs: an ERNIE-21B-A3B-shaped 2048-token prompt took longer to
-    enqueue than to compute; benchmarks/RESULTS.md); never more than a step's token budget. With
-    `ranks` data-parallel ranks, a rank's share: its MoE layers gather every rank's rows, so its graphs'
-    memory (held for good, beside the eager steps') stays that of one graph of the whole count."""
-    tokens = config.prefill_graph_tokens
-    if tokens < 0:
-        tokens = 2048 if spec.moe is not None else 512
-    tokens = min(tokens, config.scheduler.max_num_batched_tokens)
-    return tokens if ranks == 1 or not tokens else max(TOKEN_PAD, tokens // ranks)
 
 
 class LLMEngine:
@@ -105,76 +56,82 @@ class LLMEngine:
         """`pool_path`: back the KV pool with this shared-memory file, so a transfer process can map it.
         `tp`: this engine is one rank of a tensor-parallel instance (its share of the model and of the
         KV heads; rank 0 schedules and samples, the others `runner.follow()`)."""
-        from pdpipe.demo import resolve_model
-
-        if config.device.startswith("cuda") and torch.device(config.device).index is None:
-            config = replace(config, device=f"cuda:{torch.cuda.current_device()}")  # one device for all parts
-        if tp is not None and config.expert_parallel:
-            tp = replace(tp, expert_parallel=True)
-        if tp is not None and config.data_parallel_attention:
-            tp = replace(tp, data_parallel_attention=True)
-        data_parallel = tp is not None and tp.data_parallel_attention and tp.size > 1
-        self.data_parallel = data_parallel
-        self.config = config
+        config, tp = _placed(config, tp)
+        self.config, self.tp = config, tp
+        self.data_parallel = tp is not None and tp.data_parallel_attention and tp.size > 1
         self.model_dir = resolve_model(config.model)
-        size_from_gpu = (config.device.startswith("cuda") and config.cache.gpu_memory_utilization > 0
-                         and not config.cache.num_blocks)
-        if size_from_gpu:
-            torch.cuda.set_device(torch.device(config.device))
-            free_at_start, total = torch.cuda.mem_get_info()
+        cuda = config.device.startswith("cuda")
+        memory_at_start = torch.cuda.mem_get_info() if self._sized_from_gpu() else None  # (free, total)
         self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format, tp=tp)
         self.spec = self.model.spec
         hd = self.spec.head_dim
-        if config.device.startswith("cuda") and (hd & (hd - 1) or hd < 16):
+        if cuda and (hd & (hd - 1) or hd < 16):
             raise ValueError(f"head_dim: {hd}; the GPU attention kernels take powers of two from 16 "
                              "(64, 128, ...); run this model on device=cpu")
-        dtype = getattr(torch, self.spec.dtype)
-        block_size = config.cache.block_size
-        if config.device.startswith("cuda"):
+        if cuda:
             self.model.fuse_projections()  # before the step is profiled: the fused experts' buffers count
+        num_blocks = self._pool_blocks(memory_at_start)
+        self.max_model_len = resolve_max_model_len(self.spec, config, num_blocks)
+        self.eos_token_ids = load_eos_token_ids(self.model_dir)
+        self.kv_cache = self._make_pool(num_blocks, pool_path)
+        ranks = tp.size if self.data_parallel and tp is not None else 1  # a pool a rank, all scheduled here
+        self.blocks = BlockManager(num_blocks * ranks, config.cache.block_size, partitions=ranks)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
+        runner = DataParallelRunner if self.data_parallel else ModelRunner
+        self.runner = runner(self.model, self.kv_cache, self.max_model_len, pad_tokens=TOKEN_PAD if cuda else 1,
+                             tp=tp)
+        if cuda:  # every rank of an instance captures the same graphs (their collectives inside; routed
+            # experts run fused, without host syncs)
+            if config.cuda_graphs:
+                self.runner.capture_graphs(config.scheduler.max_num_seqs)
+            prefill_graph_tokens = prefill_graph_limit(config, self.spec, ranks)
+            if prefill_graph_tokens:
+                self.runner.capture_prefill_graphs(prefill_graph_tokens)
+        self.sampler = Sampler(self.eos_token_ids)
+        self._arrivals = itertools.count()
+        self._reserved: dict[str, list[int]] = {}
+        torch.manual_seed(config.seed)
+
+    def _sized_from_gpu(self) -> bool:
+        cache = self.config.cache
+        return self.config.device.startswith("cuda") and cache.gpu_memory_utilization > 0 and not cache.num_blocks
+
+    def _pool_blocks(self, memory_at_start: tuple[int, int] | None) -> int:
+        """The pool's blocks: as configured, or what gpu_memory_utilization leaves once the weights are
+        loaded and a full step profiled; every rank of an instance the same (rank 0's block ids index
+        them all), the fewest any rank has room for."""
         gpu_room = None
-        if size_from_gpu:
-            step_peak = self._step_peak(tp)
-            gpu_room = kv_room(config.cache.gpu_memory_utilization, total, free_at_start,
+        if memory_at_start is not None:
+            free_at_start, total = memory_at_start
+            step_peak = self._step_peak(self.tp)
+            gpu_room = kv_room(self.config.cache.gpu_memory_utilization, total, free_at_start,
                                torch.cuda.mem_get_info()[0], step_peak)
-        num_blocks = pool_blocks(self.spec, config, gpu_room)
-        if size_from_gpu and tp is not None:  # every rank the same pool (rank 0's block ids index them all)
+        num_blocks = pool_blocks(self.spec, self.config, gpu_room)
+        if memory_at_start is not None and self.tp is not None:
             import torch.distributed as dist
 
             agreed = torch.tensor([num_blocks])
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp.control if tp.control is not None else tp.group)
+            group = self.tp.control if self.tp.control is not None else self.tp.group
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
             num_blocks = int(agreed.item())
-        self.max_model_len = resolve_max_model_len(self.spec, config, num_blocks)
-        self.eos_token_ids = load_eos_token_ids(self.model_dir)
-        shape = KVCache.shape(self.spec, num_blocks, block_size)
+        return num_blocks
+
+    def _make_pool(self, num_blocks: int, pool_path: str | None) -> KVCache:
+        """The KV pool: on GPU a plain cudaMalloc (exportable through CUDA IPC: `gpu_pool`), on CPU a
+        shared-memory file at `pool_path` (a transfer process maps it) or plain memory."""
+        shape = KVCache.shape(self.spec, num_blocks, self.config.cache.block_size)
+        dtype, device = getattr(torch, self.spec.dtype), self.config.device
         buffer, self.gpu_pool = None, None
-        if config.device.startswith("cuda"):  # plain cudaMalloc, exportable through CUDA IPC
+        if device.startswith("cuda"):
             from pdpipe.ipc.cuda import CudaPool
 
-            self.gpu_pool = CudaPool(shape, dtype, torch.device(config.device).index)
+            self.gpu_pool = CudaPool(shape, dtype, torch.device(device).index)
             buffer = self.gpu_pool.tensor
         elif pool_path:
             from pdpipe.ipc.shm import map_pool
 
             buffer = map_pool(pool_path, shape, dtype)
-        self.kv_cache = KVCache(self.spec, num_blocks, block_size, dtype, config.device, buffer)
-        ranks = tp.size if data_parallel and tp is not None else 1  # data-parallel: a pool a rank, all scheduled here
-        self.blocks = BlockManager(num_blocks * ranks, block_size, partitions=ranks)
-        self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.max_model_len,
-                                  pad_tokens=TOKEN_PAD if config.device.startswith("cuda") else 1, tp=tp)
-        # every rank of a tensor-parallel instance captures the same graphs (their collectives inside;
-        # routed experts run fused, without host syncs)
-        graphs = config.device.startswith("cuda")
-        if graphs and config.cuda_graphs:
-            self.runner.capture_graphs(config.scheduler.max_num_seqs)
-        prefill_graph_tokens = prefill_graph_limit(config, self.spec, ranks)
-        if graphs and prefill_graph_tokens:
-            self.runner.capture_prefill_graphs(prefill_graph_tokens)
-        self.sampler = Sampler(self.eos_token_ids)
-        self._arrivals = itertools.count()
-        self._reserved: dict[str, list[int]] = {}
-        torch.manual_seed(config.seed)
+        return KVCache(self.spec, num_blocks, self.config.cache.block_size, dtype, device, buffer)
 
     def _step_peak(self, tp: TensorParallel | None) -> int:
         """Memory a full step (max_num_batched_tokens of one prompt, logits for max_num_seqs rows) needs

@@ -28,12 +28,6 @@ class KVCache:
     def shape(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
 
-    @staticmethod
-    def block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes one block takes over all layers, keys and values."""
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
-
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.data[i, 0], self.data[i, 1]) for i in range(self.data.shape[0])]
 

@@ -44,8 +44,9 @@ from pdpipe.messages import (
 )
 from pdpipe.tombstones import Tombstones
 
-from .engine import LLMEngine, device_fault
+from .engine import LLMEngine
 from .scheduler import SchedulerOutput, finish_for
+from .sizing import device_fault
 
 log = logging.getLogger("pdpipe")
 Send = Callable[[str, Msg | EngineOutput], None]
@@ -240,7 +241,7 @@ class EngineWorker(Handler):
         blocks = self.engine.blocks
         if not self.engine.data_parallel or not block_ids:
             return "", block_ids
-        from pdpipe.transfer import rank_pool
+        from pdpipe.transfer.base import rank_pool
 
         rank = blocks.partition_of(block_ids[0])
         return rank_pool(self.name, rank), [b - rank * blocks.partition_size for b in block_ids]

@@ -15,7 +15,7 @@ import torch
 
 from pdpipe import kernels
 from pdpipe.messages import PoolInfo
-from pdpipe.transfer import RankedBackend, TransferError, TransferJob, TransferState
+from pdpipe.transfer.base import RankedBackend, TransferError, TransferJob, TransferState
 
 from .cuda import open_pool, visible_ordinal
 

@@ -13,7 +13,7 @@ import torch
 
 from pdpipe import kernels
 from pdpipe.messages import PoolInfo
-from pdpipe.transfer import RankedBackend, TransferJob, TransferState
+from pdpipe.transfer.base import RankedBackend, TransferJob, TransferState
 
 
 def map_pool(path: Path | str, shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

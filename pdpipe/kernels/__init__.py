@@ -33,6 +33,11 @@ def paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_
                                      sliding_window)
 
 
+def decode_splits(max_seq_len: int, batch: int, kv_heads: int) -> int:
+    """How many parts decode attention splits each sequence's context into (1 without Triton)."""
+    return triton_ops.decode_splits(max_seq_len, batch, kv_heads) if triton_ops is not None else 1
+
+
 def rms_norm(x, weight, eps: float, residual=None):
     """(normalized, new residual): the residual add fused into the norm on GPU."""
     if use_triton(x) and x.dim() == 2:
@@ -110,6 +115,6 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
     return ops.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers, src_heads, dst_heads)
 
 
-__all__ = ["copy_blocks", "copy_pool_blocks", "enable_skinny", "fused_moe", "gather_blocks", "linear", "moe_route",
-           "moe_router", "paged_attention", "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks",
-           "silu_and_mul", "store_kv", "triton_moe", "triton_ops", "use_triton"]
+__all__ = ["copy_blocks", "copy_pool_blocks", "decode_splits", "enable_skinny", "fused_moe", "gather_blocks",
+           "linear", "moe_route", "moe_router", "paged_attention", "reference", "rms_norm", "rope_and_store", "rotary",
+           "scatter_blocks", "silu_and_mul", "store_kv", "triton_moe", "triton_ops", "use_triton"]

@@ -8,10 +8,8 @@ many sequences and reads/writes their KV through the paged cache.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,11 +17,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pdpipe import kernels
 
+from .layers import Linear, RMSNorm, Rotary, fused_linear
+from .moe import MoE
 from .parallel import TensorParallel
-
-if TYPE_CHECKING:
-    from .moe import MoE
-from .spec import ModelSpec, RopeSpec
+from .spec import ModelSpec
 
 
 @dataclass
@@ -122,57 +119,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
                                    scale, window)
 
 
-class Linear(nn.Linear):
-    """nn.Linear through `kernels.linear` (a skinny Triton GEMM for decode-sized batches where faster)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """normalize(x); with `residual`, normalize(x + residual) and that sum, in one kernel on GPU."""
-        out, new_residual = kernels.rms_norm(x, self.weight, self.eps, residual)
-        return out if residual is None else (out, new_residual)
-
-
-def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if rope.rope_type == "linear":
-        return inv_freq / rope.factor
-    if rope.rope_type != "llama3":
-        return inv_freq
-    old_len = rope.original_max_position_embeddings
-    low_wavelen = old_len / rope.low_freq_factor
-    high_wavelen = old_len / rope.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-class Rotary(nn.Module):
-    inv_freq: torch.Tensor
-
-    def __init__(self, rope: RopeSpec, head_dim: int):
-        super().__init__()
-        self.interleaved = rope.interleaved
-        self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
-
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 [num_tokens, head_dim], each frequency repeated for the dimension it pairs with."""
-        freqs = positions[:, None].float() * self.inv_freq.float()  # [num_tokens, head_dim / 2]
-        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, sliding_window: int | None):
         super().__init__()
@@ -213,17 +159,6 @@ class Attention(nn.Module):
         return self.tp.all_reduce(out) if self.tp is not None else out
 
 
-def fused_linear(*parts: nn.Linear) -> nn.Linear:
-    first = parts[0]
-    fused = Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
-                   device=first.weight.device, dtype=first.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
-        if first.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
-    return fused
-
-
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -249,8 +184,6 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(spec, spec.sliding_windows[layer_idx])
-        from .moe import MoE  # (it builds on this module's Linear)
-
         routed = spec.moe is not None and spec.moe.layers[layer_idx]
         # the MLP or the experts, under the checkpoint's name for them (`mlp`, Mixtral's `block_sparse_moe`)
         self.ffn_name = spec.moe.module if routed and spec.moe is not None else "mlp"
@@ -297,8 +230,6 @@ class CausalLM(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = Linear(spec.hidden_size, rows, bias=False)
         if tp is not None:
-            from .moe import MoE
-
             for layer in self.model.layers:
                 assert isinstance(layer, DecoderLayer)
                 if not data_parallel:

@@ -8,7 +8,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .decoder import CausalLM, Rotary
+from .decoder import CausalLM
+from .layers import Rotary
 from .moe import float32_weights
 from .parallel import TensorParallel, rank_spec, shard_state_dict
 from .spec import ModelLoadError, ModelSpec, load_spec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .spec import DTYPES
+from pdpipe.config import DTYPES
 
 ARCH_NAMES = {
     "llama": "LlamaForCausalLM",

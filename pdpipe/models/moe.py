@@ -8,7 +8,7 @@ from torch import nn
 
 from pdpipe import kernels
 
-from .decoder import Linear, fused_linear
+from .layers import Linear, fused_linear
 from .parallel import TensorParallel
 from .spec import ModelSpec, MoeSpec
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdpipe.config import DTYPES
+
 
 class ModelLoadError(ValueError):
     """A model folder that pdpipe cannot load, with the reason and what would be accepted."""
@@ -78,7 +80,6 @@ ARCHITECTURES: dict[str, ArchTraits] = {
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
                   "half": "float16"}
 

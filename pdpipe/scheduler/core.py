@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from pdpipe.config import DeadlineConfig, RoutingConfig, tp_group_of, transfer_name
+from pdpipe.config import DeadlineConfig, RoutingConfig, transfer_name
 from pdpipe.messages import (
     AbortRequest,
     AbortTransfer,
@@ -42,6 +42,7 @@ from pdpipe.messages import (
 )
 
 from .admission import AdmissionQueue, DecodeLedger
+from .liveness import Liveness
 
 STATES = tuple(State)
 ENDED = (State.FINISHED, State.ABORTED, State.FAILED)
@@ -92,11 +93,7 @@ class SchedulerCore(Handler):
         self.queue = AdmissionQueue()
         self.ledger = DecodeLedger()
         self.decisions: Counter[str] = Counter()  # where prompts were computed: remote, local
-        self.down: dict[str, tuple[str, str]] = {}  # dead local instances being restarted → (role, machine)
-        self.heard: dict[str, float] = {}  # a process that heartbeats → when it last did (this clock)
-        self.silent: set[str] = set()  # processes (or ranks) that stopped reporting
-        self.frozen: set[str] = set()  # instances down because one of their processes is silent
-        self.stats_at: dict[str, float] = {}  # when each process's latest stats came (this clock)
+        self.liveness = Liveness(deadlines.heartbeat, clock)  # who beats, who is down or frozen, who is ready
         self._numbers = itertools.count()
 
     def of_role(self, role: str) -> list[str]:
@@ -125,55 +122,60 @@ class SchedulerCore(Handler):
         for name in gone:
             self.stats.pop(name, None)
             self.ledger.forget(name)
+            self.liveness.left(name)
         self.roles = {n: role for n, (role, _) in live.items()}
         self.machines = {n: machine for n, (_, machine) in live.items()}
         self._pump()
 
     def _on_ProcessDown(self, msg: ProcessDown) -> None:
-        """The launcher saw a local process die (it restarts it). An engine leaves routing until it is
-        back; every request that needed it, or the dead transfer's copies, fails now and each surviving
-        holder frees; a dead front-end's requests have no client left, so they are aborted."""
-        if msg.name in self.down and msg.name in self.frozen:  # frozen, then died: the launcher brings it back
-            self.frozen.discard(msg.name)
-            self.silent = {n for n in self.silent if tp_group_of(n)[0] != msg.name}
-        what = "stopped reporting" if msg.name in self.frozen else "died"
-        why = f"{msg.name} {what}: {msg.detail}" if msg.detail else f"{msg.name} {what}"
-        if msg.role == "api":
+        """The launcher saw a local process die (it restarts it)."""
+        self._out(msg.name, msg.role, f"{msg.name} died: {msg.detail}" if msg.detail else f"{msg.name} died")
+
+    def _out(self, name: str, role: str, why: str, frozen: bool = False) -> None:
+        """`name` is out, dead or `frozen` (silent): an engine leaves routing until it is back; every
+        request that needed it, or the dead transfer's copies, fails now and each surviving holder frees;
+        a dead front-end's requests have no client left, so they are aborted."""
+        if role == "api":
             for rec in list(self.live.values()):
                 self._end(rec, State.ABORTED, "scheduler", why)
-        elif msg.role == "transfer":
-            self.down[msg.name] = (msg.role, "")  # meanwhile prompts are computed on their decode instance
+        elif role == "transfer":
+            self.liveness.went_down(name, role, "", frozen)  # meanwhile prompts are computed on their decode instance
             for rec in list(self.live.values()):
                 decode = rec.decode or rec.reserving
-                if rec.prefill and decode and self.transfer_of(rec.prefill) == msg.name \
+                if rec.prefill and decode and self.transfer_of(rec.prefill) == name \
                         and STAGE.get(rec.state, len(STAGE)) < STAGE[State.DECODING]:
                     self._end(rec, State.FAILED, "scheduler", why)
                     # no process writes into decode's blocks any more: decode frees them now
                     self.send(decode, Free(request_id=rec.request_id, reason=why))
-        elif msg.name in self.roles:
-            self.down[msg.name] = (self.roles[msg.name], self.machines.get(msg.name, ""))
-            live = {n: (r, self.machines.get(n, "")) for n, r in self.roles.items() if n != msg.name}
+        elif name in self.roles:
+            self.liveness.went_down(name, self.roles[name], self.machines.get(name, ""), frozen)
+            live = {n: (r, self.machines.get(n, "")) for n, r in self.roles.items() if n != name}
             self.update_instances(live, why=why)
+        elif self.liveness.is_frozen(name):  # frozen, then died: down until the launcher brings it back
+            was = self.liveness.down[name]
+            self.liveness.went_down(name, was.role, was.machine)
 
     def _on_ProcessUp(self, msg: ProcessUp) -> None:
-        """A restarted engine is ready: it rejoins routing (its stats restore its room); a restarted
-        transfer takes prompts for prefill instances again."""
-        back = self.down.pop(msg.name, None)
-        if msg.name in self.heard:
-            self.heard[msg.name] = self.clock()  # its first beat may come after this
-        if back is not None and back[0] != "transfer":
-            self.roles[msg.name], self.machines[msg.name] = back
+        """A restarted engine or transfer is ready."""
+        self._back(msg.name)
+
+    def _back(self, name: str) -> None:
+        """`name` is back (restarted, or beating again after a freeze): an engine rejoins routing (its
+        stats restore its room); a transfer takes prompts for prefill instances again."""
+        was = self.liveness.came_up(name)
+        if was is not None and was.role != "transfer":
+            self.roles[name], self.machines[name] = was.role, was.machine
         self._pump()
 
-    def _heard(self, name: str, role: str) -> None:
+    def _heard(self, name: str) -> None:
         """`name` is a process, or a rank > 0 of an instance ("decode-0.rank1"), which speaks for it."""
-        self.heard[name] = self.clock()
-        if name in self.silent:  # a frozen process reports again: it rejoins
-            self.silent.discard(name)
-            instance = tp_group_of(name)[0]
-            if instance in self.frozen and not any(tp_group_of(n)[0] == instance for n in self.silent):
-                self.frozen.discard(instance)
-                self._on_ProcessUp(ProcessUp(name=instance, role=role))
+        back = self.liveness.beat(name)
+        if back is not None:
+            self._back(back)
+
+    def _role_of(self, instance: str) -> str:
+        stats = self.stats.get(instance)
+        return stats.role if stats else self.roles.get(instance, "")
 
     # ---- messages ----------------------------------------------------------------------------
     def _on_AbortRequest(self, msg: AbortRequest) -> None:
@@ -187,15 +189,14 @@ class SchedulerCore(Handler):
             self._pump()
 
     def _on_Heartbeat(self, msg: Heartbeat) -> None:
-        self._heard(msg.instance, msg.role)
+        self._heard(msg.instance)
 
     def _on_InstanceStats(self, msg: InstanceStats) -> None:
-        if msg.instance in self.heard:  # stats count as a beat from a process that beats
-            self._heard(msg.instance, msg.role)
-        if msg.instance in self.down:
+        if msg.instance in self.liveness.heard:  # stats count as a beat from a process that beats
+            self._heard(msg.instance)
+        if not self.liveness.report(msg.instance):
             return  # the last words of a dead instance, or a restarted one not yet ready
         self.stats[msg.instance] = msg
-        self.stats_at[msg.instance] = self.clock()
         if self.roles.get(msg.instance) in ("decode", "prefill") and self.ledger.report(msg):
             self._pump()
 
@@ -278,7 +279,7 @@ class SchedulerCore(Handler):
         prefills = self.of_role("prefill")
         if not prefills:
             return True, "no prefill instance"
-        if self.transfer_of(decode) in self.down:
+        if self.liveness.is_down(self.transfer_of(decode)):
             return True, f"{self.transfer_of(decode)} is restarting"
         n = rec.num_prompt_tokens
         if self.routing.disaggregation == "always":
@@ -416,17 +417,8 @@ class SchedulerCore(Handler):
         """Fails requests past their state's deadline, and routes around a process that stopped
         reporting (frozen: alive to the launcher, but it serves nothing)."""
         now = self.clock()
-        limit = self.deadlines.heartbeat
-        for name, when in list(self.heard.items()):
-            instance = tp_group_of(name)[0]  # a silent rank takes its instance with it
-            stats = self.stats.get(instance)
-            role = stats.role if stats else self.roles.get(instance, "")
-            if now - when > limit and name not in self.silent and role in ("prefill", "decode", "mixed", "transfer"):
-                self.silent.add(name)
-                if instance not in self.down:
-                    self.frozen.add(instance)
-                    what = f"{name}: no report" if name != instance else "no report"
-                    self._on_ProcessDown(ProcessDown(name=instance, role=role, detail=f"{what} for {limit:g} s"))
+        for instance, role, detail in self.liveness.newly_silent(self._role_of):
+            self._out(instance, role, f"{instance} stopped reporting: {detail}", frozen=True)
         for rec in list(self.live.values()):
             deadline = getattr(self.deadlines, rec.state.lower(), None)
             if deadline is not None and now - rec.since > deadline:
@@ -440,7 +432,7 @@ class SchedulerCore(Handler):
         for r in self.live.values():
             for name in {r.prefill, r.decode, r.whole, r.reserving} - {""}:
                 per_instance.setdefault(name, Counter())[r.state] += 1
-        now = self.clock()
+        now, down, reported = self.clock(), self.liveness.down, self.liveness.reported
         return {
             "time": now,
             "states": {s: states.get(s, 0) for s in STATES[:5]},
@@ -448,14 +440,17 @@ class SchedulerCore(Handler):
             "instances": {name: {"role": role, "machine": self.machines.get(name, ""),
                                  "requests": dict(per_instance.get(name, {})),
                                  "routed": self.routed[name],
+                                 "ready": self.liveness.ready(name),
                                  "stats": _stats_dict(self.stats.get(name)),
-                                 "stats_age_s": now - self.stats_at[name] if name in self.stats_at else None}
-                          for name, role in {**self.roles, **{n: r for n, (r, _) in self.down.items()
-                                                              if r != "transfer"}}.items()},
+                                 "stats_age_s": now - reported[name] if name in reported else None}
+                          for name, role in {**self.roles, **{n: d.role for n, d in down.items()
+                                                              if d.role != "transfer"}}.items()},
             "transfers": {n: _stats_dict(st) for n, st in self.stats.items() if st.role == "transfer"},
             "api": _stats_dict(self.stats.get("api")),
             "admission": self._admission_snapshot(),
-            "down": {name: role for name, (role, _) in self.down.items()},  # dead, being restarted
+            "down": {name: d.role for name, d in down.items()},  # dead (being restarted) or frozen
+            # what /health asks: instances that take requests to the end now (reported since they came up)
+            "serving": sorted(n for n, r in self.roles.items() if r in ("decode", "mixed") and self.liveness.ready(n)),
         }
 
     def _admission_snapshot(self) -> dict:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import threading
 
+from pdpipe.cluster import Registry
+from pdpipe.loop import Idle, ProcessBase, run_worker_loop
 from pdpipe.messages import ControlRequest, Pause
-from pdpipe.process import Idle
+from pdpipe.wire import ControlThread, InboxThread
 
 from .core import SchedulerCore
 
@@ -34,8 +36,6 @@ class RegistryWatcher:
     must not stall the scheduler's loop); the loop takes the latest view when it changes."""
 
     def __init__(self, cluster, local: dict[str, tuple[str, str]]):
-        from pdpipe.cluster import Registry
-
         self.registry = Registry(cluster.redis_url, cluster.name, cluster.ttl)
         self.local, self.period = local, cluster.ttl / 4
         self.view: dict[str, tuple[str, str]] | None = None
@@ -81,7 +81,7 @@ class SchedulerWorker(Idle):
         core = self.core
         view = self.watcher.take() if self.watcher else None
         if view is not None:  # a dead local instance stays out until the launcher says it is back
-            view = {n: v for n, v in view.items() if n not in core.down}
+            view = {n: v for n, v in view.items() if not core.liveness.is_down(n)}
         if view is not None and view != {n: (core.roles[n], core.machines.get(n, "")) for n in core.roles}:
             core.update_instances(view)
         core.tick()
@@ -89,3 +89,18 @@ class SchedulerWorker(Idle):
     def close(self) -> None:
         if self.watcher:
             self.watcher.stop()
+
+
+def run_scheduler(role: str, name: str, run_dir: str) -> None:
+    proc = ProcessBase(role, name, run_dir)
+    worker = SchedulerWorker(proc.cfg, proc.out.send)
+    inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
+    control = ControlThread(proc.ctx, proc.paths.control, inbox.queue).start()
+    proc.ready()
+    try:
+        run_worker_loop(proc, inbox, worker, periodic=worker.periodic, period=TICK)
+    finally:
+        worker.close()
+        control.stop()
+        inbox.stop()
+        proc.close()

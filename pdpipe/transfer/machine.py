@@ -13,7 +13,7 @@ import torch
 
 from pdpipe.messages import PoolInfo
 
-from . import TransferBackend, TransferError, TransferJob, TransferState, pool_instance
+from .base import TransferBackend, TransferError, TransferJob, TransferState, pool_instance
 
 log = logging.getLogger("pdpipe")
 
@@ -58,7 +58,7 @@ class MachineTransfer(TransferBackend):
         if not cluster.redis_url:
             return cls(local, pools_dir)
         from pdpipe.cluster import Registry
-        from pdpipe.rdma import MooncakeTransfer
+        from pdpipe.rdma.mooncake import MooncakeTransfer
 
         remote = MooncakeTransfer(cluster.advertise_host, cluster.protocol, cluster.nics)
         return cls(local, pools_dir, remote, Registry(cluster.redis_url, cluster.name, cluster.ttl),

@@ -40,7 +40,7 @@ from pdpipe.messages import (
 )
 from pdpipe.tombstones import Tombstones
 
-from . import TransferBackend, TransferError, TransferJob, TransferState, rank_pool
+from .base import TransferBackend, TransferError, TransferJob, TransferState, rank_pool
 
 Send = Callable[[str, Msg | EngineOutput], None]
 log = logging.getLogger("pdpipe")

@@ -1,0 +1,74 @@
+"""The building blocks the decoder and the experts share: the Linear that may take the skinny GEMM, the
+fusion of projections into one GEMM, RMSNorm (the residual add fused on GPU) and rotary embeddings."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pdpipe import kernels
+
+from .spec import RopeSpec
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `kernels.linear` (a skinny Triton GEMM for decode-sized batches where faster)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """normalize(x); with `residual`, normalize(x + residual) and that sum, in one kernel on GPU."""
+        out, new_residual = kernels.rms_norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, new_residual)
+
+
+def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type != "llama3":
+        return inv_freq
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    inv_freq: torch.Tensor
+
+    def __init__(self, rope: RopeSpec, head_dim: int):
+        super().__init__()
+        self.interleaved = rope.interleaved
+        self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 [num_tokens, head_dim], each frequency repeated for the dimension it pairs with."""
+        freqs = positions[:, None].float() * self.inv_freq.float()  # [num_tokens, head_dim / 2]
+        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def fused_linear(*parts: nn.Linear) -> nn.Linear:
+    first = parts[0]
+    fused = Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                   device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused
