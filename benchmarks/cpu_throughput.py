@@ -1,5 +1,10 @@
 """Offline CPU throughput of the colocated engine on the demo model (or --model): prefill and decode
-tokens per second for a batch of prompts. No goal yet; GPU speed has its own benchmarks."""
+tokens per second for a batch of prompts. No goal yet: a baseline for the CPU reference path; GPU speed
+has its own benchmarks.
+
+    python benchmarks/cpu_throughput.py [--batch 1 8 32] [--prompt-len 128] [--output-len 64]
+Figures in benchmarks/RESULTS.md, "CPU throughput of the colocated engine".
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe] [idle] [lengths] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
+#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe (the GIL probe)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
@@ -53,9 +53,8 @@ while [ $# -gt 0 ]; do
            tar czf "$OUT/pipeline_logs.tgz" /tmp/pdp-*/logs 2>/dev/null; shift ;;
     bench) timeout ${BENCH_S:-540} python3 benchmarks/gpu_bench.py --only "$2" 2>&1 | tee "$OUT/bench_${2//,/_}.log" | tail -80
            tar czf "$OUT/bench_logs.tgz" /tmp/pdb-*/logs 2>/dev/null; shift 2 ;;
-    probe) python3 benchmarks/gil_probe.py 2>&1 | tee "$OUT/gil_probe.log"; shift ;;
-    idle) python3 benchmarks/idle_gpu_probe.py ${IDLE_ARGS:-} 2>&1 | tee "$OUT/idle_gpu_probe.log"; shift ;;
-    lengths) python3 benchmarks/new_length_probe.py 2>&1 | grep -v Warn | tee "$OUT/new_length_probe.log" | head -60; shift ;;
+    probe) python3 benchmarks/probes/gil_probe.py 2>&1 | tee "$OUT/gil_probe.log"; shift ;;
+    lengths) python3 benchmarks/probes/new_length_probe.py 2>&1 | grep -v Warn | tee "$OUT/new_length_probe.log" | head -60; shift ;;
     prefill) timeout ${PREFILL_S:-240} python3 benchmarks/prefill_service.py --input-len "$2" --prompts "$3" \
                --out "$OUT/prefill_${2/:/-}.json" 2>&1 | tail -3; shift 3 ;;
     compare) configs=(); for l in ${LAYOUTS:-1p1d 1p1d-always 2mixed}; do configs+=("$(layout_config $l)"); done

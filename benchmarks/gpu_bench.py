@@ -15,6 +15,8 @@
   hf        the same model under transformers: decode tokens/s at batch 1 and time to first token
 
 Usage: python benchmarks/gpu_bench.py [--only transfer,decode,...] [--json OUT.json]
+       (or bash benchmarks/device_run.sh bench transfer,decode,...; figures in benchmarks/RESULTS.md,
+       "GPU data path")
 """
 from __future__ import annotations
 

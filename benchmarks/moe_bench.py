@@ -7,8 +7,15 @@
            KV, at the device's copy bandwidth                       (goal ≤ 1.5× at batch 1, ≤ 1.6× at 64)
   prefill  one 2048-token prompt, FLOPs of the parameters each token uses (its top-k experts, the
            shared ones, the rest) and causal attention, against the bf16 GEMM            (goal ≥ 45 %)
+  --profile      the kernels of decode steps of 1 and 64 and of the prefill, by time, and how long
+                 Python takes to enqueue the eager prefill step (and where, by cProfile)
+  --first-steps  prompt steps beyond the prefill graphs run twice on a started engine, with the Triton
+                 kernels that compiled and the first run's costliest host calls (a first step should
+                 cost what its second does)
 
-    python benchmarks/moe_bench.py [--json OUT] [--models ernie,qwen]      (GPU; makes the folders)
+    python benchmarks/moe_bench.py [--json OUT] [--models ernie,qwen] [--profile] [--first-steps]
+                                        (GPU; makes the folders; or bash benchmarks/device_run.sh moebench)
+Figures in benchmarks/RESULTS.md, "Mixture of experts on GPU"; JSON in benchmarks/results/moe/.
 """
 from __future__ import annotations
 

@@ -10,7 +10,12 @@ router and the sort against their torch references, and where a MoE layer's time
            GEMM + the choice kernel (where kernels.ROUTER_FUSED_TOKENS comes from); the sort's kernels
            specialised on their sizes against not (triton_ops.py, VARYING)
 
-    python benchmarks/moe_kernel_sweep.py [--json OUT] [--only sweep,parts,router]               (GPU)
+No goal of its own: it chooses the tiles and the router's path, judged by time against the limits above
+and against each other.
+
+    python benchmarks/moe_kernel_sweep.py [--json OUT] [--only sweep,parts,router] [--cases 1,64]  (GPU)
+Figures in benchmarks/RESULTS.md, "Mixture of experts on GPU", "The kernels"; JSON in
+benchmarks/results/moe/.
 """
 from __future__ import annotations
 

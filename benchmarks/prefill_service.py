@@ -5,9 +5,12 @@ alone:      an LLMEngine on GPU 0 with the prefill instance's settings computes 
 in service: launch/gpu-8b-1p1d.toml, always disaggregated, the same prompts sent at once through the
             API; prompt tokens ÷ (last prompt's end − first prompt's start) from the scheduler's traces.
             The prefill instance's own counters split that span into stepping and waiting.
+Goal: in service ≥ 90 % of alone (the pipeline around the prefill engine does not starve it).
 
     python benchmarks/prefill_service.py [--prompts N] [--input-len 2048] [--out results.json]
     (on CPU, as a check of the script: --config launch/single.toml --vocab-size 500 --input-len 64)
+    (on the GPU machine: bash benchmarks/device_run.sh prefill 2048 64; figures in benchmarks/RESULTS.md,
+    "Serving under load")
 """
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ measured in the same run on the same GPUs:
   GPU its own sequences, eager steps): the decode step and prefill times, set beside the one-GPU
   figures of benchmarks/moe_bench.py (the floors above assume dense weights).
 
-    python benchmarks/tp_bench.py --model DIR [--expert-parallel] [--json OUT]
-                                                            (2 GPUs; DIR made by `pdpipe make-model`)
+    python benchmarks/tp_bench.py --model DIR [--expert-parallel] [--data-parallel-attention] [--json OUT]
+                          (2 GPUs; DIR made by `pdpipe make-model`; or device_run.sh tp70b, ep2, dp2)
+Figures in benchmarks/RESULTS.md, "Tensor parallelism on two GPUs" and "Mixture of experts on GPU".
 """
 from __future__ import annotations
 

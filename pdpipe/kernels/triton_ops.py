@@ -12,7 +12,7 @@ import triton.language as tl
 # divisibility by 16 (and for 1), 0.3-0.9 s each, which the first request of a step bringing a new one
 # would wait for. (The 600-900 ms TTFT bursts once seen under load were not these but the skinny GEMM
 # timed live: ModelRunner.warm_gemms.) Measured cost: Qwen3-MoE's sort (128 experts) 25-35 % slower
-# unspecialised on its pairs (benchmarks/moe/router_sort_probe_s7.json), ERNIE's none.
+# unspecialised on its pairs (benchmarks/results/moe/2026-11-30-kernel-sweep-router-sort.json), ERNIE's none.
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

@@ -1,10 +1,26 @@
 """Why is a prompt of a length the engine has not seen before slower? In service the first ~100
-requests after a launch took about twice their prefill time (benchmarks/RESULTS.md, "Where TTFT goes");
-the same prompts sent again did not. This times one engine's prefill of new lengths against the same
-lengths seen once, and profiles one of each, so the operations that cost the difference show.
+requests after a launch took about twice their prefill time; the same prompts sent again did not.
+This times one engine's prefill of new lengths against the same lengths seen once, each attention
+backend and a projection's GEMM at a new length against the second call, and profiles one prefill of
+each, so the operations that cost the difference show.
 
-    python benchmarks/new_length_probe.py                       (GPU: the 8B-shaped launch config)
-    python benchmarks/new_length_probe.py --config launch/single.toml --lengths 40,71,93   (CPU check)
+Answer (one H200, torch 2.11.0+cu130, cuBLAS 13, 2026-11-30), two causes, both removed since:
+- torch's SDPA picked cuDNN for prompts, and cuDNN builds a graph per new sequence length: the first
+  call at a new length took 40-64 ms, again 0.19-0.24 ms (flash attention: 0.20 ms first, 0.18
+  again). Prompts now attend through varlen flash attention, one call per layer for the whole batch
+  (24 prompts of 128-512 tokens: 0.29 ms a layer, against 1.31 ms for one SDPA call per prompt).
+- cuBLAS pays ~3 ms the first time a GEMM runs at a row count it has not run (one random new count in
+  3-6, any projection); neither a sweep of other counts (step 128 or 32) nor CUDA_MODULE_LOADING=EAGER
+  removed it. GPU steps are now padded to a multiple of 32 tokens and the warm-up runs every count.
+The 8B-shaped engine's prefill of 1.1k-2.9k-token prompts, new against seen (medians): 82.3 / 43.9 ms
+with SDPA, 48.2 / 48.6 ms with varlen attention, padding and the warm-up (benchmarks/RESULTS.md,
+"New prompt lengths"). Worth running again after a torch, CUDA or cuBLAS upgrade: a new length should
+still cost nothing.
+
+    python benchmarks/probes/new_length_probe.py                 (GPU: the 8B-shaped launch config;
+                                                                   or bash benchmarks/device_run.sh lengths)
+    python benchmarks/probes/new_length_probe.py --config launch/single.toml --lengths 40,71,93   (CPU check)
+    python benchmarks/probes/new_length_probe.py --gemm-only     (the GEMMs alone, no engine)
 """
 from __future__ import annotations
 
@@ -18,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-CONFIG = Path(__file__).resolve().parent.parent / "launch" / "gpu-8b-1p1d.toml"
+CONFIG = Path(__file__).resolve().parents[2] / "launch" / "gpu-8b-1p1d.toml"
 
 
 def main() -> None:

@@ -1,10 +1,15 @@
 """Does waiting for the GPU hold the GIL? A thread that only wakes every 0.5 ms runs beside a main
-thread that queues ~50 ms of GPU work and then waits for it in one of the ways an engine step can
-(`.tolist()`, `.item()`, `.cpu()`, a stream or an event synchronize). The longest gap between the
-thread's wake-ups while the main thread waits is how long the process's other threads (a ZeroMQ
-inbox, a prefill's layer announcements) were held off.
+thread that queues ~95 ms of GPU work (60 bf16 GEMMs of 8192³ on an H200) and then waits for it in one
+of the ways an engine step can (`.tolist()`, `.item()`, `.cpu()`, a stream or an event synchronize).
+The longest gap between the thread's wake-ups while the main thread waits is how long the process's
+other threads (a ZeroMQ inbox, a prefill's layer announcements) were held off.
 
-    python benchmarks/gil_probe.py        (on a GPU machine)
+Answer (one H200, torch 2.11.0+cu130, 2026-11-30): no. Every one of these waits releases the GIL;
+during a ~96 ms wait the other thread was never held off more than 0.9 ms. An engine's inbox and
+sender threads therefore run while its step waits for the GPU. Worth running again after a torch
+upgrade, since the engine's threads rest on it.
+
+    python benchmarks/probes/gil_probe.py        (on a GPU machine; or bash benchmarks/device_run.sh probe)
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ def main() -> None:
         for name, wait in waits.items():
             torch.cuda.synchronize()
             y = x
-            for _ in range(60):  # ~50 ms of matrix products, queued
+            for _ in range(60):  # ~95 ms of matrix products on an H200, queued
                 y = x @ x
             start = time.perf_counter()
             wait(y)
