@@ -79,7 +79,7 @@ def experts_read(engine, out, layers) -> int:
 
         moe.route = watched
     runner = engine.runner
-    runner._forward(*runner.place(runner.layout(out)))
+    runner.forward(runner.layout(out))
     for moe in layers:
         moe.route = originals[moe]
     return sum(seen)
@@ -166,21 +166,21 @@ def kernel_profile(engine, out) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     runner = engine.runner
-    args = runner.place(runner.layout(out))
-    runner._forward(*args)
+    lay = runner.layout(out)
+    runner.forward(lay)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        runner._forward(*args)
+        runner.forward(lay)
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: -e.self_device_time_total)
-    host = host_profile(runner, args)
+    host = host_profile(runner, lay)
     release(engine, out)
     return {"total_us": sum(e.self_device_time_total for e in events), "launches": sum(e.count for e in events),
             "top": [(e.key[:60], e.count, round(e.self_device_time_total, 1)) for e in events[:12]], **host}
 
 
-def host_profile(runner, args) -> dict:
+def host_profile(runner, lay) -> dict:
     """The same step's host side: how long Python takes to enqueue it (against the time until the GPU
     is done: a step whose enqueue takes as long is host-bound), and where that time goes (cProfile's
     top functions by their own time; cProfile slows Python, so read these as shares)."""
@@ -190,13 +190,13 @@ def host_profile(runner, args) -> dict:
 
     torch.cuda.synchronize()
     start = time.perf_counter()
-    runner._forward(*args)
+    runner.forward(lay)
     enqueued = time.perf_counter()
     torch.cuda.synchronize()
     done = time.perf_counter()
     profiler = cProfile.Profile()
     profiler.enable()
-    runner._forward(*args)
+    runner.forward(lay)
     torch.cuda.synchronize()
     profiler.disable()
     stats = pstats.Stats(profiler)

@@ -100,7 +100,8 @@ def test_prompt_steps_replay_every_ranks_prefill_graph_of_one_size(model_dir):
         return ScheduledChunk(seq, start, n)
 
     # rank 0: a 10-token prompt and the first 7 tokens of a 20-token one; rank 1: one 30-token prompt
-    a, b, c = chunk("a", 10, [1, 2, 3]), chunk("b", 7, [4, 5, 6, 7, 0], length=20), chunk("c", 30, [8 + i for i in range(8)])
+    a, b = chunk("a", 10, [1, 2, 3]), chunk("b", 7, [4, 5, 6, 7, 0], length=20)
+    c = chunk("c", 30, [8 + i for i in range(8)])
     step, seqs = runner.plan(SchedulerOutput(chunks=[c, a, b]))
     assert isinstance(step, PrefillShares) and step.size == 32 and step.counts == [1, 1]
     assert [s.request_id for s in seqs] == ["a", "c"]
