@@ -78,11 +78,11 @@ def in_service(args) -> dict:
     try:
         base = f"http://127.0.0.1:{cfg.api.port}"
         warm = ServeConfig(workload=replace(workload(args), num_prompts=4, seed=args.seed + 1),
-                           load=LoadConfig(), base_url=base, progress=False)
+                           load=LoadConfig(), base_url=base, api_key=cfg.api.api_key, progress=False)
         run_serve(warm)
         before = control(cfg.run_dir, "snapshot")["instances"]["prefill-0"]["stats"]
         result = run_serve(ServeConfig(workload=workload(args), load=LoadConfig(), base_url=base,
-                                       progress=False))
+                                       api_key=cfg.api.api_key, progress=False))
         after = control(cfg.run_dir, "snapshot")["instances"]["prefill-0"]["stats"]
         ids = [r["request_id"] for r in result["requests"] if r.get("ok")]
         traces = fetch_traces(cfg.run_dir, ids)

@@ -211,10 +211,16 @@ class ApiConfig:
     drain_s: float = field(default=30.0, metadata={
         "help": "on SIGTERM/SIGINT the front-end takes no new request and gives those in flight this long "
                 "to finish; then their streams end with an error event and [DONE]"})
+    api_key: str = field(default="", repr=False, metadata={
+        "help": "every route but /health and /metrics needs 'Authorization: Bearer <api_key>' (else 401); "
+                "empty: no key"})
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ValueError(f"api.port: {self.port} is not a TCP port")
+        if not isinstance(self.api_key, str) or not all("!" <= c <= "~" for c in self.api_key):
+            raise ValueError("api.api_key: must be a string of printable ASCII characters without whitespace "
+                             "(empty: no key)")
         for name in ("max_waiting", "max_waiting_prompt_tokens", "drain_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"api.{name}: {getattr(self, name)}; allowed: 0 (no limit) or a positive count")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shlex
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,13 @@ class Child:
     ready_at: float = 0.0  # time.monotonic() of its last Ready
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """Writes a file only its owner can read (made anew: an older one keeps its mode)."""
+    path.unlink(missing_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        f.write(data)
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -94,7 +102,7 @@ class Launcher:
         if run_dir.exists():
             self._clean_leftovers()
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_bytes(msgspec.json.encode(self.cfg))
+        _write_private(run_dir / "config.json", msgspec.json.encode(self.cfg))  # it may hold api.api_key
         (run_dir / "launcher.pid").write_text(str(os.getpid()))
         _LIVE_RUNS.add(run_dir)
         self.paths.live_link.parent.mkdir(exist_ok=True)  # so that `pdpipe queues` finds this launch
@@ -349,7 +357,9 @@ class Launcher:
 
     def curl_line(self) -> str:
         host = "127.0.0.1" if self.cfg.api.host in ("0.0.0.0", "::") else self.cfg.api.host
-        return (f"curl http://{host}:{self.cfg.api.port}/v1/completions -H 'Content-Type: application/json' "
+        key = self.cfg.api.api_key  # the config's own key: the line is one that works
+        auth = f" -H {shlex.quote('Authorization: Bearer ' + key)}" if key else ""
+        return (f"curl http://{host}:{self.cfg.api.port}/v1/completions -H 'Content-Type: application/json'{auth} "
                 f"-d '{{\"model\": \"{self.model_name()}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
 
     def model_name(self) -> str:

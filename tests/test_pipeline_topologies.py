@@ -119,7 +119,7 @@ def test_launch_cli_and_sigint_leave_nothing_behind(model_dir, tmp_path):
     run_dir = Path("/tmp") / f"pdp-cli-{os.getpid()}"
     config = tmp_path / "pd.toml"
     config.write_text(f'name = "clitest"\nrun_dir = "{run_dir}"\n[engine]\nmodel = "{model_dir(MODEL)}"\n'
-                      f'[engine.cache]\nnum_blocks = 64\n[api]\nport = {port}\n'
+                      f'[engine.cache]\nnum_blocks = 64\n[api]\nport = {port}\napi_key = "sk-cli"\n'
                       '[[instances]]\nrole = "prefill"\n[[instances]]\nrole = "decode"\n')
     proc = subprocess.Popen([sys.executable, "-m", "pdpipe.cli", "launch", str(config)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -134,7 +134,11 @@ def test_launch_cli_and_sigint_leave_nothing_behind(model_dir, tmp_path):
         paths = RunPaths(run_dir)
         assert len(processes_of(run_dir)) == 5 and paths.pool_files() and paths.socket_files()
         out = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
-        assert '"finish_reason"' in out.stdout, out.stdout + out.stderr
+        assert '"finish_reason"' in out.stdout, out.stdout + out.stderr  # the line carries the key
+        keyless = subprocess.run(curl.replace("-H 'Authorization: Bearer sk-cli'", ""), shell=True,
+                                 capture_output=True, text=True, timeout=60)
+        assert '"invalid_api_key"' in keyless.stdout, keyless.stdout + keyless.stderr
+        assert (run_dir / "config.json").stat().st_mode & 0o077 == 0  # the key is the user's alone
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

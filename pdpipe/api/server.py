@@ -1,6 +1,6 @@
-"""The OpenAI-compatible front-end: validates and tokenizes requests, streams SSE, detokenizes, applies
-stop strings, turns a client disconnect into an abort, and serves /metrics. Starlette on uvicorn
-with uvloop; the scheduler and engines are reached through `Bridge`."""
+"""The OpenAI-compatible front-end: checks the API key (if any), validates and tokenizes requests, streams
+SSE, detokenizes, applies stop strings, turns a client disconnect into an abort, and serves /metrics.
+Starlette on uvicorn with uvloop; the scheduler and engines are reached through `Bridge`."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -21,6 +22,7 @@ from pdpipe.messages import SamplingParams
 from pdpipe.output import RequestTextState, TextDelta
 from pdpipe.tokenizer import ChatTemplateError, Tokenizer
 
+from .auth import ApiKeyMiddleware
 from .bridge import Bridge, TokenStream
 from .metrics import ApiMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body, sampling_params
@@ -416,7 +418,8 @@ class OpenAIRoutes:
         return Response(body, media_type=content_type)
 
 
-def build_app(ctx: ApiContext) -> Starlette:
+def build_app(ctx: ApiContext, api_key: str = "") -> Starlette:
+    """The front-end's app; with `api_key`, every route but /health and /metrics needs it."""
     routes = OpenAIRoutes(ctx)
 
     async def not_found(request: Request, exc) -> Response:
@@ -431,7 +434,8 @@ def build_app(ctx: ApiContext) -> Starlette:
         Route("/v1/models", routes.models, methods=["GET"]),
         Route("/health", routes.health, methods=["GET"]),
         Route("/metrics", routes.metrics, methods=["GET"]),
-    ], exception_handlers={404: not_found, 405: bad_method})
+    ], exception_handlers={404: not_found, 405: bad_method},
+        middleware=[Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else [])
 
 
 def _uvicorn_server():
@@ -469,7 +473,7 @@ def serve_api(proc) -> None:
         ctx = ApiContext(Tokenizer(model_dir), bridge, cfg.api.served_model_name or model_dir.name,
                          max_len, cfg.api.max_body_bytes, ApiMetrics(), max_waiting=cfg.api.max_waiting,
                          max_waiting_prompt_tokens=cfg.api.max_waiting_prompt_tokens)
-        server = _Server(uvicorn.Config(build_app(ctx), host=cfg.api.host, port=cfg.api.port,
+        server = _Server(uvicorn.Config(build_app(ctx, cfg.api.api_key), host=cfg.api.host, port=cfg.api.port,
                                         log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
         ctx.bridge.start()
         if cfg.cluster.redis_url:

@@ -19,6 +19,11 @@ ROUTES = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
+def auth_headers(api_key: str) -> dict[str, str]:
+    """What every request carries for a server that wants a key (none for one that does not)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 @dataclass
 class RequestResult:
     index: int

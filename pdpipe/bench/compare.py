@@ -8,10 +8,9 @@ to which every swept rate attains that (a lucky pass above a rate that missed do
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict
 from pathlib import Path
 
-from .config import CompareConfig, LoadConfig, ServeConfig, parse_slos
+from .config import CompareConfig, LoadConfig, ServeConfig, parse_slos, recorded_settings
 from .report import write_json
 
 # metric → (what is compared, True when higher is better)
@@ -64,22 +63,28 @@ def sweep_point(rate: float, serve_result: dict) -> dict:
             "ttft_split_p50_ms": {stage: d["p50"] for stage, d in split.get("stages_ms", {}).items()}}
 
 
+def serve_config(name: str, launch, cfg: CompareConfig, rate: float, out: Path) -> ServeConfig:
+    """One rate of the sweep against a launched config: its port, its run dir, its key (unless --api-key)."""
+    from .serve import api_base_url, client_api_key
+
+    return ServeConfig(workload=cfg.workload, load=LoadConfig(rate, cfg.burstiness, cfg.max_concurrency),
+                       base_url=api_base_url(launch.api), run_dir=launch.resolved_run_dir,
+                       api_key=client_api_key(cfg.api_key, launch.api), slo=cfg.slo, progress=cfg.progress,
+                       result_file=str(out / "serve" / f"{name}-rate{rate:g}.json"))
+
+
 def run_layout(name: str, launch, cfg: CompareConfig, out: Path) -> list[dict]:
     """Launches one config, sweeps the rates against it, stops it; the sweep's points."""
     from pdpipe.launcher import Launcher
 
-    from .serve import api_base_url, run_serve
+    from .serve import run_serve
 
     launcher = Launcher(launch)
     points = []
     try:
         launcher.start()
         for rate in cfg.rates:
-            serve = ServeConfig(workload=cfg.workload, load=LoadConfig(rate, cfg.burstiness, cfg.max_concurrency),
-                                base_url=api_base_url(launch.api), run_dir=launch.resolved_run_dir,
-                                slo=cfg.slo, progress=cfg.progress,
-                                result_file=str(out / "serve" / f"{name}-rate{rate:g}.json"))
-            point = sweep_point(rate, run_serve(serve))
+            point = sweep_point(rate, run_serve(serve_config(name, launch, cfg, rate, out)))
             print(f"{name}: {rate:g} req/s: {point['completed']} done, {point['failed']} failed, "
                   f"TTFT p50 {point['ttft_ms']['p50'] or 0:.1f} ms, SLOs met {point['attainment'] * 100:.0f} %",
                   flush=True)
@@ -112,7 +117,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         points = run_layout(name, launch, cfg, out)
         layouts[name] = {"config_path": path, "points": points,
                          "goodput_rate": goodput_rate(points, cfg.slo_attainment)}
-    result = {"config": asdict(cfg), "slo_ms": parse_slos(cfg.slo), "slo_attainment": cfg.slo_attainment,
+    result = {"config": recorded_settings(cfg), "slo_ms": parse_slos(cfg.slo), "slo_attainment": cfg.slo_attainment,
               "rates": list(cfg.rates), "layouts": layouts,
               "crossings": crossings({n: lay["points"] for n, lay in layouts.items()})}
     write_json(out / "compare.json", result)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 DATASETS = ("random", "shared-prefix", "sharegpt")
 ENDPOINTS = ("completions", "chat")
@@ -100,6 +100,8 @@ class ServeConfig:
     run_dir: str = field(default="", metadata={
         "help": "the launch's run dir: split each request's TTFT by stage from the scheduler's traces"})
     config: str = field(default="", metadata={"help": "or: the launch config (its run dir and api port)"})
+    api_key: str = field(default="", repr=False, metadata={
+        "help": "sent as 'Authorization: Bearer KEY'; empty: the --config's api.api_key, else $OPENAI_API_KEY"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
@@ -120,6 +122,8 @@ class CompareConfig:
     slo_attainment: float = field(default=0.9, metadata={
         "help": "goodput is the highest rate up to which this fraction of requests meets every SLO"})
     out: str = field(default="bench-compare", metadata={"help": "folder for compare.json and the plots"})
+    api_key: str = field(default="", repr=False, metadata={
+        "help": "sent as 'Authorization: Bearer KEY'; empty: each config's api.api_key, else $OPENAI_API_KEY"})
     progress: bool = field(default=False, metadata={"help": "a progress bar per rate"})
 
     def __post_init__(self):
@@ -136,3 +140,8 @@ class CompareConfig:
             return tuple(float(r) for r in self.request_rates.split(",") if r.strip())
         except ValueError:
             raise ValueError(f"request_rates: not numbers: {self.request_rates!r}") from None
+
+
+def recorded_settings(cfg: ServeConfig | CompareConfig) -> dict:
+    """The settings as a result file keeps them: whether a key was sent, not the key."""
+    return {**asdict(cfg), "api_key": "(set)" if cfg.api_key else ""}

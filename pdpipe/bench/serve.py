@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import msgspec
 from tqdm import tqdm
 
+from pdpipe import envs
+
 from .arrivals import arrival_offsets, dispatch
-from .client import ROUTES, RequestResult, request_body, stream_request
-from .config import ServeConfig, parse_slos
+from .client import ROUTES, RequestResult, auth_headers, request_body, stream_request
+from .config import ServeConfig, parse_slos, recorded_settings
 from .datasets import Prompt, load_prompts
 from .metrics import request_record, summarize
 from .report import write_json
 from .traces import fetch_traces, summarize_splits, ttft_split
+
+if TYPE_CHECKING:
+    from pdpipe.config import ApiConfig
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
@@ -31,19 +37,28 @@ def api_base_url(api) -> str:
     return f"http://[{host}]:{api.port}" if ":" in host else f"http://{host}:{api.port}"
 
 
+def client_api_key(given: str, api: ApiConfig | None = None) -> str:
+    """The key the client sends: as given, else the launch's (its `api` section), else $OPENAI_API_KEY."""
+    return given or (api.api_key if api is not None else "") or envs.openai_api_key()
+
+
 def resolve_target(cfg: ServeConfig) -> ServeConfig:
-    """Fills base_url and run_dir from --config (its api port, its run dir) where not given."""
+    """Fills base_url, run_dir and api_key from --config (its api port and key, its run dir) where not
+    given."""
     if not cfg.config:
-        return replace(cfg, base_url=cfg.base_url or DEFAULT_BASE_URL)
+        return replace(cfg, base_url=cfg.base_url or DEFAULT_BASE_URL, api_key=client_api_key(cfg.api_key))
     from pdpipe.config import load_launch_config
 
     launch = load_launch_config(cfg.config)
     return replace(cfg, base_url=cfg.base_url or api_base_url(launch.api),
-                   run_dir=cfg.run_dir or launch.resolved_run_dir)
+                   run_dir=cfg.run_dir or launch.resolved_run_dir, api_key=client_api_key(cfg.api_key, launch.api))
 
 
 async def served_model(session: aiohttp.ClientSession, base_url: str) -> str:
     async with session.get(base_url + "/v1/models") as resp:
+        if resp.status == 401:
+            raise RuntimeError(f"GET {base_url}/v1/models answered HTTP 401: give the server's key (--api-key, "
+                               "or OPENAI_API_KEY)")
         if resp.status != 200:
             raise RuntimeError(f"GET {base_url}/v1/models answered HTTP {resp.status}")
         models = (await resp.json()).get("data") or []
@@ -57,7 +72,8 @@ async def send_all(cfg: ServeConfig, prompts: list[Prompt], offsets: list[float]
     # a connection per request in flight: the client must not queue requests the server should see
     connector = aiohttp.TCPConnector(limit=cfg.load.max_concurrency or len(prompts))
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    headers = auth_headers(cfg.api_key)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         model = cfg.model or await served_model(session, cfg.base_url)
         url = cfg.base_url + ROUTES[cfg.endpoint]
         bodies = [msgspec.json.encode(request_body(p, model, cfg.endpoint, cfg.workload, cfg.return_token_ids))
@@ -103,7 +119,7 @@ def run_serve(cfg: ServeConfig) -> dict:
     model, results, duration = asyncio.run(send_all(cfg, prompts, offsets))
     records = [request_record(r, slos) for r in results]
     result = {"date": started, "base_url": cfg.base_url, "endpoint": cfg.endpoint, "model": model,
-              "config": asdict(cfg), "summary": summarize(results, duration, slos), "ttft_split": None,
+              "config": recorded_settings(cfg), "summary": summarize(results, duration, slos), "ttft_split": None,
               "requests": records}
     if cfg.run_dir:
         result["ttft_split"] = split_from_traces(cfg.run_dir, results, records)
