@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [bench STAGES] [probe (the GIL probe)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
+#   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [bench STAGES] [probe (the GIL probe)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: TESTS_K, TESTS_S, BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
@@ -91,6 +91,16 @@ while [ $# -gt 0 ]; do
            --num-prompts ${PROMPTS:-100} --vocab-size 103000 --ignore-eos --slo ${SLO:-ttft:600 tpot:15} \
            --out /tmp/compare_moe 2>&1 | tee "$OUT/compare_moe.log" | tail -14
          tar czf "$OUT/compare_moe.tgz" -C /tmp compare_moe 2>/dev/null; shift ;;
+    samespeed) old=$(realpath "$2")  # a tree of an earlier commit (git archive), its kernels at the top in layouts before pdpipe/kernels
+         [ -d "$old/kernels" ] && [ ! -e "$old/pdpipe/kernels" ] && ln -sfn ../kernels "$old/pdpipe/kernels"
+         for i in 1 2; do
+           (cd "$old" && PYTHONPATH=$old:/tmp/site timeout ${SAME_S:-240} python3 benchmarks/gpu_bench.py --only decode,prefill \
+              --json "$OUT/samespeed_old_$i.json" 2>&1 | tail -2); clear_gpus
+           timeout ${SAME_S:-240} python3 benchmarks/gpu_bench.py --only decode,prefill --json "$OUT/samespeed_new_$i.json" 2>&1 | tail -2
+           clear_gpus
+         done
+         python3 benchmarks/same_speed.py --old "$OUT"/samespeed_old_*.json --new "$OUT"/samespeed_new_*.json \
+           --json "$OUT/samespeed.json" 2>&1 | tee "$OUT/samespeed.log"; shift 2 ;;
     *) echo "unknown step $1"; exit 2 ;;
   esac
 done
