@@ -26,7 +26,20 @@ from pdpipe.tokenizer import Tokenizer
 
 KEY = "sk-test-0123"
 MODEL = "llama"
-SNAPSHOT = {"instances": {"mixed-0": {"role": "mixed", "stats": None}}, "states": {}, "down": {}}
+
+
+def serving_snapshot() -> dict:
+    """The scheduler's snapshot of a launch whose one mixed instance has reported: it serves."""
+    from pdpipe.config import DeadlineConfig
+    from pdpipe.messages import InstanceStats
+    from pdpipe.scheduler.core import SchedulerCore
+
+    core = SchedulerCore({"mixed-0": "mixed"}, DeadlineConfig(), lambda dest, msg: None)
+    core.handle(InstanceStats(instance="mixed-0", role="mixed", time=0.0))
+    return core.snapshot()
+
+
+SNAPSHOT = serving_snapshot()
 
 
 class AnsweringBridge:
