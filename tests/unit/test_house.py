@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/unit/ → the repo root
 PACKAGE = ROOT / "pdpipe"
 
 # Lowest first: a module may import its own layer and those below. Each entry is a module or a package

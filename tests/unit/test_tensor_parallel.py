@@ -1,22 +1,17 @@
 """Tensor parallelism at the model level, on CPU: two real processes joined by torch.distributed (gloo,
 the CPU twin of NCCL) run a model split in two and must compute what the whole model computes, on
 every architecture (mistral's single key/value head is replicated on both ranks)."""
-import multiprocessing as mp
-import queue
-
 import pytest
 import torch
 from conftest import TEST_MODELS
+from parallel_ranks import BLOCK, PROMPT, end_rank, engine_rank, on_two_ranks, run_requests
 
-from pdpipe.config import CacheConfig, EngineConfig
 from pdpipe.engine.kv_cache import KVCache
 from pdpipe.models.decoder import AttentionMetadata
 from pdpipe.models.loader import load_model
 from pdpipe.models.parallel import TensorParallel, check_splittable, kv_heads_of
 from pdpipe.models.spec import load_spec
 
-BLOCK = 8
-PROMPT = [(7 * i + 3) % 500 + 1 for i in range(30)]  # longer than mistral's 24-token window
 STEPS = 5
 
 
@@ -41,19 +36,6 @@ def greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tenso
     return tokens, torch.stack(logits)
 
 
-def _leave(results, failed: bool) -> None:
-    """Ends a rank's process as pdpipe's ranks end, once its results are out: gloo's threads can abort
-    the interpreter's teardown ("terminate called without an active exception")."""
-    import os
-    import traceback
-
-    if failed:
-        traceback.print_exc()
-    results.close()
-    results.join_thread()
-    os._exit(1 if failed else 0)
-
-
 def _rank(rank: int, size: int, init_file: str, models: list[tuple[str, bool]], results) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
     try:
@@ -63,32 +45,11 @@ def _rank(rank: int, size: int, init_file: str, models: list[tuple[str, bool]], 
             tokens, logits = greedy(model, PROMPT, STEPS)
             results.put((rank, (model_dir, expert_parallel), tokens, logits.numpy()))
     except BaseException:  # noqa: BLE001 — reported, and the exit code says so
-        _leave(results, failed=True)
-    _leave(results, failed=False)
+        end_rank(results, failed=True)
+    end_rank(results, failed=False)
 
 
 MOE = ("ernie4_5_moe", "qwen3_moe", "mixtral")
-
-
-def on_two_ranks(target, tmp_path, work, count: int) -> list:
-    """`target(rank, 2, store, work, results)` run as two spawned ranks (gloo): the first `count` things
-    they put on `results`, once both ended cleanly."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    ranks = [ctx.Process(target=target, args=(r, 2, str(tmp_path / "store"), work, results)) for r in range(2)]
-    for p in ranks:
-        p.start()
-    got: list = []
-    while len(got) < count:
-        assert all(p.is_alive() or p.exitcode == 0 for p in ranks), "a rank died; see its stderr"
-        try:
-            got.append(results.get(timeout=1))
-        except queue.Empty:
-            continue
-    for p in ranks:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return got
 
 
 def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_dir, tmp_path):
@@ -104,45 +65,6 @@ def test_a_model_split_over_two_ranks_computes_what_the_whole_model_does(model_d
                 torch.testing.assert_close(torch.from_numpy(logits), whole_logits, atol=1e-4, rtol=1e-4)
 
 
-def _engine_rank(rank: int, size: int, init_file: str, work: list[tuple], results) -> None:
-    """Rank `rank` of an engine split over `size` processes, for each (model folder, KV blocks a rank,
-    more EngineConfig fields, what rank 0 runs on it: `run(engine)`, its result reported[, what every
-    rank does to its engine first: `prepare(engine, rank)`])."""
-    from pdpipe.engine.engine import LLMEngine
-
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
-    try:
-        tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
-        for model_dir, num_blocks, fields, run, *prepare in work:
-            engine = LLMEngine(EngineConfig(model=model_dir, cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
-                                            **fields), tp=tp)
-            for step in prepare:
-                step(engine, rank)
-            if rank:
-                engine.runner.follow()
-                continue
-            results.put((model_dir, run(engine)))  # type: ignore[operator]
-            engine.runner.stop_followers()
-    except BaseException:  # noqa: BLE001 — reported, and the exit code says so
-        _leave(results, failed=True)
-    _leave(results, failed=False)
-
-
-def run_requests(engine) -> dict[str, list[int]]:
-    """Three requests of different lengths batched together, greedy and seeded, to the end."""
-    from pdpipe.messages import SamplingParams
-
-    for i, n in enumerate((30, 9, 17)):
-        params = SamplingParams(max_tokens=6, temperature=0.8 if i == 2 else 0.0, seed=11, ignore_eos=True)
-        engine.add_request(f"r{i}", PROMPT[:n], params)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
-    assert engine.leak_free()
-    return tokens
-
-
 def test_an_engine_split_over_two_ranks_generates_what_one_engine_does(model_dir, tmp_path):
     """Rank 0 schedules and samples and hands each step to rank 1, which runs the same forward pass:
     the tokens are those of the whole model's engine, batched prompts and decode, greedy and seeded."""
@@ -150,7 +72,7 @@ def test_an_engine_split_over_two_ranks_generates_what_one_engine_does(model_dir
     from pdpipe.engine.engine import LLMEngine
 
     dirs = [str(model_dir(arch)) for arch in TEST_MODELS]
-    got = dict(on_two_ranks(_engine_rank, tmp_path, [(d, 64, {}, run_requests) for d in dirs], len(dirs)))
+    got = dict(on_two_ranks(engine_rank, tmp_path, [(d, 64, {}, run_requests) for d in dirs], len(dirs)))
     for d in dirs:
         whole = LLMEngine(EngineConfig(model=d, cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
         assert got[d] == run_requests(whole), d

@@ -190,7 +190,7 @@ def test_example_launch_configs_parse():
 
     from pdpipe.config import load_launch_config
 
-    configs = sorted(Path(__file__).parent.parent.glob("launch/*.toml"))
+    configs = sorted(Path(__file__).parents[2].glob("launch/*.toml"))
     assert len(configs) >= 5
     for path in configs:
         cfg = load_launch_config(str(path))

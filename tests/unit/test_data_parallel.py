@@ -3,7 +3,7 @@ of an instance serves its own sequences from its own KV pool and only the MoE la
 an instance of two such ranks must generate what one engine does, its pools must never mix, and the
 settings it needs are checked by name."""
 import pytest
-from test_tensor_parallel import BLOCK, PROMPT, _engine_rank, on_two_ranks, run_requests
+from parallel_ranks import BLOCK, PROMPT, engine_rank, on_two_ranks, run_requests
 
 from pdpipe.config import CacheConfig, EngineConfig, InstanceConfig, SchedulerConfig
 from pdpipe.engine.block_manager import BlockError, BlockManager
@@ -154,7 +154,7 @@ def test_data_parallel_attention_on_two_ranks_generates_what_one_engine_does(mod
 
     dirs = [str(model_dir(arch)) for arch in MOE_ARCHS]
     data_parallel = {"expert_parallel": True, "data_parallel_attention": True}
-    got = dict(on_two_ranks(_engine_rank, tmp_path, [(d, 32, data_parallel, serve) for d in dirs], len(dirs)))
+    got = dict(on_two_ranks(engine_rank, tmp_path, [(d, 32, data_parallel, serve) for d in dirs], len(dirs)))
     for d in dirs:
         whole = LLMEngine(EngineConfig(model=d, cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
         assert got[d]["tokens"] == serve(whole)["tokens"], d
@@ -193,7 +193,7 @@ def test_a_step_failing_on_one_rank_ends_the_group_instead_of_hanging(model_dir,
              _serve_or_report, _fail_rank1_once)]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    ranks = [ctx.Process(target=_engine_rank, args=(r, 2, str(tmp_path / "store"), work, results)) for r in range(2)]
+    ranks = [ctx.Process(target=engine_rank, args=(r, 2, str(tmp_path / "store"), work, results)) for r in range(2)]
     for p in ranks:
         p.start()
     model, outcome = results.get(timeout=120)
