@@ -181,8 +181,10 @@ def completed_request_id(launcher) -> str:
     return resp.json()["id"]
 
 
-def test_killing_the_launcher_leaves_no_process(tmp_path, model_dir):
+def test_killing_the_launcher_leaves_no_process_and_the_next_launch_sweeps_its_pools(tmp_path, model_dir):
     from pipeline_launch import free_port
+
+    from pdpipe.wire import RunPaths, sweep_ended_runs
 
     config = tmp_path / "run.toml"
     config.write_text(f'name = "orphans"\nrun_dir = "{tmp_path / "run"}"\n[engine]\nmodel = "{model_dir(MODEL)}"\n'
@@ -199,6 +201,10 @@ def test_killing_the_launcher_leaves_no_process(tmp_path, model_dir):
         launcher.kill()
         launcher.wait()
         wait_until(lambda: not any(_alive(pid) for pid in children), timeout=90, what="the children to exit")
+        pools = RunPaths(tmp_path / "run").pool_files()
+        assert sorted(p.name.split("-", 2)[2] for p in pools) == ["decode-0.kv", "prefill-0.kv"]  # left by SIGKILL
+        assert set(pools) <= set(sweep_ended_runs())  # as the next launch on this machine does first
+        assert RunPaths(tmp_path / "run").pool_files() == []
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -217,6 +223,15 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_each_engine_process_runs_its_share_of_the_cores(pipeline):
+    """The launcher divides the cores among the engine processes (torch's default would give each of
+    them every core); the others run one thread. Each torch process logs what torch took."""
+    cores = len(os.sched_getaffinity(0))
+    for name in ("prefill-0", "decode-0", "decode-1", "transfer"):
+        expected = max(1, cores // 3) if name != "transfer" else 1
+        assert f"{name}: {expected} torch threads" in pipeline.paths.log(name).read_text()
 
 
 def test_a_second_launch_over_a_live_run_or_a_taken_port_is_refused_in_one_line(pipeline, model_dir):
