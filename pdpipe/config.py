@@ -77,7 +77,7 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     cpu_threads: int = field(default=0, metadata={
         "help": "intra-op threads (torch, OpenMP, MKL) of each engine process a launch starts: 0: the "
-                "launcher divides this machine's cores among them (at least 1 each); N > 0: N each; -1: "
+                "launcher divides the physical cores it may run on among them (at least 1 each); N > 0: N each; -1: "
                 "whatever the environment gives (torch's default: every core, for every process)"})
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -60,9 +60,22 @@ class Child:
     ready_at: float = 0.0  # time.monotonic() of its last Ready
 
 
+def physical_cores(cpus: set[int]) -> int:
+    """The physical cores under these logical CPUs (SMT siblings count once), which is what torch's
+    default thread count is; the number of CPUs where the topology cannot be read."""
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus)
+
+
 def thread_budget(cfg: LaunchConfig, cores: int) -> dict[str, int]:
     """Intra-op threads of each process the launch starts, by name, on a machine of `cores` usable
-    cores. The engine processes (every rank) run the model: `engine.cpu_threads` each, or with 0 an
+    physical cores. The engine processes (every rank) run the model: `engine.cpu_threads` each, or with 0 an
     equal share of the cores (on GPU, that share caps their host-side work). The transfer's torch work
     is block copies, bound by memory, and the other processes run no numeric code: one thread each.
     With `cpu_threads = -1` nothing is set (torch's default takes every core in every process)."""
@@ -97,7 +110,7 @@ class Launcher:
         self.fatal: str | None = None  # why the supervisor gave up (a crash loop)
         self._supervisor: threading.Thread | None = None
         self._claim: BinaryIO | None = None  # the run's pid file, locked while this launch runs
-        self.threads = thread_budget(self.cfg, len(os.sched_getaffinity(0)))
+        self.threads = thread_budget(self.cfg, physical_cores(os.sched_getaffinity(0)))
 
     def plan(self) -> list[tuple[str, str]]:
         """(role, name) of every process, in start order."""

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_llm, make_prompts
 from pipeline_launch import free_port, launched, leak_free, make_launch_config, snapshot, wait_until
 
-from pdpipe.launcher import Launcher, LaunchError
+from pdpipe.launcher import Launcher, LaunchError, physical_cores
 from pdpipe.messages import SamplingParams
 from pdpipe.wire import RunPaths
 
@@ -98,7 +98,7 @@ def test_mixed_topology_serves_the_same_tokens(model_dir):
             resp = client.completions.create(model=MODEL, prompt=p, max_tokens=9, temperature=0,
                                              extra_body={"ignore_eos": True, "return_token_ids": True})
             assert resp.choices[0].model_extra["token_ids"] == e.token_ids
-        cores = len(os.sched_getaffinity(0))  # a lone engine takes every core (not the one this process has)
+        cores = physical_cores(os.sched_getaffinity(0))  # a lone engine takes every core (not the one this process has)
         assert f"mixed-0: {cores} torch threads" in launcher.paths.log("mixed-0").read_text()
         assert wait_until(lambda: leak_free(launcher), what="all blocks free")
 
@@ -209,6 +209,8 @@ def test_the_launcher_divides_the_cores_among_the_engine_processes():
     cfg = LaunchConfig(instances=pd)
     launcher = Launcher(replace(cfg, engine=replace(cfg.engine, cpu_threads=2)))
     assert launcher.threads == {**one_each, "prefill-0": 2, "decode-0": 2}
+    cpus = os.sched_getaffinity(0)  # the cores shared are physical ones (torch's default counts those)
+    assert 1 <= physical_cores(cpus) <= len(cpus) and physical_cores({10**6, 10**6 + 1}) == 2  # unknown: CPUs
 
 
 def test_example_launch_configs_parse():

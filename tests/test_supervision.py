@@ -228,7 +228,9 @@ def _alive(pid: int) -> bool:
 def test_each_engine_process_runs_its_share_of_the_cores(pipeline):
     """The launcher divides the cores among the engine processes (torch's default would give each of
     them every core); the others run one thread. Each torch process logs what torch took."""
-    cores = len(os.sched_getaffinity(0))
+    from pdpipe.launcher import physical_cores
+
+    cores = physical_cores(os.sched_getaffinity(0))
     for name in ("prefill-0", "decode-0", "decode-1", "transfer"):
         expected = max(1, cores // 3) if name != "transfer" else 1
         assert f"{name}: {expected} torch threads" in pipeline.paths.log(name).read_text()
