@@ -158,9 +158,10 @@ class Launcher:
     def _refuse_live_run(self) -> None:
         """A launch of the same name still running keeps its run directory: say so, wipe nothing."""
         pid = launcher_of(self.paths.run_dir)
-        if pid is not None:
+        if pid is not None:  # 0: it is writing its pid
             raise LaunchError(f"a launch named {self.cfg.name!r} is running (launcher pid {pid}, run directory "
-                              f"{self.paths.run_dir}); stop it (kill {pid}) or give this one another name")
+                              f"{self.paths.run_dir}); {f'stop it (kill {pid})' if pid else 'stop it'} or give "
+                              "this one another name")
 
     def _check_peer_access(self) -> None:
         """KV moves between this machine's GPUs by peer copies: a prefill/decode pair whose GPUs cannot

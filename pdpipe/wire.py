@@ -34,13 +34,19 @@ _REUSE_SLACK_S = 5.0  # a pid's process that started this long after the pid fil
 def claim_run(run_dir: Path) -> BinaryIO:
     """Writes this process's pid into the run's pid file and locks it for as long as the returned file
     stays open: the kernel drops the lock however the process ends, so `launcher_of` tells a live
-    launcher from a dead one without trusting the pid alone. BlockingIOError: another holds it."""
+    launcher from a dead one without trusting the pid alone. BlockingIOError: another launcher holds it
+    (`launcher_of` itself holds it for an instant: that is waited out)."""
     pid_file = open(Path(run_dir) / PID_FILE, "a+b")  # not emptied before the lock is ours
-    try:
-        fcntl.flock(pid_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid_file.close()
-        raise
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            fcntl.flock(pid_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                pid_file.close()
+                raise
+            time.sleep(0.01)
     pid_file.truncate(0)
     pid_file.write(str(os.getpid()).encode())
     pid_file.flush()
@@ -53,11 +59,12 @@ def launcher_of(run_dir: Path) -> int | None:
     a live process that did not start after the file was written (a pid taken again is not it)."""
     try:
         with open(Path(run_dir) / PID_FILE, "rb") as pid_file:
-            pid = int(pid_file.read())
+            text = pid_file.read()
             try:
                 fcntl.flock(pid_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return pid
+                return int(text) if text.isdigit() else 0  # locked: a launcher runs (writing its pid, if 0)
+            pid = int(text)
             written_s_ago = time.time() - os.fstat(pid_file.fileno()).st_mtime
     except (OSError, ValueError):
         return None
