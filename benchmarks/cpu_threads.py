@@ -21,7 +21,7 @@ from pathlib import Path
 from pdpipe.bench.config import LoadConfig, ServeConfig, WorkloadConfig
 from pdpipe.bench.serve import api_base_url, run_serve
 from pdpipe.config import load_launch_config
-from pdpipe.launcher import THREAD_ENV, Launcher
+from pdpipe.launcher import THREAD_ENV, Launcher, physical_cores
 
 CONFIG = Path(__file__).parent.parent / "launch" / "single.toml"
 STREAMS, INPUT_LEN, OUTPUT_LEN = 16, 750, 48
@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     for name in THREAD_ENV:  # "without the budget" means torch's own default, not an inherited setting
         os.environ.pop(name, None)
-    cores = len(os.sched_getaffinity(0))
+    cores = physical_cores(os.sched_getaffinity(0))
     print(f"{CONFIG.name}: {STREAMS} concurrent streams of {INPUT_LEN} prompt tokens x {OUTPUT_LEN} output tokens, "
           f"{cores} cores, {date.today()}")
     layouts = [run_layout(threads, args.rounds, args.port) for threads in (0, -1)]
