@@ -9,8 +9,9 @@ that dies `CRASH_LOOP` times in a minute stops the launch, named with the end of
 when the launcher does, however it ends (a parent-death signal); the shared-memory pools of a launch
 whose launcher was killed are removed by the next launch on the machine (`wire.sweep_ended_runs`).
 
-On CPU the engine processes share the machine's cores (`thread_budget`, set through each child's
-OMP_NUM_THREADS / MKL_NUM_THREADS): with torch's default every process would take every core."""
+The engine processes share the machine's physical cores (`thread_budget`, set through each child's
+OMP_NUM_THREADS / MKL_NUM_THREADS): with torch's default every process would take every core, and on
+CPU they would wait on each other's threads."""
 from __future__ import annotations
 
 import logging
