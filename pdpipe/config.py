@@ -76,6 +76,10 @@ class EngineConfig:
                 "holds the whole model but its experts and serves its own sequences (its own KV pool); only "
                 "the MoE layers exchange tokens"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
+    cpu_threads: int = field(default=0, metadata={
+        "help": "intra-op threads (torch, OpenMP, MKL) of each engine process a launch starts: 0: the "
+                "launcher divides the physical cores it may run on among them (at least 1 each); N > 0: N each; -1: "
+                "whatever the environment gives (torch's default: every core, for every process)"})
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -89,6 +93,8 @@ class EngineConfig:
                              "every rank holds the rest whole)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device: {self.device!r}; allowed: cpu, cuda, cuda:N")
+        if self.cpu_threads < -1:
+            raise ValueError(f"cpu_threads: must be >= 0, or -1 (the environment's), got {self.cpu_threads}")
         if self.prefill_graph_tokens < -1:
             raise ValueError(f"prefill_graph_tokens: must be >= 0, or -1 (by the model), "
                              f"got {self.prefill_graph_tokens}")

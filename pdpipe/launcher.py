@@ -6,7 +6,12 @@ A process that fails to start is named with the end of its log, and nothing is l
 that dies later is restarted (after a back-off that grows with each death in a minute) and the others
 are told, so that the requests it held end with an error and it leaves routing until it is back; one
 that dies `CRASH_LOOP` times in a minute stops the launch, named with the end of its log. Children end
-when the launcher does, however it ends (a parent-death signal)."""
+when the launcher does, however it ends (a parent-death signal); the shared-memory pools of a launch
+whose launcher was killed are removed by the next launch on the machine (`wire.sweep_ended_runs`).
+
+The engine processes share the machine's physical cores (`thread_budget`, set through each child's
+OMP_NUM_THREADS / MKL_NUM_THREADS): with torch's default every process would take every core, and on
+CPU they would wait on each other's threads."""
 from __future__ import annotations
 
 import logging
@@ -21,13 +26,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 import zmq
 
 from pdpipe.config import TP_STORE_ENV, LaunchConfig, tp_group_of
 from pdpipe.messages import DropAll, ProcessDown, ProcessUp, Ready
-from pdpipe.wire import InboxThread, Outboxes, RunPaths
+from pdpipe.wire import PID_FILE, InboxThread, Outboxes, RunPaths, claim_run, launcher_of, sweep_ended_runs
 
 log = logging.getLogger("pdpipe")
 
@@ -36,7 +42,7 @@ ENGINE_ROLES = ("prefill", "decode", "mixed")
 BACKOFF_S = (0.2, 1.0, 2.0, 4.0, 8.0)  # before the 1st, 2nd, ... restart of a process within a minute
 CRASH_LOOP = 5  # deaths of one process within CRASH_WINDOW_S that stop the launch
 CRASH_WINDOW_S = 60.0
-_LIVE_RUNS: set[Path] = set()  # run directories of this process's running launches
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # what numeric libraries read
 
 
 class LaunchError(RuntimeError):
@@ -63,6 +69,33 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def physical_cores(cpus: set[int]) -> int:
+    """The physical cores under these logical CPUs (SMT siblings count once), which is what torch's
+    default thread count is; the number of CPUs where the topology cannot be read."""
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus)
+
+
+def thread_budget(cfg: LaunchConfig, cores: int) -> dict[str, int]:
+    """Intra-op threads of each process the launch starts, by name, on a machine of `cores` usable
+    physical cores. The engine processes (every rank) run the model: `engine.cpu_threads` each, or with 0 an
+    equal share of the cores (on GPU, that share caps their host-side work). The transfer's torch work
+    is block copies, bound by memory, and the other processes run no numeric code: one thread each.
+    With `cpu_threads = -1` nothing is set (torch's default takes every core in every process)."""
+    if cfg.engine.cpu_threads < 0:
+        return {}
+    processes = cfg.local_processes()
+    engines = [name for role, name in processes if role in (*ENGINE_ROLES, "rank")]
+    share = cfg.engine.cpu_threads or max(1, cores // max(1, len(engines)))
+    return {name: share if name in engines else 1 for _, name in processes}
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -85,6 +118,8 @@ class Launcher:
         self._halt = threading.Event()  # the supervisor stops
         self.fatal: str | None = None  # why the supervisor gave up (a crash loop)
         self._supervisor: threading.Thread | None = None
+        self._claim: BinaryIO | None = None  # the run's pid file, locked while this launch runs
+        self.threads = thread_budget(self.cfg, physical_cores(os.sched_getaffinity(0)))
 
     def plan(self) -> list[tuple[str, str]]:
         """(role, name) of every process, in start order."""
@@ -99,12 +134,19 @@ class Launcher:
             self._check_port()
         self._check_peer_access()
         resolve_model(self.cfg.engine.model)  # make the demo model once, before the processes look for it
+        swept = sweep_ended_runs()
+        if swept:
+            log.warning("removed %d KV pools of launches whose launcher was killed: %s", len(swept),
+                        " ".join(p.name for p in swept))
         if run_dir.exists():
             self._clean_leftovers()
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         _write_private(run_dir / "config.json", msgspec.json.encode(self.cfg))  # it may hold api.api_key
-        (run_dir / "launcher.pid").write_text(str(os.getpid()))
-        _LIVE_RUNS.add(run_dir)
+        try:
+            self._claim = claim_run(run_dir)
+        except BlockingIOError:
+            raise LaunchError(f"a launch named {self.cfg.name!r} is starting in {run_dir}; give this one "
+                              "another name") from None
         self.paths.live_link.parent.mkdir(exist_ok=True)  # so that `pdpipe queues` finds this launch
         self.paths.live_link.unlink(missing_ok=True)
         self.paths.live_link.symlink_to(run_dir.resolve())
@@ -124,14 +166,11 @@ class Launcher:
 
     def _refuse_live_run(self) -> None:
         """A launch of the same name still running keeps its run directory: say so, wipe nothing."""
-        try:
-            pid = int((self.paths.run_dir / "launcher.pid").read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return
-        if (pid != os.getpid() and b"pdpipe" in cmdline) or self.paths.run_dir in _LIVE_RUNS:
+        pid = launcher_of(self.paths.run_dir)
+        if pid is not None:  # 0: it is writing its pid
             raise LaunchError(f"a launch named {self.cfg.name!r} is running (launcher pid {pid}, run directory "
-                              f"{self.paths.run_dir}); stop it (kill {pid}) or give this one another name")
+                              f"{self.paths.run_dir}); {f'stop it (kill {pid})' if pid else 'stop it'} or give "
+                              "this one another name")
 
     def _check_peer_access(self) -> None:
         """KV moves between this machine's GPUs by peer copies: a prefill/decode pair whose GPUs cannot
@@ -167,6 +206,8 @@ class Launcher:
         env = dict(os.environ, PDPIPE_LAUNCHER_PID=str(os.getpid()))
         instance, rank = tp_group_of(name)
         inst = dict(self.cfg.named_instances()).get(instance)
+        if name in self.threads:
+            env.update(dict.fromkeys(THREAD_ENV, str(self.threads[name])))
         if inst is not None and inst.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpus))  # rank r runs on cuda:r of them
         if inst is not None and inst.tp > 1:  # every rank of one start of the group meets at one fresh file
@@ -340,9 +381,10 @@ class Launcher:
         if self._ctx is not None:
             self._ctx.term()
         self._clean_leftovers()
-        (self.paths.run_dir / "launcher.pid").unlink(missing_ok=True)
+        (self.paths.run_dir / PID_FILE).unlink(missing_ok=True)
+        if self._claim is not None:
+            self._claim.close()
         self.paths.live_link.unlink(missing_ok=True)
-        _LIVE_RUNS.discard(self.paths.run_dir)
 
     def dump_stacks(self) -> None:
         """Every process writes its threads' stacks to its log (for a hang)."""

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
     faulthandler.enable()  # a crash in native code (CUDA, Triton) still leaves its Python stack in the log
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hang: every thread's stack, on demand
+    if role in ("prefill", "decode", "mixed", "rank", "transfer"):  # their share of the cores (launcher.thread_budget)
+        import torch
+
+        log.info("%s: %d torch threads", name, torch.get_num_threads())
     try:
         runner(role)(role, name, run_dir)
     except Exception:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 import zmq
@@ -22,25 +25,94 @@ log = logging.getLogger("pdpipe")
 
 
 LIVE_DIR = Path(f"/tmp/pdpipe-live-{os.getuid()}")  # a link per running launch (this user's), to its run directory
+SHM_DIR = Path("/dev/shm")  # CPU engines' KV pools: pdpipe-<run tag>-<process>.kv
+PID_FILE = "launcher.pid"  # in the run directory: the launcher's pid, locked while it runs
+_TAG = re.compile(r"[0-9a-f]{10}")
+_REUSE_SLACK_S = 5.0  # a pid's process that started this long after the pid file was written is another one
+
+
+def claim_run(run_dir: Path) -> BinaryIO:
+    """Writes this process's pid into the run's pid file and locks it for as long as the returned file
+    stays open: the kernel drops the lock however the process ends, so `launcher_of` tells a live
+    launcher from a dead one without trusting the pid alone. BlockingIOError: another launcher holds it
+    (`launcher_of` itself holds it for an instant: that is waited out)."""
+    pid_file = open(Path(run_dir) / PID_FILE, "a+b")  # not emptied before the lock is ours
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            fcntl.flock(pid_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                pid_file.close()
+                raise
+            time.sleep(0.01)
+    pid_file.truncate(0)
+    pid_file.write(str(os.getpid()).encode())
+    pid_file.flush()
+    return pid_file
+
+
+def launcher_of(run_dir: Path) -> int | None:
+    """The pid of the launcher running `run_dir`; None once it has ended. A launcher locks its pid file
+    while it runs (`claim_run`); one that holds no lock (of an older pdpipe) counts while its pid names
+    a live process that did not start after the file was written (a pid taken again is not it)."""
+    try:
+        with open(Path(run_dir) / PID_FILE, "rb") as pid_file:
+            text = pid_file.read()
+            try:
+                fcntl.flock(pid_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return int(text) if text.isdigit() else 0  # locked: a launcher runs (writing its pid, if 0)
+            pid = int(text)
+            written_s_ago = time.time() - os.fstat(pid_file.fileno()).st_mtime
+    except (OSError, ValueError):
+        return None
+    age = _process_age(pid)
+    return pid if age is not None and age + _REUSE_SLACK_S >= written_s_ago else None
+
+
+def _process_age(pid: int) -> float | None:
+    """Seconds since process `pid` started; None if there is none (or only its zombie)."""
+    try:
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if state == "Z" else uptime - int(fields[18]) / os.sysconf("SC_CLK_TCK")
 
 
 def live_runs() -> list[Path]:
-    """Run directories of the launches running on this machine (links left by a killed launcher are
-    dropped: its pid file names a process that is gone)."""
+    """Run directories of the launches running on this machine (this user's)."""
     runs = []
     for link in sorted(LIVE_DIR.glob("*")):
-        try:
-            run_dir = Path(link.readlink())
-            pid = int((run_dir / "launcher.pid").read_text())
-            os.kill(pid, 0)
-        except PermissionError:
-            pass  # alive, under another user
-        except (OSError, ValueError):
-            with contextlib.suppress(OSError):
-                link.unlink(missing_ok=True)
-            continue
-        runs.append(run_dir)
+        with contextlib.suppress(OSError):
+            run_dir = link.readlink()
+            if launcher_of(run_dir) is not None:
+                runs.append(run_dir)
     return runs
+
+
+def sweep_ended_runs(live_dir: Path = LIVE_DIR, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Removes the shared-memory pools of this user's launches whose launcher has ended without
+    cleaning up (killed), and their links; returns the pools removed. A pool is traced to its launch
+    by the run tag in its name (a link in `live_dir` named after it leads to the run directory, whose
+    pid file names the launcher): a pool that cannot be traced, or whose launcher runs, is kept."""
+    removed = []
+    for link in sorted(live_dir.glob("*")):
+        try:
+            run_dir = link.readlink()
+        except OSError:
+            continue
+        if not _TAG.fullmatch(link.name) or RunPaths(run_dir).tag != link.name or launcher_of(run_dir) is not None:
+            continue
+        for pool in sorted(shm_dir.glob(f"pdpipe-{link.name}-*.kv")):
+            with contextlib.suppress(OSError):
+                pool.unlink()
+                removed.append(pool)
+        with contextlib.suppress(OSError):
+            link.unlink()
+    return removed
 
 
 class RunPaths:
@@ -65,13 +137,13 @@ class RunPaths:
         return self.run_dir / "logs" / f"{name}.log"
 
     def pool(self, name: str) -> Path:
-        return Path("/dev/shm") / f"pdpipe-{self.tag}-{name}.kv"
+        return SHM_DIR / f"pdpipe-{self.tag}-{name}.kv"
 
     def socket_files(self) -> list[Path]:
         return sorted(self.run_dir.glob("*.sock"))
 
     def pool_files(self) -> list[Path]:
-        return sorted(Path("/dev/shm").glob(f"pdpipe-{self.tag}-*.kv"))
+        return sorted(SHM_DIR.glob(f"pdpipe-{self.tag}-*.kv"))
 
 
 SEND_HWM = 200_000  # messages queued for one peer before more are dropped (8 s of a busy decode's tokens)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from pdpipe.launcher import THREAD_ENV
 from pdpipe.llm import LLM
 from pdpipe.models.make import MakeModelConfig, make_model
 
@@ -28,6 +30,16 @@ TEST_MODELS = {
     "qwen3_moe": MakeModelConfig(arch="qwen3_moe", layers=3, head_dim=32, experts=8, top_k=2, seed=7),
     "mixtral": MakeModelConfig(arch="mixtral", experts=8, top_k=2, seed=8),
 }
+
+
+def pytest_configure(config):
+    """One intra-op thread for the test process and the processes it spawns (tensor-parallel ranks, the
+    command line), unless the environment says otherwise: the test models are too small for more, and
+    torch's default (a thread on every core, spinning between ops) cost tests/test_pipeline_logic.py
+    24 s of CPU instead of 7 on 2 cores. Launched pipelines get the launcher's budget whatever this says."""
+    for name in THREAD_ENV:
+        os.environ.setdefault(name, "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from pdpipe.cluster import Registry
 from pdpipe.config import load_launch_config
 from pdpipe.launcher import Launcher
 from pdpipe.messages import SamplingParams
+from pdpipe.wire import sweep_ended_runs
 
 MODEL = "llama"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -68,6 +69,7 @@ def hosts(model_dir, tmp_path):
         finally:
             for x in reversed(started):
                 x.stop()
+            sweep_ended_runs()  # a killed host B's pools, as the next launch would
             redis_server.remove()
             for machine in ("a", "b"):
                 shutil.rmtree(f"/tmp/pdp-{machine}-{os.getpid()}", ignore_errors=True)

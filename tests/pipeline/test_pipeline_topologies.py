@@ -11,7 +11,7 @@ import pytest
 from conftest import make_llm, make_prompts
 from pipeline_launch import free_port, launched, leak_free, make_launch_config, snapshot, wait_until
 
-from pdpipe.launcher import Launcher, LaunchError
+from pdpipe.launcher import Launcher, LaunchError, physical_cores
 from pdpipe.messages import SamplingParams
 from pdpipe.wire import RunPaths
 
@@ -98,6 +98,8 @@ def test_mixed_topology_serves_the_same_tokens(model_dir):
             resp = client.completions.create(model=MODEL, prompt=p, max_tokens=9, temperature=0,
                                              extra_body={"ignore_eos": True, "return_token_ids": True})
             assert resp.choices[0].model_extra["token_ids"] == e.token_ids
+        cores = physical_cores(os.sched_getaffinity(0))  # a lone engine takes every core (not the one this process has)
+        assert f"mixed-0: {cores} torch threads" in launcher.paths.log("mixed-0").read_text()
         assert wait_until(lambda: leak_free(launcher), what="all blocks free")
 
 
@@ -177,12 +179,42 @@ def test_bad_launch_configs_name_the_field(tmp_path):
         'name = ': "not valid TOML",
         '[[instances]]\ntp = 0': "instances.tp: 0",
         '[engine]\ndevice = "cuda"\n[[instances]]\ntp = 2\ngpus = [0]': "tp = 2, so it names 2 GPU ids",
+        '[engine]\ncpu_threads = -2': "cpu_threads: must be >= 0, or -1",
     }
     for i, (text, message) in enumerate(cases.items()):
         path = tmp_path / f"c{i}.toml"
         path.write_text(text)
         with pytest.raises(ValueError, match=message):
             load_launch_config(str(path))
+
+
+def test_the_launcher_divides_the_cores_among_the_engine_processes():
+    """Each engine process (every rank) gets an equal share of the cores, at least one; the transfer,
+    scheduler and front-end one each; a positive cpu_threads is every engine's, -1 sets nothing."""
+    from dataclasses import replace
+
+    from pdpipe.config import EngineConfig, InstanceConfig, LaunchConfig
+    from pdpipe.launcher import thread_budget
+
+    def budget(cores: int, *instances: InstanceConfig, cpu_threads: int = 0) -> dict[str, int]:
+        return thread_budget(LaunchConfig(instances=instances, engine=EngineConfig(cpu_threads=cpu_threads)), cores)
+
+    one_each = {"scheduler": 1, "transfer": 1, "api": 1}
+    pd = (InstanceConfig("prefill"), InstanceConfig("decode"))
+    assert budget(2, *pd) == {**one_each, "prefill-0": 1, "decode-0": 1}
+    assert budget(16, *pd) == {**one_each, "prefill-0": 8, "decode-0": 8}
+    assert budget(2, *pd, InstanceConfig("decode")) == {**one_each, "prefill-0": 1, "decode-0": 1, "decode-1": 1}
+    assert budget(16, InstanceConfig("prefill"), InstanceConfig("decode", tp=2), InstanceConfig("decode")) == {
+        **one_each, "prefill-0": 4, "decode-0": 4, "decode-0.rank1": 4, "decode-1": 4}
+    assert budget(7, InstanceConfig("mixed"), InstanceConfig("mixed")) == {
+        "scheduler": 1, "api": 1, "mixed-0": 3, "mixed-1": 3}
+    assert budget(2, *pd, cpu_threads=3) == {**one_each, "prefill-0": 3, "decode-0": 3}
+    assert budget(2, *pd, cpu_threads=-1) == {}
+    cfg = LaunchConfig(instances=pd)
+    launcher = Launcher(replace(cfg, engine=replace(cfg.engine, cpu_threads=2)))
+    assert launcher.threads == {**one_each, "prefill-0": 2, "decode-0": 2}
+    cpus = os.sched_getaffinity(0)  # the cores shared are physical ones (torch's default counts those)
+    assert 1 <= physical_cores(cpus) <= len(cpus) and physical_cores({10**6, 10**6 + 1}) == 2  # unknown: CPUs
 
 
 def test_example_launch_configs_parse():

@@ -33,7 +33,8 @@ def make_launch_config(model, roles: list[str], num_blocks: int = 128, **kwargs)
 
 @contextmanager
 def launched(cfg: LaunchConfig):
-    """A running pipeline; its run directory (logs) is removed afterwards unless the test failed."""
+    """A running pipeline; its run directory (logs) is removed afterwards unless the test failed, and
+    none of its shared-memory pools stays."""
     launcher = Launcher(cfg)
     launcher.start()
     try:
@@ -42,6 +43,7 @@ def launched(cfg: LaunchConfig):
         launcher.stop()
         raise
     launcher.stop()
+    assert launcher.paths.pool_files() == [], "the launch left shared memory behind"
     shutil.rmtree(launcher.paths.run_dir, ignore_errors=True)
 
 

@@ -1,13 +1,19 @@
 """The ZeroMQ edge: a SenderThread keeps each peer's messages in the order given and holds a fenced
-message (and everything after it) until its fence completes."""
+message (and everything after it) until its fence completes. A run's names: the shared-memory pools
+of a launch whose launcher was killed are swept, and nothing else."""
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import zmq
 import zmq.asyncio
 
 from pdpipe.messages import LayersReady, SamplingParams, decode
-from pdpipe.wire import RunPaths, SenderThread
+from pdpipe.wire import PID_FILE, RunPaths, SenderThread, claim_run, launcher_of, sweep_ended_runs
 
 
 @pytest.fixture
@@ -147,3 +153,65 @@ def test_a_scheduler_that_stopped_reading_gets_new_requests_refused_not_hung(tmp
         bridge.close()
 
     asyncio.run(scenario())
+
+
+def _ended_pid() -> int:
+    """The pid of a process that has come and gone (waited for)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_launch_sweeps_the_pools_of_killed_launchers_and_nothing_else(tmp_path):
+    """Pools are traced to their launch by the run tag in their name (a live link named after it leads
+    to the run directory and its pid file): those of a launcher that is gone (its pid ended, or taken by
+    a later process, or its run directory deleted) are removed with their link; those of a live launcher
+    (one holding its pid file's lock, or an unlocked pid file naming a process that started before it
+    was written), those that cannot be traced and unrelated files stay."""
+    live_dir, shm_dir = tmp_path / "live", tmp_path / "shm"
+    live_dir.mkdir()
+    shm_dir.mkdir()
+    reused = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+
+    def run(name: str, pid: int | None, written_s_ago: float = 0.0) -> tuple[Path, list[Path]]:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        if pid is not None:
+            (run_dir / PID_FILE).write_text(str(pid))
+            os.utime(run_dir / PID_FILE, (time.time() - written_s_ago,) * 2)
+        tag = RunPaths(run_dir).tag
+        (live_dir / tag).symlink_to(run_dir)
+        pools = [shm_dir / f"pdpipe-{tag}-{process}.kv" for process in ("prefill-0", "decode-0.rank1")]
+        for pool in pools:
+            pool.write_bytes(bytes(64))
+        return run_dir, pools
+
+    try:
+        _, killed = run("killed", _ended_pid())
+        _, taken = run("taken", reused.pid, written_s_ago=3600)  # its pid now names a newer process
+        gone_dir, gone = run("gone", os.getpid())
+        for path in gone_dir.iterdir():
+            path.unlink()
+        gone_dir.rmdir()
+        _, older = run("older", os.getpid())  # this process started before the file: an unlocked launcher
+        locked_dir, locked = run("locked", None)
+        claim = claim_run(locked_dir)
+        os.utime(locked_dir / PID_FILE, (time.time() - 3600,) * 2)  # the lock alone says it runs
+        untraced = shm_dir / "pdpipe-0123456789-decode-0.kv"
+        unrelated = [shm_dir / "PostgreSQL.1234", shm_dir / "pdpipe-notes.kv", untraced]
+        for path in unrelated:
+            path.write_bytes(b"x")
+
+        assert launcher_of(locked_dir) == os.getpid() and launcher_of(tmp_path / "older") == os.getpid()
+        swept = sweep_ended_runs(live_dir, shm_dir)
+        assert sorted(swept) == sorted(killed + taken + gone)
+        assert not any(p.exists() for p in killed + taken + gone)
+        assert all(p.exists() for p in older + locked + unrelated)
+        assert sorted(link.name for link in live_dir.iterdir()) == sorted(
+            RunPaths(tmp_path / name).tag for name in ("older", "locked"))
+        claim.close()  # the launcher ends: its pool goes with the next sweep
+        (tmp_path / "older" / PID_FILE).write_text(str(_ended_pid()))
+        assert sorted(sweep_ended_runs(live_dir, shm_dir)) == sorted(older + locked)
+        assert all(p.exists() for p in unrelated)
+    finally:
+        reused.communicate(b"")
