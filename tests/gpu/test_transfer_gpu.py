@@ -13,6 +13,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_block_copy_reads_peer_memory_through_ipc_handles():
     """The pool exported by one process, opened through its IPC handle, copied from on another GPU."""
     import multiprocessing as mp
