@@ -151,7 +151,7 @@ class SchedulerCore(Handler):
             self.liveness.went_down(name, self.roles[name], self.machines.get(name, ""), frozen)
             live = {n: (r, self.machines.get(n, "")) for n, r in self.roles.items() if n != name}
             self.update_instances(live, why=why)
-        elif self.liveness.is_frozen(name):  # frozen, then died: down until the launcher brings it back
+        elif not frozen and self.liveness.is_frozen(name):  # frozen, then died: the launcher brings it back
             was = self.liveness.down[name]
             self.liveness.went_down(name, was.role, was.machine)
 

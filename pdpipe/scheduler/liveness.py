@@ -87,13 +87,13 @@ class Liveness:
     def newly_silent(self, role_of: Callable[[str], str]) -> list[tuple[str, str, str]]:
         """Processes of a watched role silent past the limit since the last call: for each, (the
         instance it takes down, its role, why) when that instance is not down already."""
-        now, frozen = self.clock(), []
+        now, frozen = self.clock(), {}
         for name, when in list(self.heard.items()):
             instance = tp_group_of(name)[0]  # a silent rank takes its instance with it
             role = role_of(instance)
             if now - when > self.limit and name not in self.silent and role in WATCHED:
                 self.silent.add(name)
-                if instance not in self.down:
+                if instance not in self.down and instance not in frozen:  # once, however many ranks fell silent
                     what = f"{name}: no report" if name != instance else "no report"
-                    frozen.append((instance, role, f"{what} for {self.limit:g} s"))
-        return frozen
+                    frozen[instance] = (instance, role, f"{what} for {self.limit:g} s")
+        return list(frozen.values())

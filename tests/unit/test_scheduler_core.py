@@ -598,3 +598,29 @@ def test_serving_lists_the_decode_instances_that_reported_since_they_came_up_and
     assert core.snapshot()["serving"] == []  # restarted, not yet reported
     report(core, "decode-0")
     assert core.snapshot()["serving"] == ["decode-0"]
+
+
+def test_an_instance_whose_ranks_all_fall_silent_at_once_rejoins_when_they_beat_again():
+    """decode-0 and its rank 1 both pass the heartbeat deadline within one tick (the whole launch was
+    stopped, say): the instance goes down once, frozen, and comes back when its ranks beat again."""
+    from pdpipe.messages import EngineOutput, Heartbeat
+
+    now = [100.0]
+    core, sent = make(clock=lambda: now[0])
+    beating = [*ROLES.items(), ("decode-0.rank1", "decode")]
+    for name, role in beating:
+        core.handle(Heartbeat(instance=name, role=role))
+    new(core, "a")
+    now[0] += 6.0
+    for name, role in ROLES.items():
+        if name != "decode-0":
+            core.handle(Heartbeat(instance=name, role=role))
+    failed = tick_and_fail(core, sent)
+    assert core.snapshot()["down"] == {"decode-0": "decode"}
+    assert all("decode-0 stopped reporting" in e for e in failed.values())
+    assert len([m for _, m in dispatched(sent, EngineOutput)]) == len(failed)  # each request failed once
+    core.handle(Heartbeat(instance="decode-0", role="decode"))
+    assert core.snapshot()["down"] == {"decode-0": "decode"}  # its rank 1 is still silent
+    core.handle(Heartbeat(instance="decode-0.rank1", role="decode"))
+    report(core, "decode-0")
+    assert not core.snapshot()["down"] and core.snapshot()["serving"] == ["decode-0", "decode-1"]
