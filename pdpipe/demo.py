@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pdpipe import envs
-from pdpipe.models.make import CORPUS, MakeModelConfig, make_model
+from pdpipe.models.make_config import CORPUS, MakeModelConfig
 
 DEMO_CONFIG = MakeModelConfig(arch="llama", layers=4, hidden=128, heads=4, kv_heads=2, vocab=512,
                               max_position=4096, seed=0)
@@ -18,6 +18,8 @@ def demo_model_dir() -> Path:
     key = json.dumps([asdict(DEMO_CONFIG), _FORMAT], sort_keys=True).encode() + CORPUS.read_bytes()
     path = envs.cache_dir() / f"demo-llama-{hashlib.sha256(key).hexdigest()[:12]}"
     if not (path / "config.json").is_file():
+        from pdpipe.models.make import make_model  # torch: only where the model is made
+
         make_model(path, DEMO_CONFIG, overwrite=False)
     return path
 

@@ -119,7 +119,8 @@ class Launcher:
         self.fatal: str | None = None  # why the supervisor gave up (a crash loop)
         self._supervisor: threading.Thread | None = None
         self._claim: BinaryIO | None = None  # the run's pid file, locked while this launch runs
-        self.threads = thread_budget(self.cfg, physical_cores(os.sched_getaffinity(0)))
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        self.threads = thread_budget(self.cfg, physical_cores(cpus))
 
     def plan(self) -> list[tuple[str, str]]:
         """(role, name) of every process, in start order."""
@@ -134,19 +135,18 @@ class Launcher:
             self._check_port()
         self._check_peer_access()
         resolve_model(self.cfg.engine.model)  # make the demo model once, before the processes look for it
-        swept = sweep_ended_runs()
-        if swept:
-            log.warning("removed %d KV pools of launches whose launcher was killed: %s", len(swept),
-                        " ".join(p.name for p in swept))
-        if run_dir.exists():
-            self._clean_leftovers()
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        _write_private(run_dir / "config.json", msgspec.json.encode(self.cfg))  # it may hold api.api_key
-        try:
+        try:  # the run is this launch's before anything in it is wiped or written
             self._claim = claim_run(run_dir)
         except BlockingIOError:
             raise LaunchError(f"a launch named {self.cfg.name!r} is starting in {run_dir}; give this one "
                               "another name") from None
+        swept = sweep_ended_runs()
+        if swept:
+            log.warning("removed %d KV pools of launches whose launcher was killed: %s", len(swept),
+                        " ".join(p.name for p in swept))
+        self._clean_leftovers()
+        _write_private(run_dir / "config.json", msgspec.json.encode(self.cfg))  # it may hold api.api_key
         self.paths.live_link.parent.mkdir(exist_ok=True)  # so that `pdpipe queues` finds this launch
         self.paths.live_link.unlink(missing_ok=True)
         self.paths.live_link.symlink_to(run_dir.resolve())
@@ -381,10 +381,10 @@ class Launcher:
         if self._ctx is not None:
             self._ctx.term()
         self._clean_leftovers()
-        (self.paths.run_dir / PID_FILE).unlink(missing_ok=True)
-        if self._claim is not None:
+        if self._claim is not None:  # the link and the pid file go while the run is still this launch's
+            self.paths.live_link.unlink(missing_ok=True)
+            (self.paths.run_dir / PID_FILE).unlink(missing_ok=True)
             self._claim.close()
-        self.paths.live_link.unlink(missing_ok=True)
 
     def dump_stacks(self) -> None:
         """Every process writes its threads' stacks to its log (for a hang)."""

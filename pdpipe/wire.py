@@ -13,6 +13,7 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -64,12 +65,37 @@ def launcher_of(run_dir: Path) -> int | None:
                 fcntl.flock(pid_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 return int(text) if text.isdigit() else 0  # locked: a launcher runs (writing its pid, if 0)
-            pid = int(text)
-            written_s_ago = time.time() - os.fstat(pid_file.fileno()).st_mtime
-    except (OSError, ValueError):
+            return _unlocked_launcher(pid_file, text)
+    except OSError:
         return None
+
+
+def _unlocked_launcher(pid_file: BinaryIO, text: bytes) -> int | None:
+    """The pid an unlocked pid file names, if that process still runs and started before the file was
+    written; None otherwise."""
+    if not text.isdigit():
+        return None
+    pid, written_s_ago = int(text), time.time() - os.fstat(pid_file.fileno()).st_mtime
     age = _process_age(pid)
     return pid if age is not None and age + _REUSE_SLACK_S >= written_s_ago else None
+
+
+@contextlib.contextmanager
+def _held_if_ended(run_dir: Path) -> Iterator[bool]:
+    """Whether the launch of `run_dir` has ended; while the block runs no launcher can claim the run
+    (its pid file, where there is one, is held exclusively)."""
+    try:
+        pid_file = open(Path(run_dir) / PID_FILE, "rb")
+    except OSError:
+        yield True  # no pid file: no launcher runs there (one claims its pid file before anything else)
+        return
+    with pid_file:
+        try:
+            fcntl.flock(pid_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False  # a launcher holds it
+            return
+        yield _unlocked_launcher(pid_file, pid_file.read()) is None
 
 
 def _process_age(pid: int) -> float | None:
@@ -104,14 +130,17 @@ def sweep_ended_runs(live_dir: Path = LIVE_DIR, shm_dir: Path = SHM_DIR) -> list
             run_dir = link.readlink()
         except OSError:
             continue
-        if not _TAG.fullmatch(link.name) or RunPaths(run_dir).tag != link.name or launcher_of(run_dir) is not None:
+        if not _TAG.fullmatch(link.name) or RunPaths(run_dir).tag != link.name:
             continue
-        for pool in sorted(shm_dir.glob(f"pdpipe-{link.name}-*.kv")):
+        with _held_if_ended(run_dir) as ended:
+            if not ended or not link.is_symlink() or link.readlink() != run_dir:  # or a new launch took it
+                continue
+            for pool in sorted(shm_dir.glob(f"pdpipe-{link.name}-*.kv")):
+                with contextlib.suppress(OSError):
+                    pool.unlink()
+                    removed.append(pool)
             with contextlib.suppress(OSError):
-                pool.unlink()
-                removed.append(pool)
-        with contextlib.suppress(OSError):
-            link.unlink()
+                link.unlink()
     return removed
 
 

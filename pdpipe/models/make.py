@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .decoder import CausalLM
-from .make_config import ARCH_NAMES, MOE_ARCHS, MakeModelConfig
+from .make_config import ARCH_NAMES, CORPUS, MOE_ARCHS, MakeModelConfig
 from .spec import ModelSpec, spec_from_config
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -26,7 +26,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-CORPUS = Path(__file__).with_name("corpus.txt")
 
 
 def train_tokenizer(vocab_size: int) -> Tokenizer:

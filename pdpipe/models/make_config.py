@@ -3,8 +3,11 @@ command line parses without importing torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pdpipe.config import DTYPES
+
+CORPUS = Path(__file__).with_name("corpus.txt")  # the text the generated tokenizers are trained on
 
 ARCH_NAMES = {
     "llama": "LlamaForCausalLM",

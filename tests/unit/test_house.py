@@ -143,8 +143,16 @@ def test_transformers_imports_with_the_repo_root_first_on_the_path():
 
 
 def test_the_front_end_and_the_scheduler_load_no_torch():
-    """They size requests and route them with engine.sizing's arithmetic, not the engine."""
-    code = ("import sys; import pdpipe.api.server, pdpipe.scheduler.service, pdpipe.engine.sizing; "
+    """They size requests with engine.sizing's arithmetic, not the engine: importing them and sizing the
+    demo model (made beforehand) loads no torch."""
+    from pdpipe.demo import resolve_model
+
+    resolve_model("")
+    code = ("import sys; import pdpipe.api.server, pdpipe.scheduler.service; from pdpipe.config import EngineConfig; "
+            "from pdpipe.demo import resolve_model; from pdpipe.models.spec import load_spec; "
+            "from pdpipe.engine.sizing import pool_blocks, resolve_max_model_len; "
+            "spec = load_spec(resolve_model('')); cfg = EngineConfig(); "
+            "assert resolve_max_model_len(spec, cfg, pool_blocks(spec, cfg)) > 0; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
