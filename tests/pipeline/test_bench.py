@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from aiohttp import web
+from fake_openai import fake_server
 from pipeline_launch import free_port, launched, make_launch_config
 
 from pdpipe.bench.arrivals import arrival_offsets, dispatch
@@ -249,19 +250,11 @@ async def fake_openai(request: web.Request) -> web.StreamResponse:
 def run_fake(prompts: list[str], endpoint: str = "completions") -> tuple[list[RequestResult], float]:
     """`bench serve`'s sending half against the fake server, every prompt at once."""
     async def run():
-        app = web.Application()
-        app.router.add_post("/v1/completions", fake_openai)
-        app.router.add_post("/v1/chat/completions", fake_openai)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            cfg = ServeConfig(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}", endpoint=endpoint,
-                              model="fake", progress=False)
+        async with fake_server({("POST", "/v1/completions"): fake_openai,
+                                ("POST", "/v1/chat/completions"): fake_openai}) as url:
+            cfg = ServeConfig(base_url=url, endpoint=endpoint, model="fake", progress=False)
             _, results, duration = await send_all(cfg, [Prompt(p, max_tokens=3) for p in prompts],
                                                   [0.0] * len(prompts))
-        finally:
-            await runner.cleanup()
         return results, duration
 
     return asyncio.run(run())

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 from aiohttp import web
+from fake_openai import fake_server
 from starlette.testclient import TestClient
 
 from pdpipe.api.bridge import TokenStream
@@ -204,17 +205,9 @@ def authorizations_sent(cfg: ServeConfig) -> list[tuple[str, str | None]]:
                             content_type="text/event-stream")
 
     async def run():
-        app = web.Application()
-        app.router.add_get("/v1/models", models)
-        app.router.add_post("/v1/completions", completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            target = resolve_target(replace(cfg, base_url=f"http://127.0.0.1:{runner.addresses[0][1]}"))
+        async with fake_server({("GET", "/v1/models"): models, ("POST", "/v1/completions"): completions}) as url:
+            target = resolve_target(replace(cfg, base_url=url))
             _, results, _ = await send_all(target, [Prompt("x", max_tokens=1)] * 2, [0.0, 0.0])
-        finally:
-            await runner.cleanup()
         assert all(r.ok for r in results), [r.error for r in results]
 
     asyncio.run(run())
