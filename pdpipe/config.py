@@ -24,6 +24,9 @@ class CacheConfig:
         "help": "on GPU, the share of the GPU's memory this engine may use in all (as in vLLM): the KV pool "
                 "gets what the weights, a full step's activations and the CUDA graphs leave of it; 0: "
                 "kv_cache_mb (num_blocks, when set, wins over both)"})
+    prefix_caching: bool = field(default=True, metadata={
+        "help": "keep the KV of full blocks after their requests end, found by the chained hash of their "
+                "tokens, and reuse it for prompts that start the same (false: every prompt computed whole)"})
 
     def __post_init__(self):
         _positive(self, "block_size", "kv_cache_mb")

@@ -91,6 +91,7 @@ class EngineOutput(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     error: str | None = None
     status: int = 0  # with an error: the HTTP status it means (503 an instance died, 504 a deadline); 0: 500
+    cached_tokens: int = 0  # with its first token: prompt tokens whose KV came from a prefix cache, not computed
 
 
 # ---- the pipeline's wire messages (prefill/decode disaggregation) --------------------------------
@@ -106,6 +107,7 @@ class NewRequest(Msg, frozen=True):  # api → scheduler
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: float
+    cache_salt: str = ""  # requests share cached KV only under the same salt
 
 
 class AbortRequest(Msg, frozen=True):  # api → scheduler: client gone, or a stop string matched
@@ -119,6 +121,7 @@ class Reserve(Msg, frozen=True):  # scheduler → decode: hold blocks for this p
     params: SamplingParams
     transfer: str  # the transfer process that writes the prompt's KV: it gets the block ids
     num_tokens: int = 0  # tokens of room to hold: the prompt and the output share (0: the prompt only)
+    cache_salt: str = ""
 
 
 class Reserved(Msg, frozen=True):  # decode → scheduler; block_ids None when they were not free
@@ -141,6 +144,7 @@ class Prefill(Msg, frozen=True):  # scheduler → prefill (decode_instance named
     prompt_token_ids: list[int]
     params: SamplingParams
     decode_instance: str = ""
+    cache_salt: str = ""
 
 
 class TransferStart(Msg, frozen=True):  # prefill → transfer: these blocks will move, layer by layer
@@ -250,6 +254,7 @@ class InstanceStats(Msg, frozen=True):  # every process → scheduler, a few tim
     gpu_memory_used: int = 0  # bytes on its GPU (NVML; all processes'), 0 without a GPU
     gpu_memory_total: int = 0
     gpu_utilization: int = -1  # percent; -1 without a GPU
+    cached_blocks: int = 0  # blocks the prefix cache holds (in use or free: free_blocks counts those free)
 
 
 class Ready(Msg, frozen=True):  # every process → launcher, once it can serve

@@ -17,6 +17,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
 
     @property
     def finished(self) -> bool:
@@ -48,6 +49,7 @@ class RequestTextState:
 
     def update(self, engine_out: EngineOutput) -> TextDelta:
         out = self.out
+        out.num_cached_tokens = max(out.num_cached_tokens, engine_out.cached_tokens)
         start_tokens = len(out.token_ids)
         last = len(engine_out.token_ids) - 1
         for i, token in enumerate(engine_out.token_ids):

@@ -93,12 +93,12 @@ class Bridge:
                                     status=status))
 
     async def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
-                     arrival: float) -> TokenStream:
+                     arrival: float, cache_salt: str = "") -> TokenStream:
         stream = self.streams[request_id] = TokenStream()
         self.waiting[request_id] = len(prompt)
         self.waiting_tokens += len(prompt)
         if not self.wires.send(NewRequest(request_id=request_id, prompt_token_ids=prompt, params=params,
-                                          arrival=arrival)):
+                                          arrival=arrival, cache_salt=cache_salt)):
             self.forget(request_id)
             raise APIError(503, "the scheduler is not taking requests (its inbox is full); retry shortly",
                            type_="service_unavailable", code="scheduler_unavailable", headers={"Retry-After": "1"})

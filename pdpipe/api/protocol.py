@@ -49,6 +49,7 @@ class _Common(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # add each choice's generated token ids
+    cache_salt: str | None = None  # requests share cached KV only under the same salt (as in vLLM)
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -85,6 +86,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
                     logprobs: int | None) -> SamplingParams:
     if req.n != 1:
         raise APIError(400, f"n: {req.n} is not supported; pdpipe returns one choice (n=1)", "n")
+    if req.cache_salt is not None and not req.cache_salt:
+        raise APIError(400, "cache_salt: must be a non-empty string when given", "cache_salt")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     values: dict[str, Any] = dict(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,

@@ -114,8 +114,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 class Generation:
     """One request's run through the pipeline, as text deltas."""
 
-    def __init__(self, ctx: ApiContext, prompt: list[int], params: SamplingParams, received: float):
-        self.ctx, self.prompt, self.params = ctx, prompt, params
+    def __init__(self, ctx: ApiContext, prompt: list[int], params: SamplingParams, received: float,
+                 cache_salt: str = ""):
+        self.ctx, self.prompt, self.params, self.cache_salt = ctx, prompt, params, cache_salt
         self.received = received  # when the handler began: the request's arrival in its trace
         self.request_id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -131,7 +132,8 @@ class Generation:
         """Hands the request to the pipeline; a streamed request does so before its response starts."""
         if self._stream is None:
             self._started_at = time.monotonic()
-            self._stream = await self.ctx.bridge.submit(self.request_id, self.prompt, self.params, self.received)
+            self._stream = await self.ctx.bridge.submit(self.request_id, self.prompt, self.params, self.received,
+                                                        self.cache_salt)
 
     async def deltas(self) -> AsyncIterator[TextDelta]:
         ctx = self.ctx
@@ -168,7 +170,8 @@ class Generation:
 
     def usage(self) -> dict:
         n = len(self.state.out.token_ids)
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": n, "total_tokens": len(self.prompt) + n}
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": n, "total_tokens": len(self.prompt) + n,
+                "prompt_tokens_details": {"cached_tokens": self.state.out.num_cached_tokens}}
 
 
 class _ClosingStream(StreamingResponse):
@@ -291,7 +294,7 @@ class OpenAIRoutes:
             return _error(exc)
         except ClientDisconnect:
             return Response(status_code=499)
-        gen = Generation(self.ctx, prompt, params, received)
+        gen = Generation(self.ctx, prompt, params, received, req.cache_salt or "")
         head = {"id": gen.request_id, "object": "text_completion", "created": gen.created,
                 "model": self.ctx.model_name}
 
@@ -322,7 +325,7 @@ class OpenAIRoutes:
             return _error(exc)
         except ClientDisconnect:
             return Response(status_code=499)
-        gen = Generation(self.ctx, prompt, params, received)
+        gen = Generation(self.ctx, prompt, params, received, req.cache_salt or "")
         head = {"id": gen.request_id.replace("cmpl-", "chatcmpl-"), "object": "chat.completion.chunk",
                 "created": gen.created, "model": self.ctx.model_name}
         tok = self.ctx.tokenizer

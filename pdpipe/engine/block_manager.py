@@ -1,12 +1,21 @@
-"""Owns which KV blocks are free. Blocks carry reference counts so a block can be shared; a block
-returns to the free list when its last holder frees it. The engine's scheduler is its only user.
+"""Owns which KV blocks are free, and which hold KV worth keeping. Blocks carry reference counts so a
+block can be shared; a block returns to the free pool when its last holder frees it. The engine's
+scheduler is its only user.
+
+Prefix cache: a full block whose KV is computed is registered under its chained hash (`kv_hash`). When
+its last holder frees it, it stays cached — free, but found by its hash — until a new allocation needs
+room and evicts it, least recently freed first, and of one request's blocks its last first (the prefix
+outlives its tail). Blocks holding nothing worth keeping are handed out before any cached one. Cached
+free blocks count as free: for admission, in the stats, and for the leak oracle.
 
 With data-parallel attention an instance's ranks each hold a pool of their own: the ids are split in
 `partitions` equal runs (partition p: ids p·n .. p·n + n - 1, block `id - p·n` of rank p's pool), and a
-sequence's blocks all come from one of them, the one with most free blocks when it is admitted."""
+sequence's blocks all come from one of them: the one holding its longest cached prefix, else the one with
+most free blocks when it is admitted. Each partition caches its own blocks."""
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 
 class BlockError(RuntimeError):
@@ -14,32 +23,51 @@ class BlockError(RuntimeError):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, partitions: int = 1):
+    def __init__(self, num_blocks: int, block_size: int, partitions: int = 1, caching: bool = True):
         if num_blocks < 1 or block_size < 1 or partitions < 1 or num_blocks % partitions:
             raise ValueError(f"num_blocks, block_size and partitions must be >= 1 and partitions must divide "
                              f"num_blocks, got {num_blocks}, {block_size}, {partitions}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.partition_size = num_blocks // partitions
+        self.caching = caching
         self._free: list[deque[int]] = [deque(range(p * self.partition_size, (p + 1) * self.partition_size))
                                         for p in range(partitions)]
+        self._evictable: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(partitions)]  # first out first
+        self._by_hash: list[dict[bytes, int]] = [{} for _ in range(partitions)]
+        self._hash_of: list[bytes | None] = [None] * num_blocks
         self._ref_counts = [0] * num_blocks
 
+    # ---- counts --------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return sum(len(f) for f in self._free)
+        """Blocks no request holds: empty ones and cached ones that a new allocation may evict."""
+        return sum(self._free_in(p) for p in range(len(self._free)))
 
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks holding a registered hash, held by a request or not."""
+        return sum(len(index) for index in self._by_hash)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Cached blocks no request holds."""
+        return sum(len(e) for e in self._evictable)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def _free_in(self, partition: int) -> int:
+        return len(self._free[partition]) + len(self._evictable[partition])
 
     @property
     def num_free_for_new_table(self) -> int:
         """The free blocks of the partition a new table gets (all free blocks, with one partition)."""
-        return len(self._free[self._partition()])
+        return self._free_in(self._partition())
 
     def partition_of(self, block_id: int) -> int:
         return block_id // self.partition_size
@@ -48,34 +76,56 @@ class BlockManager:
         """A table's partition; for a new one, the partition with most free blocks."""
         if block_table:
             return self.partition_of(block_table[0])
-        return max(range(len(self._free)), key=lambda p: len(self._free[p]))
+        return max(range(len(self._free)), key=self._free_in)
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        """Whether a new table of `num_blocks` fits (in the partition a new table gets)."""
-        return num_blocks <= len(self._free[self._partition()])
+    # ---- allocation ------------------------------------------------------------------------------
+    def can_allocate(self, num_blocks: int, cached: Sequence[int] = ()) -> bool:
+        """Whether a new table of `num_blocks` new blocks fits beside the `cached` blocks it takes (in their
+        partition, else the one a new table gets): those no request holds come out of the free ones."""
+        partition = self.partition_of(cached[0]) if cached else self._partition()
+        taken = sum(1 for b in cached if self._ref_counts[b] == 0)
+        return num_blocks + taken <= self._free_in(partition)
 
     def allocate(self, num_blocks: int, partition: int | None = None) -> list[int]:
-        free = self._free[self._partition() if partition is None else partition]
-        if num_blocks > len(free):
-            raise BlockError(f"asked for {num_blocks} blocks, {len(free)} free")
-        ids = [free.popleft() for _ in range(num_blocks)]
+        p = self._partition() if partition is None else partition
+        if num_blocks > self._free_in(p):
+            raise BlockError(f"asked for {num_blocks} blocks, {self._free_in(p)} free")
+        ids = [self._take(p) for _ in range(num_blocks)]
         for i in ids:
             self._ref_counts[i] = 1
         return ids
 
-    def share(self, block_ids: list[int]) -> None:
+    def _take(self, partition: int) -> int:
+        """A free block of `partition`: an empty one, else the cached one evicted first (its hash goes)."""
+        if self._free[partition]:
+            return self._free[partition].popleft()
+        block, _ = self._evictable[partition].popitem(last=False)
+        self._forget(block)
+        return block
+
+    def share(self, block_ids: Sequence[int]) -> None:
+        """Another holder of blocks in use, or of cached blocks no request holds (a prefix-cache hit)."""
         for i in block_ids:
-            if self._ref_counts[i] < 1:
+            if self._ref_counts[i] < 1 and i not in self._evictable[self.partition_of(i)]:
                 raise BlockError(f"block {i} is free and cannot be shared")
+        for i in block_ids:
+            if self._ref_counts[i] == 0:
+                del self._evictable[self.partition_of(i)][i]
             self._ref_counts[i] += 1
 
-    def free(self, block_ids: list[int]) -> None:
+    def free(self, block_ids: Sequence[int]) -> None:
+        """One holder lets go of a table. Blocks no one holds any more return to the free pool; cached ones
+        stay findable, the table's last blocks first in line for eviction."""
         for i in block_ids:
             if self._ref_counts[i] < 1:
                 raise BlockError(f"block {i} is already free")
+        for i in reversed(block_ids):
             self._ref_counts[i] -= 1
             if self._ref_counts[i] == 0:
-                self._free[self.partition_of(i)].append(i)
+                if self._hash_of[i] is not None:
+                    self._evictable[self.partition_of(i)][i] = None
+                else:
+                    self._free[self.partition_of(i)].append(i)
 
     def ensure_capacity(self, block_table: list[int], num_tokens: int) -> bool:
         """Grows `block_table` to hold `num_tokens`; False (and no change) if blocks run out."""
@@ -83,11 +133,56 @@ class BlockManager:
         if extra <= 0:
             return True
         partition = self._partition(block_table)
-        if extra > len(self._free[partition]):
+        if extra > self._free_in(partition):
             return False
         block_table.extend(self.allocate(extra, partition))
         return True
 
+    # ---- the prefix cache --------------------------------------------------------------------------
+    def match(self, hashes: Sequence[bytes], limit: int) -> list[int]:
+        """The cached blocks holding the longest prefix of `hashes` (at most `limit` blocks), in the one
+        partition that holds the most of it (ties: the one with most free blocks); [] without caching."""
+        if not self.caching or not hashes or limit <= 0:
+            return []
+        best: list[int] = []
+        for p in sorted(range(len(self._free)), key=self._free_in, reverse=True):
+            found = []
+            for h in hashes[:limit]:
+                block = self._by_hash[p].get(h)
+                if block is None:
+                    break
+                found.append(block)
+            if len(found) > len(best):
+                best = found
+        return best
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """`block` (held) now holds the KV its hash names. A block already cached under that hash stays the
+        one found (two requests that computed one prefix at once: the later copy is freed as usual)."""
+        if not self.caching or self._hash_of[block] is not None:
+            return
+        index = self._by_hash[self.partition_of(block)]
+        if block_hash not in index:
+            index[block_hash] = block
+            self._hash_of[block] = block_hash
+
+    def _forget(self, block: int) -> None:
+        block_hash = self._hash_of[block]
+        if block_hash is not None:
+            del self._by_hash[self.partition_of(block)][block_hash]
+            self._hash_of[block] = None
+
+    def reset_cache(self) -> int:
+        """Forgets every cached block (held ones are kept by their requests, but no longer found); returns
+        how many were cached."""
+        cached = self.num_cached_blocks
+        for p, evictable in enumerate(self._evictable):
+            self._free[p].extend(evictable)
+            evictable.clear()
+            self._by_hash[p].clear()
+        self._hash_of = [None] * self.num_blocks
+        return cached
+
     def all_free(self) -> bool:
-        """The leak oracle: with no live request, every block is free."""
+        """The leak oracle: with no live request, every block is free (cached ones no request holds are)."""
         return self.num_free_blocks == self.num_blocks and not any(self._ref_counts)

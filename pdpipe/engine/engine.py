@@ -17,6 +17,7 @@ import torch
 
 from pdpipe.config import EngineConfig
 from pdpipe.demo import resolve_model
+from pdpipe.kv_hash import root_hash
 from pdpipe.messages import EngineOutput, SamplingParams
 from pdpipe.models.loader import load_model
 from pdpipe.models.parallel import TensorParallel
@@ -75,7 +76,8 @@ class LLMEngine:
         self.eos_token_ids = load_eos_token_ids(self.model_dir)
         self.kv_cache = self._make_pool(num_blocks, pool_path)
         ranks = tp.size if self.data_parallel and tp is not None else 1  # a pool a rank, all scheduled here
-        self.blocks = BlockManager(num_blocks * ranks, config.cache.block_size, partitions=ranks)
+        self.blocks = BlockManager(num_blocks * ranks, config.cache.block_size, partitions=ranks,
+                                   caching=config.cache.prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
         runner = DataParallelRunner if self.data_parallel else ModelRunner
         self.runner = runner(self.model, self.kv_cache, self.max_model_len, pad_tokens=TOKEN_PAD if cuda else 1,
@@ -164,8 +166,10 @@ class LLMEngine:
         return peak
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    hold_kv: bool = False) -> None:
-        """Queues a request. With `hold_kv` its blocks outlive it until `release_kv` (prefill → transfer)."""
+                    hold_kv: bool = False, cache_salt: str = "") -> None:
+        """Queues a request. With `hold_kv` its blocks outlive it until `release_kv` (prefill → transfer).
+        Its prompt's blocks are looked up in the prefix cache under `cache_salt` (requests with different
+        salts never share)."""
         if not prompt_token_ids:
             raise RequestError("prompt: is empty; give at least one token")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -182,8 +186,19 @@ class LLMEngine:
         if self.scheduler.find(request_id) is not None:
             raise RequestError(f"request_id: {request_id!r} is already running")
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals),
-                       hold_kv=hold_kv)
+                       hold_kv=hold_kv, cache_root=self.cache_root(cache_salt))
         self.scheduler.add(seq)
+
+    def cache_root(self, cache_salt: str = "") -> bytes | None:
+        """The root of a request's block hashes here (None with prefix caching off): the model and its KV
+        dtype, and the request's salt."""
+        if not self.blocks.caching:
+            return None
+        return root_hash(self.model_dir.name, kv_dtype=self.spec.dtype, cache_salt=cache_salt)
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached block (POST /reset_prefix_cache); returns how many there were."""
+        return self.blocks.reset_cache()
 
     def kv_blocks(self, request_id: str) -> list[int]:
         """Blocks holding a request's KV: a live one's, or a finished one's held for transfer."""
@@ -220,14 +235,15 @@ class LLMEngine:
         return blocks is not None
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                      params: SamplingParams, first_logprob=None) -> EngineOutput | None:
-        """Continues a request whose prompt KV landed in its reserved blocks, from its first token.
+                      params: SamplingParams, first_logprob=None, cache_salt: str = "") -> EngineOutput | None:
+        """Continues a request whose prompt KV landed in its reserved blocks, from its first token; the
+        prompt's full blocks enter the prefix cache (a later turn computed here reuses them).
 
         Returns an output when the first token already ends it (then the blocks are freed)."""
         blocks = self._reserved.pop(request_id)
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals),
                        token_ids=list(prompt_token_ids) + [first_token], block_table=blocks,
-                       num_computed_tokens=len(prompt_token_ids))
+                       num_computed_tokens=len(prompt_token_ids), cache_root=self.cache_root(cache_salt))
         if first_logprob is not None:
             seq.logprobs.append(first_logprob)
         self.scheduler.add_running(seq)
@@ -299,9 +315,10 @@ class LLMEngine:
     @staticmethod
     def _output(seq: Sequence, token_ids: list[int]) -> EngineOutput:
         logprobs = [seq.logprobs[-1]] if token_ids and seq.params.logprobs is not None else None
-        return EngineOutput(request_id=seq.request_id, token_ids=token_ids,
-                            index=seq.num_output_tokens - len(token_ids), logprobs=logprobs,
-                            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+        index = seq.num_output_tokens - len(token_ids)
+        return EngineOutput(request_id=seq.request_id, token_ids=token_ids, index=index, logprobs=logprobs,
+                            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                            cached_tokens=seq.num_cached_tokens if index == 0 and token_ids else 0)
 
     def warm_up(self) -> None:
         """Runs a few throw-away requests so that the kernels live requests need are compiled now, not
@@ -329,6 +346,7 @@ class LLMEngine:
                 self.add_request(f"warm-up-{r}-{i}", prompt(n), params)
             while self.has_unfinished():
                 self.step()
+        self.reset_prefix_cache()  # the throw-away prompts' KV is nobody's prefix
 
     def leak_free(self) -> bool:
         """The leak oracle: no live request and every block free."""

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdpipe.config import SchedulerConfig
+from pdpipe.kv_hash import reusable_blocks
 from pdpipe.messages import SamplingParams, TokenLogprob
 
 from .block_manager import BlockManager
@@ -64,9 +65,10 @@ class Scheduler:
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
-        """A sequence whose prompt KV is already in its blocks (computed by another engine)."""
+        """A sequence whose prompt KV is already in its blocks (computed by another engine): cached now."""
         seq.status = Status.RUNNING
         self.running.append(seq)
+        self.register_computed(seq)
 
     def release_held(self, request_id: str) -> bool:
         blocks = self.held.pop(request_id, None)
@@ -150,24 +152,43 @@ class Scheduler:
                 if part is None or (s.block_table and self.blocks.partition_of(s.block_table[0]) == part)]
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Waiting prompts join, oldest first, while blocks are free for the part of each that the prefix
+        cache does not hold (a hit is computed from where it ends)."""
+        bs = self.blocks.block_size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            need = self.blocks.blocks_for(seq.num_tokens)
+            hit = self.blocks.match(seq.block_hashes(bs), reusable_blocks(seq.num_tokens, bs, computes_last=True))
+            need = self.blocks.blocks_for(seq.num_tokens) - len(hit)
             reserve = self.config.watermark_blocks if self.running else 0
-            if not self.blocks.can_allocate(need + reserve):
+            if not self.blocks.can_allocate(need + reserve, hit):
                 break
             self.waiting.popleft()
-            seq.block_table = self.blocks.allocate(need)
+            self.blocks.share(hit)
+            seq.block_table = hit + self.blocks.allocate(need, self.blocks.partition_of(hit[0]) if hit else None)
+            seq.num_computed_tokens = seq.num_registered = len(hit)
+            seq.num_computed_tokens *= bs
+            if not seq.num_output_tokens:  # its first admission (a preempted one recomputes its own)
+                seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_tokens, budget)
-            out.chunks.append(ScheduledChunk(seq, 0, n))
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
+
+    def register_computed(self, seq: Sequence) -> None:
+        """The prefix cache takes the full blocks whose KV `seq` has computed (or received) so far."""
+        full = seq.num_computed_tokens // self.blocks.block_size
+        if seq.num_registered >= full or seq.cache_root is None:
+            return
+        hashes = seq.block_hashes(self.blocks.block_size)
+        for i in range(seq.num_registered, full):
+            self.blocks.register(seq.block_table[i], hashes[i])
+        seq.num_registered = full
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
         seq.status = Status.WAITING
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_registered = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -185,6 +206,7 @@ class Scheduler:
             if seq.is_finished:  # aborted between schedule and update
                 continue
             seq.num_computed_tokens += chunk.num_tokens
+            self.register_computed(seq)
             sample = samples.get(seq)
             if sample is None:
                 continue

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdpipe.kv_hash import block_hashes
 from pdpipe.messages import SamplingParams, TokenLogprob
 
 
@@ -31,6 +32,10 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     hold_kv: bool = False  # keep the blocks after finishing, until released (a prefill awaiting transfer)
+    cache_root: bytes | None = None  # the parent of its first block's hash (kv_hash.root_hash); None: no caching
+    known_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as computed
+    num_registered: int = 0  # leading blocks of its table registered in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not computed
 
     def __post_init__(self):
         if not self.token_ids:
@@ -53,6 +58,14 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    def block_hashes(self, block_size: int) -> list[bytes]:
+        """The hashes of its full blocks (prompt and output so far); [] without a cache root."""
+        if self.cache_root is None:
+            return []
+        if len(self.known_hashes) < len(self.token_ids) // block_size:
+            self.known_hashes = block_hashes(self.token_ids, block_size, self.cache_root, self.known_hashes)
+        return self.known_hashes
 
     @property
     def is_finished(self) -> bool:

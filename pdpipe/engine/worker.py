@@ -109,7 +109,8 @@ class EngineWorker(Handler):
             return
         handover = self._hands_over(msg)
         params = replace(msg.params, max_tokens=1, min_tokens=0) if handover else msg.params
-        self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, hold_kv=handover)
+        self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, hold_kv=handover,
+                                cache_salt=msg.cache_salt)
         self._prefills[msg.request_id] = msg
         self.queued_prompt_tokens += len(msg.prompt_token_ids)
 
@@ -138,7 +139,7 @@ class EngineWorker(Handler):
             return
         self._event(msg.request_id, State.DECODING)
         ended = self.engine.add_prefilled(msg.request_id, reserve.prompt_token_ids, msg.first_token,
-                                          reserve.params, msg.first_logprob)
+                                          reserve.params, msg.first_logprob, reserve.cache_salt)
         if ended is not None:
             self._deliver([ended])
 
@@ -326,7 +327,8 @@ class EngineWorker(Handler):
                              preemptions=sched.num_preemptions,
                              step_seconds=self.meter.step_seconds,
                              prefill_tokens_per_s=self.meter.prefill_tokens_per_s,
-                             busy_seconds=self.meter.busy_seconds, prompt_tokens=self.meter.prompt_tokens)
+                             busy_seconds=self.meter.busy_seconds, prompt_tokens=self.meter.prompt_tokens,
+                             cached_blocks=self.engine.blocks.num_cached_blocks)
 
 
 class StepMeter:

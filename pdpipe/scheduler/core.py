@@ -325,7 +325,7 @@ class SchedulerCore(Handler):
         self._record(rec, State.QUEUED, "scheduler", f"reserve on {decode}, prefill on {rec.prefill}"
                      + (f" ({why})" if why else ""))
         self.send(decode, Reserve(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
-                                  transfer=self.transfer_of(rec.prefill), num_tokens=room))
+                                  transfer=self.transfer_of(rec.prefill), num_tokens=room, cache_salt=r.cache_salt))
         if first:
             self._send_prefill(rec, rec.prefill, decode)
 
@@ -338,7 +338,7 @@ class SchedulerCore(Handler):
         self.outstanding_tokens[instance] += rec.num_prompt_tokens
         r = rec.request
         self.send(instance, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
-                                    params=r.params, decode_instance=decode))
+                                    params=r.params, decode_instance=decode, cache_salt=r.cache_salt))
 
     def _on_Reserved(self, msg: Reserved) -> None:
         rec = self.live.get(msg.request_id)

@@ -201,3 +201,21 @@ def test_paused_prefill_holds_requests_in_reserved_and_abort_frees(pipeline):
     finally:
         cli("resume", "prefill-0", "--run-dir", run_dir)
     assert wait_until(lambda: leak_free(pipeline), what="all blocks free")
+
+
+def test_usage_reports_the_prompt_tokens_served_from_the_cache(client):
+    """A prompt sharing 5 blocks (80 tokens) with one before it: its usage says they were cached, streamed
+    or not; another salt shares nothing; an empty salt is a 400 naming the field."""
+    head = make_prompts(384, lengths=(80,), seed=31)[0]
+    first, second, third = (head + tail for tail in make_prompts(384, lengths=(20, 20, 20), seed=32))
+    kwargs = dict(model=MODEL, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert client.completions.create(prompt=first, **kwargs).usage.prompt_tokens_details.cached_tokens == 0
+    assert client.completions.create(prompt=second, **kwargs).usage.prompt_tokens_details.cached_tokens == 80
+    chunks = list(client.completions.create(prompt=third, stream=True, stream_options={"include_usage": True},
+                                            **kwargs))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 80
+    salted = dict(kwargs, extra_body={"ignore_eos": True, "cache_salt": "tenant-b"})
+    assert client.completions.create(prompt=second, **salted).usage.prompt_tokens_details.cached_tokens == 0
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(prompt=second, **dict(kwargs, extra_body={"cache_salt": ""}))
+    assert err.value.body["param"] == "cache_salt"

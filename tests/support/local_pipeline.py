@@ -37,10 +37,11 @@ class LocalPipeline:
     def __init__(self, model, roles: dict[str, str], num_blocks: int = 64, block_size: int = 8,
                  max_num_batched_tokens: int = 2048, deadlines: DeadlineConfig = DeadlineConfig(),
                  backend: TransferBackend | None = None,
-                 routing: RoutingConfig = RoutingConfig(disaggregation="always")):
+                 routing: RoutingConfig = RoutingConfig(disaggregation="always"), prefix_caching: bool = True):
         self.clock = Clock()
         self.queues: dict[str, deque] = {name: deque() for name in [*roles, "scheduler", "transfer", "api"]}
-        cfg = EngineConfig(model=str(model), cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching)
+        cfg = EngineConfig(model=str(model), cache=cache,
                            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens))
         local = replace(cfg, scheduler=replace(cfg.scheduler, max_prefill_tokens=routing.local_step_tokens))
         self.engines = {name: LLMEngine(local if role == "decode" else cfg) for name, role in roles.items()}
@@ -57,9 +58,12 @@ class LocalPipeline:
     def send(self, dest: str, msg) -> None:
         self.queues[dest].append(msg)
 
-    def submit(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, cache_salt: str = "") -> None:
         self.send("scheduler", NewRequest(request_id=request_id, prompt_token_ids=prompt, params=params,
-                                          arrival=self.clock()))
+                                          arrival=self.clock(), cache_salt=cache_salt))
+
+    def cached_tokens(self, request_id: str) -> int:
+        return max((o.cached_tokens for o in self.outputs.get(request_id, [])), default=0)
 
     def deliver(self, only: str | None = None) -> int:
         """Hands every queued message to its process (or to `only`); returns how many."""

@@ -52,7 +52,7 @@ class AnsweringBridge:
         self.waiting: dict = {}
         self.waiting_tokens = 0
 
-    async def submit(self, request_id, prompt, params, arrival) -> TokenStream:
+    async def submit(self, request_id, prompt, params, arrival, cache_salt="") -> TokenStream:
         self.submitted.append(prompt)
         stream = TokenStream()
         stream.put(EngineOutput(request_id=request_id, token_ids=[65], finish_reason="length"))

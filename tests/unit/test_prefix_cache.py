@@ -1,0 +1,245 @@
+"""The prefix cache on one engine: chained block hashes, cached blocks kept after their requests end and
+evicted least recently used (a request's tail first), hits that skip computing the cached tokens, replies
+that become reusable, salts that keep requests apart, and outputs equal to the cache's absence."""
+import hashlib
+import struct
+
+import pytest
+import torch
+from conftest import assert_leak_free, make_prompts
+
+from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdpipe.engine.block_manager import BlockError, BlockManager
+from pdpipe.engine.engine import LLMEngine
+from pdpipe.kv_hash import block_hashes, reusable_blocks, root_hash
+from pdpipe.messages import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+ROOT = root_hash("m")
+
+
+def hashes(*blocks: int, root: bytes = ROOT) -> list[bytes]:
+    """Hashes of blocks of 4 tokens, block i holding the token id blocks[i] four times."""
+    return block_hashes([t for b in blocks for t in [b] * 4], 4, root)
+
+
+# ---- block hashes ------------------------------------------------------------------------------------
+def test_a_block_hash_names_its_whole_prefix():
+    ids = list(range(40))
+    full = block_hashes(ids, 16, ROOT)
+    assert len(full) == 2  # the 8 tokens of the partial third block have none
+    first = hashlib.sha256(ROOT + struct.pack("<16i", *range(16))).digest()  # parent, then int32 little-endian
+    assert full[0] == first and full[1] == hashlib.sha256(first + struct.pack("<16i", *range(16, 32))).digest()
+    assert block_hashes(ids, 16, ROOT, full[:1]) == full  # extending a known chain
+    other = block_hashes([99] + ids[1:], 16, ROOT)
+    assert other[0] != full[0] and other[1] != full[1]  # a different first token changes every later block
+    assert block_hashes(ids, 16, root_hash("m", cache_salt="s"))[0] != full[0]
+    assert root_hash("m", kv_dtype="bfloat16") != root_hash("m", kv_dtype="float32") != root_hash("n")
+    assert root_hash("m", epoch=1) != ROOT and root_hash("m", quantization="wint4") != ROOT
+
+
+def test_reuse_leaves_the_last_token_to_compute_where_its_logits_are_needed():
+    assert reusable_blocks(33, 16, computes_last=True) == 2 and reusable_blocks(32, 16, computes_last=True) == 1
+    assert reusable_blocks(32, 16, computes_last=False) == 2 and reusable_blocks(15, 16, computes_last=False) == 0
+
+
+# ---- the block manager's cache -------------------------------------------------------------------------
+def test_freed_blocks_stay_cached_and_are_found_by_their_prefix():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    table = bm.allocate(3)
+    for block, h in zip(table, hashes(1, 2, 3)):
+        bm.register(block, h)
+    bm.free(table)
+    assert bm.all_free() and bm.num_free_blocks == 8 and bm.num_cached_blocks == 3  # cached blocks are free
+    assert bm.match(hashes(1, 2, 3, 4), limit=4) == table
+    assert bm.match(hashes(1, 2, 9), limit=4) == table[:2] and bm.match(hashes(2, 3), limit=4) == []
+    assert bm.match(hashes(1, 2, 3), limit=1) == table[:1]
+    hit = bm.match(hashes(1, 2), limit=2)
+    assert bm.can_allocate(6, hit) and not bm.can_allocate(7, hit)  # the hit's free blocks come out of the 8
+    bm.share(hit)
+    assert bm.num_free_blocks == 6 and bm.num_evictable_blocks == 1
+    bm.free(hit)
+    with pytest.raises(BlockError, match="already free"):
+        bm.free(hit)
+
+
+def test_empty_blocks_go_first_then_the_least_recently_freed_and_a_tables_tail_first():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    older, newer = bm.allocate(3), bm.allocate(2)
+    for block, h in zip(older, hashes(1, 2, 3)):
+        bm.register(block, h)
+    for block, h in zip(newer, hashes(7, 8)):
+        bm.register(block, h)
+    bm.free(older)
+    bm.free(newer)
+    fresh = bm.allocate(1)  # the one block that never held a hash
+    assert fresh[0] not in older + newer and bm.num_cached_blocks == 5
+    assert bm.allocate(1) == [older[2]]  # the older table's tail goes first, its prefix stays
+    assert bm.match(hashes(1, 2, 3), limit=3) == older[:2] and bm.num_cached_blocks == 4
+    assert bm.allocate(3) == [older[1], older[0], newer[1]]
+    assert bm.match(hashes(7, 8), limit=2) == newer[:1]
+
+
+def test_a_prefix_computed_twice_is_cached_once_and_the_copy_freed():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a, b = bm.allocate(1), bm.allocate(1)
+    bm.register(a[0], hashes(5)[0])
+    bm.register(b[0], hashes(5)[0])  # computed at the same time by another request
+    bm.free(b)
+    assert bm.num_cached_blocks == 1 and bm.match(hashes(5), 1) == a
+    assert bm.num_evictable_blocks == 0 and bm.num_free_blocks == 3  # the copy went back as an empty block
+
+
+def test_reset_forgets_every_cached_block_and_the_cache_can_be_off():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    held, freed = bm.allocate(1), bm.allocate(1)
+    bm.register(held[0], hashes(1)[0])
+    bm.register(freed[0], hashes(2)[0])
+    bm.free(freed)
+    assert bm.reset_cache() == 2 and bm.num_cached_blocks == 0 and bm.match(hashes(1), 1) == []
+    bm.free(held)
+    assert bm.all_free() and bm.num_evictable_blocks == 0
+    off = BlockManager(num_blocks=4, block_size=4, caching=False)
+    table = off.allocate(1)
+    off.register(table[0], hashes(1)[0])
+    off.free(table)
+    assert off.num_cached_blocks == 0 and off.match(hashes(1), 1) == []
+
+
+def test_each_partition_caches_its_own_blocks_and_a_hit_picks_its_partition():
+    bm = BlockManager(num_blocks=8, block_size=4, partitions=2)
+    zero = bm.allocate(2, partition=0)
+    one = bm.allocate(1, partition=1)
+    for block, h in zip(zero, hashes(1, 2)):
+        bm.register(block, h)
+    bm.register(one[0], hashes(1)[0])  # the same first block on rank 1 too
+    bm.free(zero)
+    bm.free(one)
+    held = bm.allocate(1, partition=0)  # rank 0 now has fewer free blocks
+    assert bm.match(hashes(1, 2), limit=2) == zero  # rank 0 holds more of the prefix
+    assert bm.match(hashes(1), limit=1) == one  # a tie: the partition with more free blocks
+    bm.free(held)
+    assert all(bm.partition_of(b) == 0 for b in bm.allocate(4, partition=0))  # evicting rank 0's alone
+    assert bm.match(hashes(1, 2), limit=2) == one
+
+
+# ---- engines -------------------------------------------------------------------------------------------
+def make_engine(model, caching=True, num_blocks=64, block_size=8, **sched):
+    return LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                                                                     prefix_caching=caching),
+                                  scheduler=SchedulerConfig(**sched)))
+
+
+def serve(engine, prompts: list[list[int]], together: bool = False, salts: list[str] | None = None,
+          params: SamplingParams = GREEDY) -> tuple[list[list[int]], list[int], list[int]]:
+    """Each prompt's output tokens, its cached tokens, and the prompt tokens each step computed (the
+    prompts one after another, or all queued at once)."""
+    tokens: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+    computed: list[int] = []
+    execute = engine.runner.execute
+
+    def counting(out, on_layer_done=None):
+        computed.append(sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or c.start < c.seq.num_prompt_tokens))
+        return execute(out, on_layer_done)
+
+    engine.runner.execute = counting
+    batches = [list(range(len(prompts)))] if together else [[i] for i in range(len(prompts))]
+    for batch in batches:
+        for i in batch:
+            engine.add_request(str(i), prompts[i], params, cache_salt=(salts or [""] * len(prompts))[i])
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+                cached[out.request_id] = max(cached.get(out.request_id, 0), out.cached_tokens)
+    engine.runner.execute = execute
+    assert_leak_free(engine)
+    ids = [str(i) for i in range(len(prompts))]
+    return [tokens[i] for i in ids], [cached.get(i, 0) for i in ids], computed
+
+
+def shared_prefix_prompts(n: int, system: int = 40, suffix: int = 13, seed: int = 3) -> list[list[int]]:
+    head = make_prompts(384, lengths=(system,), seed=seed)[0]
+    return [head + tail for tail in make_prompts(384, lengths=(suffix,) * n, seed=seed + 1)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "ernie4_5_moe"])
+def test_the_cache_on_generates_what_it_does_off(model_dir, arch):
+    """Prompts sharing a 40-token system prompt, one after another and all at once (two requests with
+    the same new prefix at once: computed twice, never wrong), greedy, float32: the same tokens with the
+    cache on and off, and later prompts hit the shared blocks (5 of 8 tokens: 40 tokens)."""
+    prompts = shared_prefix_prompts(4)
+    for together in (False, True):
+        off, none, _ = serve(make_engine(model_dir(arch), caching=False), prompts, together)
+        on, cached, _ = serve(make_engine(model_dir(arch)), prompts, together)
+        assert on == off and not any(none)
+        assert cached == ([0, 40, 40, 40] if not together else [0, 0, 0, 0])
+
+
+def test_a_hit_computes_only_the_uncached_tokens_chunked_or_not(model_dir):
+    """The second prompt computes its 13 new tokens alone; with an 8-token step budget its suffix still
+    comes in chunks after the hit."""
+    prompts = shared_prefix_prompts(2)
+    _, cached, computed = serve(make_engine(model_dir("llama")), prompts)
+    assert cached == [0, 40] and computed.count(53) == 1 and 13 in computed
+    _, cached, computed = serve(make_engine(model_dir("llama"), max_num_batched_tokens=8), prompts)
+    assert cached == [0, 40] and sum(c for c in computed if c > 1) == 53 + 13
+
+
+def test_a_reply_becomes_reusable_for_the_next_turn(model_dir):
+    """Turn 2 is turn 1's prompt, its reply and a new message: it reuses every full block of the first
+    two (the reply's KV computed as it was decoded)."""
+    engine = make_engine(model_dir("llama"))
+    first = make_prompts(384, lengths=(30,), seed=7)[0]
+    reply_params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    (reply,), _, _ = serve(engine, [first], params=reply_params)
+    second = first + reply + make_prompts(384, lengths=(9,), seed=8)[0]
+    (answer,), (cached,), _ = serve(engine, [second])
+    assert cached == (30 + 12 - 1) // 8 * 8  # the reply's last token was sampled, never fed back: not cached
+    (expected,), _, _ = serve(make_engine(model_dir("llama"), caching=False), [second])
+    assert answer == expected
+
+
+def test_requests_with_different_salts_never_share(model_dir):
+    prompts = shared_prefix_prompts(3)
+    _, cached, _ = serve(make_engine(model_dir("llama")), prompts, salts=["a", "b", "a"])
+    assert cached == [0, 0, 40]
+
+
+def test_a_whole_prompt_in_the_cache_still_computes_its_last_token(model_dir):
+    """The same 48-token prompt twice: 5 of its 6 blocks come from the cache (the last token runs, for
+    its logits), and the outputs agree."""
+    prompt = make_prompts(384, lengths=(48,), seed=9)[0]
+    tokens, cached, computed = serve(make_engine(model_dir("llama")), [prompt, prompt])
+    assert tokens[0] == tokens[1] and cached == [0, 40] and computed[:1] == [48] and 8 in computed
+
+
+def test_preemption_of_requests_sharing_blocks_keeps_outputs_and_frees_every_block(model_dir):
+    """A pool too small for every request's output: running requests that share the system prompt's
+    blocks are preempted and recomputed (from the cache), with the same tokens as without the cache."""
+    prompts = shared_prefix_prompts(5, system=24, suffix=5)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    off, _, _ = serve(make_engine(model_dir("llama"), caching=False, num_blocks=14), prompts, True, params=params)
+    engine = make_engine(model_dir("llama"), num_blocks=14)
+    on, _, _ = serve(engine, prompts, True, params=params)
+    assert on == off and engine.scheduler.num_preemptions > 0
+
+
+def test_reset_empties_the_cache(model_dir):
+    engine = make_engine(model_dir("llama"))
+    prompts = shared_prefix_prompts(2)
+    serve(engine, prompts[:1])  # 53 prompt tokens and 5 fed-back outputs: 7 full blocks
+    assert engine.blocks.num_cached_blocks == 7 and engine.reset_prefix_cache() == 7
+    _, cached, _ = serve(engine, prompts[1:])
+    assert cached == [0] and engine.blocks.num_cached_blocks == 7
+
+
+def test_the_llm_api_reports_cached_tokens(model_dir):
+    from conftest import make_llm
+
+    llm = make_llm(model_dir("llama"), dtype="float32")
+    prompts = shared_prefix_prompts(2, system=32)
+    first = llm.generate(prompts[0], GREEDY)[0]
+    second = llm.generate(prompts[1], GREEDY)[0]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 32
+    assert torch.equal(torch.tensor(second.prompt_token_ids[:32]), torch.tensor(first.prompt_token_ids[:32]))
