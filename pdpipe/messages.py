@@ -255,6 +255,8 @@ class InstanceStats(Msg, frozen=True):  # every process → scheduler, a few tim
     gpu_memory_total: int = 0
     gpu_utilization: int = -1  # percent; -1 without a GPU
     cached_blocks: int = 0  # blocks the prefix cache holds (in use or free: free_blocks counts those free)
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_hit_tokens: int = 0  # of them, found there (their KV reused, not computed)
 
 
 class Ready(Msg, frozen=True):  # every process → launcher, once it can serve
@@ -295,6 +297,10 @@ class Shutdown(Msg, frozen=True):
     reason: str = ""
 
 
+class ResetPrefixCache(Msg, frozen=True):  # scheduler → engines (POST /reset_prefix_cache): forget every cached block
+    pass
+
+
 class ProcessDown(Msg, frozen=True):  # launcher → scheduler (and api): a local process died; it is being restarted
     name: str
     role: str
@@ -316,7 +322,7 @@ class DropAll(Msg, frozen=True):  # launcher → engines, transfer: the schedule
 
 
 class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI / api → scheduler (REQ/REP)
-    op: str  # "snapshot" | "trace" | "pause" | "resume"
+    op: str  # "snapshot" | "trace" | "pause" | "resume" | "reset_prefix_cache"
     request_id: str = ""
     instance: str = ""
 
@@ -324,6 +330,7 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI /
 Message = (NewRequest | AbortRequest | Reserve | Reserved | DecodeBlocks | Prefill | TransferStart | LayersReady
            | PrefillDone | KVLanded | TransferDone | Free | Freed | AbortTransfer | StateEvent | InstanceStats
            | Ready | PoolInfo | Forward | Pause | Shutdown | ProcessDown | ProcessUp | DropAll | Heartbeat
+           | ResetPrefixCache
            | EngineOutput)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,10 +1,13 @@
 """Prometheus metrics of the front-end (latencies it sees) and of the pipeline (states, blocks,
-transfer), the latter read from the scheduler's snapshot at each scrape."""
+transfer, prefix cache), the latter read from the scheduler's snapshot at each scrape: levels as gauges,
+and the processes' own running totals as counters (a restarted process starts its totals again, which
+Prometheus reads as a counter reset)."""
 from __future__ import annotations
 
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -32,8 +35,10 @@ class ApiMetrics:
                                       ["instance", "role"], registry=r)
         self.gpu_util = Gauge("pdpipe_gpu_utilization_percent", "Share of NVML's last sample period with a "
                               "kernel running on the instance's GPU", ["instance", "role"], registry=r)
-        self.xfer_bytes = Gauge("pdpipe_kv_transfer_bytes_total", "KV bytes moved prefill to decode", registry=r)
-        self.xfer_seconds = Gauge("pdpipe_kv_transfer_seconds_total", "Seconds spent moving KV", registry=r)
+        self.cached_blocks = Gauge("pdpipe_prefix_cache_blocks", "KV blocks the prefix cache holds",
+                                   ["instance", "role"], registry=r)
+        self.totals = SnapshotTotals()
+        r.register(self.totals)
         self.xfer_inflight = Gauge("pdpipe_kv_transfers_in_flight", "KV transfers in flight", registry=r)
         self.queued = Gauge("pdpipe_admission_queue_requests", "Requests waiting for decode room", registry=r)
         self.oldest = Gauge("pdpipe_admission_oldest_wait_seconds", "How long the oldest queued request has "
@@ -73,8 +78,35 @@ class ApiMetrics:
             self.oldest.set(adm.get("oldest_wait_s", 0.0))
             for where in ("remote", "local", "whole"):
                 self.decisions.labels(where).set(adm.get("prefill_decisions", {}).get(where, 0))
+            for name, inst in snapshot["instances"].items():
+                if inst["stats"]:
+                    self.cached_blocks.labels(name, inst["role"]).set(inst["stats"].get("cached_blocks", 0))
             xfers = (snapshot.get("transfers") or {}).values()  # one transfer process per machine
-            self.xfer_bytes.set(sum(x.get("bytes_moved", 0) for x in xfers))
-            self.xfer_seconds.set(sum(x.get("seconds_moving", 0.0) for x in xfers))
             self.xfer_inflight.set(sum(x.get("transfers_in_flight", 0) for x in xfers))
+        self.totals.snapshot = snapshot
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class SnapshotTotals:
+    """The processes' running totals in the latest snapshot, as counters."""
+
+    def __init__(self):
+        self.snapshot: dict | None = None
+
+    def collect(self):
+        snap = self.snapshot or {}
+        queries = CounterMetricFamily("pdpipe_prefix_cache_queries_tokens", "Prompt tokens looked up in the "
+                                      "prefix cache", labels=["instance", "tier"])
+        hits = CounterMetricFamily("pdpipe_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache "
+                                   "(their KV reused, not computed)", labels=["instance", "tier"])
+        for name, inst in (snap.get("instances") or {}).items():
+            stats = inst["stats"]
+            if stats and inst["role"] in ("prefill", "decode", "mixed"):
+                queries.add_metric([name, "gpu"], stats.get("prefix_query_tokens", 0))
+                hits.add_metric([name, "gpu"], stats.get("prefix_hit_tokens", 0))
+        xfers = (snap.get("transfers") or {}).values()  # one transfer process per machine
+        moved = CounterMetricFamily("pdpipe_kv_transfer_bytes", "KV bytes moved prefill to decode")
+        moved.add_metric([], sum(x.get("bytes_moved", 0) for x in xfers))
+        seconds = CounterMetricFamily("pdpipe_kv_transfer_seconds", "Seconds spent moving KV")
+        seconds.add_metric([], sum(x.get("seconds_moving", 0.0) for x in xfers))
+        return [queries, hits, moved, seconds]

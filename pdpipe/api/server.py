@@ -415,6 +415,14 @@ class OpenAIRoutes:
                                   type_="service_unavailable").body(), 503)
         return _json({"status": "degraded", "down": down} if down else {"status": "ok"})
 
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """Every engine forgets its cached blocks (vLLM's endpoint; benchmarks start cold with it)."""
+        reply = await self.ctx.bridge.control("reset_prefix_cache", timeout=2.0)
+        if reply is None or "error" in reply:
+            detail = reply["error"] if reply else "the scheduler does not answer"
+            return _error(APIError(503, f"cannot reset the prefix cache: {detail}", type_="service_unavailable"))
+        return _json({"status": "ok", "instances": reply["instances"]})
+
     async def metrics(self, request: Request) -> Response:
         snap = await self.ctx.bridge.control("snapshot", timeout=1.0)
         body, content_type = self.ctx.metrics.render(snap)
@@ -436,6 +444,7 @@ def build_app(ctx: ApiContext, api_key: str = "") -> Starlette:
         Route("/v1/chat/completions", routes.chat, methods=["POST"]),
         Route("/v1/models", routes.models, methods=["GET"]),
         Route("/health", routes.health, methods=["GET"]),
+        Route("/reset_prefix_cache", routes.reset_prefix_cache, methods=["POST"]),
         Route("/metrics", routes.metrics, methods=["GET"]),
     ], exception_handlers={404: not_found, 405: bad_method},
         middleware=[Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else [])

@@ -60,6 +60,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.held: dict[str, list[int]] = {}  # finished requests whose KV is still wanted
+        self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache (first admissions)
+        self.prefix_hit_tokens = 0  # of them, found there
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -169,6 +171,9 @@ class Scheduler:
             seq.num_computed_tokens *= bs
             if not seq.num_output_tokens:  # its first admission (a preempted one recomputes its own)
                 seq.num_cached_tokens = seq.num_computed_tokens
+                if seq.cache_root is not None:
+                    self.prefix_query_tokens += seq.num_prompt_tokens
+                    self.prefix_hit_tokens += seq.num_cached_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)

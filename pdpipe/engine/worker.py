@@ -37,6 +37,7 @@ from pdpipe.messages import (
     PrefillDone,
     Reserve,
     Reserved,
+    ResetPrefixCache,
     State,
     StateEvent,
     TransferDone,
@@ -92,6 +93,9 @@ class EngineWorker(Handler):
     def handle(self, msg: Msg | EngineOutput) -> None:
         log.debug("%s: %s %s", self.name, type(msg).__name__, getattr(msg, "request_id", ""))
         super().handle(msg)
+
+    def _on_ResetPrefixCache(self, msg: ResetPrefixCache) -> None:
+        log.info("%s: prefix cache reset (%d blocks)", self.name, self.engine.reset_prefix_cache())
 
     def _on_Pause(self, msg: Pause) -> None:
         self.paused = msg.paused
@@ -328,7 +332,8 @@ class EngineWorker(Handler):
                              step_seconds=self.meter.step_seconds,
                              prefill_tokens_per_s=self.meter.prefill_tokens_per_s,
                              busy_seconds=self.meter.busy_seconds, prompt_tokens=self.meter.prompt_tokens,
-                             cached_blocks=self.engine.blocks.num_cached_blocks)
+                             cached_blocks=self.engine.blocks.num_cached_blocks,
+                             prefix_query_tokens=sched.prefix_query_tokens, prefix_hit_tokens=sched.prefix_hit_tokens)
 
 
 class StepMeter:

@@ -8,7 +8,7 @@ import threading
 
 from pdpipe.cluster import Registry
 from pdpipe.loop import Idle, ProcessBase, run_worker_loop
-from pdpipe.messages import ControlRequest, Pause
+from pdpipe.messages import ControlRequest, Pause, ResetPrefixCache
 from pdpipe.wire import ControlThread, InboxThread
 
 from .core import SchedulerCore
@@ -23,12 +23,17 @@ def control_reply(core: SchedulerCore, req: ControlRequest, send) -> dict:
     if req.op == "trace":
         trace = core.trace(req.request_id)
         return trace if trace is not None else {"error": f"no request {req.request_id!r} is known"}
+    if req.op == "reset_prefix_cache":
+        engines = [n for n, role in core.roles.items() if role in ("prefill", "decode", "mixed")]
+        for name in engines:
+            send(name, ResetPrefixCache())
+        return {"ok": True, "instances": engines}
     if req.op in ("pause", "resume"):
         if req.instance not in core.roles:
             return {"error": f"instance {req.instance!r} unknown; known: {', '.join(core.roles)}"}
         send(req.instance, Pause(paused=req.op == "pause"))
         return {"ok": True}
-    return {"error": f"op {req.op!r} unknown; known: snapshot, trace, pause, resume"}
+    return {"error": f"op {req.op!r} unknown; known: snapshot, trace, pause, resume, reset_prefix_cache"}
 
 
 class RegistryWatcher:

@@ -219,3 +219,28 @@ def test_usage_reports_the_prompt_tokens_served_from_the_cache(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(prompt=second, **dict(kwargs, extra_body={"cache_salt": ""}))
     assert err.value.body["param"] == "cache_salt"
+
+
+def test_reset_prefix_cache_and_the_cache_counters(pipeline, client):
+    """POST /reset_prefix_cache empties every engine's cache (a prompt seen before then hits nothing);
+    /metrics counts the prompt tokens looked up and found, per instance, as counters that only grow."""
+    base = f"http://127.0.0.1:{pipeline.cfg.api.port}"
+
+    def counter(name: str) -> float:
+        text = httpx.get(f"{base}/metrics").text
+        assert f"# TYPE {name}_total counter" in text or f"# TYPE {name} counter" in text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name}_total{{"))
+
+    prompt = make_prompts(384, lengths=(70,), seed=33)[0]
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    client.completions.create(**kwargs)
+    queries, hits = counter("pdpipe_prefix_cache_queries_tokens"), counter("pdpipe_prefix_cache_hits_tokens")
+    assert client.completions.create(**kwargs).usage.prompt_tokens_details.cached_tokens == 64
+    wait_until(lambda: counter("pdpipe_prefix_cache_hits_tokens") >= hits + 64, what="the hit counted")
+    assert counter("pdpipe_prefix_cache_queries_tokens") >= queries + 70
+    reset = httpx.post(f"{base}/reset_prefix_cache", timeout=10)
+    assert reset.status_code == 200 and set(reset.json()["instances"]) == {"prefill-0", "decode-0"}
+    wait_until(lambda: all(i["stats"].get("cached_blocks") == 0 for n, i in snapshot(pipeline)["instances"].items()
+                           if n in ("prefill-0", "decode-0")), what="every cache empty")
+    assert client.completions.create(**kwargs).usage.prompt_tokens_details.cached_tokens == 0
+    assert "pdpipe_prefix_cache_blocks" in httpx.get(f"{base}/metrics").text

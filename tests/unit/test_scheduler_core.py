@@ -624,3 +624,14 @@ def test_an_instance_whose_ranks_all_fall_silent_at_once_rejoins_when_they_beat_
     core.handle(Heartbeat(instance="decode-0.rank1", role="decode"))
     report(core, "decode-0")
     assert not core.snapshot()["down"] and core.snapshot()["serving"] == ["decode-0", "decode-1"]
+
+
+def test_queues_shows_each_instances_cached_blocks_and_hit_rate():
+    from pdpipe.inspect import format_queues
+
+    core, _ = make()
+    report(core, "decode-0", "decode", cached_blocks=12, prefix_query_tokens=400, prefix_hit_tokens=300)
+    lines = format_queues(core.snapshot()).splitlines()
+    head, row = lines[1], next(line for line in lines if line.startswith("decode-0"))
+    cached, hit = head.index("cached"), head.index(" hit ") + 1
+    assert row[cached:].split()[0] == "12" and row[hit:].split()[0] == "75%"
