@@ -129,13 +129,16 @@ class Reserved(Msg, frozen=True):  # decode → scheduler; block_ids None when t
     instance: str
     block_ids: list[int] | None
     free_blocks: int
+    cached_blocks: int = 0  # leading prompt blocks whose KV decode's prefix cache held: they do not move
+    blocks_taken: int = 0  # free blocks the reservation took (0: not said)
 
 
 class DecodeBlocks(Msg, frozen=True):  # decode → transfer: where the prompt's KV goes (the job may not exist yet)
     request_id: str
     instance: str
-    block_ids: list[int]
+    block_ids: list[int]  # for the prompt's blocks after the first `skip`
     pool: str = ""  # a data-parallel rank's pool ("instance@rank"; the ids then its own); empty: the instance's
+    skip: int = 0  # leading prompt blocks decode already holds (its prefix cache): not moved
 
 
 class Prefill(Msg, frozen=True):  # scheduler → prefill (decode_instance named; its blocks reach the transfer
@@ -257,6 +260,8 @@ class InstanceStats(Msg, frozen=True):  # every process → scheduler, a few tim
     cached_blocks: int = 0  # blocks the prefix cache holds (in use or free: free_blocks counts those free)
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_hit_tokens: int = 0  # of them, found there (their KV reused, not computed)
+    blocks_sent: int = 0  # transfer: prompt blocks moved prefill → decode, since start
+    blocks_skipped: int = 0  # transfer: prompt blocks not moved, decode's prefix cache holding them
 
 
 class Ready(Msg, frozen=True):  # every process → launcher, once it can serve

@@ -93,7 +93,7 @@ class SnapshotTotals:
     def __init__(self):
         self.snapshot: dict | None = None
 
-    def collect(self):
+    def collect(self) -> list[CounterMetricFamily]:
         snap = self.snapshot or {}
         queries = CounterMetricFamily("pdpipe_prefix_cache_queries_tokens", "Prompt tokens looked up in the "
                                       "prefix cache", labels=["instance", "tier"])

@@ -11,13 +11,13 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from pdpipe.config import EngineConfig
 from pdpipe.demo import resolve_model
-from pdpipe.kv_hash import root_hash
+from pdpipe.kv_hash import block_hashes, reusable_blocks, root_hash
 from pdpipe.messages import EngineOutput, SamplingParams
 from pdpipe.models.loader import load_model
 from pdpipe.models.parallel import TensorParallel
@@ -50,6 +50,15 @@ def _placed(config: EngineConfig, tp: TensorParallel | None) -> tuple[EngineConf
 
 class RequestError(ValueError):
     """A request the engine cannot take, naming the field at fault."""
+
+
+@dataclass
+class Reservation:
+    """Blocks held for a prompt whose KV comes from another engine, and room for its output."""
+
+    blocks: list[int]
+    cached: int  # its leading blocks whose KV this engine's prefix cache already held: nothing comes for them
+    taken: int  # free blocks it took (fewer than its blocks where cached ones were in use by others)
 
 
 class LLMEngine:
@@ -212,16 +221,26 @@ class LLMEngine:
     def release_kv(self, request_id: str) -> bool:
         return self.scheduler.release_held(request_id)
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+    def reserve(self, request_id: str, num_tokens: int, prompt_token_ids: list[int] | tuple[()] = (),
+                cache_salt: str = "") -> Reservation | None:
         """Blocks for `num_tokens` of KV (a prompt computed elsewhere, and room for its output); None when
-        they are not free."""
+        they are not free. The prompt's leading blocks already in the prefix cache are taken from it
+        (`cached_blocks` says how many): their KV need not come."""
         if request_id in self._reserved or self.scheduler.find(request_id) is not None:
             raise RequestError(f"request_id: {request_id!r} already holds blocks here")
-        need = self.blocks.blocks_for(num_tokens)
-        if not self.blocks.can_allocate(need):
+        root = self.cache_root(cache_salt) if prompt_token_ids else None
+        hit: list[int] = []
+        if root is not None:
+            bs = self.blocks.block_size
+            hit = self.blocks.match(block_hashes(prompt_token_ids, bs, root),
+                                    reusable_blocks(len(prompt_token_ids), bs, computes_last=False))
+        need = self.blocks.blocks_for(num_tokens) - len(hit)
+        if not self.blocks.can_allocate(need, hit):
             return None
-        self._reserved[request_id] = self.blocks.allocate(need)
-        return list(self._reserved[request_id])
+        free_before = self.blocks.num_free_blocks
+        self.blocks.share(hit)
+        self._reserved[request_id] = hit + self.blocks.allocate(need, self.blocks.partition_of(hit[0]) if hit else None)
+        return Reservation(list(self._reserved[request_id]), len(hit), free_before - self.blocks.num_free_blocks)
 
     @property
     def reserved(self) -> list[str]:

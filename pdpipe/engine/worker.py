@@ -119,19 +119,23 @@ class EngineWorker(Handler):
         self.queued_prompt_tokens += len(msg.prompt_token_ids)
 
     def _on_Reserve(self, msg: Reserve) -> None:
-        blocks = None
+        held = None
         prompt_len = len(msg.prompt_token_ids)
         if msg.request_id not in self._tombstones:
-            blocks = self.engine.reserve(msg.request_id, max(msg.num_tokens, prompt_len))
-        if blocks is not None:
+            held = self.engine.reserve(msg.request_id, max(msg.num_tokens, prompt_len), msg.prompt_token_ids,
+                                       msg.cache_salt)
+        if held is not None:
             self._pending[msg.request_id] = msg
-            # the prompt's blocks to the transfer that writes them (the rest is room for the output);
-            # the prefill engine got the prompt from the scheduler at the same time as this Reserve
-            pool, ids = self._in_pool(blocks[:self.engine.blocks.blocks_for(prompt_len)])
-            self.send(msg.transfer, DecodeBlocks(request_id=msg.request_id, instance=self.name, block_ids=ids,
-                                                 pool=pool))
-        self.send(SCHEDULER, Reserved(request_id=msg.request_id, instance=self.name, block_ids=blocks,
-                                      free_blocks=self.engine.blocks.num_free_blocks))
+            # the prompt's blocks to the transfer that writes them (the rest is room for the output), but
+            # for those whose KV the prefix cache held here; the prefill engine got the prompt from the
+            # scheduler at the same time as this Reserve
+            pool, ids = self._in_pool(held.blocks[:self.engine.blocks.blocks_for(prompt_len)])
+            self.send(msg.transfer, DecodeBlocks(request_id=msg.request_id, instance=self.name,
+                                                 block_ids=ids[held.cached:], pool=pool, skip=held.cached))
+        self.send(SCHEDULER, Reserved(request_id=msg.request_id, instance=self.name,
+                                      block_ids=held.blocks if held else None,
+                                      free_blocks=self.engine.blocks.num_free_blocks,
+                                      cached_blocks=held.cached if held else 0, blocks_taken=held.taken if held else 0))
 
     def _on_KVLanded(self, msg: KVLanded) -> None:
         reserve = self._pending.pop(msg.request_id, None)

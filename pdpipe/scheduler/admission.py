@@ -54,6 +54,11 @@ class DecodeLedger:
     def __init__(self) -> None:
         self.rooms: dict[str, DecodeRoom] = {}
         self.commitments: dict[str, tuple[str, int]] = {}  # request id → (decode, tokens)
+        self.settled: dict[str, int] = {}  # request id → the blocks its reservation took, where decode said
+
+    def _blocks(self, request_id: str) -> int:
+        decode, num_tokens = self.commitments[request_id]
+        return self.settled.get(request_id, self.room(decode).blocks_for(num_tokens))
 
     def room(self, decode: str) -> DecodeRoom:
         return self.rooms.setdefault(decode, DecodeRoom())
@@ -67,7 +72,7 @@ class DecodeLedger:
         room.num_blocks, room.block_size = stats.num_blocks, stats.block_size or room.block_size or 1
         room.pool_blocks = stats.pool_blocks or stats.num_blocks
         room.max_num_seqs = stats.max_num_seqs
-        room.blocks = sum(room.blocks_for(n) for d, n in self.commitments.values() if d == stats.instance)
+        room.blocks = sum(self._blocks(rid) for rid, (d, _) in self.commitments.items() if d == stats.instance)
         if opened:
             room.blocked = False
         return opened
@@ -84,13 +89,25 @@ class DecodeLedger:
         held = self.commitments.get(request_id)
         if held is None or (instance and held[0] != instance):
             return None
-        del self.commitments[request_id]
-        decode, num_tokens = held
+        decode = held[0]
         room = self.room(decode)
-        room.blocks -= room.blocks_for(num_tokens)
+        room.blocks -= self._blocks(request_id)
+        del self.commitments[request_id]
+        self.settled.pop(request_id, None)
         room.seqs -= 1
         room.blocked = False
         return decode
+
+    def settle(self, request_id: str, blocks: int) -> bool:
+        """Decode reserved the request's room taking `blocks` free blocks (fewer than the room's count where
+        it already held part of the prompt's KV): the rest is free again. Returns whether room opened."""
+        held = self.commitments.get(request_id)
+        if held is None:
+            return False
+        before = self._blocks(request_id)
+        self.settled[request_id] = blocks
+        self.room(held[0]).blocks -= before - blocks
+        return blocks < before
 
     def refused(self, request_id: str) -> None:
         held = self.commitments.get(request_id)
@@ -102,6 +119,7 @@ class DecodeLedger:
         self.rooms.pop(decode, None)
         for rid in [r for r, (d, _) in self.commitments.items() if d == decode]:
             del self.commitments[rid]
+            self.settled.pop(rid, None)
 
     def never_fits(self, decodes: list[str], num_tokens: int) -> bool:
         rooms = [self.room(d) for d in decodes]

@@ -54,14 +54,22 @@ class TransferJob:
     # `instance@rank` (the block ids then that pool's own)
     src_pool: str = ""
     dst_pool: str = ""
+    dst_known: bool = False  # decode's blocks are known (none at all where its cache held the whole prompt)
+    skipped: int = 0  # leading prompt blocks decode held already: not moved
 
     def __post_init__(self) -> None:
         self.src_pool = self.src_pool or self.src_instance
         self.dst_pool = self.dst_pool or self.dst_instance
+        self.dst_known = self.dst_known or bool(self.dst_block_ids)
 
     @property
     def has_destination(self) -> bool:
-        return bool(self.dst_block_ids)
+        return self.dst_known
+
+    @property
+    def moves_nothing(self) -> bool:
+        """Decode's cache held every block of the prompt: no copy, the job lands once prefill is done."""
+        return self.dst_known and not self.src_block_ids
 
 
 def head_copy_plan(src: dict[int, list[int]], dst: dict[int, list[int]]) -> list[tuple[int, slice, int, slice]]:

@@ -61,6 +61,8 @@ class TransferWorker(Handler):
         self._tombstones = Tombstones()  # aborted: late messages move nothing
         self.bytes_moved = 0
         self.seconds_moving = 0.0
+        self.blocks_sent = 0  # prompt blocks handed to the backend, since start
+        self.blocks_skipped = 0  # prompt blocks decode held already, not moved
 
     def handle(self, msg: Msg | EngineOutput) -> None:
         log.debug("%s: %s %s", self.name, type(msg).__name__,
@@ -123,6 +125,13 @@ class TransferWorker(Handler):
         """Decode's blocks are known: the layers computed meanwhile move now, in one batch."""
         self._know_pool(msg.pool or msg.instance)
         job.dst_instance, job.dst_pool, job.dst_block_ids = msg.instance, msg.pool or msg.instance, list(msg.block_ids)
+        job.src_block_ids, job.skipped, job.dst_known = job.src_block_ids[msg.skip:], msg.skip, True
+        self.blocks_sent += len(job.src_block_ids)
+        self.blocks_skipped += msg.skip
+        if job.moves_nothing:
+            job.layers_sent.update(range(self.num_layers))
+            job.first_layer_at = job.last_layer_at = self.clock()
+            self._event(job.request_id, State.TRANSFERRING, f"decode holds all {msg.skip} blocks: nothing moves")
         if job.layers_ready:
             last = max(job.layers_ready)
             self._send_layers([job], 0, last + 1)  # layers finish in order: 0 … last are all ready
@@ -159,6 +168,7 @@ class TransferWorker(Handler):
     def _send_layers(self, jobs: list[TransferJob], first: int, count: int) -> None:
         """One batched send for the layers; if it fails, job by job and layer by layer, so the error
         lands on its own job."""
+        jobs = [job for job in jobs if not job.moves_nothing]
         if not jobs:
             return
         layers = range(first, first + count)
@@ -211,6 +221,8 @@ class TransferWorker(Handler):
             return TransferState.FAILED
         if not job.has_destination:  # decode's blocks (and so the pool they are in) not known yet
             return TransferState.PENDING
+        if job.moves_nothing:
+            return TransferState.DONE
         try:
             return self.backend.poll(job)
         except Exception as exc:  # noqa: BLE001 — the job's failure, not the process's
@@ -219,6 +231,8 @@ class TransferWorker(Handler):
 
     def _in_flight(self, job: TransferJob) -> bool:
         """Copies of the job still writing (a failed job's earlier layers may still be landing)."""
+        if job.moves_nothing:
+            return False
         try:
             return self.backend.poll(job) is TransferState.PENDING
         except Exception:  # noqa: BLE001 — a backend that cannot say has nothing it can finish
@@ -269,7 +283,8 @@ class TransferWorker(Handler):
                              transfers_in_flight=len(self.jobs),
                              bytes_in_flight=sum(self.backend.job_bytes(j) - j.bytes_moved
                                                  for j in self.jobs.values()),
-                             bytes_moved=self.bytes_moved, seconds_moving=self.seconds_moving)
+                             bytes_moved=self.bytes_moved, seconds_moving=self.seconds_moving,
+                             blocks_sent=self.blocks_sent, blocks_skipped=self.blocks_skipped)
 
     def step(self) -> None:
         self.poll()

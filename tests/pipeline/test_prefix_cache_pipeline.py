@@ -52,3 +52,52 @@ def test_the_landed_prompt_is_cached_on_decode_and_salts_keep_requests_apart(mod
     pipe.run()
     assert pipe.cached_tokens("b") == 48 and pipe.cached_tokens("c") == 0 and pipe.tokens("b") == pipe.tokens("c")
     assert pipe.leak_free()
+
+
+def serve_one(pipe: LocalPipeline, rid: str, prompt: list[int]) -> list[int]:
+    pipe.submit(rid, prompt, REPLY)
+    pipe.run()
+    return pipe.tokens(rid)
+
+
+def test_decode_holding_the_prompt_moves_only_the_blocks_it_lacks(model_dir):
+    """A prompt whose first 8 blocks landed on decode before: decode reserves them from its cache, the
+    transfer moves only the other 3, and the tokens are those without any cache. A prompt decode holds
+    whole moves nothing at all and still gets its first token from prefill."""
+    prompt = make_prompts(384, lengths=(70,), seed=24)[0]
+    longer = prompt[:64] + make_prompts(384, lengths=(20,), seed=25)[0]
+    plain = LocalPipeline(model_dir("llama"), PD, prefix_caching=False)
+    expected = [serve_one(plain, r, p) for r, p in (("a", prompt), ("b", longer), ("c", prompt[:64]))]
+    pipe = LocalPipeline(model_dir("llama"), PD)
+    assert serve_one(pipe, "a", prompt) == expected[0]
+    xfer = pipe.transfer
+    assert (xfer.blocks_sent, xfer.blocks_skipped) == (9, 0)
+    assert serve_one(pipe, "b", longer) == expected[1]  # 84 tokens: 11 blocks, the first 8 held by decode
+    assert (xfer.blocks_sent, xfer.blocks_skipped) == (9 + 3, 8)
+    assert serve_one(pipe, "c", prompt[:64]) == expected[2]  # 8 blocks, all held by decode
+    assert (xfer.blocks_sent, xfer.blocks_skipped) == (12, 16)
+    reserved = [d for _, s, _, d in pipe.scheduler.recent["c"].events if s == "RESERVED"]
+    assert reserved and "8 of them cached there" in reserved[0]
+    assert plain.transfer.blocks_sent == 9 + 11 + 8 and pipe.leak_free() and plain.leak_free()
+
+
+def test_an_abort_mid_prompt_leaves_the_requests_sharing_its_blocks_whole(model_dir):
+    """Two requests share a cached 48-token prefix on the prefill instance; one is aborted while its
+    suffix is computed in chunks: the other completes with its cache-off tokens and every block returns."""
+    from pdpipe.messages import AbortRequest
+
+    head = make_prompts(384, lengths=(48,), seed=26)[0]
+    a, b = (head + tail for tail in make_prompts(384, lengths=(60, 60), seed=27))
+    plain = LocalPipeline(model_dir("llama"), PD, prefix_caching=False, max_num_batched_tokens=16)
+    expected = serve_one(plain, "b", b)
+    pipe = LocalPipeline(model_dir("llama"), PD, max_num_batched_tokens=16)
+    serve_one(pipe, "seed", head + [1])  # the prefix enters both caches
+    pipe.submit("a", a, REPLY)
+    pipe.submit("b", b, REPLY)
+    for _ in range(3):  # a few 16-token steps: both mid-prompt
+        pipe.deliver()
+        pipe.step("prefill-0")
+    pipe.send("scheduler", AbortRequest(request_id="a", reason="client gone"))
+    pipe.run()
+    assert pipe.tokens("b") == expected and pipe.cached_tokens("b") == 48 and pipe.finish_reason("a") is None
+    assert pipe.leak_free()

@@ -181,7 +181,7 @@ def test_kv_moved_between_engines_continues_identically(model_dir, arch):
     prefill, decode = make_engine(model_dir(arch), block_size=8), make_engine(model_dir(arch), block_size=8)
     decode.add_request("busy", make_prompts(384, lengths=(5,), seed=9)[0], GREEDY)  # blocks 0.. in use
     decode.step()
-    dst = decode.reserve("r", len(prompt))
+    dst = decode.reserve("r", len(prompt)).blocks
     prefill.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0.0), hold_kv=True)
     (first,) = prefill.step()
     src = prefill.kv_blocks("r")
