@@ -155,6 +155,14 @@ class RoutingConfig:
     reserve_output_share: float = field(default=1.0, metadata={
         "help": "share of max_tokens a decode reservation holds beyond the prompt (1: all of it, so "
                 "decode does not preempt)"})
+    cache_aware: bool = field(default=True, metadata={
+        "help": "route by the engines' prefix caches: a request goes to the decode instance holding most of its "
+                "prompt (unless that instance is far busier than the rest), its prompt to the prefill instance "
+                "with the least to compute before it, and a follow-up whose uncached suffix is at most "
+                "local_prompt_tokens is computed on the decode instance holding its history"})
+    kv_events_endpoint: str = field(default="", metadata={
+        "help": "also publish every engine's KV events (vLLM's KVEventBatch, ZeroMQ PUB) at this tcp address, "
+                "e.g. tcp://*:5557, for external routers (always published at ipc://<run dir>/kv-events.sock)"})
     reserve_output_max: int = field(default=1024, metadata={
         "help": "most output tokens a reservation holds: clients that leave max_tokens unset are given the "
                 "whole context, and holding all of it would admit few requests; a longer output grows "
@@ -170,6 +178,9 @@ class RoutingConfig:
                 raise ValueError(f"routing.{name}: must be >= 0, got {getattr(self, name)}")
         if self.local_step_tokens < 1:
             raise ValueError(f"routing.local_step_tokens: must be >= 1, got {self.local_step_tokens}")
+        if self.kv_events_endpoint and not self.kv_events_endpoint.startswith("tcp://"):
+            raise ValueError(f"routing.kv_events_endpoint: {self.kv_events_endpoint!r}; give a tcp:// address, "
+                             "e.g. tcp://*:5557")
 
     def output_room(self, max_tokens: int) -> int:
         """Output tokens a reservation holds on decode for a request asking for `max_tokens`."""

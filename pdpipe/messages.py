@@ -302,6 +302,11 @@ class Shutdown(Msg, frozen=True):
     reason: str = ""
 
 
+class KVEvents(Msg, frozen=True):  # engine → scheduler: its prefix cache's changes, as kv_events.KVEventBatch
+    instance: str  # payloads (msgpack), one a data-parallel rank with changes; the scheduler indexes and
+    batches: list[bytes]  # republishes them
+
+
 class ResetPrefixCache(Msg, frozen=True):  # scheduler → engines (POST /reset_prefix_cache): forget every cached block
     pass
 
@@ -335,7 +340,7 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI /
 Message = (NewRequest | AbortRequest | Reserve | Reserved | DecodeBlocks | Prefill | TransferStart | LayersReady
            | PrefillDone | KVLanded | TransferDone | Free | Freed | AbortTransfer | StateEvent | InstanceStats
            | Ready | PoolInfo | Forward | Pause | Shutdown | ProcessDown | ProcessUp | DropAll | Heartbeat
-           | ResetPrefixCache
+           | ResetPrefixCache | KVEvents
            | EngineOutput)
 
 _encoder = msgspec.msgpack.Encoder()

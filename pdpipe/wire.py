@@ -159,6 +159,11 @@ class RunPaths:
         return f"ipc://{self.run_dir / 'control.sock'}"
 
     @property
+    def kv_events(self) -> str:
+        """Where the scheduler publishes every engine's KV events (ZeroMQ PUB; kv_events)."""
+        return f"ipc://{self.run_dir / 'kv-events.sock'}"
+
+    @property
     def live_link(self) -> Path:
         return LIVE_DIR / self.tag
 

@@ -90,7 +90,7 @@ class ApiMetrics:
 class SnapshotTotals:
     """The processes' running totals in the latest snapshot, as counters."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.snapshot: dict | None = None
 
     def collect(self) -> list[CounterMetricFamily]:

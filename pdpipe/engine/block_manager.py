@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
+from pdpipe.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
 
 class BlockError(RuntimeError):
     """A misuse of the block manager: freeing a free block, allocating more than is free."""
@@ -37,6 +39,8 @@ class BlockManager:
         self._by_hash: list[dict[bytes, int]] = [{} for _ in range(partitions)]
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._ref_counts = [0] * num_blocks
+        self.record_events = False  # an engine process takes them (take_events) for the scheduler's index
+        self._events: list[tuple[int, KVEvent]] = []  # (partition, event), in order, until taken
 
     # ---- counts --------------------------------------------------------------------------------
     @property
@@ -156,21 +160,46 @@ class BlockManager:
                 best = found
         return best
 
-    def register(self, block: int, block_hash: bytes) -> None:
-        """`block` (held) now holds the KV its hash names. A block already cached under that hash stays the
-        one found (two requests that computed one prefix at once: the later copy is freed as usual)."""
+    def register(self, block: int, block_hash: bytes, parent: bytes | None = None,
+                 token_ids: Sequence[int] = ()) -> None:
+        """`block` (held) now holds the KV its hash names (`parent`: the previous block's hash, None for a
+        first block; `token_ids`: the block's tokens, for the event). A block already cached under that hash
+        stays the one found (two requests that computed one prefix at once: the later copy is freed as
+        usual)."""
         if not self.caching or self._hash_of[block] is not None:
             return
-        index = self._by_hash[self.partition_of(block)]
-        if block_hash not in index:
-            index[block_hash] = block
-            self._hash_of[block] = block_hash
+        p = self.partition_of(block)
+        if block_hash in self._by_hash[p]:
+            return
+        self._by_hash[p][block_hash] = block
+        self._hash_of[block] = block_hash
+        if not self.record_events:
+            return
+        last = self._events[-1] if self._events else None
+        if last and last[0] == p and isinstance(last[1], BlockStored) and last[1].block_hashes[-1] == parent:
+            last[1].block_hashes.append(block_hash)  # the next block of the same chain: one event
+            last[1].token_ids.extend(token_ids)
+        else:
+            self._events.append((p, BlockStored([block_hash], parent, list(token_ids), self.block_size)))
 
     def _forget(self, block: int) -> None:
         block_hash = self._hash_of[block]
         if block_hash is not None:
-            del self._by_hash[self.partition_of(block)][block_hash]
+            p = self.partition_of(block)
+            del self._by_hash[p][block_hash]
             self._hash_of[block] = None
+            if not self.record_events:
+                return
+            last = self._events[-1] if self._events else None
+            if last and last[0] == p and isinstance(last[1], BlockRemoved):
+                last[1].block_hashes.append(block_hash)
+            else:
+                self._events.append((p, BlockRemoved([block_hash])))
+
+    def take_events(self) -> list[tuple[int, KVEvent]]:
+        """The cache's changes since the last call, (partition, event) in order."""
+        events, self._events = self._events, []
+        return events
 
     def reset_cache(self) -> int:
         """Forgets every cached block (held ones are kept by their requests, but no longer found); returns
@@ -180,6 +209,8 @@ class BlockManager:
             self._free[p].extend(evictable)
             evictable.clear()
             self._by_hash[p].clear()
+            if self.caching and self.record_events:
+                self._events.append((p, AllBlocksCleared()))
         self._hash_of = [None] * self.num_blocks
         return cached
 

@@ -185,9 +185,11 @@ class Scheduler:
         full = seq.num_computed_tokens // self.blocks.block_size
         if seq.num_registered >= full or seq.cache_root is None:
             return
-        hashes = seq.block_hashes(self.blocks.block_size)
+        bs = self.blocks.block_size
+        hashes = seq.block_hashes(bs)
         for i in range(seq.num_registered, full):
-            self.blocks.register(seq.block_table[i], hashes[i])
+            self.blocks.register(seq.block_table[i], hashes[i], hashes[i - 1] if i else None,
+                                 seq.token_ids[i * bs:(i + 1) * bs])
         seq.num_registered = full
 
     def _preempt(self, seq: Sequence) -> None:

@@ -21,6 +21,7 @@ from msgspec.structs import replace
 
 from pdpipe import gpus
 from pdpipe.gpus import GpuFigures
+from pdpipe.kv_events import KVEventBatch, encode_batch
 from pdpipe.messages import (
     DecodeBlocks,
     DropAll,
@@ -29,6 +30,7 @@ from pdpipe.messages import (
     Freed,
     Handler,
     InstanceStats,
+    KVEvents,
     KVLanded,
     LayersReady,
     Msg,
@@ -88,6 +90,7 @@ class EngineWorker(Handler):
         # completed. The transfer's copy of layer k then runs while the GPU computes layers k+1…, and
         # this thread never waits for the GPU.
         self._fence_layers = role == "prefill" and engine.kv_cache.data.is_cuda
+        engine.blocks.record_events = engine.blocks.caching  # for the scheduler's cache index
 
     # ---- inbox -----------------------------------------------------------------------------
     def handle(self, msg: Msg | EngineOutput) -> None:
@@ -202,6 +205,20 @@ class EngineWorker(Handler):
             log.info("%s: a step took %.0f ms (%d prompt tokens; %d running, %d waiting)", self.name,
                      seconds * 1e3, self._step_prompt_tokens, len(sched.running), len(sched.waiting))
         self._deliver(outputs)
+        self._send_kv_events()
+
+    def _send_kv_events(self) -> None:
+        """The prefix cache's changes since the last call, to the scheduler (one batch a rank)."""
+        events = self.engine.blocks.take_events()
+        if not events:
+            return
+        by_rank: dict[int, list] = {}
+        for rank, event in events:
+            by_rank.setdefault(rank, []).append(event)
+        now = self.clock()
+        self.send(SCHEDULER, KVEvents(instance=self.name, batches=[
+            encode_batch(KVEventBatch(now, batch, rank if self.engine.data_parallel else None))
+            for rank, batch in by_rank.items()]))
 
     def fail_all(self, reason: str) -> None:
         """A step blew up: every request this engine runs or queues fails with `reason` (the scheduler
@@ -318,6 +335,7 @@ class EngineWorker(Handler):
         return self._gpu[1]
 
     def stats(self, inbox_depth: int = 0) -> InstanceStats:
+        self._send_kv_events()  # what changed outside a step (a landed prompt's blocks, a reset)
         sched = self.engine.scheduler
         gpu = self._gpu_figures()
         return InstanceStats(instance=self.name, role=self.role, time=self.clock(),

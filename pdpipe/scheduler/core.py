@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 from pdpipe.config import DeadlineConfig, RoutingConfig, transfer_name
+from pdpipe.kv_events import decode_batch
+from pdpipe.kv_hash import block_hashes, reusable_blocks
 from pdpipe.messages import (
     AbortRequest,
     AbortTransfer,
@@ -30,6 +32,7 @@ from pdpipe.messages import (
     Handler,
     Heartbeat,
     InstanceStats,
+    KVEvents,
     Msg,
     NewRequest,
     Prefill,
@@ -42,12 +45,21 @@ from pdpipe.messages import (
 )
 
 from .admission import AdmissionQueue, DecodeLedger
+from .cache_index import CacheIndex
 from .liveness import Liveness
 
 STATES = tuple(State)
 ENDED = (State.FINISHED, State.ABORTED, State.FAILED)
 STAGE = {state: i for i, state in enumerate(STATES[:5])}  # an ended state outranks them all
 Send = Callable[[str, Msg | EngineOutput], None]
+
+
+@dataclass(frozen=True)
+class CacheKeys:
+    """How the engines hash prompts (kv_hash): the root of a request's chain for a salt, and the block size."""
+
+    root: Callable[[str], bytes]
+    block_size: int
 
 
 @dataclass
@@ -62,6 +74,8 @@ class RequestRecord:
     whole: str = ""  # the instance computing prompt and output: mixed, decode (local) or prefill (decode busy)
     reserving: str = ""  # decode instance asked, no answer yet
     prefill_done: bool = False
+    prefill_tokens: int = 0  # what its prompt costs the instance computing it (uncached tokens)
+    hashes: list[bytes] | None = None  # its prompt's block hashes, once routing by cache needed them
     events: list[tuple[float, str, str, str]] = field(default_factory=list)  # time, state, instance, detail
 
     @property
@@ -78,7 +92,10 @@ class SchedulerCore(Handler):
 
     def __init__(self, instances: dict[str, str], deadlines: DeadlineConfig, send: Send, clock=time.time,
                  history: int = 2000, machines: dict[str, str] | None = None,
-                 routing: RoutingConfig = RoutingConfig()):
+                 routing: RoutingConfig = RoutingConfig(), cache: CacheKeys | None = None,
+                 publish: Callable[[str, bytes], None] | None = None):
+        """`cache`: how prompts hash, for routing by the engines' caches (None: not routed by cache);
+        `publish(instance, payload)`: republishes each engine's KV event batches (external routers)."""
         self.roles = dict(instances)  # instance name → role (prefill | decode | mixed)
         self.machines = dict(machines or {})  # instance name → machine ("" on a single machine)
         self.deadlines, self.routing = deadlines, routing
@@ -94,6 +111,10 @@ class SchedulerCore(Handler):
         self.ledger = DecodeLedger()
         self.decisions: Counter[str] = Counter()  # where prompts were computed: remote, local
         self.liveness = Liveness(deadlines.heartbeat, clock)  # who beats, who is down or frozen, who is ready
+        self.index = CacheIndex()  # which instance caches which blocks (the engines' KV events)
+        self.liveness.listeners.append(self.index.forget)
+        self.cache = cache if routing.cache_aware else None
+        self.publish = publish
         self._numbers = itertools.count()
 
     def of_role(self, role: str) -> list[str]:
@@ -188,6 +209,14 @@ class SchedulerCore(Handler):
         if self.ledger.release(msg.request_id, msg.instance):
             self._pump()
 
+    def _on_KVEvents(self, msg: KVEvents) -> None:
+        if self.liveness.is_down(msg.instance):
+            return  # the last words of an instance whose cache is forgotten
+        for payload in msg.batches:
+            self.index.apply(msg.instance, decode_batch(payload))
+            if self.publish is not None:
+                self.publish(msg.instance, payload)
+
     def _on_Heartbeat(self, msg: Heartbeat) -> None:
         self._heard(msg.instance)
 
@@ -207,7 +236,7 @@ class SchedulerCore(Handler):
         if self.of_role("decode"):
             self._enqueue(rec)
         elif self.of_role("mixed"):
-            rec.whole = min(self.of_role("mixed"), key=self._prefill_load)
+            rec.whole = min(self.of_role("mixed"), key=lambda m: self._prefill_load(m, rec))
             self._send_prefill(rec, rec.whole)
         else:
             self._end(rec, State.FAILED, "scheduler", "no decode or mixed instance is serving")
@@ -223,7 +252,7 @@ class SchedulerCore(Handler):
             rec = self.live[rid]
             room = self._room_tokens(rec)
             decodes = self.of_role("decode")
-            decode = self.ledger.best(decodes, room)
+            decode = self._best_decode(rec, decodes, room)
             whole = self._whole_on_prefill(rec, room, decode)
             if decode is None and whole is None:
                 if self.ledger.never_fits(decodes, room):  # it would hold up the queue for good
@@ -268,7 +297,7 @@ class SchedulerCore(Handler):
             if s is None or s.step_seconds * 1e3 <= limit:
                 return None
         prefills = [p for p in self.of_role("prefill") if self.ledger.room(p).fits(room)]
-        return min(prefills, key=self._prefill_load) if prefills else None
+        return min(prefills, key=lambda p: self._prefill_load(p, rec)) if prefills else None
 
     def _room_tokens(self, rec: RequestRecord) -> int:
         return rec.num_prompt_tokens + self.routing.output_room(rec.request.params.max_tokens)
@@ -286,9 +315,13 @@ class SchedulerCore(Handler):
             return False, "always disaggregated"
         if n <= self.routing.local_prompt_tokens:
             return True, f"{n} tokens <= {self.routing.local_prompt_tokens}"
+        held = self._hit_tokens(rec, decode, computes_last=True)
+        if held and n - held <= self.routing.local_prompt_tokens:  # a follow-up turn: decode holds its history
+            return True, f"{decode} holds {held} of its {n} tokens: {n - held} to compute <= " \
+                         f"{self.routing.local_prompt_tokens}"
         if not self.routing.local_on_backlog:
             return False, ""
-        prefill = min(prefills, key=self._prefill_load)
+        prefill = min(prefills, key=lambda p: self._prefill_load(p, rec))
         wait = self._queue_seconds(prefill)
         local = self._local_prefill_seconds(decode, n)
         if local < wait:
@@ -320,7 +353,7 @@ class SchedulerCore(Handler):
         self.ledger.commit(rec.request_id, decode, room)
         first = not rec.prefill
         if first:
-            rec.prefill = min(self.of_role("prefill"), key=self._prefill_load)
+            rec.prefill = min(self.of_role("prefill"), key=lambda p: self._prefill_load(p, rec))
             self.decisions["remote"] += 1
         self._record(rec, State.QUEUED, "scheduler", f"reserve on {decode}, prefill on {rec.prefill}"
                      + (f" ({why})" if why else ""))
@@ -329,13 +362,43 @@ class SchedulerCore(Handler):
         if first:
             self._send_prefill(rec, rec.prefill, decode)
 
-    def _prefill_load(self, name: str) -> int:
-        return self.outstanding_tokens[name]
+    def _prefill_load(self, name: str, rec: RequestRecord) -> int:
+        """Prompt tokens `name` computes before `rec`'s is done: those it has not finished and the part
+        of `rec`'s its cache does not hold."""
+        return self.outstanding_tokens[name] + rec.num_prompt_tokens - self._hit_tokens(rec, name, computes_last=True)
+
+    def _hit_tokens(self, rec: RequestRecord, instance: str, computes_last: bool) -> int:
+        """Leading prompt tokens of `rec` whose KV `instance`'s cache holds (by its KV events) and it may
+        reuse (one computing the prompt keeps its last token to compute); 0 when not routing by cache."""
+        if self.cache is None:
+            return 0
+        bs = self.cache.block_size
+        if rec.hashes is None:
+            rec.hashes = block_hashes(rec.request.prompt_token_ids, bs, self.cache.root(rec.request.cache_salt))
+        return bs * self.index.hit_blocks(instance, rec.hashes, reusable_blocks(rec.num_prompt_tokens, bs,
+                                                                                computes_last))
+
+    def _best_decode(self, rec: RequestRecord, decodes: list[str], room: int) -> str | None:
+        """The decode instance to hold the request: of those with room, the one whose cache holds most of
+        its prompt (its KV need not move, nor its blocks be taken), unless that one runs far more requests
+        than the least busy (by over 64, and 1.5 times: one hot prefix must not pile every request onto one
+        instance); then, and without a hit, the one with most room."""
+        fallback = self.ledger.best(decodes, room)
+        if fallback is None or self.cache is None:
+            return fallback
+        fitting = [d for d in decodes if self.ledger.room(d).fits(room)]
+        hits = {d: self._hit_tokens(rec, d, computes_last=False) for d in fitting}
+        best = max(fitting, key=lambda d: (hits[d], self.ledger.room(d).free_blocks, -self.ledger.room(d).seqs))
+        busiest, idlest = self.ledger.room(best).seqs, min(self.ledger.room(d).seqs for d in fitting)
+        if not hits[best] or (busiest - idlest > 64 and busiest > 1.5 * idlest):
+            return fallback
+        return best
 
     def _send_prefill(self, rec: RequestRecord, instance: str, decode: str = "") -> None:
         """The prompt to `instance`: for `decode` to continue, or (none named) to run whole there."""
         self.routed[instance] += 1
-        self.outstanding_tokens[instance] += rec.num_prompt_tokens
+        rec.prefill_tokens = rec.num_prompt_tokens - self._hit_tokens(rec, instance, computes_last=True)
+        self.outstanding_tokens[instance] += rec.prefill_tokens
         r = rec.request
         self.send(instance, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
                                     params=r.params, decode_instance=decode, cache_salt=r.cache_salt))
@@ -374,7 +437,7 @@ class SchedulerCore(Handler):
     def _prefill_finished(self, rec: RequestRecord) -> None:
         name = rec.prefill or rec.whole
         if name and not rec.prefill_done:
-            self.outstanding_tokens[name] -= len(rec.request.prompt_token_ids)
+            self.outstanding_tokens[name] -= rec.prefill_tokens
             rec.prefill_done = True
 
     def _record(self, rec: RequestRecord, state: State, instance: str, detail: str,

@@ -3,15 +3,21 @@ events, requests, stats) and its control calls (`pdpipe queues`, `pdpipe trace`,
 the front-end's /metrics) go to the core; every TICK the registry's view and the deadlines."""
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 
+import zmq
+
 from pdpipe.cluster import Registry
+from pdpipe.demo import resolve_model
+from pdpipe.kv_hash import root_hash
 from pdpipe.loop import Idle, ProcessBase, run_worker_loop
 from pdpipe.messages import ControlRequest, Pause, ResetPrefixCache
+from pdpipe.models.spec import load_spec
 from pdpipe.wire import ControlThread, InboxThread
 
-from .core import SchedulerCore
+from .core import CacheKeys, SchedulerCore
 
 log = logging.getLogger("pdpipe")
 TICK = 0.02
@@ -64,15 +70,47 @@ class RegistryWatcher:
         self._stop.set()
 
 
+class KVEventPublisher:
+    """Republishes the engines' KV event batches as vLLM does (ZeroMQ PUB, frames: topic, an 8-byte
+    big-endian sequence number, the msgpack batch), the topic the instance's name: on the run's ipc
+    endpoint, and on `tcp` where given (one for the cluster, not one a machine or an engine)."""
+
+    def __init__(self, ctx: zmq.Context, ipc: str, tcp: str = ""):
+        self.socket = ctx.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(ipc)
+        if tcp:
+            self.socket.bind(tcp)
+        self._seq = itertools.count()
+
+    def publish(self, instance: str, payload: bytes) -> None:
+        self.socket.send_multipart((instance.encode(), next(self._seq).to_bytes(8, "big"), payload), zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def cache_keys(cfg) -> CacheKeys | None:
+    """How this launch's engines hash prompts, for routing by their caches (None with caching off)."""
+    if not cfg.engine.cache.prefix_caching:
+        return None
+    model_dir = resolve_model(cfg.engine.model)
+    kv_dtype = load_spec(model_dir, cfg.engine.dtype or None).dtype
+    return CacheKeys(lambda salt: root_hash(model_dir.name, kv_dtype=kv_dtype, cache_salt=salt),
+                     cfg.engine.cache.block_size)
+
+
 class SchedulerWorker(Idle):
     """The scheduler process's worker for the common loop: messages go to the core, control calls get
     their replies, and the periodic duty takes the registry's view and runs the core's deadlines."""
 
-    def __init__(self, cfg, send):
+    def __init__(self, cfg, send, publish=None):
         cluster = cfg.cluster
         local = {name: (inst.role, cluster.machine) for name, inst in cfg.named_instances()}
         self.core = SchedulerCore({n: r for n, (r, _) in local.items()}, cfg.deadlines, send,
-                                  machines={n: m for n, (_, m) in local.items()}, routing=cfg.routing)
+                                  machines={n: m for n, (_, m) in local.items()}, routing=cfg.routing,
+                                  cache=cache_keys(cfg), publish=publish)
         self.watcher = RegistryWatcher(cluster, local) if cluster.redis_url else None
         self.send = send
 
@@ -98,7 +136,8 @@ class SchedulerWorker(Idle):
 
 def run_scheduler(role: str, name: str, run_dir: str) -> None:
     proc = ProcessBase(role, name, run_dir)
-    worker = SchedulerWorker(proc.cfg, proc.out.send)
+    events = KVEventPublisher(proc.ctx, proc.paths.kv_events, proc.cfg.routing.kv_events_endpoint)
+    worker = SchedulerWorker(proc.cfg, proc.out.send, events.publish)
     inbox = InboxThread(proc.ctx, proc.paths.inbox(name)).start()
     control = ControlThread(proc.ctx, proc.paths.control, inbox.queue).start()
     proc.ready()
@@ -106,6 +145,7 @@ def run_scheduler(role: str, name: str, run_dir: str) -> None:
         run_worker_loop(proc, inbox, worker, periodic=worker.periodic, period=TICK)
     finally:
         worker.close()
+        events.close()
         control.stop()
         inbox.stop()
         proc.close()

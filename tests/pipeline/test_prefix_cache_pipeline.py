@@ -101,3 +101,18 @@ def test_an_abort_mid_prompt_leaves_the_requests_sharing_its_blocks_whole(model_
     pipe.run()
     assert pipe.tokens("b") == expected and pipe.cached_tokens("b") == 48 and pipe.finish_reason("a") is None
     assert pipe.leak_free()
+
+
+def test_a_follow_up_turn_is_computed_on_the_decode_instance_holding_its_history(model_dir):
+    """Conditional disaggregation by what each instance holds: turn 1 (40 tokens, over the 32 computed
+    locally) goes to the prefill instance; turn 2 (61 tokens) too long by length, but its decode instance
+    holds 48 of them (turn 1's landed prompt and the reply it decoded), leaving 13 to compute: computed
+    there, no prefill, no transfer. The tokens are those without any cache."""
+    routing = RoutingConfig(local_prompt_tokens=32)
+    off, _, plain = two_turns(model_dir("llama"), routing, caching=False)
+    on, cached, pipe = two_turns(model_dir("llama"), routing, caching=True)
+    assert on == off and cached == [0, 48]
+    assert plain.scheduler.decisions == {"remote": 2} and pipe.scheduler.decisions == {"remote": 1, "local": 1}
+    placed = [d for _, s, _, d in pipe.scheduler.recent["t2"].events if s == "QUEUED"][-1]
+    assert "decode-0 holds 48 of its 61 tokens: 13 to compute" in placed
+    assert pipe.transfer.blocks_sent == 5 and plain.transfer.blocks_sent == 5 + 8

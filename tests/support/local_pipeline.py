@@ -10,7 +10,7 @@ from pdpipe.engine.engine import LLMEngine
 from pdpipe.engine.worker import EngineWorker
 from pdpipe.ipc.shm import ShmTransfer
 from pdpipe.messages import EngineOutput, NewRequest, PoolInfo, SamplingParams
-from pdpipe.scheduler.core import SchedulerCore
+from pdpipe.scheduler.core import CacheKeys, SchedulerCore
 from pdpipe.transfer.base import TransferBackend
 from pdpipe.transfer.worker import TransferWorker
 
@@ -47,7 +47,9 @@ class LocalPipeline:
         self.engines = {name: LLMEngine(local if role == "decode" else cfg) for name, role in roles.items()}
         self.workers = {name: EngineWorker(name, role, self.engines[name], self.send, self.clock)
                         for name, role in roles.items()}
-        self.scheduler = SchedulerCore(roles, deadlines, self.send, self.clock, routing=routing)
+        first = next(iter(self.engines.values()))
+        keys = CacheKeys(first.cache_root, block_size) if prefix_caching else None
+        self.scheduler = SchedulerCore(roles, deadlines, self.send, self.clock, routing=routing, cache=keys)
         for worker in self.workers.values():  # as each engine process does when it starts
             self.scheduler.handle(worker.stats())
         spec = next(iter(self.engines.values())).spec

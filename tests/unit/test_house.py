@@ -16,7 +16,8 @@ PACKAGE = ROOT / "pdpipe"
 # Lowest first: a module may import its own layer and those below. Each entry is a module or a package
 # (its modules and subpackages belong to it unless listed on their own).
 LAYERS = [
-    ["pdpipe", "pdpipe.envs", "pdpipe.messages", "pdpipe.tombstones", "pdpipe.gpus", "pdpipe.cli_args"],
+    ["pdpipe", "pdpipe.envs", "pdpipe.messages", "pdpipe.tombstones", "pdpipe.gpus", "pdpipe.cli_args",
+     "pdpipe.kv_hash", "pdpipe.kv_events"],
     ["pdpipe.config"],
     ["pdpipe.wire", "pdpipe.cluster", "pdpipe.transfer.base"],
     ["pdpipe.loop"],

@@ -243,3 +243,59 @@ def test_the_llm_api_reports_cached_tokens(model_dir):
     second = llm.generate(prompts[1], GREEDY)[0]
     assert first.num_cached_tokens == 0 and second.num_cached_tokens == 32
     assert torch.equal(torch.tensor(second.prompt_token_ids[:32]), torch.tensor(first.prompt_token_ids[:32]))
+
+
+# ---- KV events -----------------------------------------------------------------------------------------
+def test_the_cache_says_what_it_stored_evicted_and_cleared():
+    from pdpipe.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+
+    bm = BlockManager(num_blocks=4, block_size=4, partitions=2)
+    bm.record_events = True
+    chain = hashes(1, 2)
+    table = bm.allocate(2, partition=1)
+    bm.register(table[0], chain[0], None, [1] * 4)
+    bm.register(table[1], chain[1], chain[0], [2] * 4)  # the same chain: one event
+    bm.free(table)
+    bm.allocate(2, partition=1)  # evicts both, the tail first
+    bm.reset_cache()
+    events = bm.take_events()
+    assert events[0] == (1, BlockStored(chain, None, [1] * 4 + [2] * 4, 4))
+    assert events[1] == (1, BlockRemoved([chain[1], chain[0]]))
+    assert events[2:] == [(0, AllBlocksCleared()), (1, AllBlocksCleared())] and bm.take_events() == []
+
+
+def test_kv_events_reach_a_subscriber_in_vllms_wire_shape(tmp_path):
+    """Three frames (topic: the instance; an 8-byte big-endian sequence number; a msgpack KVEventBatch),
+    the batch tagged and decodable as vLLM's consumers decode it."""
+    import msgspec
+    import zmq
+
+    from pdpipe.kv_events import BlockStored, KVEventBatch, decode_batch, encode_batch
+    from pdpipe.scheduler.service import KVEventPublisher
+
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path / 'kv-events.sock'}"
+    publisher = KVEventPublisher(ctx, endpoint)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVTIMEO, 10_000)
+    sub.connect(endpoint)
+    batch = KVEventBatch(1.5, [BlockStored(hashes(1), None, [1] * 4, 4)], data_parallel_rank=1)
+    poller = zmq.Poller()
+    poller.register(sub, zmq.POLLIN)
+    seqs = []
+    while not poller.poll(50):  # a SUB socket misses what is published before it has joined
+        publisher.publish("decode-0", encode_batch(batch))
+    topic, seq, payload = sub.recv_multipart()
+    seqs.append(int.from_bytes(seq, "big"))
+    publisher.publish("decode-0", encode_batch(batch))
+    while (frames := sub.recv_multipart())[1] == seq:
+        pass
+    seqs.append(int.from_bytes(frames[1], "big"))
+    assert topic == b"decode-0" and len(seq) == 8 and seqs[1] > seqs[0] and decode_batch(payload) == batch
+    raw = msgspec.msgpack.decode(payload)  # as a consumer without pdpipe's structs sees it
+    assert raw["ts"] == 1.5 and raw["data_parallel_rank"] == 1
+    assert raw["events"][0]["type"] == "BlockStored" and raw["events"][0]["block_hashes"] == hashes(1)
+    publisher.close()
+    sub.close()
+    ctx.term()

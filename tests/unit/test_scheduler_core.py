@@ -635,3 +635,76 @@ def test_queues_shows_each_instances_cached_blocks_and_hit_rate():
     head, row = lines[1], next(line for line in lines if line.startswith("decode-0"))
     cached, hit = head.index("cached"), head.index(" hit ") + 1
     assert row[cached:].split()[0] == "12" and row[hit:].split()[0] == "75%"
+
+
+# ---- routing by the engines' caches --------------------------------------------------------------
+def cached_on(core, instance: str, prompt: list[int], rank: int | None = None) -> None:
+    """`instance` says (a KV event) that its cache holds the prompt's full blocks."""
+    from pdpipe.kv_events import BlockStored, KVEventBatch, encode_batch
+    from pdpipe.kv_hash import block_hashes
+    from pdpipe.messages import KVEvents
+
+    hashes = block_hashes(prompt, 16, core.cache.root(""))
+    batch = KVEventBatch(1.0, [BlockStored(hashes, None, prompt[:len(hashes) * 16], 16)], rank)
+    core.handle(KVEvents(instance=instance, batches=[encode_batch(batch)]))
+
+
+def cache_aware(**kwargs):
+    from pdpipe.kv_hash import root_hash
+    from pdpipe.scheduler.core import CacheKeys
+
+    sent = []
+    core = SchedulerCore(kwargs.pop("roles", PD2), DeadlineConfig(), lambda d, m: sent.append((d, m)),
+                         lambda: 100.0, routing=kwargs.pop("routing", ALWAYS),
+                         cache=CacheKeys(lambda salt: root_hash("m", cache_salt=salt), 16))
+    for name, role in core.roles.items():
+        report(core, name, role, num_blocks=100 if name != "decode-0" else 200, max_num_seqs=200)
+    return core, sent
+
+
+PD2 = {"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode", "decode-1": "decode"}
+
+
+def test_a_request_goes_to_the_decode_and_prefill_instances_holding_its_prefix():
+    """decode-0 has twice the room, but decode-1's cache holds the prompt's 6 blocks, and prefill-1's: the
+    Reserve goes to decode-1, the prompt to prefill-1 (its 6 blocks reusable there: 4 tokens to compute).
+    Another salt shares nothing and goes by room."""
+    core, sent = cache_aware()
+    prompt = list(range(100))
+    cached_on(core, "decode-1", prompt)
+    cached_on(core, "prefill-1", prompt)
+    new(core, "r", 100)
+    assert [d for d, _ in dispatched(sent, Reserve)] == ["decode-1"]
+    assert [d for d, _ in dispatched(sent, Prefill)] == ["prefill-1"] and core.outstanding_tokens["prefill-1"] == 4
+    sent.clear()
+    core.handle(NewRequest(request_id="s", prompt_token_ids=prompt, params=SamplingParams(max_tokens=16),
+                           arrival=99.0, cache_salt="other"))
+    assert [d for d, _ in dispatched(sent, Reserve)] == ["decode-0"]
+
+
+def test_one_hot_prefix_does_not_pile_every_request_onto_one_decode_instance():
+    """decode-1 holds the prefix but runs 100 more requests than decode-0 (over 64 more, and 1.5 times):
+    the request goes by room instead."""
+    core, sent = cache_aware()
+    cached_on(core, "decode-1", list(range(100)))
+    for i in range(100):
+        core.ledger.commit(f"busy-{i}", "decode-1", 16)
+    new(core, "r", 100)
+    assert [d for d, _ in dispatched(sent, Reserve)] == ["decode-0"]
+
+
+def test_the_index_forgets_an_instance_that_goes_down_or_clears_its_cache():
+    from pdpipe.kv_events import AllBlocksCleared, KVEventBatch, encode_batch
+    from pdpipe.messages import KVEvents, ProcessDown
+
+    core, _ = cache_aware()
+    prompt = list(range(100))
+    cached_on(core, "decode-1", prompt)
+    cached_on(core, "decode-0", prompt, rank=1)  # a data-parallel rank's
+    assert core.index.blocks("decode-1") == 6 and core.index.blocks("decode-0") == 6
+    core.handle(ProcessDown(name="decode-1", role="decode", detail="signal 9"))
+    assert core.index.blocks("decode-1") == 0
+    cached_on(core, "decode-1", prompt)  # the dead one's last words are not believed
+    assert core.index.blocks("decode-1") == 0
+    core.handle(KVEvents(instance="decode-0", batches=[encode_batch(KVEventBatch(2.0, [AllBlocksCleared()], 1))]))
+    assert core.index.blocks("decode-0") == 0
