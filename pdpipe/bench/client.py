@@ -36,7 +36,9 @@ class RequestResult:
     error: str = ""
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (seconds after send, tokens) per chunk
     usage_completion_tokens: int | None = None
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens: prompt tokens the server reused
     ids_seen: bool = False  # the chunks carried token ids, so their count is exact
+    token_ids: list[int] = field(default_factory=list)  # the output's, where the chunks carried them
     e2e: float = 0.0  # seconds from send to the end of the stream
 
     @property
@@ -106,8 +108,11 @@ def take_chunk(result: RequestResult, chunk: dict, elapsed: float) -> None:
     if usage:
         result.usage_completion_tokens = usage.get("completion_tokens")
         result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+        result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     tokens = chunk_tokens(chunk)
     result.ids_seen = result.ids_seen or any(c.get("token_ids") is not None for c in chunk.get("choices") or [])
+    for choice in chunk.get("choices") or []:
+        result.token_ids.extend(choice.get("token_ids") or [])
     if tokens:
         result.chunks.append((elapsed, tokens))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-DATASETS = ("random", "shared-prefix", "sharegpt")
+DATASETS = ("random", "shared-prefix", "sharegpt", "multi-turn")
 ENDPOINTS = ("completions", "chat")
 SLO_METRICS = ("ttft", "tpot", "e2e")
 
@@ -47,8 +47,14 @@ class WorkloadConfig:
     vocab_size: int = field(default=500, metadata={
         "help": "random token ids are drawn from [10, vocab_size); pass the served model's vocabulary "
                 "(the demo model's is 512)"})
-    num_prefixes: int = field(default=4, metadata={"help": "shared-prefix: distinct prefixes"})
-    prefix_len: int = field(default=256, metadata={"help": "shared-prefix: tokens in each prefix"})
+    num_prefixes: int = field(default=4, metadata={
+        "help": "shared-prefix: distinct prefixes; multi-turn: distinct system prompts (sessions take them in turn)"})
+    prefix_len: int = field(default=256, metadata={
+        "help": "shared-prefix: tokens in each prefix; multi-turn: in each system prompt"})
+    turns: int = field(default=4, metadata={
+        "help": "multi-turn: turns a session (num_prompts counts sessions, request_rate their arrivals; a "
+                "turn's prompt is the previous prompt, its reply's token ids and input_len new tokens)"})
+    think_time: float = field(default=1.0, metadata={"help": "multi-turn: seconds between a reply and the next turn"})
     dataset_path: str = field(default="", metadata={"help": "sharegpt: the JSON file (nothing is downloaded)"})
     seed: int = field(default=0, metadata={"help": "seeds the prompts and the arrival times"})
     ignore_eos: bool = field(default=False, metadata={"help": "generate exactly max_tokens (vLLM's extra)"})
@@ -64,6 +70,8 @@ class WorkloadConfig:
             raise ValueError("dataset_path: required with --dataset sharegpt")
         if self.vocab_size <= 10:
             raise ValueError(f"vocab_size: must be > 10, got {self.vocab_size}")
+        if self.turns < 1 or self.think_time < 0:
+            raise ValueError(f"turns: must be >= 1 and think_time >= 0, got {self.turns} and {self.think_time}")
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def request_record(result: RequestResult, slos_ms: dict[str, float]) -> dict:
     record = {"index": result.index, "request_id": result.request_id, "ok": result.ok,
               "status": result.status, "error": result.error, "prompt_tokens": result.prompt_tokens,
               "max_tokens": result.max_tokens, "output_tokens": result.output_tokens,
-              "sent_at": result.sent_at, "e2e_ms": result.e2e * 1e3}
+              "cached_tokens": result.cached_tokens, "sent_at": result.sent_at, "e2e_ms": result.e2e * 1e3}
     if result.ok:
         lat = latencies(result)
         record.update(ttft_ms=lat.ttft * 1e3, tpot_ms=None if lat.tpot is None else lat.tpot * 1e3,

@@ -68,9 +68,28 @@ def format_summary(result: dict) -> str:
                                    for name in ("mean", "p50", "p90", "p99")]
     if result.get("ttft_split"):
         lines += format_split(result["ttft_split"])
+    if result.get("multi_turn"):
+        lines += format_turns(result["multi_turn"])
     errors = sorted({r["error"] for r in result["requests"] if r["error"]})
     lines += [f"error: {e}" for e in errors[:5]] + [_rule()]
     return "\n".join(lines)
+
+
+def format_turns(report: dict) -> list[str]:
+    """The multi-turn figures by turn: TTFT and the share of prompt tokens reused, measured and by the
+    oracles (an infinite cache; an LRU of the launch's pools)."""
+    lru = bool(report["cache_blocks"])
+    lines = [_rule("Multi-turn: by turn"),
+             f"{'turn':<6}{'requests':>9}{'ttft p50':>10}{'p90':>9}{'cached':>8}{'infinite':>10}"
+             + (f"{'lru':>7}" if lru else "")]
+    for number, t in report["turns"].items():
+        lines.append(f"{number:<6}{t['requests']:>9}{_num(t['ttft_ms_p50'], 1):>10}{_num(t['ttft_ms_p90'], 1):>9}"
+                     f"{t['cached_share'] * 100:>7.1f}%{t['oracle_infinite_share'] * 100:>9.1f}%"
+                     + (f"{t['oracle_lru_share'] * 100:>6.1f}%" if lru else ""))
+    if "kv_bytes_moved" in report:
+        lines.append(_line("KV bytes moved prefill → decode:", report["kv_bytes_moved"]))
+        lines.append(_line("KV blocks sent / skipped:", f"{report['kv_blocks_sent']} / {report['kv_blocks_skipped']}"))
+    return lines
 
 
 def format_compare(result: dict) -> str:

@@ -22,6 +22,7 @@ from .config import ServeConfig, parse_slos, recorded_settings
 from .datasets import Prompt, load_prompts
 from .metrics import request_record, summarize
 from .report import write_json
+from .sessions import Session, by_turn, make_sessions, run_sessions
 from .traces import fetch_traces, summarize_splits, ttft_split
 
 if TYPE_CHECKING:
@@ -67,13 +68,16 @@ async def served_model(session: aiohttp.ClientSession, base_url: str) -> str:
     return models[0]["id"]
 
 
+def client_session(cfg: ServeConfig, connections: int) -> aiohttp.ClientSession:
+    # a connection per request in flight: the client must not queue requests the server should see
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cfg.load.max_concurrency or connections),
+                                 timeout=aiohttp.ClientTimeout(total=cfg.request_timeout),
+                                 headers=auth_headers(cfg.api_key))
+
+
 async def send_all(cfg: ServeConfig, prompts: list[Prompt], offsets: list[float]) -> tuple[str, list, float]:
     """(model, results in prompt order, seconds from the first send to the last reply's end)."""
-    # a connection per request in flight: the client must not queue requests the server should see
-    connector = aiohttp.TCPConnector(limit=cfg.load.max_concurrency or len(prompts))
-    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout)
-    headers = auth_headers(cfg.api_key)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+    async with client_session(cfg, len(prompts)) as session:
         model = cfg.model or await served_model(session, cfg.base_url)
         url = cfg.base_url + ROUTES[cfg.endpoint]
         bodies = [msgspec.json.encode(request_body(p, model, cfg.endpoint, cfg.workload, cfg.return_token_ids))
@@ -91,6 +95,45 @@ async def send_all(cfg: ServeConfig, prompts: list[Prompt], offsets: list[float]
         duration = time.perf_counter() - start
         bar.close()
     return model, results, duration
+
+
+async def send_sessions(cfg: ServeConfig, sessions: list[Session], offsets: list[float]) -> tuple[str, list, float]:
+    """(model, the turns in send order, seconds from the first send to the last reply's end)."""
+    if cfg.endpoint != "completions" or not cfg.return_token_ids:
+        raise ValueError("dataset: multi-turn sends token ids and echoes the replies' token ids: it needs "
+                         "--endpoint completions and --return-token-ids")
+    async with client_session(cfg, len(sessions)) as session:
+        model = cfg.model or await served_model(session, cfg.base_url)
+        url = cfg.base_url + ROUTES[cfg.endpoint]
+        bar = tqdm(total=len(sessions) * cfg.workload.turns, disable=not cfg.progress, unit="req")
+
+        async def send(prompt: Prompt) -> RequestResult:
+            body = msgspec.json.encode(request_body(prompt, model, cfg.endpoint, cfg.workload, True))
+            result = await stream_request(session, url, body, RequestResult(0, prompt.max_tokens, prompt.prompt_len))
+            bar.update(1)
+            return result
+
+        start = time.perf_counter()
+        turns = await run_sessions(sessions, offsets, cfg.workload.think_time, send)
+        duration = time.perf_counter() - start
+        bar.close()
+    return model, turns, duration
+
+
+def launch_figures(run_dir: str) -> dict:
+    """What the launch's scheduler says now: KV bytes moved prefill → decode, blocks sent and skipped,
+    and the blocks its engines' pools hold and their block size (for the cache oracle)."""
+    from pdpipe.inspect import control
+
+    snap = control(run_dir, "snapshot")
+    xfers = (snap.get("transfers") or {}).values()
+    engines = [i["stats"] for i in snap["instances"].values() if i["role"] in ("prefill", "decode", "mixed")
+               and i["stats"]]
+    return {"kv_bytes_moved": sum(x.get("bytes_moved", 0) for x in xfers),
+            "kv_blocks_sent": sum(x.get("blocks_sent", 0) for x in xfers),
+            "kv_blocks_skipped": sum(x.get("blocks_skipped", 0) for x in xfers),
+            "cache_blocks": sum(s.get("num_blocks", 0) for s in engines),
+            "block_size": max((s.get("block_size", 0) for s in engines), default=0)}
 
 
 def split_from_traces(run_dir: str, results: list[RequestResult], records: list[dict]) -> dict:
@@ -113,14 +156,32 @@ def run_serve(cfg: ServeConfig) -> dict:
     """Runs the benchmark; returns the result that --result-file holds."""
     cfg = resolve_target(cfg)
     slos = parse_slos(cfg.slo)
-    prompts = load_prompts(cfg.workload)
-    offsets = arrival_offsets(len(prompts), cfg.load.request_rate, cfg.load.burstiness, cfg.workload.seed)
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    model, results, duration = asyncio.run(send_all(cfg, prompts, offsets))
+    multi_turn = None
+    if cfg.workload.dataset == "multi-turn":
+        sessions = make_sessions(cfg.workload)
+        offsets = arrival_offsets(len(sessions), cfg.load.request_rate, cfg.load.burstiness, cfg.workload.seed)
+        before = launch_figures(cfg.run_dir) if cfg.run_dir else None
+        model, turns, duration = asyncio.run(send_sessions(cfg, sessions, offsets))
+        results = [t.result for t in turns]
+        after = launch_figures(cfg.run_dir) if cfg.run_dir else {}
+        multi_turn = by_turn(turns, after.get("block_size") or 16, after.get("cache_blocks", 0))
+        if before is not None:
+            multi_turn.update({k: after[k] - before[k] for k in ("kv_bytes_moved", "kv_blocks_sent",
+                                                                  "kv_blocks_skipped")})
+    else:
+        prompts = load_prompts(cfg.workload)
+        offsets = arrival_offsets(len(prompts), cfg.load.request_rate, cfg.load.burstiness, cfg.workload.seed)
+        model, results, duration = asyncio.run(send_all(cfg, prompts, offsets))
     records = [request_record(r, slos) for r in results]
+    if multi_turn is not None:  # which session and turn each request was
+        for record, turn in zip(records, turns):
+            record.update(session=turn.session, turn=turn.number)
     result = {"date": started, "base_url": cfg.base_url, "endpoint": cfg.endpoint, "model": model,
               "config": recorded_settings(cfg), "summary": summarize(results, duration, slos), "ttft_split": None,
               "requests": records}
+    if multi_turn is not None:
+        result["multi_turn"] = multi_turn
     if cfg.run_dir:
         result["ttft_split"] = split_from_traces(cfg.run_dir, results, records)
     if cfg.result_file:

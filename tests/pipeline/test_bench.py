@@ -21,7 +21,7 @@ from pdpipe.bench.compare import crossings, goodput_rate
 from pdpipe.bench.config import LoadConfig, ServeConfig, WorkloadConfig, parse_range, parse_slos
 from pdpipe.bench.datasets import Prompt, random_prompts, shared_prefix_prompts, sharegpt_prompts
 from pdpipe.bench.metrics import distribution_ms, inter_token_latencies, latencies, percentile, summarize
-from pdpipe.bench.report import format_split
+from pdpipe.bench.report import format_split, format_summary
 from pdpipe.bench.serve import api_base_url, run_serve, send_all
 from pdpipe.bench.traces import PATH_STAGES, STAGES, scheduler_request_id, trace_milestones, ttft_split
 from pdpipe.config import ApiConfig
@@ -459,3 +459,53 @@ def test_compare_two_layouts_writes_goodput_and_plots(model_dir, vocab, tmp_path
     again = tmp_path / "replotted"
     assert bench_main(["plot", str(out / "compare.json"), "--out", str(again)]) == 0
     assert (again / "attainment.png").read_bytes().startswith(PNG_MAGIC)
+
+
+# ---- multi-turn sessions -----------------------------------------------------------------------------
+def test_sessions_are_seeded_and_share_system_prompts_in_turn():
+    from pdpipe.bench.sessions import make_sessions
+
+    cfg = WorkloadConfig(dataset="multi-turn", num_prompts=5, num_prefixes=2, prefix_len=30, input_len="4:9",
+                         output_len="3", turns=3, vocab_size=100)
+    sessions = make_sessions(cfg)
+    assert make_sessions(cfg) == sessions and len(sessions) == 5
+    assert sessions[0].system == sessions[2].system != sessions[1].system and len(sessions[0].system) == 30
+    assert all(len(s.user_turns) == 3 and all(4 <= len(u) <= 9 for u in s.user_turns) for s in sessions)
+
+
+def test_the_cache_oracles_reuse_earlier_prompts_and_replies():
+    """Turn 2 of a session reuses turn 1's prompt and reply (full blocks, its last token computed); an
+    LRU of 2 blocks keeps only the most recent."""
+    from pdpipe.bench.client import RequestResult
+    from pdpipe.bench.sessions import Turn, oracle_hits
+
+    def turn(prompt: list[int], reply: list[int]) -> Turn:
+        result = RequestResult(0, len(reply), len(prompt))
+        result.token_ids = reply
+        return Turn(0, 1, prompt, result)
+
+    first = turn(list(range(10)), [50, 51, 52, 53, 54, 55])  # blocks of 4: prompt+reply hold 4 full blocks
+    second = turn(list(range(10)) + [50, 51, 52, 53, 54, 55, 60], [70])  # 17 tokens: 4 blocks reusable
+    other = turn([99] * 9, [1])
+    assert oracle_hits([first, second, other], 4) == [0, 16, 0]
+    assert oracle_hits([first, other, second], 4, capacity=2) == [0, 0, 0]  # `other` pushed the prefix out
+    assert oracle_hits([first, second], 4, capacity=4) == [0, 16]
+
+
+def test_multi_turn_sessions_against_a_launched_pipeline(pipeline, vocab):
+    """Three sessions of three turns over a shared 64-token system prompt: later turns report the tokens the
+    server reused (at least the system prompt's full blocks), never more than an infinite cache could."""
+    cfg = ServeConfig(base_url=f"http://127.0.0.1:{pipeline.cfg.api.port}", run_dir=str(pipeline.paths.run_dir),
+                      progress=False, workload=WorkloadConfig(
+                          dataset="multi-turn", num_prompts=3, num_prefixes=1, prefix_len=64, input_len="8:12",
+                          output_len="6", turns=3, think_time=0.0, vocab_size=vocab, ignore_eos=True))
+    res = run_serve(cfg)
+    assert res["summary"]["completed"] == 9 and res["summary"]["failed"] == 0
+    turns = res["multi_turn"]["turns"]
+    assert set(turns) == {"1", "2", "3", "all"} and turns["3"]["requests"] == 3
+    for number in ("2", "3"):
+        t = turns[number]
+        assert t["cached_tokens"] >= 3 * 64 and t["cached_tokens"] <= t["oracle_infinite_tokens"]
+        assert t["oracle_lru_tokens"] <= t["oracle_infinite_tokens"]
+    assert res["multi_turn"]["cache_blocks"] > 0 and res["multi_turn"]["kv_blocks_sent"] >= 0
+    assert "Multi-turn: by turn" in format_summary(res)
