@@ -96,7 +96,11 @@ def cache_keys(cfg) -> CacheKeys | None:
     if not cfg.engine.cache.prefix_caching:
         return None
     model_dir = resolve_model(cfg.engine.model)
-    kv_dtype = load_spec(model_dir, cfg.engine.dtype or None).dtype
+    try:
+        kv_dtype = load_spec(model_dir, cfg.engine.dtype or None).dtype
+    except (OSError, ValueError) as exc:  # the engines fail on it, saying why; routing goes by load meanwhile
+        log.warning("scheduler: not routing by cache: %s", exc)
+        return None
     return CacheKeys(lambda salt: root_hash(model_dir.name, kv_dtype=kv_dtype, cache_salt=salt),
                      cfg.engine.cache.block_size)
 
