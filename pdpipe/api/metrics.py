@@ -109,4 +109,8 @@ class SnapshotTotals:
         moved.add_metric([], sum(x.get("bytes_moved", 0) for x in xfers))
         seconds = CounterMetricFamily("pdpipe_kv_transfer_seconds", "Seconds spent moving KV")
         seconds.add_metric([], sum(x.get("seconds_moving", 0.0) for x in xfers))
-        return [queries, hits, moved, seconds]
+        blocks = CounterMetricFamily("pdpipe_kv_transfer_blocks", "Prompt KV blocks moved prefill to decode (sent), "
+                                     "or not moved because decode's prefix cache held them (skipped)", labels=["kind"])
+        blocks.add_metric(["sent"], sum(x.get("blocks_sent", 0) for x in xfers))
+        blocks.add_metric(["skipped"], sum(x.get("blocks_skipped", 0) for x in xfers))
+        return [queries, hits, moved, seconds, blocks]

@@ -40,6 +40,7 @@ class BlockManager:
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._ref_counts = [0] * num_blocks
         self.record_events = False  # an engine process takes them (take_events) for the scheduler's index
+        self.num_evictions = 0  # cached blocks taken for new allocations, since start
         self._events: list[tuple[int, KVEvent]] = []  # (partition, event), in order, until taken
 
     # ---- counts --------------------------------------------------------------------------------
@@ -105,6 +106,7 @@ class BlockManager:
             return self._free[partition].popleft()
         block, _ = self._evictable[partition].popitem(last=False)
         self._forget(block)
+        self.num_evictions += 1
         return block
 
     def share(self, block_ids: Sequence[int]) -> None:

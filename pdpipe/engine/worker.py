@@ -247,7 +247,10 @@ class EngineWorker(Handler):
             rid = chunk.seq.request_id
             if rid in self._prefills and rid not in self._started:
                 self._started.add(rid)
-                self._event(rid, State.PREFILLING, now=now)
+                cached = chunk.seq.num_cached_tokens
+                self._event(rid, State.PREFILLING, now=now,
+                            detail=f"{cached} of {chunk.seq.num_prompt_tokens} prompt tokens from the prefix cache"
+                            if cached else "")
         self._final_chunks = [c.seq.request_id for c in sched.chunks if c.samples and c.seq.request_id
                               in self._prefills and self._hands_over(self._prefills[c.seq.request_id])]
         self._final_tokens = sum(len(self._prefills[rid].prompt_token_ids) for rid in self._final_chunks)

@@ -243,4 +243,5 @@ def test_reset_prefix_cache_and_the_cache_counters(pipeline, client):
     wait_until(lambda: all(i["stats"].get("cached_blocks") == 0 for n, i in snapshot(pipeline)["instances"].items()
                            if n in ("prefill-0", "decode-0")), what="every cache empty")
     assert client.completions.create(**kwargs).usage.prompt_tokens_details.cached_tokens == 0
-    assert "pdpipe_prefix_cache_blocks" in httpx.get(f"{base}/metrics").text
+    text = httpx.get(f"{base}/metrics").text
+    assert "pdpipe_prefix_cache_blocks" in text and 'pdpipe_kv_transfer_blocks_total{kind="sent"}' in text

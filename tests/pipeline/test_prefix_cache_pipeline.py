@@ -38,6 +38,8 @@ def test_a_follow_up_turn_reuses_the_history_where_it_is_computed(model_dir, whe
     assert on == off and none == [0, 0]
     assert cached == ([0, 40] if where == "prefill" else [0, 48])
     assert pipe.scheduler.decisions == ({"remote": 2} if where == "prefill" else {"local": 2})
+    started = [d for _, s, _, d in pipe.scheduler.recent["t2"].events if s == "PREFILLING"]
+    assert started == [f"{cached[1]} of 61 prompt tokens from the prefix cache"]  # what `pdpipe trace` shows
 
 
 def test_the_landed_prompt_is_cached_on_decode_and_salts_keep_requests_apart(model_dir):
@@ -116,3 +118,26 @@ def test_a_follow_up_turn_is_computed_on_the_decode_instance_holding_its_history
     placed = [d for _, s, _, d in pipe.scheduler.recent["t2"].events if s == "QUEUED"][-1]
     assert "decode-0 holds 48 of its 61 tokens: 13 to compute" in placed
     assert pipe.transfer.blocks_sent == 5 and plain.transfer.blocks_sent == 5 + 8
+
+
+def test_under_eviction_pressure_no_block_in_use_or_in_transfer_is_reused(model_dir):
+    """Pools of 20 blocks on both sides, 8 requests sharing a 32-token prefix, all at once: cached blocks
+    are evicted and reused while others are computed, held for the transfer and written into decode;
+    every request gets its cache-off tokens and every block comes back."""
+    head = make_prompts(384, lengths=(32,), seed=28)[0]
+    prompts = [head + tail for tail in make_prompts(384, lengths=(9, 17, 25, 30, 12, 20, 27, 14), seed=29)]
+
+    def run(caching: bool) -> tuple[list[list[int]], LocalPipeline]:
+        pipe = LocalPipeline(model_dir("llama"), PD, num_blocks=20, prefix_caching=caching,
+                             routing=RoutingConfig(disaggregation="always"))
+        for i, p in enumerate(prompts):
+            pipe.submit(f"r{i}", p, REPLY)
+        pipe.run()
+        assert pipe.leak_free()
+        return [pipe.tokens(f"r{i}") for i in range(len(prompts))], pipe
+
+    off, _ = run(False)
+    on, pipe = run(True)
+    assert on == off
+    assert sum(pipe.cached_tokens(f"r{i}") for i in range(len(prompts))) > 0
+    assert pipe.engines["prefill-0"].blocks.num_evictions > 0 and pipe.engines["decode-0"].blocks.num_evictions > 0
