@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-DATASETS = ("random", "shared-prefix", "sharegpt", "multi-turn")
+DATASETS = ("random", "shared-prefix", "sharegpt", "multi-turn", "mooncake-trace")
 ENDPOINTS = ("completions", "chat")
 SLO_METRICS = ("ttft", "tpot", "e2e")
 
@@ -55,7 +55,9 @@ class WorkloadConfig:
         "help": "multi-turn: turns a session (num_prompts counts sessions, request_rate their arrivals; a "
                 "turn's prompt is the previous prompt, its reply's token ids and input_len new tokens)"})
     think_time: float = field(default=1.0, metadata={"help": "multi-turn: seconds between a reply and the next turn"})
-    dataset_path: str = field(default="", metadata={"help": "sharegpt: the JSON file (nothing is downloaded)"})
+    dataset_path: str = field(default="", metadata={
+        "help": "sharegpt: the JSON file; mooncake-trace: the JSONL trace (timestamp ms, input_length, "
+                "output_length, hash_ids); nothing is downloaded"})
     seed: int = field(default=0, metadata={"help": "seeds the prompts and the arrival times"})
     ignore_eos: bool = field(default=False, metadata={"help": "generate exactly max_tokens (vLLM's extra)"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature sent with each request"})
@@ -66,8 +68,8 @@ class WorkloadConfig:
         parse_range(self.input_len, "input_len")
         if self.output_len:
             parse_range(self.output_len, "output_len")
-        if self.dataset == "sharegpt" and not self.dataset_path:
-            raise ValueError("dataset_path: required with --dataset sharegpt")
+        if self.dataset in ("sharegpt", "mooncake-trace") and not self.dataset_path:
+            raise ValueError(f"dataset_path: required with --dataset {self.dataset}")
         if self.vocab_size <= 10:
             raise ValueError(f"vocab_size: must be > 10, got {self.vocab_size}")
         if self.turns < 1 or self.think_time < 0:

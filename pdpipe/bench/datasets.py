@@ -84,6 +84,46 @@ def sharegpt_prompts(cfg: WorkloadConfig) -> list[Prompt]:
     return prompts
 
 
+MOONCAKE_BLOCK = 512  # tokens a hash id of a Mooncake trace stands for
+
+
+def mooncake_trace(cfg: WorkloadConfig) -> tuple[list[Prompt], list[float]]:
+    """A Mooncake-format trace (one JSON object a line: `timestamp` in ms, `input_length`,
+    `output_length`, `hash_ids`) as prompts and send times (seconds after its first): each hash id
+    stands for 512 synthetic token ids, the same for the same id, so requests share prefixes exactly
+    where the trace's requests did; the first `num_prompts` requests."""
+    prompts: list[Prompt] = []
+    times: list[float] = []
+    blocks: dict[int, list[int]] = {}
+    path = Path(cfg.dataset_path)
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if len(prompts) == cfg.num_prompts:
+                break
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                n, out, ids, at = (int(entry["input_length"]), int(entry["output_length"]),
+                                   [int(h) for h in entry["hash_ids"]], float(entry["timestamp"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"dataset_path: {path}:{number} is not a Mooncake trace line (timestamp, "
+                                 f"input_length, output_length, hash_ids): {exc}") from None
+            tokens: list[int] = []
+            for h in ids:
+                if h not in blocks:
+                    blocks[h] = _token_ids(np.random.default_rng([cfg.seed, h]), cfg.vocab_size, MOONCAKE_BLOCK)
+                tokens += blocks[h]
+            if len(tokens) < n:  # the tail the trace did not hash: this request's own
+                tokens += _token_ids(np.random.default_rng([cfg.seed, 1 << 40, number]), cfg.vocab_size, n - len(tokens))
+            prompts.append(Prompt(tokens[:max(n, 1)], max(out, 1)))
+            times.append(at / 1e3)
+    if not prompts:
+        raise ValueError(f"dataset_path: {path} holds no trace line")
+    return prompts, [t - times[0] for t in times]
+
+
 def load_prompts(cfg: WorkloadConfig) -> list[Prompt]:
-    loaders = {"random": random_prompts, "shared-prefix": shared_prefix_prompts, "sharegpt": sharegpt_prompts}
+    loaders = {"random": random_prompts, "shared-prefix": shared_prefix_prompts, "sharegpt": sharegpt_prompts,
+               "mooncake-trace": lambda c: mooncake_trace(c)[0]}
     return loaders[cfg.dataset](cfg)

@@ -19,7 +19,7 @@ from pdpipe import envs
 from .arrivals import arrival_offsets, dispatch
 from .client import ROUTES, RequestResult, auth_headers, request_body, stream_request
 from .config import ServeConfig, parse_slos, recorded_settings
-from .datasets import Prompt, load_prompts
+from .datasets import Prompt, load_prompts, mooncake_trace
 from .metrics import request_record, summarize
 from .report import write_json
 from .sessions import Session, by_turn, make_sessions, run_sessions
@@ -170,8 +170,11 @@ def run_serve(cfg: ServeConfig) -> dict:
             multi_turn.update({k: after[k] - before[k] for k in ("kv_bytes_moved", "kv_blocks_sent",
                                                                   "kv_blocks_skipped")})
     else:
-        prompts = load_prompts(cfg.workload)
-        offsets = arrival_offsets(len(prompts), cfg.load.request_rate, cfg.load.burstiness, cfg.workload.seed)
+        if cfg.workload.dataset == "mooncake-trace":  # sent at the trace's own times
+            prompts, offsets = mooncake_trace(cfg.workload)
+        else:
+            prompts = load_prompts(cfg.workload)
+            offsets = arrival_offsets(len(prompts), cfg.load.request_rate, cfg.load.burstiness, cfg.workload.seed)
         model, results, duration = asyncio.run(send_all(cfg, prompts, offsets))
     records = [request_record(r, slos) for r in results]
     if multi_turn is not None:  # which session and turn each request was

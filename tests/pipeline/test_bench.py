@@ -509,3 +509,25 @@ def test_multi_turn_sessions_against_a_launched_pipeline(pipeline, vocab):
         assert t["oracle_lru_tokens"] <= t["oracle_infinite_tokens"]
     assert res["multi_turn"]["cache_blocks"] > 0 and res["multi_turn"]["kv_blocks_sent"] >= 0
     assert "Multi-turn: by turn" in format_summary(res)
+
+
+def test_a_mooncake_trace_shares_prefixes_where_its_hash_ids_do(tmp_path):
+    from pdpipe.bench.datasets import MOONCAKE_BLOCK, mooncake_trace
+
+    lines = [{"timestamp": 1000, "input_length": 1100, "output_length": 5, "hash_ids": [7, 8, 9]},
+             {"timestamp": 1500, "input_length": 600, "output_length": 3, "hash_ids": [7, 10]},
+             {"timestamp": 2600, "input_length": 1300, "output_length": 2, "hash_ids": [7, 8]}]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    cfg = WorkloadConfig(dataset="mooncake-trace", dataset_path=str(path), num_prompts=10, vocab_size=300)
+    prompts, offsets = mooncake_trace(cfg)
+    assert offsets == [0.0, 0.5, 1.6] and [p.max_tokens for p in prompts] == [5, 3, 2]
+    assert [len(p.prompt) for p in prompts] == [1100, 600, 1300]
+    a, b, c = (p.prompt for p in prompts)
+    block = MOONCAKE_BLOCK
+    assert a[:block] == b[:block] == c[:block] and a[block:2 * block] == c[block:2 * block]
+    assert b[block:] != a[block:2 * block][:len(b) - block] and c[2 * block:] != a[2 * block:2 * block + 276]
+    assert mooncake_trace(cfg)[0] == prompts  # seeded
+    path.write_text('{"timestamp": 1, "input_length": 5}\n')
+    with pytest.raises(ValueError, match=r"trace.jsonl:1 is not a Mooncake trace line"):
+        mooncake_trace(cfg)
