@@ -115,7 +115,8 @@ def mooncake_trace(cfg: WorkloadConfig) -> tuple[list[Prompt], list[float]]:
                     blocks[h] = _token_ids(np.random.default_rng([cfg.seed, h]), cfg.vocab_size, MOONCAKE_BLOCK)
                 tokens += blocks[h]
             if len(tokens) < n:  # the tail the trace did not hash: this request's own
-                tokens += _token_ids(np.random.default_rng([cfg.seed, 1 << 40, number]), cfg.vocab_size, n - len(tokens))
+                own = np.random.default_rng([cfg.seed, 1 << 40, number])
+                tokens += _token_ids(own, cfg.vocab_size, n - len(tokens))
             prompts.append(Prompt(tokens[:max(n, 1)], max(out, 1)))
             times.append(at / 1e3)
     if not prompts:

@@ -97,7 +97,7 @@ class LLMEngine:
                 self.runner.capture_graphs(config.scheduler.max_num_seqs)
             prefill_graph_tokens = prefill_graph_limit(config, self.spec, ranks)
             if prefill_graph_tokens:
-                self.runner.capture_prefill_graphs(prefill_graph_tokens)
+                self.runner.capture_prefill_graphs(prefill_graph_tokens, context=config.cache.prefix_caching)
         self.sampler = Sampler(self.eos_token_ids)
         self._arrivals = itertools.count()
         self._reserved: dict[str, list[int]] = {}

@@ -122,43 +122,54 @@ def prefill_graph_sizes(max_tokens: int, pad: int = TOKEN_PAD) -> list[int]:
 
 
 def pack_prompts(chunks: list, block_size: int, size: int, max_seqs: int,
-                 first_block: int = 0) -> dict[str, np.ndarray]:
-    """A step of whole prompts laid out for a prefill graph of `size` tokens and `max_seqs` prompts:
+                 first_block: int = 0, context: bool = False) -> dict:
+    """A step of prompt chunks laid out for a prefill graph of `size` tokens and `max_seqs` prompts:
     token ids, positions and KV slots, padded with rows in no prompt that write nowhere (slot -1); the
-    prompts' bounds (`cu`, padded with empty prompts); the rows whose logits are sampled (`rows`,
-    padded with row 0). `first_block`: as in layout.local_table."""
+    chunks' bounds (`cu`, padded with empty chunks); the rows whose logits are sampled (`rows`, padded
+    with row 0). With `context` (chunks that start after cached or earlier-computed tokens, which they
+    attend to) also each chunk's length after it (`lens`) and block table (`tables`, as lists).
+    `first_block`: as in layout.local_table."""
     ids = np.zeros(size, dtype=np.int64)
     pos = np.zeros(size, dtype=np.int64)
     slots = np.full(size, -1, dtype=np.int64)
     cu = np.zeros(max_seqs + 1, dtype=np.int32)
     rows = np.zeros(max_seqs, dtype=np.int64)
+    lens = np.zeros(max_seqs, dtype=np.int32)
+    tables = []
     assert len(chunks) <= max_seqs, (len(chunks), max_seqs)
     start, sampled = 0, 0
     for i, chunk in enumerate(chunks):
-        n = chunk.num_tokens
+        n, first = chunk.num_tokens, chunk.start
         assert start + n <= size, (size, start + n)
-        ids[start: start + n] = chunk.seq.token_ids[:n]
-        pos[start: start + n] = np.arange(n)
-        slots[start: start + n] = block_slots(local_table(chunk.seq.block_table, first_block), 0, n, block_size)
+        table = local_table(chunk.seq.block_table, first_block)
+        ids[start: start + n] = chunk.seq.token_ids[first:first + n]
+        pos[start: start + n] = np.arange(first, first + n)
+        slots[start: start + n] = block_slots(table, first, first + n, block_size)
         start += n
-        cu[i + 1:] = start  # the empty prompts after the last end where it ends
+        cu[i + 1:] = start  # the empty chunks after the last end where it ends
+        lens[i] = first + n
+        tables.append(table)
         if chunk.samples:
             rows[sampled] = start - 1
             sampled += 1
-    return {"ids": ids, "pos": pos, "slots": slots, "cu": cu, "rows": rows}
+    packed: dict = {"ids": ids, "pos": pos, "slots": slots, "cu": cu, "rows": rows}
+    return {**packed, "lens": lens, "tables": tables} if context else packed
 
 
 class PrefillGraphs:
-    """Steps of whole prompts (no context before them, what a prefill instance mostly computes) of up
-    to `max_tokens` tokens in at most MAX_SEQS prompts, captured as one CUDA graph per padded token
-    count. Such a step of short prompts is bound by the host launching ~15 kernels a layer (a 320-token
-    prompt of the 8B shape took 13-25 ms eagerly on H200, varying with the host: benchmarks/RESULTS.md);
-    a replay is one launch. The prompts attend through one varlen flash-attention call whose bounds
-    are read from the device, its grid sized for the graph's whole token count."""
+    """Steps of up to MAX_SEQS prompt chunks of up to `max_tokens` tokens in all, captured as one CUDA graph
+    per padded token count. Such a step of short prompts is bound by the host launching ~15 kernels a
+    layer (a 320-token prompt of the 8B shape took 13-25 ms eagerly on H200, varying with the host:
+    benchmarks/RESULTS.md); a replay is one launch. Whole prompts (no context before them, what a prefill
+    instance mostly computes) attend through one varlen flash-attention call whose bounds are read from
+    the device, its grid sized for the graph's whole token count. With `context`, a second graph per count
+    takes chunks that start after tokens already in the cache (a prefix-cache hit, an earlier chunk) and
+    attend to them through the paged extend kernel, its grid the graph's whole token count a chunk."""
 
     MAX_SEQS = 16
 
-    def __init__(self, model: CausalLM, kv_cache: KVCache, max_tokens: int):
+    def __init__(self, model: CausalLM, kv_cache: KVCache, max_tokens: int, max_model_len: int = 0,
+                 context: bool = False):
         self.block_size = kv_cache.block_size
         self.sizes = prefill_graph_sizes(max_tokens)
         dev, kv_layers, most = kv_cache.data.device, kv_cache.layers(), self.sizes[-1]
@@ -167,34 +178,54 @@ class PrefillGraphs:
         self.slots = torch.full((most,), -1, dtype=torch.long, device=dev)
         self.cu = torch.zeros(self.MAX_SEQS + 1, dtype=torch.int32, device=dev)
         self.rows = torch.zeros(self.MAX_SEQS, dtype=torch.long, device=dev)
+        self.lens = torch.zeros(self.MAX_SEQS, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(self.MAX_SEQS, max(1, -(-max_model_len // self.block_size)), dtype=torch.int32,
+                                  device=dev)
         no_tables = torch.zeros(self.MAX_SEQS, 1, dtype=torch.int32, device=dev)  # prompt attention reads none
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.context_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            meta = AttentionMetadata(slot_mapping=self.slots[:size], block_tables=no_tables, query_start_loc=[],
-                                     seq_lens=[], query_start_loc_t=self.cu, max_query_len=size, fresh=True)
+            variants = [(self.graphs, AttentionMetadata(
+                slot_mapping=self.slots[:size], block_tables=no_tables, query_start_loc=[], seq_lens=[],
+                query_start_loc_t=self.cu, max_query_len=size, fresh=True))]
+            if context:
+                variants.append((self.context_graphs, AttentionMetadata(
+                    slot_mapping=self.slots[:size], block_tables=self.tables, query_start_loc=[], seq_lens=[],
+                    query_start_loc_t=self.cu, seq_lens_t=self.lens, max_query_len=size)))
+            for graphs, meta in variants:
 
-            def step(size=size, meta=meta):
-                return model.logits(model(self.ids[:size], self.pos[:size], kv_layers, meta)[self.rows])
+                def step(size=size, meta=meta):
+                    return model.logits(model(self.ids[:size], self.pos[:size], kv_layers, meta)[self.rows])
 
-            self.graphs[size] = capture(step, pool)
+                graphs[size] = capture(step, pool)
         torch.cuda.synchronize()
 
     def holds(self, out: SchedulerOutput) -> bool:
+        """Whether the step fits a graph: whole prompts, or chunks after context where those were captured."""
         return (len(out.chunks) <= self.MAX_SEQS and out.num_tokens <= self.sizes[-1]
-                and all(c.start == 0 for c in out.chunks))
+                and (bool(self.context_graphs) or all(c.start == 0 for c in out.chunks)))
 
     def size_for(self, tokens: int) -> int:
         return next(s for s in self.sizes if s >= tokens)
 
-    def inputs(self, out: SchedulerOutput, first_block: int = 0, size: int = 0) -> tuple[int, dict[str, np.ndarray]]:
-        """The graph size that holds this step (or `size`) and its inputs. `first_block`: as in
-        layout.local_table."""
+    def inputs(self, out: SchedulerOutput, first_block: int = 0, size: int = 0) -> tuple[int, dict]:
+        """The graph size that holds this step (or `size`) and its inputs (with `lens` and `tables` where a
+        chunk starts after context). `first_block`: as in layout.local_table."""
         size = size or self.size_for(out.num_tokens)
-        return size, pack_prompts(out.chunks, self.block_size, size, self.MAX_SEQS, first_block)
+        context = any(c.start > 0 for c in out.chunks)
+        return size, pack_prompts(out.chunks, self.block_size, size, self.MAX_SEQS, first_block, context)
 
-    def replay(self, size: int, inputs: dict[str, np.ndarray]) -> torch.Tensor:
-        fill(self, inputs)
-        graph, logits = self.graphs[size]
+    def replay(self, size: int, inputs: dict) -> torch.Tensor:
+        if "tables" in inputs:
+            tables = torch.zeros(self.MAX_SEQS, self.tables.shape[1], dtype=torch.int32)
+            for i, table in enumerate(inputs["tables"]):
+                tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            self.tables.copy_(tables, non_blocking=True)
+            fill(self, inputs, exclude=("tables",))
+            graph, logits = self.context_graphs[size]
+        else:
+            fill(self, inputs)
+            graph, logits = self.graphs[size]
         graph.replay()
         return logits

@@ -51,10 +51,11 @@ class DecodeReplay:
 
 @dataclass
 class PrefillReplay:
-    """A step of whole prompts replaying the prefill graph of `size` tokens; `samples` prompts sample."""
+    """A step of prompt chunks replaying the prefill graph of `size` tokens (graphs.pack_prompts' inputs);
+    `samples` chunks sample."""
 
     size: int
-    inputs: dict[str, np.ndarray]
+    inputs: dict
     samples: int
 
 
@@ -89,7 +90,7 @@ class PrefillShares:
     `counts[r]` prompts of rank r sample."""
 
     size: int
-    inputs: list[dict[str, np.ndarray]]
+    inputs: list[dict]
     counts: list[int]
 
 

@@ -78,11 +78,12 @@ class ModelRunner:
         kernels.enable_skinny()  # each projection's kernel is chosen by timing during the warm-up runs
         self.graphs = DecodeGraphs(self.model, self.kv_cache, self.max_model_len, max_batch)
 
-    def capture_prefill_graphs(self, max_tokens: int) -> None:
+    def capture_prefill_graphs(self, max_tokens: int, context: bool = False) -> None:
         """Steps of whole prompts up to `max_tokens` tokens replay CUDA graphs, where the model allows
-        (prompt attention through varlen flash attention, no sliding window)."""
+        (prompt attention through varlen flash attention, no sliding window); with `context`, steps of
+        chunks that start after cached tokens too (prefix caching)."""
         if prompt_attention_capturable(self.model):
-            self.prefill_graphs = PrefillGraphs(self.model, self.kv_cache, max_tokens)
+            self.prefill_graphs = PrefillGraphs(self.model, self.kv_cache, max_tokens, self.max_model_len, context)
 
     # ---- a step ------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput, on_layer_done=None) -> tuple[torch.Tensor, list[Sequence]]:

@@ -124,6 +124,40 @@ def test_prefill_graphs_equal_eager_steps(model_dir, arch):
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_prefill_graphs_take_chunks_after_a_cache_hit(model_dir, arch):
+    """Prompts sharing a 64-token head after one that put it in the prefix cache: their step (three chunks
+    starting at 64, 58 tokens) replays the context variant of the 64-token prefill graph, attending to
+    the cached blocks, with the eager steps' tokens and logprobs within bf16's rounding."""
+    from pdpipe.engine.graphs import PrefillGraphs
+
+    head = make_prompts(384, lengths=(64,), seed=8)[0]
+    tails = make_prompts(384, lengths=(5, 20, 33), seed=9)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
+    replays = []
+    replay = PrefillGraphs.replay
+
+    def counting(self, size, inputs):
+        replays.append((size, "tables" in inputs))
+        return replay(self, size, inputs)
+
+    PrefillGraphs.replay = counting
+    try:
+        results = {}
+        for tokens in (256, 0):
+            llm = make_llm(model_dir(arch), device="cuda", dtype="bfloat16", cuda_graphs=False,
+                           prefill_graph_tokens=tokens)
+            llm.generate([head + [7]], params)
+            results[tokens] = llm.generate([head + t for t in tails], params)
+            assert [o.num_cached_tokens for o in results[tokens]] == [64, 64, 64] and llm.engine.leak_free()
+    finally:
+        PrefillGraphs.replay = replay
+    assert replays == [(96, False), (64, True)]  # the head's step (65 tokens), then the three chunks'
+    for a, b in zip(results[256], results[0]):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 0.05
+
+
 def test_gpu_memory_utilization_keeps_the_engine_within_its_share(model_dir):
     """A quarter of the GPU: the pool gets nearly all of it (a tiny model's weights, step and graphs
     take little), the engine's memory stays within it, and it serves."""

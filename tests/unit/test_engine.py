@@ -413,3 +413,33 @@ def test_gpu_memory_utilization_sizes_the_pool_from_what_is_left():
     assert pool_blocks(spec, cfg, gpu_room=100 * per_block + 5) == 100
     assert pool_blocks(spec, cfg) == 2**20 // per_block
     assert pool_blocks(spec, EngineConfig(cache=CacheConfig(num_blocks=7)), gpu_room=100 * per_block) == 7
+
+
+def test_prefill_graph_layout_of_chunks_after_a_cache_hit_computes_what_the_eager_step_does(model_dir):
+    """Chunks that start after cached tokens (a prefix-cache hit, an earlier chunk), laid out as the
+    prefill graphs' context variant reads them (positions and slots from each chunk's start, its length
+    after the chunk, its block table): the same logits as the eager step. The CPU twin of the GPU graph."""
+    from pdpipe.engine.graphs import pack_prompts
+    from pdpipe.models.decoder import AttentionMetadata
+
+    engine = make_engine(model_dir("llama"), num_blocks=64, block_size=8, max_num_batched_tokens=150)
+    head = make_prompts(384, lengths=(40,), seed=6)[0]
+    engine.add_request("seed", head + [5], GREEDY)
+    run_all(engine)
+    for i, tail in enumerate(make_prompts(384, lengths=(9, 30), seed=7)):
+        engine.add_request(str(i), head + tail, GREEDY)
+    out = engine.scheduler.schedule()
+    assert [c.start for c in out.chunks] == [40, 40]  # both hit the cached head
+    runner = engine.runner
+    eager, seqs = runner.execute(out)
+    packed = pack_prompts(out.chunks, 8, size=64, max_seqs=4, context=True)
+    cu, lens = packed["cu"].tolist(), packed["lens"].tolist()
+    assert cu == [0, 9, 39, 39, 39] and lens == [49, 70, 0, 0] and packed["pos"][:2].tolist() == [40, 41]
+    tables = torch.zeros(4, 9, dtype=torch.int32)
+    for i, table in enumerate(packed["tables"]):
+        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    meta = AttentionMetadata(slot_mapping=torch.tensor(packed["slots"]), block_tables=tables[:2],
+                             query_start_loc=cu[:3], seq_lens=lens[:2])
+    hidden = runner.model(torch.tensor(packed["ids"]), torch.tensor(packed["pos"]), runner.kv_layers, meta)
+    graphed = runner.model.logits(hidden[torch.tensor(packed["rows"][: len(seqs)])])
+    torch.testing.assert_close(graphed, eager)
