@@ -24,12 +24,18 @@ class CacheConfig:
         "help": "on GPU, the share of the GPU's memory this engine may use in all (as in vLLM): the KV pool "
                 "gets what the weights, a full step's activations and the CUDA graphs leave of it; 0: "
                 "kv_cache_mb (num_blocks, when set, wins over both)"})
+    host_kv_cache_mb: int = field(default=0, metadata={
+        "help": "host memory under the prefix cache (an instance's, split over its tensor-parallel ranks): "
+                "cached blocks evicted from the device pool move there, and prompts whose prefix is there "
+                "take it back instead of computing it (0: no host tier)"})
     prefix_caching: bool = field(default=True, metadata={
         "help": "keep the KV of full blocks after their requests end, found by the chained hash of their "
                 "tokens, and reuse it for prompts that start the same (false: every prompt computed whole)"})
 
     def __post_init__(self):
         _positive(self, "block_size", "kv_cache_mb")
+        if self.host_kv_cache_mb < 0:
+            raise ValueError(f"host_kv_cache_mb: must be >= 0, got {self.host_kv_cache_mb}")
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks: must be >= 0, got {self.num_blocks}")
         if not 0.0 <= self.gpu_memory_utilization < 1.0:

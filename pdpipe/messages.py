@@ -260,6 +260,11 @@ class InstanceStats(Msg, frozen=True):  # every process → scheduler, a few tim
     cached_blocks: int = 0  # blocks the prefix cache holds (in use or free: free_blocks counts those free)
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_hit_tokens: int = 0  # of them, found there (their KV reused, not computed)
+    prefix_hit_tokens_host: int = 0  # of the hits, those found in the host tier (copied back, not computed)
+    host_blocks: int = 0  # the host tier's blocks (0: none)
+    host_cached_blocks: int = 0
+    host_bytes_out: int = 0  # KV copied device → host tier, since start
+    host_bytes_in: int = 0  # and back
     blocks_sent: int = 0  # transfer: prompt blocks moved prefill → decode, since start
     blocks_skipped: int = 0  # transfer: prompt blocks not moved, decode's prefix cache holding them
 

@@ -98,12 +98,19 @@ class SnapshotTotals:
         queries = CounterMetricFamily("pdpipe_prefix_cache_queries_tokens", "Prompt tokens looked up in the "
                                       "prefix cache", labels=["instance", "tier"])
         hits = CounterMetricFamily("pdpipe_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache "
-                                   "(their KV reused, not computed)", labels=["instance", "tier"])
+                                   "(their KV reused, not computed), by the tier they were found in",
+                                   labels=["instance", "tier"])
+        tier = CounterMetricFamily("pdpipe_host_tier_bytes", "KV copied to the host tier (out) and back (in)",
+                                   labels=["instance", "direction"])
         for name, inst in (snap.get("instances") or {}).items():
             stats = inst["stats"]
             if stats and inst["role"] in ("prefill", "decode", "mixed"):
                 queries.add_metric([name, "gpu"], stats.get("prefix_query_tokens", 0))
-                hits.add_metric([name, "gpu"], stats.get("prefix_hit_tokens", 0))
+                host = stats.get("prefix_hit_tokens_host", 0)
+                hits.add_metric([name, "gpu"], stats.get("prefix_hit_tokens", 0) - host)
+                hits.add_metric([name, "cpu"], host)
+                tier.add_metric([name, "out"], stats.get("host_bytes_out", 0))
+                tier.add_metric([name, "in"], stats.get("host_bytes_in", 0))
         xfers = (snap.get("transfers") or {}).values()  # one transfer process per machine
         moved = CounterMetricFamily("pdpipe_kv_transfer_bytes", "KV bytes moved prefill to decode")
         moved.add_metric([], sum(x.get("bytes_moved", 0) for x in xfers))
@@ -113,4 +120,4 @@ class SnapshotTotals:
                                      "or not moved because decode's prefix cache held them (skipped)", labels=["kind"])
         blocks.add_metric(["sent"], sum(x.get("blocks_sent", 0) for x in xfers))
         blocks.add_metric(["skipped"], sum(x.get("blocks_skipped", 0) for x in xfers))
-        return [queries, hits, moved, seconds, blocks]
+        return [queries, hits, tier, moved, seconds, blocks]

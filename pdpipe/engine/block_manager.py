@@ -8,6 +8,12 @@ room and evicts it, least recently freed first, and of one request's blocks its 
 outlives its tail). Blocks holding nothing worth keeping are handed out before any cached one. Cached
 free blocks count as free: for admission, in the stats, and for the leak oracle.
 
+Host tier (`host_blocks`): a cached block evicted from the device goes to a host block first (its KV
+copied there: a copy the engine runs, in order before anything writes into the device block again), and
+a prompt whose cached prefix continues on the host takes those blocks back (copied into its new device
+blocks, in order before its step reads them). The host tier evicts least recently used, and what it
+evicts is gone. Copies are queued here (`take_copies`) for the engine to run.
+
 With data-parallel attention an instance's ranks each hold a pool of their own: the ids are split in
 `partitions` equal runs (partition p: ids p·n .. p·n + n - 1, block `id - p·n` of rank p's pool), and a
 sequence's blocks all come from one of them: the one holding its longest cached prefix, else the one with
@@ -19,13 +25,16 @@ from collections.abc import Sequence
 
 from pdpipe.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
+MEDIUM_HOST = "CPU"  # vLLM's name for the host-memory tier in KV events
+
 
 class BlockError(RuntimeError):
     """A misuse of the block manager: freeing a free block, allocating more than is free."""
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, partitions: int = 1, caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, partitions: int = 1, caching: bool = True,
+                 host_blocks: int = 0):
         if num_blocks < 1 or block_size < 1 or partitions < 1 or num_blocks % partitions:
             raise ValueError(f"num_blocks, block_size and partitions must be >= 1 and partitions must divide "
                              f"num_blocks, got {num_blocks}, {block_size}, {partitions}")
@@ -41,6 +50,14 @@ class BlockManager:
         self._ref_counts = [0] * num_blocks
         self.record_events = False  # an engine process takes them (take_events) for the scheduler's index
         self.num_evictions = 0  # cached blocks taken for new allocations, since start
+        if host_blocks and partitions > 1:
+            raise ValueError("host_kv_cache_mb: a host tier under data-parallel attention's partitioned pools is "
+                             "not supported; set it to 0 for this instance")
+        self.host_blocks = host_blocks if caching else 0
+        self._host_free: deque[int] = deque(range(self.host_blocks))
+        self._host_by_hash: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
+        self._copies: list[tuple[str, int, int]] = []  # ("out", device, host) | ("in", host, device), in order
+        self.host_blocks_out = self.host_blocks_in = 0  # blocks copied to and from the host tier, since start
         self._events: list[tuple[int, KVEvent]] = []  # (partition, event), in order, until taken
 
     # ---- counts --------------------------------------------------------------------------------
@@ -105,9 +122,59 @@ class BlockManager:
         if self._free[partition]:
             return self._free[partition].popleft()
         block, _ = self._evictable[partition].popitem(last=False)
+        self._to_host(block)
         self._forget(block)
         self.num_evictions += 1
         return block
+
+    def _to_host(self, block: int) -> None:
+        """A cached device block about to be reused keeps its KV in the host tier (if it has one and the
+        block is not there already): a host block is taken, the least recently used evicted if need be."""
+        block_hash = self._hash_of[block]
+        if not self.host_blocks or block_hash is None:
+            return
+        if block_hash in self._host_by_hash:
+            self._host_by_hash.move_to_end(block_hash)
+            return
+        if not self._host_free:
+            gone, host = self._host_by_hash.popitem(last=False)
+            self._host_free.append(host)
+            self._event(0, BlockRemoved([gone], medium=MEDIUM_HOST))
+        host = self._host_free.popleft()
+        self._host_by_hash[block_hash] = host
+        self._copies.append(("out", block, host))
+        self.host_blocks_out += 1
+        self._event(0, BlockStored([block_hash], None, [], self.block_size, medium=MEDIUM_HOST))
+
+    @property
+    def num_host_cached_blocks(self) -> int:
+        return len(self._host_by_hash)
+
+    def match_host(self, hashes: Sequence[bytes], limit: int) -> list[int]:
+        """The host blocks holding `hashes[:limit]`'s leading run (the part of a prefix beyond what the
+        device cache holds), each touched as used now."""
+        found = []
+        for h in hashes[:limit]:
+            host = self._host_by_hash.get(h)
+            if host is None:
+                break
+            self._host_by_hash.move_to_end(h)
+            found.append(host)
+        return found
+
+    def restore(self, host_ids: Sequence[int], device_ids: Sequence[int]) -> None:
+        """The host blocks' KV goes back into these (held) device blocks (a copy queued for the engine)."""
+        self._copies += [("in", h, d) for h, d in zip(host_ids, device_ids)]
+        self.host_blocks_in += len(host_ids)
+
+    def take_copies(self) -> list[tuple[str, int, int]]:
+        """The host tier's copies queued since the last call, in the order they must run."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def _event(self, partition: int, event: KVEvent) -> None:
+        if self.record_events:
+            self._events.append((partition, event))
 
     def share(self, block_ids: Sequence[int]) -> None:
         """Another holder of blocks in use, or of cached blocks no request holds (a prefix-cache hit)."""
@@ -204,9 +271,11 @@ class BlockManager:
         return events
 
     def reset_cache(self) -> int:
-        """Forgets every cached block (held ones are kept by their requests, but no longer found); returns
-        how many were cached."""
+        """Forgets every cached block (held ones are kept by their requests, but no longer found), in both
+        tiers; returns how many device blocks were cached."""
         cached = self.num_cached_blocks
+        self._host_free.extend(self._host_by_hash.values())
+        self._host_by_hash.clear()
         for p, evictable in enumerate(self._evictable):
             self._free[p].extend(evictable)
             evictable.clear()

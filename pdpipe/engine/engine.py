@@ -25,12 +25,21 @@ from pdpipe.models.spec import load_eos_token_ids
 
 from .block_manager import BlockManager
 from .data_parallel import DataParallelRunner
+from .host_tier import HostTier
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
-from .sizing import TOKEN_PAD, device_fault, kv_room, pool_blocks, prefill_graph_limit, resolve_max_model_len
+from .sizing import (
+    TOKEN_PAD,
+    block_bytes,
+    device_fault,
+    kv_room,
+    pool_blocks,
+    prefill_graph_limit,
+    resolve_max_model_len,
+)
 
 log = logging.getLogger("pdpipe")
 
@@ -85,12 +94,15 @@ class LLMEngine:
         self.eos_token_ids = load_eos_token_ids(self.model_dir)
         self.kv_cache = self._make_pool(num_blocks, pool_path)
         ranks = tp.size if self.data_parallel and tp is not None else 1  # a pool a rank, all scheduled here
+        host_blocks = self._host_blocks()
         self.blocks = BlockManager(num_blocks * ranks, config.cache.block_size, partitions=ranks,
-                                   caching=config.cache.prefix_caching)
+                                   caching=config.cache.prefix_caching, host_blocks=host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
         runner = DataParallelRunner if self.data_parallel else ModelRunner
         self.runner = runner(self.model, self.kv_cache, self.max_model_len, pad_tokens=TOKEN_PAD if cuda else 1,
                              tp=tp)
+        if self.blocks.host_blocks:
+            self.runner.host_tier = HostTier(self.kv_cache, self.blocks.host_blocks)
         if cuda:  # every rank of an instance captures the same graphs (their collectives inside; routed
             # experts run fused, without host syncs)
             if config.cuda_graphs:
@@ -102,6 +114,14 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._reserved: dict[str, list[int]] = {}
         torch.manual_seed(config.seed)
+
+    def _host_blocks(self) -> int:
+        """Blocks of the host tier: host_kv_cache_mb over the instance's ranks, each holding its heads."""
+        mb = self.config.cache.host_kv_cache_mb
+        if not mb or not self.config.cache.prefix_caching:
+            return 0
+        ranks = self.tp.size if self.tp is not None and not self.data_parallel else 1
+        return max(1, mb * 2**20 // ranks // block_bytes(self.spec, self.config.cache.block_size, self.spec.dtype))
 
     def _sized_from_gpu(self) -> bool:
         cache = self.config.cache
@@ -205,6 +225,14 @@ class LLMEngine:
             return None
         return root_hash(self.model_dir.name, kv_dtype=self.spec.dtype, cache_salt=cache_salt)
 
+    def _copy_tier(self) -> bool:
+        """Runs the host tier's queued copies (evicted blocks out, restored prefixes in) ahead of whatever
+        next writes or reads those blocks; whether there were any."""
+        copies = self.blocks.take_copies()
+        if copies:
+            self.runner.copy_tier(copies)
+        return bool(copies)
+
     def reset_prefix_cache(self) -> int:
         """Forgets every cached block (POST /reset_prefix_cache); returns how many there were."""
         return self.blocks.reset_cache()
@@ -240,6 +268,8 @@ class LLMEngine:
         free_before = self.blocks.num_free_blocks
         self.blocks.share(hit)
         self._reserved[request_id] = hit + self.blocks.allocate(need, self.blocks.partition_of(hit[0]) if hit else None)
+        if self._copy_tier() and self.kv_cache.data.is_cuda:
+            torch.cuda.current_stream().synchronize()  # another process writes these blocks next
         return Reservation(list(self._reserved[request_id]), len(hit), free_before - self.blocks.num_free_blocks)
 
     @property
@@ -285,6 +315,7 @@ class LLMEngine:
         may return what to call as each layer's KV is written (layer-wise transfer); a batch that
         needs no such call may replay a captured CUDA graph."""
         sched = self.scheduler.schedule()
+        self._copy_tier()
         outputs = [self._output(seq, []) for seq in sched.finished]
         if not sched.chunks:
             return outputs

@@ -94,7 +94,14 @@ class PrefillShares:
     counts: list[int]
 
 
-Step = Eager | DecodeReplay | PrefillReplay | WarmGemms | EagerShares | DecodeShares | PrefillShares
+@dataclass
+class TierCopies:
+    """Blocks between the device pool and the host tier (block_manager.take_copies' list), before a step."""
+
+    copies: list[tuple[str, int, int]]
+
+
+Step = Eager | DecodeReplay | PrefillReplay | WarmGemms | EagerShares | DecodeShares | PrefillShares | TierCopies
 
 
 def local_table(block_table: list[int], first_block: int) -> list[int]:

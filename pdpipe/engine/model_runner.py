@@ -18,8 +18,9 @@ from pdpipe.models.layers import Linear
 from pdpipe.models.parallel import TensorParallel
 
 from .graphs import DecodeGraphs, PrefillGraphs
+from .host_tier import HostTier
 from .kv_cache import KVCache
-from .layout import DecodeReplay, Eager, Layout, PrefillReplay, Step, WarmGemms, block_slots, local_table
+from .layout import DecodeReplay, Eager, Layout, PrefillReplay, Step, TierCopies, WarmGemms, block_slots, local_table
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 from .sizing import device_fault
@@ -42,6 +43,7 @@ class ModelRunner:
         self.pad_tokens = pad_tokens
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.host_tier: HostTier | None = None  # engine.cache.host_kv_cache_mb
 
     # ---- start-up ----------------------------------------------------------------------------
     def warm_gemms(self, max_tokens: int, max_rows: int) -> None:
@@ -129,7 +131,17 @@ class ModelRunner:
         if isinstance(step, WarmGemms):
             self._warm_gemms(step)
             return torch.empty(0)
+        if isinstance(step, TierCopies):
+            assert self.host_tier is not None  # every rank has its share of the tier
+            self.host_tier.run(step.copies)
+            return torch.empty(0)
         raise TypeError(f"{type(self).__name__} cannot run a {type(step).__name__} step")
+
+    def copy_tier(self, copies: list[tuple[str, int, int]]) -> None:
+        """Runs the host tier's copies on every rank (each its own heads), queued before what follows."""
+        step = TierCopies(copies)
+        self._hand_over(step)
+        self.run(step)
 
     def layout(self, out: SchedulerOutput, first_block: int = 0) -> Layout:
         """The step as plain lists (see Layout). `first_block`: the id of this pool's block 0 in the

@@ -62,6 +62,7 @@ class Scheduler:
         self.held: dict[str, list[int]] = {}  # finished requests whose KV is still wanted
         self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache (first admissions)
         self.prefix_hit_tokens = 0  # of them, found there
+        self.prefix_hit_tokens_host = 0  # of those, found in the host tier
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -159,21 +160,27 @@ class Scheduler:
         bs = self.blocks.block_size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.blocks.match(seq.block_hashes(bs), reusable_blocks(seq.num_tokens, bs, computes_last=True))
+            hashes, limit = seq.block_hashes(bs), reusable_blocks(seq.num_tokens, bs, computes_last=True)
+            hit = self.blocks.match(hashes, limit)
             need = self.blocks.blocks_for(seq.num_tokens) - len(hit)
             reserve = self.config.watermark_blocks if self.running else 0
             if not self.blocks.can_allocate(need + reserve, hit):
                 break
             self.waiting.popleft()
             self.blocks.share(hit)
-            seq.block_table = hit + self.blocks.allocate(need, self.blocks.partition_of(hit[0]) if hit else None)
-            seq.num_computed_tokens = seq.num_registered = len(hit)
-            seq.num_computed_tokens *= bs
+            new = self.blocks.allocate(need, self.blocks.partition_of(hit[0]) if hit else None)
+            host = self.blocks.match_host(hashes[len(hit):], limit - len(hit))  # the prefix's rest, on the host
+            self.blocks.restore(host, new)
+            seq.block_table = hit + new
+            seq.num_registered = len(hit)
+            seq.num_computed_tokens = (len(hit) + len(host)) * bs
+            self.register_computed(seq)  # the restored blocks: their KV is back before anything reads it
             if not seq.num_output_tokens:  # its first admission (a preempted one recomputes its own)
                 seq.num_cached_tokens = seq.num_computed_tokens
                 if seq.cache_root is not None:
                     self.prefix_query_tokens += seq.num_prompt_tokens
                     self.prefix_hit_tokens += seq.num_cached_tokens
+                    self.prefix_hit_tokens_host += len(host) * bs
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)

@@ -358,7 +358,16 @@ class EngineWorker(Handler):
                              prefill_tokens_per_s=self.meter.prefill_tokens_per_s,
                              busy_seconds=self.meter.busy_seconds, prompt_tokens=self.meter.prompt_tokens,
                              cached_blocks=self.engine.blocks.num_cached_blocks,
-                             prefix_query_tokens=sched.prefix_query_tokens, prefix_hit_tokens=sched.prefix_hit_tokens)
+                             prefix_query_tokens=sched.prefix_query_tokens, prefix_hit_tokens=sched.prefix_hit_tokens,
+                             prefix_hit_tokens_host=sched.prefix_hit_tokens_host, **self._host_figures())
+
+    def _host_figures(self) -> dict[str, int]:
+        blocks, tier = self.engine.blocks, self.engine.runner.host_tier
+        if tier is None:
+            return {}
+        return {"host_blocks": blocks.host_blocks, "host_cached_blocks": blocks.num_host_cached_blocks,
+                "host_bytes_out": blocks.host_blocks_out * tier.block_bytes,
+                "host_bytes_in": blocks.host_blocks_in * tier.block_bytes}
 
 
 class StepMeter:

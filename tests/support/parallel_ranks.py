@@ -56,8 +56,8 @@ def engine_rank(rank: int, size: int, init_file: str, work: list[tuple], results
     try:
         tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
         for model_dir, num_blocks, fields, run, *prepare in work:
-            engine = LLMEngine(EngineConfig(model=model_dir, cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
-                                            **fields), tp=tp)
+            fields = {"cache": CacheConfig(block_size=BLOCK, num_blocks=num_blocks), **fields}
+            engine = LLMEngine(EngineConfig(model=model_dir, **fields), tp=tp)
             for step in prepare:
                 step(engine, rank)
             if rank:

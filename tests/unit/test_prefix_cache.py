@@ -299,3 +299,81 @@ def test_kv_events_reach_a_subscriber_in_vllms_wire_shape(tmp_path):
     publisher.close()
     sub.close()
     ctx.term()
+
+
+# ---- the host tier -------------------------------------------------------------------------------------
+def test_blocks_evicted_from_the_device_go_to_the_host_tier_and_come_back():
+    from pdpipe.kv_events import BlockRemoved, BlockStored
+
+    bm = BlockManager(num_blocks=3, block_size=4, host_blocks=2)
+    bm.record_events = True
+    table = bm.allocate(3)
+    for block, h, parent in zip(table, hashes(1, 2, 3), [None, *hashes(1, 2)]):
+        bm.register(block, h, parent, [])
+    bm.free(table)
+    bm.take_events()
+    taken = bm.allocate(2)  # evicts the tail first: blocks 3 and 2 go to the host
+    assert taken == [table[2], table[1]] and bm.take_copies() == [("out", table[2], 0), ("out", table[1], 1)]
+    assert bm.match(hashes(1, 2, 3), 3) == table[:1]
+    assert bm.match_host(hashes(1, 2, 3)[1:], 2) == [1, 0]  # the prefix's rest, block 2 then 3
+    bm.restore([1, 0], taken)
+    assert bm.take_copies() == [("in", 1, taken[0]), ("in", 0, taken[1])] and bm.host_blocks_in == 2
+    bm.free(taken)  # never registered here (the scheduler registers restored blocks): empty again
+    assert bm.allocate(3)[2] == table[0]  # the two empty ones, then the last cached block (hash 1) evicted
+    assert bm.take_copies() == [("out", table[0], 1)]  # into the host block of the least recently used (2)
+    events = bm.take_events()
+    assert (0, BlockRemoved([hashes(1, 2)[1]], medium="CPU")) in events
+    assert (0, BlockStored([hashes(1)[0]], None, [], 4, medium="CPU")) in events
+    assert bm.match_host(hashes(1, 2, 3), 3) == [1] and bm.num_host_cached_blocks == 2
+    assert bm.reset_cache() == 0 and bm.num_host_cached_blocks == 0
+
+
+def make_tiered(model, host_mb: float, num_blocks: int = 12):
+    return LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=num_blocks,
+                                                                     host_kv_cache_mb=host_mb)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_prefix_evicted_to_the_host_tier_is_copied_back_not_computed(model_dir, arch):
+    """A 12-block device pool: a 64-token prompt, then others that evict its blocks (to the host tier),
+    then the first prompt again: its 7 reusable blocks come back from the host, and every output equals
+    the cache's absence."""
+    first = make_prompts(384, lengths=(64,), seed=41)[0]
+    others = make_prompts(384, lengths=(60, 61, 62), seed=42)
+    prompts = [first, *others, first]
+    off, _, _ = serve(make_engine(model_dir(arch), caching=False, num_blocks=12), prompts)
+    engine = LLMEngine(EngineConfig(model=str(model_dir(arch)), cache=CacheConfig(
+        block_size=8, num_blocks=12, host_kv_cache_mb=1)))
+    on, cached, computed = serve(engine, prompts)
+    assert on == off and cached == [0, 0, 0, 0, 56] and sum(computed) == 64 + 60 + 61 + 62 + 8
+    blocks = engine.blocks
+    assert blocks.host_blocks_out >= 7 and blocks.host_blocks_in == 7 and engine.scheduler.prefix_hit_tokens_host == 56
+    no_tier = LLMEngine(EngineConfig(model=str(model_dir(arch)), cache=CacheConfig(block_size=8, num_blocks=12)))
+    assert serve(no_tier, prompts)[1][-1] == 0  # without the tier the prefix was gone
+
+
+def test_a_host_tier_under_data_parallel_partitions_is_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="host_kv_cache_mb"):
+        BlockManager(num_blocks=8, block_size=4, partitions=2, host_blocks=4)
+
+
+def evict_and_return(engine) -> tuple[list[list[int]], list[int], int]:
+    """The host-tier workload (a 64-token prompt, three that evict it, the first again) on `engine`."""
+    first = make_prompts(384, lengths=(64,), seed=41)[0]
+    tokens, cached, _ = serve(engine, [first, *make_prompts(384, lengths=(60, 61, 62), seed=42), first])
+    return tokens, cached, engine.blocks.host_blocks_in
+
+
+def test_the_host_tier_on_two_tensor_parallel_ranks_computes_what_one_engine_does(model_dir, tmp_path):
+    """Every rank copies its own heads out and back (rank 0 hands the copies over before each step):
+    the same tokens as one engine without any cache, the prefix back from the host."""
+    from parallel_ranks import engine_rank, on_two_ranks
+
+    model = model_dir("qwen3")
+    tiered = {"cache": CacheConfig(block_size=8, num_blocks=12, host_kv_cache_mb=1)}
+    [(_, (tokens, cached, restored))] = on_two_ranks(engine_rank, tmp_path, [(str(model), 12, tiered,
+                                                                               evict_and_return)], 1)
+    expected = serve(make_engine(model, caching=False, num_blocks=12),
+                     [make_prompts(384, lengths=(64,), seed=41)[0],
+                      *make_prompts(384, lengths=(60, 61, 62), seed=42), make_prompts(384, lengths=(64,), seed=41)[0]])
+    assert tokens == expected[0] and cached[-1] == 56 and restored == 7
