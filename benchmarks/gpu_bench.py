@@ -13,6 +13,9 @@
             TP1 → TP2) through the CUDA IPC backend's head-range plan, against the raw peer copy
   rdma      the Mooncake backend moving the same 4k-token KV between two processes' GPU pools over tcp
   hf        the same model under transformers: decode tokens/s at batch 1 and time to first token
+  hosttier  an 8k-token context to the host tier and back against pinned copies (goal >= 70 %) and
+            against recomputing it (goal restore >= 5x faster)
+  cacheoverhead  prefix caching on against off where nothing is reused (goal <= 2 % throughput)
 
 Usage: python benchmarks/gpu_bench.py [--only transfer,decode,...] [--json OUT.json]
        (or bash benchmarks/device_run.sh bench transfer,decode,...; figures in benchmarks/RESULTS.md,
@@ -362,6 +365,74 @@ def bench_decode(model: Path, results: dict, copy_bw: float) -> None:
     torch.cuda.empty_cache()
 
 
+def bench_host_tier(model: Path, results: dict) -> None:
+    """An 8k-token context's KV (512 blocks of 16 tokens, 1 GiB for the 8B shape) copied to the host tier
+    and back by HostTier (a block's layers in one copy), against one 1 GiB pinned copy each way in the same
+    run (goal >= 70 %), and the restore against recomputing the 8k-token prompt (goal >= 5x faster)."""
+    from pdpipe.engine.host_tier import HostTier
+
+    engine = make_engine(model, 0, 8, num_blocks=8192 // BLOCK + 64, graphs=False)
+    n = 8192 // BLOCK
+    tier = HostTier(engine.kv_cache, n)
+    device_ids = engine.blocks.allocate(n)
+    t_out = cuda_time(lambda: tier.run([("out", d, h) for h, d in enumerate(device_ids)]), iters=5)
+    t_in = cuda_time(lambda: tier.run([("in", h, d) for h, d in enumerate(device_ids)]), iters=5)
+    nbytes = n * tier.block_bytes
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    t_h2d = cuda_time(lambda: dev.copy_(pinned, non_blocking=True), iters=5)
+    t_d2h = cuda_time(lambda: pinned.copy_(dev, non_blocking=True), iters=5)
+    del pinned, dev, tier
+    engine.blocks.free(device_ids)
+    out = batch_of(engine, [8192], decode=False)
+    t_prefill = cuda_time(lambda: engine.runner.execute(out)[0].argmax(-1).tolist(), iters=3)
+    release(engine, out)
+    results["host_tier"] = dict(blocks=n, bytes=nbytes, out_ms=t_out * 1e3, in_ms=t_in * 1e3,
+                                out_GBps=nbytes / t_out / 1e9, in_GBps=nbytes / t_in / 1e9,
+                                pinned_d2h_GBps=nbytes / t_d2h / 1e9, pinned_h2d_GBps=nbytes / t_h2d / 1e9,
+                                out_share=t_d2h / t_out, in_share=t_h2d / t_in, recompute_ms=t_prefill * 1e3,
+                                restore_speedup=t_prefill / t_in)
+    print(f"host tier: 8k tokens out {t_out * 1e3:.1f} ms ({t_d2h / t_out:.0%} of a pinned copy), in "
+          f"{t_in * 1e3:.1f} ms ({t_h2d / t_in:.0%}); recompute {t_prefill * 1e3:.1f} ms: restore "
+          f"{t_prefill / t_in:.1f}x faster", flush=True)
+    del engine
+    torch.cuda.empty_cache()
+
+
+def bench_cache_overhead(model: Path, results: dict, rounds: int = 3) -> None:
+    """What prefix caching costs where nothing is reused: 64 random 512-token prompts x 64 output tokens
+    on one engine, with the cache on and off in turn (interleaved, `rounds` times each: the noise is
+    larger than the goal of <= 2 %)."""
+    from pdpipe.messages import SamplingParams
+
+    engine = make_engine(model, 0, 64, num_blocks=64 * 600 // BLOCK + 64)
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(5)
+    runs: dict[str, list[float]] = {"on": [], "off": []}
+    for r in range(rounds + 1):  # the first round warms up
+        for mode in ("on", "off"):
+            engine.blocks.caching = mode == "on"
+            engine.reset_prefix_cache()
+            for i in range(64):
+                engine.add_request(f"{mode}{r}-{i}", torch.randint(100, 120000, (512,), generator=gen).tolist(),
+                                   params)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            while engine.has_unfinished():
+                engine.step()
+            torch.cuda.synchronize()
+            if r:
+                runs[mode].append(64 * 64 / (time.perf_counter() - start))
+    on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
+    results["cache_overhead"] = dict(tokens_per_s_on=runs["on"], tokens_per_s_off=runs["off"],
+                                     cost=1 - on / off)
+    print(f"prefix caching on random prompts: {on:.0f} against {off:.0f} output tokens/s off ({1 - on / off:+.1%} "
+          f"cost; runs on {[round(x) for x in runs['on']]}, off {[round(x) for x in runs['off']]})", flush=True)
+    engine.blocks.caching = True
+    del engine
+    torch.cuda.empty_cache()
+
+
 def bench_profile(model: Path, results: dict) -> None:
     """Where a graph-replayed decode step spends its time, kernel by kernel (batch 1 and 64)."""
     from torch.profiler import ProfilerActivity, profile
@@ -589,6 +660,8 @@ def main() -> None:
               ("prefill", lambda: bench_prefill(model, results, results["gemm_tflops"])),
               ("ttft", lambda: bench_ttft(model, results, {r["prompts"]: r["ms"] for r in results.get("prefill", [])})),
               ("hf", lambda: bench_hf(model, results)),
+              ("hosttier", lambda: bench_host_tier(model, results)),
+              ("cacheoverhead", lambda: bench_cache_overhead(model, results)),
               ("profile", lambda: bench_profile(model, results))]
     for name, run in stages:
         if name in parts:
