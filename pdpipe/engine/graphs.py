@@ -202,9 +202,13 @@ class PrefillGraphs:
         torch.cuda.synchronize()
 
     def holds(self, out: SchedulerOutput) -> bool:
-        """Whether the step fits a graph: whole prompts, or chunks after context where those were captured."""
-        return (len(out.chunks) <= self.MAX_SEQS and out.num_tokens <= self.sizes[-1]
-                and (bool(self.context_graphs) or all(c.start == 0 for c in out.chunks)))
+        """Whether the step fits a graph: whole prompts; or, where those were captured, prompt chunks after
+        context (beside decodes, but not decodes alone: those are the decode graphs')."""
+        if len(out.chunks) > self.MAX_SEQS or out.num_tokens > self.sizes[-1]:
+            return False
+        if all(c.start == 0 for c in out.chunks):
+            return True
+        return bool(self.context_graphs) and any(c.start < c.seq.num_prompt_tokens for c in out.chunks)
 
     def size_for(self, tokens: int) -> int:
         return next(s for s in self.sizes if s >= tokens)
