@@ -89,7 +89,7 @@ def test_prompt_steps_replay_every_ranks_prefill_graph_of_one_size(model_dir):
     tp = SimpleNamespace(size=2, rank=0, all_gather_rows=lambda x: torch.cat([x, x + 100]))
     runner = DataParallelRunner(model, KVCache(model.spec, per_rank, block, torch.float32), 64, tp=tp)
     graphs = PrefillGraphs.__new__(PrefillGraphs)  # its layout, without a GPU to capture on
-    graphs.sizes, graphs.block_size = [32, 64, 96], block
+    graphs.sizes, graphs.block_size, graphs.context_graphs = [32, 64, 96], block, {}  # whole prompts' graphs only
     graphs.replay = lambda size, inputs: torch.arange(PrefillGraphs.MAX_SEQS, dtype=torch.float32)[:, None]
     runner.prefill_graphs = graphs
     params = SamplingParams(max_tokens=4)
