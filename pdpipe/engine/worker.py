@@ -91,6 +91,7 @@ class EngineWorker(Handler):
         # this thread never waits for the GPU.
         self._fence_layers = role == "prefill" and engine.kv_cache.data.is_cuda
         engine.blocks.record_events = engine.blocks.caching  # for the scheduler's cache index
+        engine.reset_prefix_cache()  # says AllBlocksCleared first: a restarted engine starts empty
 
     # ---- inbox -----------------------------------------------------------------------------
     def handle(self, msg: Msg | EngineOutput) -> None:

@@ -141,3 +141,18 @@ def test_under_eviction_pressure_no_block_in_use_or_in_transfer_is_reused(model_
     assert on == off
     assert sum(pipe.cached_tokens(f"r{i}") for i in range(len(prompts))) > 0
     assert pipe.engines["prefill-0"].blocks.num_evictions > 0 and pipe.engines["decode-0"].blocks.num_evictions > 0
+
+
+def test_a_new_engine_says_its_cache_is_empty_before_anything_else(model_dir):
+    """Its first KV events clear whatever a consumer (an external router) held of an earlier process of
+    the same name."""
+    from pdpipe.engine.worker import EngineWorker
+    from pdpipe.kv_events import AllBlocksCleared, decode_batch
+    from pdpipe.messages import KVEvents
+
+    pipe = LocalPipeline(model_dir("llama"), PD)
+    sent = []
+    worker = EngineWorker("decode-0", "decode", pipe.engines["decode-0"], lambda dest, msg: sent.append(msg))
+    worker.stats()
+    (first,) = [m for m in sent if isinstance(m, KVEvents)]
+    assert decode_batch(first.batches[0]).events == [AllBlocksCleared()]
