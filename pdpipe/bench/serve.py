@@ -82,19 +82,26 @@ async def send_all(cfg: ServeConfig, prompts: list[Prompt], offsets: list[float]
         url = cfg.base_url + ROUTES[cfg.endpoint]
         bodies = [msgspec.json.encode(request_body(p, model, cfg.endpoint, cfg.workload, cfg.return_token_ids))
                   for p in prompts]
-        bar = tqdm(total=len(prompts), disable=not cfg.progress, unit="req")
+        with tqdm(total=len(prompts), disable=not cfg.progress, unit="req") as bar:
 
-        async def send(i: int, prompt: Prompt) -> RequestResult:
-            result = await stream_request(session, url, bodies[i], RequestResult(i, prompt.max_tokens,
-                                                                                 prompt.prompt_len))
-            bar.update(1)
-            return result
+            async def send(i: int, prompt: Prompt) -> RequestResult:
+                return await _send(session, url, bodies[i], prompt, i, bar)
 
-        start = time.perf_counter()
-        results = await dispatch(prompts, offsets, cfg.load.max_concurrency, send)
-        duration = time.perf_counter() - start
-        bar.close()
+            results, duration = await _timed(dispatch(prompts, offsets, cfg.load.max_concurrency, send))
     return model, results, duration
+
+
+async def _send(session: aiohttp.ClientSession, url: str, body: bytes, prompt: Prompt, index: int,
+                bar: tqdm) -> RequestResult:
+    result = await stream_request(session, url, body, RequestResult(index, prompt.max_tokens, prompt.prompt_len))
+    bar.update(1)
+    return result
+
+
+async def _timed(work) -> tuple:
+    """What `work` returns, and how long it took."""
+    start = time.perf_counter()
+    return await work, time.perf_counter() - start
 
 
 async def send_sessions(cfg: ServeConfig, sessions: list[Session], offsets: list[float]) -> tuple[str, list, float]:
@@ -105,18 +112,13 @@ async def send_sessions(cfg: ServeConfig, sessions: list[Session], offsets: list
     async with client_session(cfg, len(sessions)) as session:
         model = cfg.model or await served_model(session, cfg.base_url)
         url = cfg.base_url + ROUTES[cfg.endpoint]
-        bar = tqdm(total=len(sessions) * cfg.workload.turns, disable=not cfg.progress, unit="req")
+        with tqdm(total=len(sessions) * cfg.workload.turns, disable=not cfg.progress, unit="req") as bar:
 
-        async def send(prompt: Prompt) -> RequestResult:
-            body = msgspec.json.encode(request_body(prompt, model, cfg.endpoint, cfg.workload, True))
-            result = await stream_request(session, url, body, RequestResult(0, prompt.max_tokens, prompt.prompt_len))
-            bar.update(1)
-            return result
+            async def send(prompt: Prompt) -> RequestResult:
+                body = msgspec.json.encode(request_body(prompt, model, cfg.endpoint, cfg.workload, True))
+                return await _send(session, url, body, prompt, 0, bar)
 
-        start = time.perf_counter()
-        turns = await run_sessions(sessions, offsets, cfg.workload.think_time, send)
-        duration = time.perf_counter() - start
-        bar.close()
+            turns, duration = await _timed(run_sessions(sessions, offsets, cfg.workload.think_time, send))
     return model, turns, duration
 
 

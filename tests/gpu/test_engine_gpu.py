@@ -4,6 +4,8 @@ KV pool sized from a share of the GPU's memory.
 
 Run on a GPU machine: python -m pytest -m gpu tests/gpu
 """
+import contextlib
+
 import pytest
 import torch
 from conftest import make_llm, make_prompts
@@ -91,6 +93,22 @@ def test_cuda_graph_decode_equals_eager(model_dir):
         assert a.token_ids == b.token_ids
 
 
+@contextlib.contextmanager
+def counting_replays(graphs_class, seen):
+    """Every `graphs_class.replay` while the block runs calls `seen(size, inputs)` first."""
+    replay = graphs_class.replay
+
+    def counting(self, size, inputs):
+        seen(size, inputs)
+        return replay(self, size, inputs)
+
+    graphs_class.replay = counting
+    try:
+        yield
+    finally:
+        graphs_class.replay = replay
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_prefill_graphs_equal_eager_steps(model_dir, arch):
     """Steps of whole prompts replaying prefill graphs (five prompts in one step; then a prompt longer
@@ -100,15 +118,8 @@ def test_prefill_graphs_equal_eager_steps(model_dir, arch):
 
     groups = [make_prompts(384, lengths=(3, 17, 40, 8, 25), seed=6), make_prompts(384, lengths=(300,), seed=7)]
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
-    replays = []
-    replay = PrefillGraphs.replay
-
-    def counting(self, size, inputs):
-        replays.append(size)
-        return replay(self, size, inputs)
-
-    PrefillGraphs.replay = counting
-    try:
+    replays: list = []
+    with counting_replays(PrefillGraphs, lambda size, inputs: replays.append(size)):
         results = {}
         for tokens in (256, 0):
             llm = make_llm(model_dir(arch), device="cuda", dtype="bfloat16", cuda_graphs=False,
@@ -116,8 +127,6 @@ def test_prefill_graphs_equal_eager_steps(model_dir, arch):
             assert (llm.engine.runner.prefill_graphs is not None) == (tokens > 0)
             results[tokens] = [out for group in groups for out in llm.generate(group, params)]
             assert llm.engine.leak_free()
-    finally:
-        PrefillGraphs.replay = replay
     assert replays == [96]  # the five prompts' step (93 tokens); the 300-token prompt ran eagerly
     for a, b in zip(results[256], results[0]):
         assert a.token_ids == b.token_ids
@@ -134,15 +143,8 @@ def test_prefill_graphs_take_chunks_after_a_cache_hit(model_dir, arch):
     head = make_prompts(384, lengths=(64,), seed=8)[0]
     tails = make_prompts(384, lengths=(5, 20, 33), seed=9)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
-    replays = []
-    replay = PrefillGraphs.replay
-
-    def counting(self, size, inputs):
-        replays.append((size, "tables" in inputs))
-        return replay(self, size, inputs)
-
-    PrefillGraphs.replay = counting
-    try:
+    replays: list = []
+    with counting_replays(PrefillGraphs, lambda size, inputs: replays.append((size, "tables" in inputs))):
         results = {}
         for tokens in (256, 0):
             llm = make_llm(model_dir(arch), device="cuda", dtype="bfloat16", cuda_graphs=False,
@@ -150,8 +152,6 @@ def test_prefill_graphs_take_chunks_after_a_cache_hit(model_dir, arch):
             llm.generate([head + [7]], params)
             results[tokens] = llm.generate([head + t for t in tails], params)
             assert [o.num_cached_tokens for o in results[tokens]] == [64, 64, 64] and llm.engine.leak_free()
-    finally:
-        PrefillGraphs.replay = replay
     assert replays == [(96, False), (64, True)]  # the head's step (65 tokens), then the three chunks'
     for a, b in zip(results[256], results[0]):
         assert a.token_ids == b.token_ids
