@@ -73,6 +73,17 @@ def serve_config(name: str, launch, cfg: CompareConfig, rate: float, out: Path) 
                        result_file=str(out / "serve" / f"{name}-rate{rate:g}.json"))
 
 
+def reset_prefix_cache(cfg: ServeConfig) -> None:
+    """POST /reset_prefix_cache on the launched server."""
+    import urllib.request
+
+    from .client import auth_headers
+
+    request = urllib.request.Request(cfg.base_url + "/reset_prefix_cache", method="POST",
+                                     headers=auth_headers(cfg.api_key))
+    urllib.request.urlopen(request, timeout=10).close()
+
+
 def run_layout(name: str, launch, cfg: CompareConfig, out: Path) -> list[dict]:
     """Launches one config, sweeps the rates against it, stops it; the sweep's points."""
     from pdpipe.launcher import Launcher
@@ -84,7 +95,9 @@ def run_layout(name: str, launch, cfg: CompareConfig, out: Path) -> list[dict]:
     try:
         launcher.start()
         for rate in cfg.rates:
-            point = sweep_point(rate, run_serve(serve_config(name, launch, cfg, rate, out)))
+            serve = serve_config(name, launch, cfg, rate, out)
+            reset_prefix_cache(serve)  # each rate starts cold: the same workload would hit the last rate's KV
+            point = sweep_point(rate, run_serve(serve))
             print(f"{name}: {rate:g} req/s: {point['completed']} done, {point['failed']} failed, "
                   f"TTFT p50 {point['ttft_ms']['p50'] or 0:.1f} ms, SLOs met {point['attainment'] * 100:.0f} %",
                   flush=True)
