@@ -166,6 +166,9 @@ class RoutingConfig:
                 "prompt (unless that instance is far busier than the rest), its prompt to the prefill instance "
                 "with the least to compute before it, and a follow-up whose uncached suffix is at most "
                 "local_prompt_tokens is computed on the decode instance holding its history"})
+    cache_min_tokens: int = field(default=256, metadata={
+        "help": "cache_aware: a decode instance is chosen for its cache only where it holds at least this many "
+                "of the prompt's tokens (a shorter shared prefix is cheap to recompute: the load is balanced)"})
     kv_events_endpoint: str = field(default="", metadata={
         "help": "also publish every engine's KV events (vLLM's KVEventBatch, ZeroMQ PUB) at this tcp address, "
                 "e.g. tcp://*:5557, for external routers (always published at ipc://<run dir>/kv-events.sock)"})
@@ -179,7 +182,7 @@ class RoutingConfig:
             raise ValueError(f"routing.disaggregation: {self.disaggregation!r}; allowed: {', '.join(DISAGGREGATION)}")
         if not 0.0 <= self.reserve_output_share <= 1.0:
             raise ValueError(f"routing.reserve_output_share: {self.reserve_output_share}; allowed: 0 to 1")
-        for name in ("local_prompt_tokens", "reserve_output_max", "decode_busy_ms"):
+        for name in ("local_prompt_tokens", "reserve_output_max", "decode_busy_ms", "cache_min_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"routing.{name}: must be >= 0, got {getattr(self, name)}")
         if self.local_step_tokens < 1:

@@ -382,7 +382,7 @@ class SchedulerCore(Handler):
         """The decode instance to hold the request: of those with room, the one whose cache holds most of
         its prompt (its KV need not move, nor its blocks be taken), unless that one runs far more requests
         than the least busy (by over 64, and 1.5 times: one hot prefix must not pile every request onto one
-        instance); then, and without a hit, the one with most room."""
+        instance), and only for a hit of at least routing.cache_min_tokens; else the one with most room."""
         fallback = self.ledger.best(decodes, room)
         if fallback is None or self.cache is None:
             return fallback
@@ -390,7 +390,7 @@ class SchedulerCore(Handler):
         hits = {d: self._hit_tokens(rec, d, computes_last=False) for d in fitting}
         best = max(fitting, key=lambda d: (hits[d], self.ledger.room(d).free_blocks, -self.ledger.room(d).seqs))
         busiest, idlest = self.ledger.room(best).seqs, min(self.ledger.room(d).seqs for d in fitting)
-        if not hits[best] or (busiest - idlest > 64 and busiest > 1.5 * idlest):
+        if hits[best] < max(1, self.routing.cache_min_tokens) or (busiest - idlest > 64 and busiest > 1.5 * idlest):
             return fallback
         return best
 

@@ -655,7 +655,8 @@ def cache_aware(**kwargs):
 
     sent = []
     core = SchedulerCore(kwargs.pop("roles", PD2), DeadlineConfig(), lambda d, m: sent.append((d, m)),
-                         lambda: 100.0, routing=kwargs.pop("routing", ALWAYS),
+                         lambda: 100.0, routing=kwargs.pop("routing", RoutingConfig(disaggregation="always",
+                                                                                   cache_min_tokens=64)),
                          cache=CacheKeys(lambda salt: root_hash("m", cache_salt=salt), 16))
     for name, role in core.roles.items():
         report(core, name, role, num_blocks=100 if name != "decode-0" else 200, max_num_seqs=200)
@@ -668,7 +669,7 @@ PD2 = {"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode", "de
 def test_a_request_goes_to_the_decode_and_prefill_instances_holding_its_prefix():
     """decode-0 has twice the room, but decode-1's cache holds the prompt's 6 blocks, and prefill-1's: the
     Reserve goes to decode-1, the prompt to prefill-1 (its 6 blocks reusable there: 4 tokens to compute).
-    Another salt shares nothing and goes by room."""
+    Another salt shares nothing and goes by room; so does a hit under routing.cache_min_tokens."""
     core, sent = cache_aware()
     prompt = list(range(100))
     cached_on(core, "decode-1", prompt)
@@ -679,6 +680,10 @@ def test_a_request_goes_to_the_decode_and_prefill_instances_holding_its_prefix()
     sent.clear()
     core.handle(NewRequest(request_id="s", prompt_token_ids=prompt, params=SamplingParams(max_tokens=16),
                            arrival=99.0, cache_salt="other"))
+    assert [d for d, _ in dispatched(sent, Reserve)] == ["decode-0"]
+    core, sent = cache_aware(routing=ALWAYS)  # 96 cached tokens are under the default 256: cheap to recompute
+    cached_on(core, "decode-1", prompt)
+    new(core, "r", 100)
     assert [d for d, _ in dispatched(sent, Reserve)] == ["decode-0"]
 
 
