@@ -130,7 +130,6 @@ class Reserved(Msg, frozen=True):  # decode → scheduler; block_ids None when t
     block_ids: list[int] | None
     free_blocks: int
     cached_blocks: int = 0  # leading prompt blocks whose KV decode's prefix cache held: they do not move
-    blocks_taken: int = 0  # free blocks the reservation took (0: not said)
 
 
 class DecodeBlocks(Msg, frozen=True):  # decode → transfer: where the prompt's KV goes (the job may not exist yet)

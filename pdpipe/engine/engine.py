@@ -67,7 +67,6 @@ class Reservation:
 
     blocks: list[int]
     cached: int  # its leading blocks whose KV this engine's prefix cache already held: nothing comes for them
-    taken: int  # free blocks it took (fewer than its blocks where cached ones were in use by others)
 
 
 class LLMEngine:
@@ -225,13 +224,19 @@ class LLMEngine:
             return None
         return root_hash(self.model_dir.name, kv_dtype=self.spec.dtype, cache_salt=cache_salt)
 
-    def _copy_tier(self) -> bool:
-        """Runs the host tier's queued copies (evicted blocks out, restored prefixes in) ahead of whatever
-        next writes or reads those blocks; whether there were any."""
+    def _copy_tier(self, settle: bool = False) -> None:
+        """Runs the host tier's queued copies (evicted blocks out, restored prefixes in) on every rank, ahead
+        of whatever next writes or reads those blocks on its stream; with `settle`, until they are done on
+        every rank (what writes next is another process). A copy that fails leaves the cache's word on
+        those blocks untrue: the cache is emptied, and the failure raised."""
         copies = self.blocks.take_copies()
-        if copies:
-            self.runner.copy_tier(copies)
-        return bool(copies)
+        if not copies:
+            return
+        try:
+            self.runner.copy_tier(copies, settle)
+        except BaseException:
+            self.reset_prefix_cache()
+            raise
 
     def reset_prefix_cache(self) -> int:
         """Forgets every cached block (POST /reset_prefix_cache); returns how many there were."""
@@ -262,15 +267,15 @@ class LLMEngine:
             bs = self.blocks.block_size
             hit = self.blocks.match(block_hashes(prompt_token_ids, bs, root),
                                     reusable_blocks(len(prompt_token_ids), bs, computes_last=False))
+        if hit and not self.blocks.can_allocate(self.blocks.blocks_for(num_tokens) - len(hit), hit):
+            hit = []  # the partition holding it is full: the KV comes whole, into one with room
         need = self.blocks.blocks_for(num_tokens) - len(hit)
         if not self.blocks.can_allocate(need, hit):
             return None
-        free_before = self.blocks.num_free_blocks
         self.blocks.share(hit)
         self._reserved[request_id] = hit + self.blocks.allocate(need, self.blocks.partition_of(hit[0]) if hit else None)
-        if self._copy_tier() and self.kv_cache.data.is_cuda:
-            torch.cuda.current_stream().synchronize()  # another process writes these blocks next
-        return Reservation(list(self._reserved[request_id]), len(hit), free_before - self.blocks.num_free_blocks)
+        self._copy_tier(settle=True)  # another process (the transfer) writes these blocks next
+        return Reservation(list(self._reserved[request_id]), len(hit))
 
     @property
     def reserved(self) -> list[str]:

@@ -99,6 +99,7 @@ class TierCopies:
     """Blocks between the device pool and the host tier (block_manager.take_copies' list), before a step."""
 
     copies: list[tuple[str, int, int]]
+    settle: bool = False  # every rank waits for them, then all meet: another process writes those blocks next
 
 
 Step = Eager | DecodeReplay | PrefillReplay | WarmGemms | EagerShares | DecodeShares | PrefillShares | TierCopies

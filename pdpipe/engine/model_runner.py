@@ -134,12 +134,18 @@ class ModelRunner:
         if isinstance(step, TierCopies):
             assert self.host_tier is not None  # every rank has its share of the tier
             self.host_tier.run(step.copies)
+            if step.settle:
+                if self.kv_cache.data.is_cuda:
+                    torch.cuda.current_stream().synchronize()
+                if self.tp is not None:
+                    torch.distributed.barrier(group=self.tp.control if self.tp.control is not None else self.tp.group)
             return torch.empty(0)
         raise TypeError(f"{type(self).__name__} cannot run a {type(step).__name__} step")
 
-    def copy_tier(self, copies: list[tuple[str, int, int]]) -> None:
-        """Runs the host tier's copies on every rank (each its own heads), queued before what follows."""
-        step = TierCopies(copies)
+    def copy_tier(self, copies: list[tuple[str, int, int]], settle: bool = False) -> None:
+        """Runs the host tier's copies on every rank (each its own heads), queued before what follows; with
+        `settle`, returns once every rank's are done."""
+        step = TierCopies(copies, settle)
         self._hand_over(step)
         self.run(step)
 

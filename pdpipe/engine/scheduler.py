@@ -162,8 +162,10 @@ class Scheduler:
             seq = self.waiting[0]
             hashes, limit = seq.block_hashes(bs), reusable_blocks(seq.num_tokens, bs, computes_last=True)
             hit = self.blocks.match(hashes, limit)
-            need = self.blocks.blocks_for(seq.num_tokens) - len(hit)
             reserve = self.config.watermark_blocks if self.running else 0
+            if hit and not self.blocks.can_allocate(self.blocks.blocks_for(seq.num_tokens) - len(hit) + reserve, hit):
+                hit = []  # the partition holding it is full: computed afresh in one with room
+            need = self.blocks.blocks_for(seq.num_tokens) - len(hit)
             if not self.blocks.can_allocate(need + reserve, hit):
                 break
             self.waiting.popleft()
@@ -175,7 +177,8 @@ class Scheduler:
             seq.num_registered = len(hit)
             seq.num_computed_tokens = (len(hit) + len(host)) * bs
             self.register_computed(seq)  # the restored blocks: their KV is back before anything reads it
-            if not seq.num_output_tokens:  # its first admission (a preempted one recomputes its own)
+            if not seq.admitted:  # its first admission (a preempted one recomputes from its own blocks)
+                seq.admitted = True
                 seq.num_cached_tokens = seq.num_computed_tokens
                 if seq.cache_root is not None:
                     self.prefix_query_tokens += seq.num_prompt_tokens

@@ -36,6 +36,7 @@ class Sequence:
     known_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as computed
     num_registered: int = 0  # leading blocks of its table registered in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not computed
+    admitted: bool = False  # scheduled once already (a preempted one waits again)
 
     def __post_init__(self):
         if not self.token_ids:

@@ -139,7 +139,7 @@ class EngineWorker(Handler):
         self.send(SCHEDULER, Reserved(request_id=msg.request_id, instance=self.name,
                                       block_ids=held.blocks if held else None,
                                       free_blocks=self.engine.blocks.num_free_blocks,
-                                      cached_blocks=held.cached if held else 0, blocks_taken=held.taken if held else 0))
+                                      cached_blocks=held.cached if held else 0))
 
     def _on_KVLanded(self, msg: KVLanded) -> None:
         reserve = self._pending.pop(msg.request_id, None)

@@ -54,11 +54,12 @@ class DecodeLedger:
     def __init__(self) -> None:
         self.rooms: dict[str, DecodeRoom] = {}
         self.commitments: dict[str, tuple[str, int]] = {}  # request id → (decode, tokens)
-        self.settled: dict[str, int] = {}  # request id → the blocks its reservation took, where decode said
 
     def _blocks(self, request_id: str) -> int:
+        """A request's committed blocks: its whole room, blocks it shares with others (a decode-side prefix
+        hit) counted for each holder — conservative, since a sharer that ends leaves them held."""
         decode, num_tokens = self.commitments[request_id]
-        return self.settled.get(request_id, self.room(decode).blocks_for(num_tokens))
+        return self.room(decode).blocks_for(num_tokens)
 
     def room(self, decode: str) -> DecodeRoom:
         return self.rooms.setdefault(decode, DecodeRoom())
@@ -93,21 +94,9 @@ class DecodeLedger:
         room = self.room(decode)
         room.blocks -= self._blocks(request_id)
         del self.commitments[request_id]
-        self.settled.pop(request_id, None)
         room.seqs -= 1
         room.blocked = False
         return decode
-
-    def settle(self, request_id: str, blocks: int) -> bool:
-        """Decode reserved the request's room taking `blocks` free blocks (fewer than the room's count where
-        it already held part of the prompt's KV): the rest is free again. Returns whether room opened."""
-        held = self.commitments.get(request_id)
-        if held is None:
-            return False
-        before = self._blocks(request_id)
-        self.settled[request_id] = blocks
-        self.room(held[0]).blocks -= before - blocks
-        return blocks < before
 
     def refused(self, request_id: str) -> None:
         held = self.commitments.get(request_id)
@@ -119,7 +108,6 @@ class DecodeLedger:
         self.rooms.pop(decode, None)
         for rid in [r for r, (d, _) in self.commitments.items() if d == decode]:
             del self.commitments[rid]
-            self.settled.pop(rid, None)
 
     def never_fits(self, decodes: list[str], num_tokens: int) -> bool:
         rooms = [self.room(d) for d in decodes]

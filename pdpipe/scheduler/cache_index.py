@@ -2,7 +2,8 @@
 engines' KV events (`kv_events`), so that it can route a request to where its prefix already is.
 
 Keys are (instance, data-parallel rank): a data-parallel instance caches per rank, and a request's hit
-on it is its best rank's. An instance that goes down, or says all its blocks are cleared, is forgotten.
+on it is its best rank's. A block counts as held while any tier (medium: the device's, the host's) holds
+it. An instance that goes down, or says all its blocks are cleared, is forgotten.
 """
 from __future__ import annotations
 
@@ -13,16 +14,22 @@ from pdpipe.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEven
 
 class CacheIndex:
     def __init__(self) -> None:
-        self._held: dict[tuple[str, int], set[bytes]] = {}
+        self._held: dict[tuple[str, int], dict[bytes, set[str]]] = {}  # → hash → the tiers holding it
 
     def apply(self, instance: str, batch: KVEventBatch) -> None:
         key = (instance, batch.data_parallel_rank or 0)
-        held = self._held.setdefault(key, set())
+        held = self._held.setdefault(key, {})
         for event in batch.events:
             if isinstance(event, BlockStored):
-                held.update(event.block_hashes)
+                for h in event.block_hashes:
+                    held.setdefault(h, set()).add(event.medium or "")
             elif isinstance(event, BlockRemoved):
-                held.difference_update(event.block_hashes)
+                for h in event.block_hashes:
+                    tiers = held.get(h)
+                    if tiers is not None:
+                        tiers.discard(event.medium or "")
+                        if not tiers:
+                            del held[h]
             elif isinstance(event, AllBlocksCleared):
                 held.clear()
 

@@ -417,8 +417,6 @@ class SchedulerCore(Handler):
         self.routed[msg.instance] += 1
         held = f", {msg.cached_blocks} of them cached there (not moved)" if msg.cached_blocks else ""
         self._record(rec, State.RESERVED, msg.instance, f"{len(msg.block_ids)} blocks{held}")
-        if msg.blocks_taken and self.ledger.settle(rec.request_id, msg.blocks_taken):
-            self._pump()  # the cached blocks it took in use elsewhere leave room for others
 
     def _on_StateEvent(self, msg: StateEvent) -> None:
         rec = self.live.get(msg.request_id)

@@ -293,9 +293,8 @@ def test_kv_events_reach_a_subscriber_in_vllms_wire_shape(tmp_path):
         pass
     seqs.append(int.from_bytes(frames[1], "big"))
     assert topic == b"decode-0" and len(seq) == 8 and seqs[1] > seqs[0] and decode_batch(payload) == batch
-    raw = msgspec.msgpack.decode(payload)  # as a consumer without pdpipe's structs sees it
-    assert raw["ts"] == 1.5 and raw["data_parallel_rank"] == 1
-    assert raw["events"][0]["type"] == "BlockStored" and raw["events"][0]["block_hashes"] == hashes(1)
+    raw = msgspec.msgpack.decode(payload)  # as a consumer without pdpipe's structs sees it: arrays, tag first
+    assert raw == [1.5, [["BlockStored", hashes(1), None, [1] * 4, 4, None, "GPU"]], 1]
     publisher.close()
     sub.close()
     ctx.term()
@@ -377,3 +376,61 @@ def test_the_host_tier_on_two_tensor_parallel_ranks_computes_what_one_engine_doe
                      [make_prompts(384, lengths=(64,), seed=41)[0],
                       *make_prompts(384, lengths=(60, 61, 62), seed=42), make_prompts(384, lengths=(64,), seed=41)[0]])
     assert tokens == expected[0] and cached[-1] == 56 and restored == 7
+
+
+def test_a_hit_in_a_full_partition_is_given_up_for_one_with_room():
+    """Data-parallel partitions: the prefix is cached in rank 0's pool, which has no room for the rest of
+    the prompt; rank 1's has: the prompt is admitted there, computed whole, rather than waiting."""
+    from pdpipe.config import SchedulerConfig as Sched
+    from pdpipe.engine.scheduler import Scheduler
+    from pdpipe.engine.sequence import Sequence
+
+    bm = BlockManager(num_blocks=16, block_size=4, partitions=2)
+    cached = bm.allocate(4, partition=0)
+    prompt = [t for b in (1, 2, 3, 4) for t in [b] * 4] + [9, 9, 9, 9]
+    chain = block_hashes(prompt, 4, ROOT)
+    for i, block in enumerate(cached):
+        bm.register(block, chain[i])
+    bm.free(cached)
+    held = bm.allocate(4, partition=0)  # rank 0: its 4 other blocks in use, only the cached 4 free
+    sched = Scheduler(Sched(max_num_seqs=4, max_num_batched_tokens=64, watermark_blocks=0), bm, max_model_len=64,
+                      eos_token_ids=frozenset())
+    sched.add(Sequence("r", prompt, GREEDY, cache_root=ROOT))
+    out = sched.schedule()
+    (chunk,) = out.chunks
+    assert chunk.start == 0 and {bm.partition_of(b) for b in chunk.seq.block_table} == {1}
+    bm.free(held)
+
+
+def test_the_index_counts_a_block_held_while_any_tier_holds_it():
+    from pdpipe.kv_events import BlockRemoved, BlockStored, KVEventBatch
+    from pdpipe.scheduler.cache_index import CacheIndex
+
+    index = CacheIndex()
+    chain = hashes(1, 2)
+    index.apply("d", KVEventBatch(1.0, [BlockStored(chain, None, [], 4),
+                                        BlockStored(chain[1:], None, [], 4, medium="CPU")]))
+    index.apply("d", KVEventBatch(2.0, [BlockRemoved(chain[1:])]))  # evicted from the device, kept on the host
+    assert index.hit_blocks("d", chain, 2) == 2
+    index.apply("d", KVEventBatch(3.0, [BlockRemoved(chain[1:], medium="CPU")]))
+    assert index.hit_blocks("d", chain, 2) == 1
+
+
+def reserve_after_eviction(engine) -> tuple[int, int]:
+    """Fills a 12-block pool's cache, then reserves room that evicts cached blocks to the host tier: the
+    copies must be done on every rank before the reservation is answered (the transfer writes next)."""
+    serve(engine, [make_prompts(384, lengths=(64,), seed=41)[0]])
+    before = engine.blocks.host_blocks_out
+    held = engine.reserve("r", 80)
+    assert held is not None
+    engine.cancel_reservation("r")
+    return before, engine.blocks.host_blocks_out
+
+
+def test_a_reservation_that_evicts_to_the_host_settles_on_every_rank(model_dir, tmp_path):
+    from parallel_ranks import engine_rank, on_two_ranks
+
+    tiered = {"cache": CacheConfig(block_size=8, num_blocks=12, host_kv_cache_mb=1)}
+    [(_, (before, after))] = on_two_ranks(engine_rank, tmp_path, [(str(model_dir("qwen3")), 12, tiered,
+                                                                    reserve_after_eviction)], 1)
+    assert after > before  # copies ran (and every rank met after them: rank 0 would hang otherwise)
