@@ -279,7 +279,7 @@ class SchedulerCore(Handler):
         """The request runs whole on `instance`, prompt and output, as on a colocated engine: its decode
         instance (conditional disaggregation) or a prefill instance (decode busy)."""
         rec.whole = instance
-        self.ledger.commit(rec.request_id, instance, room)
+        self._commit(rec, instance, room, computes_last=True)
         on_decode = self.roles.get(instance) == "decode"
         self.decisions["local" if on_decode else "whole"] += 1
         where = f"prefill on {instance} itself" if on_decode else f"prompt and output on {instance}"
@@ -296,7 +296,7 @@ class SchedulerCore(Handler):
             s = self.stats.get(decode)
             if s is None or s.step_seconds * 1e3 <= limit:
                 return None
-        prefills = [p for p in self.of_role("prefill") if self.ledger.room(p).fits(room)]
+        prefills = [p for p in self.of_role("prefill") if self._fits(rec, p, room)]
         return min(prefills, key=lambda p: self._prefill_load(p, rec)) if prefills else None
 
     def _room_tokens(self, rec: RequestRecord) -> int:
@@ -350,7 +350,7 @@ class SchedulerCore(Handler):
         reservation is off the path to the first token (decode sends the block ids to the transfer)."""
         r = rec.request
         rec.reserving = decode
-        self.ledger.commit(rec.request_id, decode, room)
+        self._commit(rec, decode, room, computes_last=False)
         first = not rec.prefill
         if first:
             rec.prefill = min(self.of_role("prefill"), key=lambda p: self._prefill_load(p, rec))
@@ -361,6 +361,27 @@ class SchedulerCore(Handler):
                                   transfer=self.transfer_of(rec.prefill), num_tokens=room, cache_salt=r.cache_salt))
         if first:
             self._send_prefill(rec, rec.prefill, decode)
+
+    def _commit(self, rec: RequestRecord, instance: str, room: int, computes_last: bool) -> None:
+        """Commits `room` tokens on `instance`, its prompt blocks by hash so that those its cache holds count
+        once however many requests share them (not by hash when not routing by cache)."""
+        self.ledger.commit(rec.request_id, instance, room, *self._shares(rec, instance, computes_last))
+
+    def _shares(self, rec: RequestRecord, instance: str, computes_last: bool) -> tuple[list[bytes], int, int]:
+        """The ledger's view of `rec`'s prompt on `instance`: its block hashes, how many leading ones the
+        instance's cache holds, the block size."""
+        if self.cache is None:
+            return [], 0, 0
+        hit = self._hit_tokens(rec, instance, computes_last)
+        return rec.hashes or [], hit // self.cache.block_size, self.cache.block_size
+
+    def _need(self, rec: RequestRecord, instance: str, room: int) -> int:
+        """The blocks committing `room` tokens of `rec` on `instance` adds (as if it computed its last prompt
+        token there: the larger of the two ways it may go)."""
+        return self.ledger.cost(instance, room, *self._shares(rec, instance, computes_last=True))
+
+    def _fits(self, rec: RequestRecord, instance: str, room: int) -> bool:
+        return self.ledger.room(instance).fits(room, self._need(rec, instance, room))
 
     def _prefill_load(self, name: str, rec: RequestRecord) -> int:
         """Prompt tokens `name` computes before `rec`'s is done: those it has not finished and the part
@@ -383,10 +404,11 @@ class SchedulerCore(Handler):
         its prompt (its KV need not move, nor its blocks be taken), unless that one runs far more requests
         than the least busy (by over 64, and 1.5 times: one hot prefix must not pile every request onto one
         instance), and only for a hit of at least routing.cache_min_tokens; else the one with most room."""
-        fallback = self.ledger.best(decodes, room)
+        needs = {d: self._need(rec, d, room) for d in decodes}
+        fallback = self.ledger.best(decodes, room, needs)
         if fallback is None or self.cache is None:
             return fallback
-        fitting = [d for d in decodes if self.ledger.room(d).fits(room)]
+        fitting = [d for d in decodes if self.ledger.room(d).fits(room, needs[d])]
         hits = {d: self._hit_tokens(rec, d, computes_last=False) for d in fitting}
         best = max(fitting, key=lambda d: (hits[d], self.ledger.room(d).free_blocks, -self.ledger.room(d).seqs))
         busiest, idlest = self.ledger.room(best).seqs, min(self.ledger.room(d).seqs for d in fitting)
@@ -414,6 +436,7 @@ class SchedulerCore(Handler):
             self._enqueue(rec)
             return
         rec.decode = msg.instance
+        self.ledger.settle(rec.request_id, msg.cached_blocks)
         self.routed[msg.instance] += 1
         held = f", {msg.cached_blocks} of them cached there (not moved)" if msg.cached_blocks else ""
         self._record(rec, State.RESERVED, msg.instance, f"{len(msg.block_ids)} blocks{held}")

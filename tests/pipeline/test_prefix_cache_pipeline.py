@@ -156,3 +156,30 @@ def test_a_new_engine_says_its_cache_is_empty_before_anything_else(model_dir):
     worker.stats()
     (first,) = [m for m in sent if isinstance(m, KVEvents)]
     assert decode_batch(first.batches[0]).events == [AllBlocksCleared()]
+
+
+def test_decode_admits_the_requests_sharing_its_cached_prefix_counting_the_prefix_once(model_dir):
+    """Decode has 20 blocks of 8 tokens and caches a 48-token prefix (6 blocks). Six requests over it (54
+    prompt tokens, 12 out: 9 blocks of room each) arrive at once: their whole rooms would let 2 in at a time;
+    the scheduler counts the prefix once (9 + 3 + 3 + 3 + 3 = 18) and dispatches 4 at once, which decode
+    takes without refusing one. Tokens as without any cache; the ledger empties."""
+    head = make_prompts(384, lengths=(48,), seed=30)[0]
+    prompts = [head + tail for tail in make_prompts(384, lengths=(6,) * 6, seed=31)]
+
+    def run(caching: bool) -> tuple[list[list[int]], int, LocalPipeline]:
+        pipe = LocalPipeline(model_dir("llama"), PD, num_blocks=20, prefix_caching=caching,
+                             routing=RoutingConfig(disaggregation="always", cache_min_tokens=8))
+        serve_one(pipe, "seed", head + [1])  # the prefix lands in decode's cache
+        for i, p in enumerate(prompts):
+            pipe.submit(f"r{i}", p, REPLY)
+        pipe.deliver()
+        at_once = len(pipe.scheduler.ledger.commitments)
+        pipe.run()
+        assert pipe.leak_free() and not pipe.scheduler.ledger.rooms["decode-0"].held
+        return [pipe.tokens(f"r{i}") for i in range(len(prompts))], at_once, pipe
+
+    off, off_at_once, _ = run(False)
+    on, on_at_once, pipe = run(True)
+    assert on == off and (off_at_once, on_at_once) == (2, 4)
+    refused = [d for rec in pipe.scheduler.recent.values() for _, _, _, d in rec.events if d.startswith("refused")]
+    assert not refused and all(pipe.cached_tokens(f"r{i}") == 48 for i in range(len(prompts)))

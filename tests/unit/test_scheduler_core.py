@@ -318,10 +318,15 @@ def test_without_decode_busy_ms_prefill_instances_never_take_whole_requests():
 
 
 def ledger_matches(core) -> bool:
-    """Each instance's committed room is exactly the sum of its requests' commitments."""
-    for name, room in core.ledger.rooms.items():
-        mine = [n for d, n in core.ledger.commitments.values() if d == name]
-        if room.blocks != sum(room.blocks_for(n) for n in mine) or room.seqs != len(mine):
+    """Each instance's committed room is exactly the sum of its requests' commitments: their blocks beyond
+    their hashed prompt blocks, and what those cost (whole rooms when no prompt is hashed)."""
+    ledger = core.ledger
+    for name, room in ledger.rooms.items():
+        mine = [rid for rid, (d, _) in ledger.commitments.items() if d == name]
+        owners = sum(len(ledger.prompts[rid][0]) - ledger.prompts[rid][1] for rid in mine)
+        if (room.blocks != room.hashed + sum(ledger._unhashed(rid) for rid in mine) or room.seqs != len(mine)
+                or sum(e[0] for e in room.held.values()) != owners
+                or room.hashed != sum(e[0] + e[2] for e in room.held.values())):
             return False
     return True
 
@@ -696,6 +701,31 @@ def test_one_hot_prefix_does_not_pile_every_request_onto_one_decode_instance():
         core.ledger.commit(f"busy-{i}", "decode-1", 16)
     new(core, "r", 100)
     assert [d for d, _ in dispatched(sent, Reserve)] == ["decode-0"]
+
+
+def test_requests_sharing_a_prefix_decode_holds_commit_its_blocks_once():
+    """decode-0 (20 blocks) caches a 96-token prefix (6 blocks). Each request's room is 8 blocks (100 prompt
+    tokens, 16 output): committed whole, 2 would fit; the prefix counted once, 7 do (8 + 6 × 2). When the
+    first ends the others still hold the prefix: it stays committed until the last lets go."""
+    from pdpipe.messages import Freed
+
+    core, sent = cache_aware(roles=PD1)
+    report(core, "decode-0", num_blocks=20, max_num_seqs=200)
+    prompt = list(range(100))
+    cached_on(core, "decode-0", prompt)
+    for i in range(9):
+        core.handle(NewRequest(request_id=f"r{i}", prompt_token_ids=prompt, params=SamplingParams(max_tokens=16),
+                               arrival=99.0))
+    assert reserves(sent) == [f"r{i}" for i in range(7)] and list(core.queue) == ["r7", "r8"]
+    room = core.ledger.room("decode-0")
+    assert room.blocks == 20
+    for i in range(7):
+        core.handle(Reserved(request_id=f"r{i}", instance="decode-0", block_ids=list(range(8)), free_blocks=0,
+                             cached_blocks=6))
+    core.handle(AbortRequest(request_id="r0", reason="stop"))
+    core.handle(Freed(request_id="r0", instance="decode-0"))
+    assert room.blocks == 20 and reserves(sent)[-1] == "r7"  # r0's 2 blocks of its own went to r7
+    assert ledger_matches(core)
 
 
 def test_the_index_forgets_an_instance_that_goes_down_or_clears_its_cache():
