@@ -138,6 +138,7 @@ class DecodeBlocks(Msg, frozen=True):  # decode → transfer: where the prompt's
     block_ids: list[int]  # for the prompt's blocks after the first `skip`
     pool: str = ""  # a data-parallel rank's pool ("instance@rank"; the ids then its own); empty: the instance's
     skip: int = 0  # leading prompt blocks decode already holds (its prefix cache): not moved
+    held_ids: list[int] = []  # ... their ids (in `pool`): a prefill instance may copy them instead of computing
 
 
 class Prefill(Msg, frozen=True):  # scheduler → prefill (decode_instance named; its blocks reach the transfer
@@ -147,6 +148,21 @@ class Prefill(Msg, frozen=True):  # scheduler → prefill (decode_instance named
     params: SamplingParams
     decode_instance: str = ""
     cache_salt: str = ""
+    pull_blocks: int = 0  # leading prompt blocks the decode instance reserving for it caches: copied from there
+    # (by the transfer, once decode's blocks are known) instead of computed, where this instance lacks them
+
+
+class PullStart(Msg, frozen=True):  # prefill → transfer: copy decode's cached prompt blocks into these
+    request_id: str
+    instance: str
+    block_ids: list[int]  # for prompt blocks first … first+len-1
+    first: int
+    pool: str = ""  # as DecodeBlocks.pool
+
+
+class Pulled(Msg, frozen=True):  # transfer (or the scheduler, for a dead transfer) → prefill
+    request_id: str
+    blocks: int  # leading blocks of the PullStart that hold decode's KV now (0: none; the prefill computes them)
 
 
 class TransferStart(Msg, frozen=True):  # prefill → transfer: these blocks will move, layer by layer
@@ -260,12 +276,14 @@ class InstanceStats(Msg, frozen=True):  # every process → scheduler, a few tim
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_hit_tokens: int = 0  # of them, found there (their KV reused, not computed)
     prefix_hit_tokens_host: int = 0  # of the hits, those found in the host tier (copied back, not computed)
+    prefix_hit_tokens_remote: int = 0  # of the hits, those copied from the decode instance's cache (a pull)
     host_blocks: int = 0  # the host tier's blocks (0: none)
     host_cached_blocks: int = 0
     host_bytes_out: int = 0  # KV copied device → host tier, since start
     host_bytes_in: int = 0  # and back
     blocks_sent: int = 0  # transfer: prompt blocks moved prefill → decode, since start
     blocks_skipped: int = 0  # transfer: prompt blocks not moved, decode's prefix cache holding them
+    blocks_pulled: int = 0  # transfer: cached prompt blocks copied decode → prefill instead of computed
 
 
 class Ready(Msg, frozen=True):  # every process → launcher, once it can serve
@@ -341,7 +359,8 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI /
     instance: str = ""
 
 
-Message = (NewRequest | AbortRequest | Reserve | Reserved | DecodeBlocks | Prefill | TransferStart | LayersReady
+Message = (NewRequest | AbortRequest | Reserve | Reserved | DecodeBlocks | Prefill | PullStart | Pulled
+           | TransferStart | LayersReady
            | PrefillDone | KVLanded | TransferDone | Free | Freed | AbortTransfer | StateEvent | InstanceStats
            | Ready | PoolInfo | Forward | Pause | Shutdown | ProcessDown | ProcessUp | DropAll | Heartbeat
            | ResetPrefixCache | KVEvents

@@ -106,9 +106,10 @@ class SnapshotTotals:
             stats = inst["stats"]
             if stats and inst["role"] in ("prefill", "decode", "mixed"):
                 queries.add_metric([name, "gpu"], stats.get("prefix_query_tokens", 0))
-                host = stats.get("prefix_hit_tokens_host", 0)
-                hits.add_metric([name, "gpu"], stats.get("prefix_hit_tokens", 0) - host)
+                host, remote = stats.get("prefix_hit_tokens_host", 0), stats.get("prefix_hit_tokens_remote", 0)
+                hits.add_metric([name, "gpu"], stats.get("prefix_hit_tokens", 0) - host - remote)
                 hits.add_metric([name, "cpu"], host)
+                hits.add_metric([name, "remote"], remote)
                 tier.add_metric([name, "out"], stats.get("host_bytes_out", 0))
                 tier.add_metric([name, "in"], stats.get("host_bytes_in", 0))
         xfers = (snap.get("transfers") or {}).values()  # one transfer process per machine
@@ -117,7 +118,9 @@ class SnapshotTotals:
         seconds = CounterMetricFamily("pdpipe_kv_transfer_seconds", "Seconds spent moving KV")
         seconds.add_metric([], sum(x.get("seconds_moving", 0.0) for x in xfers))
         blocks = CounterMetricFamily("pdpipe_kv_transfer_blocks", "Prompt KV blocks moved prefill to decode (sent), "
-                                     "or not moved because decode's prefix cache held them (skipped)", labels=["kind"])
+                                     "not moved because decode's prefix cache held them (skipped), or copied from "
+                                     "decode's cache to prefill instead of computed (pulled)", labels=["kind"])
         blocks.add_metric(["sent"], sum(x.get("blocks_sent", 0) for x in xfers))
         blocks.add_metric(["skipped"], sum(x.get("blocks_skipped", 0) for x in xfers))
+        blocks.add_metric(["pulled"], sum(x.get("blocks_pulled", 0) for x in xfers))
         return [queries, hits, tier, moved, seconds, blocks]

@@ -194,10 +194,11 @@ class LLMEngine:
         return peak
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    hold_kv: bool = False, cache_salt: str = "") -> None:
+                    hold_kv: bool = False, cache_salt: str = "", pull_blocks: int = 0) -> None:
         """Queues a request. With `hold_kv` its blocks outlive it until `release_kv` (prefill → transfer).
         Its prompt's blocks are looked up in the prefix cache under `cache_salt` (requests with different
-        salts never share)."""
+        salts never share). `pull_blocks`: leading prompt blocks the decode instance caches, copied here
+        (`Scheduler.pulled`) instead of computed where this cache lacks them."""
         if not prompt_token_ids:
             raise RequestError("prompt: is empty; give at least one token")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -214,7 +215,9 @@ class LLMEngine:
         if self.scheduler.find(request_id) is not None:
             raise RequestError(f"request_id: {request_id!r} is already running")
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals),
-                       hold_kv=hold_kv, cache_root=self.cache_root(cache_salt))
+                       hold_kv=hold_kv, cache_root=self.cache_root(cache_salt),
+                       pull_blocks=min(max(pull_blocks, 0), reusable_blocks(len(prompt_token_ids),
+                                                                          self.blocks.block_size, computes_last=True)))
         self.scheduler.add(seq)
 
     def cache_root(self, cache_salt: str = "") -> bytes | None:
@@ -405,5 +408,6 @@ class LLMEngine:
 
     def leak_free(self) -> bool:
         """The leak oracle: no live request and every block free."""
-        return (not self.has_unfinished() and not self.scheduler.held and not self._reserved
-                and self.blocks.all_free())
+        sched = self.scheduler
+        return (not sched.waiting and not sched.running and not sched.held and not sched.pull_holds
+                and not self._reserved and self.blocks.all_free())

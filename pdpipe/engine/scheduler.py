@@ -7,6 +7,11 @@ decode instance computing prompts itself keeps its running requests' steps short
 admitted only when blocks for all of its tokens are free. When a running sequence needs a block and
 none is free, the newest running sequence is preempted: its blocks are freed and it waits to be
 recomputed, so the oldest always makes progress and no request is ever corrupted or dropped.
+
+A prompt whose leading blocks the decode instance caches (`Sequence.pull_blocks`, a remote hit) is admitted
+with blocks for all of it and then waits, computing nothing, while the transfer copies those blocks in
+(`pulls`, then `pulled`); it is never preempted meanwhile, and if it ends its blocks are kept until the copy
+has settled (`pull_holds`): nothing frees a block something still writes into.
 """
 from __future__ import annotations
 
@@ -63,6 +68,9 @@ class Scheduler:
         self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache (first admissions)
         self.prefix_hit_tokens = 0  # of them, found there
         self.prefix_hit_tokens_host = 0  # of those, found in the host tier
+        self.prefix_hit_tokens_remote = 0  # of those, copied from the decode instance's cache (pulled)
+        self.pulls: list[Sequence] = []  # started copying in, not yet told to the transfer (`take_pulls`)
+        self.pull_holds: dict[str, list[int]] = {}  # ended while copying in: their blocks, until the copy settles
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -80,7 +88,34 @@ class Scheduler:
         return blocks is not None
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether a step would do anything: a sequence waiting, or one running that is not copying in."""
+        return bool(self.waiting or any(seq.pulling is None for seq in self.running))
+
+    def take_pulls(self) -> list[Sequence]:
+        pulls, self.pulls = self.pulls, []
+        return pulls
+
+    def pulled(self, request_id: str, num_blocks: int) -> bool:
+        """The copy into a sequence's blocks has settled: its first `num_blocks` blocks hold the decode
+        instance's KV (the rest of the prompt is computed here). Returns whether anything was waiting on it."""
+        held = self.pull_holds.pop(request_id, None)
+        if held is not None:  # it ended meanwhile
+            self.blocks.free(held)
+            return True
+        seq = self.find(request_id)
+        if seq is None or seq.pulling is None:
+            return False
+        first, count = seq.pulling
+        got = min(max(num_blocks, 0), count)
+        seq.pulling = None
+        seq.num_computed_tokens = (first + got) * self.blocks.block_size
+        self.register_computed(seq)
+        seq.num_cached_tokens = seq.num_computed_tokens
+        seq.num_pulled_tokens = got * self.blocks.block_size
+        if seq.cache_root is not None:
+            self.prefix_hit_tokens += got * self.blocks.block_size
+            self.prefix_hit_tokens_remote += got * self.blocks.block_size
+        return True
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in (*self.running, *self.waiting):
@@ -97,6 +132,9 @@ class Scheduler:
         if seq.hold_kv and seq.block_table and reason != "abort":
             self.held[seq.request_id] = seq.block_table
             seq.block_table = []
+        if seq.pulling is not None:  # the transfer may still write into its blocks
+            self.pull_holds[seq.request_id] = seq.block_table
+            seq.block_table, seq.pulling = [], None
         self._release(seq)
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
 
@@ -115,6 +153,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.pulling is not None:  # waits for its copy
+                i += 1
+                continue
             left = seq.num_tokens - seq.num_computed_tokens
             prompt = left > 1 or seq.num_computed_tokens < seq.num_prompt_tokens  # not one decode token
             n = min(left, budget, prompt_budget) if prompt else min(left, budget)
@@ -136,10 +177,12 @@ class Scheduler:
         pool, ended with "length"; either way it left `running`)."""
         while not self.blocks.ensure_capacity(seq.block_table, seq.num_computed_tokens + n):
             mates = self._sharing_pool(seq)
+            copying = [j for j in mates if self.running[j].pulling is not None]  # their blocks are being written
             if mates == [i]:  # alone in its pool: cannot happen while max_model_len fits the pool
                 self.finish(seq, "length")
                 out.finished.append(seq)
                 return False
+            mates = [j for j in mates if j not in copying] or [i]
             victim = self.running.pop(mates[-1])  # the newest: seq itself, or one after it
             self._preempt(victim)
             out.preempted.append(victim)
@@ -177,7 +220,8 @@ class Scheduler:
             seq.num_registered = len(hit)
             seq.num_computed_tokens = (len(hit) + len(host)) * bs
             self.register_computed(seq)  # the restored blocks: their KV is back before anything reads it
-            if not seq.admitted:  # its first admission (a preempted one recomputes from its own blocks)
+            first = not seq.admitted  # its first admission (a preempted one recomputes from its own blocks)
+            if first:
                 seq.admitted = True
                 seq.num_cached_tokens = seq.num_computed_tokens
                 if seq.cache_root is not None:
@@ -186,6 +230,11 @@ class Scheduler:
                     self.prefix_hit_tokens_host += len(host) * bs
             seq.status = Status.RUNNING
             self.running.append(seq)
+            have = len(hit) + len(host)
+            if first and seq.pull_blocks > have:  # the decode instance's cache has more: copied in first
+                seq.pulling = (have, seq.pull_blocks - have)
+                self.pulls.append(seq)
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n

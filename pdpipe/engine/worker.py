@@ -3,6 +3,8 @@
 prefill: takes `Prefill`, computes the prompt with its KV held (`hold_kv`), tells the transfer which
   blocks will move and signals each finished layer, sends the first token to `api` at once and to
   the transfer (`PrefillDone`); frees the blocks on `TransferDone`. States: PREFILLING → TRANSFERRING.
+  A prompt whose prefix the decode instance caches (`Prefill.pull_blocks`) first has those blocks copied
+  in by the transfer (`PullStart`, `Pulled`) and computes the rest.
 decode: answers `Reserve` with blocks for the prompt and room for its output (the prompt's block ids go
   to the transfer, `DecodeBlocks`), continues a request on `KVLanded` from its first token, and
   streams tokens to `api`; a `Prefill` the scheduler sends it directly is a prompt it
@@ -37,6 +39,8 @@ from pdpipe.messages import (
     Pause,
     Prefill,
     PrefillDone,
+    Pulled,
+    PullStart,
     Reserve,
     Reserved,
     ResetPrefixCache,
@@ -118,7 +122,7 @@ class EngineWorker(Handler):
         handover = self._hands_over(msg)
         params = replace(msg.params, max_tokens=1, min_tokens=0) if handover else msg.params
         self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, hold_kv=handover,
-                                cache_salt=msg.cache_salt)
+                                cache_salt=msg.cache_salt, pull_blocks=msg.pull_blocks if handover else 0)
         self._prefills[msg.request_id] = msg
         self.queued_prompt_tokens += len(msg.prompt_token_ids)
 
@@ -135,7 +139,8 @@ class EngineWorker(Handler):
             # scheduler at the same time as this Reserve
             pool, ids = self._in_pool(held.blocks[:self.engine.blocks.blocks_for(prompt_len)])
             self.send(msg.transfer, DecodeBlocks(request_id=msg.request_id, instance=self.name,
-                                                 block_ids=ids[held.cached:], pool=pool, skip=held.cached))
+                                                 block_ids=ids[held.cached:], pool=pool, skip=held.cached,
+                                                 held_ids=ids[:held.cached]))
         self.send(SCHEDULER, Reserved(request_id=msg.request_id, instance=self.name,
                                       block_ids=held.blocks if held else None,
                                       free_blocks=self.engine.blocks.num_free_blocks,
@@ -157,6 +162,18 @@ class EngineWorker(Handler):
 
     def _on_TransferDone(self, msg: TransferDone) -> None:
         self.engine.release_kv(msg.request_id)
+
+    def _on_Pulled(self, msg: Pulled) -> None:
+        self.engine.scheduler.pulled(msg.request_id, msg.blocks)  # it computes the rest at the next step
+
+    def _send_pulls(self) -> None:
+        """Asks the transfer to copy in the decode instance's cached blocks of the prompts admitted to wait
+        for them."""
+        for seq in self.engine.scheduler.take_pulls():
+            first, count = seq.pulling or (0, 0)
+            pool, ids = self._in_pool(seq.block_table[first:first + count])
+            self.send(self.transfer, PullStart(request_id=seq.request_id, instance=self.name, block_ids=ids,
+                                               first=first, pool=pool))
 
     def _on_Free(self, msg: Free) -> None:
         rid = msg.request_id
@@ -205,6 +222,7 @@ class EngineWorker(Handler):
             sched = self.engine.scheduler
             log.info("%s: a step took %.0f ms (%d prompt tokens; %d running, %d waiting)", self.name,
                      seconds * 1e3, self._step_prompt_tokens, len(sched.running), len(sched.waiting))
+        self._send_pulls()
         self._deliver(outputs)
         self._send_kv_events()
 
@@ -248,10 +266,11 @@ class EngineWorker(Handler):
             rid = chunk.seq.request_id
             if rid in self._prefills and rid not in self._started:
                 self._started.add(rid)
-                cached = chunk.seq.num_cached_tokens
+                cached, pulled = chunk.seq.num_cached_tokens, chunk.seq.num_pulled_tokens
+                copied = f" ({pulled} copied from the decode instance's)" if pulled else ""
                 self._event(rid, State.PREFILLING, now=now,
-                            detail=f"{cached} of {chunk.seq.num_prompt_tokens} prompt tokens from the prefix cache"
-                            if cached else "")
+                            detail=f"{cached} of {chunk.seq.num_prompt_tokens} prompt tokens from the prefix "
+                                   f"cache{copied}" if cached else "")
         self._final_chunks = [c.seq.request_id for c in sched.chunks if c.samples and c.seq.request_id
                               in self._prefills and self._hands_over(self._prefills[c.seq.request_id])]
         self._final_tokens = sum(len(self._prefills[rid].prompt_token_ids) for rid in self._final_chunks)
@@ -360,7 +379,8 @@ class EngineWorker(Handler):
                              busy_seconds=self.meter.busy_seconds, prompt_tokens=self.meter.prompt_tokens,
                              cached_blocks=self.engine.blocks.num_cached_blocks,
                              prefix_query_tokens=sched.prefix_query_tokens, prefix_hit_tokens=sched.prefix_hit_tokens,
-                             prefix_hit_tokens_host=sched.prefix_hit_tokens_host, **self._host_figures())
+                             prefix_hit_tokens_host=sched.prefix_hit_tokens_host,
+                             prefix_hit_tokens_remote=sched.prefix_hit_tokens_remote, **self._host_figures())
 
     def _host_figures(self) -> dict[str, int]:
         blocks, tier = self.engine.blocks, self.engine.runner.host_tier

@@ -10,9 +10,10 @@ Blocks shared through the prefix cache are committed once per copy, not once per
 prompt blocks are committed by their hash: those the instance's cache holds when it is dispatched (by the
 scheduler's index, settled at `Reserved` by what decode took) it shares, the rest it owns (their KV is
 computed or moved for it: a copy of its own, which later requests share once it lands). A hash costs one block
-per live owner, plus one while requests share it and the copy they share may be no live owner's (none was
-live when they came, or an owner ended since: the cached copy of two owners is the one that landed first). Replies are not hashed here: a later request sharing a live
-request's reply blocks counts them twice, which errs towards less room, never more. Nothing is retried on a timer: the queue moves when a
+per live owner, plus one while requests share it and the copy they share may be no live owner's (none
+was live when they came, or an owner ended since: the cached copy of two owners is the one that landed
+first). Replies are not hashed here: a later request sharing a live request's reply blocks counts them
+twice, which errs towards less room, never more. Nothing is retried on a timer: the queue moves when a
 request arrives, when room is released, and when a decode instance reports in.
 """
 from __future__ import annotations

@@ -38,6 +38,7 @@ from pdpipe.messages import (
     Prefill,
     ProcessDown,
     ProcessUp,
+    Pulled,
     Reserve,
     Reserved,
     State,
@@ -76,6 +77,7 @@ class RequestRecord:
     prefill_done: bool = False
     prefill_tokens: int = 0  # what its prompt costs the instance computing it (uncached tokens)
     hashes: list[bytes] | None = None  # its prompt's block hashes, once routing by cache needed them
+    pull_blocks: int = 0  # leading prompt blocks its prefill instance copies from its decode instance's cache
     events: list[tuple[float, str, str, str]] = field(default_factory=list)  # time, state, instance, detail
 
     @property
@@ -161,6 +163,10 @@ class SchedulerCore(Handler):
                 self._end(rec, State.ABORTED, "scheduler", why)
         elif role == "transfer":
             self.liveness.went_down(name, role, "", frozen)  # meanwhile prompts are computed on their decode instance
+            for rec in list(self.live.values()):
+                if rec.pull_blocks and not rec.prefill_done and self.transfer_of(rec.prefill) == name:
+                    # no pull into its prefill instance's blocks will come (nor write there): computed there
+                    self.send(rec.prefill, Pulled(request_id=rec.request_id, blocks=0))
             for rec in list(self.live.values()):
                 decode = rec.decode or rec.reserving
                 if rec.prefill and decode and self.transfer_of(rec.prefill) == name \
@@ -360,6 +366,7 @@ class SchedulerCore(Handler):
         self.send(decode, Reserve(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
                                   transfer=self.transfer_of(rec.prefill), num_tokens=room, cache_salt=r.cache_salt))
         if first:
+            rec.pull_blocks = self._pull_blocks(rec, decode, rec.prefill)
             self._send_prefill(rec, rec.prefill, decode)
 
     def _commit(self, rec: RequestRecord, instance: str, room: int, computes_last: bool) -> None:
@@ -382,6 +389,18 @@ class SchedulerCore(Handler):
 
     def _fits(self, rec: RequestRecord, instance: str, room: int) -> bool:
         return self.ledger.room(instance).fits(room, self._need(rec, instance, room))
+
+    def _pull_blocks(self, rec: RequestRecord, decode: str, prefill: str) -> int:
+        """Leading prompt blocks `prefill` copies from `decode`'s cache rather than computing them (a remote
+        hit): those `decode` holds, where that is at least routing.cache_min_tokens more than `prefill` holds
+        and both are on one machine (a pull reads decode's pool; across machines writes go one way)."""
+        if self.cache is None or not self.routing.remote_hits \
+                or self.machines.get(decode, "") != self.machines.get(prefill, ""):
+            return 0
+        there = self._hit_tokens(rec, decode, computes_last=True)
+        if there - self._hit_tokens(rec, prefill, computes_last=True) < max(1, self.routing.cache_min_tokens):
+            return 0
+        return there // self.cache.block_size
 
     def _prefill_load(self, name: str, rec: RequestRecord) -> int:
         """Prompt tokens `name` computes before `rec`'s is done: those it has not finished and the part
@@ -419,11 +438,12 @@ class SchedulerCore(Handler):
     def _send_prefill(self, rec: RequestRecord, instance: str, decode: str = "") -> None:
         """The prompt to `instance`: for `decode` to continue, or (none named) to run whole there."""
         self.routed[instance] += 1
-        rec.prefill_tokens = rec.num_prompt_tokens - self._hit_tokens(rec, instance, computes_last=True)
+        pulled = rec.pull_blocks * self.cache.block_size if self.cache is not None else 0
+        rec.prefill_tokens = rec.num_prompt_tokens - max(self._hit_tokens(rec, instance, computes_last=True), pulled)
         self.outstanding_tokens[instance] += rec.prefill_tokens
         r = rec.request
-        self.send(instance, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
-                                    params=r.params, decode_instance=decode, cache_salt=r.cache_salt))
+        self.send(instance, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
+                                    decode_instance=decode, cache_salt=r.cache_salt, pull_blocks=rec.pull_blocks))
 
     def _on_Reserved(self, msg: Reserved) -> None:
         rec = self.live.get(msg.request_id)

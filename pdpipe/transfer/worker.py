@@ -6,7 +6,11 @@ and PrefillDone brought the first token, decode gets KVLanded and prefill Transf
 blocks come from decode (DecodeBlocks), which reserves them while the prefill engine already computes
 (either may come first): layers finished before they are known wait, then move in one batch. The
 scheduler hears of a job twice (its first layers sent, and its landing with how long the layers
-took), not once a layer: under load its inbox carries requests, not layers. AbortTransfer stops a
+took), not once a layer: under load its inbox carries requests, not layers. A pull goes the other way,
+before the prompt is computed: the prefill instance names the blocks it waits to have filled (PullStart),
+decode's DecodeBlocks name the cached blocks that hold that KV (held by its reservation, so nothing evicts
+them), and all layers of those are copied at once; Pulled tells the prefill instance how many came (0 when
+the copy failed or the request ended: it computes them itself). AbortTransfer stops a
 job and then passes Free to the decode instance, so decode frees its blocks only after nothing can
 write into them any more; the request id is kept (a tombstone), so a start, layer or block message
 that arrives after its abort moves nothing. States reported: TRANSFERRING (first layers, landing),
@@ -33,6 +37,8 @@ from pdpipe.messages import (
     Msg,
     PoolInfo,
     PrefillDone,
+    Pulled,
+    PullStart,
     State,
     StateEvent,
     TransferDone,
@@ -58,17 +64,22 @@ class TransferWorker(Handler):
         self._draining: dict[str, tuple[TransferJob, AbortTransfer, float]] = {}  # aborted, copies running
         self._failed: dict[str, TransferJob] = {}  # failed and reported: the scheduler's abort comes next
         self._blocks: dict[str, DecodeBlocks] = {}  # decode's blocks that came before their TransferStart
+        self._pull_waiting: dict[str, PullStart] = {}  # pulls whose decode blocks are not known yet
+        self.pulls: dict[str, TransferJob] = {}  # pulls copying
         self._tombstones = Tombstones()  # aborted: late messages move nothing
         self.bytes_moved = 0
         self.seconds_moving = 0.0
         self.blocks_sent = 0  # prompt blocks handed to the backend, since start
         self.blocks_skipped = 0  # prompt blocks decode held already, not moved
+        self.blocks_pulled = 0  # cached prompt blocks copied decode → prefill instead of computed
 
     def handle(self, msg: Msg | EngineOutput) -> None:
         log.debug("%s: %s %s", self.name, type(msg).__name__,
                   getattr(msg, "request_id", None) or getattr(msg, "layer", ""))
         if getattr(msg, "request_id", None) not in self._tombstones or isinstance(msg, AbortTransfer):
             super().handle(msg)  # else the request was aborted before this message arrived
+        elif isinstance(msg, PullStart):  # ... but a prefill instance waits for its answer to free the blocks
+            self.send(msg.instance, Pulled(request_id=msg.request_id, blocks=0))
         self.poll()
 
     def _on_PoolInfo(self, msg: PoolInfo) -> None:
@@ -76,12 +87,12 @@ class TransferWorker(Handler):
 
     def _on_DropAll(self, msg: DropAll) -> None:
         """The scheduler died: every job goes, decode frees their blocks."""
-        for rid, job in list(self.jobs.items()):
-            self._abort(AbortTransfer(request_id=rid, decode_instance=job.dst_instance, reason=msg.reason))
-        for rid, blocks in list(self._blocks.items()):
-            self._abort(AbortTransfer(request_id=rid, decode_instance=blocks.instance, reason=msg.reason))
-        for rid, job in list(self._failed.items()):
-            self._abort(AbortTransfer(request_id=rid, decode_instance=job.dst_instance, reason=msg.reason))
+        decodes = {rid: "" for rid in self._pull_waiting}
+        decodes |= {rid: job.src_instance for rid, job in self.pulls.items()}
+        decodes |= {rid: blocks.instance for rid, blocks in self._blocks.items()}
+        decodes |= {rid: job.dst_instance for rid, job in (*self.jobs.items(), *self._failed.items())}
+        for rid, decode in decodes.items():
+            self._abort(AbortTransfer(request_id=rid, decode_instance=decode, reason=msg.reason))
 
     def _on_AbortTransfer(self, msg: AbortTransfer) -> None:
         self._abort(msg)
@@ -95,6 +106,34 @@ class TransferWorker(Handler):
             self._destination(self.jobs[msg.request_id], msg)
         else:
             self._blocks[msg.request_id] = msg
+            pull = self._pull_waiting.pop(msg.request_id, None)
+            if pull is not None:
+                self._pull(pull, msg)
+
+    def _on_PullStart(self, msg: PullStart) -> None:
+        blocks = self._blocks.get(msg.request_id)
+        if blocks is None:
+            self._pull_waiting[msg.request_id] = msg
+        else:
+            self._pull(msg, blocks)
+
+    def _pull(self, msg: PullStart, blocks: DecodeBlocks) -> None:
+        """Copies decode's cached blocks for prompt blocks first … into the prefill instance's, every layer
+        at once (they are complete); none when decode's cache does not reach them."""
+        count = min(len(msg.block_ids), blocks.skip - msg.first, len(blocks.held_ids) - msg.first)
+        if count <= 0:
+            self.send(msg.instance, Pulled(request_id=msg.request_id, blocks=0))
+            return
+        job = TransferJob(msg.request_id, blocks.instance, blocks.held_ids[msg.first:msg.first + count], msg.instance,
+                          list(msg.block_ids[:count]), src_pool=blocks.pool, dst_pool=msg.pool, pull=True)
+        self._know_pool(job.src_pool)
+        self._know_pool(job.dst_pool)
+        self.pulls[msg.request_id] = job
+        try:
+            self.backend.send_batch([job], 0, self.num_layers)
+        except Exception as exc:  # noqa: BLE001 — this pull's failure: the prefill computes those blocks
+            job.error = str(exc) if isinstance(exc, TransferError) else f"{type(exc).__name__}: {exc}"
+        job.first_layer_at = job.last_layer_at = self.clock()
 
     def _on_LayersReady(self, msg: LayersReady) -> None:
         jobs = [self.jobs[rid] for rid in msg.request_ids if rid in self.jobs]
@@ -140,9 +179,12 @@ class TransferWorker(Handler):
     def _abort(self, msg: AbortTransfer) -> None:
         rid = msg.request_id
         self._tombstones.add(rid)
-        job = self.jobs.pop(rid, None) or self._failed.pop(rid, None)
+        job = self.jobs.pop(rid, None) or self._failed.pop(rid, None) or self.pulls.pop(rid, None)
         self._first.pop(rid, None)
         self._blocks.pop(rid, None)
+        waiting = self._pull_waiting.pop(rid, None)
+        if waiting is not None:
+            self.send(waiting.instance, Pulled(request_id=rid, blocks=0))
         if job is not None and self._in_flight(job):
             self._draining[rid] = (job, msg, self.clock())  # decode frees its blocks once nothing writes them
         else:
@@ -154,6 +196,8 @@ class TransferWorker(Handler):
                 self.backend.abort(job)
             except Exception:  # noqa: BLE001 — decode must still free its blocks
                 log.exception("%s: aborting %s", self.name, job.request_id)
+            if job.pull:  # nothing writes into the prefill instance's blocks any more
+                self.send(job.dst_instance, Pulled(request_id=job.request_id, blocks=0))
         if msg.decode_instance:
             self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
 
@@ -205,6 +249,16 @@ class TransferWorker(Handler):
                               "blocks anyway", self.name, rid, self.copy_deadline)
                 del self._draining[rid]
                 self._aborted(job, msg)
+        for job in list(self.pulls.values()):
+            state = self._state(job)
+            settled = state is TransferState.DONE or (state is TransferState.FAILED and not self._in_flight(job))
+            if not settled and now - job.last_layer_at > self.copy_deadline:
+                job.error = job.error or f"copies did not land within {self.copy_deadline:g} s"
+                log.error("%s: %s's pull did not settle within %g s; its blocks go back to the prefill instance",
+                          self.name, job.request_id, self.copy_deadline)
+                settled, state = True, TransferState.FAILED
+            if settled:
+                self._pulled(job, state)
         for rid, job in list(self.jobs.items()):
             state = self._state(job)
             if state is TransferState.PENDING and job.last_layer_at and now - job.last_layer_at > self.copy_deadline:
@@ -252,6 +306,23 @@ class TransferWorker(Handler):
                     f"landed {job.bytes_moved} bytes in {job.seconds * 1e3:.2f} ms; layers sent over "
                     f"{(job.last_layer_at - job.first_layer_at) * 1e3:.2f} ms")
 
+    def _pulled(self, job: TransferJob, state: TransferState) -> None:
+        """A pull settled (or was given up past its deadline): the prefill instance computes what did not
+        come (of a failed pull, whatever layers it copied count for nothing)."""
+        del self.pulls[job.request_id]
+        got = len(job.dst_block_ids) if state is TransferState.DONE else 0
+        if state is TransferState.DONE:
+            self.backend.finished(job)
+            self.blocks_pulled += got
+        else:
+            log.warning("%s: copying %d cached blocks from %s failed (%s): computed instead", job.request_id,
+                        len(job.dst_block_ids), job.src_instance, job.error or "backend failure")
+            try:
+                self.backend.abort(job)
+            except Exception:  # noqa: BLE001 — the prefill computes them either way
+                log.exception("%s: aborting the pull of %s", self.name, job.request_id)
+        self.send(job.dst_instance, Pulled(request_id=job.request_id, blocks=got))
+
     def _fail(self, job: TransferJob) -> None:
         """Reports the failure; the job stays known until the scheduler's abort comes, which frees
         decode's blocks once nothing of the job still writes into them (see `_abort`)."""
@@ -268,7 +339,7 @@ class TransferWorker(Handler):
     def has_work(self) -> bool:
         """Copies still running, or a job whose outcome is known but not yet reported: `step` must run
         (a job whose copies end between two messages is finished by `step`, not by a message)."""
-        if self._draining:
+        if self._draining or self.pulls:
             return True
         for rid, job in self.jobs.items():  # one waiting for decode's blocks waits for a message
             if job.has_destination and (self._state(job) is not TransferState.DONE or self._ready(rid, job)):
@@ -284,7 +355,8 @@ class TransferWorker(Handler):
                              bytes_in_flight=sum(self.backend.job_bytes(j) - j.bytes_moved
                                                  for j in self.jobs.values()),
                              bytes_moved=self.bytes_moved, seconds_moving=self.seconds_moving,
-                             blocks_sent=self.blocks_sent, blocks_skipped=self.blocks_skipped)
+                             blocks_sent=self.blocks_sent, blocks_skipped=self.blocks_skipped,
+                             blocks_pulled=self.blocks_pulled)
 
     def step(self) -> None:
         self.poll()

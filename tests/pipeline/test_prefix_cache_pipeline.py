@@ -183,3 +183,22 @@ def test_decode_admits_the_requests_sharing_its_cached_prefix_counting_the_prefi
     assert on == off and (off_at_once, on_at_once) == (2, 4)
     refused = [d for rec in pipe.scheduler.recent.values() for _, _, _, d in rec.events if d.startswith("refused")]
     assert not refused and all(pipe.cached_tokens(f"r{i}") == 48 for i in range(len(prompts)))
+
+
+def test_a_prefill_instance_copies_the_history_its_decode_instance_caches_instead_of_computing_it(model_dir):
+    """A remote hit. Turn 2 (61 tokens) goes to the prefill instance, which holds turn 1's prompt (5 blocks)
+    but not its reply, decoded on decode-0; decode-0 holds 6 blocks of it. The transfer copies the sixth from
+    decode-0's cache into the prefill instance's blocks, which computes only the last 13 tokens, and moves
+    decode-0 only the 2 blocks it lacks. Tokens as without any cache."""
+    routing = RoutingConfig(disaggregation="always", cache_min_tokens=8)
+    off, _, _ = two_turns(model_dir("llama"), routing, caching=False)
+    on, cached, pipe = two_turns(model_dir("llama"), routing, caching=True)
+    assert on == off and cached == [0, 48]
+    assert pipe.transfer.blocks_pulled == 1 and pipe.transfer.blocks_sent == 5 + 2
+    started = [d for _, s, _, d in pipe.scheduler.recent["t2"].events if s == "PREFILLING"]
+    assert started == ["48 of 61 prompt tokens from the prefix cache (8 copied from the decode instance's)"]
+    prefill = pipe.workers["prefill-0"].stats()
+    assert prefill.prefix_hit_tokens == 48 and prefill.prefix_hit_tokens_remote == 8
+    without, _, plain = two_turns(model_dir("llama"), RoutingConfig(disaggregation="always", cache_min_tokens=8,
+                                                                     remote_hits=False), caching=True)
+    assert without == off and plain.transfer.blocks_pulled == 0

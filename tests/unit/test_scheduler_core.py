@@ -743,3 +743,34 @@ def test_the_index_forgets_an_instance_that_goes_down_or_clears_its_cache():
     assert core.index.blocks("decode-1") == 0
     core.handle(KVEvents(instance="decode-0", batches=[encode_batch(KVEventBatch(2.0, [AllBlocksCleared()], 1))]))
     assert core.index.blocks("decode-0") == 0
+
+
+def test_a_prefill_instance_copies_from_the_decode_instance_only_what_it_lacks_on_one_machine():
+    """decode-0 caches the prompt's 6 blocks, prefill-0 none: the Prefill asks for a pull of 6 (prefill-0
+    then computes 4 tokens). Where prefill-0 caches them too, or the decode instance is on another machine,
+    or remote_hits is off, no pull. A transfer that dies with a pull pending tells the prefill instance none
+    will come (it frees or computes into those blocks)."""
+    from pdpipe.messages import ProcessDown, Pulled
+
+    prompt = list(range(100))
+
+    def prefill_for(routing=RoutingConfig(disaggregation="always", cache_min_tokens=64), machines=None,
+                    on_prefill=False):
+        core, sent = cache_aware(roles=PD1, routing=routing)
+        if machines:
+            core.machines = machines
+        cached_on(core, "decode-0", prompt)
+        if on_prefill:
+            cached_on(core, "prefill-0", prompt)
+        new(core, "r", 100)
+        (_, msg), = dispatched(sent, Prefill)
+        return core, sent, msg
+
+    core, sent, msg = prefill_for()
+    assert msg.pull_blocks == 6 and core.outstanding_tokens["prefill-0"] == 4
+    core.handle(ProcessDown(name="transfer", role="transfer", detail="signal 9"))
+    assert [(d, m.blocks) for d, m in sent if isinstance(m, Pulled)] == [("prefill-0", 0)]
+    assert prefill_for(on_prefill=True)[2].pull_blocks == 0
+    assert prefill_for(machines={"prefill-0": "a", "decode-0": "b"})[2].pull_blocks == 0
+    off = RoutingConfig(disaggregation="always", cache_min_tokens=64, remote_hits=False)
+    assert prefill_for(routing=off)[2].pull_blocks == 0
