@@ -111,6 +111,33 @@ def test_launched_tp2_mixed_instance_on_two_gpus_answers_as_one_gpu(model_dir):
         assert wait_until(lambda: leak_free(launcher), what="all blocks free")
 
 
+def test_launched_1p1d_on_one_gpu_reuses_and_copies_cached_kv_as_if_computed(model_dir):
+    """Prefill and decode share GPU 0 (two processes, two pools, KV through CUDA IPC on one device). Turn 2
+    resends turn 1's prompt and reply: the prefill instance holds the prompt, decode the reply too, so the
+    transfer copies the reply's full block from decode's pool into prefill's (a remote hit) and prefill
+    computes only the rest. fp32 greedy tokens equal the one-GPU engine's, computing everything."""
+    from dataclasses import replace
+
+    from pipeline_launch import launched, leak_free, make_launch_config, snapshot, wait_until
+
+    from pdpipe.config import InstanceConfig, RoutingConfig
+
+    first = make_prompts(384, lengths=(40,), seed=21)[0]
+    reply = _one_gpu_completions(model_dir("llama"), [first], 12)[0]
+    second = first + reply + make_prompts(384, lengths=(9,), seed=22)[0]
+    expected = _one_gpu_completions(model_dir("llama"), [second], 12)[0]
+    cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"],
+                             routing=RoutingConfig(disaggregation="always", cache_min_tokens=8))
+    cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="float32"),
+                  instances=(InstanceConfig("prefill", gpus=(0,)), InstanceConfig("decode", gpus=(0,))))
+    with launched(cfg) as launcher:
+        assert _complete(cfg.api.port, first, 12) == reply
+        assert _complete(cfg.api.port, second, 12) == expected
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
+        transfers = snapshot(launcher)["transfers"].values()
+        assert sum(t["blocks_pulled"] for t in transfers) == 1  # blocks of 8: the reply's 6th block
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
 def test_launched_1p1d_of_different_tp_on_two_gpus_equals_one_gpu(model_dir, prefill_tp, decode_tp):
