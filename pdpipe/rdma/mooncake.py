@@ -1,6 +1,7 @@
 """The Mooncake Transfer Engine as a transfer backend: registers this machine's pools, writes a job's
-blocks into a peer machine's published pool (one batch of writes a layer and destination segment), and
-waits for the batches on a thread of its own. Integer return codes become `MooncakeError`."""
+blocks into a peer machine's published pool (one batch of writes a layer and destination segment) or, for a
+pull, reads a peer's cached blocks into a pool of this machine's (one batch of reads a layer and source
+segment), and waits for the batches on a thread of its own. Integer return codes become `MooncakeError`."""
 from __future__ import annotations
 
 import queue
@@ -82,22 +83,29 @@ class MooncakeTransfer(RankedBackend):
                 self.send(job, one)
 
     def send(self, job: TransferJob, layer: int) -> None:
-        """Submits `layer` of the job: one batch of writes a destination segment."""
+        """Submits `layer` of the job: one batch of writes a destination segment, or for a pull (this
+        machine's pool filled from another's) one batch of reads a source segment."""
         src, dst, plan = self.copy_plan(job)
-        if any(tensor is None for tensor, _ in src.values()):
-            raise TransferError(f"request {job.request_id}: {job.src_instance}'s pools are not this machine's")
+        here, there = (dst, src) if job.pull else (src, dst)
+        if any(tensor is None for tensor, _ in here.values()):
+            instance = job.dst_instance if job.pull else job.src_instance
+            raise TransferError(f"request {job.request_id}: {instance}'s pools are not this machine's")
         by_segment: dict[str, list[tuple[int, int, int]]] = {}
         for s_rank, s_heads, d_rank, d_heads in plan:
-            d_info = dst[d_rank][1]
-            by_segment.setdefault(d_info.segment, []).extend(block_writes(
-                src[s_rank][1], d_info, layer, job.src_block_ids, job.dst_block_ids, s_heads, d_heads))
+            peer = (src[s_rank] if job.pull else dst[d_rank])[1].segment
+            by_segment.setdefault(peer, []).extend(block_writes(
+                src[s_rank][1], dst[d_rank][1], layer, job.src_block_ids, job.dst_block_ids, s_heads, d_heads))
         flight = self._flights.setdefault(job.request_id, _Flight(time.perf_counter()))
         for segment, writes in by_segment.items():
             srcs, dsts, lengths = (list(column) for column in zip(*writes))
-            batch = self.engine.batch_transfer_async_write(segment, srcs, dsts, lengths)
+            if job.pull:  # local buffers first, the peer's addresses second, as for writes
+                batch = self.engine.batch_transfer_async_read(segment, dsts, srcs, lengths)
+            else:
+                batch = self.engine.batch_transfer_async_write(segment, srcs, dsts, lengths)
             if batch in _NO_BATCH or batch < 0:
-                raise MooncakeError(f"mooncake batch write to {segment} ({job.dst_instance}, request "
-                                    f"{job.request_id}, layer {layer}) could not be submitted")
+                peer = job.src_instance if job.pull else job.dst_instance
+                raise MooncakeError(f"mooncake batch {'read from' if job.pull else 'write to'} {segment} ({peer}, "
+                                    f"request {job.request_id}, layer {layer}) could not be submitted")
             flight.pending += 1
             self._submitted.put((job.request_id, batch, sum(lengths), layer))
         job.layers_sent.add(layer)
@@ -120,7 +128,7 @@ class MooncakeTransfer(RankedBackend):
             if rc == 0:
                 flight.moved += size
             elif not flight.error:
-                flight.error = f"mooncake write of layer {layer} failed or timed out (code {rc})"
+                flight.error = f"mooncake copy of layer {layer} failed or timed out (code {rc})"
 
     def poll(self, job: TransferJob) -> TransferState:
         self._take_settled()
@@ -133,7 +141,7 @@ class MooncakeTransfer(RankedBackend):
         job.seconds += time.perf_counter() - flight.since
         job.bytes_moved += flight.moved
         if flight.error:
-            job.error = f"{flight.error}, to {job.dst_instance}"
+            job.error = f"{flight.error}, {'from ' + job.src_instance if job.pull else 'to ' + job.dst_instance}"
             return TransferState.FAILED
         return TransferState.DONE
 

@@ -393,9 +393,8 @@ class SchedulerCore(Handler):
     def _pull_blocks(self, rec: RequestRecord, decode: str, prefill: str) -> int:
         """Leading prompt blocks `prefill` copies from `decode`'s cache rather than computing them (a remote
         hit): those `decode` holds, where that is at least routing.cache_min_tokens more than `prefill` holds
-        and both are on one machine (a pull reads decode's pool; across machines writes go one way)."""
-        if self.cache is None or not self.routing.remote_hits \
-                or self.machines.get(decode, "") != self.machines.get(prefill, ""):
+        (on one machine a device copy; across machines the transfer of prefill's machine reads them)."""
+        if self.cache is None or not self.routing.remote_hits:
             return 0
         there = self._hit_tokens(rec, decode, computes_last=True)
         if there - self._hit_tokens(rec, prefill, computes_last=True) < max(1, self.routing.cache_min_tokens):

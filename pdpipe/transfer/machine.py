@@ -1,5 +1,6 @@
 """A machine's transfer backend: jobs between this machine's own pools go through the same-machine
-backend (shared memory on CPU, CUDA IPC on GPU); jobs into a pool on another machine go through
+backend (shared memory on CPU, CUDA IPC on GPU); jobs into a pool on another machine, and pulls from
+one (a remote hit: decode's cached blocks read into a prefill pool of this machine), go through
 Mooncake (`pdpipe.rdma`). Local pools are exposed to Mooncake and published in the registry as their
 engines announce them, and re-published well within the TTL while this process lives."""
 from __future__ import annotations
@@ -143,15 +144,22 @@ class MachineTransfer(TransferBackend):
         return tuple(info for _, (_, info) in sorted(self.remote.pools[instance].items()))
 
     # ---- jobs ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _far(job: TransferJob) -> tuple[str, str]:
+        """The pool (and its instance) a job may find on another machine: the one written into, or read
+        from for a pull (which fills a pool of this machine's from decode's cache)."""
+        return (job.src_pool, job.src_instance) if job.pull else (job.dst_pool, job.dst_instance)
+
     def _for(self, job: TransferJob) -> TransferBackend:
-        if job.dst_pool in self.local_names:
+        pool, instance = self._far(job)
+        if pool in self.local_names:
             return self.local
         if self.remote is None:
-            raise TransferError(f"request {job.request_id}: {job.dst_instance} is on another machine and "
+            raise TransferError(f"request {job.request_id}: {instance} is on another machine and "
                                 "this machine has no cross-machine transfer (cluster.redis_url unset)")
-        pools = self._remote_pools(job.dst_pool, job)
+        pools = self._remote_pools(pool, job)
         if self._job_pools.setdefault(job.request_id, pools) != pools:  # its blocks were in the old pool
-            raise TransferError(f"request {job.request_id}: {job.dst_instance}'s pool was replaced (its engine "
+            raise TransferError(f"request {job.request_id}: {instance}'s pool was replaced (its engine "
                                 "restarted)")
         return self.remote
 
@@ -170,7 +178,7 @@ class MachineTransfer(TransferBackend):
         return self._for(job).poll(job)
 
     def abort(self, job: TransferJob) -> None:
-        backend = self.local if job.dst_pool in self.local_names else self.remote
+        backend = self.local if self._far(job)[0] in self.local_names else self.remote
         if backend is not None:
             backend.abort(job)
         self._job_pools.pop(job.request_id, None)

@@ -42,13 +42,13 @@ def hosts(model_dir, tmp_path):
         redis_server = RedisServer(["127.0.0.1", addr_a]).start()
         started = []
 
-        def launch(roles_a, roles_b, ttl=3.0, model=MODEL):
+        def launch(roles_a, roles_b, ttl=3.0, model=MODEL, routing=()):
             cfg_a = machine_config(tmp_path / "a.toml", model=str(model_dir(model)),
                                    redis_url=redis_server.url(addr_a), machine="a", host=addr_a, roles=roles_a,
-                                   frontend=True, ttl=ttl)
+                                   frontend=True, ttl=ttl, routing=routing)
             cfg_b = machine_config(tmp_path / "b.toml", model=str(model_dir(model)),
                                    redis_url=redis_server.url(addr_a), machine="b", host=addr_b, roles=roles_b,
-                                   frontend=False, ttl=ttl)
+                                   frontend=False, ttl=ttl, routing=routing)
             a = Launcher(load_launch_config(str(cfg_a)))
             a.start()
             started.append(a)
@@ -98,6 +98,31 @@ def test_prefill_on_a_decode_on_b_equals_single_machine(hosts, model_dir):
                       what="the KV crossed from host A to host B")
     assert wait_until(lambda: all_free(a), what="all blocks free on both hosts")
 
+
+
+def test_prefill_on_a_reads_the_history_decode_on_b_caches(hosts, model_dir):
+    """A remote hit across machines. Turn 2 resends turn 1's prompt (40 tokens, 5 blocks of 8: prefill on A
+    caches them) and reply (decoded on B, whose cache holds 6 blocks of prompt and reply): A's transfer
+    reads the 6th block out of B's pool (Mooncake reads over TCP) into prefill's instead of it being
+    computed, and sends B only the blocks it lacks. Tokens equal one machine's without any cache."""
+    a, b = hosts.launch(["prefill"], ["decode"], routing=("cache_min_tokens = 8",))
+    first = make_prompts(384, lengths=(40,), seed=21)[0]
+    llm = make_llm(model_dir(MODEL))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    reply = llm.generate([first], params)[0].token_ids
+    second = first + reply + make_prompts(384, lengths=(9,), seed=22)[0]
+    expected = llm.generate([second], params)[0].token_ids
+    answers = []
+    for prompt in (first, second):
+        resp = complete(a.cfg.api.port, prompt, 12)
+        assert resp.status_code == 200, resp.text
+        answers.append((resp.json()["choices"][0]["token_ids"],
+                        resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"]))
+    assert answers == [(reply, 0), (expected, 48)]
+    transfer = wait_until(lambda: (t := snapshot(a)["transfers"]["transfer-a"])["blocks_pulled"] and t,
+                          what="the pull counted in transfer-a's stats")
+    assert transfer["blocks_pulled"] == 1 and transfer["blocks_sent"] == 5 + 2
+    assert wait_until(lambda: all_free(a), what="all blocks free on both hosts")
 
 
 def test_tensor_parallel_prefill_on_a_decode_on_b(hosts, model_dir):

@@ -85,11 +85,12 @@ class RedisServer:
 
 
 def machine_config(path: Path, *, model: str, redis_url: str, machine: str, host: str, roles: list[str],
-                   frontend: bool, port: int = 0, num_blocks: int = 128, ttl: float = 3.0) -> Path:
+                   frontend: bool, port: int = 0, num_blocks: int = 128, ttl: float = 3.0,
+                   routing: tuple[str, ...] = ()) -> Path:
     lines = [f'name = "{machine}"', f'run_dir = "/tmp/pdp-{machine}-{os.getpid()}"', "ready_timeout = 60",
              "[engine]", f'model = "{model}"', "[engine.cache]", "block_size = 8", f"num_blocks = {num_blocks}",
              "[deadlines]", "transferring = 20", "decoding = 60",
-             "[routing]", 'disaggregation = "always"',  # the short test prompts would stay on decode
+             "[routing]", 'disaggregation = "always"', *routing,  # the short test prompts would stay on decode
              "[cluster]", f'redis_url = "{redis_url}"', f'machine = "{machine}"', f"frontend = {str(frontend).lower()}",
              f'advertise_host = "{host}"', f"ttl = {ttl}", "[api]", f"port = {port or free_port()}"]
     for role in roles:  # "decode", "decode:2" for a tensor-parallel instance of two ranks, "decode:2:dp" for

@@ -745,11 +745,11 @@ def test_the_index_forgets_an_instance_that_goes_down_or_clears_its_cache():
     assert core.index.blocks("decode-0") == 0
 
 
-def test_a_prefill_instance_copies_from_the_decode_instance_only_what_it_lacks_on_one_machine():
+def test_a_prefill_instance_copies_from_the_decode_instance_only_what_it_lacks():
     """decode-0 caches the prompt's 6 blocks, prefill-0 none: the Prefill asks for a pull of 6 (prefill-0
-    then computes 4 tokens). Where prefill-0 caches them too, or the decode instance is on another machine,
-    or remote_hits is off, no pull. A transfer that dies with a pull pending tells the prefill instance none
-    will come (it frees or computes into those blocks)."""
+    then computes 4 tokens), on one machine or across two (the prefill machine's transfer reads them). Where
+    prefill-0 caches them too, or remote_hits is off, no pull. A transfer that dies with a pull pending tells
+    the prefill instance none will come (it frees or computes into those blocks): the one of its machine."""
     from pdpipe.messages import ProcessDown, Pulled
 
     prompt = list(range(100))
@@ -771,6 +771,11 @@ def test_a_prefill_instance_copies_from_the_decode_instance_only_what_it_lacks_o
     core.handle(ProcessDown(name="transfer", role="transfer", detail="signal 9"))
     assert [(d, m.blocks) for d, m in sent if isinstance(m, Pulled)] == [("prefill-0", 0)]
     assert prefill_for(on_prefill=True)[2].pull_blocks == 0
-    assert prefill_for(machines={"prefill-0": "a", "decode-0": "b"})[2].pull_blocks == 0
+    core, sent, msg = prefill_for(machines={"prefill-0": "a", "decode-0": "b"})
+    assert msg.pull_blocks == 6
+    core.handle(ProcessDown(name="transfer-b", role="transfer", detail="signal 9"))
+    assert not [m for _, m in sent if isinstance(m, Pulled)]  # decode's machine: prefill's transfer still reads
+    core.handle(ProcessDown(name="transfer-a", role="transfer", detail="signal 9"))
+    assert [(d, m.blocks) for d, m in sent if isinstance(m, Pulled)] == [("prefill-0", 0)]
     off = RoutingConfig(disaggregation="always", cache_min_tokens=64, remote_hits=False)
     assert prefill_for(routing=off)[2].pull_blocks == 0
