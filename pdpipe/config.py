@@ -25,7 +25,8 @@ class CacheConfig:
                 "gets what the weights, a full step's activations and the CUDA graphs leave of it; 0: "
                 "kv_cache_mb (num_blocks, when set, wins over both)"})
     host_kv_cache_mb: int = field(default=0, metadata={
-        "help": "host memory under the prefix cache (an instance's, split over its tensor-parallel ranks): "
+        "help": "host memory under the prefix cache (an instance's, split over its ranks: tensor-parallel ones "
+                "each hold their heads, data-parallel ones their own partition's blocks): "
                 "cached blocks evicted from the device pool move there, and prompts whose prefix is there "
                 "take it back instead of computing it (0: no host tier)"})
     prefix_caching: bool = field(default=True, metadata={

@@ -16,8 +16,10 @@ evicts is gone. Copies are queued here (`take_copies`) for the engine to run.
 
 With data-parallel attention an instance's ranks each hold a pool of their own: the ids are split in
 `partitions` equal runs (partition p: ids p·n .. p·n + n - 1, block `id - p·n` of rank p's pool), and a
-sequence's blocks all come from one of them: the one holding its longest cached prefix, else the one with
-most free blocks when it is admitted. Each partition caches its own blocks."""
+sequence's blocks all come from one of them: the one holding its longest cached prefix (on the device, else
+in its host tier), else the one with most free blocks when it is admitted. Each partition caches its own
+blocks and has a host tier of its own (host ids split the same way: rank p copies between its pool and its
+host blocks)."""
 from __future__ import annotations
 
 from collections import OrderedDict, deque
@@ -50,12 +52,14 @@ class BlockManager:
         self._ref_counts = [0] * num_blocks
         self.record_events = False  # an engine process takes them (take_events) for the scheduler's index
         self.num_evictions = 0  # cached blocks taken for new allocations, since start
-        if host_blocks and partitions > 1:
-            raise ValueError("host_kv_cache_mb: a host tier under data-parallel attention's partitioned pools is "
-                             "not supported; set it to 0 for this instance")
+        if host_blocks % partitions:
+            raise ValueError(f"host_blocks: {host_blocks} does not split into {partitions} equal partitions")
         self.host_blocks = host_blocks if caching else 0
-        self._host_free: deque[int] = deque(range(self.host_blocks))
-        self._host_by_hash: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
+        self.host_partition_size = self.host_blocks // partitions  # partition p: host ids p·h .. p·h + h - 1
+        h = self.host_partition_size
+        self._host_free: list[deque[int]] = [deque(range(p * h, (p + 1) * h)) for p in range(partitions)]
+        # least recently used first, a partition's device blocks going to its own host blocks
+        self._host_by_hash: list[OrderedDict[bytes, int]] = [OrderedDict() for _ in range(partitions)]
         self._copies: list[tuple[str, int, int]] = []  # ("out", device, host) | ("in", host, device), in order
         self.host_blocks_out = self.host_blocks_in = 0  # blocks copied to and from the host tier, since start
         self._events: list[tuple[int, KVEvent]] = []  # (partition, event), in order, until taken
@@ -101,10 +105,14 @@ class BlockManager:
         return max(range(len(self._free)), key=self._free_in)
 
     # ---- allocation ------------------------------------------------------------------------------
-    def can_allocate(self, num_blocks: int, cached: Sequence[int] = ()) -> bool:
+    def can_allocate(self, num_blocks: int, cached: Sequence[int] = (), partition: int | None = None) -> bool:
         """Whether a new table of `num_blocks` new blocks fits beside the `cached` blocks it takes (in their
-        partition, else the one a new table gets): those no request holds come out of the free ones."""
-        partition = self.partition_of(cached[0]) if cached else self._partition()
+        partition, else `partition`, else the one a new table gets): those no request holds come out of the
+        free ones."""
+        if cached:
+            partition = self.partition_of(cached[0])
+        elif partition is None:
+            partition = self._partition()
         taken = sum(1 for b in cached if self._ref_counts[b] == 0)
         return num_blocks + taken <= self._free_in(partition)
 
@@ -133,34 +141,53 @@ class BlockManager:
         block_hash = self._hash_of[block]
         if not self.host_blocks or block_hash is None:
             return
-        if block_hash in self._host_by_hash:
-            self._host_by_hash.move_to_end(block_hash)
+        p = self.partition_of(block)
+        index, free = self._host_by_hash[p], self._host_free[p]
+        if block_hash in index:
+            index.move_to_end(block_hash)
             return
-        if not self._host_free:
-            gone, host = self._host_by_hash.popitem(last=False)
-            self._host_free.append(host)
-            self._event(0, BlockRemoved([gone], medium=MEDIUM_HOST))
-        host = self._host_free.popleft()
-        self._host_by_hash[block_hash] = host
+        if not free:
+            gone, host = index.popitem(last=False)
+            free.append(host)
+            self._event(p, BlockRemoved([gone], medium=MEDIUM_HOST))
+        host = free.popleft()
+        index[block_hash] = host
         self._copies.append(("out", block, host))
         self.host_blocks_out += 1
-        self._event(0, BlockStored([block_hash], None, [], self.block_size, medium=MEDIUM_HOST))
+        self._event(p, BlockStored([block_hash], None, [], self.block_size, medium=MEDIUM_HOST))
 
     @property
     def num_host_cached_blocks(self) -> int:
-        return len(self._host_by_hash)
+        return sum(len(index) for index in self._host_by_hash)
 
-    def match_host(self, hashes: Sequence[bytes], limit: int) -> list[int]:
-        """The host blocks holding `hashes[:limit]`'s leading run (the part of a prefix beyond what the
-        device cache holds), each touched as used now."""
-        found = []
+    def match_host(self, hashes: Sequence[bytes], limit: int, partition: int = 0) -> list[int]:
+        """The host blocks of `partition` holding `hashes[:limit]`'s leading run (the part of a prefix
+        beyond what the device cache holds), each touched as used now."""
+        found: list[int] = []
+        if not self.host_blocks:
+            return found
+        index = self._host_by_hash[partition]
         for h in hashes[:limit]:
-            host = self._host_by_hash.get(h)
+            host = index.get(h)
             if host is None:
                 break
-            self._host_by_hash.move_to_end(h)
+            index.move_to_end(h)
             found.append(host)
         return found
+
+    def host_partition(self, hashes: Sequence[bytes], limit: int, need: int) -> int | None:
+        """For a prompt no device partition caches: the partition whose host tier holds the longest leading
+        run of `hashes[:limit]` and that has `need` free blocks (None: no host hit fits one)."""
+        best, most = None, 0
+        for p in range(len(self._free) if self.host_blocks else 0):
+            run = 0
+            for h in hashes[:limit]:
+                if h not in self._host_by_hash[p]:
+                    break
+                run += 1
+            if run > most and self._free_in(p) >= need:
+                best, most = p, run
+        return best
 
     def restore(self, host_ids: Sequence[int], device_ids: Sequence[int]) -> None:
         """The host blocks' KV goes back into these (held) device blocks (a copy queued for the engine)."""
@@ -274,8 +301,9 @@ class BlockManager:
         """Forgets every cached block (held ones are kept by their requests, but no longer found), in both
         tiers; returns how many device blocks were cached."""
         cached = self.num_cached_blocks
-        self._host_free.extend(self._host_by_hash.values())
-        self._host_by_hash.clear()
+        for free, index in zip(self._host_free, self._host_by_hash):
+            free.extend(index.values())
+            index.clear()
         for p, evictable in enumerate(self._evictable):
             self._free[p].extend(evictable)
             evictable.clear()

@@ -4,12 +4,12 @@ and hands each step's shares over; every rank runs its share, padded to the same
 layer gathers all ranks' tokens), and rank 0 gathers the logits of the rows that sample. Decode steps
 replay every rank's CUDA graph of one batch size (the largest share's), padded rows attending to
 nothing, and steps of whole prompts every rank's prefill graph of one token count; other steps run
-eagerly."""
+eagerly. Each rank runs the host tier's copies of its own partition."""
 from __future__ import annotations
 
 import torch
 
-from .layout import DecodeShares, EagerShares, PrefillShares, Step
+from .layout import DecodeShares, EagerShares, PrefillShares, Step, TierCopies
 from .model_runner import ModelRunner
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -50,7 +50,22 @@ class DataParallelRunner(ModelRunner):
                 padded[: len(lay.rows)] = logits
             return self._gather_sampled(padded, [list(range(len(other.rows))) for other in step.layouts],
                                         on_layer_done)
+        if isinstance(step, TierCopies):
+            return super().run(TierCopies(self._my_copies(step.copies), step.settle), on_layer_done)
         return super().run(step, on_layer_done)
+
+    def _my_copies(self, copies: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """The host tier's copies of this rank's partition, in its own pool's and host tier's ids (a
+        partition's device blocks go to its own host blocks only)."""
+        assert self.tp is not None and self.host_tier is not None
+        n, h, rank = self.kv_cache.num_blocks, self.host_tier.data.shape[0], self.tp.rank
+        mine = []
+        for kind, src, dst in copies:
+            device, host = (src, dst) if kind == "out" else (dst, src)
+            if device // n == rank:
+                device, host = device - rank * n, host - rank * h
+                mine.append((kind, device, host) if kind == "out" else (kind, host, device))
+        return mine
 
     def fatal(self, exc: Exception) -> bool:
         return True  # the ranks run other sequences: any failure may be this rank's alone

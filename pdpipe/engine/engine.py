@@ -33,7 +33,6 @@ from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .sizing import (
     TOKEN_PAD,
-    block_bytes,
     device_fault,
     kv_room,
     pool_blocks,
@@ -93,15 +92,15 @@ class LLMEngine:
         self.eos_token_ids = load_eos_token_ids(self.model_dir)
         self.kv_cache = self._make_pool(num_blocks, pool_path)
         ranks = tp.size if self.data_parallel and tp is not None else 1  # a pool a rank, all scheduled here
-        host_blocks = self._host_blocks()
+        host_blocks = self._host_blocks()  # each data-parallel rank a tier of its own, of this many
         self.blocks = BlockManager(num_blocks * ranks, config.cache.block_size, partitions=ranks,
-                                   caching=config.cache.prefix_caching, host_blocks=host_blocks)
+                                   caching=config.cache.prefix_caching, host_blocks=host_blocks * ranks)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len, self.eos_token_ids)
         runner = DataParallelRunner if self.data_parallel else ModelRunner
         self.runner = runner(self.model, self.kv_cache, self.max_model_len, pad_tokens=TOKEN_PAD if cuda else 1,
                              tp=tp)
         if self.blocks.host_blocks:
-            self.runner.host_tier = HostTier(self.kv_cache, self.blocks.host_blocks)
+            self.runner.host_tier = HostTier(self.kv_cache, self.blocks.host_partition_size)
         if cuda:  # every rank of an instance captures the same graphs (their collectives inside; routed
             # experts run fused, without host syncs)
             if config.cuda_graphs:
@@ -115,12 +114,15 @@ class LLMEngine:
         torch.manual_seed(config.seed)
 
     def _host_blocks(self) -> int:
-        """Blocks of the host tier: host_kv_cache_mb over the instance's ranks, each holding its heads."""
+        """Blocks of a rank's host tier: host_kv_cache_mb over the instance's ranks, each holding its heads
+        of every block (tensor parallel) or whole blocks of its own pool's (data-parallel attention)."""
         mb = self.config.cache.host_kv_cache_mb
         if not mb or not self.config.cache.prefix_caching:
             return 0
-        ranks = self.tp.size if self.tp is not None and not self.data_parallel else 1
-        return max(1, mb * 2**20 // ranks // block_bytes(self.spec, self.config.cache.block_size, self.spec.dtype))
+        ranks = self.tp.size if self.tp is not None else 1
+        kv = self.kv_cache.data  # [layers, 2, blocks, block_size, this rank's kv heads, head_dim]
+        per_block = kv[:, :, 0].numel() * kv.element_size()
+        return max(1, mb * 2**20 // ranks // per_block)
 
     def _sized_from_gpu(self) -> bool:
         cache = self.config.cache

@@ -209,12 +209,15 @@ class Scheduler:
             if hit and not self.blocks.can_allocate(self.blocks.blocks_for(seq.num_tokens) - len(hit) + reserve, hit):
                 hit = []  # the partition holding it is full: computed afresh in one with room
             need = self.blocks.blocks_for(seq.num_tokens) - len(hit)
-            if not self.blocks.can_allocate(need + reserve, hit):
+            part = (self.blocks.partition_of(hit[0]) if hit  # else where the host tier holds it, if any
+                    else self.blocks.host_partition(hashes, limit, need + reserve))
+            if not self.blocks.can_allocate(need + reserve, hit, part):
                 break
             self.waiting.popleft()
             self.blocks.share(hit)
-            new = self.blocks.allocate(need, self.blocks.partition_of(hit[0]) if hit else None)
-            host = self.blocks.match_host(hashes[len(hit):], limit - len(hit))  # the prefix's rest, on the host
+            new = self.blocks.allocate(need, part)
+            where = self.blocks.partition_of(new[0]) if new else 0
+            host = self.blocks.match_host(hashes[len(hit):], limit - len(hit), where)  # the prefix's rest, on the host
             self.blocks.restore(host, new)
             seq.block_table = hit + new
             seq.num_registered = len(hit)

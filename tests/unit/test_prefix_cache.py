@@ -351,9 +351,75 @@ def test_a_prefix_evicted_to_the_host_tier_is_copied_back_not_computed(model_dir
     assert serve(no_tier, prompts)[1][-1] == 0  # without the tier the prefix was gone
 
 
-def test_a_host_tier_under_data_parallel_partitions_is_refused_naming_the_setting():
-    with pytest.raises(ValueError, match="host_kv_cache_mb"):
-        BlockManager(num_blocks=8, block_size=4, partitions=2, host_blocks=4)
+def test_each_data_parallel_partition_has_a_host_tier_of_its_own():
+    """Two partitions of 3 device and 2 host blocks: partition 1's evicted blocks go to its host blocks (2, 3),
+    its events say partition 1, a prompt no device partition caches is placed where its host tier holds it
+    (with room), and what partition 0 evicts never takes partition 1's host blocks."""
+    from pdpipe.kv_events import BlockStored
+
+    bm = BlockManager(num_blocks=6, block_size=4, partitions=2, host_blocks=4)
+    bm.record_events = True
+    table = bm.allocate(3, partition=1)
+    for block, h, parent in zip(table, hashes(1, 2, 3), [None, *hashes(1, 2)]):
+        bm.register(block, h, parent, [])
+    bm.free(table)
+    bm.take_events()
+    taken = bm.allocate(3, partition=1)  # evicts all three, the tail first
+    assert bm.take_copies() == [("out", table[2], 2), ("out", table[1], 3), ("out", table[0], 2)]
+    assert [p for p, e in bm.take_events() if isinstance(e, BlockStored)] == [1, 1, 1]
+    assert bm.match(hashes(1, 2, 3), 3) == [] and bm.match_host(hashes(1, 2, 3), 3, partition=0) == []
+    assert bm.host_partition(hashes(1, 2, 3), 3, need=1) is None  # partition 1 has no room
+    bm.free(taken)
+    assert bm.host_partition(hashes(1, 2, 3), 3, need=3) == 1 and bm.match_host(hashes(1, 2, 3), 3, 1) == [2, 3]
+    other = bm.allocate(3, partition=0)
+    for block, h in zip(other, hashes(7, 8, 9)):
+        bm.register(block, h)
+    bm.free(other)
+    bm.allocate(3, partition=0)
+    assert {host for _, _, host in bm.take_copies()} == {0, 1}  # partition 0's own host blocks
+    with pytest.raises(ValueError, match="host_blocks"):
+        BlockManager(num_blocks=8, block_size=4, partitions=2, host_blocks=3)
+
+
+def evict_and_return_on_rank_1(engine) -> tuple[list[list[int]], list[int], int, set[int]]:
+    """The host-tier workload on a data-parallel instance, one block of rank 0's pool held so that every
+    prompt is placed on rank 1: its tokens, cached tokens, blocks restored, and the partitions whose host
+    tier stored blocks."""
+    from pdpipe.kv_events import BlockStored
+
+    engine.blocks.record_events = True
+    held = engine.blocks.allocate(1, partition=0)
+    first = make_prompts(384, lengths=(64,), seed=41)[0]
+    tokens, cached = [], []
+    for i, prompt in enumerate([first, *make_prompts(384, lengths=(60, 61, 62), seed=42), first]):
+        engine.add_request(str(i), prompt, GREEDY)
+        got, hit = [], 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                got += out.token_ids
+                hit = max(hit, out.cached_tokens)
+        tokens.append(got)
+        cached.append(hit)
+    engine.blocks.free(held)
+    stored = {p for p, e in engine.blocks.take_events() if isinstance(e, BlockStored) and e.medium == "CPU"}
+    return tokens, cached, engine.blocks.host_blocks_in, stored
+
+
+def test_the_host_tier_under_data_parallel_attention_computes_what_one_engine_does(model_dir, tmp_path):
+    """A MoE model on two data-parallel ranks, each with its own pool and host tier: rank 1's evicted prefix
+    goes to its host blocks and comes back into its pool (the copies run on rank 1, in its own ids); the
+    tokens equal one engine's without any cache."""
+    from parallel_ranks import engine_rank, on_two_ranks
+
+    model = model_dir("ernie4_5_moe")
+    fields = {"cache": CacheConfig(block_size=8, num_blocks=12, host_kv_cache_mb=1),
+              "expert_parallel": True, "data_parallel_attention": True}
+    [(_, (tokens, cached, restored, stored))] = on_two_ranks(engine_rank, tmp_path, [(str(model), 12, fields,
+                                                                                       evict_and_return_on_rank_1)], 1)
+    first = make_prompts(384, lengths=(64,), seed=41)[0]
+    expected = serve(make_engine(model, caching=False, num_blocks=12),
+                     [first, *make_prompts(384, lengths=(60, 61, 62), seed=42), first])[0]
+    assert tokens == expected and cached[-1] == 56 and restored == 7 and stored == {1}
 
 
 def evict_and_return(engine) -> tuple[list[list[int]], list[int], int]:
