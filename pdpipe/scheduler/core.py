@@ -359,7 +359,8 @@ class SchedulerCore(Handler):
         self._commit(rec, decode, room, computes_last=False)
         first = not rec.prefill
         if first:
-            rec.prefill = min(self.of_role("prefill"), key=lambda p: self._prefill_load(p, rec))
+            rec.prefill = min(self.of_role("prefill"), key=lambda p: (  # a tie: the one copying least
+                self._prefill_load(p, rec, decode), -self._hit_tokens(rec, p, computes_last=True)))
             self.decisions["remote"] += 1
         self._record(rec, State.QUEUED, "scheduler", f"reserve on {decode}, prefill on {rec.prefill}"
                      + (f" ({why})" if why else ""))
@@ -401,10 +402,13 @@ class SchedulerCore(Handler):
             return 0
         return there // self.cache.block_size
 
-    def _prefill_load(self, name: str, rec: RequestRecord) -> int:
+    def _prefill_load(self, name: str, rec: RequestRecord, decode: str = "") -> int:
         """Prompt tokens `name` computes before `rec`'s is done: those it has not finished and the part
-        of `rec`'s its cache does not hold."""
-        return self.outstanding_tokens[name] + rec.num_prompt_tokens - self._hit_tokens(rec, name, computes_last=True)
+        of `rec`'s neither its cache holds nor it would copy from `decode`'s (a remote hit)."""
+        held = self._hit_tokens(rec, name, computes_last=True)
+        if decode and self.cache is not None:
+            held = max(held, self._pull_blocks(rec, decode, name) * self.cache.block_size)
+        return self.outstanding_tokens[name] + rec.num_prompt_tokens - held
 
     def _hit_tokens(self, rec: RequestRecord, instance: str, computes_last: bool) -> int:
         """Leading prompt tokens of `rec` whose KV `instance`'s cache holds (by its KV events) and it may

@@ -745,6 +745,22 @@ def test_the_index_forgets_an_instance_that_goes_down_or_clears_its_cache():
     assert core.index.blocks("decode-0") == 0
 
 
+def test_the_prompt_goes_to_the_prefill_instance_with_least_to_compute_counting_what_it_would_copy():
+    """decode-0 caches the prompt's 6 blocks; prefill-1 caches 4 of them but has 40 tokens queued, prefill-0
+    none and 50 queued. Counting only its own cache prefill-1 has less to do (40 + 36 against 50 + 100);
+    counting the copy from decode-0 (prefill-0 would copy all 6 and compute 4; prefill-1's 2 more are under
+    cache_min_tokens) prefill-0 has (54 against 76), and gets it, with a pull of 6."""
+    prompt = list(range(100))
+    core, sent = cache_aware(roles={"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode"})
+    cached_on(core, "decode-0", prompt)
+    cached_on(core, "prefill-1", prompt[:64])
+    core.outstanding_tokens["prefill-0"] += 50
+    core.outstanding_tokens["prefill-1"] += 40
+    new(core, "r", 100)
+    (dest, msg), = dispatched(sent, Prefill)
+    assert dest == "prefill-0" and msg.pull_blocks == 6 and core.outstanding_tokens["prefill-0"] == 54
+
+
 def test_a_prefill_instance_copies_from_the_decode_instance_only_what_it_lacks():
     """decode-0 caches the prompt's 6 blocks, prefill-0 none: the Prefill asks for a pull of 6 (prefill-0
     then computes 4 tokens), on one machine or across two (the prefill machine's transfer reads them). Where
