@@ -29,6 +29,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         help_text = f.metadata.get("help", "")
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(hint) is tuple:  # tuple[X, ...]: the flag takes any number of values
+            parser.add_argument(flag, nargs="*", type=typing.get_args(hint)[0], default=None, help=help_text)
         else:
             parser.add_argument(flag, type=hint, default=None, help=help_text,
                                 choices=f.metadata.get("choices"))
@@ -45,5 +47,6 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
         elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[f.name] = dataclass_from_args(hint, args)
         elif getattr(args, f.name, None) is not None:
-            values[f.name] = getattr(args, f.name)
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if typing.get_origin(hint) is tuple else value
     return cls(**values)

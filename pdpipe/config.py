@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 
 DTYPES = ("float32", "bfloat16", "float16")  # what weights and KV may be
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANT_SCHEMES = ("wint8", "wint4", "fp8", "block_wise_fp8")  # weight quantization (pdpipe.quant)
 
 
 def _positive(obj, *names: str) -> None:
@@ -85,6 +86,18 @@ class EngineConfig:
         "help": "a mixture-of-experts model on an instance of tp > 1 ranks with expert_parallel: each rank "
                 "holds the whole model but its experts and serves its own sequences (its own KV pool); only "
                 "the MoE layers exchange tokens"})
+    quantization: str = field(default="", metadata={
+        "help": "weight-only quantization of the dense projections, online from the checkpoint's weights "
+                "(round to nearest, symmetric): wint8 (int8 per output channel), wint4 (int4 in groups of 128 "
+                "along K, else 64, else per channel), fp8 (e4m3 per output channel), block_wise_fp8 (e4m3 in "
+                "128x128 blocks); empty: none. The embeddings, the LM head and the routers stay unquantized",
+        "choices": ("",) + QUANT_SCHEMES})
+    moe_quantization: str = field(default="", metadata={
+        "help": "the routed experts' quantization; empty: the same as quantization (but wint4 on an ERNIE "
+                "mixture-of-experts model means what FastDeploy makes of it: dense wint8, experts wint4)",
+        "choices": ("",) + QUANT_SCHEMES})
+    quantization_ignore: tuple[str, ...] = field(default=(), metadata={
+        "help": "module name patterns (fnmatch, e.g. 'model.layers.0.*') left unquantized"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     cpu_threads: int = field(default=0, metadata={
         "help": "intra-op threads (torch, OpenMP, MKL) of each engine process a launch starts: 0: the "
@@ -98,6 +111,10 @@ class EngineConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r}; allowed: safetensors, dummy")
+        for name in ("quantization", "moe_quantization"):
+            if getattr(self, name) not in ("",) + QUANT_SCHEMES:
+                raise ValueError(f"{name}: {getattr(self, name)!r}; allowed: {', '.join(QUANT_SCHEMES)} "
+                                 "(or empty: none)")
         if self.data_parallel_attention and not self.expert_parallel:
             raise ValueError("data_parallel_attention: needs expert_parallel = true (the experts split by id; "
                              "every rank holds the rest whole)")

@@ -296,6 +296,7 @@ class PoolInfo(Msg, frozen=True):  # engine → transfer (through the run direct
     path: str  # CPU: the shared-memory file
     shape: list[int]
     dtype: str
+    weights: str = ""  # the weights' quantization (QuantPlan.name; "" none): KV of other weights is not this KV
     gpu: int = -1  # GPU: physical device id, IPC handle of the pool and its offset in the allocation
     ipc_handle: bytes = b""
     ipc_offset: int = 0

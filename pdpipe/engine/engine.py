@@ -22,6 +22,7 @@ from pdpipe.messages import EngineOutput, SamplingParams
 from pdpipe.models.loader import load_model
 from pdpipe.models.parallel import TensorParallel
 from pdpipe.models.spec import load_eos_token_ids
+from pdpipe.quant import quant_plan
 
 from .block_manager import BlockManager
 from .data_parallel import DataParallelRunner
@@ -79,7 +80,9 @@ class LLMEngine:
         self.model_dir = resolve_model(config.model)
         cuda = config.device.startswith("cuda")
         memory_at_start = torch.cuda.mem_get_info() if self._sized_from_gpu() else None  # (free, total)
-        self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format, tp=tp)
+        self.quant = quant_plan(config, self.model_dir)
+        self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format, tp=tp,
+                                quant=self.quant)
         self.spec = self.model.spec
         hd = self.spec.head_dim
         if cuda and (hd & (hd - 1) or hd < 16):
@@ -223,11 +226,11 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def cache_root(self, cache_salt: str = "") -> bytes | None:
-        """The root of a request's block hashes here (None with prefix caching off): the model and its KV
-        dtype, and the request's salt."""
+        """The root of a request's block hashes here (None with prefix caching off): the model, its weights'
+        quantization and KV dtype, and the request's salt."""
         if not self.blocks.caching:
             return None
-        return root_hash(self.model_dir.name, kv_dtype=self.spec.dtype, cache_salt=cache_salt)
+        return root_hash(self.model_dir.name, self.quant.name, kv_dtype=self.spec.dtype, cache_salt=cache_salt)
 
     def _copy_tier(self, settle: bool = False) -> None:
         """Runs the host tier's queued copies (evicted blocks out, restored prefixes in) on every rank, ahead

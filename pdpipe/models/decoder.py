@@ -134,7 +134,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
         self.qk_norm = spec.qk_norm
-        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one GEMM instead of three
+        self.qkv_proj: nn.Module | None = None  # set by fuse(): one GEMM instead of three
         self.tp: TensorParallel | None = None  # set on a rank of a tensor-parallel instance
 
     def fuse(self) -> None:
@@ -165,7 +165,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
-        self.gate_up_proj: nn.Linear | None = None
+        self.gate_up_proj: nn.Module | None = None
         self.tp: TensorParallel | None = None
 
     def fuse(self) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pdpipe import kernels
+from pdpipe.quant.weights import QuantizedWeight, dequantize
 
 from .spec import RopeSpec
 
@@ -17,6 +18,42 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight is quantized (`pdpipe.quant.weights`): its codes and scales kept as they are,
+    dequantized into the activations' dtype at use (exactly: code x scale in float32, then that dtype)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    bias: nn.Parameter | None
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.scheme, self.shape, self.cell, self.offset = weight.scheme, weight.shape, weight.cell, weight.offset
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scale", weight.scale)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @property
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.scheme, self.codes, self.scale, self.shape, self.cell, self.offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, dequantize(self.quantized, x.dtype), self.bias)
+
+
+class Stacked(nn.Module):
+    """Projections side by side (their outputs concatenated): what fusing quantized projections gives
+    where their scale grids cannot be joined (a block cut by a shard)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -63,12 +100,36 @@ class Rotary(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def fused_linear(*parts: nn.Linear) -> nn.Linear:
-    first = parts[0]
-    fused = Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+def fused_linear(*parts: nn.Module) -> nn.Module:
+    """One GEMM for projections that read the same input: their weights stacked by output rows (quantized
+    ones joined where their scale grids line up, else run side by side)."""
+    if any(isinstance(p, QuantLinear) for p in parts):
+        return _fused_quantized(parts)
+    linears = [p for p in parts if isinstance(p, nn.Linear)]
+    assert len(linears) == len(parts)
+    first = linears[0]
+    fused = Linear(first.in_features, sum(p.out_features for p in linears), bias=first.bias is not None,
                    device=first.weight.device, dtype=first.weight.dtype)
     with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        fused.weight.copy_(torch.cat([p.weight for p in linears]))
         if first.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+            fused.bias.copy_(torch.cat([p.bias for p in linears if p.bias is not None]))
     return fused
+
+
+def _fused_quantized(parts) -> nn.Module:
+    if not all(isinstance(p, QuantLinear) for p in parts):
+        return Stacked(list(parts))
+    quantized: list[QuantLinear] = list(parts)
+    first = quantized[0]
+    joinable = all((p.scheme, p.cell, p.offset[1]) == (first.scheme, first.cell, first.offset[1])
+                   and p.offset[0] == 0 and p.scale.shape[1] == first.scale.shape[1] for p in quantized) \
+        and all(p.out_features % first.cell[0] == 0 for p in quantized[:-1])
+    if not joinable:
+        return Stacked(list(parts))
+    parts = quantized
+    shape = (sum(p.out_features for p in parts), first.in_features)
+    weight = QuantizedWeight(first.scheme, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                             shape, first.cell, first.offset)
+    bias = torch.cat([p.bias for p in parts]) if first.bias is not None else None
+    return QuantLinear(weight, bias)

@@ -8,7 +8,7 @@ from torch import nn
 
 from pdpipe import kernels
 
-from .layers import Linear, fused_linear
+from .layers import Linear, QuantLinear, fused_linear
 from .parallel import TensorParallel
 from .spec import ModelSpec, MoeSpec
 
@@ -22,7 +22,7 @@ class Expert(nn.Module):
         self.names = names
         for name, (i, o) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden))):
             self.add_module(name, Linear(i, o, bias=bias))
-        self.gate_up: nn.Linear | None = None
+        self.gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
@@ -81,6 +81,10 @@ class MoE(nn.Module):
         the fused kernel, which runs them all in two grouped GEMMs (GPU)."""
         gate, up, down = self.moe.names
         experts = [e for e in self.experts if isinstance(e, Expert)]
+        if any(isinstance(getattr(e, n), QuantLinear) for e in experts for n in (gate, up, down)):
+            raise ValueError("moe_quantization: the fused expert kernels (GPU) take unquantized experts so far; "
+                             "quantized experts run on CPU. On GPU leave the experts out: quantization_ignore "
+                             "= [\"*.experts.*\"]")
         with torch.no_grad():
             self.w13 = torch.stack([torch.cat([getattr(e, gate).weight, getattr(e, up).weight]) for e in experts])
             self.w2 = torch.stack([getattr(e, down).weight for e in experts])

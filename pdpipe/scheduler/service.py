@@ -15,6 +15,7 @@ from pdpipe.kv_hash import root_hash
 from pdpipe.loop import Idle, ProcessBase, run_worker_loop
 from pdpipe.messages import ControlRequest, Pause, ResetPrefixCache
 from pdpipe.models.spec import load_spec
+from pdpipe.quant import quant_plan
 from pdpipe.wire import ControlThread, InboxThread
 
 from .core import CacheKeys, SchedulerCore
@@ -98,10 +99,11 @@ def cache_keys(cfg) -> CacheKeys | None:
     model_dir = resolve_model(cfg.engine.model)
     try:
         kv_dtype = load_spec(model_dir, cfg.engine.dtype or None).dtype
+        quant = quant_plan(cfg.engine, model_dir).name
     except (OSError, ValueError) as exc:  # the engines fail on it, saying why; routing goes by load meanwhile
         log.warning("scheduler: not routing by cache: %s", exc)
         return None
-    return CacheKeys(lambda salt: root_hash(model_dir.name, kv_dtype=kv_dtype, cache_salt=salt),
+    return CacheKeys(lambda salt: root_hash(model_dir.name, quant, kv_dtype=kv_dtype, cache_salt=salt),
                      cfg.engine.cache.block_size)
 
 

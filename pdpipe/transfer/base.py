@@ -102,6 +102,7 @@ def check_pair(src: PoolInfo, dst: PoolInfo, src_heads: set[int], dst_heads: set
     an error naming it."""
     fields = (("layers", src.shape[0], dst.shape[0]), ("block size", src.shape[3], dst.shape[3]),
               ("head dim", src.shape[5], dst.shape[5]), ("dtype", src.dtype, dst.dtype),
+              ("weight quantization", src.weights or "none", dst.weights or "none"),
               ("key/value heads", sorted(src_heads), sorted(dst_heads)))
     for what, a, b in fields:
         if a != b:

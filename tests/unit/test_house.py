@@ -22,7 +22,7 @@ LAYERS = [
     ["pdpipe.wire", "pdpipe.cluster", "pdpipe.transfer.base"],
     ["pdpipe.loop"],
     ["pdpipe.kernels"],
-    ["pdpipe.models", "pdpipe.demo", "pdpipe.tokenizer", "pdpipe.output"],
+    ["pdpipe.models", "pdpipe.quant", "pdpipe.demo", "pdpipe.tokenizer", "pdpipe.output"],
     ["pdpipe.ipc", "pdpipe.rdma"],
     ["pdpipe.engine"],
     ["pdpipe.transfer"],

@@ -1,0 +1,278 @@
+"""Weight quantization on CPU: the online quantizer against an independent numpy one (the same codes and
+scales, bit for bit), int4 packing, shards that cut through groups and blocks, the loader (a quantized model
+equals the same model's dequantized weights loaded plain, whole and per tensor-parallel rank), the engine's
+tokens against the dequantized folder's, the plan's choices and the configuration's refusals."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_prompts
+from safetensors.torch import load_file, save_file
+
+from pdpipe.config import EngineConfig
+from pdpipe.kv_hash import root_hash
+from pdpipe.models.make import make_model
+from pdpipe.models.make_config import MakeModelConfig
+from pdpipe.quant import QuantPlan, plan_for
+from pdpipe.quant.weights import QuantizedWeight, dequantize, pack_int4, quantize, unpack_int4
+
+SCHEMES = ("wint8", "wint4", "fp8", "block_wise_fp8")
+
+
+# ---- an independent reference, in numpy ------------------------------------------------------------
+def e4m3_values() -> np.ndarray:
+    """Every finite float8 e4m3fn value >= 0, ascending, from its bits (1 sign, 4 exponent, 3 mantissa,
+    bias 7; exponent 0 subnormal; 0x7F is NaN)."""
+    values = []
+    for bits in range(0x7F):
+        exp, man = bits >> 3, bits & 7
+        values.append(man / 8 * 2.0 ** -6 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7))
+    return np.array(values)
+
+
+def to_e4m3(x: np.ndarray) -> np.ndarray:
+    """Round to the nearest e4m3 value, ties to the even code (the last mantissa bit 0)."""
+    grid = e4m3_values()
+    mag = np.abs(x.astype(np.float64))
+    hi = np.clip(np.searchsorted(grid, mag), 1, len(grid) - 1)
+    lo = hi - 1
+    d_lo, d_hi = mag - grid[lo], grid[hi] - mag
+    pick = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    return np.sign(x) * grid[pick]
+
+
+def np_quantize(w: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes as float64 [N, K], scales float32 [rows, cols]) by the documented rules, cell by cell."""
+    n, k = w.shape
+    bn, bk = {"wint8": (1, k), "fp8": (1, k), "block_wise_fp8": (128, 128),
+              "wint4": (1, 128 if k % 128 == 0 else 64 if k % 64 == 0 else k)}[scheme]
+    rows, cols = -(-n // bn), -(-k // bk)
+    scales = np.zeros((rows, cols), np.float32)
+    codes = np.zeros((n, k))
+    for i in range(rows):
+        for j in range(cols):
+            block = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
+            if scheme == "wint4":
+                top, bottom = np.float32(max(block.max(), 0)), np.float32(max(-block.min(), 0))
+                s = max(top / np.float32(7), bottom / np.float32(8))
+            else:
+                s = np.float32(np.abs(block).max()) / np.float32(127 if scheme == "wint8" else 448)
+            s = np.float32(s) if s > 0 else np.float32(1)
+            scales[i, j] = s
+            x = (block / s).astype(np.float32)
+            if scheme == "wint8":
+                q = np.clip(np.round(x), -127, 127)
+            elif scheme == "wint4":
+                q = np.clip(np.round(x), -8, 7)
+            else:
+                q = to_e4m3(np.clip(x, -448, 448))
+            codes[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = q
+    return codes, scales
+
+
+def weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w[0, :5] = 0.0  # a partly zero row; and a zero cell where the cells are small
+    w[-1, :] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("shape", [(8, 256), (6, 576), (5, 100), (200, 300)])
+def test_the_quantizer_gives_the_reference_codes_and_scales(scheme, shape):
+    """K = 256: groups of 128; 576 (SmolLM2's hidden size): of 64; 100: a row; 200 x 300: partial blocks."""
+    w = weight(*shape)
+    qw = quantize(w, scheme)
+    codes, scales = np_quantize(w.numpy(), scheme)
+    assert np.array_equal(qw.scale.numpy(), scales)
+    got = unpack_int4(qw.codes, shape[1]) if scheme == "wint4" else qw.codes
+    assert np.array_equal(got.float().numpy().astype(np.float64), codes)
+    expected = (codes * np.repeat(np.repeat(scales, qw.cell[0], 0), qw.cell[1], 1)[:shape[0], :shape[1]]
+                .astype(np.float64)).astype(np.float32)
+    assert np.array_equal(dequantize(qw).numpy(), expected)
+
+
+def test_int4_codes_pack_two_a_byte_offset_by_8_the_even_column_low():
+    q = torch.tensor([[-8, 7, 0, -1, 3]], dtype=torch.int8)
+    packed = pack_int4(q)
+    # by hand: (-8+8) | (7+8) << 4 = 0xF0; (0+8) | (-1+8) << 4 = 0x78; (3+8) | (0+8) << 4 (padding) = 0x8B
+    assert packed.tolist() == [[0xF0, 0x78, 0x8B]] and unpack_int4(packed, 5).tolist() == q.tolist()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_shard_cutting_through_groups_and_blocks_reads_its_neighbours_scales(scheme):
+    """Rows and columns split as tensor parallelism splits them (not at group or block edges): each shard
+    dequantizes to exactly the slice of the whole, and a shard of a shard too."""
+    w = weight(200, 384, seed=1)
+    qw = quantize(w, scheme)
+    whole = dequantize(qw)
+    for rows in (slice(0, 100), slice(100, 200), slice(50, 150)):
+        assert torch.equal(dequantize(qw[rows]), whole[rows])
+    for cols in (slice(0, 192), slice(192, 384), slice(64, 320)):
+        assert torch.equal(dequantize(qw[:, cols]), whole[:, cols])
+    assert torch.equal(dequantize(qw[50:150][:, 64:320][:, 100:200]), whole[50:150, 164:264])
+    if scheme == "wint4":
+        with pytest.raises(ValueError, match="even"):
+            qw[:, 3:9]
+
+
+# ---- the loader and the engine -------------------------------------------------------------------
+QUANT_MODEL = MakeModelConfig(arch="llama", hidden=192, heads=4, kv_heads=2, intermediate=384, seed=9)
+
+
+@pytest.fixture(scope="module")
+def quant_model(tmp_path_factory):
+    """A model whose projections have several groups a row (K = 192: groups of 64; 384: of 128) and
+    partial 128 x 128 blocks."""
+    return make_model(tmp_path_factory.mktemp("quant") / "llama", QUANT_MODEL)
+
+
+def dequantized_folder(model, plan: QuantPlan, out):
+    """The model's folder with each projection the plan names replaced by its dequantized weights."""
+    shutil.copytree(model, out)
+    for path in out.glob("*.safetensors"):
+        tensors = load_file(path)
+        for name, t in tensors.items():
+            scheme = plan.scheme_for(name.removesuffix(".weight")) if name.endswith(".weight") else ""
+            if scheme:
+                tensors[name] = dequantize(quantize(t, scheme), t.dtype)
+        save_file(tensors, path)
+    return out
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_quantized_model_holds_its_dequantized_weights_whole_and_per_rank(quant_model, tmp_path, scheme):
+    """Quantized whole, then split: every rank's projections (and the whole model's) dequantize to exactly
+    the dequantized folder's, loaded plain and split the same way (so a TP2 prefill instance and a TP1
+    decode instance compute with the same weights); the codes stay quantized in memory."""
+    from pdpipe.models.layers import QuantLinear
+    from pdpipe.models.loader import load_model
+    from pdpipe.models.parallel import TensorParallel
+
+    plan = QuantPlan(scheme, scheme)
+    reference = dequantized_folder(quant_model, plan, tmp_path / "deq")
+    for tp in (None, TensorParallel(0, 2), TensorParallel(1, 2)):
+        quantized, plain = load_model(quant_model, tp=tp, quant=plan), load_model(reference, tp=tp)
+        layers = dict(quantized.named_modules())
+        found = 0
+        for name, module in plain.named_modules():
+            if plan.scheme_for(name) and isinstance(module, torch.nn.Linear):
+                q = layers[name]
+                assert isinstance(q, QuantLinear) and q.codes.dtype != torch.float32
+                assert torch.equal(dequantize(q.quantized), module.weight), (name, tp)
+                found += 1
+        assert found == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+        assert torch.equal(quantized.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+
+
+def greedy_tokens(model, **fields) -> list[list[int]]:
+    from pdpipe.config import CacheConfig
+    from pdpipe.engine.engine import LLMEngine
+    from pdpipe.messages import SamplingParams
+
+    config = EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=64), **fields)
+    engine = LLMEngine(config)
+    from pdpipe.models.layers import QuantLinear
+
+    assert any(isinstance(m, QuantLinear) for m in engine.model.modules()) == bool(config.quantization)
+    prompts = make_prompts(384, lengths=(5, 23, 40), seed=12)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    assert engine.leak_free()
+    return [tokens[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_quantized_engine_generates_what_the_dequantized_folder_does(quant_model, tmp_path, scheme):
+    """Greedy, float32, prompts batched: token for token (weight-only: the same weights, dequantized at use)."""
+    reference = dequantized_folder(quant_model, QuantPlan(scheme), tmp_path / "deq")
+    assert greedy_tokens(quant_model, quantization=scheme) == greedy_tokens(reference)
+
+
+def test_wint4_on_an_ernie_moe_model_is_dense_wint8_with_wint4_experts(model_dir, tmp_path):
+    """As FastDeploy reads it; the experts quantized on CPU, and the engine's tokens equal the dequantized
+    folder's. Asked apart, moe_quantization wins."""
+    from pdpipe.models.spec import load_spec
+
+    model = model_dir("ernie4_5_moe")
+    spec = load_spec(model)
+    plan = plan_for(EngineConfig(quantization="wint4"), spec.architecture, True)
+    assert (plan.dense, plan.moe) == ("wint8", "wint4")
+    assert plan.scheme_for("model.layers.1.mlp.experts.3.up_proj") == "wint4"
+    assert plan.scheme_for("model.layers.1.mlp.shared_experts.up_proj") == "wint8"
+    assert plan.scheme_for("model.layers.1.mlp.gate") == "" and plan.scheme_for("lm_head") == ""
+    apart = plan_for(EngineConfig(quantization="wint4", moe_quantization="fp8"), spec.architecture, True)
+    assert (apart.dense, apart.moe) == ("wint4", "fp8")
+    assert plan_for(EngineConfig(quantization="wint4"), "LlamaForCausalLM", False) == QuantPlan("wint4", "")
+    reference = dequantized_folder(model, plan, tmp_path / "deq")
+    assert greedy_tokens(model, quantization="wint4") == greedy_tokens(reference)
+
+
+def test_ignored_modules_stay_as_they_are(quant_model):
+    from pdpipe.models.layers import QuantLinear
+    from pdpipe.models.loader import load_model
+
+    plan = QuantPlan("wint8", ignore=("model.layers.0.*", "*.down_proj"))
+    model = load_model(quant_model, quant=plan)
+    kinds = {name: isinstance(m, QuantLinear) for name, m in model.named_modules() if name.endswith("_proj")}
+    assert kinds["model.layers.1.self_attn.q_proj"] and kinds["model.layers.1.mlp.up_proj"]
+    assert not kinds["model.layers.0.self_attn.q_proj"] and not kinds["model.layers.1.mlp.down_proj"]
+
+
+def test_the_cache_root_names_the_weights_quantization():
+    assert QuantPlan().name == "" and QuantPlan("wint8", "wint4").name == "wint8/wint4"
+    roots = {root_hash("m", q) for q in ("", "wint8/none", "wint4/none", "fp8/none")}
+    assert len(roots) == 4
+
+
+@pytest.mark.parametrize("field", ["quantization", "moe_quantization"])
+def test_an_unknown_scheme_is_refused_naming_the_field_and_the_allowed_ones(field):
+    with pytest.raises(ValueError, match=f"{field}: 'int3'; allowed: wint8, wint4, fp8, block_wise_fp8"):
+        EngineConfig(**{field: "int3"})
+
+
+def test_a_weight_of_other_than_two_dimensions_is_refused():
+    with pytest.raises(ValueError, match="two dimensions"):
+        quantize(torch.zeros(2, 3, 4), "wint8")
+    assert isinstance(quantize(torch.zeros(4, 8), "fp8"), QuantizedWeight)  # all zeros: scale 1, codes 0
+
+
+def test_the_engine_flags_take_a_scheme_and_patterns_to_ignore():
+    import argparse
+
+    from pdpipe.cli_args import add_dataclass_args, dataclass_from_args
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, EngineConfig)
+    args = parser.parse_args(["--quantization", "wint4", "--quantization-ignore", "model.layers.0.*", "*.o_proj"])
+    cfg = dataclass_from_args(EngineConfig, args)
+    assert (cfg.quantization, cfg.quantization_ignore) == ("wint4", ("model.layers.0.*", "*.o_proj"))
+    assert dataclass_from_args(EngineConfig, parser.parse_args([])).quantization_ignore == ()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "int3"])
+
+
+def test_instances_of_differently_quantized_weights_do_not_exchange_kv(quant_model):
+    """Their KV is not the same KV: the first copy between their pools fails, naming both."""
+    from pdpipe.engine.engine import LLMEngine
+    from pdpipe.engine.process import pool_info
+    from pdpipe.messages import PoolInfo
+    from pdpipe.transfer.base import TransferError, check_pair
+
+    engine = LLMEngine(EngineConfig(model=str(quant_model), quantization="wint8"))
+    info = pool_info("prefill-0", engine, quant_model / "pool", None)
+    assert info.weights == "wint8/none"
+    plain = PoolInfo(instance="decode-0", path="", shape=info.shape, dtype=info.dtype)
+    heads = set(range(info.shape[4]))
+    with pytest.raises(TransferError, match="prefill-0 and decode-0 cannot exchange KV: weight quantization "
+                                            "wint8/none against none"):
+        check_pair(info, plain, heads, heads)
+    check_pair(info, PoolInfo(instance="decode-1", path="", shape=info.shape, dtype=info.dtype,
+                              weights="wint8/none"), heads, heads)
