@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from pdpipe.quant import QuantPlan, checkpoint_format
@@ -16,7 +16,7 @@ from pdpipe.quant.weights import QuantizedWeight, gather_checkpoint, keep_as_sto
 from .decoder import CausalLM
 from .layers import QuantLinear, Rotary
 from .moe import float32_weights
-from .parallel import TensorParallel, rank_spec, shard_state_dict
+from .parallel import EXPERT_NAME, TensorParallel, rank_spec, shard_state_dict
 from .spec import ModelLoadError, ModelSpec, load_spec
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -41,24 +41,22 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_state_dict(model_dir: Path, dtype: torch.dtype, keep_fp32: tuple[str, ...] = (),
-                    quantized: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor in `dtype`, but those whose names end with one of `keep_fp32` in float32 (and, of a
-    `quantized` checkpoint, the codes and scales as stored)."""
-    state: dict[str, torch.Tensor] = {}
+def read_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, one at a time, as stored (on the CPU)."""
     for path in weight_files(model_dir):
         try:
-            tensors = load_file(path)
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 — safe_open is no dict
+                    if not name.endswith(_IGNORED_SUFFIXES):
+                        yield name, f.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"{path}: cannot read safetensors file ({exc})") from None
-        for name, tensor in tensors.items():
-            if name.endswith(_IGNORED_SUFFIXES):
-                continue
-            if quantized and keep_as_stored(name, tensor):
-                state[name] = tensor
-            else:
-                state[name] = tensor.to(torch.float32 if keep_fp32 and name.endswith(keep_fp32) else dtype)
-    return state
+
+
+def read_state_dict(model_dir: Path, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor in `dtype`, but those whose names end with one of `keep_fp32` in float32."""
+    return {name: t.to(torch.float32 if keep_fp32 and name.endswith(keep_fp32) else dtype)
+            for name, t in read_tensors(model_dir)}
 
 
 def check_state_dict(model: CausalLM, state: dict[str, torch.Tensor], model_dir: Path) -> None:
@@ -83,22 +81,34 @@ LOAD_FORMATS = ("safetensors", "dummy")
 
 
 def dummy_model(spec: ModelSpec, device: str | torch.device, seed: int = 0,
-                tp: TensorParallel | None = None) -> CausalLM:
+                tp: TensorParallel | None = None, quant: QuantPlan | None = None) -> CausalLM:
     """Random weights of the real shapes (a rank's, with `tp`), made on `device` (no files read): for
-    benchmarks."""
+    benchmarks. With `quant`, each projection is made and quantized in turn (its bf16 weights freed before
+    the next is made), so the model never exists in bf16 whole."""
     from .make import init_param_
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, spec.dtype))  # built in its dtype: no float32 copy of 8B weights
     try:
-        with torch.device(device):
+        with torch.device("meta" if quant is not None else device):
             model = CausalLM(rank_spec(spec, tp) if tp else spec, tp)
     finally:
         torch.set_default_dtype(default)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            init_param_(name, p, gen)
+        if quant is None:
+            for name, p in model.named_parameters():
+                init_param_(name, p, gen)
+            return model.eval()
+        for module_name, module in list(model.named_modules()):
+            for pname, p in list(module.named_parameters(recurse=False)):
+                full = f"{module_name}.{pname}" if module_name else pname
+                real = init_param_(full, torch.empty(p.shape, dtype=p.dtype, device=device), gen)
+                setattr(module, pname, torch.nn.Parameter(real, requires_grad=False))
+            scheme = quant.scheme_for(module_name) if isinstance(module, nn.Linear) else ""
+            if scheme:
+                install(model, module_name, quantize(module.weight, scheme))
+    model.rotary = Rotary(spec.rope, spec.head_dim).to(device)
     return model.eval()
 
 
@@ -106,7 +116,9 @@ def load_model(model_dir: Path | str, dtype: str | None = None, device: str | to
                load_format: str = "safetensors", tp: TensorParallel | None = None,
                quant: QuantPlan | None = None) -> CausalLM:
     """Builds the decoder for `model_dir` and loads its weights onto `device`; with `tp`, this rank's
-    share of them (see parallel.py); with `quant`, its projections quantized whole, then shared out."""
+    share of them (see parallel.py); with `quant`, its projections quantized whole, then shared out.
+    Tensors are read one at a time and each goes to `device`, is quantized and split before the next is
+    read: what is held is the model as it ends up, and one tensor."""
     model_dir = Path(model_dir)
     spec: ModelSpec = load_spec(model_dir, dtype)
     if quant is None and (fmt := checkpoint_format(model_dir)) is not None:
@@ -114,22 +126,31 @@ def load_model(model_dir: Path | str, dtype: str | None = None, device: str | to
     if load_format == "dummy":  # random weights, quantized online (as a checkpoint's scheme says, if it says)
         ckpt = quant.checkpoint if quant is not None else None
         plan = QuantPlan(ckpt.scheme, ckpt.scheme, ckpt.ignore) if ckpt is not None else quant
-        return quantize_model(dummy_model(spec, device, tp=tp), plan)
+        return dummy_model(spec, device, tp=tp, quant=plan if plan is not None and plan.name else None)
     if load_format != "safetensors":
         raise ValueError(f"load_format: {load_format!r}; allowed: {', '.join(LOAD_FORMATS)}")
-    torch_dtype = getattr(torch, spec.dtype)
     with torch.device("meta"):
         model = CausalLM(rank_spec(spec, tp) if tp else spec, tp)
     fmt = quant.checkpoint if quant is not None else None
-    state: dict[str, Any] = read_state_dict(model_dir, torch_dtype, float32_weights(spec), quantized=fmt is not None)
-    if fmt is not None:
-        state = gather_checkpoint(state, fmt)
-    for name in list(state):
+    state: dict[str, Any] = {}
+    stored: dict[str, torch.Tensor] = {}  # a quantized checkpoint's codes and scales, gathered once all are read
+    keep_fp32 = float32_weights(spec)
+    for name, tensor in read_tensors(model_dir):
+        if fmt is not None and keep_as_stored(name, tensor):
+            stored[name] = tensor
+            continue
+        t: Any = tensor.to(device=device, dtype=torch.float32 if keep_fp32 and name.endswith(keep_fp32)
+                           else getattr(torch, spec.dtype))
         scheme = quant.scheme_for(name.removesuffix(".weight")) if quant and name.endswith(".weight") else ""
+        if scheme and tp is not None and tp.expert_parallel and EXPERT_NAME.search(name):
+            state |= {n: quantize(w, scheme) for n, w in shard_state_dict({name: t}, spec, tp).items()}
+            continue  # a whole expert, kept or not: quantized only where kept
         if scheme:
-            state[name] = quantize(state[name], scheme)
-    if tp is not None:
-        state = shard_state_dict(state, spec, tp)
+            t = quantize(t, scheme)  # whole, before it is split
+        state |= shard_state_dict({name: t}, spec, tp) if tp is not None else {name: t}
+    if fmt is not None:
+        stored = gather_checkpoint({n: t.to(device) for n, t in stored.items()}, fmt)
+        state |= shard_state_dict(stored, spec, tp) if tp is not None else stored
     check_state_dict(model, state, model_dir)
     quantized = {n: w for n, w in state.items() if isinstance(w, QuantizedWeight)}
     model.load_state_dict({n: t for n, t in state.items() if n not in quantized}, strict=False, assign=True)
@@ -145,16 +166,3 @@ def install(model: nn.Module, module: str, weight: QuantizedWeight) -> None:
     old = model.get_submodule(module)
     assert isinstance(old, nn.Linear)
     setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(weight, old.bias))
-
-
-def quantize_model(model: CausalLM, quant: QuantPlan | None) -> CausalLM:
-    """Every projection of a built model the plan names, quantized in place, one at a time (weights made
-    on their device, dummy ones: a tensor-parallel rank quantizes its own share)."""
-    if quant is None:
-        return model
-    for name, module in list(model.named_modules()):
-        scheme = quant.scheme_for(name) if isinstance(module, nn.Linear) else ""
-        if scheme:
-            install(model, name, quantize(module.weight, scheme))
-            del module
-    return model

@@ -162,7 +162,7 @@ def rank_spec(spec: ModelSpec, par: TensorParallel) -> ModelSpec:
                    intermediate_size=spec.intermediate_size // tp, moe=moe)
 
 
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+EXPERT_NAME = re.compile(r"\.experts\.(\d+)\.")
 
 
 def shard_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec, par: TensorParallel) -> dict[str, torch.Tensor]:
@@ -177,7 +177,7 @@ def shard_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec, par: Tenso
     held = spec.moe.num_experts // tp if spec.moe is not None else 0
     out = {}
     for name, t in state.items():
-        expert = _EXPERT.search(name)
+        expert = EXPERT_NAME.search(name)
         if par.expert_parallel and (expert or ".shared_experts." in name):
             if expert:  # whole experts, this rank's by id, numbered from 0 here
                 index = int(expert.group(1)) - r * held

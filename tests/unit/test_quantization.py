@@ -276,3 +276,58 @@ def test_instances_of_differently_quantized_weights_do_not_exchange_kv(quant_mod
         check_pair(info, plain, heads, heads)
     check_pair(info, PoolInfo(instance="decode-1", path="", shape=info.shape, dtype=info.dtype,
                               weights="wint8/none"), heads, heads)
+
+
+def test_experts_split_by_id_are_quantized_where_kept(model_dir, tmp_path):
+    """Expert parallelism: each rank holds whole experts (renumbered from 0), quantized as they were whole;
+    the same weights as the dequantized folder split the same way."""
+    from pdpipe.models.layers import QuantLinear
+    from pdpipe.models.loader import load_model
+    from pdpipe.models.parallel import TensorParallel
+
+    model = model_dir("ernie4_5_moe")
+    plan = QuantPlan("wint8", "wint4")
+    reference = dequantized_folder(model, plan, tmp_path / "deq")
+    for rank in (0, 1):
+        tp = TensorParallel(rank, 2, expert_parallel=True)
+        got, want = dict(load_model(model, tp=tp, quant=plan).named_modules()), load_model(reference, tp=tp)
+        experts = [n for n, m in want.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
+        assert experts and all(isinstance(got[n], QuantLinear) and got[n].scheme == "wint4" for n in experts)
+        for n in experts:
+            assert torch.equal(dequantize(got[n].quantized), want.get_submodule(n).weight), (n, rank)
+
+
+def test_the_loader_quantizes_each_tensor_before_reading_the_next(quant_model, monkeypatch):
+    """Read, quantize, read, ...: what is held is the quantized model and one tensor, never the whole
+    checkpoint in its own dtype."""
+    from pdpipe.models import loader
+
+    events: list[str] = []
+    reads, quantizes = loader.read_tensors, loader.quantize
+
+    def reading(model_dir):
+        for name, t in reads(model_dir):
+            events.append("read")
+            yield name, t
+
+    monkeypatch.setattr(loader, "read_tensors", reading)
+    monkeypatch.setattr(loader, "quantize", lambda w, s: events.append("quantize") or quantizes(w, s))
+    loader.load_model(quant_model, quant=QuantPlan("wint4"))
+    assert events.count("quantize") == 14
+    for i, event in enumerate(events):  # every quantization follows the read of its own tensor
+        if event == "quantize":
+            assert events[i - 1] == "read"
+
+
+@pytest.mark.parametrize("scheme", ["wint4", "block_wise_fp8"])
+def test_dummy_weights_are_made_quantized_one_projection_at_a_time(quant_model, scheme):
+    """load_format = "dummy": no file read, every projection quantized, the rest as made; it generates."""
+    from pdpipe.models.layers import QuantLinear
+    from pdpipe.models.loader import load_model
+
+    model = load_model(quant_model, load_format="dummy", quant=QuantPlan(scheme))
+    projections = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
+    assert len(projections) == 14 and all(isinstance(m, QuantLinear) and m.scheme == scheme
+                                          for m in projections.values())
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    assert len(greedy_tokens(quant_model, load_format="dummy", quantization=scheme)[0]) == 10
