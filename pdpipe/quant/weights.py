@@ -104,13 +104,16 @@ def _grid(w: torch.Tensor, cell_: tuple[int, int], reduce) -> torch.Tensor:
     n, k = w.shape
     bn, bk = cell_
     rows, cols = -(-n // bn), -(-k // bk)
-    fill = {"amax": 0.0, "max": float("-inf"), "min": float("inf")}[reduce]
-    padded = torch.full((rows * bn, cols * bk), fill, dtype=torch.float32, device=w.device)
-    padded[:n, :k] = w
-    cells = padded.reshape(rows, bn, cols, bk).transpose(1, 2).reshape(rows, cols, bn * bk)
+    if (rows * bn, cols * bk) == (n, k):  # whole cells: a view, no copy
+        padded = w
+    else:
+        fill = {"amax": 0.0, "max": float("-inf"), "min": float("inf")}[reduce]
+        padded = torch.full((rows * bn, cols * bk), fill, dtype=torch.float32, device=w.device)
+        padded[:n, :k] = w
+    cells = padded.reshape(rows, bn, cols, bk)
     if reduce == "amax":
-        return cells.abs().amax(dim=-1)
-    return cells.amax(dim=-1) if reduce == "max" else cells.amin(dim=-1)
+        return cells.abs().amax(dim=(1, 3))
+    return cells.amax(dim=(1, 3)) if reduce == "max" else cells.amin(dim=(1, 3))
 
 
 def expand(scale: torch.Tensor, shape: tuple[int, int], cell_: tuple[int, int],
@@ -135,7 +138,11 @@ def quantize(weight: torch.Tensor, scheme: str) -> QuantizedWeight:
     else:
         scale = _grid(w, cell_, "amax") / (127 if scheme == "wint8" else FP8_MAX)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scaled = w / expand(scale, shape, cell_)
+    rows, cols = scale.shape
+    if (rows * cell_[0], cols * cell_[1]) == shape:  # whole cells: each scale broadcast over its cell
+        scaled = (w.reshape(rows, cell_[0], cols, cell_[1]) / scale[:, None, :, None]).reshape(shape)
+    else:
+        scaled = w / expand(scale, shape, cell_)
     if scheme == "wint8":
         codes = scaled.round().clamp(-127, 127).to(torch.int8)
     elif scheme == "wint4":
@@ -169,6 +176,10 @@ def codes_of(qw: QuantizedWeight) -> torch.Tensor:
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """code × scale in float32, then `dtype`: [N, K]."""
+    rows, cols = qw.scale.shape
+    (n, k), (bn, bk) = qw.shape, qw.cell
+    if qw.offset == (0, 0) and (rows * bn, cols * bk) == (n, k):  # whole cells: each scale broadcast over its cell
+        return (codes_of(qw).reshape(rows, bn, cols, bk) * qw.scale[:, None, :, None]).reshape(n, k).to(dtype)
     return (codes_of(qw) * expand(qw.scale, qw.shape, qw.cell, qw.offset)).to(dtype)
 
 
