@@ -126,6 +126,22 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
             for name, shape in shapes.items()}
 
 
+def quantize_state(state: dict[str, torch.Tensor], scheme: str) -> dict:
+    """The projections of `state` replaced, in place, by their quantized tensors as a checkpoint users have
+    stores them (pdpipe.quant.weights.write_format); returns the config.json quantization_config."""
+    from pdpipe.quant import QuantPlan
+    from pdpipe.quant.weights import checkpoint_tensors, quantize, write_format
+
+    plan = QuantPlan(scheme, scheme)
+    names = [n for n in state if n.endswith(".weight") and plan.scheme_for(n.removesuffix(".weight"))]
+    config, cell = write_format(scheme, [state[n].shape[1] for n in names])
+    for name in names:
+        weight = state.pop(name)
+        qw = quantize(weight, scheme, cell or (1, weight.shape[1]))
+        state |= checkpoint_tensors(name.removesuffix(".weight"), qw, config)
+    return config
+
+
 def save_weights(state: dict[str, torch.Tensor], out: Path, shard_mb: int) -> None:
     if shard_mb <= 0:
         save_file(state, out / "model.safetensors", metadata={"format": "pt"})
@@ -165,6 +181,9 @@ def make_model(out_dir: Path | str, cfg: MakeModelConfig = MakeModelConfig(), ov
         ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
         config = hf_config(cfg, tok.get_vocab_size(), ids)
         spec = spec_from_config(config)
+        state = random_weights(spec, cfg.seed) if cfg.weights else {}
+        if cfg.quantization:
+            config["quantization_config"] = quantize_state(state, cfg.quantization)
         tok.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "tokenizer_config.json", {
@@ -176,7 +195,7 @@ def make_model(out_dir: Path | str, cfg: MakeModelConfig = MakeModelConfig(), ov
             "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]})
         _write_json(tmp / "pdpipe_make_model.json", asdict(cfg))
         if cfg.weights:
-            save_weights(random_weights(spec, cfg.seed), tmp, cfg.shard_mb)
+            save_weights(state, tmp, cfg.shard_mb)
         if out_dir.exists() and overwrite:
             shutil.rmtree(out_dir)
         try:

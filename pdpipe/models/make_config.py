@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdpipe.config import DTYPES
+from pdpipe.config import DTYPES, QUANT_SCHEMES
 
 CORPUS = Path(__file__).with_name("corpus.txt")  # the text the generated tokenizers are trained on
 
@@ -53,12 +53,22 @@ class MakeModelConfig:
     weights: bool = field(default=True, metadata={"help": "write weights; without, load the folder "
                                                           "with load_format=dummy (large shapes)"})
     seed: int = field(default=0, metadata={"help": "random seed; same seed, same bytes"})
+    quantization: str = field(default="", metadata={
+        "help": "write the projections quantized, as checkpoints users have store them: wint8 / wint4 as "
+                "compressed-tensors pack-quantized (int8 per channel; int4 in groups of 128, else 64, else per "
+                "channel), fp8 as compressed-tensors float-quantized per channel, block_wise_fp8 as Hugging "
+                "Face FP8 in 128 x 128 blocks",
+        "choices": ("",) + QUANT_SCHEMES})
 
     def __post_init__(self):
         if self.arch not in ARCH_NAMES:
             raise ValueError(f"arch: {self.arch!r} is not supported; use one of {', '.join(ARCH_NAMES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.quantization not in ("",) + QUANT_SCHEMES:
+            raise ValueError(f"quantization: {self.quantization!r}; allowed: {', '.join(QUANT_SCHEMES)} (or empty)")
+        if self.quantization and not self.weights:
+            raise ValueError("quantization: needs weights (a folder without them has nothing to quantize)")
         for name in ("layers", "hidden", "heads", "kv_heads", "max_position"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")

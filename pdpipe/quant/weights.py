@@ -125,13 +125,13 @@ def expand(scale: torch.Tensor, shape: tuple[int, int], cell_: tuple[int, int],
     return scale[rows][:, cols]
 
 
-def quantize(weight: torch.Tensor, scheme: str) -> QuantizedWeight:
-    """The whole weight [N, K], quantized (computed in float32)."""
+def quantize(weight: torch.Tensor, scheme: str, cell_: tuple[int, int] | None = None) -> QuantizedWeight:
+    """The whole weight [N, K], quantized (computed in float32); `cell_` in place of the scheme's."""
     if weight.dim() != 2:
         raise ValueError(f"quantization: weights of two dimensions only, got shape {tuple(weight.shape)}")
     w = weight.detach().float()
     shape = (w.shape[0], w.shape[1])
-    cell_ = cell(scheme, shape)
+    cell_ = cell_ or cell(scheme, shape)
     if scheme == "wint4":
         top, bottom = _grid(w, cell_, "max"), _grid(w, cell_, "min")
         scale = torch.maximum(top.clamp(min=0) / 7, (-bottom).clamp(min=0) / 8)
@@ -250,3 +250,38 @@ def _from_packed(fmt: CheckpointFormat, packed: torch.Tensor, shape: tuple[int, 
     if fmt.scheme == "wint4":
         return _checked(fmt, raw[:, :-(-shape[1] // 2)].contiguous(), scale, shape)
     return _checked(fmt, (raw[:, :shape[1]].to(torch.int16) - 128).to(torch.int8), scale, shape)
+
+
+# ---- writing checkpoints as users have them (pdpipe make-model --quantization) -----------------------------
+def write_format(scheme: str, ks: list[int]) -> tuple[dict, tuple[int, int] | None]:
+    """How `make-model` stores a scheme, for projections of these input sizes: the config.json
+    `quantization_config` and the one cell every projection takes (None: a row; wint4's group is the
+    largest of 128 and 64 that divides every K, else a row)."""
+    if scheme == "block_wise_fp8":
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128]}, (128, 128)
+    group = next((g for g in (128, 64) if all(k % g == 0 for k in ks)), 0) if scheme == "wint4" else 0
+    weights = {"num_bits": 4 if scheme == "wint4" else 8, "type": "float" if scheme == "fp8" else "int",
+               "symmetric": True, "strategy": "group" if group else "channel", "group_size": group or None,
+               "dynamic": False, "observer": "minmax"}
+    fmt = "float-quantized" if scheme == "fp8" else "pack-quantized"
+    config = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+              "ignore": ["lm_head"],
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}
+    return config, (1, group) if group else None
+
+
+def checkpoint_tensors(module: str, qw: QuantizedWeight, config: dict) -> dict[str, torch.Tensor]:
+    """`qw` as its checkpoint stores it (see write_format), under `module`'s names."""
+    if config["quant_method"] == "fp8":
+        return {f"{module}.weight": qw.codes, f"{module}.weight_scale_inv": qw.scale}
+    if config["format"] == "float-quantized":
+        return {f"{module}.weight": qw.codes, f"{module}.weight_scale": qw.scale}
+    raw = qw.codes if qw.scheme == "wint4" else (qw.codes.to(torch.int16) + 128).to(torch.uint8)
+    pad = -raw.shape[1] % 4  # whole int32 words, the rest zero bits
+    raw = torch.cat([raw, torch.zeros(raw.shape[0], pad, dtype=torch.uint8)], dim=1) if pad else raw
+    words = raw.contiguous().view(torch.int32)
+    if sys.byteorder != "little":
+        words = raw.reshape(raw.shape[0], -1, 4).flip(-1).contiguous().view(torch.int32).reshape(raw.shape[0], -1)
+    return {f"{module}.weight_packed": words, f"{module}.weight_scale": qw.scale,
+            f"{module}.weight_shape": torch.tensor(qw.shape)}

@@ -196,3 +196,43 @@ def test_an_unsupported_quantization_config_is_refused_naming_it(base, tmp_path,
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
     with pytest.raises(ValueError, match=field):
         LLMEngine(EngineConfig(model=str(folder)))
+
+
+@pytest.mark.parametrize("scheme", ["wint8", "wint4", "fp8", "block_wise_fp8"])
+def test_make_model_writes_checkpoints_users_have_and_the_package_reads_them(tmp_path, scheme):
+    """`pdpipe make-model --quantization`: the folder loads (as a quantized checkpoint, no engine setting)
+    to exactly the codes and scales quantizing the same unquantized folder online gives (same seed; wint4
+    in groups of 64 both ways: K = 192 or 320); compressed-tensors' own decompressor reads its
+    compressed-tensors files to the same weights."""
+    from dataclasses import replace
+
+    from pdpipe.models.layers import QuantLinear
+    from pdpipe.models.loader import load_model
+
+    made = make_model(tmp_path / "q", replace(MODEL, quantization=scheme))
+    plain = make_model(tmp_path / "plain", MODEL)
+    fmt = checkpoint_format(made)
+    assert fmt.scheme == scheme and fmt.cell == {"wint4": (1, 64), "block_wise_fp8": (128, 128)}.get(scheme)
+    loaded = dict(load_model(made).named_modules())
+    online = load_model(plain, quant=QuantPlan(scheme))
+    count = 0
+    for name, module in online.named_modules():
+        if isinstance(module, QuantLinear):
+            got = loaded[name]
+            assert isinstance(got, QuantLinear) and got.cell == module.cell
+            assert torch.equal(got.scale, module.scale)
+            assert torch.equal(got.codes.view(torch.uint8), module.codes.view(torch.uint8))
+            count += 1
+    assert count == 14
+    if fmt.method == "compressed-tensors":
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization import QuantizationConfig
+
+        qc = QuantizationConfig.model_validate(json.loads((made / "config.json").read_text())["quantization_config"])
+        scheme_ct = qc.config_groups["group_0"]
+        compressor = BaseCompressor.get_value_from_registry(qc.format)
+        tensors = load_file(made / "model.safetensors")
+        module = "model.layers.1.mlp.down_proj"
+        mine = {k.removeprefix(module + "."): v for k, v in tensors.items() if k.startswith(module + ".")}
+        theirs = compressor.decompress(mine, scheme_ct)["weight"].float()
+        assert torch.equal(dequantize(loaded[module].quantized), theirs)
