@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 DTYPES = ("float32", "bfloat16", "float16")  # what weights and KV may be
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}  # uint8: an FP8 KV pool's bytes
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: e4m3 with a float32 scale a token and head
+FP8_KV_SCALE_BYTES = 4  # each (token, KV head) row of an FP8 pool: head_dim e4m3 codes, then its float32 scale
 QUANT_SCHEMES = ("wint8", "wint4", "fp8", "block_wise_fp8")  # weight quantization (pdpipe.quant)
 
 
@@ -30,6 +32,11 @@ class CacheConfig:
                 "each hold their heads, data-parallel ones their own partition's blocks): "
                 "cached blocks evicted from the device pool move there, and prompts whose prefix is there "
                 "take it back instead of computing it (0: no host tier)"})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "auto: KV in the model's dtype; fp8: e4m3 with a float32 scale per token and KV head (amax / "
+                "448), the scales in the pool's one allocation beside their codes, so transfers and the host "
+                "tier move them with the blocks: about half of bf16's bytes (CPU so far)",
+        "choices": KV_CACHE_DTYPES})
     prefix_caching: bool = field(default=True, metadata={
         "help": "keep the KV of full blocks after their requests end, found by the chained hash of their "
                 "tokens, and reuse it for prompts that start the same (false: every prompt computed whole)"})
@@ -38,6 +45,8 @@ class CacheConfig:
         _positive(self, "block_size", "kv_cache_mb")
         if self.host_kv_cache_mb < 0:
             raise ValueError(f"host_kv_cache_mb: must be >= 0, got {self.host_kv_cache_mb}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r}; allowed: {', '.join(KV_CACHE_DTYPES)}")
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks: must be >= 0, got {self.num_blocks}")
         if not 0.0 <= self.gpu_memory_utilization < 1.0:

@@ -296,6 +296,7 @@ class PoolInfo(Msg, frozen=True):  # engine → transfer (through the run direct
     path: str  # CPU: the shared-memory file
     shape: list[int]
     dtype: str
+    kv_dtype: str = ""  # what the KV is (the model's dtype, fp8_e4m3); `dtype` is its storage's
     weights: str = ""  # the weights' quantization (QuantPlan.name; "" none): KV of other weights is not this KV
     gpu: int = -1  # GPU: physical device id, IPC handle of the pool and its offset in the allocation
     ipc_handle: bytes = b""

@@ -35,6 +35,7 @@ from .sequence import Sequence
 from .sizing import (
     TOKEN_PAD,
     device_fault,
+    kv_dtype_name,
     kv_room,
     pool_blocks,
     prefill_graph_limit,
@@ -81,9 +82,13 @@ class LLMEngine:
         cuda = config.device.startswith("cuda")
         memory_at_start = torch.cuda.mem_get_info() if self._sized_from_gpu() else None  # (free, total)
         self.quant = quant_plan(config, self.model_dir)
+        if config.cache.kv_cache_dtype == "fp8" and config.device.startswith("cuda"):
+            raise ValueError("kv_cache_dtype: 'fp8' runs on CPU so far (the GPU attention kernels read KV of the "
+                             "model's dtype); allowed on GPU: auto")
         self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format, tp=tp,
                                 quant=self.quant)
         self.spec = self.model.spec
+        self.kv_dtype = kv_dtype_name(self.spec, config.cache.kv_cache_dtype)  # as hashed and paired
         hd = self.spec.head_dim
         if cuda and (hd & (hd - 1) or hd < 16):
             raise ValueError(f"head_dim: {hd}; the GPU attention kernels take powers of two from 16 "
@@ -154,8 +159,11 @@ class LLMEngine:
     def _make_pool(self, num_blocks: int, pool_path: str | None) -> KVCache:
         """The KV pool: on GPU a plain cudaMalloc (exportable through CUDA IPC: `gpu_pool`), on CPU a
         shared-memory file at `pool_path` (a transfer process maps it) or plain memory."""
-        shape = KVCache.shape(self.spec, num_blocks, self.config.cache.block_size)
+        kv_dtype = self.config.cache.kv_cache_dtype
+        shape = KVCache.shape(self.spec, num_blocks, self.config.cache.block_size, kv_dtype)
         dtype, device = getattr(torch, self.spec.dtype), self.config.device
+        if kv_dtype == "fp8":
+            dtype = torch.uint8  # codes and scales, byte for byte
         buffer, self.gpu_pool = None, None
         if device.startswith("cuda"):
             from pdpipe.ipc.cuda import CudaPool
@@ -166,7 +174,7 @@ class LLMEngine:
             from pdpipe.ipc.shm import map_pool
 
             buffer = map_pool(pool_path, shape, dtype)
-        return KVCache(self.spec, num_blocks, self.config.cache.block_size, dtype, device, buffer)
+        return KVCache(self.spec, num_blocks, self.config.cache.block_size, dtype, device, buffer, kv_dtype)
 
     def _step_peak(self, tp: TensorParallel | None) -> int:
         """Memory a full step (max_num_batched_tokens of one prompt, logits for max_num_seqs rows) needs
@@ -177,7 +185,8 @@ class LLMEngine:
 
         n = self.config.scheduler.max_num_batched_tokens
         dev = torch.device(self.config.device)
-        cache = KVCache(self.spec, 1, self.config.cache.block_size, getattr(torch, self.spec.dtype), self.config.device)
+        cache = KVCache(self.spec, 1, self.config.cache.block_size, getattr(torch, self.spec.dtype), self.config.device,
+                        kv_cache_dtype=self.config.cache.kv_cache_dtype)
         pages = -(-n // self.config.cache.block_size)  # every entry block 0: sliding-window layers read pages
         meta = AttentionMetadata(slot_mapping=torch.full((n,), -1, dtype=torch.long, device=dev),
                                  block_tables=torch.zeros(1, pages, dtype=torch.int32, device=dev),
@@ -230,7 +239,7 @@ class LLMEngine:
         quantization and KV dtype, and the request's salt."""
         if not self.blocks.caching:
             return None
-        return root_hash(self.model_dir.name, self.quant.name, kv_dtype=self.spec.dtype, cache_salt=cache_salt)
+        return root_hash(self.model_dir.name, self.quant.name, kv_dtype=self.kv_dtype, cache_salt=cache_salt)
 
     def _copy_tier(self, settle: bool = False) -> None:
         """Runs the host tier's queued copies (evicted blocks out, restored prefixes in) on every rank, ahead

@@ -89,7 +89,8 @@ def pool_info(name: str, engine, pool_path: Path, tp) -> PoolInfo:
     handle), its shape, and, for a rank of a tensor-parallel instance, which rank it is and the
     key/value heads it holds."""
     info = PoolInfo(instance=tp_group_of(name)[0], path=str(pool_path), shape=list(engine.kv_cache.data.shape),
-                    dtype=engine.spec.dtype, weights=engine.quant.name, pid=os.getpid())
+                    dtype=str(engine.kv_cache.data.dtype).removeprefix("torch."), kv_dtype=engine.kv_dtype,
+                    weights=engine.quant.name, pid=os.getpid())
     if engine.gpu_pool is not None:
         from pdpipe.ipc.cuda import physical_gpu
 

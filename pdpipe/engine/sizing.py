@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from pdpipe.config import DTYPE_BYTES, EngineConfig
+from pdpipe.config import DTYPE_BYTES, FP8_KV_SCALE_BYTES, EngineConfig
 from pdpipe.models.spec import ModelSpec
 
 # On GPU a step's token count is rounded up to a multiple of this with rows that write nowhere (slot -1)
@@ -24,15 +24,28 @@ def device_fault(exc: BaseException) -> bool:
     return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA error" in str(exc)
 
 
-def block_bytes(spec: ModelSpec, block_size: int, dtype: str) -> int:
-    """Bytes one KV block takes over all layers, keys and values."""
-    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[dtype]
+def kv_row_bytes(spec: ModelSpec, dtype: str, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of one token's one KV head in the pool: head_dim values of the model's dtype, or of an FP8 pool
+    head_dim e4m3 codes and their float32 scale."""
+    if kv_cache_dtype == "fp8":
+        return spec.head_dim + FP8_KV_SCALE_BYTES
+    return spec.head_dim * DTYPE_BYTES[dtype]
+
+
+def kv_dtype_name(spec: ModelSpec, kv_cache_dtype: str) -> str:
+    """What the KV is, for the prefix cache's hash root and for pairing pools: the model's dtype or fp8_e4m3."""
+    return "fp8_e4m3" if kv_cache_dtype == "fp8" else spec.dtype
+
+
+def block_bytes(spec: ModelSpec, block_size: int, dtype: str, kv_cache_dtype: str = "auto") -> int:
+    """Bytes one KV block takes over all layers, keys and values (an FP8 pool's scales included)."""
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * kv_row_bytes(spec, dtype, kv_cache_dtype)
 
 
 def pool_blocks(spec: ModelSpec, config: EngineConfig, gpu_room: int | None = None) -> int:
     """KV blocks the pool gets: as configured, or as many as fit in `gpu_room` bytes (sized from
     gpu_memory_utilization), or in kv_cache_mb."""
-    per_block = block_bytes(spec, config.cache.block_size, spec.dtype)
+    per_block = block_bytes(spec, config.cache.block_size, spec.dtype, config.cache.kv_cache_dtype)
     if config.cache.num_blocks:
         return config.cache.num_blocks
     return max(1, (gpu_room if gpu_room is not None else config.cache.kv_cache_mb * 2**20) // per_block)

@@ -16,6 +16,8 @@ def store_kv(
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64, block_id * block_size + offset
 ) -> None:
+    if k_cache.dtype == torch.uint8:  # an FP8 pool: each (token, head) row its codes and their scale
+        key, value = to_fp8_rows(key), to_fp8_rows(value)
     assert key.shape == value.shape and key.shape[1:] == k_cache.shape[2:], (key.shape, k_cache.shape)
     assert slot_mapping.shape == (key.shape[0],), slot_mapping.shape
     if (slot_mapping < 0).any():  # padding rows write nowhere
@@ -44,12 +46,16 @@ def paged_attention(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(query)
+    fp8 = k_cache.dtype == torch.uint8  # rows of codes and scales: read back as the values they stand for
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         num_blocks = -(-seq_len // block_size)
         blocks = block_tables[i, :num_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        k_rows, v_rows = k_cache[blocks], v_cache[blocks]
+        if fp8:
+            k_rows, v_rows = from_fp8_rows(k_rows, query.dtype), from_fp8_rows(v_rows, query.dtype)
+        k = k_rows.reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        v = v_rows.reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
         q = query[start:end].view(end - start, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         scores = torch.matmul(q.float(), k.float().unsqueeze(1).transpose(-1, -2)) * scale
         q_pos = torch.arange(seq_len - (end - start), seq_len).unsqueeze(1)
@@ -62,6 +68,26 @@ def paged_attention(
         o = torch.matmul(probs, v.unsqueeze(1))  # [kv_heads, group, q_len, head_dim]
         out[start:end] = o.permute(2, 0, 1, 3).reshape(end - start, num_heads, head_dim)
     return out
+
+
+FP8_MAX = 448.0  # the largest e4m3 value
+
+
+def to_fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., head_dim] → uint8 [..., head_dim + 4]: each row's e4m3 codes (x / scale, rounded to nearest
+    even), then its float32 scale amax / 448 (1 for a row of zeros) as 4 bytes."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    codes = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.cat([codes, scale.contiguous().view(torch.uint8)], dim=-1)
+
+
+def from_fp8_rows(rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse of to_fp8_rows: code x scale in float32, then `dtype`: [..., head_dim]."""
+    codes = rows[..., :-4].contiguous().view(torch.float8_e4m3fn).float()
+    scale = rows[..., -4:].contiguous().view(torch.float32)
+    return (codes * scale).to(dtype)
 
 
 def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import zmq
 
 from pdpipe.cluster import Registry
 from pdpipe.demo import resolve_model
+from pdpipe.engine.sizing import kv_dtype_name
 from pdpipe.kv_hash import root_hash
 from pdpipe.loop import Idle, ProcessBase, run_worker_loop
 from pdpipe.messages import ControlRequest, Pause, ResetPrefixCache
@@ -98,7 +99,7 @@ def cache_keys(cfg) -> CacheKeys | None:
         return None
     model_dir = resolve_model(cfg.engine.model)
     try:
-        kv_dtype = load_spec(model_dir, cfg.engine.dtype or None).dtype
+        kv_dtype = kv_dtype_name(load_spec(model_dir, cfg.engine.dtype or None), cfg.engine.cache.kv_cache_dtype)
         quant = quant_plan(cfg.engine, model_dir).name
     except (OSError, ValueError) as exc:  # the engines fail on it, saying why; routing goes by load meanwhile
         log.warning("scheduler: not routing by cache: %s", exc)

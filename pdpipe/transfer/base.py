@@ -100,7 +100,8 @@ def head_copy_plan(src: dict[int, list[int]], dst: dict[int, list[int]]) -> list
 def check_pair(src: PoolInfo, dst: PoolInfo, src_heads: set[int], dst_heads: set[int]) -> None:
     """What two instances' pools must agree on before KV moves between them; the first difference is
     an error naming it."""
-    fields = (("layers", src.shape[0], dst.shape[0]), ("block size", src.shape[3], dst.shape[3]),
+    fields = (("KV cache dtype", src.kv_dtype or src.dtype, dst.kv_dtype or dst.dtype),
+              ("layers", src.shape[0], dst.shape[0]), ("block size", src.shape[3], dst.shape[3]),
               ("head dim", src.shape[5], dst.shape[5]), ("dtype", src.dtype, dst.dtype),
               ("weight quantization", src.weights or "none", dst.weights or "none"),
               ("key/value heads", sorted(src_heads), sorted(dst_heads)))

@@ -20,9 +20,9 @@ class TensorPools(ShmTransfer):
 
     def __init__(self, engines: dict[str, LLMEngine]):
         super().__init__()
-        self.pools = {name: {0: (e.kv_cache.data, PoolInfo(instance=name, path="", shape=list(e.kv_cache.data.shape),
-                                                           dtype=e.spec.dtype))}
-                      for name, e in engines.items()}
+        self.pools = {name: {0: (e.kv_cache.data, PoolInfo(
+            instance=name, path="", shape=list(e.kv_cache.data.shape), kv_dtype=e.kv_dtype,
+            dtype=str(e.kv_cache.data.dtype).removeprefix("torch.")))} for name, e in engines.items()}
 
 
 class Clock:
@@ -37,10 +37,12 @@ class LocalPipeline:
     def __init__(self, model, roles: dict[str, str], num_blocks: int = 64, block_size: int = 8,
                  max_num_batched_tokens: int = 2048, deadlines: DeadlineConfig = DeadlineConfig(),
                  backend: TransferBackend | None = None,
-                 routing: RoutingConfig = RoutingConfig(disaggregation="always"), prefix_caching: bool = True):
+                 routing: RoutingConfig = RoutingConfig(disaggregation="always"), prefix_caching: bool = True,
+                 kv_cache_dtype: str = "auto"):
         self.clock = Clock()
         self.queues: dict[str, deque] = {name: deque() for name in [*roles, "scheduler", "transfer", "api"]}
-        cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching)
+        cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching,
+                            kv_cache_dtype=kv_cache_dtype)
         cfg = EngineConfig(model=str(model), cache=cache,
                            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens))
         local = replace(cfg, scheduler=replace(cfg.scheduler, max_prefill_tokens=routing.local_step_tokens))

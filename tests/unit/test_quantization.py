@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_prompts
+from quant_reference import to_e4m3
 from safetensors.torch import load_file, save_file
 
 from pdpipe.config import EngineConfig
@@ -21,27 +22,6 @@ SCHEMES = ("wint8", "wint4", "fp8", "block_wise_fp8")
 
 
 # ---- an independent reference, in numpy ------------------------------------------------------------
-def e4m3_values() -> np.ndarray:
-    """Every finite float8 e4m3fn value >= 0, ascending, from its bits (1 sign, 4 exponent, 3 mantissa,
-    bias 7; exponent 0 subnormal; 0x7F is NaN)."""
-    values = []
-    for bits in range(0x7F):
-        exp, man = bits >> 3, bits & 7
-        values.append(man / 8 * 2.0 ** -6 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7))
-    return np.array(values)
-
-
-def to_e4m3(x: np.ndarray) -> np.ndarray:
-    """Round to the nearest e4m3 value, ties to the even code (the last mantissa bit 0)."""
-    grid = e4m3_values()
-    mag = np.abs(x.astype(np.float64))
-    hi = np.clip(np.searchsorted(grid, mag), 1, len(grid) - 1)
-    lo = hi - 1
-    d_lo, d_hi = mag - grid[lo], grid[hi] - mag
-    pick = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
-    return np.sign(x) * grid[pick]
-
-
 def np_quantize(w: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
     """(codes as float64 [N, K], scales float32 [rows, cols]) by the documented rules, cell by cell."""
     n, k = w.shape
