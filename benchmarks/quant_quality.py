@@ -19,17 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pdpipe.quant import QuantPlan
-from pdpipe.quant.weights import dequantize, quantize
+from pdpipe.quant.weights import dequantized_copy
 
 SCHEMES = ("wint8", "fp8", "block_wise_fp8", "wint4")
 
@@ -54,19 +53,6 @@ def smollm2_folder(out: Path) -> Path:
              if not (config.tie_word_embeddings and k == "lm_head.weight")}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
-    return out
-
-
-def dequantized_folder(model: Path, scheme: str, out: Path) -> Path:
-    """`model` with each projection pdpipe would quantize under `scheme` replaced by its dequantized weights."""
-    plan = QuantPlan(scheme)
-    shutil.copytree(model, out, dirs_exist_ok=True)
-    for path in out.glob("*.safetensors"):
-        tensors = load_file(path)
-        for name, t in tensors.items():
-            if name.endswith(".weight") and plan.scheme_for(name.removesuffix(".weight")):
-                tensors[name] = dequantize(quantize(t, scheme), t.dtype)
-        save_file(tensors, path, metadata={"format": "pt"})
     return out
 
 
@@ -140,7 +126,7 @@ def main() -> None:
     rows = {"float32": {"top1": 1.0, "perplexity": ref_ppl, "perplexity_delta": 0.0}}
     for scheme in SCHEMES:
         t0 = time.perf_counter()
-        folder = dequantized_folder(base, scheme, work / f"smollm2-{scheme}-dequantized")
+        folder = dequantized_copy(base, QuantPlan(scheme), work / f"smollm2-{scheme}-dequantized")
         pred, nll, _ = teacher_forced(folder, ids, args.window)
         ppl = math.exp(nll.mean().item())
         same = engine_greedy(base, prompt, quantization=scheme) == engine_greedy(folder, prompt)

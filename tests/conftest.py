@@ -90,6 +90,17 @@ def hf_greedy(model: Path, prompts: list[list[int]], max_new_tokens: int,
     return results
 
 
+def engine_tokens(engine, prompts: list[list[int]], params) -> list[list[int]]:
+    """Each prompt's output tokens from an LLMEngine, the prompts queued together and run to the end."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.token_ids)
+    return list(tokens.values())
+
+
 def assert_leak_free(llm_or_engine) -> None:
     engine = getattr(llm_or_engine, "engine", llm_or_engine)
     assert engine.leak_free(), (

@@ -285,3 +285,24 @@ def checkpoint_tensors(module: str, qw: QuantizedWeight, config: dict) -> dict[s
         words = raw.reshape(raw.shape[0], -1, 4).flip(-1).contiguous().view(torch.int32).reshape(raw.shape[0], -1)
     return {f"{module}.weight_packed": words, f"{module}.weight_scale": qw.scale,
             f"{module}.weight_shape": torch.tensor(qw.shape)}
+
+
+def dequantized_copy(model_dir, plan, out):
+    """A copy of the folder `model_dir` at `out` whose projections `plan` (a QuantPlan) quantizes online hold
+    their dequantized weights instead, in their own dtype: the fake-quant reference the quantized engine
+    computes exactly as (weight-only schemes)."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    for path in out.glob("*.safetensors"):
+        tensors = load_file(path)
+        for name, t in tensors.items():
+            scheme = plan.scheme_for(name.removesuffix(".weight")) if name.endswith(".weight") else ""
+            if scheme:
+                tensors[name] = dequantize(quantize(t, scheme), t.dtype)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return out

@@ -234,11 +234,12 @@ class RankedBackend(GroupedBackend):
 
 
 class FakeTransfer(TransferBackend):
-    """Moves nothing; completes at once, fails for request ids in `fail`, and stays PENDING for those in
-    `in_flight` (copies still running)."""
+    """Moves nothing; completes at once, fails for request ids in `fail`, stays PENDING for those in
+    `in_flight` (copies still running), and refuses to start the layers in `refuse` (a TransferError)."""
 
-    def __init__(self, fail: set[str] | None = None):
+    def __init__(self, fail: set[str] | None = None, refuse: set[int] | None = None):
         self.fail = fail if fail is not None else set()
+        self.refuse = refuse if refuse is not None else set()
         self.pools: dict[str, dict[int, tuple[None, PoolInfo]]] = {}  # as a RankedBackend keeps them
         self.sent: list[tuple[str, int]] = []
         self.batches: list[tuple[list[str], int]] = []  # (request ids, layer) of each send_batch, by layer
@@ -252,6 +253,8 @@ class FakeTransfer(TransferBackend):
         self.pools.get(instance, {}).pop(rank, None)
 
     def send(self, job: TransferJob, layer: int) -> None:
+        if layer in self.refuse:
+            raise TransferError(f"peer refused layer {layer}")
         self.sent.append((job.request_id, layer))
         job.layers_sent.add(layer)
 

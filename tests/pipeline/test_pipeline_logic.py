@@ -377,16 +377,9 @@ def test_a_job_failing_with_copies_still_landing_frees_decode_only_once_they_lan
     """Layer 0's copy is still writing when layer 1's cannot be sent: the request fails at once, but
     decode frees its blocks only after layer 0's copy has settled (found in review: it was freed at once)."""
     from pdpipe.messages import AbortTransfer, Free, LayersReady, StateEvent
-    from pdpipe.transfer.base import TransferError
     from pdpipe.transfer.worker import TransferWorker
 
-    class Refusing(FakeTransfer):
-        def send(self, job, layer):
-            if layer == 1:
-                raise TransferError("peer refused layer 1")
-            super().send(job, layer)
-
-    backend, sent = Refusing(), []
+    backend, sent = FakeTransfer(refuse={1}), []
     worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
     start(worker, "r", [1], "d", [2])
     backend.in_flight.add("r")

@@ -74,15 +74,7 @@ def test_a_pull_takes_what_decodes_cache_reaches_and_nothing_where_it_reaches_no
 def test_a_failed_pull_leaves_the_prompt_to_the_prefill_instance_once_its_copies_settled():
     """Layer 1's copy cannot start while layer 0's still writes into the prefill instance's blocks: it hears
     none came only once that copy settled."""
-    from pdpipe.transfer.base import TransferError
-
-    class Refusing(FakeTransfer):
-        def send(self, job, layer):
-            if layer == 1:
-                raise TransferError("peer refused layer 1")
-            super().send(job, layer)
-
-    backend, sent = Refusing(), []
+    backend, sent = FakeTransfer(refuse={1}), []
     worker = TransferWorker("transfer", backend, 2, lambda dest, msg: sent.append((dest, msg)))
     backend.in_flight.add("r")
     worker.handle(PullStart(request_id="r", instance="p", block_ids=[7, 8], first=2))

@@ -2,21 +2,18 @@
 scales, bit for bit), int4 packing, shards that cut through groups and blocks, the loader (a quantized model
 equals the same model's dequantized weights loaded plain, whole and per tensor-parallel rank), the engine's
 tokens against the dequantized folder's, the plan's choices and the configuration's refusals."""
-import shutil
-
 import numpy as np
 import pytest
 import torch
-from conftest import make_prompts
+from conftest import engine_tokens, make_prompts
 from quant_reference import to_e4m3
-from safetensors.torch import load_file, save_file
 
 from pdpipe.config import EngineConfig
 from pdpipe.kv_hash import root_hash
 from pdpipe.models.make import make_model
 from pdpipe.models.make_config import MakeModelConfig
 from pdpipe.quant import QuantPlan, plan_for
-from pdpipe.quant.weights import QuantizedWeight, dequantize, pack_int4, quantize, unpack_int4
+from pdpipe.quant.weights import QuantizedWeight, dequantize, dequantized_copy, pack_int4, quantize, unpack_int4
 
 SCHEMES = ("wint8", "wint4", "fp8", "block_wise_fp8")
 
@@ -110,16 +107,7 @@ def quant_model(tmp_path_factory):
 
 
 def dequantized_folder(model, plan: QuantPlan, out):
-    """The model's folder with each projection the plan names replaced by its dequantized weights."""
-    shutil.copytree(model, out)
-    for path in out.glob("*.safetensors"):
-        tensors = load_file(path)
-        for name, t in tensors.items():
-            scheme = plan.scheme_for(name.removesuffix(".weight")) if name.endswith(".weight") else ""
-            if scheme:
-                tensors[name] = dequantize(quantize(t, scheme), t.dtype)
-        save_file(tensors, path)
-    return out
+    return dequantized_copy(model, plan, out)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -151,22 +139,15 @@ def greedy_tokens(model, **fields) -> list[list[int]]:
     from pdpipe.config import CacheConfig
     from pdpipe.engine.engine import LLMEngine
     from pdpipe.messages import SamplingParams
+    from pdpipe.models.layers import QuantLinear
 
     config = EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=64), **fields)
     engine = LLMEngine(config)
-    from pdpipe.models.layers import QuantLinear
-
     assert any(isinstance(m, QuantLinear) for m in engine.model.modules()) == bool(config.quantization)
-    prompts = make_prompts(384, lengths=(5, 23, 40), seed=12)
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    tokens = engine_tokens(engine, make_prompts(384, lengths=(5, 23, 40), seed=12),
+                           SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     assert engine.leak_free()
-    return [tokens[str(i)] for i in range(len(prompts))]
+    return tokens
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

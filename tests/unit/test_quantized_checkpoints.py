@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_prompts
+from conftest import engine_tokens, make_prompts
 from safetensors.torch import load_file, save_file
 
 from pdpipe.config import EngineConfig
@@ -148,15 +148,8 @@ def greedy(model, **fields) -> list[list[int]]:
     from pdpipe.messages import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=64), **fields))
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    prompts = make_prompts(384, lengths=(7, 30), seed=14)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
-    return [tokens[str(i)] for i in range(len(prompts))]
+    return engine_tokens(engine, make_prompts(384, lengths=(7, 30), seed=14),
+                         SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
 
 
 @pytest.mark.parametrize("which", ["hf-fp8", "int4-group64"])
