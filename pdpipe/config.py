@@ -120,6 +120,8 @@ class EngineConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r}; allowed: safetensors, dummy")
+        if isinstance(self.quantization_ignore, str) or not all(isinstance(p, str) for p in self.quantization_ignore):
+            raise ValueError(f"quantization_ignore: a list of module name patterns, got {self.quantization_ignore!r}")
         for name in ("quantization", "moe_quantization"):
             if getattr(self, name) not in ("",) + QUANT_SCHEMES:
                 raise ValueError(f"{name}: {getattr(self, name)!r}; allowed: {', '.join(QUANT_SCHEMES)} "

@@ -148,9 +148,10 @@ def load_model(model_dir: Path | str, dtype: str | None = None, device: str | to
         if scheme:
             t = quantize(t, scheme)  # whole, before it is split
         state |= shard_state_dict({name: t}, spec, tp) if tp is not None else {name: t}
-    if fmt is not None:
-        stored = gather_checkpoint({n: t.to(device) for n, t in stored.items()}, fmt)
-        state |= shard_state_dict(stored, spec, tp) if tp is not None else stored
+    if fmt is not None:  # gathered and split on the CPU, then each of this rank's pieces moved to the device
+        stored = gather_checkpoint(stored, fmt)
+        mine = shard_state_dict(stored, spec, tp) if tp is not None else stored
+        state |= {n: w.to(device) for n, w in mine.items()}
     check_state_dict(model, state, model_dir)
     quantized = {n: w for n, w in state.items() if isinstance(w, QuantizedWeight)}
     model.load_state_dict({n: t for n, t in state.items() if n not in quantized}, strict=False, assign=True)

@@ -55,9 +55,10 @@ class MakeModelConfig:
     seed: int = field(default=0, metadata={"help": "random seed; same seed, same bytes"})
     quantization: str = field(default="", metadata={
         "help": "write the projections quantized, as checkpoints users have store them: wint8 / wint4 as "
-                "compressed-tensors pack-quantized (int8 per channel; int4 in groups of 128, else 64, else per "
-                "channel), fp8 as compressed-tensors float-quantized per channel, block_wise_fp8 as Hugging "
-                "Face FP8 in 128 x 128 blocks",
+                "compressed-tensors pack-quantized (int8 per channel; int4 in one group size for every "
+                "projection, 128 if it divides every K, else 64, else per channel: online quantization picks "
+                "it per tensor), fp8 as compressed-tensors float-quantized per channel, block_wise_fp8 as "
+                "Hugging Face FP8 in 128 x 128 blocks",
         "choices": ("",) + QUANT_SCHEMES})
 
     def __post_init__(self):

@@ -199,6 +199,15 @@ def test_an_unknown_scheme_is_refused_naming_the_field_and_the_allowed_ones(fiel
         EngineConfig(**{field: "int3"})
 
 
+def test_patterns_to_ignore_given_as_one_string_are_refused():
+    """A TOML string where a list belongs would otherwise become one-character patterns, '*' among them,
+    and silently leave every projection unquantized."""
+    from pdpipe.config import config_from_dict
+
+    with pytest.raises(ValueError, match="quantization_ignore: a list of module name patterns"):
+        config_from_dict(EngineConfig, {"quantization": "wint8", "quantization_ignore": "model.layers.0.*"})
+
+
 def test_a_weight_of_other_than_two_dimensions_is_refused():
     with pytest.raises(ValueError, match="two dimensions"):
         quantize(torch.zeros(2, 3, 4), "wint8")
