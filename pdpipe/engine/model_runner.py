@@ -82,6 +82,8 @@ class ModelRunner:
                 run = kernels.linear if isinstance(mod, (Linear, QuantLinear)) else torch.nn.functional.linear
                 for m in sorted(counts):
                     run(x[:m], weight, bias)
+                    if isinstance(mod, QuantLinear):  # its own path too: the weight-read kernel tunes itself
+                        mod(x[:m])                    # here, before any graph is captured
             x = torch.zeros(step.max_rows, head.shape[1], dtype=head.dtype, device=self.device)
             for m in range(1, step.max_rows + 1):
                 kernels.linear(x[:m], head)

@@ -11,9 +11,9 @@ from . import reference
 from .reference import copy_blocks, gather_blocks, scatter_blocks
 
 try:  # Triton is optional: GPU machines have it, CPU-only installs need not
-    from . import triton_moe, triton_ops
+    from . import triton_moe, triton_ops, triton_quant
 except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton_moe = triton_ops = None  # type: ignore[assignment]
+    triton_moe = triton_ops = triton_quant = None  # type: ignore[assignment]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -75,6 +75,17 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def quant_skinny_fits(x) -> bool:
+    """Whether a quantized projection of `x` takes the weight-read Triton GEMM (GPU, a few rows) rather than
+    its weights dequantized and cuBLAS."""
+    return use_triton(x) and x.dim() == 2 and 1 <= x.shape[0] <= triton_quant.QUANT_MAX_ROWS and x.stride(1) == 1
+
+
+def quant_skinny_linear(x, scheme: str, codes, scale, shape, cell, offset, bias=None):
+    """x @ W.T (+ bias) for quantized W (see triton_quant), a few rows of x, on GPU."""
+    return triton_quant.quant_skinny_linear(x, scheme, codes, scale, shape, cell, offset, bias)
+
+
 def silu_and_mul(gate_up):
     if use_triton(gate_up):
         return triton_ops.silu_and_mul(gate_up)
@@ -116,5 +127,6 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
 
 
 __all__ = ["copy_blocks", "copy_pool_blocks", "decode_splits", "enable_skinny", "fused_moe", "gather_blocks",
-           "linear", "moe_route", "moe_router", "paged_attention", "reference", "rms_norm", "rope_and_store", "rotary",
-           "scatter_blocks", "silu_and_mul", "store_kv", "triton_moe", "triton_ops", "use_triton"]
+           "linear", "moe_route", "moe_router", "paged_attention", "quant_skinny_fits", "quant_skinny_linear",
+           "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul", "store_kv",
+           "triton_moe", "triton_ops", "triton_quant", "use_triton"]

@@ -22,7 +22,8 @@ class Linear(nn.Linear):
 
 class QuantLinear(nn.Module):
     """A Linear whose weight is quantized (`pdpipe.quant.weights`): its codes and scales kept as they are,
-    dequantized into the activations' dtype at use (exactly: code x scale in float32, then that dtype)."""
+    dequantized into the activations' dtype at use (exactly: code x scale in float32, then that dtype); on
+    GPU, for a few rows, read by the weight-read Triton GEMM instead (`kernels.triton_quant`)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -41,6 +42,9 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(self.scheme, self.codes, self.scale, self.shape, self.cell, self.offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.quant_skinny_fits(x):  # decode-sized on GPU: the codes read once, upcast in registers
+            return kernels.quant_skinny_linear(x, self.scheme, self.codes, self.scale, self.shape, self.cell,
+                                               self.offset, self.bias)
         return kernels.linear(x, dequantize(self.quantized, x.dtype), self.bias)
 
 

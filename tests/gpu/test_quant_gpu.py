@@ -1,6 +1,8 @@
-"""Quantized weights on a GPU: the engine (CUDA graphs, fused projections) on online-quantized weights
-generates what it does on a folder of their dequantized weights (fp32, greedy); an FP8 KV cache is refused
-on GPU naming the setting until the attention kernels read FP8 rows.
+"""Quantized weights on a GPU: the weight-read GEMM (and the dequantize + cuBLAS path beyond its rows)
+against the dequantized reference over the issue's sweep of rows, ragged shapes and shards; the engine
+(CUDA graphs, fused projections) on online-quantized weights generates what it does on a folder of their
+dequantized weights (fp32, greedy); an FP8 KV cache is refused on GPU naming the setting until the
+attention kernels read FP8 rows.
 
 Run on a GPU machine: python -m pytest -m gpu tests/gpu
 """
@@ -11,7 +13,7 @@ from conftest import engine_tokens, make_prompts
 from pdpipe.config import CacheConfig, EngineConfig
 from pdpipe.messages import SamplingParams
 from pdpipe.quant import QuantPlan
-from pdpipe.quant.weights import dequantized_copy
+from pdpipe.quant.weights import dequantize, dequantized_copy, quantize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
@@ -40,3 +42,24 @@ def test_an_fp8_kv_cache_is_refused_on_gpu_naming_the_setting(model_dir):
     with pytest.raises(ValueError, match="kv_cache_dtype: 'fp8' runs on CPU so far"):
         LLMEngine(EngineConfig(model=str(model_dir("llama")), device="cuda",
                                cache=CacheConfig(block_size=16, num_blocks=64, kv_cache_dtype="fp8")))
+
+
+@pytest.mark.parametrize("scheme", ["wint8", "wint4", "fp8", "block_wise_fp8"])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (2112, 7168), (200, 328), (1536, 576)])
+def test_the_weight_read_gemm_equals_the_dequantized_reference(scheme, n, k):
+    """QuantLinear on GPU, bf16 activations, M in the issue's sweep (the Triton kernel up to 16 rows,
+    dequantize + cuBLAS beyond), whole weights and tensor-parallel shards that cut groups and blocks:
+    against x @ dequantize(W).T in float32."""
+    from pdpipe.models.layers import QuantLinear
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    whole = quantize(torch.randn(n, k, device="cuda", generator=gen) * 0.02, scheme)
+    parts = [whole, whole[n // 3: 2 * n // 3], whole[:, k // 4 // 2 * 2: k // 2 // 2 * 2 + 66]]
+    for part in parts:
+        layer = QuantLinear(part, torch.randn(part.shape[0], device="cuda", dtype=torch.bfloat16))
+        w = dequantize(part).float()
+        for m in (1, 2, 3, 16, 17, 64, 128, 2048):
+            x = torch.randn(m, part.shape[1], device="cuda", generator=gen).to(torch.bfloat16)
+            ref = x.float() @ w.T + layer.bias.float()
+            got = layer(x).float()
+            assert torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (scheme, n, k, m)
