@@ -6,6 +6,8 @@ sequence lives in block `block_table[t // block_size]` at offset `t % block_size
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -242,3 +244,16 @@ def moe_align(ids: torch.Tensor, num_experts: int, first_expert: int, block_m: i
     blocks = -(-size // block_m)
     block_expert = torch.searchsorted(padded_end, torch.arange(blocks, device=ids.device) * block_m, right=True)
     return sorted_pairs[:size], block_expert.to(torch.int32), pairs
+
+
+class QuantStack(NamedTuple):
+    """Every held expert's quantized weight of one GEMM, stacked: codes [experts, N, K or ⌈K/2⌉ bytes],
+    scales [experts, rows, cols] float32 in one grid geometry (cell, offset), `shape` the logical
+    [experts, N, K] (gate/up: N = 2 · inter, gate's rows first)."""
+
+    scheme: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    cell: tuple[int, int]
+    offset: tuple[int, int]
+    shape: tuple[int, int, int]

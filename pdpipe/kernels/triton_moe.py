@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import QuantStack
 from .triton_ops import _precision
 
 # ---- the router: softmax, top-k (by score + selection bias), renormalisation, a tile of tokens a program
@@ -259,17 +260,38 @@ def moe_align(ids, num_experts: int, first_expert: int, block_m: int):
 
 # ---- the grouped GEMMs ---------------------------------------------------------------------------
 
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, e, n, k, mask, stride_we, stride_wn, stride_se, stride_sn, n_off, k_off, cell_n,
+                  cell_k, QKIND: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N] tile of expert e's quantized W.T (rows n, columns k, absolute), in float32: the
+    codes (int8; int4 two a byte, code + 8, the even k low; float8 e4m3 as bytes) times their scales, the
+    scale of (n, k) at [(n + n_off) // cell_n, (k + k_off) // cell_k] (pdpipe.quant.weights' layout)."""
+    base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+    if QKIND == 1:
+        byte = tl.load(base + (k // 2)[:, None], mask=mask, other=0).to(tl.int32)
+        w = (((byte >> ((k % 2) * 4)[:, None]) & 0xF) - 8).to(tl.float32)
+    elif QKIND == 2:
+        w = tl.load(base + k[:, None], mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        w = tl.load(base + k[:, None], mask=mask, other=0).to(tl.float32)
+    s_rows = ((n + n_off) // cell_n).to(tl.int64)[None, :] * stride_sn
+    s = tl.load(s_ptr + e * stride_se + s_rows + ((k + k_off) // cell_k)[:, None], mask=mask, other=0.0)
+    return w * s
+
+
 @triton.jit(do_not_specialize=["num_pairs"])  # see triton_ops.py, VARYING
 def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N, K, num_pairs,
-                     num_experts, stride_am, stride_we, stride_wn, stride_cm, TOP_K: tl.constexpr,
-                     ROWS_ARE_PAIRS: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     num_experts, stride_am, stride_we, stride_wn, stride_cm, s_ptr, stride_se, stride_sn, n_off,
+                     k_off, cell_n, cell_k, TOP_K: tl.constexpr, ROWS_ARE_PAIRS: tl.constexpr, GATED: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, QKIND: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[pair] = A[row of pair] @ W[expert].T (· the pair's routing weight), for the pairs of one block
     of one expert; A's row is the pair's token (first GEMM) or the pair itself (second). GATED: W's
     rows are gate then up (N each), and C = silu(A @ gate.T) · (A @ up.T). One program a (block, column
     tile), a block's column tiles consecutive: the programs running together share their block's
     gathered rows in L2 (block-major order re-read every block's rows from HBM once per column tile:
-    ~2 GB a layer for a 2k-token ERNIE prefill, more than its experts' weights)."""
+    ~2 GB a layer for a 2k-token ERNIE prefill, more than its experts' weights). QKIND >= 0: W is
+    quantized (see _dequant_tile), each tile dequantized into A's dtype before its product."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // tiles_n
     pid_n = tl.program_id(0) % tiles_n
@@ -291,10 +313,19 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_p
         for k0 in range(0, K, BLOCK_K):
             kmask = offs_k < K - k0
             a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=(offs_n[None, :] < N) & kmask[:, None], other=0.0)
+            wmask = (offs_n[None, :] < N) & kmask[:, None]
+            if QKIND >= 0:
+                w = _dequant_tile(w_ptr, s_ptr, e, offs_n, k0 + offs_k, wmask, stride_we, stride_wn, stride_se,
+                                  stride_sn, n_off, k_off, cell_n, cell_k, QKIND).to(a.dtype)
+            else:
+                w = tl.load(w_ptrs, mask=wmask, other=0.0)
             acc += tl.dot(a, w, input_precision=PRECISION)
             if GATED:
-                w_up = tl.load(w_ptrs + N * stride_wn, mask=(offs_n[None, :] < N) & kmask[:, None], other=0.0)
+                if QKIND >= 0:
+                    w_up = _dequant_tile(w_ptr, s_ptr, e, offs_n + N, k0 + offs_k, wmask, stride_we, stride_wn,
+                                         stride_se, stride_sn, n_off, k_off, cell_n, cell_k, QKIND).to(a.dtype)
+                else:
+                    w_up = tl.load(w_ptrs + N * stride_wn, mask=wmask, other=0.0)
                 acc_up += tl.dot(a, w_up, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
@@ -304,6 +335,9 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_p
             acc = acc * tl.load(weight_ptr + pair, mask=valid, other=0.0)[:, None]
         tl.store(c_ptr + pair[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+QKINDS = {"wint8": 0, "wint4": 1, "fp8": 2, "block_wise_fp8": 2}
 
 
 class GemmConfig(NamedTuple):
@@ -349,17 +383,25 @@ def _fitted(cfg: GemmConfig, block_m: int, gated: bool, element_size: int) -> Ge
 def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: int, rows_are_pairs: bool,
               gated: bool, block_m: int, cfg: GemmConfig) -> None:
     n, k = w.shape[1] // (2 if gated else 1), w.shape[2]
-    assert a.stride(1) == 1 and w.is_contiguous() and c.stride(1) == 1 and c.shape[1] == n
+    codes = w.codes if isinstance(w, QuantStack) else w
+    if isinstance(w, QuantStack):
+        codes = codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
+        scale, qkind, (cell_n, cell_k), (n_off, k_off) = w.scale, QKINDS[w.scheme], w.cell, w.offset
+        assert scale.is_contiguous() and scale.dtype == torch.float32
+    else:
+        scale, qkind, cell_n, cell_k, n_off, k_off = codes, -1, 1, 1, 0, 0
+    assert a.stride(1) == 1 and codes.is_contiguous() and c.stride(1) == 1 and c.shape[1] == n
     if not pairs:
         return
     cfg = _fitted(cfg, block_m, gated, a.element_size())
     # the blocks holding pairs come first, and there are at most as many as pairs
     grid = (min(block_expert.shape[0], pairs) * triton.cdiv(n, cfg.block_n),)
-    _moe_gemm_kernel[grid](a, w, c, sorted_pairs, block_expert, weights, n, k, pairs, w.shape[0], a.stride(0),
-                           w.stride(0), w.stride(1), c.stride(0), TOP_K=top_k, ROWS_ARE_PAIRS=rows_are_pairs,
-                           GATED=gated, MUL_WEIGHT=weights is not None, PRECISION=_precision(a), BLOCK_M=block_m,
-                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages)
+    _moe_gemm_kernel[grid](a, codes, c, sorted_pairs, block_expert, weights, n, k, pairs, codes.shape[0], a.stride(0),
+                           codes.stride(0), codes.stride(1), c.stride(0), scale, scale.stride(0),
+                           scale.stride(1) if scale.dim() > 1 else 0, n_off, k_off, cell_n, cell_k, TOP_K=top_k,
+                           ROWS_ARE_PAIRS=rows_are_pairs, GATED=gated, MUL_WEIGHT=weights is not None, QKIND=qkind,
+                           PRECISION=_precision(a), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 @triton.jit
@@ -402,7 +444,8 @@ def fused_moe(x, w13, w2, weights, ids, first_expert: int = 0, add=None, block_m
     """reference.fused_moe on the GPU: the pairs sorted by expert (`moe_align`), one grouped GEMM for
     gate/up with SiLU·mul in its epilogue, one for down with the routing weight applied, and the sum
     over each token's k pairs with `add` (the shared experts' output) in one kernel. No Python loop
-    over experts and no host sync (CUDA-graph safe)."""
+    over experts and no host sync (CUDA-graph safe). `w13` and `w2` may be QuantStacks (quantized
+    experts: each weight tile dequantized in the GEMM)."""
     tokens, top_k = ids.shape
     experts, two_inter, hidden = w13.shape
     assert x.shape == (tokens, hidden) and w2.shape == (experts, hidden, two_inter // 2)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pdpipe import kernels
+from pdpipe.kernels.reference import QuantStack
 
 from .layers import Linear, QuantLinear, fused_linear
 from .parallel import TensorParallel
@@ -35,6 +36,27 @@ class Expert(nn.Module):
         self.gate_up = fused_linear(getattr(self, self.names[0]), getattr(self, self.names[1]))
         delattr(self, self.names[0])
         delattr(self, self.names[1])
+
+
+def quant_stack(parts: list[list[nn.Module]]) -> QuantStack:
+    """Each expert's quantized projections (its gate and up rows joined, or its down), stacked for the fused
+    kernel; refused, naming the setting, where they are not all quantized alike or a join would cut a cell."""
+    if not all(isinstance(p, QuantLinear) for ps in parts for p in ps):
+        raise ValueError("moe_quantization: some experts' projections are quantized and some not; the fused "
+                         "expert kernels take them all one way (see quantization_ignore)")
+    layers: list[list[QuantLinear]] = [[p for p in ps if isinstance(p, QuantLinear)] for ps in parts]
+    first = layers[0][0]
+    alike = all((p.scheme, p.cell, p.offset, tuple(p.scale.shape)) == (first.scheme, first.cell, first.offset,
+                                                                      tuple(first.scale.shape))
+                for ps in layers for p in ps)
+    if not alike or (len(layers[0]) > 1 and (first.offset[0] or first.out_features % first.cell[0])):
+        raise ValueError("moe_quantization: the experts' gate and up rows cannot share one scale grid (a block "
+                         "cut by the split); use a row- or group-wise scheme for the experts (wint8, wint4, fp8)")
+    codes = torch.stack([torch.cat([p.codes for p in ps]) for ps in layers])
+    scale = torch.stack([torch.cat([p.scale for p in ps]) for ps in layers]).contiguous()
+    n = sum(p.out_features for p in layers[0])
+    return QuantStack(first.scheme, codes.contiguous(), scale, first.cell, first.offset,
+                      (len(layers), n, first.in_features))
 
 
 class Statics(nn.Module):
@@ -73,8 +95,9 @@ class MoE(nn.Module):
             self.shared_experts = Expert(spec.hidden_size, moe.intermediate_size * moe.shared_experts,
                                          ("gate_proj", "up_proj", "down_proj"), bias=spec.mlp_bias)
         self.tp: TensorParallel | None = None
-        self.w13: torch.Tensor | None = None  # set by fuse(): every expert's gate/up rows, and its down
-        self.w2: torch.Tensor | None = None
+        # set by fuse(): every expert's gate/up rows, and its down (QuantStacks where the experts are quantized)
+        self.w13: torch.Tensor | QuantStack | None = None
+        self.w2: torch.Tensor | QuantStack | None = None
 
     def fuse(self) -> None:
         """The experts' weights stacked ([experts, 2 · inter, hidden] and [experts, hidden, inter]) for
@@ -82,12 +105,12 @@ class MoE(nn.Module):
         gate, up, down = self.moe.names
         experts = [e for e in self.experts if isinstance(e, Expert)]
         if any(isinstance(getattr(e, n), QuantLinear) for e in experts for n in (gate, up, down)):
-            raise ValueError("moe_quantization: the fused expert kernels (GPU) take unquantized experts so far; "
-                             "quantized experts run on CPU. On GPU leave the experts out: quantization_ignore "
-                             "= [\"*.experts.*\"]")
-        with torch.no_grad():
-            self.w13 = torch.stack([torch.cat([getattr(e, gate).weight, getattr(e, up).weight]) for e in experts])
-            self.w2 = torch.stack([getattr(e, down).weight for e in experts])
+            self.w13 = quant_stack([[getattr(e, gate), getattr(e, up)] for e in experts])
+            self.w2 = quant_stack([[getattr(e, down)] for e in experts])
+        else:
+            with torch.no_grad():
+                self.w13 = torch.stack([torch.cat([getattr(e, gate).weight, getattr(e, up).weight]) for e in experts])
+                self.w2 = torch.stack([getattr(e, down).weight for e in experts])
         self.experts = nn.ModuleList()  # the stacked copies are the only ones now
         if self.moe.shared_experts:
             self.shared_experts.fuse()

@@ -63,3 +63,16 @@ def test_the_weight_read_gemm_equals_the_dequantized_reference(scheme, n, k):
             ref = x.float() @ w.T + layer.bias.float()
             got = layer(x).float()
             assert torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (scheme, n, k, m)
+
+
+@pytest.mark.parametrize("scheme", ["wint4", "fp8"])
+def test_quantized_experts_in_the_fused_kernels_generate_what_the_dequantized_folder_does(model_dir, tmp_path,
+                                                                                           scheme):
+    """ERNIE MoE: wint4 means dense wint8 with wint4 experts; the experts stacked quantized for the fused
+    grouped GEMMs (each weight tile dequantized in the kernel), fp32, greedy."""
+    from pdpipe.models.spec import load_spec
+    from pdpipe.quant import plan_for
+
+    model = model_dir("ernie4_5_moe")
+    plan = plan_for(EngineConfig(quantization=scheme), load_spec(model).architecture, True)
+    assert greedy(model, quantization=scheme) == greedy(dequantized_copy(model, plan, tmp_path / "deq"))

@@ -301,3 +301,23 @@ def test_dummy_weights_are_made_quantized_one_projection_at_a_time(quant_model, 
                                           for m in projections.values())
     assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
     assert len(greedy_tokens(quant_model, load_format="dummy", quantization=scheme)[0]) == 10
+
+
+def test_quantized_experts_stack_for_the_fused_kernels_where_one_grid_holds_them():
+    """Gate and up rows joined (a row- or group-wise scale grid joins anywhere, a 128-row block only at a
+    whole block), every held expert stacked; anything else refused, naming the setting."""
+    from pdpipe.models.layers import QuantLinear
+    from pdpipe.models.moe import quant_stack
+
+    def expert(scheme, inter, hidden=128):
+        return [QuantLinear(quantize(torch.randn(inter, hidden), scheme)) for _ in range(2)]
+
+    experts = [expert("wint4", 96) for _ in range(3)]
+    stack = quant_stack(experts)
+    assert stack.shape == (3, 192, 128) and stack.codes.shape == (3, 192, 64) and stack.scale.shape == (3, 192, 1)
+    assert torch.equal(stack.codes[1], torch.cat([experts[1][0].codes, experts[1][1].codes]))
+    assert quant_stack([expert("block_wise_fp8", 256) for _ in range(2)]).scale.shape == (2, 4, 1)
+    with pytest.raises(ValueError, match="moe_quantization: the experts' gate and up rows cannot share"):
+        quant_stack([expert("block_wise_fp8", 96) for _ in range(2)])
+    with pytest.raises(ValueError, match="moe_quantization: some experts' projections are quantized"):
+        quant_stack([[experts[0][0], torch.nn.Linear(128, 96)]])
