@@ -35,7 +35,7 @@ class CacheConfig:
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "auto: KV in the model's dtype; fp8: e4m3 with a float32 scale per token and KV head (amax / "
                 "448), the scales in the pool's one allocation beside their codes, so transfers and the host "
-                "tier move them with the blocks: about half of bf16's bytes (CPU so far)",
+                "tier move them with the blocks: about half of bf16's bytes",
         "choices": KV_CACHE_DTYPES})
     prefix_caching: bool = field(default=True, metadata={
         "help": "keep the KV of full blocks after their requests end, found by the chained hash of their "

@@ -82,9 +82,6 @@ class LLMEngine:
         cuda = config.device.startswith("cuda")
         memory_at_start = torch.cuda.mem_get_info() if self._sized_from_gpu() else None  # (free, total)
         self.quant = quant_plan(config, self.model_dir)
-        if config.cache.kv_cache_dtype == "fp8" and config.device.startswith("cuda"):
-            raise ValueError("kv_cache_dtype: 'fp8' runs on CPU so far (the GPU attention kernels read KV of the "
-                             "model's dtype); allowed on GPU: auto")
         self.model = load_model(self.model_dir, config.dtype or None, config.device, config.load_format, tp=tp,
                                 quant=self.quant)
         self.spec = self.model.spec

@@ -15,9 +15,17 @@ import triton.language as tl
 # unspecialised on its pairs (benchmarks/results/moe/2026-11-30-kernel-sweep-router-sort.json), ERNIE's none.
 
 
+FP8_ROW_EXTRA = 4  # an FP8 pool's (token, head) row: head_dim e4m3 codes, then a float32 scale (its bytes)
+
+
+def _head_dim(k_cache: torch.Tensor) -> int:
+    """The head dim a cache layer holds: its rows', less an FP8 row's scale."""
+    return k_cache.shape[3] - (FP8_ROW_EXTRA if k_cache.dtype == torch.uint8 else 0)
+
+
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
-    dim = k_cache.shape[3]
+    dim = _head_dim(k_cache)
     assert dim & (dim - 1) == 0 and dim >= 16, f"head_dim {dim}: the attention kernels need a power of two >= 16"
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV cache layers must be contiguous"
     assert k_cache.dtype == v_cache.dtype
@@ -39,8 +47,52 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_k, stride_v,
         tl.store(vc_ptr + slot * ROW + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _fp8_rows_store(x, cache_ptr, slot, h, d, mask, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """x [heads, head_dim] (float32) into an FP8 pool's rows of `slot`: each head's e4m3 codes (x / scale,
+    rounded to nearest even) then its float32 scale, amax / 448 (1 for a row of zeros)."""
+    ROW: tl.constexpr = HEAD_DIM + 4
+    amax = tl.max(tl.where(mask, tl.abs(x), 0.0), 1)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)  # IEEE division, as torch's: the same codes
+    scaled = tl.math.div_rn(x, scale[:, None])
+    codes = tl.minimum(tl.maximum(scaled, -448.0), 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    rows = (slot * KV_HEADS + h).to(tl.int64) * ROW
+    tl.store(cache_ptr + rows[:, None] + d[None, :], codes, mask=mask)
+    tl.store((cache_ptr + rows + HEAD_DIM).to(tl.pointer_type(tl.float32)), scale, mask=h < KV_HEADS)
+
+
+@triton.jit
+def _store_kv_fp8_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                         KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_KVH: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # negative slots are padding (CUDA-graph batches)
+        h = tl.arange(0, BLOCK_KVH)
+        d = tl.arange(0, BLOCK_D)
+        mask = (h < KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
+        _fp8_rows_store(k.to(tl.float32), kc_ptr, slot, h, d, mask, KV_HEADS, HEAD_DIM)
+        _fp8_rows_store(v.to(tl.float32), vc_ptr, slot, h, d, mask, KV_HEADS, HEAD_DIM)
+
+
+def store_kv_fp8(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """key/value [num_tokens, kv_heads, head_dim] (strided views are fine) into FP8 pools' rows."""
+    n, heads, dim = key.shape
+    assert k_cache.dtype == v_cache.dtype == torch.uint8 and tuple(k_cache.shape[2:]) == (heads, dim + FP8_ROW_EXTRA)
+    assert value.shape == key.shape and key.stride(2) == 1 and value.stride(2) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.shape == (n,)
+    if n:
+        _store_kv_fp8_kernel[(n,)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1),
+                                   value.stride(0), value.stride(1), KV_HEADS=heads, HEAD_DIM=dim,
+                                   BLOCK_KVH=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(dim))
+
+
 def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     # key/value: [num_tokens, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, head_dim]
+    if k_cache.dtype == torch.uint8:
+        return store_kv_fp8(key, value, k_cache, v_cache, slot_mapping)
     _check_cache(k_cache, v_cache)
     n, heads, dim = key.shape
     assert value.shape == key.shape and (heads, dim) == tuple(k_cache.shape[2:]), (key.shape, k_cache.shape)
@@ -55,12 +107,22 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 @triton.jit
 def _paged_kv_tile(kc_ptr, vc_ptr, bt_ptr, seq, stride_bt, tok, valid, kvh, d, PAGE: tl.constexpr,
-                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Keys and values of tokens `tok` of sequence `seq`, gathered through its block table."""
+                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, FP8: tl.constexpr = False):
+    """Keys and values of tokens `tok` of sequence `seq`, gathered through its block table (of an FP8
+    pool: the values its rows stand for, code x scale, in float32)."""
     page = tl.load(bt_ptr + seq * stride_bt + tok // PAGE, mask=valid, other=0).to(tl.int64)
     row = (page * PAGE + tok % PAGE) * KV_HEADS + kvh
-    k = tl.load(kc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(vc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    if FP8:
+        ROW: tl.constexpr = HEAD_DIM + 4
+        k = tl.load(kc_ptr + row[:, None] * ROW + d[None, :], mask=valid[:, None], other=0)
+        v = tl.load(vc_ptr + row[:, None] * ROW + d[None, :], mask=valid[:, None], other=0)
+        k_scale = tl.load((kc_ptr + row * ROW + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=valid, other=0.0)
+        v_scale = tl.load((vc_ptr + row * ROW + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=valid, other=0.0)
+        k = k.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale[:, None]
+        v = v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * v_scale[:, None]
+    else:
+        k = tl.load(kc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(vc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
     return k, v
 
 
@@ -84,7 +146,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, part_ptr, lse_
                          scale, window, stride_bt, max_blocks,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, KV_HEADS: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                         SPLITS: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr = False):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -110,7 +172,10 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, part_ptr, lse_
     for tile in range(lo, hi, BLOCK_N):
         tok = tile + n
         valid = tok < hi
-        k, v = _paged_kv_tile(kc_ptr, vc_ptr, bt_ptr, seq, stride_bt, tok, valid, kvh, d, PAGE, KV_HEADS, HEAD_DIM)
+        k, v = _paged_kv_tile(kc_ptr, vc_ptr, bt_ptr, seq, stride_bt, tok, valid, kvh, d, PAGE, KV_HEADS, HEAD_DIM,
+                              FP8)
+        if FP8:
+            k, v = k.to(q.dtype), v.to(q.dtype)
         m, l_sum, acc = _attend_tile(q, k, v, valid[None, :], m, l_sum, acc, scale, PRECISION)
     out_row = (seq * KV_HEADS * GROUP + heads) * SPLITS + split
     has = l_sum > 0
@@ -153,7 +218,7 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
     _check_cache(k_cache, v_cache)
     batch, heads, dim = query.shape
     page, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    assert query.is_contiguous() and dim == k_cache.shape[3] and heads % kv_heads == 0
+    assert query.is_contiguous() and dim == _head_dim(k_cache) and heads % kv_heads == 0
     assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 and block_tables.shape[0] == batch
     assert seq_lens.dtype == torch.int32 and seq_lens.shape == (batch,)
     group = heads // kv_heads
@@ -163,7 +228,7 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
         query, k_cache, v_cache, block_tables, seq_lens, part, lse, scale, sliding_window or 0,
         block_tables.stride(0), block_tables.shape[1], GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         KV_HEADS=kv_heads, HEAD_DIM=dim, PAGE=page, BLOCK_N=max(16, min(64, page * 4)), SPLITS=num_splits,
-        PRECISION=_precision(query), num_warps=4, num_stages=2)
+        PRECISION=_precision(query), FP8=k_cache.dtype == torch.uint8, num_warps=4, num_stages=2)
     out = torch.empty_like(query) if out is None else out
     assert out.shape == query.shape and out.is_contiguous()
     _decode_reduce_kernel[(batch * heads,)](part, lse, out, HEAD_DIM=dim, SPLITS=num_splits,
@@ -176,7 +241,8 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
 @triton.jit(do_not_specialize=["stride_bt"])  # see VARYING
 def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr, scale, window, stride_bt,
                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                   FP8: tl.constexpr = False):
     mblock = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -203,7 +269,9 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr,
             tok = tile + n
             valid = tok < last
             k, v = _paged_kv_tile(kc_ptr, vc_ptr, bt_ptr, seq, stride_bt, tok, valid, kvh, d, PAGE, KV_HEADS,
-                                  HEAD_DIM)
+                                  HEAD_DIM, FP8)
+            if FP8:
+                k, v = k.to(q.dtype), v.to(q.dtype)
             allowed = valid[None, :] & (tok[None, :] <= q_pos[:, None])
             if window > 0:
                 allowed = allowed & (tok[None, :] > q_pos[:, None] - window)
@@ -220,7 +288,7 @@ def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq
     _check_cache(k_cache, v_cache)
     tokens, heads, dim = query.shape
     page, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    assert query.is_contiguous() and dim == k_cache.shape[3] and heads % kv_heads == 0
+    assert query.is_contiguous() and dim == _head_dim(k_cache) and heads % kv_heads == 0
     assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
     assert query_start_loc.dtype == torch.int32 and seq_lens.dtype == torch.int32
     num_seqs = seq_lens.shape[0]
@@ -232,7 +300,7 @@ def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq
     _extend_kernel[grid](query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
                          sliding_window or 0, block_tables.stride(0), HEADS=heads, KV_HEADS=kv_heads,
                          HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=64, PRECISION=_precision(query),
-                         num_warps=4, num_stages=2)
+                         FP8=k_cache.dtype == torch.uint8, num_warps=4, num_stages=2)
     return out
 
 
@@ -419,7 +487,8 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr, cos_
                        qn_ptr, kn_ptr, eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_c, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                       BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr):
+                       BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr,
+                       STORE: tl.constexpr = True):
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_c, HALF, BLOCK_HALF, INTERLEAVED)
     r1, r2, h = _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, qn_ptr, eps, HEADS, HALF, BLOCK_H,
@@ -429,7 +498,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr, cos_
                               BLOCK_HALF, INTERLEAVED, NORM)
     _store_rotated(ko_ptr, t * KV_HEADS, h, r1, r2, KV_HEADS, HALF, BLOCK_KVH, BLOCK_HALF, INTERLEAVED)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:  # negative slots are padding (CUDA-graph batches)
+    if STORE and slot >= 0:  # negative slots are padding (CUDA-graph batches)
         _store_rotated(kc_ptr, slot * KV_HEADS, h, r1, r2, KV_HEADS, HALF, BLOCK_KVH, BLOCK_HALF, INTERLEAVED)
         d = tl.arange(0, BLOCK_D)
         vmask = (h < KV_HEADS)[:, None] & (d < 2 * HALF)[None, :]
@@ -440,14 +509,15 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr, cos_
 
 def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved: bool, norms=None):
     """Rotates q and k (RMS-normalising each head first with `norms` = (q weight, k weight, eps)), and
-    writes the rotated k and v into the paged cache, in one launch.
+    writes the rotated k and v into the paged cache, in one launch (an FP8 pool's rows in a second).
 
     q: [num_tokens, heads, head_dim], k/v: [num_tokens, kv_heads, head_dim] (strided views of a fused qkv
     output are fine); returns contiguous rotated (q, k)."""
     _check_cache(k_cache, v_cache)
     n, heads, dim = q.shape
     kv_heads = k.shape[1]
-    assert k.shape == v.shape == (n, kv_heads, dim) and tuple(k_cache.shape[2:]) == (kv_heads, dim), \
+    fp8 = k_cache.dtype == torch.uint8
+    assert k.shape == v.shape == (n, kv_heads, dim) and k_cache.shape[2] == kv_heads and _head_dim(k_cache) == dim, \
         (q.shape, k.shape, v.shape, k_cache.shape)
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
     assert cos.shape == (n, dim) and sin.shape == (n, dim) and cos.stride(1) == 1 and sin.stride() == cos.stride()
@@ -463,7 +533,9 @@ def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleave
                                  cos.stride(0), HEADS=heads, KV_HEADS=kv_heads, HALF=dim // 2,
                                  BLOCK_H=triton.next_power_of_2(heads), BLOCK_KVH=triton.next_power_of_2(kv_heads),
                                  BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK_D=triton.next_power_of_2(dim),
-                                 INTERLEAVED=interleaved, NORM=norms is not None)
+                                 INTERLEAVED=interleaved, NORM=norms is not None, STORE=not fp8)
+        if fp8:
+            store_kv_fp8(k_out, v, k_cache, v_cache, slot_mapping)
     return q_out, k_out
 
 

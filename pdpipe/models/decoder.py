@@ -111,8 +111,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         if meta.decode:
             return ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, scale, window,
                                         meta.num_splits)
-        if meta.fresh and window is None:
-            return _prompt_attention(q, k, v, meta, scale)
+        if meta.fresh and window is None and k_cache.dtype != torch.uint8:  # an FP8 pool's prompts read their
+            return _prompt_attention(q, k, v, meta, scale)                  # stored rows, as later hits will
         return ops.extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc_t,
                                     meta.seq_lens_t, meta.max_query_len, scale, window)
     return kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,

@@ -1,8 +1,7 @@
 """Quantized weights on a GPU: the weight-read GEMM (and the dequantize + cuBLAS path beyond its rows)
 against the dequantized reference over the issue's sweep of rows, ragged shapes and shards; the engine
 (CUDA graphs, fused projections) on online-quantized weights generates what it does on a folder of their
-dequantized weights (fp32, greedy); an FP8 KV cache is refused on GPU naming the setting until the
-attention kernels read FP8 rows.
+dequantized weights (fp32, greedy); the FP8 KV cache's rows as the kernels store and read them.
 
 Run on a GPU machine: python -m pytest -m gpu tests/gpu
 """
@@ -18,12 +17,12 @@ from pdpipe.quant.weights import dequantize, dequantized_copy, quantize
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
 
-def greedy(model, **fields) -> list[list[int]]:
+def greedy(model, prompts=None, **fields) -> list[list[int]]:
     from pdpipe.engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=str(model), device="cuda", dtype="float32",
-                                    cache=CacheConfig(block_size=16, num_blocks=64), **fields))
-    tokens = engine_tokens(engine, make_prompts(384, lengths=(3, 40, 130), seed=5),
+    fields.setdefault("cache", CacheConfig(block_size=16, num_blocks=64))
+    engine = LLMEngine(EngineConfig(model=str(model), device="cuda", dtype="float32", **fields))
+    tokens = engine_tokens(engine, prompts or make_prompts(384, lengths=(3, 40, 130), seed=5),
                            SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     del engine
     torch.cuda.empty_cache()
@@ -36,12 +35,50 @@ def test_the_quantized_engine_on_a_gpu_generates_what_the_dequantized_folder_doe
     assert greedy(model, quantization=scheme) == greedy(dequantized_copy(model, QuantPlan(scheme), tmp_path / "deq"))
 
 
-def test_an_fp8_kv_cache_is_refused_on_gpu_naming_the_setting(model_dir):
+def test_fp8_kv_rows_stored_and_read_by_the_kernels_are_the_references(model_dir):
+    """The Triton store writes the rows torch's reference writes, byte for byte (IEEE division, rounding to
+    nearest even); decode and extend attention over them equal the reference's over the same rows."""
+    from pdpipe.kernels import reference, triton_ops
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    blocks, page, kv_heads, heads, d = 8, 16, 2, 8, 128
+    k = torch.randn(100, kv_heads, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(100, kv_heads, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    slots = torch.arange(100, device="cuda")
+    caches = [torch.zeros(blocks, page, kv_heads, d + 4, dtype=torch.uint8, device="cuda") for _ in range(4)]
+    triton_ops.store_kv(k, v, caches[0], caches[1], slots)
+    reference.store_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    tables = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0]], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([100, 77], dtype=torch.int32, device="cuda")
+    q = torch.randn(2, heads, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    got = triton_ops.decode_attention(q, caches[0], caches[1], tables, lens, d ** -0.5, num_splits=4)
+    want = reference.paged_attention(q, caches[0], caches[1], tables, [0, 1, 2], [100, 77], d ** -0.5)
+    assert torch.allclose(got.float(), want.float(), atol=2e-2)
+    q = torch.randn(9, heads, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    starts = torch.tensor([0, 5, 9], dtype=torch.int32, device="cuda")
+    got = triton_ops.extend_attention(q, caches[0], caches[1], tables, starts, lens, 5, d ** -0.5)
+    want = reference.paged_attention(q, caches[0], caches[1], tables, [0, 5, 9], [100, 77], d ** -0.5)
+    assert torch.allclose(got.float(), want.float(), atol=2e-2)
+
+
+def test_an_fp8_kv_cache_on_gpu_reads_what_its_prompts_stored(model_dir):
+    """CUDA graphs and all: a prefix hit reads the rows its prompt computed with: cache on = cache off."""
     from pdpipe.engine.engine import LLMEngine
 
-    with pytest.raises(ValueError, match="kv_cache_dtype: 'fp8' runs on CPU so far"):
-        LLMEngine(EngineConfig(model=str(model_dir("llama")), device="cuda",
-                               cache=CacheConfig(block_size=16, num_blocks=64, kv_cache_dtype="fp8")))
+    head, a, b = make_prompts(384, lengths=(64, 9, 30), seed=8)
+    prompts = [head + a, head + b, head + a + b]  # the later ones hit the first's blocks
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    runs = []
+    for caching in (True, False):
+        cache = CacheConfig(block_size=16, num_blocks=64, kv_cache_dtype="fp8", prefix_caching=caching)
+        engine = LLMEngine(EngineConfig(model=str(model_dir("llama")), device="cuda", dtype="float32", cache=cache))
+        runs.append([engine_tokens(engine, [p], params)[0] for p in prompts])
+        if caching:
+            assert engine.scheduler.prefix_hit_tokens >= 2 * 64
+        del engine
+        torch.cuda.empty_cache()
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("scheme", ["wint8", "wint4", "fp8", "block_wise_fp8"])
