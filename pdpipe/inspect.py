@@ -45,7 +45,7 @@ def format_queues(snap: dict) -> str:
     lines = ["requests: " + "  ".join(f"{s} {n}" for s, n in states.items())
              + "   ended: " + "  ".join(f"{s} {n}" for s, n in sorted(snap["ended"].items()))]
     head = ["process", "role", "inbox", "running", "waiting", "blocks used", "blocks free", "cached", "hit",
-            "routed", "requests by state", "gpu"]
+            "routed", "requests by state", "weights, KV", "gpu"]
     rows = [head]
     down = snap.get("down") or {}
     for name, inst in snap["instances"].items():
@@ -60,8 +60,10 @@ def format_queues(snap: dict) -> str:
                f"{st['gpu_utilization']}%" if st.get("gpu_utilization", -1) >= 0 else "-")
         queried = st.get("prefix_query_tokens", 0)
         hit = f"{100 * st.get('prefix_hit_tokens', 0) / queried:.0f}%" if queried else "-"
+        kinds = f"{st.get('weights') or 'unquantized'}, KV {st['kv_dtype']}" if st.get("kv_dtype") else "-"
         rows.append([name, role, st.get("inbox", "?"), st.get("running", "?"), st.get("waiting", "?"), used,
-                     st.get("free_blocks", "?"), st.get("cached_blocks", "-"), hit, inst["routed"], by_state, gpu])
+                     st.get("free_blocks", "?"), st.get("cached_blocks", "-"), hit, inst["routed"], by_state, kinds,
+                     gpu])
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     lines += [_row(r, widths) for r in rows]
     for name, x in sorted((snap.get("transfers") or {}).items()):

@@ -249,6 +249,8 @@ class InstanceStats(Msg, frozen=True):  # every process → scheduler, a few tim
     instance: str
     role: str
     time: float
+    weights: str = ""  # an engine's weight quantization (QuantPlan.name; "" none) and what its KV is
+    kv_dtype: str = ""
     num_blocks: int = 0
     free_blocks: int = 0
     pool_blocks: int = 0  # data-parallel attention: one rank's pool, what one request's KV can take,

@@ -361,7 +361,8 @@ class EngineWorker(Handler):
         self._send_kv_events()  # what changed outside a step (a landed prompt's blocks, a reset)
         sched = self.engine.scheduler
         gpu = self._gpu_figures()
-        return InstanceStats(instance=self.name, role=self.role, time=self.clock(),
+        return InstanceStats(instance=self.name, role=self.role, time=self.clock(), weights=self.engine.quant.name,
+                             kv_dtype=self.engine.kv_dtype,
                              gpu_memory_used=gpu.memory_used if gpu else 0,
                              gpu_memory_total=gpu.memory_total if gpu else 0,
                              gpu_utilization=gpu.utilization if gpu else -1,

@@ -526,10 +526,11 @@ def test_queues_marks_old_figures_and_lists_an_instance_that_is_down():
     now[0] += 1.0
     report(core, "decode-1", "decode")
     now[0] += 4.0
-    report(core, "decode-0", "decode")
+    report(core, "decode-0", "decode", weights="wint4/none", kv_dtype="fp8_e4m3")
     core.handle(ProcessDown(name="prefill-0", role="prefill", detail="exit code -9"))
     lines = {line.split()[0]: line for line in format_queues(core.snapshot()).splitlines()[2:6]}
     assert "figures 4 s old" in lines["decode-1"] and "old" not in lines["decode-0"]
+    assert "wint4/none, KV fp8_e4m3" in lines["decode-0"] and "KV" not in lines["decode-1"]
     assert "(down)" in lines["prefill-0"] and "(down)" not in lines["decode-1"]
 
 
