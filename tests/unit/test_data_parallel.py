@@ -301,3 +301,16 @@ def test_data_parallel_attention_is_refused_where_it_cannot_run(model_dir):
     with pytest.raises(ValueError, match="instances.data_parallel_attention: mixed-0 needs expert_parallel"):
         make_launch_config(model_dir("ernie4_5_moe"), [], instances=(
             InstanceConfig("mixed", tp=2, data_parallel_attention=True),))
+
+
+def test_quantized_weights_under_data_parallel_attention_generate_what_one_quantized_engine_does(model_dir,
+                                                                                                 tmp_path):
+    """ERNIE MoE, wint4 (dense int8, experts int4): each rank quantizes the whole model but keeps its own
+    experts (quantized where kept), and the two ranks generate what one quantized engine does."""
+    from pdpipe.engine.engine import LLMEngine
+
+    d = str(model_dir("ernie4_5_moe"))
+    fields = {"expert_parallel": True, "data_parallel_attention": True, "quantization": "wint4"}
+    [(_, got)] = on_two_ranks(engine_rank, tmp_path, [(d, 32, fields, serve)], 1)
+    whole = LLMEngine(EngineConfig(model=d, quantization="wint4", cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
+    assert got["tokens"] == serve(whole)["tokens"] and got["pools"] == [0, 1]

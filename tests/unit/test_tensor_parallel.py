@@ -78,6 +78,21 @@ def test_an_engine_split_over_two_ranks_generates_what_one_engine_does(model_dir
         assert got[d] == run_requests(whole), d
 
 
+def test_quantized_engines_split_over_two_ranks_generate_what_one_quantized_engine_does(model_dir, tmp_path):
+    """Quantized whole and then split (a row-parallel shard's groups and blocks cut where they fall), with an
+    FP8 KV cache whose rows each rank writes for its own heads: the tokens of one quantized engine."""
+    from pdpipe.config import CacheConfig, EngineConfig
+    from pdpipe.engine.engine import LLMEngine
+
+    d = str(model_dir("qwen3"))
+    work = [(d, 64, {"quantization": q, "cache": CacheConfig(block_size=BLOCK, num_blocks=64, kv_cache_dtype="fp8")},
+             run_requests) for q in ("wint4", "block_wise_fp8")]
+    got = [tokens for _, tokens in on_two_ranks(engine_rank, tmp_path, work, 2)]
+    for (_, _, fields, _), tokens in zip(work, got):
+        whole = LLMEngine(EngineConfig(model=d, **fields))
+        assert tokens == run_requests(whole), fields["quantization"]
+
+
 def test_each_rank_holds_the_key_value_heads_its_query_heads_read():
     assert [kv_heads_of(r, 4, 8, 8) for r in range(4)] == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
     assert [kv_heads_of(r, 4, 8, 2) for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
