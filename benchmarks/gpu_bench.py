@@ -16,6 +16,8 @@
   hosttier  an 8k-token context to the host tier and back against pinned copies (goal >= 70 %) and
             against recomputing it (goal restore >= 5x faster)
   cacheoverhead  prefix caching on against off where nothing is reused (goal <= 2 % throughput)
+  quantdecode  the decode step with wint4, fp8 and wint8 weights (dummy, quantized as made) against the floor
+            of the bytes it reads as stored (goal <= 1.3x at batch 1, <= 1.5x at 64)
 
 Usage: python benchmarks/gpu_bench.py [--only transfer,decode,...] [--json OUT.json]
        (or bash benchmarks/device_run.sh bench transfer,decode,...; figures in benchmarks/RESULTS.md,
@@ -297,11 +299,13 @@ def bench_rdma(results: dict) -> None:
 
 # ---- engine on one GPU: decode steps and prefill ------------------------------------------------------
 
-def make_engine(model: Path, device: int, max_num_seqs: int, num_blocks: int, graphs: bool = True):
+def make_engine(model: Path, device: int, max_num_seqs: int, num_blocks: int, graphs: bool = True,
+                quantization: str = ""):
     from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdpipe.engine.engine import LLMEngine
 
     cfg = EngineConfig(model=str(model), device=f"cuda:{device}", dtype="bfloat16", load_format="dummy",
+                       quantization=quantization,
                        cuda_graphs=graphs, cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
                        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=16384,
                                                  max_model_len=8192))
@@ -334,16 +338,21 @@ def release(engine, out) -> None:
 
 
 def weight_bytes(model) -> int:
-    """The bytes a step reads at most: the parameters but the embedding, and a MoE layer's stacked
-    experts (plain tensors once fused)."""
-    stacked = [t for m in model.modules() for t in (getattr(m, "w13", None), getattr(m, "w2", None))
-               if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in stacked) + \
+    """The bytes a step reads at most: the parameters but the embedding, quantized projections' codes and
+    scales, and a MoE layer's stacked experts (plain tensors, or codes and scales, once fused)."""
+    stacked = []
+    for m in model.modules():
+        for w in (getattr(m, "w13", None), getattr(m, "w2", None)):
+            stacked += [w] if isinstance(w, torch.Tensor) else [w.codes, w.scale] if w is not None else []
+    quantized = [b for n, b in model.named_buffers() if n.endswith((".codes", ".scale"))]
+    return sum(t.numel() * t.element_size() for t in [*stacked, *quantized]) + \
         sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
 
 
-def bench_decode(model: Path, results: dict, copy_bw: float) -> None:
-    engine = make_engine(model, 0, 64, num_blocks=64 * 1040 // BLOCK + 64)
+def bench_decode(model: Path, results: dict, copy_bw: float, quantization: str = "") -> None:
+    """Decode steps of 1, 16 and 64 sequences of 1k context against the floor: the bytes a step reads (weights,
+    quantized ones as stored, and the KV) over a device copy's bandwidth."""
+    engine = make_engine(model, 0, 64, num_blocks=64 * 1040 // BLOCK + 64, quantization=quantization)
     spec = engine.spec
     rows = []
     for batch in (1, 16, 64):
@@ -356,7 +365,7 @@ def bench_decode(model: Path, results: dict, copy_bw: float) -> None:
         rows.append(dict(batch=batch, step_ms=step * 1e3, graph_ms=replay * 1e3, floor_ms=floor * 1e3,
                          step_x_floor=step / floor, graph_x_floor=replay / floor, tokens_per_s=batch / step))
         release(engine, out)
-    results["decode"] = rows
+    results[f"decode_{quantization}" if quantization else "decode"] = rows
     from pdpipe.kernels import triton_ops
 
     results["skinny_vs_cublas_us"] = {f"{m}x{n}x{k}": [round(a * 1e3, 2), round(b * 1e3, 2)]
@@ -657,6 +666,8 @@ def main() -> None:
               ("tpcopy", lambda: bench_tp_copy(results)),
               ("rdma", lambda: bench_rdma(results)),
               ("decode", lambda: bench_decode(model, results, results["copy_bw_TBps"] * 1e12)),
+              ("quantdecode", lambda: [bench_decode(model, results, results["copy_bw_TBps"] * 1e12, q)
+                                       for q in ("wint4", "fp8", "wint8")]),
               ("prefill", lambda: bench_prefill(model, results, results["gemm_tflops"])),
               ("ttft", lambda: bench_ttft(model, results, {r["prompts"]: r["ms"] for r in results.get("prefill", [])})),
               ("hf", lambda: bench_hf(model, results)),
