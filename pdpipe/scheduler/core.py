@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -48,6 +49,8 @@ from pdpipe.messages import (
 from .admission import AdmissionQueue, DecodeLedger
 from .cache_index import CacheIndex
 from .liveness import Liveness
+
+log = logging.getLogger("pdpipe")
 
 STATES = tuple(State)
 ENDED = (State.FINISHED, State.ABORTED, State.FAILED)
@@ -118,6 +121,7 @@ class SchedulerCore(Handler):
         self.cache = cache if routing.cache_aware else None
         self.publish = publish
         self._numbers = itertools.count()
+        self._unpaired: set[tuple[str, str]] = set()  # (prefill, decode) pairs told apart once, in the log
 
     def of_role(self, role: str) -> list[str]:
         return [n for n, r in self.roles.items() if r == role]
@@ -311,9 +315,11 @@ class SchedulerCore(Handler):
     def _prefill_locally(self, rec: RequestRecord, decode: str) -> tuple[bool, str]:
         """Conditional disaggregation: compute the prompt on its decode instance when it is short, or
         when the prefill queue's expected wait exceeds the prompt's cost on the decode instance."""
-        prefills = self.of_role("prefill")
-        if not prefills:
+        if not self.of_role("prefill"):
             return True, "no prefill instance"
+        prefills = self._pairing(decode)
+        if not prefills:
+            return True, f"no prefill instance computes KV {decode} can take (its weights or KV dtype differ)"
         if self.liveness.is_down(self.transfer_of(decode)):
             return True, f"{self.transfer_of(decode)} is restarting"
         n = rec.num_prompt_tokens
@@ -333,6 +339,27 @@ class SchedulerCore(Handler):
         if local < wait:
             return True, f"{prefill}'s queue: {wait * 1e3:.0f} ms; here: {local * 1e3:.0f} ms"
         return False, f"{prefill}'s queue: {wait * 1e3:.0f} ms" if wait else ""
+
+    def _pairing(self, decode: str) -> list[str]:
+        """The prefill instances whose KV `decode` can take: the same weight quantization and KV dtype (by
+        their stats; an instance not heard from yet is taken to match). A pair that differs is logged once;
+        its prompts are computed on the decode instance instead of failing at their first copy."""
+        def kinds(name: str) -> tuple[str, str] | None:
+            s = self.stats.get(name)
+            return (s.weights, s.kv_dtype) if s is not None and s.kv_dtype else None
+
+        mine = kinds(decode)
+        pairs = []
+        for prefill in self.of_role("prefill"):
+            theirs = kinds(prefill)
+            if mine is None or theirs is None or mine == theirs:
+                pairs.append(prefill)
+            elif (prefill, decode) not in self._unpaired:
+                self._unpaired.add((prefill, decode))
+                log.error("scheduler: %s (weights %s, KV %s) and %s (weights %s, KV %s) cannot exchange KV: %s's "
+                          "prompts are computed elsewhere", prefill, theirs[0] or "unquantized", theirs[1], decode,
+                          mine[0] or "unquantized", mine[1], decode)
+        return pairs
 
     def _queue_seconds(self, prefill: str) -> float:
         """Expected wait before `prefill` starts a new prompt: the prompt tokens it has not finished, at
@@ -359,7 +386,7 @@ class SchedulerCore(Handler):
         self._commit(rec, decode, room, computes_last=False)
         first = not rec.prefill
         if first:
-            rec.prefill = min(self.of_role("prefill"), key=lambda p: (  # a tie: the one copying least
+            rec.prefill = min(self._pairing(decode), key=lambda p: (  # a tie: the one copying least
                 self._prefill_load(p, rec, decode), -self._hit_tokens(rec, p, computes_last=True)))
             self.decisions["remote"] += 1
         self._record(rec, State.QUEUED, "scheduler", f"reserve on {decode}, prefill on {rec.prefill}"

@@ -796,3 +796,21 @@ def test_a_prefill_instance_copies_from_the_decode_instance_only_what_it_lacks()
     assert [(d, m.blocks) for d, m in sent if isinstance(m, Pulled)] == [("prefill-0", 0)]
     off = RoutingConfig(disaggregation="always", cache_min_tokens=64, remote_hits=False)
     assert prefill_for(routing=off)[2].pull_blocks == 0
+
+
+def test_a_prefill_instance_of_other_weights_or_kv_is_not_paired_with_a_decode_instance(caplog):
+    """prefill-0 reports int4 weights, decode-0 unquantized ones: their KV is not the same KV, so decode-0's
+    prompts are computed on decode-0 (said in the trace and once in the log) instead of failing at their
+    first copy; a prefill instance of the same kinds is paired as before."""
+    core, sent = make(roles=PD1)
+    report(core, "prefill-0", "prefill", weights="wint4/none", kv_dtype="bfloat16")
+    report(core, "decode-0", "decode", weights="", kv_dtype="bfloat16")
+    with caplog.at_level("ERROR", logger="pdpipe"):
+        new(core, "a", 300)
+        new(core, "b", 300)
+    assert local_prefills(sent) == ["a", "b"] and not reserves(sent)
+    assert any("computes KV decode-0 can take" in d for _, _, _, d in core.live["a"].events)
+    assert sum("cannot exchange KV" in r.message for r in caplog.records) == 1
+    report(core, "prefill-0", "prefill", weights="", kv_dtype="bfloat16")
+    new(core, "c", 300)
+    assert reserves(sent) == ["c"]
