@@ -16,6 +16,8 @@
   hosttier  an 8k-token context to the host tier and back against pinned copies (goal >= 70 %) and
             against recomputing it (goal restore >= 5x faster)
   cacheoverhead  prefix caching on against off where nothing is reused (goal <= 2 % throughput)
+  quantload the 8B shape's bf16 checkpoint (8 of its layers, real files) loaded onto the GPU plain and
+            quantized online: time and peak GPU memory above what it holds (goal: + one bf16 layer + 2 GiB)
   quantdecode  the decode step with wint4, fp8 and wint8 weights (dummy, quantized as made) against the floor
             of the bytes it reads as stored (goal <= 1.3x at batch 1, <= 1.5x at 64)
 
@@ -374,6 +376,39 @@ def bench_decode(model: Path, results: dict, copy_bw: float, quantization: str =
     torch.cuda.empty_cache()
 
 
+def bench_quant_load(work: Path, results: dict, layers: int = 8) -> None:
+    """Loading a bf16 checkpoint of the 8B shape (`layers` of its 32, real files) onto the GPU, plain and
+    quantized online: the load's time, the GPU memory held after, and the peak above it (goal: the
+    quantized size + one bf16 layer + 2 GiB; load time no worse than bf16's)."""
+    from pdpipe.models.loader import load_model
+    from pdpipe.models.make import make_model
+    from pdpipe.models.make_config import MakeModelConfig
+    from pdpipe.quant import QuantPlan
+
+    folder = work / f"llama-8b-{layers}-layers"
+    if not (folder / "config.json").is_file():
+        make_model(folder, MakeModelConfig(arch="llama", layers=layers, hidden=4096, heads=32, kv_heads=8,
+                                           intermediate=14336, vocab=128256, max_position=8192, dtype="bfloat16",
+                                           shard_mb=2048))
+    rows = []
+    for scheme in ("", "wint4", "fp8", "wint8"):
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        model = load_model(folder, device="cuda", quant=QuantPlan(scheme) if scheme else None)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        held = torch.cuda.memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated() - base
+        layer = 2 * sum(p.numel() for p in model.model.layers[0].parameters()) if not scheme else 0
+        rows.append(dict(scheme=scheme or "bf16", seconds=seconds, held_gib=held / 2**30,
+                         peak_above_held_gib=(peak - held) / 2**30, bf16_layer_gib=layer / 2**30))
+        print(rows[-1], flush=True)
+        del model
+    results["quantload"] = rows
+
+
 def bench_host_tier(model: Path, results: dict) -> None:
     """An 8k-token context's KV (512 blocks of 16 tokens, 1 GiB for the 8B shape) copied to the host tier
     and back by HostTier (a block's layers in one copy), against one 1 GiB pinned copy each way in the same
@@ -666,6 +701,7 @@ def main() -> None:
               ("tpcopy", lambda: bench_tp_copy(results)),
               ("rdma", lambda: bench_rdma(results)),
               ("decode", lambda: bench_decode(model, results, results["copy_bw_TBps"] * 1e12)),
+              ("quantload", lambda: bench_quant_load(Path(args.work), results)),
               ("quantdecode", lambda: [bench_decode(model, results, results["copy_bw_TBps"] * 1e12, q)
                                        for q in ("wint4", "fp8", "wint8")]),
               ("prefill", lambda: bench_prefill(model, results, results["gemm_tflops"])),
