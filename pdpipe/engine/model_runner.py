@@ -16,7 +16,6 @@ from pdpipe import kernels
 from pdpipe.models.decoder import AttentionMetadata, CausalLM, prompt_attention_capturable
 from pdpipe.models.layers import Linear, QuantLinear
 from pdpipe.models.parallel import TensorParallel
-from pdpipe.quant.weights import dequantize
 
 from .graphs import DecodeGraphs, PrefillGraphs
 from .host_tier import HostTier
@@ -63,27 +62,25 @@ class ModelRunner:
 
     def _warm_gemms(self, step: WarmGemms) -> None:
         head = self.model.head_weight
-        linears: dict[tuple, torch.nn.Module] = {}
-        for mod in self.model.model.modules():  # a quantized projection's GEMM runs on its dequantized weights
+        linears: dict[tuple, torch.nn.Linear | QuantLinear] = {}
+        for mod in self.model.model.modules():
             if isinstance(mod, torch.nn.Linear):
                 linears[(tuple(mod.weight.shape), mod.weight.dtype, mod.bias is not None)] = mod
             elif isinstance(mod, QuantLinear):
                 linears[(mod.shape, head.dtype, mod.bias is not None)] = mod
         with torch.inference_mode():
             for mod in linears.values():
-                if isinstance(mod, QuantLinear):
-                    weight, bias = dequantize(mod.quantized, head.dtype), mod.bias
-                else:
-                    assert isinstance(mod, torch.nn.Linear)
-                    weight, bias = mod.weight, mod.bias
                 pad = self.pad_tokens
                 counts = {*range(1, step.max_rows + 1), *range(pad, step.max_tokens + pad, pad)}
-                x = torch.zeros(max(counts), weight.shape[1], dtype=weight.dtype, device=self.device)
-                run = kernels.linear if isinstance(mod, (Linear, QuantLinear)) else torch.nn.functional.linear
+                if isinstance(mod, QuantLinear):  # its own path: the weight-read kernel tunes itself here,
+                    x = torch.zeros(max(counts), mod.in_features, dtype=head.dtype, device=self.device)
+                    for m in sorted(counts):  # before any graph is captured
+                        mod(x[:m])
+                    continue
+                x = torch.zeros(max(counts), mod.in_features, dtype=mod.weight.dtype, device=self.device)
+                run = kernels.linear if isinstance(mod, Linear) else torch.nn.functional.linear
                 for m in sorted(counts):
-                    run(x[:m], weight, bias)
-                    if isinstance(mod, QuantLinear):  # its own path too: the weight-read kernel tunes itself
-                        mod(x[:m])                    # here, before any graph is captured
+                    run(x[:m], mod.weight, mod.bias)
             x = torch.zeros(step.max_rows, head.shape[1], dtype=head.dtype, device=self.device)
             for m in range(1, step.max_rows + 1):
                 kernels.linear(x[:m], head)
