@@ -199,9 +199,10 @@ class RoutingConfig:
         "help": "cache_aware: a decode instance is chosen for its cache only where it holds at least this many "
                 "of the prompt's tokens (a shorter shared prefix is cheap to recompute: the load is balanced)"})
     remote_hits: bool = field(default=True, metadata={
-        "help": "cache_aware: where the decode instance reserving for a request caches at least cache_min_tokens "
-                "more of its prompt than the prefill instance computing it, the transfer copies those blocks to "
-                "the prefill instance (across machines: Mooncake reads) instead of it computing them"})
+        "help": "cache_aware: where the decode instance reserving for a request (or another engine, which lends "
+                "them) caches at least cache_min_tokens more of its prompt than the prefill instance computing it, "
+                "the transfer copies those blocks to the prefill instance (across machines: Mooncake reads) instead "
+                "of it computing them"})
     kv_events_endpoint: str = field(default="", metadata={
         "help": "also publish every engine's KV events (vLLM's KVEventBatch, ZeroMQ PUB) at this tcp address, "
                 "e.g. tcp://*:5557, for external routers (always published at ipc://<run dir>/kv-events.sock)"})

@@ -150,6 +150,7 @@ class Prefill(Msg, frozen=True):  # scheduler → prefill (decode_instance named
     cache_salt: str = ""
     pull_blocks: int = 0  # leading prompt blocks the decode instance reserving for it caches: copied from there
     # (by the transfer, once decode's blocks are known) instead of computed, where this instance lacks them
+    pull_from: str = ""  # ... or, named, another prefill instance that caches them (it lends them: LendBlocks)
 
 
 class PullStart(Msg, frozen=True):  # prefill → transfer: copy decode's cached prompt blocks into these
@@ -158,6 +159,27 @@ class PullStart(Msg, frozen=True):  # prefill → transfer: copy decode's cached
     block_ids: list[int]  # for prompt blocks first … first+len-1
     first: int
     pool: str = ""  # as DecodeBlocks.pool
+    source: str = ""  # the prefill instance lending the blocks (Prefill.pull_from); empty: the decode instance
+
+
+class LendBlocks(Msg, frozen=True):  # scheduler → a prefill instance caching a prompt's leading blocks that
+    # another one (on `transfer`'s machine) computes: it holds up to `blocks` of them until ReturnBlocks
+    request_id: str
+    prompt_token_ids: list[int]
+    blocks: int
+    transfer: str  # the transfer that copies them: it gets their ids (LentBlocks)
+    cache_salt: str = ""
+
+
+class LentBlocks(Msg, frozen=True):  # lending prefill instance → transfer (or the scheduler, for a dead lender)
+    request_id: str
+    instance: str
+    held_ids: list[int]  # its ids of the prompt's leading blocks, held until ReturnBlocks (empty: none)
+    pool: str = ""  # as DecodeBlocks.pool
+
+
+class ReturnBlocks(Msg, frozen=True):  # transfer (or the scheduler, for a dead transfer) → lending instance
+    request_id: str
 
 
 class Pulled(Msg, frozen=True):  # transfer (or the scheduler, for a dead transfer) → prefill
@@ -364,6 +386,7 @@ class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):  # pdpipe CLI /
 
 
 Message = (NewRequest | AbortRequest | Reserve | Reserved | DecodeBlocks | Prefill | PullStart | Pulled
+           | LendBlocks | LentBlocks | ReturnBlocks
            | TransferStart | LayersReady
            | PrefillDone | KVLanded | TransferDone | Free | Freed | AbortTransfer | StateEvent | InstanceStats
            | Ready | PoolInfo | Forward | Pause | Shutdown | ProcessDown | ProcessUp | DropAll | Heartbeat

@@ -116,6 +116,7 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids)
         self._arrivals = itertools.count()
         self._reserved: dict[str, list[int]] = {}
+        self._lent: dict[str, list[int]] = {}  # cached blocks held for another instance to copy (`lend`)
         torch.manual_seed(config.seed)
 
     def _host_blocks(self) -> int:
@@ -205,11 +206,11 @@ class LLMEngine:
         return peak
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    hold_kv: bool = False, cache_salt: str = "", pull_blocks: int = 0) -> None:
+                    hold_kv: bool = False, cache_salt: str = "", pull_blocks: int = 0, pull_from: str = "") -> None:
         """Queues a request. With `hold_kv` its blocks outlive it until `release_kv` (prefill → transfer).
         Its prompt's blocks are looked up in the prefix cache under `cache_salt` (requests with different
-        salts never share). `pull_blocks`: leading prompt blocks the decode instance caches, copied here
-        (`Scheduler.pulled`) instead of computed where this cache lacks them."""
+        salts never share). `pull_blocks`: leading prompt blocks the decode instance (or `pull_from`)
+        caches, copied here (`Scheduler.pulled`) instead of computed where this cache lacks them."""
         if not prompt_token_ids:
             raise RequestError("prompt: is empty; give at least one token")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -228,7 +229,8 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals),
                        hold_kv=hold_kv, cache_root=self.cache_root(cache_salt),
                        pull_blocks=min(max(pull_blocks, 0), reusable_blocks(len(prompt_token_ids),
-                                                                          self.blocks.block_size, computes_last=True)))
+                                                                          self.blocks.block_size, computes_last=True)),
+                       pull_from=pull_from if pull_blocks > 0 else "")
         self.scheduler.add(seq)
 
     def cache_root(self, cache_salt: str = "") -> bytes | None:
@@ -290,6 +292,33 @@ class LLMEngine:
         self._reserved[request_id] = hit + self.blocks.allocate(need, self.blocks.partition_of(hit[0]) if hit else None)
         self._copy_tier(settle=True)  # another process (the transfer) writes these blocks next
         return Reservation(list(self._reserved[request_id]), len(hit))
+
+    def lend(self, request_id: str, prompt_token_ids: list[int], num_blocks: int, cache_salt: str = "") -> list[int]:
+        """Holds the cached blocks of the prompt's leading `num_blocks` (fewer where the cache holds fewer)
+        for another instance to copy, until `give_back`; returns their ids (in one partition)."""
+        if request_id in self._lent:  # asked again: the same blocks, held once
+            return list(self._lent[request_id])
+        root = self.cache_root(cache_salt)
+        if root is None or num_blocks <= 0:
+            return []
+        bs = self.blocks.block_size
+        hit = self.blocks.match(block_hashes(prompt_token_ids, bs, root),
+                                min(num_blocks, reusable_blocks(len(prompt_token_ids), bs, computes_last=True)))
+        self.blocks.share(hit)
+        self._lent[request_id] = hit
+        self._copy_tier(settle=True)  # another process (the transfer) reads these blocks next
+        return list(hit)
+
+    def give_back(self, request_id: str) -> bool:
+        """Ends a `lend`: its blocks are this cache's alone again."""
+        blocks = self._lent.pop(request_id, None)
+        if blocks:
+            self.blocks.free(blocks)
+        return blocks is not None
+
+    @property
+    def lent(self) -> list[str]:
+        return list(self._lent)
 
     @property
     def reserved(self) -> list[str]:
@@ -421,4 +450,4 @@ class LLMEngine:
         """The leak oracle: no live request and every block free."""
         sched = self.scheduler
         return (not sched.waiting and not sched.running and not sched.held and not sched.pull_holds
-                and not self._reserved and self.blocks.all_free())
+                and not self._reserved and not self._lent and self.blocks.all_free())

@@ -238,6 +238,8 @@ class Scheduler:
                 seq.pulling = (have, seq.pull_blocks - have)
                 self.pulls.append(seq)
                 continue
+            if first and seq.pull_from:  # another instance holds blocks lent for it: it copies none
+                self.pulls.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n

@@ -38,6 +38,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not computed
     admitted: bool = False  # scheduled once already (a preempted one waits again)
     pull_blocks: int = 0  # leading prompt blocks to copy from the decode instance's cache (Prefill.pull_blocks)
+    pull_from: str = ""  # ... or from this instance's, which lends them (Prefill.pull_from)
     pulling: tuple[int, int] | None = None  # (first block, count) being copied in: it waits, computing nothing
     num_pulled_tokens: int = 0  # of num_cached_tokens, those copied in
 

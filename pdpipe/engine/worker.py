@@ -3,8 +3,10 @@
 prefill: takes `Prefill`, computes the prompt with its KV held (`hold_kv`), tells the transfer which
   blocks will move and signals each finished layer, sends the first token to `api` at once and to
   the transfer (`PrefillDone`); frees the blocks on `TransferDone`. States: PREFILLING → TRANSFERRING.
-  A prompt whose prefix the decode instance caches (`Prefill.pull_blocks`) first has those blocks copied
-  in by the transfer (`PullStart`, `Pulled`) and computes the rest.
+  A prompt whose prefix the decode instance (or another prefill instance: `Prefill.pull_from`) caches
+  (`Prefill.pull_blocks`) first has those blocks copied in by the transfer (`PullStart`, `Pulled`) and
+  computes the rest. The other way, it lends its cached blocks to another's pull (`LendBlocks`: held
+  until the transfer's `ReturnBlocks`).
 decode: answers `Reserve` with blocks for the prompt and room for its output (the prompt's block ids go
   to the transfer, `DecodeBlocks`), continues a request on `KVLanded` from its first token, and
   streams tokens to `api`; a `Prefill` the scheduler sends it directly is a prompt it
@@ -35,6 +37,8 @@ from pdpipe.messages import (
     KVEvents,
     KVLanded,
     LayersReady,
+    LendBlocks,
+    LentBlocks,
     Msg,
     Pause,
     Prefill,
@@ -44,6 +48,7 @@ from pdpipe.messages import (
     Reserve,
     Reserved,
     ResetPrefixCache,
+    ReturnBlocks,
     State,
     StateEvent,
     TransferDone,
@@ -122,7 +127,8 @@ class EngineWorker(Handler):
         handover = self._hands_over(msg)
         params = replace(msg.params, max_tokens=1, min_tokens=0) if handover else msg.params
         self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, hold_kv=handover,
-                                cache_salt=msg.cache_salt, pull_blocks=msg.pull_blocks if handover else 0)
+                                cache_salt=msg.cache_salt, pull_blocks=msg.pull_blocks if handover else 0,
+                                pull_from=msg.pull_from if handover else "")
         self._prefills[msg.request_id] = msg
         self.queued_prompt_tokens += len(msg.prompt_token_ids)
 
@@ -163,17 +169,24 @@ class EngineWorker(Handler):
     def _on_TransferDone(self, msg: TransferDone) -> None:
         self.engine.release_kv(msg.request_id)
 
+    def _on_LendBlocks(self, msg: LendBlocks) -> None:
+        pool, ids = self._in_pool(self.engine.lend(msg.request_id, msg.prompt_token_ids, msg.blocks, msg.cache_salt))
+        self.send(msg.transfer, LentBlocks(request_id=msg.request_id, instance=self.name, held_ids=ids, pool=pool))
+
+    def _on_ReturnBlocks(self, msg: ReturnBlocks) -> None:
+        self.engine.give_back(msg.request_id)
+
     def _on_Pulled(self, msg: Pulled) -> None:
         self.engine.scheduler.pulled(msg.request_id, msg.blocks)  # it computes the rest at the next step
 
     def _send_pulls(self) -> None:
-        """Asks the transfer to copy in the decode instance's cached blocks of the prompts admitted to wait
-        for them."""
+        """Asks the transfer to copy in the cached blocks of the prompts admitted to wait for them; one that
+        needs none of a lender's (its own cache holds them) says so, an empty pull: the lender's go back."""
         for seq in self.engine.scheduler.take_pulls():
             first, count = seq.pulling or (0, 0)
             pool, ids = self._in_pool(seq.block_table[first:first + count])
             self.send(self.transfer, PullStart(request_id=seq.request_id, instance=self.name, block_ids=ids,
-                                               first=first, pool=pool))
+                                               first=first, pool=pool, source=seq.pull_from))
 
     def _on_Free(self, msg: Free) -> None:
         rid = msg.request_id
@@ -198,6 +211,8 @@ class EngineWorker(Handler):
                 *self._pending, *self._prefills}
         for rid in rids:
             self._on_Free(Free(request_id=rid, reason=msg.reason))
+        for rid in self.engine.lent:  # the transfer drops its pulls too: nothing reads them any more
+            self.engine.give_back(rid)
 
     # ---- step loop ---------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -267,7 +282,8 @@ class EngineWorker(Handler):
             if rid in self._prefills and rid not in self._started:
                 self._started.add(rid)
                 cached, pulled = chunk.seq.num_cached_tokens, chunk.seq.num_pulled_tokens
-                copied = f" ({pulled} copied from the decode instance's)" if pulled else ""
+                lender = f"{chunk.seq.pull_from}'s" if chunk.seq.pull_from else "the decode instance's"
+                copied = f" ({pulled} copied from {lender})" if pulled else ""
                 self._event(rid, State.PREFILLING, now=now,
                             detail=f"{cached} of {chunk.seq.num_prompt_tokens} prompt tokens from the prefix "
                                    f"cache{copied}" if cached else "")

@@ -34,6 +34,8 @@ from pdpipe.messages import (
     Heartbeat,
     InstanceStats,
     KVEvents,
+    LendBlocks,
+    LentBlocks,
     Msg,
     NewRequest,
     Prefill,
@@ -42,6 +44,7 @@ from pdpipe.messages import (
     Pulled,
     Reserve,
     Reserved,
+    ReturnBlocks,
     State,
     StateEvent,
 )
@@ -81,6 +84,7 @@ class RequestRecord:
     prefill_tokens: int = 0  # what its prompt costs the instance computing it (uncached tokens)
     hashes: list[bytes] | None = None  # its prompt's block hashes, once routing by cache needed them
     pull_blocks: int = 0  # leading prompt blocks its prefill instance copies from its decode instance's cache
+    pull_from: str = ""  # ... or from this instance's, which lends them (LendBlocks)
     events: list[tuple[float, str, str, str]] = field(default_factory=list)  # time, state, instance, detail
 
     @property
@@ -146,6 +150,9 @@ class SchedulerCore(Handler):
                     # the transfer that would free decode's blocks died with its machine; nothing can
                     # write into them any more, so decode frees them now
                     self.send(decode, Free(request_id=rec.request_id, reason="prefill machine gone"))
+            elif rec.pull_from in gone and not rec.prefill_done:  # its lender: the transfer copies nothing
+                self.send(self.transfer_of(rec.prefill), LentBlocks(request_id=rec.request_id, instance=rec.pull_from,
+                                                                    held_ids=[]))
         for name in gone:
             self.stats.pop(name, None)
             self.ledger.forget(name)
@@ -171,6 +178,8 @@ class SchedulerCore(Handler):
                 if rec.pull_blocks and not rec.prefill_done and self.transfer_of(rec.prefill) == name:
                     # no pull into its prefill instance's blocks will come (nor write there): computed there
                     self.send(rec.prefill, Pulled(request_id=rec.request_id, blocks=0))
+                    if rec.pull_from:  # ... nor read the lender's
+                        self.send(rec.pull_from, ReturnBlocks(request_id=rec.request_id))
             for rec in list(self.live.values()):
                 decode = rec.decode or rec.reserving
                 if rec.prefill and decode and self.transfer_of(rec.prefill) == name \
@@ -394,7 +403,12 @@ class SchedulerCore(Handler):
         self.send(decode, Reserve(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
                                   transfer=self.transfer_of(rec.prefill), num_tokens=room, cache_salt=r.cache_salt))
         if first:
-            rec.pull_blocks = self._pull_blocks(rec, decode, rec.prefill)
+            source, rec.pull_blocks = self._pull_source(rec, decode, rec.prefill)
+            if source not in ("", decode):  # another instance lends them for the copy
+                rec.pull_from = source
+                self.send(source, LendBlocks(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
+                                             blocks=rec.pull_blocks, transfer=self.transfer_of(rec.prefill),
+                                             cache_salt=r.cache_salt))
             self._send_prefill(rec, rec.prefill, decode)
 
     def _commit(self, rec: RequestRecord, instance: str, room: int, computes_last: bool) -> None:
@@ -418,23 +432,28 @@ class SchedulerCore(Handler):
     def _fits(self, rec: RequestRecord, instance: str, room: int) -> bool:
         return self.ledger.room(instance).fits(room, self._need(rec, instance, room))
 
-    def _pull_blocks(self, rec: RequestRecord, decode: str, prefill: str) -> int:
-        """Leading prompt blocks `prefill` copies from `decode`'s cache rather than computing them (a remote
-        hit): those `decode` holds, where that is at least routing.cache_min_tokens more than `prefill` holds
-        (on one machine a device copy; across machines the transfer of prefill's machine reads them)."""
+    def _pull_source(self, rec: RequestRecord, decode: str, prefill: str) -> tuple[str, int]:
+        """The instance whose cache `prefill` copies leading prompt blocks from rather than computing them
+        (a remote hit), and how many: of `decode` (its reservation holds them) and every other engine (which
+        would lend them), the one caching most, `decode` on a tie, where that is at least
+        routing.cache_min_tokens more than `prefill` holds; ("", 0) for none. On one machine a device copy;
+        across machines the transfer of prefill's machine reads them."""
         if self.cache is None or not self.routing.remote_hits:
-            return 0
-        there = self._hit_tokens(rec, decode, computes_last=True)
-        if there - self._hit_tokens(rec, prefill, computes_last=True) < max(1, self.routing.cache_min_tokens):
-            return 0
-        return there // self.cache.block_size
+            return "", 0
+        enough = self._hit_tokens(rec, prefill, computes_last=True) + max(1, self.routing.cache_min_tokens)
+        best, most = "", 0
+        for source in [decode, *(n for n in self.roles if n not in (decode, prefill))]:
+            there = self._hit_tokens(rec, source, computes_last=True)
+            if there >= enough and there > most:
+                best, most = source, there
+        return best, most // self.cache.block_size
 
     def _prefill_load(self, name: str, rec: RequestRecord, decode: str = "") -> int:
         """Prompt tokens `name` computes before `rec`'s is done: those it has not finished and the part
         of `rec`'s neither its cache holds nor it would copy from `decode`'s (a remote hit)."""
         held = self._hit_tokens(rec, name, computes_last=True)
         if decode and self.cache is not None:
-            held = max(held, self._pull_blocks(rec, decode, name) * self.cache.block_size)
+            held = max(held, self._pull_source(rec, decode, name)[1] * self.cache.block_size)
         return self.outstanding_tokens[name] + rec.num_prompt_tokens - held
 
     def _hit_tokens(self, rec: RequestRecord, instance: str, computes_last: bool) -> int:
@@ -473,7 +492,8 @@ class SchedulerCore(Handler):
         self.outstanding_tokens[instance] += rec.prefill_tokens
         r = rec.request
         self.send(instance, Prefill(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
-                                    decode_instance=decode, cache_salt=r.cache_salt, pull_blocks=rec.pull_blocks))
+                                    decode_instance=decode, cache_salt=r.cache_salt, pull_blocks=rec.pull_blocks,
+                                    pull_from=rec.pull_from))
 
     def _on_Reserved(self, msg: Reserved) -> None:
         rec = self.live.get(msg.request_id)

@@ -56,7 +56,7 @@ class TransferJob:
     dst_pool: str = ""
     dst_known: bool = False  # decode's blocks are known (none at all where its cache held the whole prompt)
     skipped: int = 0  # leading prompt blocks decode held already: not moved
-    pull: bool = False  # the other way: decode's cached prompt blocks into the prefill instance's (a remote hit)
+    pull: bool = False  # the other way: another instance's cached prompt blocks into a prefill's (a remote hit)
 
     def __post_init__(self) -> None:
         self.src_pool = self.src_pool or self.src_instance

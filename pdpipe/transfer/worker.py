@@ -10,7 +10,9 @@ took), not once a layer: under load its inbox carries requests, not layers. A pu
 before the prompt is computed: the prefill instance names the blocks it waits to have filled (PullStart),
 decode's DecodeBlocks name the cached blocks that hold that KV (held by its reservation, so nothing evicts
 them), and all layers of those are copied at once; Pulled tells the prefill instance how many came (0 when
-the copy failed or the request ended: it computes them itself). AbortTransfer stops a
+the copy failed or the request ended: it computes them itself). A pull may instead copy from another prefill
+instance's cache (PullStart.source): that one holds the blocks it names (LentBlocks) until this process
+returns them (ReturnBlocks), once the copy has settled or was given up. AbortTransfer stops a
 job and then passes Free to the decode instance, so decode frees its blocks only after nothing can
 write into them any more; the request id is kept (a tombstone), so a start, layer or block message
 that arrives after its abort moves nothing. States reported: TRANSFERRING (first layers, landing),
@@ -34,11 +36,13 @@ from pdpipe.messages import (
     InstanceStats,
     KVLanded,
     LayersReady,
+    LentBlocks,
     Msg,
     PoolInfo,
     PrefillDone,
     Pulled,
     PullStart,
+    ReturnBlocks,
     State,
     StateEvent,
     TransferDone,
@@ -64,7 +68,8 @@ class TransferWorker(Handler):
         self._draining: dict[str, tuple[TransferJob, AbortTransfer, float]] = {}  # aborted, copies running
         self._failed: dict[str, TransferJob] = {}  # failed and reported: the scheduler's abort comes next
         self._blocks: dict[str, DecodeBlocks] = {}  # decode's blocks that came before their TransferStart
-        self._pull_waiting: dict[str, PullStart] = {}  # pulls whose decode blocks are not known yet
+        self._pull_waiting: dict[str, PullStart] = {}  # pulls whose source blocks are not known yet
+        self._lent: dict[str, LentBlocks] = {}  # blocks a prefill instance lends a pull, until given back
         self.pulls: dict[str, TransferJob] = {}  # pulls copying
         self._tombstones = Tombstones()  # aborted: late messages move nothing
         self.bytes_moved = 0
@@ -80,6 +85,8 @@ class TransferWorker(Handler):
             super().handle(msg)  # else the request was aborted before this message arrived
         elif isinstance(msg, PullStart):  # ... but a prefill instance waits for its answer to free the blocks
             self.send(msg.instance, Pulled(request_id=msg.request_id, blocks=0))
+        elif isinstance(msg, LentBlocks) and msg.held_ids:  # ... and a lender holds its blocks until told
+            self.send(msg.instance, ReturnBlocks(request_id=msg.request_id))
         self.poll()
 
     def _on_PoolInfo(self, msg: PoolInfo) -> None:
@@ -87,7 +94,7 @@ class TransferWorker(Handler):
 
     def _on_DropAll(self, msg: DropAll) -> None:
         """The scheduler died: every job goes, decode frees their blocks."""
-        decodes = {rid: "" for rid in self._pull_waiting}
+        decodes = {rid: "" for rid in (*self._pull_waiting, *self._lent)}
         decodes |= {rid: job.src_instance for rid, job in self.pulls.items()}
         decodes |= {rid: blocks.instance for rid, blocks in self._blocks.items()}
         decodes |= {rid: job.dst_instance for rid, job in (*self.jobs.items(), *self._failed.items())}
@@ -106,23 +113,36 @@ class TransferWorker(Handler):
             self._destination(self.jobs[msg.request_id], msg)
         else:
             self._blocks[msg.request_id] = msg
-            pull = self._pull_waiting.pop(msg.request_id, None)
-            if pull is not None:
+            pull = self._pull_waiting.get(msg.request_id)
+            if pull is not None and not pull.source:
+                del self._pull_waiting[msg.request_id]
                 self._pull(pull, msg)
 
+    def _on_LentBlocks(self, msg: LentBlocks) -> None:
+        self._lent[msg.request_id] = msg
+        pull = self._pull_waiting.get(msg.request_id)
+        if pull is not None and pull.source == msg.instance:
+            del self._pull_waiting[msg.request_id]
+            self._pull(pull, msg)
+
     def _on_PullStart(self, msg: PullStart) -> None:
-        blocks = self._blocks.get(msg.request_id)
-        if blocks is None:
+        blocks = self._lent.get(msg.request_id) if msg.source else self._blocks.get(msg.request_id)
+        if blocks is None or blocks.instance != (msg.source or blocks.instance):
             self._pull_waiting[msg.request_id] = msg
         else:
             self._pull(msg, blocks)
 
-    def _pull(self, msg: PullStart, blocks: DecodeBlocks) -> None:
-        """Copies decode's cached blocks for prompt blocks first … into the prefill instance's, every layer
-        at once (they are complete); none when decode's cache does not reach them."""
-        count = min(len(msg.block_ids), blocks.skip - msg.first, len(blocks.held_ids) - msg.first)
+    def _pull(self, msg: PullStart, blocks: DecodeBlocks | LentBlocks) -> None:
+        """Copies the cached blocks for prompt blocks first … into the prefill instance's, every layer at
+        once (they are complete): decode's (those its reservation holds) or a lender's; none when that cache
+        does not reach them."""
+        held = len(blocks.held_ids) - msg.first
+        if isinstance(blocks, DecodeBlocks):
+            held = min(held, blocks.skip - msg.first)
+        count = min(len(msg.block_ids), held)
         if count <= 0:
             self.send(msg.instance, Pulled(request_id=msg.request_id, blocks=0))
+            self._give_back(msg.request_id)
             return
         job = TransferJob(msg.request_id, blocks.instance, blocks.held_ids[msg.first:msg.first + count], msg.instance,
                           list(msg.block_ids[:count]), src_pool=blocks.pool, dst_pool=msg.pool, pull=True)
@@ -198,6 +218,7 @@ class TransferWorker(Handler):
                 log.exception("%s: aborting %s", self.name, job.request_id)
             if job.pull:  # nothing writes into the prefill instance's blocks any more
                 self.send(job.dst_instance, Pulled(request_id=job.request_id, blocks=0))
+        self._give_back(msg.request_id)  # nothing reads a lender's blocks any more
         if msg.decode_instance:
             self.send(msg.decode_instance, Free(request_id=msg.request_id, reason=msg.reason))
 
@@ -322,6 +343,13 @@ class TransferWorker(Handler):
             except Exception:  # noqa: BLE001 — the prefill computes them either way
                 log.exception("%s: aborting the pull of %s", self.name, job.request_id)
         self.send(job.dst_instance, Pulled(request_id=job.request_id, blocks=got))
+        self._give_back(job.request_id)
+
+    def _give_back(self, request_id: str) -> None:
+        """Returns the blocks a prefill instance lent for the request's pull (none: nothing to say)."""
+        lent = self._lent.pop(request_id, None)
+        if lent is not None and lent.held_ids:
+            self.send(lent.instance, ReturnBlocks(request_id=request_id))
 
     def _fail(self, job: TransferJob) -> None:
         """Reports the failure; the job stays known until the scheduler's abort comes, which frees

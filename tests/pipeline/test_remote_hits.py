@@ -1,6 +1,7 @@
-"""Remote hits: a prefill instance copies the prompt blocks its decode instance caches instead of computing
-them (the transfer pulls them, `PullStart` → `Pulled`). The transfer worker's side with a fake backend, the
-engine's waiting sequence on its own, and the pipeline when a pull fails or its request ends mid-copy."""
+"""Remote hits: a prefill instance copies the prompt blocks its decode instance (or another instance, which
+lends them) caches instead of computing them (the transfer pulls them, `PullStart` → `Pulled`). The transfer
+worker's side with a fake backend, the engine's waiting sequence on its own, and the pipeline when a pull
+fails or its request ends mid-copy."""
 import pytest
 from conftest import make_prompts
 from local_pipeline import LocalPipeline
@@ -17,9 +18,12 @@ from pdpipe.messages import (
     Free,
     KVLanded,
     LayersReady,
+    LendBlocks,
+    LentBlocks,
     PrefillDone,
     Pulled,
     PullStart,
+    ReturnBlocks,
     SamplingParams,
     TransferStart,
 )
@@ -119,6 +123,116 @@ def test_drop_all_answers_every_pull_and_frees_every_decode_once():
     worker.step()
     assert sorted(pulled(sent)) == [("p", "r", 0), ("p", "w", 0)] and frees(sent) == ["d"]
     assert not worker.has_work() and not worker.pulls and not worker._pull_waiting and not worker._blocks
+
+
+# ---- pulls from a lender (another instance's cache) ----------------------------------------------
+LENT = LentBlocks(request_id="r", instance="p1", held_ids=[20, 21, 22])
+
+
+def returned(sent) -> list[tuple[str, str]]:
+    return [(dest, m.request_id) for dest, m in sent if isinstance(m, ReturnBlocks)]
+
+
+@pytest.mark.parametrize("lent_first", [True, False])
+def test_a_pull_copies_a_lenders_blocks_and_gives_them_back_once_copied(lent_first):
+    """p1 lends the prompt's first 3 blocks (its 20-22); p0 holds block 0 and waits for blocks 1-2 (its 7,
+    8). Decode's blocks (it caches nothing) do not answer a lender's pull. Both layers of 21, 22 → 7, 8 move
+    at once; p0 hears 2 came and p1 gets its blocks back, but only once the copy has settled."""
+    worker, backend, sent = make_transfer()
+    backend.in_flight.add("r")
+    pull = PullStart(request_id="r", instance="p0", block_ids=[7, 8], first=1, source="p1")
+    worker.handle(DecodeBlocks(request_id="r", instance="d", block_ids=[30, 31, 32, 33]))
+    for msg in ([LENT, pull] if lent_first else [pull, LENT]):
+        worker.handle(msg)
+    job = worker.pulls["r"]
+    assert (job.src_instance, job.src_block_ids, job.dst_block_ids) == ("p1", [21, 22], [7, 8])
+    assert backend.batches == [(["r"], 0), (["r"], 1)] and not pulled(sent) and not returned(sent)
+    backend.in_flight.clear()
+    worker.step()
+    assert pulled(sent) == [("p0", "r", 2)] and returned(sent) == [("p1", "r")] and worker.blocks_pulled == 2
+    assert not worker._lent and not worker.has_work()
+
+
+def test_a_pull_that_needs_none_of_the_lenders_blocks_gives_them_back_at_once():
+    """The prefill instance's own cache held what was lent (an empty pull), or the lender held nothing (no
+    word back for it), or held fewer blocks than the pull starts at."""
+    worker, backend, sent = make_transfer()
+    worker.handle(LENT)
+    worker.handle(PullStart(request_id="r", instance="p0", block_ids=[], first=3, source="p1"))
+    worker.handle(LentBlocks(request_id="s", instance="p1", held_ids=[]))
+    worker.handle(PullStart(request_id="s", instance="p0", block_ids=[4], first=0, source="p1"))
+    worker.handle(PullStart(request_id="t", instance="p0", block_ids=[5], first=2, source="p1"))
+    worker.handle(LentBlocks(request_id="t", instance="p1", held_ids=[9, 10]))
+    assert pulled(sent) == [("p0", "r", 0), ("p0", "s", 0), ("p0", "t", 0)] and not backend.batches
+    assert returned(sent) == [("p1", "r"), ("p1", "t")] and not worker._lent and not worker._pull_waiting
+
+
+def test_a_lenders_blocks_go_back_after_an_abort_however_late_they_come():
+    """Aborted mid-copy: back once nothing reads them. Aborted before they were lent: back as they come.
+    Aborted while the pull waits for them: the prefill instance hears at once, the lender as they come."""
+    worker, backend, sent = make_transfer()
+    backend.in_flight.add("r")
+    worker.handle(PullStart(request_id="r", instance="p0", block_ids=[7, 8], first=1, source="p1"))
+    worker.handle(LENT)
+    worker.handle(AbortTransfer(request_id="r", decode_instance="d", reason="client gone"))
+    assert not returned(sent) and worker.has_work()
+    backend.in_flight.clear()
+    worker.step()
+    assert returned(sent) == [("p1", "r")] and pulled(sent) == [("p0", "r", 0)]
+    worker.handle(AbortTransfer(request_id="a", decode_instance="d", reason="deadline"))
+    worker.handle(LentBlocks(request_id="a", instance="p1", held_ids=[3]))
+    worker.handle(PullStart(request_id="w", instance="p0", block_ids=[4], first=0, source="p1"))
+    worker.handle(AbortTransfer(request_id="w", decode_instance="d", reason="deadline"))
+    worker.handle(LentBlocks(request_id="w", instance="p1", held_ids=[3]))
+    assert returned(sent) == [("p1", "r"), ("p1", "a"), ("p1", "w")] and ("p0", "w", 0) in pulled(sent)
+    assert not worker._lent and not worker.pulls and not worker._pull_waiting and not worker.has_work()
+
+
+def test_drop_all_gives_every_lenders_blocks_back():
+    worker, backend, sent = make_transfer()
+    backend.in_flight.add("r")
+    worker.handle(LENT)
+    worker.handle(PullStart(request_id="r", instance="p0", block_ids=[7, 8], first=1, source="p1"))
+    worker.handle(LentBlocks(request_id="q", instance="p2", held_ids=[5]))  # its pull not asked for yet
+    worker.handle(DropAll(reason="scheduler gone"))
+    backend.in_flight.clear()
+    worker.step()
+    assert sorted(returned(sent)) == [("p1", "r"), ("p2", "q")] and pulled(sent) == [("p0", "r", 0)]
+    assert not worker._lent and not worker.has_work()
+
+
+def test_an_engine_lends_its_cached_prompt_blocks_until_they_come_back(model_dir):
+    """A lent block is held (not free, not evictable; the leak oracle sees it) and lent once however often
+    asked; it is the prompt's leading cached run, at most the blocks asked for and never the last token's.
+    Given back, or dropped with everything else (DropAll), the engine is leak-free again."""
+    from pdpipe.config import CacheConfig, EngineConfig
+    from pdpipe.engine.engine import LLMEngine
+    from pdpipe.engine.worker import EngineWorker
+
+    engine = LLMEngine(EngineConfig(model=str(model_dir("llama")), cache=CacheConfig(block_size=8, num_blocks=16)))
+    sent = []
+    worker = EngineWorker("p1", "prefill", engine, lambda d, m: sent.append((d, m)))
+    prompt = make_prompts(384, lengths=(40,), seed=21)[0]
+    engine.add_request("warm", prompt, SamplingParams(max_tokens=1))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.leak_free() and engine.blocks.num_cached_blocks == 5
+    lend = LendBlocks(request_id="r", prompt_token_ids=prompt, blocks=9, transfer="transfer")
+    worker.handle(lend)
+    worker.handle(lend)
+    (dest, first), (_, again) = [(d, m) for d, m in sent if isinstance(m, LentBlocks)]
+    assert dest == "transfer" and len(first.held_ids) == 4 and again.held_ids == first.held_ids  # 39 of 40 at most
+    assert not engine.leak_free() and engine.blocks.num_evictable_blocks == 1
+    worker.handle(LendBlocks(request_id="s", prompt_token_ids=prompt[:20] + [1] * 20, blocks=3,
+                             transfer="transfer"))
+    assert len(sent[-1][1].held_ids) == 2  # what it caches of the other prompt
+    worker.handle(LendBlocks(request_id="u", prompt_token_ids=[1] * 40, blocks=3, transfer="transfer"))
+    assert sent[-1][1].held_ids == []
+    worker.handle(ReturnBlocks(request_id="r"))
+    worker.handle(ReturnBlocks(request_id="r"))  # a second word changes nothing
+    assert not engine.leak_free()  # s still holds 2
+    worker.handle(DropAll(reason="scheduler gone"))
+    assert engine.leak_free() and engine.blocks.num_cached_blocks == 5
 
 
 # ---- the engine's side ---------------------------------------------------------------------------
@@ -237,3 +351,40 @@ def test_a_failed_pull_is_computed_on_the_prefill_instance_with_the_same_tokens(
 def test_a_request_ending_mid_pull_frees_every_block_once_the_copy_settles(model_dir):
     pipe = follow_up(model_dir("llama"), hold=True, abort=True)
     assert pipe.state("t2") == "ABORTED" and pipe.leak_free()
+
+
+def lent_turn(model, caching=True):
+    """Two prefill instances. Turn 1 (40 tokens) is computed on one; a long prompt over the same prefix then
+    queues there (routed to its cache); decode's cache is emptied. Turn 2 (turn 1's prompt and 9 new tokens)
+    goes to the idle prefill instance, which copies turn 1's 5 blocks from the busy one's cache."""
+    from pdpipe.messages import ResetPrefixCache
+
+    pipe = LocalPipeline(model, {"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode"},
+                         prefix_caching=caching, routing=RoutingConfig(disaggregation="always", cache_min_tokens=8))
+    first = make_prompts(384, lengths=(40,), seed=21)[0]
+    pipe.submit("t1", first, REPLY)
+    pipe.run()
+    pipe.send("decode-0", ResetPrefixCache())
+    pipe.run()
+    pipe.scheduler.handle(pipe.workers["decode-0"].stats())  # its heartbeat: its KV events say all cleared
+    pipe.run()
+    pipe.submit("long", first + make_prompts(384, lengths=(300,), seed=23)[0], REPLY)
+    pipe.deliver("scheduler")
+    pipe.submit("t2", first + make_prompts(384, lengths=(9,), seed=22)[0], REPLY)
+    pipe.run()
+    assert pipe.leak_free()
+    return pipe
+
+
+def test_a_prefill_instance_copies_what_another_prefill_instance_caches_and_gives_the_blocks_back(model_dir):
+    plain = lent_turn(model_dir("llama"), caching=False)
+    pipe = lent_turn(model_dir("llama"))
+    computed = {rid: next(d for _, s, i, d in pipe.scheduler.recent[rid].events if s == "PREFILLING")
+                for rid in ("t1", "long", "t2")}
+    where = {rid: next(i for _, s, i, _ in pipe.scheduler.recent[rid].events if s == "PREFILLING")
+             for rid in ("t1", "long", "t2")}
+    assert where["long"] == where["t1"] != where["t2"]
+    assert computed["t2"] == f"40 of 49 prompt tokens from the prefix cache (40 copied from {where['t1']}'s)"
+    assert all(pipe.tokens(rid) == plain.tokens(rid) for rid in ("t1", "long", "t2"))
+    assert pipe.cached_tokens("t2") == 40 and pipe.transfer.blocks_pulled == 5
+    assert pipe.workers[where["t2"]].stats().prefix_hit_tokens_remote == 40

@@ -121,7 +121,7 @@ class LocalPipeline:
         sched, xfer = self.scheduler, self.transfer
         books = [sched.live, list(sched.queue), sched.ledger.commitments, +sched.outstanding_tokens,
                  [r for r in sched.ledger.rooms.values() if r.blocks or r.seqs],
-                 xfer.jobs, xfer._first, xfer._draining, xfer._blocks, xfer.pulls, xfer._pull_waiting]
+                 xfer.jobs, xfer._first, xfer._draining, xfer._blocks, xfer.pulls, xfer._pull_waiting, xfer._lent]
         for w in self.workers.values():
             books += [w._pending, w._prefills, w._deferred, w._started, w.queued_prompt_tokens,
                       w.engine.scheduler.pull_holds, w.engine.scheduler.pulls]

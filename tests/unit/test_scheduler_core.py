@@ -814,3 +814,41 @@ def test_a_prefill_instance_of_other_weights_or_kv_is_not_paired_with_a_decode_i
     report(core, "prefill-0", "prefill", weights="", kv_dtype="bfloat16")
     new(core, "c", 300)
     assert reserves(sent) == ["c"]
+
+
+def test_a_prefill_instance_copies_from_whichever_instance_caches_most_which_lends_the_blocks():
+    """prefill-1 caches the prompt's 6 blocks but has 500 tokens queued; decode-0 caches 4. prefill-0 gets the
+    prompt (4 tokens to compute against 504) and copies all 6 from prefill-1, which is asked to lend them to
+    this machine's transfer. With decode-0 caching all 6 too, decode-0's (held by its reservation) are taken
+    and nothing is lent. A lender that dies: the transfer hears it lends nothing (the pull is computed); a
+    transfer that dies: the prefill instance hears none come, the lender gets its blocks back."""
+    from pdpipe.messages import LendBlocks, LentBlocks, ProcessDown, Pulled, ReturnBlocks
+
+    prompt = list(range(100))
+    roles = {"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode"}
+
+    def route(decode_caches: int):
+        core, sent = cache_aware(roles=roles)
+        cached_on(core, "prefill-1", prompt)
+        cached_on(core, "decode-0", prompt[:decode_caches])
+        core.outstanding_tokens["prefill-1"] += 500
+        new(core, "r", 100)
+        (dest, msg), = dispatched(sent, Prefill)
+        return core, sent, dest, msg
+
+    core, sent, dest, msg = route(64)
+    assert (dest, msg.pull_blocks, msg.pull_from) == ("prefill-0", 6, "prefill-1")
+    (lender, lend), = dispatched(sent, LendBlocks)
+    assert (lender, lend.blocks, lend.transfer, lend.prompt_token_ids) == ("prefill-1", 6, "transfer", prompt)
+    assert core.outstanding_tokens["prefill-0"] == 4
+    core.handle(ProcessDown(name="prefill-1", role="prefill", detail="signal 9"))
+    assert [(d, m.instance, m.held_ids) for d, m in dispatched(sent, LentBlocks)] == [("transfer", "prefill-1", [])]
+    assert core.live["r"].state != "FAILED"  # it did not need the lender: it computes the prompt itself
+
+    core, sent, dest, msg = route(64)
+    core.handle(ProcessDown(name="transfer", role="transfer", detail="signal 9"))
+    assert [(d, m.blocks) for d, m in dispatched(sent, Pulled)] == [("prefill-0", 0)]
+    assert [d for d, _ in dispatched(sent, ReturnBlocks)] == ["prefill-1"]
+
+    core, sent, dest, msg = route(100)
+    assert (dest, msg.pull_blocks, msg.pull_from) == ("prefill-0", 6, "") and not dispatched(sent, LendBlocks)
