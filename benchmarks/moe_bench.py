@@ -7,13 +7,17 @@
            KV, at the device's copy bandwidth                       (goal ≤ 1.5× at batch 1, ≤ 1.6× at 64)
   prefill  one 2048-token prompt, FLOPs of the parameters each token uses (its top-k experts, the
            shared ones, the rest) and causal attention, against the bf16 GEMM            (goal ≥ 45 %)
+  ernie300b      ERNIE-4.5-300B-A47B's shape (hidden 8192, 64 experts of 3584, top-8, MoE from layer 3) with
+                 --layers of its 54 (as many as fit one GPU) and --quantization (wint4: experts int4, dense
+                 int8, as FastDeploy): decode and prefill as above, and per layer, for the TP4 figure
   --profile      the kernels of decode steps of 1 and 64 and of the prefill, by time, and how long
                  Python takes to enqueue the eager prefill step (and where, by cProfile)
   --first-steps  prompt steps beyond the prefill graphs run twice on a started engine, with the Triton
                  kernels that compiled and the first run's costliest host calls (a first step should
                  cost what its second does)
 
-    python benchmarks/moe_bench.py [--json OUT] [--models ernie,qwen] [--profile] [--first-steps]
+    python benchmarks/moe_bench.py [--json OUT] [--models ernie,qwen,ernie300b] [--layers N] [--quantization Q]
+                                   [--profile] [--first-steps]
                                         (GPU; makes the folders; or bash benchmarks/device_run.sh moebench)
 Figures in benchmarks/RESULTS.md, "Mixture of experts on GPU"; JSON in benchmarks/results/moe/.
 """
@@ -36,32 +40,52 @@ SHAPES = {
     "qwen": ("qwen3-30b-a3b-shape", dict(arch="qwen3_moe", layers=48, hidden=2048, heads=32, kv_heads=4,
                                          head_dim=128, intermediate=6144, moe_intermediate=768, experts=128,
                                          top_k=8, first_moe_layer=0, norm_topk=True, vocab=151936)),
+    "ernie300b": ("ernie-300b-a47b-shape", dict(arch="ernie4_5_moe", layers=54, hidden=8192, heads=64, kv_heads=8,
+                                                head_dim=128, intermediate=28672, moe_intermediate=3584, experts=64,
+                                                top_k=8, shared_experts=0, first_moe_layer=3, vocab=103424)),
 }
 
 
-def model_dir(root: Path, name: str) -> Path:
+def model_dir(root: Path, name: str, layers: int = 0) -> Path:
     from dataclasses import replace
 
     from pdpipe.models.make import make_model
     from pdpipe.models.make_config import MakeModelConfig
 
     folder, shape = SHAPES[name]
+    if layers:
+        shape = {**shape, "layers": layers}
+        folder += f"-{layers}l"
     path = root / folder
     if not (path / "config.json").exists():
         make_model(path, replace(MakeModelConfig(), max_position=131072, dtype="bfloat16", weights=False, **shape))
     return path
 
 
-def expert_split(model) -> tuple[int, int, list]:
-    """(bytes of every weight but the routed experts', bytes of one routed expert, the MoE layers)."""
+def expert_split(model) -> tuple[int, int, int, int, list]:
+    """(bytes of every weight but the routed experts', and their parameters; bytes of one routed expert,
+    and its parameters; the MoE layers). Quantized weights count their codes and scales."""
+    from pdpipe.models.layers import QuantLinear
     from pdpipe.models.moe import MoE
 
+    def stack(w) -> tuple[int, int]:  # one expert's (bytes, parameters) of a stacked weight
+        if isinstance(w, torch.Tensor):
+            return w[0].numel() * w.element_size(), w[0].numel()
+        return (w.codes[0].numel() * w.codes.element_size() + w.scale[0].numel() * w.scale.element_size(),
+                w.shape[1] * w.shape[2])
+
     layers = [m for m in model.modules() if isinstance(m, MoE)]
-    expert = sum(t[0].numel() * t.element_size() for t in (layers[0].w13, layers[0].w2))
-    rest = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    (b13, p13), (b2, p2) = stack(layers[0].w13), stack(layers[0].w2)
+    named = [(n, p) for n, p in model.named_parameters() if "embed_tokens" not in n]
+    rest, params = sum(p.numel() * p.element_size() for _, p in named), sum(p.numel() for _, p in named)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            rest += m.codes.numel() * m.codes.element_size() + m.scale.numel() * m.scale.element_size()
+            params += m.out_features * m.in_features
     if model.spec.tie_word_embeddings:  # the LM head reads the embedding
         rest += model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
-    return rest, expert, layers
+        params += model.model.embed_tokens.weight.numel()
+    return rest, params, b13 + b2, p13 + p2, layers
 
 
 def experts_read(engine, out, layers) -> int:
@@ -85,14 +109,15 @@ def experts_read(engine, out, layers) -> int:
     return sum(seen)
 
 
-def bench(name: str, root: Path, copy_bw: float, gemm: float, profile: bool = False, first: bool = False) -> dict:
-    path = model_dir(root, name)
-    engine = make_engine(path, 0, 64, num_blocks=64 * 1040 // BLOCK + 64)
+def bench(name: str, root: Path, copy_bw: float, gemm: float, profile: bool = False, first: bool = False,
+          layers_wanted: int = 0, quantization: str = "") -> dict:
+    path = model_dir(root, name, layers_wanted)
+    engine = make_engine(path, 0, 64, num_blocks=64 * 1040 // BLOCK + 64, quantization=quantization)
     if first:
         engine.warm_up()  # as an engine process starts
     first_steps = unseen_steps(engine) if first else None
     spec, model = engine.spec, engine.model
-    rest, expert, layers = expert_split(model)
+    rest, rest_params, expert, expert_params, layers = expert_split(model)
     rows = []
     for batch in (1, 16, 64):
         out = batch_of(engine, [1024] * batch, decode=True)
@@ -106,7 +131,7 @@ def bench(name: str, root: Path, copy_bw: float, gemm: float, profile: bool = Fa
         for row in (rows[0], rows[-1]):
             row["kernels"] = kernel_profile(engine, batch_of(engine, [1024] * row["batch"], decode=True))
     moe = spec.moe
-    active = (rest - spec.vocab_size * spec.hidden_size * 2) // 2 + len(layers) * moe.top_k * expert // 2
+    active = rest_params - spec.vocab_size * spec.hidden_size + len(layers) * moe.top_k * expert_params
     prompt = batch_of(engine, [2048], decode=False)
     t = cuda_time(lambda: engine.runner.execute(prompt)[0].argmax(-1).tolist(), iters=10)
     release(engine, prompt)
@@ -114,8 +139,13 @@ def bench(name: str, root: Path, copy_bw: float, gemm: float, profile: bool = Fa
     prefill = dict(ms=t * 1e3, tflops=flops / t / 1e12, pct_of_gemm=100 * flops / t / 1e12 / gemm)
     if profile:
         prefill["kernels"] = kernel_profile(engine, batch_of(engine, [2048], decode=False))
-    result = dict(model=name, weights_GB=(rest + expert * moe.num_experts * len(layers)) / 1e9, decode=rows,
+    result = dict(model=name, quantization=quantization, layers=spec.num_layers, moe_layers=len(layers),
+                  weights_GB=(rest + expert * moe.num_experts * len(layers)) / 1e9, decode=rows,
                   prefill_2048=prefill, first_steps=first_steps)
+    for row in rows:  # per layer (the embedding and LM head's share spread over them), for a deeper model's figure
+        row["step_ms_per_layer"] = row["step_ms"] / spec.num_layers
+        row["floor_ms_per_layer"] = row["floor_ms"] / spec.num_layers
+    prefill["ms_per_layer"] = prefill["ms"] / spec.num_layers
     del engine
     torch.cuda.empty_cache()
     return result
@@ -213,16 +243,19 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/pdpipe-models")
     parser.add_argument("--profile", action="store_true", help="kernels of steps of 1 and 64, a prefill's")
     parser.add_argument("--first-steps", action="store_true", help="prompt steps beyond the graphs, first and again")
+    parser.add_argument("--layers", type=int, default=0, help="layers of each model (0: its own count)")
+    parser.add_argument("--quantization", default="", help="[engine] quantization: wint8, wint4, fp8, ...")
     args = parser.parse_args()
     copy_bw, gemm = copy_bandwidth(0), gemm_tflops(0)
     results = {"device": torch.cuda.get_device_name(0), "copy_bw_TBps": copy_bw / 1e12, "gemm_tflops": gemm,
-               "models": [bench(m, Path(args.work), copy_bw, gemm, args.profile, args.first_steps)
-                          for m in args.models.split(",")]}
+               "models": [bench(m, Path(args.work), copy_bw, gemm, args.profile, args.first_steps, args.layers,
+                                args.quantization) for m in args.models.split(",")]}
     print(json.dumps(results, indent=1))
     for r in results["models"]:
         for row in r["decode"]:
-            print(f"{r['model']} decode batch {row['batch']:>3}: {row['step_ms']:.2f} ms, floor {row['floor_ms']:.2f} "
-                  f"ms, {row['step_x_floor']:.2f}x ({row['experts_read_per_layer']:.1f} experts a layer)")
+            print(f"{r['model']} {r['quantization'] or 'bf16'} ({r['layers']} layers) decode batch {row['batch']:>3}: "
+                  f"{row['step_ms']:.2f} ms, floor {row['floor_ms']:.2f} ms, {row['step_x_floor']:.2f}x "
+                  f"({row['experts_read_per_layer']:.1f} experts a layer; {row['step_ms_per_layer']:.3f} ms a layer)")
         p = r["prefill_2048"]
         print(f"{r['model']} prefill 2048: {p['ms']:.1f} ms, {p['pct_of_gemm']:.0f} % of GEMM")
         for name, k in (("decode batch 1", r["decode"][0].get("kernels")), ("prefill 2048", p.get("kernels"))):

@@ -10,7 +10,13 @@ bf16's `F.linear` on the dequantized weights and the speed-up over it.
 Goals (issue 24): FP8 >= 80 % of the floor at M = 1-16 for weights >= 8 MB (channel and block scales,
 2112 x 7168 included); int4-g128 >= 70 % (>= 3x bf16 at M = 1) and >= 1.5x bf16 at M = 64; int8 >= 75 %.
 
-    python benchmarks/quant_kernels.py [--json OUT.json]
+`moe`: the fused experts (`kernels.fused_moe`: both grouped GEMMs, their sort and the weighted sum) on one
+MoE layer of ERNIE-4.5-300B-A47B's shape (64 experts of width 3584 over hidden 8192, top-8) with quantized
+experts (wint4, wint8, fp8) and bf16, at decode batches 16, 32, 64 (uniform random routing): the time
+against the expert-bytes floor — the distinct experts the batch selects, codes and scales, over the copy
+bandwidth. Goal: >= 85 % at batch 16-64.
+
+    python benchmarks/quant_kernels.py [--only gemm,moe] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -22,12 +28,16 @@ from pathlib import Path
 
 import torch
 
+from pdpipe import kernels
+from pdpipe.kernels.reference import QuantStack
 from pdpipe.models.layers import QuantLinear
 from pdpipe.quant.weights import dequantize, quantize
 
 SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (2112, 7168), (8192, 28672)]
 SCHEMES = ("wint8", "wint4", "fp8", "block_wise_fp8")
 ROWS = (1, 2, 3, 16, 64)
+MOE = {"experts": 64, "inter": 3584, "hidden": 8192, "top_k": 8}  # ERNIE-4.5-300B-A47B's routed experts
+MOE_BATCHES = (16, 32, 64)
 
 
 def timed(fn, runs: int = 50) -> float:
@@ -53,12 +63,7 @@ def copy_bandwidth() -> float:
     return src.numel() / (timed(lambda: dst.copy_(src), runs=20) / 1e3)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default="")
-    args = parser.parse_args()
-    bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: a device copy reads {bandwidth / 1e9:.0f} GB/s")
+def gemm_rows(bandwidth: float) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n, k in SHAPES:
@@ -80,9 +85,77 @@ def main() -> None:
                 r = rows[-1]
                 print(f"{scheme:>14} {n:>5}x{k:<5} M={m:<3} {ms * 1e3:8.1f} us  floor {floor * 1e3:7.1f} us  "
                       f"{r['efficiency'] * 100:5.1f} %  bf16 {bf16_ms * 1e3:8.1f} us  x{r['speedup']:.2f}")
+    return rows
+
+
+def expert_stacks(scheme: str, gen: torch.Generator) -> tuple[torch.Tensor | QuantStack, torch.Tensor | QuantStack]:
+    """One layer's experts, gate/up [E, 2 * inter, hidden] and down [E, hidden, inter]: bf16 (scheme "") or
+    quantized expert by expert (the bf16 copy of one expert at a time)."""
+    e, inter, hidden = MOE["experts"], MOE["inter"], MOE["hidden"]
+    stacks = []
+    for n, k in ((2 * inter, hidden), (hidden, inter)):
+        experts = [torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02 for _ in range(e)] \
+            if not scheme else [quantize(torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02,
+                                         scheme) for _ in range(e)]
+        if not scheme:
+            stacks.append(torch.stack(experts))
+            continue
+        q = experts[0]
+        stacks.append(QuantStack(scheme, torch.stack([x.codes for x in experts]),
+                                 torch.stack([x.scale for x in experts]).contiguous(), q.cell, q.offset, (e, n, k)))
+    return stacks[0], stacks[1]
+
+
+def expert_bytes(w: torch.Tensor | QuantStack) -> int:
+    """One expert's bytes of a stack (codes and scales)."""
+    if isinstance(w, torch.Tensor):
+        return w[0].numel() * w.element_size()
+    return w.codes[0].numel() * w.codes.element_size() + w.scale[0].numel() * w.scale.element_size()
+
+
+def moe_rows(bandwidth: float) -> list[dict]:
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for scheme in ("", "wint4", "wint8", "fp8"):
+        w13, w2 = expert_stacks(scheme, gen)
+        per_expert = expert_bytes(w13) + expert_bytes(w2)
+        for batch in MOE_BATCHES:
+            x = torch.randn(batch, MOE["hidden"], device="cuda", generator=gen).to(torch.bfloat16)
+            logits = torch.randn(batch, MOE["experts"], device="cuda", generator=gen)
+            weights, ids = torch.softmax(logits, -1).topk(MOE["top_k"], dim=-1)
+            ids = ids.to(torch.int32)
+            with torch.inference_mode():
+                kernels.fused_moe(x, w13, w2, weights, ids)  # compiles and tunes first
+                ms = timed(lambda: kernels.fused_moe(x, w13, w2, weights, ids))
+            touched = int(ids.unique().numel())
+            floor = (touched * per_expert + x.numel() * 2 * 2) / bandwidth * 1e3
+            rows.append({"scheme": scheme or "bf16", "batch": batch, "experts_touched": touched, "ms": ms,
+                         "floor_ms": floor, "efficiency": floor / ms, "expert_mb": per_expert / 2**20})
+            print(f"moe {scheme or 'bf16':>6} batch {batch:<3} {touched} experts  {ms * 1e3:8.1f} us  "
+                  f"floor {floor * 1e3:8.1f} us  {floor / ms * 100:5.1f} %")
+        del w13, w2
+        torch.cuda.empty_cache()
+    bf16 = {r["batch"]: r["ms"] for r in rows if r["scheme"] == "bf16"}
+    for r in rows:
+        r["speedup"] = bf16[r["batch"]] / r["ms"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default="")
+    parser.add_argument("--only", default="gemm,moe", help="of gemm, moe")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: a device copy reads {bandwidth / 1e9:.0f} GB/s")
+    result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "copy_read_bytes_per_s": bandwidth}
+    if "gemm" in only:
+        result["rows"] = gemm_rows(bandwidth)
+    if "moe" in only:
+        result["moe"] = moe_rows(bandwidth)
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": str(date.today()), "device": torch.cuda.get_device_name(),
-                                               "copy_read_bytes_per_s": bandwidth, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
