@@ -170,3 +170,24 @@ def test_gpu_memory_utilization_keeps_the_engine_within_its_share(model_dir):
     assert used <= share * total
     out = llm.generate(make_prompts(384, lengths=(5, 40), seed=1), SamplingParams(max_tokens=4, temperature=0.0))
     assert all(len(o.token_ids) == 4 for o in out) and llm.engine.leak_free()
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_a_prefix_evicted_to_the_pinned_host_tier_comes_back_as_it_left(model_dir, kv_cache_dtype):
+    """A 12-block device pool on the GPU with a host tier (pinned, batched copies): a 64-token prompt, others
+    that evict its blocks to the host, then the first prompt again: its 7 reusable blocks are copied back
+    (not computed), and every output equals a run whose pool holds everything (fp32, greedy)."""
+    first = make_prompts(384, lengths=(64,), seed=41)[0]
+    prompts = [first, *make_prompts(384, lengths=(60, 61, 62), seed=42), first]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    def run(**kwargs):
+        llm = make_llm(model_dir("llama"), device="cuda", dtype="float32", block_size=8,
+                       kv_cache_dtype=kv_cache_dtype, **kwargs)
+        outs = [llm.generate([p], params)[0] for p in prompts]
+        assert llm.engine.leak_free()
+        return llm, [o.token_ids for o in outs], [o.num_cached_tokens for o in outs]
+
+    _, want, _ = run(num_blocks=64, prefix_caching=False)
+    llm, got, cached = run(num_blocks=12, host_kv_cache_mb=1)
+    assert llm.engine.blocks.host_blocks_in == 7 and cached[-1] == 56 and got == want

@@ -7,6 +7,8 @@ import struct
 import pytest
 import torch
 from conftest import assert_leak_free, make_prompts
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdpipe.engine.block_manager import BlockError, BlockManager
@@ -500,3 +502,29 @@ def test_a_reservation_that_evicts_to_the_host_settles_on_every_rank(model_dir, 
     [(_, (before, after))] = on_two_ranks(engine_rank, tmp_path, [(str(model_dir("qwen3")), 12, tiered,
                                                                     reserve_after_eviction)], 1)
     assert after > before  # copies ran (and every rank met after them: rank 0 would hang otherwise)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["out", "in"]), st.integers(0, 7), st.integers(0, 5)), max_size=40),
+       st.integers(1, 4))
+def test_the_host_tiers_batched_copies_leave_what_copies_one_by_one_do(ops, most_blocks):
+    """Copies in any order, blocks repeated (a device block copied out, then refilled from the host; a host
+    block read, then overwritten), batches of at most a few blocks: both pools end as copying each block on
+    its own, in order, leaves them."""
+    from types import SimpleNamespace
+
+    from pdpipe.engine.host_tier import HostTier
+
+    kv = torch.randn(3, 2, 8, 4, 2, 5)  # layers, K/V, blocks, block size, heads, head dim
+    block_bytes = kv[:, :, 0].numel() * kv.element_size()
+    tier = HostTier(SimpleNamespace(data=kv.clone()), 6, staging_bytes=most_blocks * block_bytes)
+    tier.data.copy_(torch.randn_like(tier.data))
+    want_kv, want_host = kv.clone(), tier.data.clone()
+    copies = [(kind, a, b) if kind == "out" else (kind, b, a) for kind, a, b in ops]  # (kind, src, dst)
+    for kind, src, dst in copies:
+        if kind == "out":
+            want_host[dst] = want_kv[:, :, src]
+        else:
+            want_kv[:, :, dst] = want_host[src]
+    tier.run(copies)
+    assert torch.equal(tier.kv, want_kv) and torch.equal(tier.data, want_host)
