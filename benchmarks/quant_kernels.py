@@ -1,8 +1,8 @@
 """The weight-read GEMM for quantized weights against its bytes floor and against bf16, on one GPU.
 
 For each scheme (wint8, wint4, fp8, block_wise_fp8) and weight shape (the 8B shape's projections, the
-70B shape's largest, DeepSeek's 2112 x 7168), and M in 1, 2, 3, 16 rows (64 for the dequantize + cuBLAS
-path beyond the kernel's rows): the time of `QuantLinear(x)` (CUDA events, median of many runs, L2
+70B shape's largest, DeepSeek's 2112 x 7168), and M in 1, 2, 3, 16, 64 rows (256 for the dequantize +
+cuBLAS path beyond the kernel's rows): the time of `QuantLinear(x)` (CUDA events, median of many runs, L2
 flushed between), its floor — the bytes it must read (codes + scales + the activations) over the read
 bandwidth of a plain device copy measured in the same run — and its efficiency (floor / time), beside
 bf16's `F.linear` on the dequantized weights and the speed-up over it.
@@ -35,7 +35,7 @@ from pdpipe.quant.weights import dequantize, quantize
 
 SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (2112, 7168), (8192, 28672)]
 SCHEMES = ("wint8", "wint4", "fp8", "block_wise_fp8")
-ROWS = (1, 2, 3, 16, 64)
+ROWS = (1, 2, 3, 16, 64, 256)
 MOE = {"experts": 64, "inter": 3584, "hidden": 8192, "top_k": 8}  # ERNIE-4.5-300B-A47B's routed experts
 MOE_BATCHES = (16, 32, 64)
 

@@ -86,6 +86,11 @@ def quant_skinny_linear(x, scheme: str, codes, scale, shape, cell, offset, bias=
     return triton_quant.quant_skinny_linear(x, scheme, codes, scale, shape, cell, offset, bias)
 
 
+def quant_dequantize(scheme: str, codes, scale, shape, cell, offset, dtype):
+    """A quantized weight [N, K] in `dtype` (code x scale in float32, then `dtype`), in one pass on GPU."""
+    return triton_quant.dequantize(scheme, codes, scale, shape, cell, offset, dtype)
+
+
 def silu_and_mul(gate_up):
     if use_triton(gate_up):
         return triton_ops.silu_and_mul(gate_up)
@@ -127,6 +132,6 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
 
 
 __all__ = ["copy_blocks", "copy_pool_blocks", "decode_splits", "enable_skinny", "fused_moe", "gather_blocks",
-           "linear", "moe_route", "moe_router", "paged_attention", "quant_skinny_fits", "quant_skinny_linear",
-           "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul", "store_kv",
-           "triton_moe", "triton_ops", "triton_quant", "use_triton"]
+           "linear", "moe_route", "moe_router", "paged_attention", "quant_dequantize", "quant_skinny_fits",
+           "quant_skinny_linear", "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks",
+           "silu_and_mul", "store_kv", "triton_moe", "triton_ops", "triton_quant", "use_triton"]

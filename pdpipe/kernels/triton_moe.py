@@ -12,6 +12,7 @@ import triton.language as tl
 
 from .reference import QuantStack
 from .triton_ops import _precision
+from .triton_quant import tile_scale
 
 # ---- the router: softmax, top-k (by score + selection bias), renormalisation, a tile of tokens a program
 
@@ -261,30 +262,42 @@ def moe_align(ids, num_experts: int, first_expert: int, block_m: int):
 # ---- the grouped GEMMs ---------------------------------------------------------------------------
 
 @triton.jit
-def _dequant_tile(w_ptr, s_ptr, e, n, k, mask, stride_we, stride_wn, stride_se, stride_sn, n_off, k_off, cell_n,
-                  cell_k, QKIND: tl.constexpr):
-    """A [BLOCK_K, BLOCK_N] tile of expert e's quantized W.T (rows n, columns k, absolute), in float32: the
-    codes (int8; int4 two a byte, code + 8, the even k low; float8 e4m3 as bytes) times their scales, the
-    scale of (n, k) at [(n + n_off) // cell_n, (k + k_off) // cell_k] (pdpipe.quant.weights' layout)."""
+def _dequant_tile(w_ptr, s_ptr, e, n, nmask, k0, K, stride_we, stride_wn, stride_se, stride_sn, n_off, k_off, cell_n,
+                  cell_k, QKIND: tl.constexpr, TILE_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N] tile of expert e's quantized W.T (rows n, columns k0 …, absolute), in float32: the
+    codes (int8; int4 two a byte, code + 8, the even k low, each byte loaded once and split; float8 e4m3 as
+    bytes) times their scales, the scale of (n, k) at [(n + n_off) // cell_n, (k + k_off) // cell_k]
+    (pdpipe.quant.weights' layout): one load a column where the tile lies inside one cell (TILE_SCALE)."""
     base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+    k = k0 + tl.arange(0, BLOCK_K)
+    kmask = k < K
     if QKIND == 1:
-        byte = tl.load(base + (k // 2)[:, None], mask=mask, other=0).to(tl.int32)
-        w = (((byte >> ((k % 2) * 4)[:, None]) & 0xF) - 8).to(tl.float32)
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(base + j[:, None], mask=(j < (K + 1) // 2)[:, None] & nmask[None, :], other=0x88).to(tl.int32)
+        w = tl.permute(tl.join((byte & 0xF) - 8, (byte >> 4) - 8), (0, 2, 1)).reshape(BLOCK_K, BLOCK_N)
+        w = w.to(tl.float32)
     elif QKIND == 2:
-        w = tl.load(base + k[:, None], mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        w = tl.load(base + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
+        w = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
-        w = tl.load(base + k[:, None], mask=mask, other=0).to(tl.float32)
-    s_rows = ((n + n_off) // cell_n).to(tl.int64)[None, :] * stride_sn
-    s = tl.load(s_ptr + e * stride_se + s_rows + ((k + k_off) // cell_k)[:, None], mask=mask, other=0.0)
-    return w * s
+        w = tl.load(base + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.float32)
+    s_rows = ((n + n_off) // cell_n).to(tl.int64) * stride_sn
+    if TILE_SCALE:
+        s = tl.load(s_ptr + e * stride_se + s_rows + (k0 + k_off) // cell_k, mask=nmask, other=0.0)
+        w = w * s[None, :]
+    else:
+        s = tl.load(s_ptr + e * stride_se + s_rows[None, :] + ((k + k_off) // cell_k)[:, None],
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        w = w * s
+    return tl.where(kmask[:, None], w, 0.0)  # an odd K's last byte: its high nibble is no column
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # see triton_ops.py, VARYING
 def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N, K, num_pairs,
                      num_experts, stride_am, stride_we, stride_wn, stride_cm, s_ptr, stride_se, stride_sn, n_off,
                      k_off, cell_n, cell_k, TOP_K: tl.constexpr, ROWS_ARE_PAIRS: tl.constexpr, GATED: tl.constexpr,
-                     MUL_WEIGHT: tl.constexpr, QKIND: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     MUL_WEIGHT: tl.constexpr, QKIND: tl.constexpr, TILE_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[pair] = A[row of pair] @ W[expert].T (· the pair's routing weight), for the pairs of one block
     of one expert; A's row is the pair's token (first GEMM) or the pair itself (second). GATED: W's
     rows are gate then up (N each), and C = silu(A @ gate.T) · (A @ up.T). One program a (block, column
@@ -315,15 +328,17 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_p
             a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
             wmask = (offs_n[None, :] < N) & kmask[:, None]
             if QKIND >= 0:
-                w = _dequant_tile(w_ptr, s_ptr, e, offs_n, k0 + offs_k, wmask, stride_we, stride_wn, stride_se,
-                                  stride_sn, n_off, k_off, cell_n, cell_k, QKIND).to(a.dtype)
+                w = _dequant_tile(w_ptr, s_ptr, e, offs_n, offs_n < N, k0, K, stride_we, stride_wn, stride_se,
+                                  stride_sn, n_off, k_off, cell_n, cell_k, QKIND, TILE_SCALE, BLOCK_K,
+                                  BLOCK_N).to(a.dtype)
             else:
                 w = tl.load(w_ptrs, mask=wmask, other=0.0)
             acc += tl.dot(a, w, input_precision=PRECISION)
             if GATED:
                 if QKIND >= 0:
-                    w_up = _dequant_tile(w_ptr, s_ptr, e, offs_n + N, k0 + offs_k, wmask, stride_we, stride_wn,
-                                         stride_se, stride_sn, n_off, k_off, cell_n, cell_k, QKIND).to(a.dtype)
+                    w_up = _dequant_tile(w_ptr, s_ptr, e, offs_n + N, offs_n < N, k0, K, stride_we, stride_wn,
+                                         stride_se, stride_sn, n_off, k_off, cell_n, cell_k, QKIND, TILE_SCALE,
+                                         BLOCK_K, BLOCK_N).to(a.dtype)
                 else:
                     w_up = tl.load(w_ptrs + N * stride_wn, mask=wmask, other=0.0)
                 acc_up += tl.dot(a, w_up, input_precision=PRECISION)
@@ -400,6 +415,7 @@ def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: i
                            codes.stride(0), codes.stride(1), c.stride(0), scale, scale.stride(0),
                            scale.stride(1) if scale.dim() > 1 else 0, n_off, k_off, cell_n, cell_k, TOP_K=top_k,
                            ROWS_ARE_PAIRS=rows_are_pairs, GATED=gated, MUL_WEIGHT=weights is not None, QKIND=qkind,
+                           TILE_SCALE=qkind >= 0 and tile_scale(k, cell_k, k_off, cfg.block_k),
                            PRECISION=_precision(a), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

@@ -33,8 +33,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.scheme, self.shape, self.cell, self.offset = weight.scheme, weight.shape, weight.cell, weight.offset
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("codes", weight.codes)
-        self.register_buffer("scale", weight.scale)
+        self.register_buffer("codes", weight.codes.contiguous())  # a shard's columns are a strided view
+        self.register_buffer("scale", weight.scale.contiguous())
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @property
@@ -45,7 +45,12 @@ class QuantLinear(nn.Module):
         if kernels.quant_skinny_fits(x):  # decode-sized on GPU: the codes read once, upcast in registers
             return kernels.quant_skinny_linear(x, self.scheme, self.codes, self.scale, self.shape, self.cell,
                                                self.offset, self.bias)
-        return kernels.linear(x, dequantize(self.quantized, x.dtype), self.bias)
+        if kernels.use_triton(x):  # prefill on GPU: the weight dequantized in one pass, then cuBLAS
+            weight = kernels.quant_dequantize(self.scheme, self.codes, self.scale, self.shape, self.cell, self.offset,
+                                              x.dtype)
+        else:
+            weight = dequantize(self.quantized, x.dtype)
+        return kernels.linear(x, weight, self.bias)
 
 
 class Stacked(nn.Module):

@@ -84,7 +84,7 @@ def test_an_fp8_kv_cache_on_gpu_reads_what_its_prompts_stored(model_dir):
 @pytest.mark.parametrize("scheme", ["wint8", "wint4", "fp8", "block_wise_fp8"])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (2112, 7168), (200, 328), (1536, 576)])
 def test_the_weight_read_gemm_equals_the_dequantized_reference(scheme, n, k):
-    """QuantLinear on GPU, bf16 activations, M in the issue's sweep (the Triton kernel up to 16 rows,
+    """QuantLinear on GPU, bf16 activations, M in the issue's sweep (the Triton kernel up to 64 rows,
     dequantize + cuBLAS beyond), whole weights and tensor-parallel shards that cut groups and blocks:
     against x @ dequantize(W).T in float32."""
     from pdpipe.models.layers import QuantLinear

@@ -1,0 +1,117 @@
+"""The quantized-weight Triton kernels in Triton's interpreter, on CPU, against the torch references: the
+weight-read GEMM (`triton_quant.quant_skinny_linear`, each of a few tile widths, float32 and float16 rows,
+whole weights and shards that cut groups and blocks), the one-pass dequantize (bit for bit), and the fused
+experts' grouped GEMMs on QuantStacks (`triton_moe.fused_moe`; its final sum in torch, which the
+interpreter does not run). Needs `pip install triton`; no GPU.
+
+    python benchmarks/probes/quant_interpret.py
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+
+from pdpipe.kernels import reference, triton_moe, triton_quant  # noqa: E402
+from pdpipe.kernels.reference import QuantStack  # noqa: E402
+from pdpipe.quant.weights import dequantize, quantize  # noqa: E402
+
+SCHEMES = ("wint8", "wint4", "fp8", "block_wise_fp8")
+SHAPES = ((64, 256), (48, 200), (40, 328), (96, 576), (33, 129))
+
+
+def parts(n: int, k: int, scheme: str) -> list:
+    whole = quantize(torch.randn(n, k) * 0.02, scheme)
+    return [whole, whole[:, 72:k], whole[8:n]] if n >= 40 and k >= 200 else [whole]
+
+
+AUTOTUNED = triton_quant._quant_skinny_kernel
+
+
+def fixed_width(block_n: int):
+    """The autotuned kernel at one tile width (the interpreter cannot time configurations)."""
+    jit = AUTOTUNED.fn
+
+    class Fixed:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: jit[grid({"BLOCK_N": block_n})](*a, BLOCK_N=block_n, **kw)
+    return Fixed()
+
+
+def check_gemm() -> int:
+    bad = 0
+    for block_n in (16, 32, 128):
+        triton_quant._quant_skinny_kernel = fixed_width(block_n)
+        for (n, k), scheme in ((s, q) for s in SHAPES for q in SCHEMES):
+            for part in parts(n, k, scheme):
+                for m, dtype in ((1, torch.float32), (3, torch.float16), (16, torch.float32), (40, torch.float16)):
+                    x = torch.randn(m, part.shape[1]).to(dtype)
+                    bias = torch.randn(part.shape[0]).to(dtype) if m == 3 else None
+                    got = triton_quant.quant_skinny_linear(x, scheme, part.codes.contiguous(), part.scale.contiguous(),
+                                                           part.shape, part.cell, part.offset, bias).float()
+                    want = x.float() @ dequantize(part, dtype).float().T + (bias.float() if bias is not None else 0)
+                    err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
+                    if err > (1e-5 if dtype == torch.float32 else 2e-2):
+                        bad += 1
+                        print(f"GEMM {scheme} {part.shape} offset {part.offset} M={m} {dtype} BLOCK_N={block_n}: {err}")
+    triton_quant._quant_skinny_kernel = AUTOTUNED
+    return bad
+
+
+def check_dequantize() -> int:
+    bad = 0
+    for (n, k), scheme in ((s, q) for s in SHAPES for q in SCHEMES):
+        for part in parts(n, k, scheme):
+            for dtype in (torch.float32, torch.float16):
+                got = triton_quant.dequantize(scheme, part.codes.contiguous(), part.scale.contiguous(), part.shape,
+                                              part.cell, part.offset, dtype)
+                if not torch.equal(got, dequantize(part, dtype)):
+                    bad += 1
+                    print(f"dequantize {scheme} {part.shape} offset {part.offset} {dtype}: differs")
+    return bad
+
+
+def stack(weights: list[torch.Tensor], scheme: str, cols: tuple[int, int] | None = None):
+    qs = [quantize(w, scheme) for w in weights]
+    if cols:
+        qs = [q[:, cols[0]:cols[1]] for q in qs]
+    q = qs[0]
+    packed = QuantStack(scheme, torch.stack([x.codes.contiguous() for x in qs]).contiguous(),
+                        torch.stack([x.scale.contiguous() for x in qs]).contiguous(), q.cell, q.offset,
+                        (len(qs), q.shape[0], q.shape[1]))
+    return packed, torch.stack([dequantize(x) for x in qs])
+
+
+def check_experts() -> int:
+    bad = 0
+    sum_kernel = triton_moe.moe_sum
+    triton_moe.moe_sum = lambda down, ids, first, held, add=None: down.view(*ids.shape, -1).sum(1)
+    for hidden, inter, cols in ((256, 96, None), (200, 128, None), (192, 320, (72, 264)), (256, 256, (64, 192))):
+        for scheme in ("wint8", "wint4", "fp8"):
+            width = cols[1] - cols[0] if cols else inter
+            q13, d13 = stack([torch.randn(2 * width, hidden) * 0.05 for _ in range(4)], scheme)
+            q2, d2 = stack([torch.randn(hidden, inter) * 0.05 for _ in range(4)], scheme, cols)
+            for tokens in (3, 16):
+                x = torch.randn(tokens, hidden)
+                weights, ids = torch.softmax(torch.randn(tokens, 4), -1).topk(2, -1)
+                got = triton_moe.fused_moe(x, q13, q2, weights, ids.to(torch.int32))
+                want = reference.fused_moe(x, d13, d2, weights, ids)
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                if err > 1e-4:
+                    bad += 1
+                    print(f"experts {scheme} hidden {hidden} inter {inter} cols {cols} tokens {tokens}: {err}")
+    triton_moe.moe_sum = sum_kernel
+    return bad
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    bad = {"gemm": check_gemm(), "dequantize": check_dequantize(), "experts": check_experts()}
+    print("mismatches:", bad)
+    raise SystemExit(1 if any(bad.values()) else 0)
+
+
+if __name__ == "__main__":
+    main()
