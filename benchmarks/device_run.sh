@@ -48,7 +48,7 @@ clear_gpus() {  # a step cut off by its timeout may leave rank processes on the 
 while [ $# -gt 0 ]; do
   clear_gpus
   case "$1" in
-    tests) timeout ${TESTS_S:-360} python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider --timeout 120 ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+    tests) timeout -s INT ${TESTS_S:-360} python3 -m pytest -m gpu tests/gpu -v -rfEs --tb=short -p no:cacheprovider --timeout 120 ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
              | tee "$OUT/gpu_tests.log" | tail -40
            tar czf "$OUT/pipeline_logs.tgz" /tmp/pdp-*/logs 2>/dev/null; shift ;;
     bench) timeout ${BENCH_S:-540} python3 benchmarks/gpu_bench.py --only "$2" 2>&1 | tee "$OUT/bench_${2//,/_}.log" | tail -80

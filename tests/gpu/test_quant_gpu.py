@@ -48,18 +48,21 @@ def test_fp8_kv_rows_stored_and_read_by_the_kernels_are_the_references(model_dir
     caches = [torch.zeros(blocks, page, kv_heads, d + 4, dtype=torch.uint8, device="cuda") for _ in range(4)]
     triton_ops.store_kv(k, v, caches[0], caches[1], slots)
     reference.store_kv(k, v, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        differ = (got != want).nonzero()
+        assert not len(differ), f"{len(differ)} bytes differ, first at {differ[0].tolist()} (head dim {d}: codes, " \
+                                f"then 4 scale bytes): {got[tuple(differ[0])]} against {want[tuple(differ[0])]}"
     tables = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0]], dtype=torch.int32, device="cuda")
     lens = torch.tensor([100, 77], dtype=torch.int32, device="cuda")
     q = torch.randn(2, heads, d, device="cuda", generator=gen, dtype=torch.bfloat16)
     got = triton_ops.decode_attention(q, caches[0], caches[1], tables, lens, d ** -0.5, num_splits=4)
     want = reference.paged_attention(q, caches[0], caches[1], tables, [0, 1, 2], [100, 77], d ** -0.5)
-    assert torch.allclose(got.float(), want.float(), atol=2e-2)
+    assert torch.allclose(got.float(), want.float(), atol=2e-2), f"decode: {(got.float() - want.float()).abs().max()}"
     q = torch.randn(9, heads, d, device="cuda", generator=gen, dtype=torch.bfloat16)
     starts = torch.tensor([0, 5, 9], dtype=torch.int32, device="cuda")
     got = triton_ops.extend_attention(q, caches[0], caches[1], tables, starts, lens, 5, d ** -0.5)
     want = reference.paged_attention(q, caches[0], caches[1], tables, [0, 5, 9], [100, 77], d ** -0.5)
-    assert torch.allclose(got.float(), want.float(), atol=2e-2)
+    assert torch.allclose(got.float(), want.float(), atol=2e-2), f"extend: {(got.float() - want.float()).abs().max()}"
 
 
 def test_an_fp8_kv_cache_on_gpu_reads_what_its_prompts_stored(model_dir):
