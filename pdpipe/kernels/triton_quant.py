@@ -22,7 +22,7 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bn, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 8, 3))]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "KIND", "TILE_SCALE"])
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE"])  # rows by 16, 32, 64
 @triton.jit
 def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_om,
                          n_off, k_off, cell_n, cell_k, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
