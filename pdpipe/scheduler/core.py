@@ -436,11 +436,11 @@ class SchedulerCore(Handler):
         """The instance whose cache `prefill` copies leading prompt blocks from rather than computing them
         (a remote hit), and how many: of `decode` (its reservation holds them) and every other engine (which
         would lend them), the one caching most, `decode` on a tie, where that is at least
-        routing.cache_min_tokens more than `prefill` holds; ("", 0) for none. On one machine a device copy;
+        routing.pull_min_tokens more than `prefill` holds; ("", 0) for none. On one machine a device copy;
         across machines the transfer of prefill's machine reads them."""
         if self.cache is None or not self.routing.remote_hits:
             return "", 0
-        enough = self._hit_tokens(rec, prefill, computes_last=True) + max(1, self.routing.cache_min_tokens)
+        enough = self._hit_tokens(rec, prefill, computes_last=True) + max(1, self.routing.pull_min_tokens)
         best, most = "", 0
         for source in [decode, *(n for n in self.roles if n not in (decode, prefill))]:
             there = self._hit_tokens(rec, source, computes_last=True)

@@ -127,7 +127,7 @@ def test_launched_1p1d_on_one_gpu_reuses_and_copies_cached_kv_as_if_computed(mod
     second = first + reply + make_prompts(384, lengths=(9,), seed=22)[0]
     expected = _one_gpu_completions(model_dir("llama"), [second], 12)[0]
     cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"],
-                             routing=RoutingConfig(disaggregation="always", cache_min_tokens=8))
+                             routing=RoutingConfig(disaggregation="always", cache_min_tokens=8, pull_min_tokens=8))
     cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="float32"),
                   instances=(InstanceConfig("prefill", gpus=(0,)), InstanceConfig("decode", gpus=(0,))))
     with launched(cfg) as launcher:

@@ -105,7 +105,7 @@ def test_prefill_on_a_reads_the_history_decode_on_b_caches(hosts, model_dir):
     caches them) and reply (decoded on B, whose cache holds 6 blocks of prompt and reply): A's transfer
     reads the 6th block out of B's pool (Mooncake reads over TCP) into prefill's instead of it being
     computed, and sends B only the blocks it lacks. Tokens equal one machine's without any cache."""
-    a, b = hosts.launch(["prefill"], ["decode"], routing=("cache_min_tokens = 8",))
+    a, b = hosts.launch(["prefill"], ["decode"], routing=("cache_min_tokens = 8", "pull_min_tokens = 8"))
     first = make_prompts(384, lengths=(40,), seed=21)[0]
     llm = make_llm(model_dir(MODEL))
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

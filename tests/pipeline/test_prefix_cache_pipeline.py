@@ -168,7 +168,7 @@ def test_decode_admits_the_requests_sharing_its_cached_prefix_counting_the_prefi
 
     def run(caching: bool) -> tuple[list[list[int]], int, LocalPipeline]:
         pipe = LocalPipeline(model_dir("llama"), PD, num_blocks=20, prefix_caching=caching,
-                             routing=RoutingConfig(disaggregation="always", cache_min_tokens=8))
+                             routing=RoutingConfig(disaggregation="always", cache_min_tokens=8, pull_min_tokens=8))
         serve_one(pipe, "seed", head + [1])  # the prefix lands in decode's cache
         for i, p in enumerate(prompts):
             pipe.submit(f"r{i}", p, REPLY)
@@ -190,7 +190,7 @@ def test_a_prefill_instance_copies_the_history_its_decode_instance_caches_instea
     but not its reply, decoded on decode-0; decode-0 holds 6 blocks of it. The transfer copies the sixth from
     decode-0's cache into the prefill instance's blocks, which computes only the last 13 tokens, and moves
     decode-0 only the 2 blocks it lacks. Tokens as without any cache."""
-    routing = RoutingConfig(disaggregation="always", cache_min_tokens=8)
+    routing = RoutingConfig(disaggregation="always", cache_min_tokens=8, pull_min_tokens=8)
     off, _, _ = two_turns(model_dir("llama"), routing, caching=False)
     on, cached, pipe = two_turns(model_dir("llama"), routing, caching=True)
     assert on == off and cached == [0, 48]
@@ -199,6 +199,6 @@ def test_a_prefill_instance_copies_the_history_its_decode_instance_caches_instea
     assert started == ["48 of 61 prompt tokens from the prefix cache (8 copied from the decode instance's)"]
     prefill = pipe.workers["prefill-0"].stats()
     assert prefill.prefix_hit_tokens == 48 and prefill.prefix_hit_tokens_remote == 8
-    without, _, plain = two_turns(model_dir("llama"), RoutingConfig(disaggregation="always", cache_min_tokens=8,
-                                                                     remote_hits=False), caching=True)
+    off_routing = RoutingConfig(disaggregation="always", cache_min_tokens=8, pull_min_tokens=8, remote_hits=False)
+    without, _, plain = two_turns(model_dir("llama"), off_routing, caching=True)
     assert without == off and plain.transfer.blocks_pulled == 0

@@ -317,7 +317,7 @@ def follow_up(model, caching=True, hold=False, abort=False):
     from local_pipeline import TensorPools
 
     pipe = LocalPipeline(model, PD, prefix_caching=caching,
-                         routing=RoutingConfig(disaggregation="always", cache_min_tokens=8))
+                         routing=RoutingConfig(disaggregation="always", cache_min_tokens=8, pull_min_tokens=8))
     backend = FailingPulls(TensorPools(pipe.engines))
     backend.hold = hold
     pipe.transfer.backend = backend
@@ -360,7 +360,8 @@ def lent_turn(model, caching=True):
     from pdpipe.messages import ResetPrefixCache
 
     pipe = LocalPipeline(model, {"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode"},
-                         prefix_caching=caching, routing=RoutingConfig(disaggregation="always", cache_min_tokens=8))
+                         prefix_caching=caching,
+                         routing=RoutingConfig(disaggregation="always", cache_min_tokens=8, pull_min_tokens=8))
     first = make_prompts(384, lengths=(40,), seed=21)[0]
     pipe.submit("t1", first, REPLY)
     pipe.run()

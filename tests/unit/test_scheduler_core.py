@@ -750,7 +750,7 @@ def test_the_prompt_goes_to_the_prefill_instance_with_least_to_compute_counting_
     """decode-0 caches the prompt's 6 blocks; prefill-1 caches 4 of them but has 40 tokens queued, prefill-0
     none and 50 queued. Counting only its own cache prefill-1 has less to do (40 + 36 against 50 + 100);
     counting the copy from decode-0 (prefill-0 would copy all 6 and compute 4; prefill-1's 2 more are under
-    cache_min_tokens) prefill-0 has (54 against 76), and gets it, with a pull of 6."""
+    pull_min_tokens) prefill-0 has (54 against 76), and gets it, with a pull of 6."""
     prompt = list(range(100))
     core, sent = cache_aware(roles={"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode"})
     cached_on(core, "decode-0", prompt)
