@@ -304,9 +304,10 @@ class LLMEngine:
         bs = self.blocks.block_size
         hit = self.blocks.match(block_hashes(prompt_token_ids, bs, root),
                                 min(num_blocks, reusable_blocks(len(prompt_token_ids), bs, computes_last=True)))
-        self.blocks.share(hit)
-        self._lent[request_id] = hit
-        self._copy_tier(settle=True)  # another process (the transfer) reads these blocks next
+        if hit:  # none held: nothing to give back either
+            self.blocks.share(hit)
+            self._lent[request_id] = hit
+            self._copy_tier(settle=True)  # another process (the transfer) reads these blocks next
         return list(hit)
 
     def give_back(self, request_id: str) -> bool:

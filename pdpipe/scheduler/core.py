@@ -150,7 +150,7 @@ class SchedulerCore(Handler):
                     # the transfer that would free decode's blocks died with its machine; nothing can
                     # write into them any more, so decode frees them now
                     self.send(decode, Free(request_id=rec.request_id, reason="prefill machine gone"))
-            elif rec.pull_from in gone and not rec.prefill_done:  # its lender: the transfer copies nothing
+            elif rec.pull_from in gone:  # its lender: the transfer copies nothing (and forgets the lend)
                 self.send(self.transfer_of(rec.prefill), LentBlocks(request_id=rec.request_id, instance=rec.pull_from,
                                                                     held_ids=[]))
         for name in gone:
@@ -175,10 +175,10 @@ class SchedulerCore(Handler):
         elif role == "transfer":
             self.liveness.went_down(name, role, "", frozen)  # meanwhile prompts are computed on their decode instance
             for rec in list(self.live.values()):
-                if rec.pull_blocks and not rec.prefill_done and self.transfer_of(rec.prefill) == name:
-                    # no pull into its prefill instance's blocks will come (nor write there): computed there
-                    self.send(rec.prefill, Pulled(request_id=rec.request_id, blocks=0))
-                    if rec.pull_from:  # ... nor read the lender's
+                if rec.pull_blocks and self.transfer_of(rec.prefill) == name:
+                    if not rec.prefill_done:  # no pull into its prefill instance's blocks will come: computed there
+                        self.send(rec.prefill, Pulled(request_id=rec.request_id, blocks=0))
+                    if rec.pull_from:  # ... nor read the lender's (which the dead transfer may never have returned)
                         self.send(rec.pull_from, ReturnBlocks(request_id=rec.request_id))
             for rec in list(self.live.values()):
                 decode = rec.decode or rec.reserving

@@ -70,6 +70,7 @@ class TransferWorker(Handler):
         self._blocks: dict[str, DecodeBlocks] = {}  # decode's blocks that came before their TransferStart
         self._pull_waiting: dict[str, PullStart] = {}  # pulls whose source blocks are not known yet
         self._lent: dict[str, LentBlocks] = {}  # blocks a prefill instance lends a pull, until given back
+        self._settled = Tombstones()  # pulls answered, or with nothing to copy: a lend that comes later goes back
         self.pulls: dict[str, TransferJob] = {}  # pulls copying
         self._tombstones = Tombstones()  # aborted: late messages move nothing
         self.bytes_moved = 0
@@ -119,13 +120,33 @@ class TransferWorker(Handler):
                 self._pull(pull, msg)
 
     def _on_LentBlocks(self, msg: LentBlocks) -> None:
-        self._lent[msg.request_id] = msg
-        pull = self._pull_waiting.get(msg.request_id)
+        """A lender's blocks, or none: it held none, or (from the scheduler) it is gone. Messages from the
+        lender, the scheduler and the prefill instance come in any order: a lend that comes after its pull
+        was answered goes back at once; a word of none leaves a copy already reading the blocks alone."""
+        rid = msg.request_id
+        if rid in self._settled:
+            if msg.held_ids:
+                self.send(msg.instance, ReturnBlocks(request_id=rid))
+            return
+        if not msg.held_ids:
+            if rid in self.pulls:  # a copy reads the lent blocks: it settles on its own
+                return
+            self._give_back(rid)  # lent here, no copy reads them yet: they go back
+            self._settled.add(rid)
+            waiting = self._pull_waiting.pop(rid, None)
+            if waiting is not None:
+                self.send(waiting.instance, Pulled(request_id=rid, blocks=0))
+            return
+        self._lent[rid] = msg
+        pull = self._pull_waiting.get(rid)
         if pull is not None and pull.source == msg.instance:
-            del self._pull_waiting[msg.request_id]
+            del self._pull_waiting[rid]
             self._pull(pull, msg)
 
     def _on_PullStart(self, msg: PullStart) -> None:
+        if msg.source and msg.request_id in self._settled:  # the lender lends nothing
+            self.send(msg.instance, Pulled(request_id=msg.request_id, blocks=0))
+            return
         blocks = self._lent.get(msg.request_id) if msg.source else self._blocks.get(msg.request_id)
         if blocks is None or blocks.instance != (msg.source or blocks.instance):
             self._pull_waiting[msg.request_id] = msg
@@ -143,6 +164,7 @@ class TransferWorker(Handler):
         if count <= 0:
             self.send(msg.instance, Pulled(request_id=msg.request_id, blocks=0))
             self._give_back(msg.request_id)
+            self._settled.add(msg.request_id)
             return
         job = TransferJob(msg.request_id, blocks.instance, blocks.held_ids[msg.first:msg.first + count], msg.instance,
                           list(msg.block_ids[:count]), src_pool=blocks.pool, dst_pool=msg.pool, pull=True)
@@ -344,6 +366,7 @@ class TransferWorker(Handler):
                 log.exception("%s: aborting the pull of %s", self.name, job.request_id)
         self.send(job.dst_instance, Pulled(request_id=job.request_id, blocks=got))
         self._give_back(job.request_id)
+        self._settled.add(job.request_id)
 
     def _give_back(self, request_id: str) -> None:
         """Returns the blocks a prefill instance lent for the request's pull (none: nothing to say)."""

@@ -188,6 +188,35 @@ def test_a_lenders_blocks_go_back_after_an_abort_however_late_they_come():
     assert not worker._lent and not worker.pulls and not worker._pull_waiting and not worker.has_work()
 
 
+GONE = LentBlocks(request_id="r", instance="p1", held_ids=[])  # the lender held none, or (the scheduler) is gone
+PULL = PullStart(request_id="r", instance="p0", block_ids=[7, 8], first=1, source="p1")
+
+
+@pytest.mark.parametrize("order, got", [
+    ("lent pull gone settle", 2),  # a copy reading the blocks: a word of none leaves it alone
+    ("pull gone lent", 0),  # answered with none: the late lend goes back at once
+    ("lent pull settle gone", 2),  # copied and given back: the late word changes nothing
+    ("gone pull lent", 0),
+    ("lent gone pull", 0),  # not read yet: the lend goes back, the pull is answered with none
+])
+def test_a_lend_and_a_word_of_none_in_any_order_leave_nothing_lent_or_waiting(order, got):
+    """The lender's LentBlocks, the scheduler's word that the lender is gone (an empty LentBlocks; the lender
+    may be frozen and thaw with the blocks still held) and the prefill instance's pull, in any order: the pull
+    is answered once, the lent blocks go back exactly once, and nothing is left behind."""
+    worker, backend, sent = make_transfer()
+    backend.in_flight.add("r")
+    for step in order.split():
+        if step == "settle":
+            backend.in_flight.clear()
+            worker.step()
+        else:
+            worker.handle({"lent": LENT, "gone": GONE, "pull": PULL}[step])
+    backend.in_flight.clear()
+    worker.step()
+    assert pulled(sent) == [("p0", "r", got)] and returned(sent) == [("p1", "r")]
+    assert not worker._lent and not worker.pulls and not worker._pull_waiting and not worker.has_work()
+
+
 def test_drop_all_gives_every_lenders_blocks_back():
     worker, backend, sent = make_transfer()
     backend.in_flight.add("r")
@@ -227,7 +256,7 @@ def test_an_engine_lends_its_cached_prompt_blocks_until_they_come_back(model_dir
                              transfer="transfer"))
     assert len(sent[-1][1].held_ids) == 2  # what it caches of the other prompt
     worker.handle(LendBlocks(request_id="u", prompt_token_ids=[1] * 40, blocks=3, transfer="transfer"))
-    assert sent[-1][1].held_ids == []
+    assert sent[-1][1].held_ids == [] and "u" not in engine.lent  # nothing held, nothing to give back
     worker.handle(ReturnBlocks(request_id="r"))
     worker.handle(ReturnBlocks(request_id="r"))  # a second word changes nothing
     assert not engine.leak_free()  # s still holds 2

@@ -849,6 +849,10 @@ def test_a_prefill_instance_copies_from_whichever_instance_caches_most_which_len
     core.handle(ProcessDown(name="transfer", role="transfer", detail="signal 9"))
     assert [(d, m.blocks) for d, m in dispatched(sent, Pulled)] == [("prefill-0", 0)]
     assert [d for d, _ in dispatched(sent, ReturnBlocks)] == ["prefill-1"]
+    core, sent, dest, msg = route(64)
+    core.live["r"].prefill_done = True  # computed already (its own cache held the blocks): the lend may be
+    core.handle(ProcessDown(name="transfer", role="transfer", detail="signal 9"))  # unanswered all the same
+    assert not dispatched(sent, Pulled) and [d for d, _ in dispatched(sent, ReturnBlocks)] == ["prefill-1"]
 
     core, sent, dest, msg = route(100)
     assert (dest, msg.pull_blocks, msg.pull_from) == ("prefill-0", 6, "") and not dispatched(sent, LendBlocks)
