@@ -299,10 +299,10 @@ def _rss_mb(pid: int) -> float:
 @pytest.mark.parametrize("drain_s", [120.0, 0.5])
 def test_sigterm_drains_streams_in_flight_then_ends_the_rest_cleanly(model_dir, drain_s):
     """SIGTERM with streams running: new requests get 503 at once; the streams finish within the grace
-    period, or end with an error event and [DONE] when it is short (600 tokens take seconds: the
-    front-end is still draining when the test asks)."""
-    max_tokens = 600
-    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"], num_blocks=512)
+    period, or end with an error event and [DONE] when it is short (600 tokens take about 0.6 s here, so
+    the short period's streams ask for 3,000: they cannot end before it does)."""
+    max_tokens = 600 if drain_s > 1 else 3000
+    cfg = make_launch_config(model_dir(MODEL), ["prefill", "decode"], num_blocks=1024)
     cfg = replace(cfg, api=replace(cfg.api, drain_s=drain_s))
     launcher = Launcher(cfg)
     launcher.start()
