@@ -12,7 +12,11 @@ Host tier (`host_blocks`): a cached block evicted from the device goes to a host
 copied there: a copy the engine runs, in order before anything writes into the device block again), and
 a prompt whose cached prefix continues on the host takes those blocks back (copied into its new device
 blocks, in order before its step reads them). The host tier evicts least recently used, and what it
-evicts is gone. Copies are queued here (`take_copies`) for the engine to run.
+evicts is gone. Copies are queued here (`take_copies`) for the engine to run. Ahead of need
+(`write_ahead`), the cached blocks next in line for eviction are copied to the host while they stay cached
+on the device (`take_ahead`: copies the engine runs beside its next steps), so that evicting them later
+costs no copy; a block such a copy may still touch — a device block taken for new KV, a host block
+restored from or written again — makes the engine wait for those copies first (`take_sync`).
 
 With data-parallel attention an instance's ranks each hold a pool of their own: the ids are split in
 `partitions` equal runs (partition p: ids p·n .. p·n + n - 1, block `id - p·n` of rank p's pool), and a
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from itertools import islice
 
 from pdpipe.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -61,7 +66,12 @@ class BlockManager:
         # least recently used first, a partition's device blocks going to its own host blocks
         self._host_by_hash: list[OrderedDict[bytes, int]] = [OrderedDict() for _ in range(partitions)]
         self._copies: list[tuple[str, int, int]] = []  # ("out", device, host) | ("in", host, device), in order
+        self._ahead: list[tuple[str, int, int]] = []  # ("out", device, host) written ahead, until taken
+        self._ahead_device: set[int] = set()  # blocks copies written ahead may still read, since the last sync
+        self._ahead_host: set[int] = set()  # ... and host blocks they may still write
+        self._must_sync = False
         self.host_blocks_out = self.host_blocks_in = 0  # blocks copied to and from the host tier, since start
+        self.host_blocks_ahead = 0  # of those copied out, the ones written ahead of their eviction
         self._events: list[tuple[int, KVEvent]] = []  # (partition, event), in order, until taken
 
     # ---- counts --------------------------------------------------------------------------------
@@ -128,16 +138,20 @@ class BlockManager:
     def _take(self, partition: int) -> int:
         """A free block of `partition`: an empty one, else the cached one evicted first (its hash goes)."""
         if self._free[partition]:
-            return self._free[partition].popleft()
+            block = self._free[partition].popleft()
+            self._must_sync |= block in self._ahead_device  # (emptied by a reset while its copy ran)
+            return block
         block, _ = self._evictable[partition].popitem(last=False)
         self._to_host(block)
         self._forget(block)
         self.num_evictions += 1
+        self._must_sync |= block in self._ahead_device
         return block
 
-    def _to_host(self, block: int) -> None:
-        """A cached device block about to be reused keeps its KV in the host tier (if it has one and the
-        block is not there already): a host block is taken, the least recently used evicted if need be."""
+    def _to_host(self, block: int, ahead: bool = False) -> None:
+        """A cached device block about to be reused (or, `ahead`, next in line) keeps its KV in the host tier
+        (if it has one and the block is not there already): a host block is taken, the least recently used
+        evicted if need be."""
         block_hash = self._hash_of[block]
         if not self.host_blocks or block_hash is None:
             return
@@ -152,7 +166,14 @@ class BlockManager:
             self._event(p, BlockRemoved([gone], medium=MEDIUM_HOST))
         host = free.popleft()
         index[block_hash] = host
-        self._copies.append(("out", block, host))
+        if ahead:
+            self.host_blocks_ahead += 1
+            self._ahead.append(("out", block, host))
+            self._ahead_device.add(block)
+            self._ahead_host.add(host)
+        else:
+            self._must_sync |= host in self._ahead_host
+            self._copies.append(("out", block, host))
         self.host_blocks_out += 1
         self._event(p, BlockStored([block_hash], None, [], self.block_size, medium=MEDIUM_HOST))
 
@@ -193,6 +214,31 @@ class BlockManager:
         """The host blocks' KV goes back into these (held) device blocks (a copy queued for the engine)."""
         self._copies += [("in", h, d) for h, d in zip(host_ids, device_ids)]
         self.host_blocks_in += len(host_ids)
+        self._must_sync |= not self._ahead_host.isdisjoint(host_ids)
+
+    def write_ahead(self, target: int) -> None:
+        """Copies to the host the cached blocks next in line for eviction that it lacks, so that each
+        partition has `target` blocks it can hand out without copying (empty ones first)."""
+        if not self.host_blocks:
+            return
+        for p, evictable in enumerate(self._evictable):
+            for block in list(islice(evictable, max(0, target - len(self._free[p])))):
+                self._to_host(block, ahead=True)
+
+    def take_ahead(self) -> list[tuple[str, int, int]]:
+        """The copies written ahead since the last call (for the engine's side stream)."""
+        copies, self._ahead = self._ahead, []
+        return copies
+
+    def take_sync(self) -> bool:
+        """Whether what was allocated, restored or copied since the last call touches a block that copies
+        written ahead may still read or write: the engine's stream must wait for them first. Afterwards
+        nothing earlier is in flight."""
+        must, self._must_sync = self._must_sync, False
+        if must:
+            self._ahead_device.clear()
+            self._ahead_host.clear()
+        return must
 
     def take_copies(self) -> list[tuple[str, int, int]]:
         """The host tier's copies queued since the last call, in the order they must run."""

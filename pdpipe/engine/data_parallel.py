@@ -7,6 +7,8 @@ nothing, and steps of whole prompts every rank's prefill graph of one token coun
 eagerly. Each rank runs the host tier's copies of its own partition."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .layout import DecodeShares, EagerShares, PrefillShares, Step, TierCopies
@@ -51,7 +53,7 @@ class DataParallelRunner(ModelRunner):
             return self._gather_sampled(padded, [list(range(len(other.rows))) for other in step.layouts],
                                         on_layer_done)
         if isinstance(step, TierCopies):
-            return super().run(TierCopies(self._my_copies(step.copies), step.settle), on_layer_done)
+            return super().run(dataclasses.replace(step, copies=self._my_copies(step.copies)), on_layer_done)
         return super().run(step, on_layer_done)
 
     def _my_copies(self, copies: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:

@@ -245,11 +245,11 @@ class LLMEngine:
         of whatever next writes or reads those blocks on its stream; with `settle`, until they are done on
         every rank (what writes next is another process). A copy that fails leaves the cache's word on
         those blocks untrue: the cache is emptied, and the failure raised."""
-        copies = self.blocks.take_copies()
-        if not copies:
+        copies, sync = self.blocks.take_copies(), self.blocks.take_sync()
+        if not copies and not sync:
             return
         try:
-            self.runner.copy_tier(copies, settle)
+            self.runner.copy_tier(copies, settle, sync)
         except BaseException:
             self.reset_prefix_cache()
             raise
@@ -381,7 +381,24 @@ class LLMEngine:
                         len(sched.chunks), type(exc).__name__, exc)
             sched, samples, failed = self._one_at_a_time(sched, on_schedule, drawn)
             outputs += failed
-        return outputs + [self._output(seq, [samples[seq].token_id]) for seq in self.scheduler.update(sched, samples)]
+        outputs += [self._output(seq, [samples[seq].token_id]) for seq in self.scheduler.update(sched, samples)]
+        self._write_ahead()
+        return outputs
+
+    def _write_ahead(self) -> None:
+        """Copies the cached blocks next in line for eviction to the host tier beside the next steps (a side
+        stream), so that a step's worth of blocks can be taken without copying any first."""
+        if not self.blocks.host_blocks:
+            return
+        self.blocks.write_ahead(min(self.blocks.blocks_for(self.config.scheduler.max_num_batched_tokens),
+                                    self.blocks.partition_size // 4))
+        copies = self.blocks.take_ahead()
+        if copies:
+            try:
+                self.runner.copy_tier(copies, behind=True)
+            except BaseException:
+                self.reset_prefix_cache()
+                raise
 
     def _one_at_a_time(self, sched: SchedulerOutput, on_schedule, drawn: dict) -> tuple[SchedulerOutput, dict, list]:
         """A batch that raised runs again one request at a time: one whose run still raises fails

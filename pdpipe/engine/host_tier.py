@@ -4,6 +4,11 @@ one copy whatever the layer count. The block manager decides what moves (`take_c
 here, queued on the engine's stream in the order given, so a device block is copied out before a later
 step writes into it, and copied back before a later step reads it: the host thread never waits.
 
+Copies written ahead (`behind`: cached blocks copied out before anything evicts them, so that an eviction
+then costs no copy) run on a side stream once what the engine's stream has queued is done, beside its
+next steps; `sync` has the engine's stream wait for them, which the engine asks for before a step that
+uses a block they touch.
+
 Copies go in batches: a device block is a strided view (its layers lie apart), so a copy a block would
 first gather it on the device and then move 2 MiB (the 8B shape) at a time, a fraction of the link's
 bandwidth. Instead the blocks of a batch are gathered (out) or scattered (in) on the device in one
@@ -24,15 +29,33 @@ class HostTier:
         self.kv = kv_cache.data  # [layers, 2, blocks, block_size, kv_heads, head_dim]
         shape = (num_blocks, self.kv.shape[0], 2, *self.kv.shape[3:])
         self.data = torch.zeros(shape, dtype=self.kv.dtype, pin_memory=self.kv.is_cuda)
+        self.side = torch.cuda.Stream(self.kv.device) if self.kv.is_cuda else None
+        self.written_ahead: torch.cuda.Event | None = None  # the side stream's last copies
 
     @property
     def block_bytes(self) -> int:
         return self.data[0].numel() * self.data.element_size()
 
-    def run(self, copies: list[tuple[str, int, int]]) -> None:
+    def sync(self) -> None:
+        """What the engine's stream runs next waits for the copies written ahead (on CPU they are done)."""
+        if self.written_ahead is not None:
+            torch.cuda.current_stream(self.kv.device).wait_event(self.written_ahead)
+            self.written_ahead = None
+
+    def run(self, copies: list[tuple[str, int, int]], behind: bool = False) -> None:
         """("out", device block, host block) copies a block to the host, ("in", host block, device
         block) back; as if one by one in order (a batch never holds two copies of one block, so the
-        order within it does not matter)."""
+        order within it does not matter). `behind`: on the side stream, after what the engine's stream
+        has queued (the blocks' KV may still be being written)."""
+        if behind and self.side is not None and copies:
+            self.side.wait_stream(torch.cuda.current_stream(self.kv.device))
+            with torch.cuda.stream(self.side):
+                self._run(copies)
+                self.written_ahead = self.side.record_event()
+            return
+        self._run(copies)
+
+    def _run(self, copies: list[tuple[str, int, int]]) -> None:
         most = max(1, self.staging_bytes // self.block_bytes)
         batch: list[tuple[str, int, int]] = []
         seen: set[tuple[str, int]] = set()

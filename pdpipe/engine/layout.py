@@ -100,6 +100,8 @@ class TierCopies:
 
     copies: list[tuple[str, int, int]]
     settle: bool = False  # every rank waits for them, then all meet: another process writes those blocks next
+    sync: bool = False  # first, the engine's stream waits for the copies written ahead (a block they touch is used)
+    behind: bool = False  # copies written ahead (cached blocks to the host before they are evicted): a side stream
 
 
 Step = Eager | DecodeReplay | PrefillReplay | WarmGemms | EagerShares | DecodeShares | PrefillShares | TierCopies

@@ -142,19 +142,23 @@ class ModelRunner:
             return torch.empty(0)
         if isinstance(step, TierCopies):
             assert self.host_tier is not None  # every rank has its share of the tier
-            self.host_tier.run(step.copies)
+            if step.sync:
+                self.host_tier.sync()
+            self.host_tier.run(step.copies, behind=step.behind)
             if step.settle:
                 if self.kv_cache.data.is_cuda:
-                    torch.cuda.current_stream().synchronize()
+                    torch.cuda.synchronize(self.kv_cache.data.device)  # the side stream's copies too
                 if self.tp is not None:
                     torch.distributed.barrier(group=self.tp.control if self.tp.control is not None else self.tp.group)
             return torch.empty(0)
         raise TypeError(f"{type(self).__name__} cannot run a {type(step).__name__} step")
 
-    def copy_tier(self, copies: list[tuple[str, int, int]], settle: bool = False) -> None:
+    def copy_tier(self, copies: list[tuple[str, int, int]], settle: bool = False, sync: bool = False,
+                  behind: bool = False) -> None:
         """Runs the host tier's copies on every rank (each its own heads), queued before what follows; with
-        `settle`, returns once every rank's are done."""
-        step = TierCopies(copies, settle)
+        `settle`, returns once every rank's are done; `sync` first orders the copies written ahead before
+        what follows; `behind`: these are copies written ahead, on the tier's side stream."""
+        step = TierCopies(copies, settle, sync, behind)
         self._hand_over(step)
         self.run(step)
 

@@ -329,6 +329,33 @@ def test_blocks_evicted_from_the_device_go_to_the_host_tier_and_come_back():
     assert bm.reset_cache() == 0 and bm.num_host_cached_blocks == 0
 
 
+def test_blocks_next_in_line_are_written_ahead_and_their_eviction_then_copies_nothing():
+    """Four cached free blocks, none empty: written ahead, the two next in line for eviction go to the host
+    (copies for the side stream) and stay cached on the device; asked again, nothing more. Evicting them
+    copies nothing then, but the engine must first wait for those copies (they may still read the blocks);
+    so it must for a restore from a host block they wrote, or a copy into one; after a wait, nothing
+    earlier is in flight."""
+    bm = BlockManager(num_blocks=4, block_size=4, host_blocks=3)
+    table = bm.allocate(4)
+    for block, h, parent in zip(table, hashes(1, 2, 3, 4), [None, *hashes(1, 2, 3)]):
+        bm.register(block, h, parent, [])
+    bm.free(table)  # in line for eviction: the tail first (4, 3, 2, 1)
+    bm.write_ahead(2)
+    assert bm.take_ahead() == [("out", table[3], 0), ("out", table[2], 1)] and not bm.take_copies()
+    assert bm.match(hashes(1, 2, 3, 4), 4) == table and bm.num_host_cached_blocks == 2  # cached in both tiers
+    bm.write_ahead(2)
+    assert not bm.take_ahead() and not bm.take_sync()
+    assert bm.allocate(1) == [table[3]] and not bm.take_copies()  # on the host already: no copy
+    assert bm.take_sync() and not bm.take_sync()  # the wait, once
+    bm.write_ahead(2)  # block 2 was copied (before the wait: done now); block 1 is next in line
+    assert bm.take_ahead() == [("out", table[1], 2)]
+    assert bm.match_host(hashes(1, 2), 2, 0) == [] and bm.match_host(hashes(1, 2, 3, 4)[1:], 3) == [2, 1, 0]
+    bm.restore([2], bm.allocate(1))  # takes block 3's device block (copied before the wait) and reads host 2
+    assert bm.take_sync()  # host block 2 may still be being written
+    bm.restore([1], [table[3]])
+    assert not bm.take_sync()
+
+
 def make_tiered(model, host_mb: float, num_blocks: int = 12):
     return LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=8, num_blocks=num_blocks,
                                                                      host_kv_cache_mb=host_mb)))
@@ -349,6 +376,7 @@ def test_a_prefix_evicted_to_the_host_tier_is_copied_back_not_computed(model_dir
     assert on == off and cached == [0, 0, 0, 0, 56] and sum(computed) == 64 + 60 + 61 + 62 + 8
     blocks = engine.blocks
     assert blocks.host_blocks_out >= 7 and blocks.host_blocks_in == 7 and engine.scheduler.prefix_hit_tokens_host == 56
+    assert blocks.host_blocks_ahead > 0  # some went before their eviction (3 blocks kept ahead: 12 // 4)
     no_tier = LLMEngine(EngineConfig(model=str(model_dir(arch)), cache=CacheConfig(block_size=8, num_blocks=12)))
     assert serve(no_tier, prompts)[1][-1] == 0  # without the tier the prefix was gone
 
