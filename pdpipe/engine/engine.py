@@ -387,11 +387,12 @@ class LLMEngine:
 
     def _write_ahead(self) -> None:
         """Copies the cached blocks next in line for eviction to the host tier beside the next steps (a side
-        stream), so that a step's worth of blocks can be taken without copying any first."""
+        stream), so that a step's worth of blocks can be taken without copying any first — at most a quarter
+        of the pool, and of the host tier (what it holds twice, on both, it holds in place of others)."""
         if not self.blocks.host_blocks:
             return
         self.blocks.write_ahead(min(self.blocks.blocks_for(self.config.scheduler.max_num_batched_tokens),
-                                    self.blocks.partition_size // 4))
+                                    self.blocks.partition_size // 4, self.blocks.host_partition_size // 4))
         copies = self.blocks.take_ahead()
         if copies:
             try:
