@@ -42,6 +42,11 @@ class HostTier:
             torch.cuda.current_stream(self.kv.device).wait_event(self.written_ahead)
             self.written_ahead = None
 
+    def settle(self) -> None:
+        """Returns once the copies written ahead are done (another process uses the blocks next)."""
+        if self.side is not None:
+            self.side.synchronize()
+
     def run(self, copies: list[tuple[str, int, int]], behind: bool = False) -> None:
         """("out", device block, host block) copies a block to the host, ("in", host block, device
         block) back; as if one by one in order (a batch never holds two copies of one block, so the

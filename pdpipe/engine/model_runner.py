@@ -147,7 +147,8 @@ class ModelRunner:
             self.host_tier.run(step.copies, behind=step.behind)
             if step.settle:
                 if self.kv_cache.data.is_cuda:
-                    torch.cuda.synchronize(self.kv_cache.data.device)  # the side stream's copies too
+                    torch.cuda.current_stream().synchronize()
+                    self.host_tier.settle()  # the copies written ahead too
                 if self.tp is not None:
                     torch.distributed.barrier(group=self.tp.control if self.tp.control is not None else self.tp.group)
             return torch.empty(0)
