@@ -364,7 +364,7 @@ class LLMEngine:
         may return what to call as each layer's KV is written (layer-wise transfer); a batch that
         needs no such call may replay a captured CUDA graph."""
         sched = self.scheduler.schedule()
-        self._copy_tier()
+        self._copy_tier(settle=bool(self.scheduler.pulls))  # a pull's blocks: the transfer writes them next
         outputs = [self._output(seq, []) for seq in sched.finished]
         if not sched.chunks:
             return outputs
