@@ -246,10 +246,15 @@ class LLMEngine:
         every rank (what writes next is another process). A copy that fails leaves the cache's word on
         those blocks untrue: the cache is emptied, and the failure raised."""
         copies, sync = self.blocks.take_copies(), self.blocks.take_sync()
-        if not copies and not sync:
-            return
+        if copies or sync:
+            self._run_copies(copies, settle=settle, sync=sync)
+
+    def _run_copies(self, copies: list[tuple[str, int, int]], settle: bool = False, sync: bool = False,
+                    behind: bool = False) -> None:
+        """The host tier's copies on every rank (see ModelRunner.copy_tier). A copy that fails leaves the
+        cache's word on those blocks untrue: the cache is emptied, and the failure raised."""
         try:
-            self.runner.copy_tier(copies, settle, sync)
+            self.runner.copy_tier(copies, settle, sync, behind)
         except BaseException:
             self.reset_prefix_cache()
             raise
@@ -395,11 +400,7 @@ class LLMEngine:
                                     self.blocks.partition_size // 4, self.blocks.host_partition_size // 4))
         copies = self.blocks.take_ahead()
         if copies:
-            try:
-                self.runner.copy_tier(copies, behind=True)
-            except BaseException:
-                self.reset_prefix_cache()
-                raise
+            self._run_copies(copies, behind=True)
 
     def _one_at_a_time(self, sched: SchedulerOutput, on_schedule, drawn: dict) -> tuple[SchedulerOutput, dict, list]:
         """A batch that raised runs again one request at a time: one whose run still raises fails

@@ -395,15 +395,16 @@ class SchedulerCore(Handler):
         self._commit(rec, decode, room, computes_last=False)
         first = not rec.prefill
         if first:
+            held = self._held(rec)
             rec.prefill = min(self._pairing(decode), key=lambda p: (  # a tie: the one copying least
-                self._prefill_load(p, rec, decode), -self._hit_tokens(rec, p, computes_last=True)))
+                self._prefill_load(p, rec, decode, held), -held[p]))
             self.decisions["remote"] += 1
         self._record(rec, State.QUEUED, "scheduler", f"reserve on {decode}, prefill on {rec.prefill}"
                      + (f" ({why})" if why else ""))
         self.send(decode, Reserve(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, params=r.params,
                                   transfer=self.transfer_of(rec.prefill), num_tokens=room, cache_salt=r.cache_salt))
         if first:
-            source, rec.pull_blocks = self._pull_source(rec, decode, rec.prefill)
+            source, rec.pull_blocks = self._pull_source(held, decode, rec.prefill)
             if source not in ("", decode):  # another instance lends them for the copy
                 rec.pull_from = source
                 self.send(source, LendBlocks(request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
@@ -432,29 +433,35 @@ class SchedulerCore(Handler):
     def _fits(self, rec: RequestRecord, instance: str, room: int) -> bool:
         return self.ledger.room(instance).fits(room, self._need(rec, instance, room))
 
-    def _pull_source(self, rec: RequestRecord, decode: str, prefill: str) -> tuple[str, int]:
+    def _held(self, rec: RequestRecord) -> dict[str, int]:
+        """Leading prompt tokens of `rec` each engine's cache holds that an instance computing the prompt
+        reuses (by the KV events), looked up once for all the choices one routing makes."""
+        return {n: self._hit_tokens(rec, n, computes_last=True) for n in self.roles}
+
+    def _pull_source(self, held: dict[str, int], decode: str, prefill: str) -> tuple[str, int]:
         """The instance whose cache `prefill` copies leading prompt blocks from rather than computing them
         (a remote hit), and how many: of `decode` (its reservation holds them) and every other engine (which
-        would lend them), the one caching most, `decode` on a tie, where that is at least
+        would lend them), the one caching most (`held`, see _held), `decode` on a tie, where that is at least
         routing.pull_min_tokens more than `prefill` holds; ("", 0) for none. On one machine a device copy;
         across machines the transfer of prefill's machine reads them."""
         if self.cache is None or not self.routing.remote_hits:
             return "", 0
-        enough = self._hit_tokens(rec, prefill, computes_last=True) + max(1, self.routing.pull_min_tokens)
+        enough = held[prefill] + max(1, self.routing.pull_min_tokens)
         best, most = "", 0
-        for source in [decode, *(n for n in self.roles if n not in (decode, prefill))]:
-            there = self._hit_tokens(rec, source, computes_last=True)
-            if there >= enough and there > most:
-                best, most = source, there
+        for source in [decode, *(n for n in held if n not in (decode, prefill))]:
+            if held[source] >= enough and held[source] > most:
+                best, most = source, held[source]
         return best, most // self.cache.block_size
 
-    def _prefill_load(self, name: str, rec: RequestRecord, decode: str = "") -> int:
+    def _prefill_load(self, name: str, rec: RequestRecord, decode: str = "", held: dict[str, int] | None = None
+                      ) -> int:
         """Prompt tokens `name` computes before `rec`'s is done: those it has not finished and the part
-        of `rec`'s neither its cache holds nor it would copy from `decode`'s (a remote hit)."""
-        held = self._hit_tokens(rec, name, computes_last=True)
-        if decode and self.cache is not None:
-            held = max(held, self._pull_source(rec, decode, name)[1] * self.cache.block_size)
-        return self.outstanding_tokens[name] + rec.num_prompt_tokens - held
+        of `rec`'s neither its cache holds nor it would copy (given `decode` and `held`, see _held) from
+        another's (a remote hit)."""
+        own = held[name] if held is not None else self._hit_tokens(rec, name, computes_last=True)
+        if decode and held is not None and self.cache is not None:
+            own = max(own, self._pull_source(held, decode, name)[1] * self.cache.block_size)
+        return self.outstanding_tokens[name] + rec.num_prompt_tokens - own
 
     def _hit_tokens(self, rec: RequestRecord, instance: str, computes_last: bool) -> int:
         """Leading prompt tokens of `rec` whose KV `instance`'s cache holds (by its KV events) and it may
