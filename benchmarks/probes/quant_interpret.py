@@ -1,8 +1,9 @@
 """The quantized-weight Triton kernels in Triton's interpreter, on CPU, against the torch references: the
-weight-read GEMM (`triton_quant.quant_skinny_linear`, each of a few tile widths, float32 and float16 rows,
-whole weights and shards that cut groups and blocks), the one-pass dequantize (bit for bit), and the fused
-experts' grouped GEMMs on QuantStacks (`triton_moe.fused_moe`; its final sum in torch, which the
-interpreter does not run). Needs `pip install triton`; no GPU.
+weight-read GEMM (`triton_quant.quant_skinny_linear`, each of a few tile widths, bands cut along K or not,
+float32 and float16 rows, whole weights and shards that cut groups and blocks), the one-pass dequantize
+(bit for bit), and the fused experts' grouped GEMMs on QuantStacks (`triton_moe.fused_moe`; its final sum
+in torch, which the interpreter does not run). The bf16 paths' inline assembly (integer codes into bf16)
+does not run here: tests/gpu/test_quant_gpu.py checks it. Needs `pip install triton`; no GPU.
 
     python benchmarks/probes/quant_interpret.py
 """
@@ -42,8 +43,10 @@ def fixed_width(block_n: int):
 
 def check_gemm() -> int:
     bad = 0
-    for block_n in (16, 32, 128):
+    split_k = triton_quant.split_k
+    for block_n, split in ((16, 1), (32, 3), (128, 1)):  # 3: bands cut along K, partial sums added after
         triton_quant._quant_skinny_kernel = fixed_width(block_n)
+        triton_quant.split_k = lambda n, k, device, split=split: split
         for (n, k), scheme in ((s, q) for s in SHAPES for q in SCHEMES):
             for part in parts(n, k, scheme):
                 for m, dtype in ((1, torch.float32), (3, torch.float16), (16, torch.float32), (40, torch.float16)):
@@ -55,8 +58,10 @@ def check_gemm() -> int:
                     err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
                     if err > (1e-5 if dtype == torch.float32 else 2e-2):
                         bad += 1
-                        print(f"GEMM {scheme} {part.shape} offset {part.offset} M={m} {dtype} BLOCK_N={block_n}: {err}")
+                        print(f"GEMM {scheme} {part.shape} offset {part.offset} M={m} {dtype} BLOCK_N={block_n} "
+                              f"split {split}: {err}")
     triton_quant._quant_skinny_kernel = AUTOTUNED
+    triton_quant.split_k = split_k
     return bad
 
 

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .reference import QuantStack
 from .triton_ops import _precision
-from .triton_quant import tile_scale
+from .triton_quant import fast_codes, high_nibbles_to_bf16, int8_to_bf16, low_nibbles_to_bf16, tile_scale
 
 # ---- the router: softmax, top-k (by score + selection bias), renormalisation, a tile of tokens a program
 
@@ -262,41 +262,75 @@ def moe_align(ids, num_experts: int, first_expert: int, block_m: int):
 # ---- the grouped GEMMs ---------------------------------------------------------------------------
 
 @triton.jit
-def _dequant_tile(w_ptr, s_ptr, e, n, nmask, k0, K, stride_we, stride_wn, stride_se, stride_sn, n_off, k_off, cell_n,
-                  cell_k, QKIND: tl.constexpr, TILE_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A [BLOCK_K, BLOCK_N] tile of expert e's quantized W.T (rows n, columns k0 …, absolute), in float32: the
-    codes (int8; int4 two a byte, code + 8, the even k low, each byte loaded once and split; float8 e4m3 as
-    bytes) times their scales, the scale of (n, k) at [(n + n_off) // cell_n, (k + k_off) // cell_k]
-    (pdpipe.quant.weights' layout): one load a column where the tile lies inside one cell (TILE_SCALE)."""
-    base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+def _codes_dot(acc, a, w_ptr, s_ptr, e, n, k0, K, stride_we, stride_wn, stride_se, stride_sn, n_off, k_off,
+               cell_n, cell_k, QKIND: tl.constexpr, TILE_SCALE: tl.constexpr, FAST: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + a @ (expert e's quantized W.T tile: rows n — within the weight: the caller clamps them —,
+    columns k0 …), int8 or float8 e4m3 codes (as bytes); the scale of (n, k) at [(n + n_off) // cell_n,
+    (k + k_off) // cell_k] (pdpipe.quant.weights' layout), one load a column where the tile lies inside one
+    cell (TILE_SCALE). FAST (bf16 a, a tile in one cell): the codes go into the product as bf16 integers and
+    the product is scaled (triton_quant)."""
     k = k0 + tl.arange(0, BLOCK_K)
     kmask = k < K
-    if QKIND == 1:
-        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        byte = tl.load(base + j[:, None], mask=(j < (K + 1) // 2)[:, None] & nmask[None, :], other=0x88).to(tl.int32)
-        w = tl.permute(tl.join((byte & 0xF) - 8, (byte >> 4) - 8), (0, 2, 1)).reshape(BLOCK_K, BLOCK_N)
-        w = w.to(tl.float32)
-    elif QKIND == 2:
-        w = tl.load(base + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
-        w = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    else:
-        w = tl.load(base + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.float32)
-    s_rows = ((n + n_off) // cell_n).to(tl.int64) * stride_sn
+    w = tl.load(w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + k[:, None], mask=kmask[:, None], other=0)
+    s_rows = s_ptr + e * stride_se + ((n + n_off) // cell_n).to(tl.int64) * stride_sn
     if TILE_SCALE:
-        s = tl.load(s_ptr + e * stride_se + s_rows + (k0 + k_off) // cell_k, mask=nmask, other=0.0)
-        w = w * s[None, :]
+        s = tl.load(s_rows + (k0 + k_off) // cell_k)
+    if FAST and TILE_SCALE:
+        if QKIND == 2:
+            w = w.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        else:
+            w = int8_to_bf16(w)
+        acc += tl.dot(a, w) * s[None, :]
     else:
-        s = tl.load(s_ptr + e * stride_se + s_rows[None, :] + ((k + k_off) // cell_k)[:, None],
-                    mask=kmask[:, None] & nmask[None, :], other=0.0)
-        w = w * s
-    return tl.where(kmask[:, None], w, 0.0)  # an odd K's last byte: its high nibble is no column
+        if QKIND == 2:
+            w = w.to(tl.float8e4nv, bitcast=True)
+        w = w.to(tl.float32)
+        if TILE_SCALE:
+            w = w * s[None, :]
+        else:
+            w = w * tl.load(s_rows[None, :] + ((k + k_off) // cell_k)[:, None], mask=kmask[:, None], other=0.0)
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _int4_dot(acc, a_even, a_odd, w_ptr, s_ptr, e, n, k0, K, stride_we, stride_wn, stride_se, stride_sn,
+              n_off, k_off, cell_n, cell_k, TILE_SCALE: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """As _codes_dot for int4 codes (code + 8 a nibble, the even k low): the low nibbles against a's even
+    columns and the high nibbles against its odd ones, each byte loaded once and nothing interleaved."""
+    j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    byte = tl.load(w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + j[:, None],
+                   mask=(j < (K + 1) // 2)[:, None], other=0)  # past K: code -8 against a's zeros
+    s_rows = s_ptr + e * stride_se + ((n + n_off) // cell_n).to(tl.int64) * stride_sn
+    if TILE_SCALE:
+        s = tl.load(s_rows + (k0 + k_off) // cell_k)
+    if FAST and TILE_SCALE:
+        part = tl.dot(a_even, low_nibbles_to_bf16(byte))
+        part = tl.dot(a_odd, high_nibbles_to_bf16(byte), part)
+        acc += part * s[None, :]
+    else:
+        lo = ((byte & 0xF).to(tl.int32) - 8).to(tl.float32)
+        hi = ((byte >> 4).to(tl.int32) - 8).to(tl.float32)
+        if TILE_SCALE:
+            lo, hi = lo * s[None, :], hi * s[None, :]
+        else:
+            even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            smask = (even < K)[:, None]
+            lo *= tl.load(s_rows[None, :] + ((even + k_off) // cell_k)[:, None], mask=smask, other=0.0)
+            hi *= tl.load(s_rows[None, :] + ((even + 1 + k_off) // cell_k)[:, None], mask=smask, other=0.0)
+        acc = tl.dot(a_even, lo.to(a_even.dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(a_odd, hi.to(a_odd.dtype), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # see triton_ops.py, VARYING
 def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N, K, num_pairs,
                      num_experts, stride_am, stride_we, stride_wn, stride_cm, s_ptr, stride_se, stride_sn, n_off,
                      k_off, cell_n, cell_k, TOP_K: tl.constexpr, ROWS_ARE_PAIRS: tl.constexpr, GATED: tl.constexpr,
-                     MUL_WEIGHT: tl.constexpr, QKIND: tl.constexpr, TILE_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, QKIND: tl.constexpr, TILE_SCALE: tl.constexpr, FAST: tl.constexpr,
+                     PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[pair] = A[row of pair] @ W[expert].T (· the pair's routing weight), for the pairs of one block
     of one expert; A's row is the pair's token (first GEMM) or the pair itself (second). GATED: W's
@@ -304,7 +338,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_p
     tile), a block's column tiles consecutive: the programs running together share their block's
     gathered rows in L2 (block-major order re-read every block's rows from HBM once per column tile:
     ~2 GB a layer for a 2k-token ERNIE prefill, more than its experts' weights). QKIND >= 0: W is
-    quantized (see _dequant_tile), each tile dequantized into A's dtype before its product."""
+    quantized (see _codes_dot and _int4_dot)."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // tiles_n
     pid_n = tl.program_id(0) % tiles_n
@@ -325,23 +359,35 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_p
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kmask = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-            wmask = (offs_n[None, :] < N) & kmask[:, None]
-            if QKIND >= 0:
-                w = _dequant_tile(w_ptr, s_ptr, e, offs_n, offs_n < N, k0, K, stride_we, stride_wn, stride_se,
-                                  stride_sn, n_off, k_off, cell_n, cell_k, QKIND, TILE_SCALE, BLOCK_K,
-                                  BLOCK_N).to(a.dtype)
+            n_in = tl.minimum(offs_n, N - 1)  # columns past N read column N - 1 (never stored): no masks
+            if QKIND == 1:  # int4: a's even and odd columns, against the low and high nibbles
+                even = 2 * tl.arange(0, BLOCK_K // 2)
+                a_row = a_ptr + row[:, None] * stride_am + k0 + even[None, :]
+                a_even = tl.load(a_row, mask=valid[:, None] & (even < K - k0)[None, :], other=0.0)
+                a_odd = tl.load(a_row + 1, mask=valid[:, None] & (even + 1 < K - k0)[None, :], other=0.0)
+                acc = _int4_dot(acc, a_even, a_odd, w_ptr, s_ptr, e, n_in, k0, K, stride_we, stride_wn,
+                                stride_se, stride_sn, n_off, k_off, cell_n, cell_k, TILE_SCALE, FAST, PRECISION,
+                                BLOCK_K)
+                if GATED:
+                    acc_up = _int4_dot(acc_up, a_even, a_odd, w_ptr, s_ptr, e, n_in + N, k0, K, stride_we,
+                                       stride_wn, stride_se, stride_sn, n_off, k_off, cell_n, cell_k, TILE_SCALE,
+                                       FAST, PRECISION, BLOCK_K)
             else:
-                w = tl.load(w_ptrs, mask=wmask, other=0.0)
-            acc += tl.dot(a, w, input_precision=PRECISION)
-            if GATED:
+                a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
                 if QKIND >= 0:
-                    w_up = _dequant_tile(w_ptr, s_ptr, e, offs_n + N, offs_n < N, k0, K, stride_we, stride_wn,
-                                         stride_se, stride_sn, n_off, k_off, cell_n, cell_k, QKIND, TILE_SCALE,
-                                         BLOCK_K, BLOCK_N).to(a.dtype)
+                    acc = _codes_dot(acc, a, w_ptr, s_ptr, e, n_in, k0, K, stride_we, stride_wn, stride_se,
+                                     stride_sn, n_off, k_off, cell_n, cell_k, QKIND, TILE_SCALE, FAST, PRECISION,
+                                     BLOCK_K)
+                    if GATED:
+                        acc_up = _codes_dot(acc_up, a, w_ptr, s_ptr, e, n_in + N, k0, K, stride_we,
+                                            stride_wn, stride_se, stride_sn, n_off, k_off, cell_n, cell_k, QKIND,
+                                            TILE_SCALE, FAST, PRECISION, BLOCK_K)
                 else:
-                    w_up = tl.load(w_ptrs + N * stride_wn, mask=wmask, other=0.0)
-                acc_up += tl.dot(a, w_up, input_precision=PRECISION)
+                    wmask = (offs_n < N)[None, :] & kmask[:, None]
+                    acc += tl.dot(a, tl.load(w_ptrs, mask=wmask, other=0.0), input_precision=PRECISION)
+                    if GATED:
+                        acc_up += tl.dot(a, tl.load(w_ptrs + N * stride_wn, mask=wmask, other=0.0),
+                                         input_precision=PRECISION)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if GATED:
@@ -416,6 +462,7 @@ def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: i
                            scale.stride(1) if scale.dim() > 1 else 0, n_off, k_off, cell_n, cell_k, TOP_K=top_k,
                            ROWS_ARE_PAIRS=rows_are_pairs, GATED=gated, MUL_WEIGHT=weights is not None, QKIND=qkind,
                            TILE_SCALE=qkind >= 0 and tile_scale(k, cell_k, k_off, cfg.block_k),
+                           FAST=qkind >= 0 and fast_codes(a),
                            PRECISION=_precision(a), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

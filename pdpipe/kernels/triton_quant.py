@@ -1,14 +1,28 @@
 """Triton weight-read GEMM for quantized weights at decode batch sizes (up to 64 rows of activations): each
-program streams a band of weight rows once, upcasting int8, int4 (two codes a byte) or float8 e4m3 codes in
-registers, multiplying by their scale (`pdpipe.quant.weights`' one layout: the scale of element (n, k) is
-`scale[(n + n0) // bn, (k + k0) // bk]`, so a tensor-parallel shard that cuts a group or block reads its
-neighbour's) in float32 and rounding into the activations' dtype — the weight `dequantize` gives — then one
-tensor-core product a tile (rows padded to 16), float32 accumulation. Its reference is `x @ dequantize(w).T`.
+program streams a band of weight rows once, turning int8, int4 (two codes a byte) or float8 e4m3 codes
+into the activations' dtype in registers, then one tensor-core product a tile (rows padded to 16),
+float32 accumulation. The scale of element (n, k) is `scale[(n + n0) // bn, (k + k0) // bk]`
+(`pdpipe.quant.weights`' one layout, so a tensor-parallel shard that cuts a group or block reads its
+neighbour's). Its reference is `x @ dequantize(w).T`.
 
-Where a tile of 128 columns lies inside one scale cell (channel scales; groups or blocks of 128 that the
-shard does not cut) the scales are one load a weight row and tile, not one an element. int4 bytes are
-loaded once and split into their two nibbles (`tl.join`), not loaded once for each."""
+Decode reads weights at the memory's rate only if the instructions a weight byte costs stay few: a weight
+tile's conversion, not its load, is what bounds such a kernel. So, for bf16 activations (the serving
+dtype):
+- where a tile of 128 columns lies inside one scale cell a row (channel scales; groups or blocks of 128
+  that the shard does not cut: TILE_SCALE) the codes go into the product as they are (integers, exact in
+  bf16) and the tile's partial product is scaled once, [rows, BLOCK_N] values instead of one multiply a
+  weight;
+- int8 codes become bf16 without the quarter-rate integer-to-float unit (each byte biased to unsigned,
+  placed under a float32's exponent 2^23 by a byte permute, the bias subtracted, two rounded into one
+  register); int4 the same way in bf16 directly (a nibble under exponent 2^7: 128 + u, exact, then minus
+  136 in packed bf16), the even columns' low nibbles and the odd columns' high nibbles as two operands
+  against the activations' even and odd columns — no interleaving shuffle.
+Other cases (float32 or float16 activations, shards that cut a cell within a tile, Triton's interpreter,
+which runs no inline assembly) take the plain path: code × scale in float32, rounded to x's dtype."""
+
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -19,50 +33,159 @@ QUANT_MAX_ROWS = 64  # more rows than this: dequantize and cuBLAS (the weights' 
 BLOCK_K = 128  # the columns of a tile: one scale cell's width (groups and blocks of 128)
 
 _CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bn, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 8, 3))]
+            for bn, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3))]
 
 
-@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE"])  # rows by 16, 32, 64
 @triton.jit
-def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_om,
-                         n_off, k_off, cell_n, cell_k, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         TILE_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def int8_to_bf16(q):
+    """int8 codes → bfloat16, exactly: a byte permute puts each code + 128 under a float32's exponent 2^23,
+    2^23 + 128 is subtracted, and two results round into one register (no integer-to-float conversion)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 a, m, f0, f1, f2, f3;
+        xor.b32 a, $2, 0x80808080;
+        mov.b32 m, 0x4B000000;
+        prmt.b32 f0, a, m, 0x7440;
+        prmt.b32 f1, a, m, 0x7441;
+        prmt.b32 f2, a, m, 0x7442;
+        prmt.b32 f3, a, m, 0x7443;
+        sub.f32 f0, f0, 0f4B000080;
+        sub.f32 f1, f1, 0f4B000080;
+        sub.f32 f2, f2, 0f4B000080;
+        sub.f32 f3, f3, 0f4B000080;
+        cvt.rn.bf16x2.f32 $0, f1, f0;
+        cvt.rn.bf16x2.f32 $1, f3, f2;
+        }""", constraints="=r,=r,r", args=[q], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.jit
+def low_nibbles_to_bf16(byte):
+    """int4 bytes (code + 8 a nibble) → their low nibbles' codes in bfloat16, exactly: each nibble u under
+    bf16's exponent 2^7 (128 + u), minus 136, two a register."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 z, t0, t1, mask, magic, one, bias;
+        mov.b32 z, 0;
+        mov.b32 mask, 0x000F000F;
+        mov.b32 magic, 0x43004300;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 bias, 0xC308C308;
+        prmt.b32 t0, $2, z, 0x4140;
+        prmt.b32 t1, $2, z, 0x4342;
+        lop3.b32 t0, t0, mask, magic, 0xEA;
+        lop3.b32 t1, t1, mask, magic, 0xEA;
+        fma.rn.bf16x2 $0, t0, one, bias;
+        fma.rn.bf16x2 $1, t1, one, bias;
+        }""", constraints="=r,=r,r", args=[byte], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.jit
+def high_nibbles_to_bf16(byte):
+    """As low_nibbles_to_bf16, for the high nibbles (the odd columns)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 z, t0, t1, mask, magic, one, bias;
+        mov.b32 z, 0;
+        mov.b32 mask, 0x000F000F;
+        mov.b32 magic, 0x43004300;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 bias, 0xC308C308;
+        prmt.b32 t0, $2, z, 0x4140;
+        prmt.b32 t1, $2, z, 0x4342;
+        shr.b32 t0, t0, 4;
+        shr.b32 t1, t1, 4;
+        lop3.b32 t0, t0, mask, magic, 0xEA;
+        lop3.b32 t1, t1, mask, magic, 0xEA;
+        fma.rn.bf16x2 $0, t0, one, bias;
+        fma.rn.bf16x2 $1, t1, one, bias;
+        }""", constraints="=r,=r,r", args=[byte], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST", "SPLIT_K"])
+@triton.jit
+def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, tiles_per, stride_xm, stride_qn, stride_sn,
+                         stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         TILE_SCALE: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """out[M, N] = x @ W.T (+ bias); with SPLIT_K > 1 program (i, j) sums tiles [j·tiles_per, (j+1)·tiles_per) into
+    float32 out[j] (out: [SPLIT_K, M, N], bias in out[0]), which the caller adds up."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(1) * tiles_per * BLOCK_K  # a multiple of BLOCK_K, as the compiler can see
     m = tl.arange(0, BLOCK_M)
     nmask, mmask = n < N, m < M
-    rows = n.to(tl.int64) * stride_qn
-    scale_rows = ((n + n_off) // cell_n).to(tl.int64) * stride_sn
+    n_in = tl.minimum(n, N - 1)  # rows past N read row N - 1 (never stored): weight loads without masks
+    rows = n_in.to(tl.int64) * stride_qn
+    scale_rows = ((n_in + n_off) // cell_n).to(tl.int64) * stride_sn
+    x_rows = x_ptr + m[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(K, k_lo + tiles_per * BLOCK_K), BLOCK_K):
+        if TILE_SCALE:  # the tile lies in one cell a row: one scale a row
+            s = tl.load(s_ptr + scale_rows + (k0 + k_off) // cell_k)
         if KIND == 1:  # int4: byte j holds k = 2j (low nibble) and 2j + 1 (high), code + 8 stored
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            jmask = nmask[:, None] & (j < (K + 1) // 2)[None, :]
-            byte = tl.load(q_ptr + rows[:, None] + j[None, :], mask=jmask, other=0x88).to(tl.int32)
-            w = tl.join((byte & 0xF) - 8, (byte >> 4) - 8).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
+            even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            if EVEN_K:
+                byte = tl.load(q_ptr + rows[:, None] + j[None, :])
+                xe = tl.load(x_rows + even[None, :], mask=mmask[:, None], other=0.0)
+                xo = tl.load(x_rows + even[None, :] + 1, mask=mmask[:, None], other=0.0)
+            else:
+                byte = tl.load(q_ptr + rows[:, None] + j[None, :], mask=(j < (K + 1) // 2)[None, :], other=0x88)
+                xe = tl.load(x_rows + even[None, :], mask=mmask[:, None] & (even < K)[None, :], other=0.0)
+                xo = tl.load(x_rows + even[None, :] + 1, mask=mmask[:, None] & (even + 1 < K)[None, :], other=0.0)
+            if FAST and TILE_SCALE:
+                part = tl.dot(xe, tl.trans(low_nibbles_to_bf16(byte)))
+                part = tl.dot(xo, tl.trans(high_nibbles_to_bf16(byte)), part)
+                acc += part * s[None, :]
+            else:
+                lo = ((byte & 0xF).to(tl.int32) - 8).to(tl.float32)
+                hi = ((byte >> 4).to(tl.int32) - 8).to(tl.float32)
+                if TILE_SCALE:
+                    lo, hi = lo * s[:, None], hi * s[:, None]
+                else:
+                    smask = (even < K)[None, :]
+                    lo *= tl.load(s_ptr + scale_rows[:, None] + ((even + k_off) // cell_k)[None, :], mask=smask,
+                                  other=0.0)
+                    hi *= tl.load(s_ptr + scale_rows[:, None] + ((even + 1 + k_off) // cell_k)[None, :], mask=smask,
+                                  other=0.0)
+                acc = tl.dot(xe, tl.trans(lo.to(xe.dtype)), acc, input_precision=PRECISION)
+                acc = tl.dot(xo, tl.trans(hi.to(xo.dtype)), acc, input_precision=PRECISION)
         else:
             k = k0 + tl.arange(0, BLOCK_K)
-            wmask = nmask[:, None] & (k < K)[None, :]
-            w = tl.load(q_ptr + rows[:, None] + k[None, :], mask=wmask, other=0)
-            if KIND == 2:  # float8 e4m3, stored as bytes
-                w = w.to(tl.float8e4nv, bitcast=True)
-            w = w.to(tl.float32)
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        if TILE_SCALE:  # the tile lies in one cell a row
-            s = tl.load(s_ptr + scale_rows + (k0 + k_off) // cell_k, mask=nmask, other=0.0)
-            w = w * s[:, None]
-        else:
-            s = tl.load(s_ptr + scale_rows[:, None] + ((k + k_off) // cell_k)[None, :],
-                        mask=nmask[:, None] & kmask[None, :], other=0.0)
-            w = w * s
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.where(kmask[None, :], w, 0.0).to(x.dtype)  # an odd K's last byte: its high nibble is no column
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+            if EVEN_K:
+                w = tl.load(q_ptr + rows[:, None] + k[None, :])
+                x = tl.load(x_rows + k[None, :], mask=mmask[:, None], other=0.0)
+            else:
+                w = tl.load(q_ptr + rows[:, None] + k[None, :], mask=(k < K)[None, :], other=0)
+                x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+            if FAST and TILE_SCALE:
+                if KIND == 2:
+                    w = w.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+                else:
+                    w = int8_to_bf16(w)
+                acc += tl.dot(x, tl.trans(w)) * s[None, :]
+            else:
+                if KIND == 2:  # float8 e4m3, stored as bytes
+                    w = w.to(tl.float8e4nv, bitcast=True)
+                w = w.to(tl.float32)
+                if TILE_SCALE:
+                    w = w * s[:, None]
+                else:
+                    w = w * tl.load(s_ptr + scale_rows[:, None] + ((k + k_off) // cell_k)[None, :],
+                                    mask=(k < K)[None, :], other=0.0)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if tl.program_id(1) == 0:
+            acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    out_ptr += tl.program_id(1).to(tl.int64) * M * stride_om
     tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
+
+
+def fast_codes(x: torch.Tensor) -> bool:
+    """Whether codes go into products as bf16 integers, scaled a tile (bf16 activations; not in Triton's
+    interpreter, which runs no inline assembly)."""
+    return x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def tile_scale(k: int, cell_k: int, k_off: int, block_k: int = BLOCK_K) -> bool:
@@ -79,15 +202,35 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     assert 1 <= m <= QUANT_MAX_ROWS and k == shape[1] and x.stride(1) == 1, (x.shape, shape)
     assert codes.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32
     q = codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _quant_skinny_kernel[grid](x, q, scale, bias if bias is not None else scale, out, m, n, k, x.stride(0),
-                               q.stride(0), scale.stride(0), out.stride(0), offset[0], offset[1], cell[0], cell[1],
+    split = split_k(n, k, x.device)
+    tiles_per = triton.cdiv(triton.cdiv(k, BLOCK_K), split)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if split == 1 else \
+        torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    _quant_skinny_kernel[grid](x, q, scale, bias if bias is not None else scale, out, m, n, k, tiles_per, x.stride(0),
+                               q.stride(0), scale.stride(0), out.stride(-2), offset[0], offset[1], cell[0], cell[1],
                                KIND=KINDS[scheme], HAS_BIAS=bias is not None,
-                               TILE_SCALE=tile_scale(k, cell[1], offset[1]),
+                               TILE_SCALE=tile_scale(k, cell[1], offset[1]), FAST=fast_codes(x),
+                               EVEN_K=k % BLOCK_K == 0, SPLIT_K=split,
                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K)
-    return out
+    return out if split == 1 else out.sum(0).to(x.dtype)
+
+
+def split_k(n: int, k: int, device: torch.device) -> int:
+    """How many programs share a band of weight rows along K: a kernel whose bands of 64 rows number fewer
+    than two a multiprocessor (an 8B model's 4096 x 14336 down projection: 64 bands on 132) keeps too
+    few loads in flight to read at the memory's rate, so the bands are cut along K (into tiles of at least
+    1,024 columns), their float32 partial sums added after."""
+    bands = triton.cdiv(n, 64)
+    want = triton.cdiv(2 * _multiprocessors(device), bands)
+    return max(1, min(want, k // 1024))
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # Triton's interpreter on CPU: no split
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
