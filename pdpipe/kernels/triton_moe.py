@@ -360,11 +360,9 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_p
         for k0 in range(0, K, BLOCK_K):
             kmask = offs_k < K - k0
             n_in = tl.minimum(offs_n, N - 1)  # columns past N read column N - 1 (never stored): no masks
-            if QKIND == 1:  # int4: a's even and odd columns, against the low and high nibbles
-                even = 2 * tl.arange(0, BLOCK_K // 2)
-                a_row = a_ptr + row[:, None] * stride_am + k0 + even[None, :]
-                a_even = tl.load(a_row, mask=valid[:, None] & (even < K - k0)[None, :], other=0.0)
-                a_odd = tl.load(a_row + 1, mask=valid[:, None] & (even + 1 < K - k0)[None, :], other=0.0)
+            if QKIND == 1:  # int4: a's even and odd columns (a thread's pairs), against the low and high nibbles
+                a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+                a_even, a_odd = tl.split(a.reshape(BLOCK_M, BLOCK_K // 2, 2))
                 acc = _int4_dot(acc, a_even, a_odd, w_ptr, s_ptr, e, n_in, k0, K, stride_we, stride_wn,
                                 stride_se, stride_sn, n_off, k_off, cell_n, cell_k, TILE_SCALE, FAST, PRECISION,
                                 BLOCK_K)

@@ -125,14 +125,14 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, tiles_per
         if KIND == 1:  # int4: byte j holds k = 2j (low nibble) and 2j + 1 (high), code + 8 stored
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            k = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
                 byte = tl.load(q_ptr + rows[:, None] + j[None, :])
-                xe = tl.load(x_rows + even[None, :], mask=mmask[:, None], other=0.0)
-                xo = tl.load(x_rows + even[None, :] + 1, mask=mmask[:, None], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=mmask[:, None], other=0.0)
             else:
                 byte = tl.load(q_ptr + rows[:, None] + j[None, :], mask=(j < (K + 1) // 2)[None, :], other=0x88)
-                xe = tl.load(x_rows + even[None, :], mask=mmask[:, None] & (even < K)[None, :], other=0.0)
-                xo = tl.load(x_rows + even[None, :] + 1, mask=mmask[:, None] & (even + 1 < K)[None, :], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+            xe, xo = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))  # even and odd columns: a thread's pairs
             if FAST and TILE_SCALE:
                 part = tl.dot(xe, tl.trans(low_nibbles_to_bf16(byte)))
                 part = tl.dot(xo, tl.trans(high_nibbles_to_bf16(byte)), part)
