@@ -80,7 +80,9 @@ def to_fp8_rows(x: torch.Tensor) -> torch.Tensor:
     even), then its float32 scale amax / 448 (1 for a row of zeros) as 4 bytes."""
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # over a tensor, not the number: CUDA divides a tensor by a number as a product with its reciprocal,
+    # 1 ulp off IEEE division (which the Triton store does) for some amax
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
     codes = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     return torch.cat([codes, scale.contiguous().view(torch.uint8)], dim=-1)
 
