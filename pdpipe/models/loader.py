@@ -108,6 +108,7 @@ def dummy_model(spec: ModelSpec, device: str | torch.device, seed: int = 0,
             scheme = quant.scheme_for(module_name) if isinstance(module, nn.Linear) else ""
             if scheme:
                 install(model, module_name, quantize(module.weight, scheme))
+                module.weight = None  # the list above still holds the replaced Linear: its bf16 weight goes now
     model.rotary = Rotary(spec.rope, spec.head_dim).to(device)
     return model.eval()
 

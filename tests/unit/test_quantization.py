@@ -303,6 +303,26 @@ def test_dummy_weights_are_made_quantized_one_projection_at_a_time(quant_model, 
     assert len(greedy_tokens(quant_model, load_format="dummy", quantization=scheme)[0]) == 10
 
 
+def test_dummy_weights_hold_one_projection_in_bf16_at_a_time(quant_model, monkeypatch):
+    """Each projection's bf16 weights are freed once quantized, before the next is made (the 70B shape in
+    int4 fits one GPU only so; its bf16 weights would take 140 GB)."""
+    import weakref
+
+    from pdpipe.models import loader
+
+    made: list[weakref.ref] = []
+    alive_at_each: list[int] = []
+
+    def quantizing(weight, scheme):
+        alive_at_each.append(sum(ref() is not None for ref in made))
+        made.append(weakref.ref(weight))
+        return quantize(weight, scheme)
+
+    monkeypatch.setattr(loader, "quantize", quantizing)
+    loader.load_model(quant_model, load_format="dummy", quant=QuantPlan("wint8"))
+    assert len(made) == 14 and alive_at_each == [0] * 14
+
+
 def test_quantized_experts_stack_for_the_fused_kernels_where_one_grid_holds_them():
     """Gate and up rows joined (a row- or group-wise scale grid joins anywhere, a 128-row block only at a
     whole block), every held expert stacked; anything else refused, naming the setting."""
