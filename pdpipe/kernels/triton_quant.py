@@ -18,7 +18,12 @@ dtype):
   136 in packed bf16), the even columns' low nibbles and the odd columns' high nibbles as two operands
   against the activations' even and odd columns — no interleaving shuffle.
 Other cases (float32 or float16 activations, shards that cut a cell within a tile, Triton's interpreter,
-which runs no inline assembly) take the plain path: code × scale in float32, rounded to x's dtype."""
+which runs no inline assembly) take the plain path: code × scale in float32, rounded to x's dtype. Weight
+rows past N are read as row N - 1 (never stored), so weight loads carry no masks and go through
+asynchronous copies; where too few bands of rows would run, each band is cut along K (`split_k`).
+
+Beyond 64 rows (prefill) the weight is dequantized in one pass (`dequantize`, one scale load a row and
+128-column tile where the tile lies in one cell) and cuBLAS multiplies."""
 
 from __future__ import annotations
 
@@ -235,7 +240,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 @triton.jit
 def _dequantize_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_on, n_off, k_off, cell_n, cell_k,
-                       KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       KIND: tl.constexpr, TILE_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     k = k0 + tl.arange(0, BLOCK_K)
@@ -252,10 +257,12 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sn, stride
             w = w.to(tl.float8e4nv, bitcast=True)
         w = w.to(tl.float32)
     mask = nmask[:, None] & kmask[None, :]
-    s = tl.load(s_ptr + ((n + n_off) // cell_n).to(tl.int64)[:, None] * stride_sn + ((k + k_off) // cell_k)[None, :],
-                mask=mask, other=0.0)
-    tl.store(out_ptr + n.to(tl.int64)[:, None] * stride_on + k[None, :], (w * s).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    scale_rows = ((n + n_off) // cell_n).to(tl.int64) * stride_sn
+    if TILE_SCALE:  # the tile lies in one cell a row: one scale a row, one division a program
+        w = w * tl.load(s_ptr + scale_rows + (k0 + k_off) // cell_k, mask=nmask, other=0.0)[:, None]
+    else:
+        w = w * tl.load(s_ptr + scale_rows[:, None] + ((k + k_off) // cell_k)[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + n.to(tl.int64)[:, None] * stride_on + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def dequantize(scheme: str, codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
@@ -265,7 +272,8 @@ def dequantize(scheme: str, codes: torch.Tensor, scale: torch.Tensor, shape: tup
     n, k = shape
     q = codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
     out = torch.empty(n, k, dtype=dtype, device=codes.device)
-    grid = (triton.cdiv(n, 32), triton.cdiv(k, 256))
+    grid = (triton.cdiv(n, 64), triton.cdiv(k, BLOCK_K))
     _dequantize_kernel[grid](q, scale, out, n, k, q.stride(0), scale.stride(0), out.stride(0), offset[0], offset[1],
-                             cell[0], cell[1], KIND=KINDS[scheme], BLOCK_N=32, BLOCK_K=256, num_warps=4)
+                             cell[0], cell[1], KIND=KINDS[scheme], TILE_SCALE=tile_scale(k, cell[1], offset[1]),
+                             BLOCK_N=64, BLOCK_K=BLOCK_K, num_warps=4)
     return out
