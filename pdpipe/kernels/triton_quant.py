@@ -114,7 +114,7 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, tiles_per
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     """out[M, N] = x @ W.T (+ bias); with SPLIT_K > 1 program (i, j) sums tiles [j·tiles_per, (j+1)·tiles_per) into
-    float32 out[j] (out: [SPLIT_K, M, N], bias in out[0]), which the caller adds up."""
+    float32 out[j] (out: [SPLIT_K, M, N]), which _split_sum_kernel adds up (and the bias to them)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = tl.program_id(1) * tiles_per * BLOCK_K  # a multiple of BLOCK_K, as the compiler can see
     m = tl.arange(0, BLOCK_M)
@@ -180,11 +180,25 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, tiles_per
                                     mask=(k < K)[None, :], other=0.0)
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
     if HAS_BIAS:
-        if tl.program_id(1) == 0:
-            acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     out_ptr += tl.program_id(1).to(tl.int64) * M * stride_om
     tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """out (M x N, x's dtype) = the SPLIT_K float32 partial products [SPLIT_K, M, N] added in order (+ bias):
+    one kernel after a split GEMM, not a sum and a cast."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < MN
+    acc = tl.load(part_ptr + i, mask=mask, other=0.0)
+    for j in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + j * MN + i, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def fast_codes(x: torch.Tensor) -> bool:
@@ -209,17 +223,20 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     q = codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
     split = split_k(n, k, x.device)
     tiles_per = triton.cdiv(triton.cdiv(k, BLOCK_K), split)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if split == 1 else \
-        torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-    _quant_skinny_kernel[grid](x, q, scale, bias if bias is not None else scale, out, m, n, k, tiles_per, x.stride(0),
-                               q.stride(0), scale.stride(0), out.stride(-2), offset[0], offset[1], cell[0], cell[1],
-                               KIND=KINDS[scheme], HAS_BIAS=bias is not None,
+    _quant_skinny_kernel[grid](x, q, scale, bias if bias is not None else scale, part, m, n, k, tiles_per, x.stride(0),
+                               q.stride(0), scale.stride(0), part.stride(-2), offset[0], offset[1], cell[0], cell[1],
+                               KIND=KINDS[scheme], HAS_BIAS=bias is not None and split == 1,
                                TILE_SCALE=tile_scale(k, cell[1], offset[1]), FAST=fast_codes(x),
                                EVEN_K=k % BLOCK_K == 0, SPLIT_K=split,
                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K)
-    return out if split == 1 else out.sum(0).to(x.dtype)
+    if split > 1:
+        _split_sum_kernel[(triton.cdiv(m * n, 1024),)](part, bias if bias is not None else part, out, m * n, n,
+                                                       SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
+    return out
 
 
 def split_k(n: int, k: int, device: torch.device) -> int:
