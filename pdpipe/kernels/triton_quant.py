@@ -63,12 +63,10 @@ def int8_to_bf16(q):
         }""", constraints="=r,=r,r", args=[q], dtype=tl.bfloat16, is_pure=True, pack=4)
 
 
-@triton.jit
-def low_nibbles_to_bf16(byte):
-    """int4 bytes (code + 8 a nibble) → their low nibbles' codes in bfloat16, exactly: each nibble u under
-    bf16's exponent 2^7 (128 + u), minus 136, two a register."""
-    return tl.inline_asm_elementwise(
-        asm="""{
+def _nibbles_asm(shift: str) -> str:
+    """int4 bytes (code + 8 a nibble), 4 a register → their low (or, shifted first, high) nibbles' codes in
+    bf16, two a register: each nibble u under bf16's exponent 2^7 (128 + u, exact), minus 136."""
+    return f"""{{
         .reg .b32 z, t0, t1, mask, magic, one, bias;
         mov.b32 z, 0;
         mov.b32 mask, 0x000F000F;
@@ -77,33 +75,30 @@ def low_nibbles_to_bf16(byte):
         mov.b32 bias, 0xC308C308;
         prmt.b32 t0, $2, z, 0x4140;
         prmt.b32 t1, $2, z, 0x4342;
+        {shift}
         lop3.b32 t0, t0, mask, magic, 0xEA;
         lop3.b32 t1, t1, mask, magic, 0xEA;
         fma.rn.bf16x2 $0, t0, one, bias;
         fma.rn.bf16x2 $1, t1, one, bias;
-        }""", constraints="=r,=r,r", args=[byte], dtype=tl.bfloat16, is_pure=True, pack=4)
+        }}"""
+
+
+_LOW_NIBBLES = tl.constexpr(_nibbles_asm(""))
+_HIGH_NIBBLES = tl.constexpr(_nibbles_asm("shr.b32 t0, t0, 4;\n        shr.b32 t1, t1, 4;"))
+
+
+@triton.jit
+def low_nibbles_to_bf16(byte):
+    """int4 bytes → the even columns' codes (their low nibbles) in bf16, exactly (see _nibbles_asm)."""
+    return tl.inline_asm_elementwise(asm=_LOW_NIBBLES, constraints="=r,=r,r", args=[byte], dtype=tl.bfloat16,
+                                     is_pure=True, pack=4)
 
 
 @triton.jit
 def high_nibbles_to_bf16(byte):
-    """As low_nibbles_to_bf16, for the high nibbles (the odd columns)."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 z, t0, t1, mask, magic, one, bias;
-        mov.b32 z, 0;
-        mov.b32 mask, 0x000F000F;
-        mov.b32 magic, 0x43004300;
-        mov.b32 one, 0x3F803F80;
-        mov.b32 bias, 0xC308C308;
-        prmt.b32 t0, $2, z, 0x4140;
-        prmt.b32 t1, $2, z, 0x4342;
-        shr.b32 t0, t0, 4;
-        shr.b32 t1, t1, 4;
-        lop3.b32 t0, t0, mask, magic, 0xEA;
-        lop3.b32 t1, t1, mask, magic, 0xEA;
-        fma.rn.bf16x2 $0, t0, one, bias;
-        fma.rn.bf16x2 $1, t1, one, bias;
-        }""", constraints="=r,=r,r", args=[byte], dtype=tl.bfloat16, is_pure=True, pack=4)
+    """int4 bytes → the odd columns' codes (their high nibbles) in bf16, exactly (see _nibbles_asm)."""
+    return tl.inline_asm_elementwise(asm=_HIGH_NIBBLES, constraints="=r,=r,r", args=[byte], dtype=tl.bfloat16,
+                                     is_pure=True, pack=4)
 
 
 @triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST", "SPLIT_K"])
