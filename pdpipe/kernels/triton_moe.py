@@ -317,9 +317,9 @@ def _int4_dot(acc, a_even, a_odd, w_ptr, s_ptr, e, n, k0, K, stride_we, stride_w
             lo, hi = lo * s[None, :], hi * s[None, :]
         else:
             even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-            smask = (even < K)[:, None]
-            lo *= tl.load(s_rows[None, :] + ((even + k_off) // cell_k)[:, None], mask=smask, other=0.0)
-            hi *= tl.load(s_rows[None, :] + ((even + 1 + k_off) // cell_k)[:, None], mask=smask, other=0.0)
+            lo *= tl.load(s_rows[None, :] + ((even + k_off) // cell_k)[:, None], mask=(even < K)[:, None], other=0.0)
+            hi *= tl.load(s_rows[None, :] + ((even + 1 + k_off) // cell_k)[:, None], mask=(even + 1 < K)[:, None],
+                          other=0.0)
         acc = tl.dot(a_even, lo.to(a_even.dtype), acc, input_precision=PRECISION)
         acc = tl.dot(a_odd, hi.to(a_odd.dtype), acc, input_precision=PRECISION)
     return acc

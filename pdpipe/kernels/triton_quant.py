@@ -17,8 +17,11 @@ dtype):
   register); int4 the same way in bf16 directly (a nibble under exponent 2^7: 128 + u, exact, then minus
   136 in packed bf16), the even columns' low nibbles and the odd columns' high nibbles as two operands
   against the activations' even and odd columns — no interleaving shuffle.
-Other cases (float32 or float16 activations, shards that cut a cell within a tile, Triton's interpreter,
-which runs no inline assembly) take the plain path: code × scale in float32, rounded to x's dtype. Weight
+So there the product uses each code times its unrounded float32 scale, where `dequantize` (and with it
+prefill's path) rounds code × scale to bf16 first: decode is a little closer to the quantized weights than
+the reference, within the tests' tolerances. Other cases (float32 or float16 activations, shards that cut
+a cell within a tile, Triton's interpreter, which runs no inline assembly) take the plain path: code ×
+scale in float32, rounded to x's dtype, as `dequantize` does. Weight
 rows past N are read as row N - 1 (never stored), so weight loads carry no masks and go through
 asynchronous copies; where too few bands of rows would run, each band is cut along K (`split_k`).
 
@@ -27,6 +30,7 @@ Beyond 64 rows (prefill) the weight is dequantized in one pass (`dequantize`, on
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -143,11 +147,10 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, tiles_per
                 if TILE_SCALE:
                     lo, hi = lo * s[:, None], hi * s[:, None]
                 else:
-                    smask = (even < K)[None, :]
-                    lo *= tl.load(s_ptr + scale_rows[:, None] + ((even + k_off) // cell_k)[None, :], mask=smask,
-                                  other=0.0)
-                    hi *= tl.load(s_ptr + scale_rows[:, None] + ((even + 1 + k_off) // cell_k)[None, :], mask=smask,
-                                  other=0.0)
+                    lo *= tl.load(s_ptr + scale_rows[:, None] + ((even + k_off) // cell_k)[None, :],
+                                  mask=(even < K)[None, :], other=0.0)
+                    hi *= tl.load(s_ptr + scale_rows[:, None] + ((even + 1 + k_off) // cell_k)[None, :],
+                                  mask=(even + 1 < K)[None, :], other=0.0)
                 acc = tl.dot(xe, tl.trans(lo.to(xe.dtype)), acc, input_precision=PRECISION)
                 acc = tl.dot(xo, tl.trans(hi.to(xo.dtype)), acc, input_precision=PRECISION)
         else:
@@ -244,9 +247,10 @@ def split_k(n: int, k: int, device: torch.device) -> int:
     return max(1, min(want, k // 1024))
 
 
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
-        return 1  # Triton's interpreter on CPU: no split
+        return 1  # Triton's interpreter on CPU
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
