@@ -5,8 +5,9 @@ For each scheme (wint8, wint4, fp8, block_wise_fp8) and weight shape (the 8B sha
 cuBLAS path beyond the kernel's rows): the time of `QuantLinear(x)` (a CUDA graph's replay, as decode runs
 it, median of many, L2 flushed between), its floor — the bytes it must read (codes + scales + the
 activations) over the read bandwidth of a plain device copy measured in the same run — and its efficiency
-(floor / time), beside bf16's `F.linear` on the dequantized weights and the speed-up over it. Each row also
-gives the bytes read a second and that over what a read-only pass (a sum) reaches: the copy's rate is
+(floor / time), beside bf16's `F.linear` on the dequantized weights and the speed-up over it; where the
+kernel cuts the weight's bands along K (`split_k`), the time without the cut too. Each row also gives the
+bytes read a second and that over what a read-only pass (a sum) reaches: the copy's rate is
 about half the memory's, so the issue's floor is a lenient one. And the largest error against `x @ W.T`
 on the dequantized weights (float32), relative to the largest output: a wrong kernel shows here.
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from pdpipe import kernels
+from pdpipe.kernels import triton_quant
 from pdpipe.kernels.reference import QuantStack
 from pdpipe.models.layers import QuantLinear
 from pdpipe.quant.weights import dequantize, quantize
@@ -78,6 +80,19 @@ def read_bandwidth() -> float:
     return src.numel() * 2 / (timed(lambda: src.sum(dtype=torch.float32), runs=20) / 1e3)
 
 
+def unsplit(time_it, n: int, k: int, m: int) -> float | None:
+    """The time with the weight's bands not cut along K, where `split_k` cuts them (None where it does not):
+    whether the cut pays for its partial sums."""
+    if m > triton_quant.QUANT_MAX_ROWS or triton_quant.split_k(n, k, torch.device("cuda")) == 1:
+        return None
+    chosen = triton_quant.split_k
+    triton_quant.split_k = lambda n, k, device: 1
+    try:
+        return time_it()
+    finally:
+        triton_quant.split_k = chosen
+
+
 def gemm_rows(bandwidth: float, read_rate: float) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -94,17 +109,20 @@ def gemm_rows(bandwidth: float, read_rate: float) -> list[dict]:
                     err = ((layer(x).float() - want).abs().max() / want.abs().max()).item()  # tunes it first
                     ms = timed(lambda: layer(x))
                     bf16_ms = timed(lambda: torch.nn.functional.linear(x, plain))
+                    unsplit_ms = unsplit(lambda: timed(lambda: layer(x)), n, k, m)
                 read = qw.nbytes + x.numel() * 2
                 floor = read / bandwidth * 1e3
                 rows.append({"scheme": scheme, "n": n, "k": k, "m": m, "ms": ms, "floor_ms": floor,
                              "efficiency": floor / ms, "bytes_per_s": read / ms * 1e3,
                              "of_read_rate": read / ms * 1e3 / read_rate, "bf16_ms": bf16_ms,
-                             "speedup": bf16_ms / ms, "weight_mb": qw.nbytes / 2**20, "max_rel_error": err})
+                             "speedup": bf16_ms / ms, "weight_mb": qw.nbytes / 2**20, "max_rel_error": err,
+                             "unsplit_ms": unsplit_ms})
                 r = rows[-1]
                 print(f"{scheme:>14} {n:>5}x{k:<5} M={m:<3} {ms * 1e3:8.1f} us  floor {floor * 1e3:7.1f} us  "
                       f"{r['efficiency'] * 100:5.1f} %  {r['bytes_per_s'] / 1e9:5.0f} GB/s "
                       f"({r['of_read_rate'] * 100:3.0f} % of a read)  bf16 {bf16_ms * 1e3:8.1f} us  "
-                      f"x{r['speedup']:.2f}  err {err:.1e}{'  WRONG' if err > 2e-2 else ''}")
+                      f"x{r['speedup']:.2f}  err {err:.1e}{'  WRONG' if err > 2e-2 else ''}"
+                      f"{f'  unsplit {unsplit_ms * 1e3:.1f} us' if unsplit_ms else ''}")
     return rows
 
 
