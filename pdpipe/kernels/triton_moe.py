@@ -295,14 +295,14 @@ def _codes_dot(acc, a, w_ptr, s_ptr, e, n, k0, K, stride_we, stride_wn, stride_s
 
 
 @triton.jit
-def _int4_dot(acc, a_even, a_odd, w_ptr, s_ptr, e, n, k0, K, stride_we, stride_wn, stride_se, stride_sn,
+def _int4_dot(acc, a_even, a_odd, w_ptr, s_ptr, e, n, k0, K, k_bytes, stride_we, stride_wn, stride_se, stride_sn,
               n_off, k_off, cell_n, cell_k, TILE_SCALE: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_K: tl.constexpr):
     """As _codes_dot for int4 codes (code + 8 a nibble, the even k low): the low nibbles against a's even
     columns and the high nibbles against its odd ones, each byte loaded once and nothing interleaved."""
     j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     byte = tl.load(w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn + j[:, None],
-                   mask=(j < (K + 1) // 2)[:, None], other=0)  # past K: code -8 against a's zeros
+                   mask=(j < k_bytes)[:, None], other=0)  # past K: code -8 against a's zeros
     s_rows = s_ptr + e * stride_se + ((n + n_off) // cell_n).to(tl.int64) * stride_sn
     if TILE_SCALE:
         s = tl.load(s_rows + (k0 + k_off) // cell_k)
@@ -326,7 +326,7 @@ def _int4_dot(acc, a_even, a_odd, w_ptr, s_ptr, e, n, k0, K, stride_we, stride_w
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # see triton_ops.py, VARYING
-def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N, K, num_pairs,
+def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N, K, k_bytes, num_pairs,
                      num_experts, stride_am, stride_we, stride_wn, stride_cm, s_ptr, stride_se, stride_sn, n_off,
                      k_off, cell_n, cell_k, TOP_K: tl.constexpr, ROWS_ARE_PAIRS: tl.constexpr, GATED: tl.constexpr,
                      MUL_WEIGHT: tl.constexpr, QKIND: tl.constexpr, TILE_SCALE: tl.constexpr, FAST: tl.constexpr,
@@ -363,11 +363,11 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ptr, block_expert_ptr, weight_p
             if QKIND == 1:  # int4: a's even and odd columns (a thread's pairs), against the low and high nibbles
                 a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
                 a_even, a_odd = tl.split(a.reshape(BLOCK_M, BLOCK_K // 2, 2))
-                acc = _int4_dot(acc, a_even, a_odd, w_ptr, s_ptr, e, n_in, k0, K, stride_we, stride_wn,
+                acc = _int4_dot(acc, a_even, a_odd, w_ptr, s_ptr, e, n_in, k0, K, k_bytes, stride_we, stride_wn,
                                 stride_se, stride_sn, n_off, k_off, cell_n, cell_k, TILE_SCALE, FAST, PRECISION,
                                 BLOCK_K)
                 if GATED:
-                    acc_up = _int4_dot(acc_up, a_even, a_odd, w_ptr, s_ptr, e, n_in + N, k0, K, stride_we,
+                    acc_up = _int4_dot(acc_up, a_even, a_odd, w_ptr, s_ptr, e, n_in + N, k0, K, k_bytes, stride_we,
                                        stride_wn, stride_se, stride_sn, n_off, k_off, cell_n, cell_k, TILE_SCALE,
                                        FAST, PRECISION, BLOCK_K)
             else:
@@ -455,9 +455,11 @@ def _moe_gemm(a, w, c, sorted_pairs, block_expert, weights, pairs: int, top_k: i
     cfg = _fitted(cfg, block_m, gated, a.element_size())
     # the blocks holding pairs come first, and there are at most as many as pairs
     grid = (min(block_expert.shape[0], pairs) * triton.cdiv(n, cfg.block_n),)
-    _moe_gemm_kernel[grid](a, codes, c, sorted_pairs, block_expert, weights, n, k, pairs, codes.shape[0], a.stride(0),
-                           codes.stride(0), codes.stride(1), c.stride(0), scale, scale.stride(0),
-                           scale.stride(1) if scale.dim() > 1 else 0, n_off, k_off, cell_n, cell_k, TOP_K=top_k,
+    # (k + 1) // 2: an int4 row's bytes, an argument so that Triton sees it divide by 16 and vectorises loads
+    _moe_gemm_kernel[grid](a, codes, c, sorted_pairs, block_expert, weights, n, k, (k + 1) // 2, pairs,
+                           codes.shape[0], a.stride(0), codes.stride(0), codes.stride(1), c.stride(0), scale,
+                           scale.stride(0), scale.stride(1) if scale.dim() > 1 else 0, n_off, k_off, cell_n, cell_k,
+                           TOP_K=top_k,
                            ROWS_ARE_PAIRS=rows_are_pairs, GATED=gated, MUL_WEIGHT=weights is not None, QKIND=qkind,
                            TILE_SCALE=qkind >= 0 and tile_scale(k, cell_k, k_off, cfg.block_k),
                            FAST=qkind >= 0 and fast_codes(a),
