@@ -1,0 +1,114 @@
+"""How many instructions does each quantized kernel's main loop spend on a weight element, on sm_90?
+
+Compiles the weight-read GEMM (`triton_quant._quant_skinny_kernel`) and the fused experts' grouped GEMM
+(`triton_moe._moe_gemm_kernel`) for an H100 on this machine — Triton's compiler and the `ptxas` and
+`nvdisasm` it ships need no GPU — with the integer arguments marked as dividing by 16 (what a launch with
+aligned shapes gets), disassembles them, and counts the instructions of the main loop (the largest
+backward branch), divided by the weight elements a thread converts in one trip. Decode reads weights at
+the memory's rate only if this stays small: an H100 issues about 30 T thread-instructions a second, so
+6 instructions an element cap int8 near 5 TB/s before any stall, and the quarter-rate integer-to-float
+conversions were the tighter bound.
+
+Answer (Triton 3.9, 2026-12-07; the main loop, per weight element — a code; int4 bytes hold two):
+- GEMM, 64-column tiles, 16 rows, tiles in one scale cell, bf16 activations: int8 5.6 (from 6.3 with a
+  quarter-rate I2F an element, and 9.7 before weight loads lost their row masks), fp8 4.9, int4 3.8 (9.2
+  with the nibbles interleaved by `tl.join`, 6.1 with the activations loaded strided); 128-column tiles:
+  int8 4.5, fp8 3.9, int4 2.9. The float32 path (float32 activations, cells cut within a tile): 5-7.4.
+- fused experts (gate and up, 32-column tiles): int8 5.9, fp8 5.2, int4 4.1 (7.4 while the int4 mask
+  `j < (K + 1) // 2` kept every load a byte).
+On the H100 those loops read (`quant_kernels.py`): int8 / fp8 GEMM 2.0-2.4 TB/s on large weights, int4
+1.4; experts int8 / fp8 2.9 TB/s, int4 0.74 (before the byte-load fix).
+
+    pip install triton; python benchmarks/probes/quant_sass.py
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from pdpipe.kernels import triton_moe, triton_quant
+
+TARGET = GPUTarget("cuda", 90, 32)
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+
+
+def compiled(fn, types: dict[str, str], constants: dict, aligned: list[str], warps: int, stages: int):
+    signature = dict(types) | {name: "constexpr" for name in constants}
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+
+
+def main_loop(kernel) -> collections.Counter:
+    """The instructions of the longest loop: from a label to the backward branch that jumps to it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+        lines = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    labels = {line.strip()[:-1]: i for i, line in enumerate(lines) if re.match(r"\s*\.L_x_\d+:", line)}
+    best = (0, 0)
+    for i, line in enumerate(lines):
+        target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+        if target and labels.get(target.group(1), i) < i and i - labels[target.group(1)] > best[1] - best[0]:
+            best = (labels[target.group(1)], i)
+    return collections.Counter(m.group(1) for line in lines[best[0]:best[1] + 1] if (m := INSTRUCTION.search(line)))
+
+
+def gemm(kind: int, fast: bool, block_n: int, warps: int, stages: int) -> tuple[float, collections.Counter]:
+    types = {"x_ptr": "*bf16", "q_ptr": "*u8" if kind == 1 else "*i8", "s_ptr": "*fp32", "b_ptr": "*fp32",
+             "out_ptr": "*bf16"} | {a: "i32" for a in ("M", "N", "K", "k_bytes", "tiles_per", "stride_xm",
+                                                        "stride_qn", "stride_sn", "stride_om", "n_off", "k_off",
+                                                        "cell_n", "cell_k")}
+    constants = {"KIND": kind, "HAS_BIAS": False, "TILE_SCALE": True, "FAST": fast, "EVEN_K": True, "SPLIT_K": 1,
+                 "PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": triton_quant.BLOCK_K}
+    kernel = compiled(triton_quant._quant_skinny_kernel.fn, types, constants,
+                      ["x_ptr", "q_ptr", "s_ptr", "b_ptr", "out_ptr", "N", "K", "k_bytes", "stride_xm", "stride_qn",
+                       "stride_om"], warps, stages)
+    loop = main_loop(kernel)
+    return sum(loop.values()) / (block_n * triton_quant.BLOCK_K / (warps * 32)), loop
+
+
+def experts(kind: int, fast: bool) -> tuple[float, collections.Counter]:
+    types = {"a_ptr": "*bf16", "w_ptr": "*u8" if kind == 1 else "*i8", "c_ptr": "*bf16", "sorted_ptr": "*i32",
+             "block_expert_ptr": "*i32", "weight_ptr": "*fp32"} | {
+        a: "i32" for a in ("N", "K", "k_bytes", "num_pairs", "num_experts", "stride_am", "stride_we", "stride_wn",
+                           "stride_cm")} | {"s_ptr": "*fp32"} | {
+        a: "i32" for a in ("stride_se", "stride_sn", "n_off", "k_off", "cell_n", "cell_k")}
+    block_n, warps = 32, 4
+    constants = {"TOP_K": 8, "ROWS_ARE_PAIRS": False, "GATED": True, "MUL_WEIGHT": False, "QKIND": kind,
+                 "TILE_SCALE": True, "FAST": fast, "PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": block_n,
+                 "BLOCK_K": 128}
+    kernel = compiled(triton_moe._moe_gemm_kernel, types, constants,
+                      ["a_ptr", "w_ptr", "c_ptr", "s_ptr", "N", "K", "k_bytes", "stride_am", "stride_we",
+                       "stride_wn", "stride_cm", "stride_se"], warps, 4)
+    loop = main_loop(kernel)
+    return sum(loop.values()) / (2 * block_n * 128 / (warps * 32)), loop
+
+
+def main() -> None:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    names = {0: "int8", 1: "int4", 2: "fp8"}
+    for kind in (0, 2, 1):
+        for fast in (False, True):
+            for block_n, warps, stages in ((64, 4, 3), (128, 4, 3)):
+                per, loop = gemm(kind, fast, block_n, warps, stages)
+                print(f"GEMM    {names[kind]} {'bf16 codes' if fast else 'float32   '} {block_n:>3}-column tiles: "
+                      f"{per:5.2f} a weight element  {loop.most_common(6)}")
+            per, loop = experts(kind, fast)
+            print(f"experts {names[kind]} {'bf16 codes' if fast else 'float32   '}  32-column tiles: "
+                  f"{per:5.2f} a weight element  {loop.most_common(6)}")
+
+
+if __name__ == "__main__":
+    main()
