@@ -105,15 +105,17 @@ def high_nibbles_to_bf16(byte):
                                      is_pure=True, pack=4)
 
 
-@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST", "SPLIT_K"])
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST"])  # K: the split too
 @triton.jit
 def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, k_bytes, tiles_per, stride_xm, stride_qn,
                          stride_sn, stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         TILE_SCALE: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                         TILE_SCALE: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
-    """out[M, N] = x @ W.T (+ bias); with SPLIT_K > 1 program (i, j) sums tiles [j·tiles_per, (j+1)·tiles_per) into
-    float32 out[j] (out: [SPLIT_K, M, N]), which _split_sum_kernel adds up (and the bias to them)."""
+    """out[M, N] = x @ W.T (+ bias); with the bands cut along K (a second grid axis of `split` programs)
+    program (i, j) sums tiles [j·tiles_per, (j+1)·tiles_per) into float32 out[j] (out: [split, M, N]), which
+    _split_sum_kernel adds up (with the bias). The cut is no compile-time constant: one compiled kernel
+    serves every split."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = tl.program_id(1) * tiles_per * BLOCK_K  # a multiple of BLOCK_K, as the compiler can see
     m = tl.arange(0, BLOCK_M)
@@ -185,14 +187,14 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, k_bytes, 
 
 
 @triton.jit
-def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, split, HAS_BIAS: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """out (M x N, x's dtype) = the SPLIT_K float32 partial products [SPLIT_K, M, N] added in order (+ bias):
+    """out (M x N, x's dtype) = the `split` float32 partial products [split, M, N] added in order (+ bias):
     one kernel after a split GEMM, not a sum and a cast."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < MN
     acc = tl.load(part_ptr + i, mask=mask, other=0.0)
-    for j in tl.static_range(1, SPLIT_K):
+    for j in range(1, split):
         acc += tl.load(part_ptr + j * MN + i, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
@@ -230,12 +232,12 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
                                offset[1], cell[0], cell[1],
                                KIND=KINDS[scheme], HAS_BIAS=bias is not None and split == 1,
                                TILE_SCALE=tile_scale(k, cell[1], offset[1]), FAST=fast_codes(x),
-                               EVEN_K=k % BLOCK_K == 0, SPLIT_K=split,
+                               EVEN_K=k % BLOCK_K == 0,
                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K)
     if split > 1:
         _split_sum_kernel[(triton.cdiv(m * n, 1024),)](part, bias if bias is not None else part, out, m * n, n,
-                                                       SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024)
+                                                       split, HAS_BIAS=bias is not None, BLOCK=1024)
     return out
 
 
