@@ -20,6 +20,7 @@
             quantized online: time and peak GPU memory above what it holds (goal: + one bf16 layer + 2 GiB)
   quantdecode  the decode step with wint4, fp8 and wint8 weights (dummy, quantized as made) against the floor
             of the bytes it reads as stored (goal <= 1.3x at batch 1, <= 1.5x at 64)
+  quant70bdecode  the same for the Llama-3.1-70B shape in wint4 on one GPU (goal <= 1.25x at batch 1)
 
 Usage: python benchmarks/gpu_bench.py [--only transfer,decode,...] [--json OUT.json]
        (or bash benchmarks/device_run.sh bench transfer,decode,...; figures in benchmarks/RESULTS.md,
@@ -39,6 +40,7 @@ import torch
 
 LLAMA_8B = dict(arch="llama", layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
                 max_position=131072, dtype="bfloat16", weights=False)
+LLAMA_70B = dict(LLAMA_8B, layers=80, hidden=8192, heads=64, intermediate=28672)
 BLOCK = 16
 
 
@@ -75,14 +77,14 @@ def gemm_tflops(device: int, n: int = 8192) -> float:
     return 2 * n ** 3 / t / 1e12
 
 
-def model_dir(root: Path) -> Path:
+def model_dir(root: Path, shape: dict = LLAMA_8B, name: str = "llama-8b-shape") -> Path:
     from dataclasses import replace
 
     from pdpipe.models.make import MakeModelConfig, make_model
 
-    path = root / "llama-8b-shape"
+    path = root / name
     if not (path / "config.json").exists():
-        make_model(path, replace(MakeModelConfig(), **LLAMA_8B))
+        make_model(path, replace(MakeModelConfig(), **shape))
     return path
 
 
@@ -351,7 +353,7 @@ def weight_bytes(model) -> int:
         sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
 
 
-def bench_decode(model: Path, results: dict, copy_bw: float, quantization: str = "") -> None:
+def bench_decode(model: Path, results: dict, copy_bw: float, quantization: str = "", key: str = "") -> None:
     """Decode steps of 1, 16 and 64 sequences of 1k context against the floor: the bytes a step reads (weights,
     quantized ones as stored, and the KV) over a device copy's bandwidth."""
     engine = make_engine(model, 0, 64, num_blocks=64 * 1040 // BLOCK + 64, quantization=quantization)
@@ -367,7 +369,7 @@ def bench_decode(model: Path, results: dict, copy_bw: float, quantization: str =
         rows.append(dict(batch=batch, step_ms=step * 1e3, graph_ms=replay * 1e3, floor_ms=floor * 1e3,
                          step_x_floor=step / floor, graph_x_floor=replay / floor, tokens_per_s=batch / step))
         release(engine, out)
-    results[f"decode_{quantization}" if quantization else "decode"] = rows
+    results[key or (f"decode_{quantization}" if quantization else "decode")] = rows
     from pdpipe.kernels import triton_ops
 
     results["skinny_vs_cublas_us"] = {f"{m}x{n}x{k}": [round(a * 1e3, 2), round(b * 1e3, 2)]
@@ -704,6 +706,9 @@ def main() -> None:
               ("quantload", lambda: bench_quant_load(Path(args.work), results)),
               ("quantdecode", lambda: [bench_decode(model, results, results["copy_bw_TBps"] * 1e12, q)
                                        for q in ("wint4", "fp8", "wint8")]),
+              ("quant70bdecode", lambda: bench_decode(model_dir(Path(args.work), LLAMA_70B, "llama-70b-shape"),
+                                                      results, results["copy_bw_TBps"] * 1e12, "wint4",
+                                                      "decode_70b_wint4")),
               ("prefill", lambda: bench_prefill(model, results, results["gemm_tflops"])),
               ("ttft", lambda: bench_ttft(model, results, {r["prompts"]: r["ms"] for r in results.get("prefill", [])})),
               ("hf", lambda: bench_hf(model, results)),
