@@ -8,7 +8,8 @@
   ttft      time to first token through the launched 1P+1D pipeline on two GPUs, 4k and 128-token
             prompts, against the prefill compute alone (overhead ≤ 5 % at 4k), and through one mixed
             engine behind the same front-end
-  profile   the decode step's kernels, by time (not part of the table)
+  profile   the decode step's kernels, by time (not part of the table); quantprofile: with wint8 and wint4
+            weights
   tpcopy    the same KV between instances of different tensor parallelism (TP2 pool pair → TP1 pool,
             TP1 → TP2) through the CUDA IPC backend's head-range plan, against the raw peer copy
   rdma      the Mooncake backend moving the same 4k-token KV between two processes' GPU pools over tcp
@@ -479,11 +480,11 @@ def bench_cache_overhead(model: Path, results: dict, rounds: int = 3) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_profile(model: Path, results: dict) -> None:
+def bench_profile(model: Path, results: dict, quantization: str = "") -> None:
     """Where a graph-replayed decode step spends its time, kernel by kernel (batch 1 and 64)."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = make_engine(model, 0, 64, num_blocks=64 * 1040 // BLOCK + 64)
+    engine = make_engine(model, 0, 64, num_blocks=64 * 1040 // BLOCK + 64, quantization=quantization)
     tables = {}
     for batch in (1, 64):
         out = batch_of(engine, [1024] * batch, decode=True)
@@ -498,7 +499,7 @@ def bench_profile(model: Path, results: dict) -> None:
                                                   max_name_column_width=70)
         print(f"decode batch {batch}, 5 replays\n{tables[batch]}", flush=True)
         release(engine, out)
-    results["profile"] = {str(b): t for b, t in tables.items()}
+    results[f"profile_{quantization}" if quantization else "profile"] = {str(b): t for b, t in tables.items()}
     del engine
     torch.cuda.empty_cache()
 
@@ -714,7 +715,8 @@ def main() -> None:
               ("hf", lambda: bench_hf(model, results)),
               ("hosttier", lambda: bench_host_tier(model, results)),
               ("cacheoverhead", lambda: bench_cache_overhead(model, results)),
-              ("profile", lambda: bench_profile(model, results))]
+              ("profile", lambda: bench_profile(model, results)),
+              ("quantprofile", lambda: [bench_profile(model, results, q) for q in ("wint8", "wint4")])]
     for name, run in stages:
         if name in parts:
             start = time.perf_counter()
