@@ -80,6 +80,14 @@ def read_bandwidth() -> float:
     return src.numel() * 2 / (timed(lambda: src.sum(dtype=torch.float32), runs=20) / 1e3)
 
 
+def check(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Raises where `got` is off `want` (float32) by more than 2 % of its largest value."""
+    err = ((got.float() - want).abs().max() / want.abs().max()).item()
+    if err > 2e-2:
+        raise AssertionError(f"the weight-read GEMM is off its reference by {err:.1e}")
+    return True
+
+
 def unsplit(time_it, n: int, k: int, m: int) -> float | None:
     """The time with the weight's bands not cut along K, where `split_k` cuts them (None where it does not):
     whether the cut pays for its partial sums."""
@@ -109,7 +117,7 @@ def gemm_rows(bandwidth: float, read_rate: float) -> list[dict]:
                     err = ((layer(x).float() - want).abs().max() / want.abs().max()).item()  # tunes it first
                     ms = timed(lambda: layer(x))
                     bf16_ms = timed(lambda: torch.nn.functional.linear(x, plain))
-                    unsplit_ms = unsplit(lambda: timed(lambda: layer(x)), n, k, m)
+                    unsplit_ms = unsplit(lambda: check(layer(x), want) and timed(lambda: layer(x)), n, k, m)
                 read = qw.nbytes + x.numel() * 2
                 floor = read / bandwidth * 1e3
                 rows.append({"scheme": scheme, "n": n, "k": k, "m": m, "ms": ms, "floor_ms": floor,

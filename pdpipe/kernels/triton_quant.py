@@ -105,8 +105,8 @@ def high_nibbles_to_bf16(byte):
                                      is_pure=True, pack=4)
 
 
-@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST"])  # K: the split too
-@triton.jit
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "N", "K", "tiles_per", "KIND", "TILE_SCALE", "FAST"])
+@triton.jit(do_not_specialize=["tiles_per"])
 def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, k_bytes, tiles_per, stride_xm, stride_qn,
                          stride_sn, stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
                          TILE_SCALE: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
