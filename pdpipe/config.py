@@ -107,6 +107,12 @@ class EngineConfig:
         "choices": ("",) + QUANT_SCHEMES})
     quantization_ignore: tuple[str, ...] = field(default=(), metadata={
         "help": "module name patterns (fnmatch, e.g. 'model.layers.0.*') left unquantized"})
+    activation_quantization: str = field(default="", metadata={
+        "help": "fp8: projections with FP8 weights of a scale per output channel (quantization = fp8, or such a "
+                "checkpoint) multiply prompt-sized batches (over 64 rows) on FP8 tensor cores, their activations "
+                "quantized per token to e4m3 (W8A8; prefill's FLOPs halved on GPUs with FP8 tensor cores); "
+                "decode-sized ones stay weight-only. Empty: weight-only everywhere",
+        "choices": ("", "fp8")})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     cpu_threads: int = field(default=0, metadata={
         "help": "intra-op threads (torch, OpenMP, MKL) of each engine process a launch starts: 0: the "
@@ -126,6 +132,12 @@ class EngineConfig:
             if getattr(self, name) not in ("",) + QUANT_SCHEMES:
                 raise ValueError(f"{name}: {getattr(self, name)!r}; allowed: {', '.join(QUANT_SCHEMES)} "
                                  "(or empty: none)")
+        if self.activation_quantization not in ("", "fp8"):
+            raise ValueError(f"activation_quantization: {self.activation_quantization!r}; allowed: fp8 (or empty: "
+                             "weight-only)")
+        if self.activation_quantization and self.quantization not in ("", "fp8"):
+            raise ValueError(f"activation_quantization: fp8 needs FP8 weights of a scale per output channel "
+                             f"(quantization = fp8, or such a checkpoint); quantization is {self.quantization!r}")
         if self.data_parallel_attention and not self.expert_parallel:
             raise ValueError("data_parallel_attention: needs expert_parallel = true (the experts split by id; "
                              "every rank holds the rest whole)")

@@ -19,6 +19,7 @@ from pdpipe.config import EngineConfig
 from pdpipe.demo import resolve_model
 from pdpipe.kv_hash import block_hashes, reusable_blocks, root_hash
 from pdpipe.messages import EngineOutput, SamplingParams
+from pdpipe.models.layers import use_fp8_activations
 from pdpipe.models.loader import load_model
 from pdpipe.models.parallel import TensorParallel
 from pdpipe.models.spec import load_eos_token_ids
@@ -92,6 +93,8 @@ class LLMEngine:
                              "(64, 128, ...); run this model on device=cpu")
         if cuda:
             self.model.fuse_projections()  # before the step is profiled: the fused experts' buffers count
+        if config.activation_quantization:
+            use_fp8_activations(self.model)  # after fusing: a fused projection is a new module
         num_blocks = self._pool_blocks(memory_at_start)
         self.max_model_len = resolve_max_model_len(self.spec, config, num_blocks)
         self.eos_token_ids = load_eos_token_ids(self.model_dir)

@@ -86,6 +86,29 @@ def quant_skinny_linear(x, scheme: str, codes, scale, shape, cell, offset, bias=
     return triton_quant.quant_skinny_linear(x, scheme, codes, scale, shape, cell, offset, bias)
 
 
+W8A8_MIN_ROWS = 65  # prompt-sized: fewer rows read the weights at decode's rate weight-only (triton_quant)
+
+
+def fp8_w8a8_fits(x, codes) -> bool:
+    """Whether x @ W.T for FP8 codes W takes the FP8 GEMM with x quantized per row: prompt-sized x, and on
+    GPU what its FP8 GEMM takes (bf16 x, K and N multiples of 16)."""
+    if x.dim() != 2 or x.shape[0] < W8A8_MIN_ROWS:
+        return False
+    return not x.is_cuda or (x.dtype == torch.bfloat16 and x.shape[1] % 16 == 0 and codes.shape[0] % 16 == 0)
+
+
+def fp8_w8a8_linear(x, codes, w_scale, bias=None):
+    """x @ W.T (+ bias), W = codes (e4m3, [N, K]) x w_scale (float32 [N], a scale an output row), with x
+    quantized per row to e4m3 (scale amax / 448, 1 for a row of zeros) and one FP8 GEMM accumulating in
+    float32 (`torch._scaled_mm`: tensor cores on GPU), in x's dtype."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, reference.FP8_MAX), torch.ones_like(amax))
+    xq = (x32 / scale).clamp(-reference.FP8_MAX, reference.FP8_MAX).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(xq, codes.t(), scale_a=scale, scale_b=w_scale.view(1, -1),
+                            bias=bias.to(x.dtype) if bias is not None else None, out_dtype=x.dtype)
+
+
 def quant_dequantize(scheme: str, codes, scale, shape, cell, offset, dtype):
     """A quantized weight [N, K] in `dtype` (code x scale in float32, then `dtype`), in one pass on GPU."""
     return triton_quant.dequantize(scheme, codes, scale, shape, cell, offset, dtype)
@@ -131,7 +154,8 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
     return ops.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers, src_heads, dst_heads)
 
 
-__all__ = ["copy_blocks", "copy_pool_blocks", "decode_splits", "enable_skinny", "fused_moe", "gather_blocks",
-           "linear", "moe_route", "moe_router", "paged_attention", "quant_dequantize", "quant_skinny_fits",
-           "quant_skinny_linear", "reference", "rms_norm", "rope_and_store", "rotary", "scatter_blocks",
-           "silu_and_mul", "store_kv", "triton_moe", "triton_ops", "triton_quant", "use_triton"]
+__all__ = ["W8A8_MIN_ROWS", "copy_blocks", "copy_pool_blocks", "decode_splits", "enable_skinny", "fp8_w8a8_fits",
+           "fp8_w8a8_linear", "fused_moe", "gather_blocks", "linear", "moe_route", "moe_router", "paged_attention",
+           "quant_dequantize", "quant_skinny_fits", "quant_skinny_linear", "reference", "rms_norm", "rope_and_store",
+           "rotary", "scatter_blocks", "silu_and_mul", "store_kv", "triton_moe", "triton_ops", "triton_quant",
+           "use_triton"]

@@ -36,12 +36,25 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", weight.codes.contiguous())  # a shard's columns are a strided view
         self.register_buffer("scale", weight.scale.contiguous())
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.w8a8_scale: torch.Tensor | None  # a scale an output row: W8A8 for prompt-sized batches (see below)
+        self.register_buffer("w8a8_scale", None, persistent=False)
+
+    def channel_scales(self) -> torch.Tensor | None:
+        """FP8 codes with one scale an output row (each row's K columns inside one scale cell): that scale
+        for each of its rows, float32 [N]; None for any other weight."""
+        (n, k), (bn, bk), (n_off, k_off) = self.shape, self.cell, self.offset
+        if self.scheme != "fp8" or k_off + k > bk:
+            return None
+        rows = (torch.arange(n, device=self.scale.device) + n_off) // bn
+        return self.scale[rows, k_off // bk].float().contiguous()
 
     @property
     def quantized(self) -> QuantizedWeight:
         return QuantizedWeight(self.scheme, self.codes, self.scale, self.shape, self.cell, self.offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w8a8_scale is not None and kernels.fp8_w8a8_fits(x, self.codes):  # prompt-sized, FP8 x FP8
+            return kernels.fp8_w8a8_linear(x, self.codes, self.w8a8_scale, self.bias)
         if kernels.quant_skinny_fits(x):  # decode-sized on GPU: the codes read once, upcast in registers
             return kernels.quant_skinny_linear(x, self.scheme, self.codes, self.scale, self.shape, self.cell,
                                                self.offset, self.bias)
@@ -51,6 +64,21 @@ class QuantLinear(nn.Module):
         else:
             weight = dequantize(self.quantized, x.dtype)
         return kernels.linear(x, weight, self.bias)
+
+
+def use_fp8_activations(model: nn.Module) -> int:
+    """`[engine] activation_quantization = "fp8"`: every projection with FP8 codes of a scale an output row
+    takes W8A8 for prompt-sized batches (its activations quantized per token to e4m3, one FP8 GEMM); how
+    many do. Call it after the projections are fused (a fused projection is a new QuantLinear)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and (scales := module.channel_scales()) is not None:
+            module.w8a8_scale = scales
+            count += 1
+    if not count:
+        raise ValueError("activation_quantization: fp8 needs FP8 weights of a scale per output channel "
+                         "(quantization = fp8, or such a checkpoint); this model has no such projection")
+    return count
 
 
 class Stacked(nn.Module):

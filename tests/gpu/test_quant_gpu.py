@@ -150,3 +150,25 @@ def test_quantized_experts_in_bf16_equal_the_dequantized_reference(scheme):
             want = reference.fused_moe(x.float(), d13.float(), d2.float(), weights, ids).float()
             err = ((got - want).abs().max() / want.abs().max()).item()
             assert err < 3e-2, (scheme, cols, tokens, err)
+
+
+def test_fp8_activations_on_gpu_take_the_scaled_fp8_gemm_for_prompts():
+    """W8A8 on the GPU's FP8 tensor cores (bf16 activations, per-token scales, per-channel weight scales):
+    against the product of the per-token-quantized activations and the dequantized weights in float32;
+    decode-sized batches unchanged."""
+    from pdpipe.models.layers import QuantLinear, use_fp8_activations
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    qw = quantize(torch.randn(4096, 1024, device="cuda", generator=gen) * 0.02, "fp8")
+    bias = torch.randn(4096, device="cuda", generator=gen).to(torch.bfloat16)
+    plain, w8a8 = QuantLinear(qw, bias), QuantLinear(qw, bias)
+    use_fp8_activations(w8a8)
+    x = torch.randn(16, 1024, device="cuda", generator=gen).to(torch.bfloat16)
+    assert torch.equal(w8a8(x), plain(x))
+    for rows in (65, 512, 2048):
+        x = torch.randn(rows, 1024, device="cuda", generator=gen).to(torch.bfloat16)
+        amax = x.float().abs().amax(-1, keepdim=True)
+        xq = (x.float() / (amax / 448)).to(torch.float8_e4m3fn).float() * (amax / 448)
+        want = xq @ dequantize(qw).float().T + bias.float()
+        got = w8a8(x).float()
+        assert torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()), rows

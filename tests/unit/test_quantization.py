@@ -341,3 +341,61 @@ def test_quantized_experts_stack_for_the_fused_kernels_where_one_grid_holds_them
         quant_stack([expert("block_wise_fp8", 96) for _ in range(2)])
     with pytest.raises(ValueError, match="moe_quantization: some experts' projections are quantized"):
         quant_stack([[experts[0][0], torch.nn.Linear(128, 96)]])
+
+
+def test_fp8_activations_take_fp8_products_for_prompt_sized_batches_only():
+    """W8A8: from 65 rows the input is quantized per row to e4m3 (its scale amax / 448) and multiplied with
+    the FP8 codes in one scaled GEMM; fewer rows (decode) stay weight-only, exactly as without it; a block
+    scaled weight does not take it."""
+    from pdpipe import kernels
+    from pdpipe.models.layers import QuantLinear, use_fp8_activations
+
+    gen = torch.Generator().manual_seed(4)
+    qw = quantize(torch.randn(48, 96, generator=gen) * 0.05, "fp8")
+    bias = torch.randn(48, generator=gen)
+    plain, w8a8 = QuantLinear(qw, bias), QuantLinear(qw, bias)
+    assert use_fp8_activations(w8a8) == 1
+    for rows in (1, 64):
+        x = torch.randn(rows, 96, generator=gen)
+        assert torch.equal(w8a8(x), plain(x))
+    x = torch.randn(kernels.W8A8_MIN_ROWS, 96, generator=gen)
+    x[3] = 0  # a row of zeros: scale 1
+    scale = torch.where(x.abs().amax(-1, keepdim=True) > 0, x.abs().amax(-1, keepdim=True) / 448, 1.0)
+    xq = torch.from_numpy(to_e4m3((x / scale).numpy())).float() * scale  # rounded by an independent reference
+    want = xq @ dequantize(qw).T + bias
+    got = w8a8(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, plain(x), rtol=1e-3, atol=1e-3)  # the activations were quantized
+    with pytest.raises(ValueError, match="activation_quantization: fp8 needs FP8 weights of a scale per output"):
+        use_fp8_activations(QuantLinear(quantize(torch.randn(256, 256, generator=gen), "block_wise_fp8")))
+
+
+def test_fp8_activations_are_refused_without_fp8_weights_naming_the_field(quant_model):
+    from pdpipe.engine.engine import LLMEngine
+
+    with pytest.raises(ValueError, match="activation_quantization: 'int8'; allowed: fp8"):
+        EngineConfig(activation_quantization="int8")
+    with pytest.raises(ValueError, match="activation_quantization: fp8 needs FP8 weights .* quantization is 'wint8'"):
+        EngineConfig(quantization="wint8", activation_quantization="fp8")
+    with pytest.raises(ValueError, match="this model has no such projection"):
+        LLMEngine(EngineConfig(model=str(quant_model), activation_quantization="fp8"))
+
+
+def test_an_engine_with_fp8_activations_predicts_what_fp8_weight_only_does_for_most_prompts(quant_model):
+    """The first token after each of 40 prompts of 65-199 tokens (one batch: W8A8), against weight-only
+    FP8: the same for at least 36 (39 when measured)."""
+    import random
+
+    from pdpipe.config import CacheConfig
+    from pdpipe.engine.engine import LLMEngine
+    from pdpipe.messages import SamplingParams
+
+    prompts = make_prompts(384, lengths=tuple(random.Random(1).randrange(65, 200) for _ in range(40)), seed=5)
+    firsts = []
+    for activations in ("", "fp8"):
+        engine = LLMEngine(EngineConfig(model=str(quant_model), quantization="fp8",
+                                        activation_quantization=activations,
+                                        cache=CacheConfig(block_size=8, num_blocks=1200)))
+        firsts.append(engine_tokens(engine, prompts, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+        assert engine.leak_free()
+    assert sum(a == b for a, b in zip(*firsts)) >= 36
