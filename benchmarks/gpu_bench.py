@@ -22,6 +22,8 @@
   quantdecode  the decode step with wint4, fp8 and wint8 weights (dummy, quantized as made) against the floor
             of the bytes it reads as stored (goal <= 1.3x at batch 1, <= 1.5x at 64)
   quant70bdecode  the same for the Llama-3.1-70B shape in wint4 on one GPU (goal <= 1.25x at batch 1)
+  quantprefill  prompt steps with fp8 weights (weight-only and W8A8: activation_quantization = fp8), wint8
+            and wint4, as the prefill stage measures bf16
 
 Usage: python benchmarks/gpu_bench.py [--only transfer,decode,...] [--json OUT.json]
        (or bash benchmarks/device_run.sh bench transfer,decode,...; figures in benchmarks/RESULTS.md,
@@ -305,12 +307,12 @@ def bench_rdma(results: dict) -> None:
 # ---- engine on one GPU: decode steps and prefill ------------------------------------------------------
 
 def make_engine(model: Path, device: int, max_num_seqs: int, num_blocks: int, graphs: bool = True,
-                quantization: str = ""):
+                quantization: str = "", activation_quantization: str = ""):
     from pdpipe.config import CacheConfig, EngineConfig, SchedulerConfig
     from pdpipe.engine.engine import LLMEngine
 
     cfg = EngineConfig(model=str(model), device=f"cuda:{device}", dtype="bfloat16", load_format="dummy",
-                       quantization=quantization,
+                       quantization=quantization, activation_quantization=activation_quantization,
                        cuda_graphs=graphs, cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks),
                        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=16384,
                                                  max_model_len=8192))
@@ -509,10 +511,17 @@ def attention_flops(spec, lengths) -> float:
     return 4 * spec.num_layers * spec.num_heads * spec.head_dim * pairs
 
 
-def bench_prefill(model: Path, results: dict, gemm: float) -> None:
-    engine = make_engine(model, 0, 8, num_blocks=8192 // BLOCK + 64, graphs=False)
+def bench_prefill(model: Path, results: dict, gemm: float, quantization: str = "",
+                  activation_quantization: str = "") -> None:
+    """Prompt steps: TFLOP/s (the projections' FLOPs counted as bf16's, attention's, the head's) against a
+    bf16 GEMM; with `quantization` (and `activation_quantization`), of a quantized model."""
+    engine = make_engine(model, 0, 8, num_blocks=8192 // BLOCK + 64, graphs=False, quantization=quantization,
+                         activation_quantization=activation_quantization)
     spec = engine.spec
-    matmul_params = weight_bytes(engine.model) // 2 - spec.vocab_size * spec.hidden_size
+    # the projections' parameters (the head's and the embeddings' aside), however their weights are stored
+    matmul_params = spec.num_layers * (spec.hidden_size * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+                                       + spec.num_heads * spec.head_dim * spec.hidden_size
+                                       + 3 * spec.hidden_size * spec.intermediate_size)
     rows = []
     for label, lengths in (("1x2048", [2048]), ("8x512", [512] * 8), ("1x4096", [4096]), ("1x128", [128])):
         out = batch_of(engine, lengths, decode=False)
@@ -521,8 +530,10 @@ def bench_prefill(model: Path, results: dict, gemm: float) -> None:
             + 2 * spec.vocab_size * spec.hidden_size * len(lengths)
         rows.append(dict(prompts=label, ms=t * 1e3, tflops=flops / t / 1e12, pct_of_gemm=100 * flops / t / 1e12 / gemm))
         release(engine, out)
-    results["prefill"] = rows
-    results["attention_2k"] = attention_vs_sdpa(spec)
+    key = "_".join(filter(None, ("prefill", quantization, activation_quantization and "w8a8")))
+    results[key] = rows
+    if not quantization:
+        results["attention_2k"] = attention_vs_sdpa(spec)
     del engine
     torch.cuda.empty_cache()
 
@@ -711,6 +722,8 @@ def main() -> None:
                                                       results, results["copy_bw_TBps"] * 1e12, "wint4",
                                                       "decode_70b_wint4")),
               ("prefill", lambda: bench_prefill(model, results, results["gemm_tflops"])),
+              ("quantprefill", lambda: [bench_prefill(model, results, results["gemm_tflops"], q, a)
+                                        for q, a in (("fp8", ""), ("fp8", "fp8"), ("wint8", ""), ("wint4", ""))]),
               ("ttft", lambda: bench_ttft(model, results, {r["prompts"]: r["ms"] for r in results.get("prefill", [])})),
               ("hf", lambda: bench_hf(model, results)),
               ("hosttier", lambda: bench_host_tier(model, results)),
