@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pdpipe.kernels.reference import fp8_per_row
 from pdpipe.quant import QuantPlan
 from pdpipe.quant.weights import dequantize, dequantized_copy, quantize
 
@@ -77,9 +78,8 @@ def text_tokens(tokenizer, count: int) -> list[int]:
 
 def fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     """x quantized per row (token) to e4m3 and back, as `kernels.fp8_w8a8_linear` quantizes activations."""
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, 448.0), torch.ones_like(amax))
-    return (x / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale
+    codes, scale = fp8_per_row(x)
+    return codes.float() * scale
 
 
 @torch.inference_mode()

@@ -75,16 +75,22 @@ def paged_attention(
 FP8_MAX = 448.0  # the largest e4m3 value
 
 
-def to_fp8_rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., head_dim] → uint8 [..., head_dim + 4]: each row's e4m3 codes (x / scale, rounded to nearest
-    even), then its float32 scale amax / 448 (1 for a row of zeros) as 4 bytes."""
+def fp8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row (last dim) of x in e4m3: its codes (x / scale, rounded to nearest even) and its float32
+    scale amax / 448 (1 for a row of zeros), [..., 1]. The FP8 KV rows and W8A8's activations."""
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True)
     # over a tensor, not the number: CUDA divides a tensor by a number as a product with its reciprocal,
     # 1 ulp off IEEE division (which the Triton store does) for some amax
     scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
-    codes = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-    return torch.cat([codes, scale.contiguous().view(torch.uint8)], dim=-1)
+    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def to_fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., head_dim] → uint8 [..., head_dim + 4]: each row's e4m3 codes, then its float32 scale as 4 bytes
+    (`fp8_per_row`)."""
+    codes, scale = fp8_per_row(x)
+    return torch.cat([codes.view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=-1)
 
 
 def from_fp8_rows(rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
