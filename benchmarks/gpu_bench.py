@@ -17,6 +17,8 @@
   hosttier  an 8k-token context to the host tier and back against pinned copies (goal >= 70 %) and
             against recomputing it (goal restore >= 5x faster)
   cacheoverhead  prefix caching on against off where nothing is reused (goal <= 2 % throughput)
+  hitstep   a mixed engine's step computing a 150-token prompt after a cached 3k-token history beside
+            0-24 decodes, against the decode steps around it, as planned and forced eager
   quantload the 8B shape's bf16 checkpoint (8 of its layers, real files) loaded onto the GPU plain and
             quantized online: time and peak GPU memory above what it holds (goal: + one bf16 layer + 2 GiB)
   quantdecode  the decode step with wint4, fp8 and wint8 weights (dummy, quantized as made) against the floor
@@ -482,6 +484,84 @@ def bench_cache_overhead(model: Path, results: dict, rounds: int = 3) -> None:
     torch.cuda.empty_cache()
 
 
+def bench_hit_step(model: Path, results: dict, context: int = 3000, suffix: int = 150, rounds: int = 6) -> None:
+    """What a prompt that hits the prefix cache costs a mixed engine: the step computing a `suffix`-token
+    prompt after a cached `context`-token history beside N decodes of `context` tokens, against the
+    decode steps around it — as planned (a prefill graph of chunks after context while at most
+    PrefillGraphs.MAX_SEQS chunks, else eager), forced eager, and the prompt's step alone; whole
+    engine.step() times (host planning, the forward, sampling, bookkeeping), the host's planning apart."""
+    from pdpipe.messages import SamplingParams
+
+    engine = make_engine(model, 0, 64, num_blocks=40 * (context + 400) // BLOCK + 64)
+    runner, plan = engine.runner, engine.runner.plan
+    seen: list = []
+
+    def recording(out, on_layer_done=None):
+        start = time.perf_counter()
+        step, seqs = plan(out, on_layer_done)
+        seen.append((type(step).__name__, time.perf_counter() - start,
+                     [(c.start, c.num_tokens) for c in out.chunks if c.num_tokens > 1]))
+        return step, seqs
+
+    runner.plan = recording
+    gen = torch.Generator().manual_seed(7)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(100, 120000, (n,), generator=gen).tolist()
+
+    def timed_step() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    once = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    rows = []
+    for decodes in (0, 4, 12, 24):
+        ids = [f"d{decodes}-{i}" for i in range(decodes)]
+        for rid in ids:
+            engine.add_request(rid, tokens(context), SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True))
+        history = tokens(context)
+        engine.add_request(f"h{decodes}", history, once)
+        while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
+            engine.step()
+        times: dict[str, list[float]] = {"decode": [], "hit": [], "hit_eager": []}
+        kinds, plans, hits = set(), [], []
+        for r in range(rounds + 1):  # the first round warms up
+            for mode in ("hit", "hit_eager"):
+                if decodes:
+                    decode = timed_step()
+                engine.add_request(f"q{decodes}-{r}-{mode}", history + tokens(suffix), once)
+                graphs = runner.prefill_graphs
+                if mode == "hit_eager":
+                    runner.prefill_graphs = None
+                seen.clear()
+                took = timed_step()
+                runner.prefill_graphs = graphs
+                if r:
+                    times[mode].append(took)
+                    if decodes:
+                        times["decode"].append(decode)
+                    if mode == "hit":
+                        kinds.add(seen[-1][0])
+                        plans.append(seen[-1][1])
+                        hits.append(seen[-1][2])
+        for rid in ids:
+            engine.abort_request(rid)
+        row = dict(decodes=decodes, context=context, suffix=suffix,
+                   **{f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items() if v},
+                   hit_plan=sorted(kinds), host_plan_ms=statistics.median(plans) * 1e3, prompt_chunks=hits[0])
+        rows.append(row)
+        print(f"hit step beside {decodes} decodes: {row.get('hit_ms', 0):.1f} ms ({'/'.join(kinds)}, host plan "
+              f"{row['host_plan_ms']:.2f} ms), eager {row.get('hit_eager_ms', 0):.1f}, decode alone "
+              f"{row.get('decode_ms', 0):.1f}; prompt chunks {hits[0]}", flush=True)
+    results["hit_step"] = rows
+    runner.plan = plan
+    del engine
+    torch.cuda.empty_cache()
+
+
 def bench_profile(model: Path, results: dict, quantization: str = "") -> None:
     """Where a graph-replayed decode step spends its time, kernel by kernel (batch 1 and 64)."""
     from torch.profiler import ProfilerActivity, profile
@@ -728,6 +808,7 @@ def main() -> None:
               ("hf", lambda: bench_hf(model, results)),
               ("hosttier", lambda: bench_host_tier(model, results)),
               ("cacheoverhead", lambda: bench_cache_overhead(model, results)),
+              ("hitstep", lambda: bench_hit_step(model, results)),
               ("profile", lambda: bench_profile(model, results)),
               ("quantprofile", lambda: [bench_profile(model, results, q) for q in ("wint8", "wint4")])]
     for name, run in stages:
