@@ -95,7 +95,8 @@ while [ $# -gt 0 ]; do
            --heads 32 --kv-heads 8 --intermediate 14336 --vocab 128256 --max-position 131072 --dtype bfloat16 --no-weights >/dev/null
          timeout ${PREFIX_S:-540} python3 benchmarks/prefix_cache.py --config ${PREFIX_CONFIG:-launch/gpu-8b-mixed.toml} \
            --vocab 128000 ${PREFIX_ARGS:---sessions 16 --groups 2 --turns 4 --system 1000 --user 100:200 --reply 128:256 --rate 1} \
-           --result-file "$OUT/prefix_cache.json" 2>&1 | grep -v Warn | tee "$OUT/prefix_cache.log" | tail -8; shift ;;
+           --result-file "$OUT/prefix_cache.json" 2>&1 | grep -v Warn | tee "$OUT/prefix_cache.log" | tail -8
+         tar czf "$OUT/prefix_cache_logs.tgz" -C /tmp $(cd /tmp && ls -d pdpipe-prefix-cache-* 2>/dev/null); shift ;;
     prefixcompare) [ -f $model/config.json ] || python3 -m pdpipe.cli make-model $model --arch llama --layers 32 --hidden 4096 \
            --heads 32 --kv-heads 8 --intermediate 14336 --vocab 128256 --max-position 131072 --dtype bfloat16 --no-weights >/dev/null
          sed -e 's/^name = .*/name = "mixed-8b-nocache"/' -e 's/^kv_cache_mb = .*/&\nprefix_caching = false/' \

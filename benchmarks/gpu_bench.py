@@ -547,6 +547,15 @@ def bench_hit_step(model: Path, results: dict, context: int = 3000, suffix: int 
                         kinds.add(seen[-1][0])
                         plans.append(seen[-1][1])
                         hits.append(seen[-1][2])
+        if decodes == 12:  # where such a step's GPU time goes, kernel by kernel
+            from torch.profiler import ProfilerActivity, profile
+
+            engine.add_request(f"q{decodes}-profiled", history + tokens(suffix), once)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                timed_step()
+            results["hit_step_profile"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15,
+                                                                    max_name_column_width=60)
+            print(results["hit_step_profile"], flush=True)
         for rid in ids:
             engine.abort_request(rid)
         row = dict(decodes=decodes, context=context, suffix=suffix,

@@ -172,7 +172,7 @@ class PrefillGraphs:
                  context: bool = False):
         self.block_size = kv_cache.block_size
         self.sizes = prefill_graph_sizes(max_tokens)
-        dev, kv_layers, most = kv_cache.data.device, kv_cache.layers(), self.sizes[-1]
+        dev, kv_layers, most, spec = kv_cache.data.device, kv_cache.layers(), self.sizes[-1], model.spec
         self.ids = torch.zeros(most, dtype=torch.long, device=dev)
         self.pos = torch.zeros(most, dtype=torch.long, device=dev)
         self.slots = torch.full((most,), -1, dtype=torch.long, device=dev)
@@ -192,7 +192,8 @@ class PrefillGraphs:
             if context:
                 variants.append((self.context_graphs, AttentionMetadata(
                     slot_mapping=self.slots[:size], block_tables=self.tables, query_start_loc=[], seq_lens=[],
-                    query_start_loc_t=self.cu, seq_lens_t=self.lens, max_query_len=size)))
+                    query_start_loc_t=self.cu, seq_lens_t=self.lens, max_query_len=size,
+                    num_splits=kernels.extend_splits(size, max_model_len, spec.num_heads, spec.num_kv_heads))))
             for graphs, meta in variants:
 
                 def step(size=size, meta=meta):

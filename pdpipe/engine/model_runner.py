@@ -207,8 +207,9 @@ class ModelRunner:
             meta.decode = meta.max_query_len == 1 and len(lay.ids) == len(seq_lens)  # no padding rows (a
             # data-parallel share padded to the others' count runs the extend kernel)
             meta.fresh = lay.fresh
-            meta.num_splits = kernels.decode_splits(max(seq_lens, default=1), len(seq_lens),
-                                                    self.model.spec.num_kv_heads)
+            spec, longest = self.model.spec, max(seq_lens, default=1)
+            meta.num_splits = kernels.decode_splits(longest, len(seq_lens), spec.num_kv_heads) if meta.decode \
+                else kernels.extend_splits(len(lay.ids), longest, spec.num_heads, spec.num_kv_heads)
         ids = torch.tensor(lay.ids, dtype=torch.long, device=dev)
         pos = torch.tensor(lay.pos, dtype=torch.long, device=dev)
         return ids, pos, meta

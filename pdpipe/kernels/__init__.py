@@ -38,6 +38,11 @@ def decode_splits(max_seq_len: int, batch: int, kv_heads: int) -> int:
     return triton_ops.decode_splits(max_seq_len, batch, kv_heads) if triton_ops is not None else 1
 
 
+def extend_splits(tokens: int, max_context: int, heads: int, kv_heads: int) -> int:
+    """How many parts extend attention splits each query tile's keys into (1 without Triton)."""
+    return triton_ops.extend_splits(tokens, max_context, heads, kv_heads) if triton_ops is not None else 1
+
+
 def rms_norm(x, weight, eps: float, residual=None):
     """(normalized, new residual): the residual add fused into the norm on GPU."""
     if use_triton(x) and x.dim() == 2:
@@ -151,7 +156,7 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
     return ops.copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer, num_layers, src_heads, dst_heads)
 
 
-__all__ = ["W8A8_MIN_ROWS", "copy_blocks", "copy_pool_blocks", "decode_splits", "enable_skinny", "fp8_w8a8_fits",
+__all__ = ["W8A8_MIN_ROWS", "copy_blocks", "copy_pool_blocks", "decode_splits", "enable_skinny", "extend_splits", "fp8_w8a8_fits",
            "fp8_w8a8_linear", "fused_moe", "gather_blocks", "linear", "moe_route", "moe_router", "paged_attention",
            "quant_dequantize", "quant_skinny_fits", "quant_skinny_linear", "reference", "rms_norm", "rope_and_store",
            "rotary", "scatter_blocks", "silu_and_mul", "store_kv", "triton_moe", "triton_ops", "triton_quant",

@@ -195,8 +195,8 @@ def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, HEAD_DIM: tl.constexpr, SP
     top = tl.max(lse, 0)
     w = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)
     total = tl.sum(w, 0)
-    parts = tl.load(part_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < SPLITS)[:, None],
-                    other=0.0)
+    parts = tl.load(part_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(lse > float("-inf"))[:, None], other=0.0)  # parts never written (a row of no chunk) unread
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
@@ -239,35 +239,42 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
 # ---- prefill / extend attention: variable-length queries over their paged context --------------
 
 @triton.jit(do_not_specialize=["stride_bt"])  # see VARYING
-def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr, scale, window, stride_bt,
-                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                   FP8: tl.constexpr = False):
+def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_ptr, lse_ptr, bt_ptr, qstart_ptr, lens_ptr, scale, window,
+                   stride_bt, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr = False):
+    """A tile of BLOCK_T query tokens of one sequence, all GROUP query heads of one KV head (rows: token-major,
+    head-minor), against the SPLITS-th part of the keys the tile may see: each key tile loaded once for the
+    group. With SPLITS > 1 the part's normalised output and log-sum-exp go to `part`/`lse` (reduced after)."""
     mblock = tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
+    kvh = tl.program_id(1)
+    seq = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     q_start = tl.load(qstart_ptr + seq)
     q_len = tl.load(qstart_ptr + seq + 1) - q_start
-    if mblock * BLOCK_M < q_len:
+    if mblock * BLOCK_T < q_len:
         seq_len = tl.load(lens_ptr + seq)
-        kvh = head // (HEADS // KV_HEADS)
-        i = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
-        i_mask = i < q_len
-        q_pos = seq_len - q_len + i
+        r = tl.arange(0, BLOCK_M)
+        t = mblock * BLOCK_T + r // GROUP
+        row_ok = (r < BLOCK_T * GROUP) & (t < q_len)
+        q_row = (q_start + t) * HEADS + kvh * GROUP + r % GROUP
+        q_pos = seq_len - q_len + t
         d = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + ((q_start + i) * HEADS + head)[:, None] * HEAD_DIM + d[None, :],
-                    mask=i_mask[:, None], other=0.0)
+        q = tl.load(q_ptr + q_row[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        last = tl.minimum(seq_len, seq_len - q_len + (mblock + 1) * BLOCK_M)  # causal end of this tile
+        last = tl.minimum(seq_len, seq_len - q_len + (mblock + 1) * BLOCK_T)  # causal end of this tile
         first = 0
         if window > 0:
-            first = tl.maximum(seq_len - q_len + mblock * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+            first = tl.maximum(seq_len - q_len + mblock * BLOCK_T - window + 1, 0) // BLOCK_N * BLOCK_N
+        per_split = tl.cdiv(tl.cdiv(last - first, SPLITS), BLOCK_N) * BLOCK_N
+        lo = first + split * per_split
+        hi = tl.minimum(lo + per_split, last)
         n = tl.arange(0, BLOCK_N)
-        for tile in range(first, last, BLOCK_N):
+        for tile in range(lo, hi, BLOCK_N):
             tok = tile + n
-            valid = tok < last
+            valid = tok < hi
             k, v = _paged_kv_tile(kc_ptr, vc_ptr, bt_ptr, seq, stride_bt, tok, valid, kvh, d, PAGE, KV_HEADS,
                                   HEAD_DIM, FP8)
             if FP8:
@@ -276,14 +283,40 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, qstart_ptr, lens_ptr,
             if window > 0:
                 allowed = allowed & (tok[None, :] > q_pos[:, None] - window)
             m, l_sum, acc = _attend_tile(q, k, v, allowed, m, l_sum, acc, scale, PRECISION)
-        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-        tl.store(out_ptr + ((q_start + i) * HEADS + head)[:, None] * HEAD_DIM + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=i_mask[:, None])
+        has = l_sum > 0
+        out = acc / tl.where(has, l_sum, 1.0)[:, None]
+        if SPLITS == 1:
+            tl.store(out_ptr + q_row[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+        else:
+            part_row = q_row * SPLITS + split
+            tl.store(part_ptr + part_row[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+            tl.store(lse_ptr + part_row, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")),
+                     mask=row_ok)
+
+
+def _extend_tile(max_query_len: int, group: int) -> tuple[int, int]:
+    """(rows a program holds, query tokens they are): 64 rows (16 when a step's chunks are that short), at
+    least a whole group of query heads."""
+    block_m = max(64 if max_query_len * group > 16 else 16, triton.next_power_of_2(group))
+    return block_m, block_m // group
+
+
+def extend_splits(tokens: int, max_context: int, heads: int, kv_heads: int) -> int:
+    """How many parts extend attention splits each query tile's keys into: enough programs to fill the GPU
+    (about two a multiprocessor) where a step's few query tiles attend to long contexts — a short prompt
+    after a long cached history, decodes beside it — in powers of two, at least 256 keys a part."""
+    _, block_t = _extend_tile(tokens, heads // kv_heads)
+    want = min(triton.cdiv(264, triton.cdiv(tokens, block_t) * kv_heads), 16, max(1, max_context // 256))
+    splits = 1
+    while splits * 2 <= want:
+        splits *= 2
+    return splits
 
 
 def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int,
                      scale: float, sliding_window: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, num_splits: int = 1) -> torch.Tensor:
     # query: [num_tokens, heads, head_dim]; query_start_loc: [num_seqs + 1] int32; seq_lens: [num_seqs] int32
     _check_cache(k_cache, v_cache)
     tokens, heads, dim = query.shape
@@ -295,12 +328,20 @@ def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq
     assert query_start_loc.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
     out = torch.empty_like(query) if out is None else out
     assert out.shape == query.shape and out.is_contiguous()
-    block_m = 64 if max_query_len > 16 else 16
-    grid = (triton.cdiv(max_query_len, block_m), heads, num_seqs)
-    _extend_kernel[grid](query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
-                         sliding_window or 0, block_tables.stride(0), HEADS=heads, KV_HEADS=kv_heads,
-                         HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=64, PRECISION=_precision(query),
-                         FP8=k_cache.dtype == torch.uint8, num_warps=4, num_stages=2)
+    group = heads // kv_heads
+    block_m, block_t = _extend_tile(max_query_len, group)
+    part = lse = out  # unused without a split
+    if num_splits > 1:  # rows of no chunk (padding) keep -inf parts: the reduction writes them 0
+        part = torch.empty(tokens, heads, num_splits, dim, dtype=torch.float32, device=query.device)
+        lse = torch.full((tokens, heads, num_splits), float("-inf"), dtype=torch.float32, device=query.device)
+    grid = (triton.cdiv(max_query_len, block_t), kv_heads, num_seqs * num_splits)
+    _extend_kernel[grid](query, k_cache, v_cache, out, part, lse, block_tables, query_start_loc, seq_lens, scale,
+                         sliding_window or 0, block_tables.stride(0), HEADS=heads, KV_HEADS=kv_heads, GROUP=group,
+                         HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=64, SPLITS=num_splits,
+                         PRECISION=_precision(query), FP8=k_cache.dtype == torch.uint8, num_warps=4, num_stages=2)
+    if num_splits > 1:
+        _decode_reduce_kernel[(tokens * heads,)](part, lse, out, HEAD_DIM=dim, SPLITS=num_splits,
+                                                 BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
     return out
 
 

@@ -37,7 +37,7 @@ class AttentionMetadata:
     max_query_len: int = 0
     decode: bool = False  # every sequence has exactly one new token
     fresh: bool = False  # every sequence is a whole prompt with no context before it
-    num_splits: int = 1  # decode attention's split of the context
+    num_splits: int = 1  # attention's split of the context (decode or extend kernel's, which reads it)
 
 
 _VARLEN: tuple | None = None  # (varlen_attn, extra kwargs) or () where torch lacks a usable one
@@ -114,7 +114,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         if meta.fresh and window is None and k_cache.dtype != torch.uint8:  # an FP8 pool's prompts read their
             return _prompt_attention(q, k, v, meta, scale)                  # stored rows, as later hits will
         return ops.extend_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc_t,
-                                    meta.seq_lens_t, meta.max_query_len, scale, window)
+                                    meta.seq_lens_t, meta.max_query_len, scale, window, num_splits=meta.num_splits)
     return kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                                    scale, window)
 

@@ -62,7 +62,8 @@ def test_extend_attention_matches_reference(dtype, heads, kv_heads, dim, page, w
     from pdpipe.kernels import triton_ops
 
     torch.manual_seed(7 * heads + dim)
-    q_lens, ctx = [1, 5, 64, 200, 513], [1, 40, 64, 900, 513]  # chunked prefill: context beyond the queries
+    # chunked prefill (context beyond the queries), decodes beside it (one-token chunks after long contexts)
+    q_lens, ctx = [1, 5, 64, 200, 513, 1], [1, 40, 64, 900, 513, 3000]
     num_blocks = sum(-(-n // page) for n in ctx) + 4
     kc, vc = random_pool(num_blocks, page, kv_heads, dim, dtype)
     perm = torch.randperm(num_blocks, device="cuda").int()
@@ -75,14 +76,18 @@ def test_extend_attention_matches_reference(dtype, heads, kv_heads, dim, page, w
     qsl = [0]
     for n in q_lens:
         qsl.append(qsl[-1] + n)
-    q = torch.randn(qsl[-1], heads, dim, device="cuda").to(dtype)
-    expected = ref.paged_attention(q.float(), kc.float(), vc.float(), tables, qsl, ctx, dim ** -0.5, window)
-    out = torch.full_like(q, float("nan"))
-    triton_ops.extend_attention(q, kc, vc, tables, torch.tensor(qsl, dtype=torch.int32, device="cuda"),
-                                torch.tensor(ctx, dtype=torch.int32, device="cuda"), max(q_lens), dim ** -0.5,
-                                window, out=out)
-    assert not out.isnan().any()
-    assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    q = torch.randn(qsl[-1] + 3, heads, dim, device="cuda").to(dtype)  # 3 padding rows in no chunk
+    expected = ref.paged_attention(q[:qsl[-1]].float(), kc.float(), vc.float(), tables, qsl, ctx, dim ** -0.5,
+                                   window)
+    for splits in (1, 2, 8, triton_ops.extend_splits(qsl[-1], max(ctx), heads, kv_heads)):
+        out = torch.full_like(q, float("nan"))
+        triton_ops.extend_attention(q, kc, vc, tables, torch.tensor(qsl, dtype=torch.int32, device="cuda"),
+                                    torch.tensor(ctx, dtype=torch.int32, device="cuda"), max(q_lens), dim ** -0.5,
+                                    window, out=out, num_splits=splits)
+        assert not out[:qsl[-1]].isnan().any(), f"every chunk's row is written ({splits} splits)"
+        assert rel_err(out[:qsl[-1]], expected) < (1e-5 if dtype == torch.float32 else 1e-2), splits
+        if splits > 1:
+            assert (out[qsl[-1]:] == 0).all(), "split parts of rows in no chunk are never read"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
