@@ -238,20 +238,31 @@ def decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale: flo
 
 # ---- prefill / extend attention: variable-length queries over their paged context --------------
 
-@triton.jit(do_not_specialize=["stride_bt"])  # see VARYING
-def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_ptr, lse_ptr, bt_ptr, qstart_ptr, lens_ptr, scale, window,
-                   stride_bt, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])  # see VARYING
+def _extend_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_ptr, lse_ptr, bt_ptr, qstart_ptr, lens_ptr, num_seqs, scale,
+                   window, stride_bt, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr = False):
     """A tile of BLOCK_T query tokens of one sequence, all GROUP query heads of one KV head (rows: token-major,
     head-minor), against the SPLITS-th part of the keys the tile may see: each key tile loaded once for the
-    group. With SPLITS > 1 the part's normalised output and log-sum-exp go to `part`/`lse` (reduced after)."""
-    mblock = tl.program_id(0)
+    group. With SPLITS > 1 the part's normalised output and log-sum-exp go to `part`/`lse` (reduced after).
+    Tiles are numbered across the step: sequence i's start at q_start_i // BLOCK_T + i (never overlapping),
+    so the grid is the step's tokens' tiles plus one a sequence, not the longest chunk's times every
+    sequence (a graph's grid holds its whole token count and every sequence it may take)."""
+    tile_id = tl.program_id(0)
     kvh = tl.program_id(1)
-    seq = tl.program_id(2) // SPLITS
-    split = tl.program_id(2) % SPLITS
+    split = tl.program_id(2)
+    lo_seq, hi_seq = 0, num_seqs  # the last sequence whose first tile is at or before this one
+    while lo_seq < hi_seq:
+        mid = (lo_seq + hi_seq) // 2
+        if tl.load(qstart_ptr + mid) // BLOCK_T + mid <= tile_id:
+            lo_seq = mid + 1
+        else:
+            hi_seq = mid
+    seq = lo_seq - 1
     q_start = tl.load(qstart_ptr + seq)
     q_len = tl.load(qstart_ptr + seq + 1) - q_start
+    mblock = tile_id - (q_start // BLOCK_T + seq)
     if mblock * BLOCK_T < q_len:
         seq_len = tl.load(lens_ptr + seq)
         r = tl.arange(0, BLOCK_M)
@@ -334,8 +345,8 @@ def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq
     if num_splits > 1:  # rows of no chunk (padding) keep -inf parts: the reduction writes them 0
         part = torch.empty(tokens, heads, num_splits, dim, dtype=torch.float32, device=query.device)
         lse = torch.full((tokens, heads, num_splits), float("-inf"), dtype=torch.float32, device=query.device)
-    grid = (triton.cdiv(max_query_len, block_t), kv_heads, num_seqs * num_splits)
-    _extend_kernel[grid](query, k_cache, v_cache, out, part, lse, block_tables, query_start_loc, seq_lens, scale,
+    grid = (triton.cdiv(tokens, block_t) + num_seqs, kv_heads, num_splits)
+    _extend_kernel[grid](query, k_cache, v_cache, out, part, lse, block_tables, query_start_loc, seq_lens, num_seqs, scale,
                          sliding_window or 0, block_tables.stride(0), HEADS=heads, KV_HEADS=kv_heads, GROUP=group,
                          HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=64, SPLITS=num_splits,
                          PRECISION=_precision(query), FP8=k_cache.dtype == torch.uint8, num_warps=4, num_stages=2)
