@@ -347,9 +347,10 @@ def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq
         lse = torch.full((tokens, heads, num_splits), float("-inf"), dtype=torch.float32, device=query.device)
     grid = (triton.cdiv(tokens, block_t) + num_seqs, kv_heads, num_splits)
     _extend_kernel[grid](query, k_cache, v_cache, out, part, lse, block_tables, query_start_loc, seq_lens, num_seqs,
-                         scale, sliding_window or 0, block_tables.stride(0), HEADS=heads, KV_HEADS=kv_heads, GROUP=group,
-                         HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=64, SPLITS=num_splits,
-                         PRECISION=_precision(query), FP8=k_cache.dtype == torch.uint8, num_warps=4, num_stages=2)
+                         scale, sliding_window or 0, block_tables.stride(0), HEADS=heads, KV_HEADS=kv_heads,
+                         GROUP=group, HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_N=64,
+                         SPLITS=num_splits, PRECISION=_precision(query), FP8=k_cache.dtype == torch.uint8, num_warps=4,
+                         num_stages=2)
     if num_splits > 1:
         _decode_reduce_kernel[(tokens * heads,)](part, lse, out, HEAD_DIM=dim, SPLITS=num_splits,
                                                  BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
