@@ -90,7 +90,14 @@ def judge(on: dict, off: dict, system: int) -> dict:
             "kv_blocks_sent_off": off["result"]["multi_turn"].get("kv_blocks_sent"),
             "kv_blocks_skipped_on": on["result"]["multi_turn"].get("kv_blocks_skipped"),
             "placements_on": on["placements"], "placements_off": off["placements"],
-            "by_turn_on": on["result"]["multi_turn"]["turns"], "by_turn_off": off["result"]["multi_turn"]["turns"]}
+            "by_turn_on": on["result"]["multi_turn"]["turns"], "by_turn_off": off["result"]["multi_turn"]["turns"],
+            **{f"failed_{name}": failures(run["result"]) for name, run in (("on", on), ("off", off))}}
+
+
+def failures(result: dict) -> dict:
+    """How many requests failed, and their distinct errors (HTTP status and message)."""
+    failed = [r for r in result["requests"] if not r["ok"]]
+    return {"requests": len(failed), "errors": sorted({f"{r['status']}: {r['error']}" for r in failed})[:5]}
 
 
 def main() -> None:
@@ -121,6 +128,10 @@ def main() -> None:
     print(f"KV blocks moved prefill -> decode: {figures['kv_blocks_sent_on']} on ({figures['kv_blocks_skipped_on']} "
           f"skipped), {figures['kv_blocks_sent_off']} off; placements on {figures['placements_on']}, "
           f"off {figures['placements_off']}")
+    for name in ("on", "off"):
+        if figures[f"failed_{name}"]["requests"]:
+            print(f"cache {name}: {figures[f'failed_{name}']['requests']} requests failed: "
+                  f"{figures[f'failed_{name}']['errors']}")
     if args.result_file:
         Path(args.result_file).write_text(json.dumps(figures, indent=1))
 
