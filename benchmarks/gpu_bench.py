@@ -539,6 +539,7 @@ def bench_hit_step(model: Path, results: dict, context: int = 3000, suffix: int 
                 seen.clear()
                 took = timed_step()
                 runner.prefill_graphs = graphs
+                assert seen and seen[-1][2], f"round {r} ({mode}): the step held no prompt chunk"
                 if r:
                     times[mode].append(took)
                     if decodes:

@@ -193,7 +193,8 @@ class PrefillGraphs:
                 variants.append((self.context_graphs, AttentionMetadata(
                     slot_mapping=self.slots[:size], block_tables=self.tables, query_start_loc=[], seq_lens=[],
                     query_start_loc_t=self.cu, seq_lens_t=self.lens, max_query_len=size,
-                    num_splits=kernels.extend_splits(size, max_model_len, spec.num_heads, spec.num_kv_heads))))
+                    num_splits=kernels.extend_splits(size, size, max_model_len, spec.num_heads,
+                                                     spec.num_kv_heads))))
             for graphs, meta in variants:
 
                 def step(size=size, meta=meta):

@@ -209,7 +209,8 @@ class ModelRunner:
             meta.fresh = lay.fresh
             spec, longest = self.model.spec, max(seq_lens, default=1)
             meta.num_splits = kernels.decode_splits(longest, len(seq_lens), spec.num_kv_heads) if meta.decode \
-                else kernels.extend_splits(len(lay.ids), longest, spec.num_heads, spec.num_kv_heads)
+                else kernels.extend_splits(len(lay.ids), meta.max_query_len, longest, spec.num_heads,
+                                           spec.num_kv_heads)
         ids = torch.tensor(lay.ids, dtype=torch.long, device=dev)
         pos = torch.tensor(lay.pos, dtype=torch.long, device=dev)
         return ids, pos, meta

@@ -38,9 +38,10 @@ def decode_splits(max_seq_len: int, batch: int, kv_heads: int) -> int:
     return triton_ops.decode_splits(max_seq_len, batch, kv_heads) if triton_ops is not None else 1
 
 
-def extend_splits(tokens: int, max_context: int, heads: int, kv_heads: int) -> int:
+def extend_splits(tokens: int, max_query_len: int, max_context: int, heads: int, kv_heads: int) -> int:
     """How many parts extend attention splits each query tile's keys into (1 without Triton)."""
-    return triton_ops.extend_splits(tokens, max_context, heads, kv_heads) if triton_ops is not None else 1
+    return triton_ops.extend_splits(tokens, max_query_len, max_context, heads, kv_heads) if triton_ops is not None \
+        else 1
 
 
 def rms_norm(x, weight, eps: float, residual=None):

@@ -196,7 +196,8 @@ def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, HEAD_DIM: tl.constexpr, SP
     w = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)
     total = tl.sum(w, 0)
     parts = tl.load(part_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(lse > float("-inf"))[:, None], other=0.0)  # parts never written (a row of no chunk) unread
+                    mask=(lse != float("-inf"))[:, None], other=0.0)  # unwritten parts (rows of no chunk) unread;
+    # a NaN part still reaches the output
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
@@ -313,12 +314,13 @@ def _extend_tile(max_query_len: int, group: int) -> tuple[int, int]:
     return block_m, block_m // group
 
 
-def extend_splits(tokens: int, max_context: int, heads: int, kv_heads: int) -> int:
+def extend_splits(tokens: int, max_query_len: int, max_context: int, heads: int, kv_heads: int) -> int:
     """How many parts extend attention splits each query tile's keys into: enough programs to fill the GPU
     (about two a multiprocessor) where a step's few query tiles attend to long contexts — a short prompt
     after a long cached history, decodes beside it — in powers of two, at least 256 keys a part."""
-    _, block_t = _extend_tile(tokens, heads // kv_heads)
-    want = min(triton.cdiv(264, triton.cdiv(tokens, block_t) * kv_heads), 16, max(1, max_context // 256))
+    _, block_t = _extend_tile(max_query_len, heads // kv_heads)
+    tiles = max(1, triton.cdiv(tokens, block_t))
+    want = min(triton.cdiv(264, tiles * kv_heads), 16, max(1, max_context // 256))
     splits = 1
     while splits * 2 <= want:
         splits *= 2
@@ -343,6 +345,7 @@ def extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq
     block_m, block_t = _extend_tile(max_query_len, group)
     part = lse = out  # unused without a split
     if num_splits > 1:  # rows of no chunk (padding) keep -inf parts: the reduction writes them 0
+        assert tokens * heads * num_splits * dim < 2 ** 31, "the split parts' offsets are int32"
         part = torch.empty(tokens, heads, num_splits, dim, dtype=torch.float32, device=query.device)
         lse = torch.full((tokens, heads, num_splits), float("-inf"), dtype=torch.float32, device=query.device)
     grid = (triton.cdiv(tokens, block_t) + num_seqs, kv_heads, num_splits)

@@ -79,7 +79,7 @@ def test_extend_attention_matches_reference(dtype, heads, kv_heads, dim, page, w
     q = torch.randn(qsl[-1] + 3, heads, dim, device="cuda").to(dtype)  # 3 padding rows in no chunk
     expected = ref.paged_attention(q[:qsl[-1]].float(), kc.float(), vc.float(), tables, qsl, ctx, dim ** -0.5,
                                    window)
-    for splits in (1, 2, 8, triton_ops.extend_splits(qsl[-1], max(ctx), heads, kv_heads)):
+    for splits in (1, 2, 8, triton_ops.extend_splits(qsl[-1], max(q_lens), max(ctx), heads, kv_heads)):
         out = torch.full_like(q, float("nan"))
         triton_ops.extend_attention(q, kc, vc, tables, torch.tensor(qsl, dtype=torch.int32, device="cuda"),
                                     torch.tensor(ctx, dtype=torch.int32, device="cuda"), max(q_lens), dim ** -0.5,
