@@ -159,7 +159,6 @@ def copy_pool_blocks(src_pool, src_ids, dst_pool, dst_ids, first_layer: int = 0,
 
 __all__ = ["W8A8_MIN_ROWS", "copy_blocks", "copy_pool_blocks", "decode_splits", "enable_skinny", "extend_splits",
            "fp8_w8a8_fits", "fp8_w8a8_linear", "fused_moe", "gather_blocks", "linear", "moe_route", "moe_router",
-           "paged_attention",
-           "quant_dequantize", "quant_skinny_fits", "quant_skinny_linear", "reference", "rms_norm", "rope_and_store",
-           "rotary", "scatter_blocks", "silu_and_mul", "store_kv", "triton_moe", "triton_ops", "triton_quant",
-           "use_triton"]
+           "paged_attention", "quant_dequantize", "quant_skinny_fits", "quant_skinny_linear", "reference", "rms_norm",
+           "rope_and_store", "rotary", "scatter_blocks", "silu_and_mul", "store_kv", "triton_moe", "triton_ops",
+           "triton_quant", "use_triton"]

@@ -195,9 +195,9 @@ def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, HEAD_DIM: tl.constexpr, SP
     top = tl.max(lse, 0)
     w = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)
     total = tl.sum(w, 0)
+    # parts never written (extend attention's rows of no chunk) are not read; a NaN part still reaches the output
     parts = tl.load(part_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(lse != float("-inf"))[:, None], other=0.0)  # unwritten parts (rows of no chunk) unread;
-    # a NaN part still reaches the output
+                    mask=(lse != float("-inf"))[:, None], other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
