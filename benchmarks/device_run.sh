@@ -10,10 +10,9 @@
 #   1p1d 1p1d-always 2mixed),
 #   PROMPTS (requests per rate, default 150), SLO (default "ttft:600 tpot:15"), COMPARE_S; for moe:
 #   MOE_LAYOUTS (of 1p1d 2mixed dp2; default 1p1d 2mixed), MOE_RATES; for moesweep: SWEEP_ONLY (of sweep,parts,router), SWEEP_CASES, SWEEP_MODELS
-# .whl holds py3.12 manylinux wheels of what the machine lacks: pyzmq msgspec starlette uvicorn h11
-# httptools uvloop click anyio sniffio prometheus-client redis msgpack pytest pluggy iniconfig
-# pytest-timeout mooncake-transfer-engine-cuda13, and .whl/debs the .debs of libibverbs1
-# ibverbs-providers libnl-3-200 libnl-route-3-200 (for Mooncake).
+# .whl (ignored; `bash benchmarks/device_wheels.sh [--mooncake]` fills it) holds py3.12 manylinux wheels of
+# what the machine lacks (pyzmq, msgspec, starlette, uvicorn, redis, pytest and their needs; with --mooncake
+# mooncake-transfer-engine-cuda13, and in .whl/debs the .debs of its verbs / netlink libraries).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/debs; for deb in .whl/debs/*.deb; do dpkg -x "$deb" /tmp/debs; done 2>/dev/null  # Mooncake's verbs / netlink libraries
