@@ -8,7 +8,10 @@ activations) over the read bandwidth of a plain device copy measured in the same
 (floor / time), beside bf16's `F.linear` on the dequantized weights and the speed-up over it; where the
 kernel cuts the weight's bands along K (`split_k`), the time without the cut too. Each row also gives the
 bytes read a second and that over what a read-only pass (a sum) reaches: the copy's rate is
-about half the memory's, so the issue's floor is a lenient one. And the largest error against `x @ W.T`
+about half the memory's, so the issue's floor is a lenient one. Each is timed twice: alone (one call a
+replay: the replay's launch and ramp, some microseconds, count against the kernel) and in a step (24 calls
+back to back in one graph, each on its own copy of the weight so that none is read from the L2, as a
+decode step's projections follow each other); bf16 the same way. And the largest error against `x @ W.T`
 on the dequantized weights (float32), relative to the largest output: a wrong kernel shows here.
 
 Goals (issue 24): FP8 >= 80 % of the floor at M = 1-16 for weights >= 8 MB (channel and block scales,
@@ -67,6 +70,35 @@ def timed(fn, runs: int = 50) -> float:
     return statistics.median(times)
 
 
+def timed_in_step(calls, runs: int = 20) -> float:
+    """Median milliseconds a call, each call reading its own copy of the weight, captured back to back in one
+    CUDA graph as a decode step runs its projections: enough copies that each read misses the L2, and so
+    many calls that one replay's launch is spread over them."""
+    for call in calls:
+        call()
+    reps = len(calls) * -(-24 // len(calls))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            calls[i % len(calls)]()
+    times = []
+    for i in range(runs + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def copies_past_l2(nbytes: int) -> int:
+    """How many copies of `nbytes` to cycle through so that each is gone from the L2 before it is read again."""
+    return min(32, max(2, -(-3 * torch.cuda.get_device_properties(0).L2_cache_size // nbytes)))
+
+
 def copy_bandwidth() -> float:
     """Bytes read a second by a plain 1 GiB device-to-device copy (read bytes only)."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -110,6 +142,8 @@ def gemm_rows(bandwidth: float, read_rate: float) -> list[dict]:
             qw = quantize(w, scheme)
             layer = QuantLinear(qw)
             plain = dequantize(qw, torch.bfloat16)
+            layers = [layer] + [QuantLinear(qw.clone()) for _ in range(copies_past_l2(qw.nbytes) - 1)]
+            plains = [plain] + [plain.clone() for _ in range(copies_past_l2(plain.numel() * 2) - 1)]
             for m in ROWS:
                 x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
                 with torch.inference_mode():
@@ -118,19 +152,25 @@ def gemm_rows(bandwidth: float, read_rate: float) -> list[dict]:
                     ms = timed(lambda: layer(x))
                     bf16_ms = timed(lambda: torch.nn.functional.linear(x, plain))
                     unsplit_ms = unsplit(lambda: check(layer(x), want) and timed(lambda: layer(x)), n, k, m)
+                    step_ms = timed_in_step([lambda layer=layer: layer(x) for layer in layers])
+                    bf16_step_ms = timed_in_step([lambda w=w: torch.nn.functional.linear(x, w) for w in plains])
                 read = qw.nbytes + x.numel() * 2
                 floor = read / bandwidth * 1e3
                 rows.append({"scheme": scheme, "n": n, "k": k, "m": m, "ms": ms, "floor_ms": floor,
                              "efficiency": floor / ms, "bytes_per_s": read / ms * 1e3,
                              "of_read_rate": read / ms * 1e3 / read_rate, "bf16_ms": bf16_ms,
                              "speedup": bf16_ms / ms, "weight_mb": qw.nbytes / 2**20, "max_rel_error": err,
-                             "unsplit_ms": unsplit_ms})
+                             "unsplit_ms": unsplit_ms, "in_step_ms": step_ms, "in_step_efficiency": floor / step_ms,
+                             "in_step_of_read_rate": read / step_ms * 1e3 / read_rate,
+                             "in_step_bf16_ms": bf16_step_ms, "in_step_speedup": bf16_step_ms / step_ms})
                 r = rows[-1]
                 print(f"{scheme:>14} {n:>5}x{k:<5} M={m:<3} {ms * 1e3:8.1f} us  floor {floor * 1e3:7.1f} us  "
                       f"{r['efficiency'] * 100:5.1f} %  {r['bytes_per_s'] / 1e9:5.0f} GB/s "
                       f"({r['of_read_rate'] * 100:3.0f} % of a read)  bf16 {bf16_ms * 1e3:8.1f} us  "
                       f"x{r['speedup']:.2f}  err {err:.1e}{'  WRONG' if err > 2e-2 else ''}"
-                      f"{f'  unsplit {unsplit_ms * 1e3:.1f} us' if unsplit_ms else ''}")
+                      f"{f'  unsplit {unsplit_ms * 1e3:.1f} us' if unsplit_ms else ''} | in a step "
+                      f"{step_ms * 1e3:.1f} us {r['in_step_efficiency'] * 100:.0f} % "
+                      f"({r['in_step_of_read_rate'] * 100:.0f} % of a read) x{r['in_step_speedup']:.2f}")
     return rows
 
 

@@ -42,7 +42,16 @@ QUANT_MAX_ROWS = 64  # more rows than this: dequantize and cuBLAS (the weights' 
 BLOCK_K = 128  # the columns of a tile: one scale cell's width (groups and blocks of 128)
 
 _CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bn, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3))]
+            for bn, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3), (128, 4, 5))]
+# int4 tiles hold half the bytes of int8's: at the same depth a program keeps half the bytes in flight, and
+# a large weight's few hundred bands leave too few programs to make that up. So int4 may go deeper and wider.
+_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+                 for bn, w, st in ((128, 4, 6), (256, 8, 3), (256, 8, 4))]
+
+
+def _configs_for_kind(configs, named_args, **kwargs):
+    """The autotuner's candidates for one launch: int4's deeper ones only for int4."""
+    return [c for c in configs if kwargs.get("KIND", named_args.get("KIND")) == 1 or c not in _INT4_CONFIGS]
 
 
 @triton.jit
@@ -105,7 +114,8 @@ def high_nibbles_to_bf16(byte):
                                      is_pure=True, pack=4)
 
 
-@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "N", "K", "tiles_per", "KIND", "TILE_SCALE", "FAST"])
+@triton.autotune(configs=_CONFIGS + _INT4_CONFIGS, key=["BLOCK_M", "N", "K", "tiles_per", "KIND", "TILE_SCALE", "FAST"],
+                 prune_configs_by={"early_config_prune": _configs_for_kind})
 @triton.jit(do_not_specialize=["tiles_per"])
 def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, k_bytes, tiles_per, stride_xm, stride_qn,
                          stride_sn, stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
