@@ -107,7 +107,7 @@ def fp8_w8a8_linear(x, codes, w_scale, bias=None):
     """x @ W.T (+ bias), W = codes (e4m3, [N, K]) x w_scale (float32 [N], a scale an output row), with x
     quantized per row to e4m3 (scale amax / 448, 1 for a row of zeros) and one FP8 GEMM accumulating in
     float32 (`torch._scaled_mm`: tensor cores on GPU), in x's dtype."""
-    xq, scale = reference.fp8_per_row(x)
+    xq, scale = triton_quant.fp8_per_row(x) if use_triton(x) else reference.fp8_per_row(x)
     return torch._scaled_mm(xq, codes.t(), scale_a=scale, scale_b=w_scale.view(1, -1),
                             bias=bias.to(x.dtype) if bias is not None else None, out_dtype=x.dtype)
 

@@ -309,3 +309,31 @@ def dequantize(scheme: str, codes: torch.Tensor, scale: torch.Tensor, shape: tup
                              TILE_SCALE=tile_scale(k, cell[1], offset[1]),
                              BLOCK_N=64, BLOCK_K=BLOCK_K, num_warps=4)
     return out
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+    """Row m of x in e4m3: its codes (x / scale, rounded to nearest even, IEEE division as torch's) and its
+    float32 scale amax / 448 (1 for a row of zeros), as `reference.fp8_per_row` gives them, bit for bit."""
+    m = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), 0)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    codes = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(tl.float8e4nv)
+    tl.store(q_ptr + m * stride_qm + k, codes, mask=k < K)
+    tl.store(s_ptr + m, scale)
+
+
+def fp8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] → its e4m3 codes [M, K] and float32 scales [M, 1] (`reference.fp8_per_row`), in one pass: x read
+    once, where torch's eight elementwise passes over a float32 copy cost a 2,048-token prompt's W8A8
+    projections more than their FP8 GEMMs save."""
+    m, k = x.shape
+    assert x.stride(1) == 1, x.stride()
+    codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    _fp8_rows_kernel[(m,)](x, codes, scale, k, x.stride(0), codes.stride(0), BLOCK=block,
+                           num_warps=max(4, min(16, block // 1024)))
+    return codes, scale

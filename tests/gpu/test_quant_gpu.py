@@ -155,7 +155,8 @@ def test_quantized_experts_in_bf16_equal_the_dequantized_reference(scheme):
 def test_fp8_activations_on_gpu_take_the_scaled_fp8_gemm_for_prompts():
     """W8A8 on the GPU's FP8 tensor cores (bf16 activations, per-token scales, per-channel weight scales):
     against the product of the per-token-quantized activations and the dequantized weights in float32;
-    decode-sized batches unchanged."""
+    decode-sized batches unchanged; the activations' one-pass quantizer against torch's, bit for bit."""
+    from pdpipe.kernels import reference, triton_quant
     from pdpipe.models.layers import QuantLinear, use_fp8_activations
 
     gen = torch.Generator(device="cuda").manual_seed(6)
@@ -165,6 +166,12 @@ def test_fp8_activations_on_gpu_take_the_scaled_fp8_gemm_for_prompts():
     use_fp8_activations(w8a8)
     x = torch.randn(16, 1024, device="cuda", generator=gen).to(torch.bfloat16)
     assert torch.equal(w8a8(x), plain(x))
+    for k in (1024, 576, 14336):  # the one-pass per-row quantizer against torch's, bit for bit
+        rows = torch.randn(70, k, device="cuda", generator=gen).mul(torch.rand(70, 1, device="cuda", generator=gen) * 9)
+        rows[3] = 0
+        codes, scale = triton_quant.fp8_per_row(rows.to(torch.bfloat16))
+        want_codes, want_scale = reference.fp8_per_row(rows.to(torch.bfloat16))
+        assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8)) and torch.equal(scale, want_scale), k
     for rows in (65, 512, 2048):
         x = torch.randn(rows, 1024, device="cuda", generator=gen).to(torch.bfloat16)
         amax = x.float().abs().amax(-1, keepdim=True)
