@@ -67,9 +67,9 @@ def main_loop(kernel) -> collections.Counter:
 
 def gemm(kind: int, fast: bool, block_n: int, warps: int, stages: int) -> tuple[float, collections.Counter]:
     types = {"x_ptr": "*bf16", "q_ptr": "*u8" if kind == 1 else "*i8", "s_ptr": "*fp32", "b_ptr": "*fp32",
-             "out_ptr": "*bf16"} | {a: "i32" for a in ("M", "N", "K", "k_bytes", "tiles_per", "stride_xm",
-                                                        "stride_qn", "stride_sn", "stride_om", "n_off", "k_off",
-                                                        "cell_n", "cell_k")}
+             "out_ptr": "*bf16", "part_ptr": "*fp32", "lock_ptr": "*i32"} | {
+        a: "i32" for a in ("M", "N", "K", "k_bytes", "stride_xm", "stride_qn", "stride_sn", "stride_om", "n_off",
+                           "k_off", "cell_n", "cell_k")}
     constants = {"KIND": kind, "HAS_BIAS": False, "TILE_SCALE": True, "FAST": fast, "EVEN_K": True,
                  "PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": triton_quant.BLOCK_K}
     kernel = compiled(triton_quant._quant_skinny_kernel.fn, types, constants,

@@ -114,18 +114,20 @@ def high_nibbles_to_bf16(byte):
                                      is_pure=True, pack=4)
 
 
-@triton.autotune(configs=_CONFIGS + _INT4_CONFIGS, key=["BLOCK_M", "N", "K", "tiles_per", "KIND", "TILE_SCALE", "FAST"],
+@triton.autotune(configs=_CONFIGS + _INT4_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST"],
                  prune_configs_by={"early_config_prune": _configs_for_kind})
-@triton.jit(do_not_specialize=["tiles_per"])
-def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, k_bytes, tiles_per, stride_xm, stride_qn,
-                         stride_sn, stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         TILE_SCALE: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
+@triton.jit
+def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, k_bytes, stride_xm,
+                         stride_qn, stride_sn, stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, TILE_SCALE: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
-    """out[M, N] = x @ W.T (+ bias); with the bands cut along K (a second grid axis of `split` programs)
-    program (i, j) sums tiles [j·tiles_per, (j+1)·tiles_per) into float32 out[j] (out: [split, M, N]), which
-    _split_sum_kernel adds up (with the bias). The cut is no compile-time constant: one compiled kernel
-    serves every split."""
+    """out[M, N] = x @ W.T (+ bias). With the bands cut along K (a second grid axis of `split` programs, as
+    many as the launch's grid gives: one compiled kernel serves every split), program (i, j) sums its share
+    of the K tiles into float32 part[j] (part: [split, M, N]); the band's last program to finish (a counter
+    a band, lock[i], which it sets back to 0) adds the parts in order, the bias, and stores out."""
+    split = tl.num_programs(1)
+    tiles_per = tl.cdiv(tl.cdiv(K, BLOCK_K), split)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = tl.program_id(1) * tiles_per * BLOCK_K  # a multiple of BLOCK_K, as the compiler can see
     m = tl.arange(0, BLOCK_M)
@@ -189,26 +191,23 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, k_bytes, 
                     w = w * tl.load(s_ptr + scale_rows[:, None] + ((k + k_off) // cell_k)[None, :],
                                     mask=(k < K)[None, :], other=0.0)
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    out_ptr += tl.program_id(1).to(tl.int64) * M * stride_om
-    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, split, HAS_BIAS: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """out (M x N, x's dtype) = the `split` float32 partial products [split, M, N] added in order (+ bias):
-    one kernel after a split GEMM, not a sum and a cast."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < MN
-    acc = tl.load(part_ptr + i, mask=mask, other=0.0)
-    for j in range(1, split):
-        acc += tl.load(part_ptr + j * MN + i, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    mask = mmask[:, None] & nmask[None, :]
+    last = split == 1
+    if split > 1:  # this program's part; the band's last to finish adds them up
+        part = m[:, None] * N + n[None, :]  # part is [split, M, N], contiguous
+        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * M * N + part, acc, mask=mask)
+        tl.debug_barrier()  # every thread's part stored before the counter moves (the release covers them)
+        done = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if done == split - 1:
+            acc = tl.load(part_ptr + part, mask=mask, other=0.0, cache_modifier=".cg")
+            for j in range(1, split):  # in order, whichever program came last: the same sums every time
+                acc += tl.load(part_ptr + j * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")  # for the next launch
+        last = done == split - 1
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def fast_codes(x: torch.Tensor) -> bool:
@@ -231,34 +230,45 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     assert 1 <= m <= QUANT_MAX_ROWS and k == shape[1] and x.stride(1) == 1, (x.shape, shape)
     assert codes.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32
     q = codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
-    split = split_k(n, k, x.device)
-    tiles_per = triton.cdiv(triton.cdiv(k, BLOCK_K), split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    most = max(split_k(n, k, c.kwargs["BLOCK_N"], x.device) for c in _quant_skinny_kernel.configs)
+    part = torch.empty(most, m, n, dtype=torch.float32, device=x.device) if most > 1 else out
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split_k(n, k, meta["BLOCK_N"], x.device))  # noqa: E731
     # (k + 1) // 2, an int4 row's bytes, is an argument so that Triton sees it divide by 16: vectorised loads
-    _quant_skinny_kernel[grid](x, q, scale, bias if bias is not None else scale, part, m, n, k, (k + 1) // 2,
-                               tiles_per, x.stride(0), q.stride(0), scale.stride(0), part.stride(-2), offset[0],
-                               offset[1], cell[0], cell[1],
-                               KIND=KINDS[scheme], HAS_BIAS=bias is not None and split == 1,
+    _quant_skinny_kernel[grid](x, q, scale, bias if bias is not None else scale, out, part,
+                               _band_locks(x.device, triton.cdiv(n, 16)), m, n, k, (k + 1) // 2, x.stride(0),
+                               q.stride(0), scale.stride(0), out.stride(0), offset[0], offset[1], cell[0], cell[1],
+                               KIND=KINDS[scheme], HAS_BIAS=bias is not None,
                                TILE_SCALE=tile_scale(k, cell[1], offset[1]), FAST=fast_codes(x),
                                EVEN_K=k % BLOCK_K == 0,
                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K)
-    if split > 1:
-        _split_sum_kernel[(triton.cdiv(m * n, 1024),)](part, bias if bias is not None else part, out, m * n, n,
-                                                       split, HAS_BIAS=bias is not None, BLOCK=1024)
     return out
 
 
-def split_k(n: int, k: int, device: torch.device) -> int:
-    """How many programs share a band of weight rows along K: a kernel whose bands of 64 rows number fewer
-    than two a multiprocessor (an 8B model's 4096 x 14336 down projection: 64 bands on 132) keeps too
-    few loads in flight to read at the memory's rate, so the bands are cut along K (into tiles of at least
-    1,024 columns), their float32 partial sums added after."""
-    bands = triton.cdiv(n, 64)
+def split_k(n: int, k: int, block_n: int, device: torch.device) -> int:
+    """How many programs share a band of `block_n` weight rows along K: a kernel whose bands number fewer
+    than two a multiprocessor (an 8B model's 4096 x 14336 down projection: 64 bands of 64 rows on 132
+    multiprocessors; 28672 x 4096 in int4's bands of 128 rows: 224) keeps too few loads in flight to read
+    at the memory's rate, so the bands are cut along K (into tiles of at least 1,024 columns), their
+    float32 partial sums added by each band's last program. Chosen a tile width at a time: the autotuner
+    weighs each width with its cut."""
+    bands = triton.cdiv(n, block_n)
     want = triton.cdiv(2 * _multiprocessors(device), bands)
     return max(1, min(want, k // 1024))
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _band_locks(device: torch.device, bands: int) -> torch.Tensor:
+    """A device's counters of finished parts a band, zero between launches (each band's last program sets
+    its counter back): kernels on a device run one at a time here (the engine's one compute stream), so
+    one set serves them all. Made (zeros) at a device's first GEMM, before any CUDA graph captures one."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < bands:
+        locks = _LOCKS[device] = torch.zeros(max(bands, 1 << 16), dtype=torch.int32, device=device)
+    return locks
 
 
 @functools.cache

@@ -105,6 +105,31 @@ def test_the_weight_read_gemm_equals_the_dequantized_reference(scheme, n, k):
             assert torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (scheme, n, k, m)
 
 
+@pytest.mark.parametrize("scheme", ["wint8", "wint4"])
+def test_a_gemm_cut_along_k_gives_the_same_bits_eager_and_replayed(scheme):
+    """A weight whose bands are cut along K (4096 x 14336: the band's last program adds the parts): the same
+    bits call after call and in a CUDA graph's replays (each band's counter back at zero after a launch)."""
+    from pdpipe.kernels import triton_quant
+    from pdpipe.models.layers import QuantLinear
+
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    layer = QuantLinear(quantize(torch.randn(4096, 14336, device="cuda", generator=gen) * 0.02, scheme))
+    assert triton_quant.split_k(4096, 14336, 64, torch.device("cuda")) > 1
+    x = torch.randn(3, 14336, device="cuda", generator=gen).to(torch.bfloat16)
+    first = layer(x)
+    want = x.float() @ dequantize(layer.quantized).float().T
+    assert torch.allclose(first.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert all(torch.equal(layer(x), first) for _ in range(5))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    for _ in range(5):
+        out.zero_()
+        graph.replay()
+        assert torch.equal(out, first)
+    assert not triton_quant._LOCKS[x.device].any()
+
+
 @pytest.mark.parametrize("scheme", ["wint4", "fp8"])
 def test_quantized_experts_in_the_fused_kernels_generate_what_the_dequantized_folder_does(model_dir, tmp_path,
                                                                                            scheme):
