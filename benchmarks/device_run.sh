@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
+#   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe; QUANT_ARGS: --shapes/--rows)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: TESTS_PATHS (default tests/gpu), TESTS_K, TESTS_S, TESTS_N (pytest-xdist workers: Triton compiles in parallel; the GEMM test's
 #   ragged shapes compile hundreds of variants), BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
@@ -114,7 +114,7 @@ while [ $# -gt 0 ]; do
     ernie300b) timeout ${E300_S:-400} python3 benchmarks/moe_bench.py --models ernie300b --layers ${E300_LAYERS:-16} \
            --quantization ${E300_QUANT:-wint4} --json "$OUT/ernie300b.json" 2>&1 | grep -v Warn | tee "$OUT/ernie300b.log" | tail -8
          shift ;;
-    quantkernels) timeout ${QUANT_S:-400} python3 benchmarks/quant_kernels.py --only ${QUANT_ONLY:-gemm,moe} --json "$OUT/quant_kernels.json" 2>&1 \
+    quantkernels) timeout ${QUANT_S:-400} python3 benchmarks/quant_kernels.py --only ${QUANT_ONLY:-gemm,moe} ${QUANT_ARGS:-} --json "$OUT/quant_kernels.json" 2>&1 \
            | tee "$OUT/quant_kernels.log" | tail -40; shift ;;
     samespeed) old=$(realpath "$2")  # a tree of an earlier commit (git archive), its kernels at the top in layouts before pdpipe/kernels
          [ -d "$old/kernels" ] && [ ! -e "$old/pdpipe/kernels" ] && ln -sfn ../kernels "$old/pdpipe/kernels"

@@ -23,7 +23,7 @@ experts (wint4, wint8, fp8) and bf16, at decode batches 16, 32, 64 (uniform rand
 against the expert-bytes floor — the distinct experts the batch selects, codes and scales, over the copy
 bandwidth. Goal: >= 85 % at batch 16-64.
 
-    python benchmarks/quant_kernels.py [--only gemm,moe] [--json OUT.json]
+    python benchmarks/quant_kernels.py [--only gemm,moe] [--shapes NxK,...] [--rows M,...] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -134,10 +134,10 @@ def unsplit(time_it, n: int, k: int, m: int) -> float | None:
         triton_quant.split_k = chosen
 
 
-def gemm_rows(bandwidth: float, read_rate: float) -> list[dict]:
+def gemm_rows(bandwidth: float, read_rate: float, shapes=SHAPES, ms=ROWS) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for n, k in SHAPES:
+    for n, k in shapes:
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
         for scheme in SCHEMES:
             qw = quantize(w, scheme)
@@ -145,7 +145,7 @@ def gemm_rows(bandwidth: float, read_rate: float) -> list[dict]:
             plain = dequantize(qw, torch.bfloat16)
             layers = [layer] + [QuantLinear(qw.clone()) for _ in range(copies_past_l2(qw.nbytes) - 1)]
             plains = [plain] + [plain.clone() for _ in range(copies_past_l2(plain.numel() * 2) - 1)]
-            for m in ROWS:
+            for m in ms:
                 x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
                 with torch.inference_mode():
                     want = x.float() @ plain.float().T
@@ -235,7 +235,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="")
     parser.add_argument("--only", default="gemm,moe", help="of gemm, moe")
+    parser.add_argument("--shapes", default="", help="N x K of the GEMM, e.g. 4096x4096,2112x7168 (default: all six)")
+    parser.add_argument("--rows", default="", help="the GEMM's M, e.g. 1,64 (default: 1,2,3,16,64,256)")
     args = parser.parse_args()
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    ms = [int(m) for m in args.rows.split(",")] if args.rows else ROWS
     only = set(args.only.split(","))
     bandwidth, read_rate = copy_bandwidth(), read_bandwidth()
     print(f"{torch.cuda.get_device_name()}: a device copy reads {bandwidth / 1e9:.0f} GB/s, a sum "
@@ -243,7 +247,7 @@ def main() -> None:
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "copy_read_bytes_per_s": bandwidth,
               "sum_read_bytes_per_s": read_rate}
     if "gemm" in only:
-        result["rows"] = gemm_rows(bandwidth, read_rate)
+        result["rows"] = gemm_rows(bandwidth, read_rate, shapes, ms)
     if "moe" in only:
         result["moe"] = moe_rows(bandwidth, read_rate)
     if args.json:
