@@ -3,7 +3,7 @@
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
 #   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe; QUANT_ARGS: --shapes/--rows)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
-#   env: TESTS_PATHS (default tests/gpu), TESTS_K, TESTS_S, TESTS_N (pytest-xdist workers: Triton compiles in parallel; the GEMM test's
+#   env: QUANT_SCHEMES (quantdecode's, default wint4,fp8,wint8), TESTS_PATHS (default tests/gpu), TESTS_K, TESTS_S, TESTS_N (pytest-xdist workers: Triton compiles in parallel; the GEMM test's
 #   ragged shapes compile hundreds of variants), BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
 #   (decode_busy_ms = BUSY_MS, default 12), 1p1d-nobusy (decode_busy_ms 0), 2mixed; default

@@ -807,7 +807,7 @@ def main() -> None:
               ("decode", lambda: bench_decode(model, results, results["copy_bw_TBps"] * 1e12)),
               ("quantload", lambda: bench_quant_load(Path(args.work), results)),
               ("quantdecode", lambda: [bench_decode(model, results, results["copy_bw_TBps"] * 1e12, q)
-                                       for q in ("wint4", "fp8", "wint8")]),
+                                       for q in os.environ.get("QUANT_SCHEMES", "wint4,fp8,wint8").split(",")]),
               ("quant70bdecode", lambda: bench_decode(model_dir(Path(args.work), LLAMA_70B, "llama-70b-shape"),
                                                       results, results["copy_bw_TBps"] * 1e12, "wint4",
                                                       "decode_70b_wint4")),
