@@ -123,11 +123,10 @@ def check(got: torch.Tensor, want: torch.Tensor) -> bool:
 def unsplit(time_it, n: int, k: int, m: int) -> float | None:
     """The time with the weight's bands not cut along K, where `split_k` cuts them (None where it does not):
     whether the cut pays for its partial sums."""
-    if m > triton_quant.QUANT_MAX_ROWS or all(triton_quant.split_k(n, k, c.kwargs["BLOCK_N"], torch.device("cuda")) == 1
-                                               for c in triton_quant._quant_skinny_kernel.configs):
+    if m > triton_quant.QUANT_MAX_ROWS or triton_quant.split_k(n, k, torch.device("cuda")) == 1:
         return None
     chosen = triton_quant.split_k
-    triton_quant.split_k = lambda n, k, block_n, device: 1
+    triton_quant.split_k = lambda n, k, device: 1
     try:
         return time_it()
     finally:

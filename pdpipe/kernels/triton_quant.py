@@ -199,7 +199,7 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr
         tl.debug_barrier()  # every thread's part stored before the counter moves (the release covers them)
         done = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
         if done == split - 1:
-            acc = tl.load(part_ptr + part, mask=mask, other=0.0, cache_modifier=".cg")
+            acc = tl.load(part_ptr + part, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
             for j in range(1, split):  # in order, whichever program came last: the same sums every time
                 acc += tl.load(part_ptr + j * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(lock_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")  # for the next launch
@@ -231,9 +231,10 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     assert codes.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32
     q = codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    most = max(split_k(n, k, c.kwargs["BLOCK_N"], x.device) for c in _quant_skinny_kernel.configs)
-    part = torch.empty(most, m, n, dtype=torch.float32, device=x.device) if most > 1 else out
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split_k(n, k, meta["BLOCK_N"], x.device))  # noqa: E731
+    split = split_k(n, k, x.device)
+    # the parts are float32 whichever way: the kernel's summing branch is compiled even where no band is cut
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else scale
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     # (k + 1) // 2, an int4 row's bytes, is an argument so that Triton sees it divide by 16: vectorised loads
     _quant_skinny_kernel[grid](x, q, scale, bias if bias is not None else scale, out, part,
                                _band_locks(x.device, triton.cdiv(n, 16)), m, n, k, (k + 1) // 2, x.stride(0),
@@ -246,14 +247,12 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     return out
 
 
-def split_k(n: int, k: int, block_n: int, device: torch.device) -> int:
-    """How many programs share a band of `block_n` weight rows along K: a kernel whose bands number fewer
-    than two a multiprocessor (an 8B model's 4096 x 14336 down projection: 64 bands of 64 rows on 132
-    multiprocessors; 28672 x 4096 in int4's bands of 128 rows: 224) keeps too few loads in flight to read
-    at the memory's rate, so the bands are cut along K (into tiles of at least 1,024 columns), their
-    float32 partial sums added by each band's last program. Chosen a tile width at a time: the autotuner
-    weighs each width with its cut."""
-    bands = triton.cdiv(n, block_n)
+def split_k(n: int, k: int, device: torch.device) -> int:
+    """How many programs share a band of weight rows along K: a kernel whose bands of 64 rows number fewer
+    than two a multiprocessor (an 8B model's 4096 x 14336 down projection: 64 bands on 132) keeps too few
+    loads in flight to read at the memory's rate, so the bands are cut along K (into tiles of at least
+    1,024 columns), their float32 partial sums added by each band's last program to finish."""
+    bands = triton.cdiv(n, 64)
     want = triton.cdiv(2 * _multiprocessors(device), bands)
     return max(1, min(want, k // 1024))
 
