@@ -123,10 +123,11 @@ def check(got: torch.Tensor, want: torch.Tensor) -> bool:
 def unsplit(time_it, n: int, k: int, m: int) -> float | None:
     """The time with the weight's bands not cut along K, where `split_k` cuts them (None where it does not):
     whether the cut pays for its partial sums."""
-    if m > triton_quant.QUANT_MAX_ROWS or triton_quant.split_k(n, k, torch.device("cuda")) == 1:
+    if m > triton_quant.QUANT_MAX_ROWS or max(triton_quant.split_k(n, k, torch.device("cuda"), band)
+                                              for band in (64, 128, 256)) == 1:
         return None
     chosen = triton_quant.split_k
-    triton_quant.split_k = lambda n, k, device: 1
+    triton_quant.split_k = lambda n, k, device, band=64: 1
     try:
         return time_it()
     finally:

@@ -14,6 +14,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from pdpipe.kernels import reference, triton_moe, triton_quant  # noqa: E402
 from pdpipe.kernels.reference import QuantStack  # noqa: E402
@@ -36,8 +37,11 @@ def fixed_width(block_n: int):
     jit = AUTOTUNED.fn
 
     class Fixed:
+        configs = [triton.Config({"BLOCK_N": block_n, "CUT_BY_TILE": False})]
+
         def __getitem__(self, grid):
-            return lambda *a, **kw: jit[grid({"BLOCK_N": block_n})](*a, BLOCK_N=block_n, **kw)
+            meta = {"BLOCK_N": block_n, "CUT_BY_TILE": False}
+            return lambda *a, **kw: jit[grid(meta)](*a, **meta, **kw)
     return Fixed()
 
 
@@ -46,7 +50,7 @@ def check_gemm() -> int:
     split_k = triton_quant.split_k
     for block_n, split in ((16, 1), (32, 3), (128, 1)):  # 3: bands cut along K, the last program adds them
         triton_quant._quant_skinny_kernel = fixed_width(block_n)
-        triton_quant.split_k = lambda n, k, device, split=split: split
+        triton_quant.split_k = lambda n, k, device, band=64, split=split: split
         for (n, k), scheme in ((s, q) for s in SHAPES for q in SCHEMES):
             for part in parts(n, k, scheme):
                 for m, dtype in ((1, torch.float32), (3, torch.float16), (16, torch.float32), (40, torch.float16)):

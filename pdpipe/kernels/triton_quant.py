@@ -41,16 +41,21 @@ KINDS = {"wint8": 0, "wint4": 1, "fp8": 2, "block_wise_fp8": 2}
 QUANT_MAX_ROWS = 64  # more rows than this: dequantize and cuBLAS (the weights' bytes no longer dominate)
 BLOCK_K = 128  # the columns of a tile: one scale cell's width (groups and blocks of 128)
 
-_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+_CONFIGS = [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": False}, num_warps=w, num_stages=st)
             for bn, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3), (128, 4, 5))]
 # int4 tiles hold half the bytes of int8's: at the same depth a program keeps half the bytes in flight, and
 # a large weight's few hundred bands leave too few programs to make that up. So int4 may go deeper and wider.
-_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-                 for bn, w, st in ((128, 4, 6), (256, 8, 3), (256, 8, 4))]
+# And its bands may be cut along K by their own width (CUT_BY_TILE) rather than by 64 rows: 28672 x 4096 in
+# 128-row bands is 224 programs of 104 registers, two a multiprocessor, 0.85 of a wave (Nsight Compute);
+# cut in two, 1.7 waves.
+_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": False}, num_warps=w, num_stages=st)
+                 for bn, w, st in ((128, 4, 6), (256, 8, 3), (256, 8, 4))] + \
+    [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": True}, num_warps=w, num_stages=st)
+     for bn, w, st in ((128, 4, 3), (128, 8, 3), (256, 8, 3))]
 
 
 def _configs_for_kind(configs, named_args, **kwargs):
-    """The autotuner's candidates for one launch: int4's deeper ones only for int4."""
+    """The autotuner's candidates for one launch: int4's own only for int4."""
     return [c for c in configs if kwargs.get("KIND", named_args.get("KIND")) == 1 or c not in _INT4_CONFIGS]
 
 
@@ -121,11 +126,12 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr
                          stride_qn, stride_sn, stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr,
                          HAS_BIAS: tl.constexpr, TILE_SCALE: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         BLOCK_K: tl.constexpr, CUT_BY_TILE: tl.constexpr):
     """out[M, N] = x @ W.T (+ bias). With the bands cut along K (a second grid axis of `split` programs, as
     many as the launch's grid gives: one compiled kernel serves every split), program (i, j) sums its share
     of the K tiles into float32 part[j] (part: [split, M, N]); the band's last program to finish (a counter
-    a band, lock[i], which it sets back to 0) adds the parts in order, the bias, and stores out."""
+    a band, lock[i], which it sets back to 0) adds the parts in order, the bias, and stores out.
+    CUT_BY_TILE changes only the grid the launch is given (its bands cut by their own width)."""
     split = tl.num_programs(1)
     tiles_per = tl.cdiv(tl.cdiv(K, BLOCK_K), split)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -231,15 +237,20 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     assert codes.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32
     q = codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    split = split_k(n, k, x.device)
+    kind = KINDS[scheme]
+
+    def cut(meta) -> int:  # the launch's split: by 64-row bands, or (CUT_BY_TILE) by the config's own
+        return split_k(n, k, x.device, meta["BLOCK_N"] if meta["CUT_BY_TILE"] else 64)
+
+    most = max(cut(c.kwargs) for c in _configs_for_kind(_quant_skinny_kernel.configs, {}, KIND=kind))
     # the parts are float32 whichever way: the kernel's summing branch is compiled even where no band is cut
-    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else scale
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    part = torch.empty(most, m, n, dtype=torch.float32, device=x.device) if most > 1 else scale
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), cut(meta))  # noqa: E731
     # (k + 1) // 2, an int4 row's bytes, is an argument so that Triton sees it divide by 16: vectorised loads
     _quant_skinny_kernel[grid](x, q, scale, bias if bias is not None else scale, out, part,
                                _band_locks(x.device, triton.cdiv(n, 16)), m, n, k, (k + 1) // 2, x.stride(0),
                                q.stride(0), scale.stride(0), out.stride(0), offset[0], offset[1], cell[0], cell[1],
-                               KIND=KINDS[scheme], HAS_BIAS=bias is not None,
+                               KIND=kind, HAS_BIAS=bias is not None,
                                TILE_SCALE=tile_scale(k, cell[1], offset[1]), FAST=fast_codes(x),
                                EVEN_K=k % BLOCK_K == 0,
                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -247,12 +258,12 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     return out
 
 
-def split_k(n: int, k: int, device: torch.device) -> int:
-    """How many programs share a band of weight rows along K: a kernel whose bands of 64 rows number fewer
-    than two a multiprocessor (an 8B model's 4096 x 14336 down projection: 64 bands on 132) keeps too few
-    loads in flight to read at the memory's rate, so the bands are cut along K (into tiles of at least
-    1,024 columns), their float32 partial sums added by each band's last program to finish."""
-    bands = triton.cdiv(n, 64)
+def split_k(n: int, k: int, device: torch.device, band: int = 64) -> int:
+    """How many programs share a band of weight rows along K: a kernel whose bands of `band` rows number
+    fewer than two a multiprocessor (an 8B model's 4096 x 14336 down projection: 64 bands of 64 on 132)
+    keeps too few loads in flight to read at the memory's rate, so the bands are cut along K (into tiles of
+    at least 1,024 columns), their float32 partial sums added by each band's last program to finish."""
+    bands = triton.cdiv(n, band)
     want = triton.cdiv(2 * _multiprocessors(device), bands)
     return max(1, min(want, k // 1024))
 
