@@ -57,9 +57,16 @@ def timed(fn, runs: int = 50) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return replayed(graph, runs, before=flush.zero_)
+
+
+def replayed(graph, runs: int, before=None) -> float:
+    """Median milliseconds of a graph's replay over `runs` (after five unrecorded), `before` run untimed
+    ahead of each."""
     times = []
     for i in range(runs + 5):
-        flush.zero_()
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
@@ -82,16 +89,7 @@ def timed_in_step(calls, runs: int = 20) -> float:
     with torch.cuda.graph(graph):
         for i in range(reps):
             calls[i % len(calls)]()
-    times = []
-    for i in range(runs + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
+    return replayed(graph, runs) / reps
 
 
 def copies_past_l2(nbytes: int) -> int:
