@@ -118,21 +118,29 @@ def check(got: torch.Tensor, want: torch.Tensor) -> bool:
     return True
 
 
-def unsplit(time_it, n: int, k: int, m: int) -> float | None:
-    """The time with the weight's bands not cut along K, where `split_k` cuts them (None where it does not):
-    whether the cut pays for its partial sums."""
-    if m > triton_quant.QUANT_MAX_ROWS or max(triton_quant.split_k(n, k, torch.device("cuda"), band)
-                                              for band in (64, 128, 256)) == 1:
+def unsplit(time_it, n: int, k: int, m: int, scheme: str) -> float | None:
+    """The time with the weight's bands not cut along K, where some configuration the autotuner weighs for
+    this scheme cuts them (None where none does): whether the cut pays for its partial sums. Tuned afresh
+    for it; the autotuner's choices for the cut launches are put back after."""
+    kernel = triton_quant._quant_skinny_kernel
+    configs = triton_quant._configs_for_kind(kernel.configs, {}, KIND=triton_quant.KINDS[scheme])
+    device = torch.device("cuda")
+    if m > triton_quant.QUANT_MAX_ROWS or all(
+            triton_quant.split_k(n, k, device, c.kwargs["BLOCK_N"] if c.kwargs["CUT_BY_TILE"] else 64) == 1
+            for c in configs):
         return None
-    chosen = triton_quant.split_k
+    chosen, tuned = triton_quant.split_k, dict(kernel.cache)
     triton_quant.split_k = lambda n, k, device, band=64: 1
+    kernel.cache.clear()
     try:
         return time_it()
     finally:
         triton_quant.split_k = chosen
+        kernel.cache.clear()
+        kernel.cache.update(tuned)
 
 
-def gemm_rows(bandwidth: float, read_rate: float, shapes=SHAPES, ms=ROWS) -> list[dict]:
+def gemm_rows(bandwidth: float, read_rate: float, shapes=SHAPES, row_counts=ROWS) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n, k in shapes:
@@ -143,14 +151,14 @@ def gemm_rows(bandwidth: float, read_rate: float, shapes=SHAPES, ms=ROWS) -> lis
             plain = dequantize(qw, torch.bfloat16)
             layers = [layer] + [QuantLinear(qw.clone()) for _ in range(copies_past_l2(qw.nbytes) - 1)]
             plains = [plain] + [plain.clone() for _ in range(copies_past_l2(plain.numel() * 2) - 1)]
-            for m in ms:
+            for m in row_counts:
                 x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
                 with torch.inference_mode():
                     want = x.float() @ plain.float().T
                     err = ((layer(x).float() - want).abs().max() / want.abs().max()).item()  # tunes it first
                     ms = timed(lambda: layer(x))
                     bf16_ms = timed(lambda: torch.nn.functional.linear(x, plain))
-                    unsplit_ms = unsplit(lambda: check(layer(x), want) and timed(lambda: layer(x)), n, k, m)
+                    unsplit_ms = unsplit(lambda: check(layer(x), want) and timed(lambda: layer(x)), n, k, m, scheme)
                     step_ms = timed_in_step([lambda layer=layer: layer(x) for layer in layers])
                     bf16_step_ms = timed_in_step([lambda w=w: torch.nn.functional.linear(x, w) for w in plains])
                 read = qw.nbytes + x.numel() * 2
@@ -237,7 +245,7 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="the GEMM's M, e.g. 1,64 (default: 1,2,3,16,64,256)")
     args = parser.parse_args()
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    ms = [int(m) for m in args.rows.split(",")] if args.rows else ROWS
+    row_counts = [int(m) for m in args.rows.split(",")] if args.rows else ROWS
     only = set(args.only.split(","))
     bandwidth, read_rate = copy_bandwidth(), read_bandwidth()
     print(f"{torch.cuda.get_device_name()}: a device copy reads {bandwidth / 1e9:.0f} GB/s, a sum "
@@ -245,7 +253,7 @@ def main() -> None:
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "copy_read_bytes_per_s": bandwidth,
               "sum_read_bytes_per_s": read_rate}
     if "gemm" in only:
-        result["rows"] = gemm_rows(bandwidth, read_rate, shapes, ms)
+        result["rows"] = gemm_rows(bandwidth, read_rate, shapes, row_counts)
     if "moe" in only:
         result["moe"] = moe_rows(bandwidth, read_rate)
     if args.json:

@@ -269,14 +269,18 @@ def split_k(n: int, k: int, device: torch.device, band: int = 64) -> int:
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
 
 
 def _band_locks(device: torch.device, bands: int) -> torch.Tensor:
     """A device's counters of finished parts a band, zero between launches (each band's last program sets
-    its counter back): kernels on a device run one at a time here (the engine's one compute stream), so
-    one set serves them all. Made (zeros) at a device's first GEMM, before any CUDA graph captures one."""
+    its counter back): the GEMMs on a device run one at a time here (the engine's one compute stream; its
+    side streams only copy), so one set serves them all — two split GEMMs in flight on two streams at once
+    would need a set each. Made (zeros) at a device's first GEMM, before any CUDA graph captures one."""
     locks = _LOCKS.get(device)
     if locks is None or locks.numel() < bands:
+        if locks is not None:
+            _OUTGROWN.append(locks)  # graphs captured with it still use it
         locks = _LOCKS[device] = torch.zeros(max(bands, 1 << 16), dtype=torch.int32, device=device)
     return locks
 
@@ -334,13 +338,18 @@ def dequantize(scheme: str, codes: torch.Tensor, scale: torch.Tensor, shape: tup
 @triton.jit
 def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
     """Row m of x in e4m3: its codes (x / scale, rounded to nearest even, IEEE division as torch's) and its
-    float32 scale amax / 448 (1 for a row of zeros), as `reference.fp8_per_row` gives them, bit for bit."""
+    float32 scale amax / 448 (1 for a row of zeros), as `reference.fp8_per_row` gives them, bit for bit for
+    finite rows. A NaN stays NaN, as in torch (its row's scale 1, the clamp passing NaN on): Triton's max and
+    clamp would drop it and hide it as -448."""
     m = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), 0)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
-    codes = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(tl.float8e4nv)
+    nan = tl.max((x != x).to(tl.int32), 0) > 0
+    scale = tl.where((amax > 0) & ~nan, tl.math.div_rn(amax, 448.0), 1.0)
+    clamped = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
+                         propagate_nan=tl.PropagateNan.ALL)
+    codes = clamped.to(tl.float8e4nv)
     tl.store(q_ptr + m * stride_qm + k, codes, mask=k < K)
     tl.store(s_ptr + m, scale)
 
@@ -349,8 +358,8 @@ def fp8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] → its e4m3 codes [M, K] and float32 scales [M, 1] (`reference.fp8_per_row`), in one pass: x read
     once, where torch's eight elementwise passes over a float32 copy cost a 2,048-token prompt's W8A8
     projections more than their FP8 GEMMs save."""
+    x = x if x.stride(1) == 1 else x.contiguous()
     m, k = x.shape
-    assert x.stride(1) == 1, x.stride()
     codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(k)

@@ -197,6 +197,12 @@ def test_fp8_activations_on_gpu_take_the_scaled_fp8_gemm_for_prompts():
         codes, scale = triton_quant.fp8_per_row(rows.to(torch.bfloat16))
         want_codes, want_scale = reference.fp8_per_row(rows.to(torch.bfloat16))
         assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8)) and torch.equal(scale, want_scale), k
+        rows[5, 7], rows[6, 9] = float("nan"), float("inf")  # NaN stays NaN (and inf / inf is NaN), as in torch
+        codes, scale = triton_quant.fp8_per_row(rows.to(torch.bfloat16))
+        want_codes, want_scale = reference.fp8_per_row(rows.to(torch.bfloat16))
+        assert torch.equal(codes.float().isnan(), want_codes.float().isnan()) and codes.float()[5, 7].isnan()
+        assert torch.equal(codes.float().nan_to_num(), want_codes.float().nan_to_num()), k
+        assert torch.equal(scale, want_scale), k
     for rows in (65, 512, 2048):
         x = torch.randn(rows, 1024, device="cuda", generator=gen).to(torch.bfloat16)
         amax = x.float().abs().amax(-1, keepdim=True)
