@@ -1,6 +1,7 @@
 """Launched pipelines on GPUs against the one-GPU engine: 1P+1D on two GPUs (bf16 and fp32, and
-`transformers` in fp32), a TP2 mixed instance on two GPUs, and 1P+1D of different tensor parallelism
-on two and four GPUs, KV moving by head range through CUDA IPC.
+`transformers` in fp32), 1P+1D on one GPU (a remote prefix hit; int4 weights with an FP8 KV cache), a TP2
+mixed instance on two GPUs, and 1P+1D of different tensor parallelism on two and four GPUs, KV moving by
+head range through CUDA IPC.
 
 Run on a GPU machine: python -m pytest -m gpu tests/gpu
 """
@@ -79,10 +80,10 @@ def test_1p1d_on_two_gpus_equals_colocated_gpu_engine(model_dir, monkeypatch, dt
             raise
 
 
-def _one_gpu_completions(model, prompts, max_tokens: int) -> list[list[int]]:
-    """Each prompt's greedy tokens from a one-GPU fp32 engine, one prompt at a time (as the pipeline
-    gets them in these tests); the GPU freed after."""
-    one = make_llm(model, device="cuda", dtype="float32")
+def _one_gpu_completions(model, prompts, max_tokens: int, **fields) -> list[list[int]]:
+    """Each prompt's greedy tokens from a one-GPU fp32 engine (with `fields` of its config), one prompt at a
+    time (as the pipeline gets them in these tests); the GPU freed after."""
+    one = make_llm(model, device="cuda", dtype="float32", **fields)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     expected = [one.generate([p], params)[0].token_ids for p in prompts]
     del one
@@ -136,6 +137,30 @@ def test_launched_1p1d_on_one_gpu_reuses_and_copies_cached_kv_as_if_computed(mod
         assert wait_until(lambda: leak_free(launcher), what="all blocks free")
         transfers = snapshot(launcher)["transfers"].values()
         assert sum(t["blocks_pulled"] for t in transfers) == 1  # blocks of 8: the reply's 6th block
+
+
+def test_launched_1p1d_on_one_gpu_serves_int4_weights_with_an_fp8_kv_cache_as_one_engine(model_dir):
+    """Prefill and decode on GPU 0 with wint4 weights (quantized online in each engine process, CUDA graphs)
+    and an FP8 KV cache: every prompt computed by prefill, its FP8 rows and scales moved to decode through
+    CUDA IPC; fp32 greedy tokens equal the one-GPU engine's with the same settings; every block free after."""
+    from dataclasses import replace
+
+    from pipeline_launch import launched, leak_free, make_launch_config, snapshot, wait_until
+
+    from pdpipe.config import InstanceConfig
+
+    prompts = make_prompts(384, lengths=(1, 16, 47, 130), seed=31)
+    expected = _one_gpu_completions(model_dir("llama"), prompts, 12, quantization="wint4", kv_cache_dtype="fp8")
+    cfg = make_launch_config(model_dir("llama"), ["prefill", "decode"])  # every prompt computed by prefill
+    cfg = replace(cfg, engine=replace(cfg.engine, device="cuda", dtype="float32", quantization="wint4",
+                                      cache=replace(cfg.engine.cache, kv_cache_dtype="fp8")),
+                  instances=(InstanceConfig("prefill", gpus=(0,)), InstanceConfig("decode", gpus=(0,))))
+    with launched(cfg) as launcher:
+        for p, exp in zip(prompts, expected):
+            assert _complete(cfg.api.port, p, 12) == exp
+        assert wait_until(lambda: sum(t["bytes_moved"] for t in snapshot(launcher)["transfers"].values()) > 0,
+                          what="the FP8 rows crossed")
+        assert wait_until(lambda: leak_free(launcher), what="all blocks free")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
