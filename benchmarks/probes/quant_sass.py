@@ -1,4 +1,5 @@
-"""How many instructions does each quantized kernel's main loop spend on a weight element, on sm_90?
+"""How many instructions does each quantized kernel's main loop spend on a weight element, and how many
+registers a thread, on sm_90?
 
 Compiles the weight-read GEMM (`triton_quant._quant_skinny_kernel`) and the fused experts' grouped GEMM
 (`triton_moe._moe_gemm_kernel`) for an H100 on this machine — Triton's compiler and the `ptxas` and
@@ -18,6 +19,11 @@ Answer (Triton 3.9, 2026-12-07; the main loop, per weight element — a code; in
   `j < (K + 1) // 2` kept every load a byte).
 On the H100 those loops read (`quant_kernels.py`): int8 / fp8 GEMM 2.0-2.4 TB/s on large weights, int4
 1.4; experts int8 / fp8 2.9 TB/s, int4 0.74 (before the byte-load fix).
+Registers a thread (the sixth session, bf16 codes): int8 64 rows x 8 warps 64 (what the autotuner picks
+for 28672 x 4096: four programs a multiprocessor), fp8 70; int4 103 at 64 x 8, 102 at 128 x 8 (its pick:
+two programs a multiprocessor; Nsight Compute on the H100 read 104), 119 at 64 x 4, 153 at 128 x 4 — an
+int4 byte tile becomes two bf16 operand tiles (even and odd columns) beside the split activations. So int4
+runs half int8's warps: that, not instructions a code, is what its 1.4 TB/s reflects.
 
     pip install triton; python benchmarks/probes/quant_sass.py
 """
@@ -65,7 +71,19 @@ def main_loop(kernel) -> collections.Counter:
     return collections.Counter(m.group(1) for line in lines[best[0]:best[1] + 1] if (m := INSTRUCTION.search(line)))
 
 
-def gemm(kind: int, fast: bool, block_n: int, warps: int, stages: int) -> tuple[float, collections.Counter]:
+def registers(kernel) -> int:
+    """The registers a thread of the compiled kernel takes (`cuobjdump -res-usage`): with the threads of a
+    program, what bounds how many of its programs a multiprocessor holds (65,536 registers)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def gemm(kind: int, fast: bool, block_n: int, warps: int, stages: int) -> tuple[float, collections.Counter, int]:
     types = {"x_ptr": "*bf16", "q_ptr": "*u8" if kind == 1 else "*i8", "s_ptr": "*fp32", "b_ptr": "*fp32",
              "out_ptr": "*bf16", "part_ptr": "*fp32", "lock_ptr": "*i32"} | {
         a: "i32" for a in ("M", "N", "K", "k_bytes", "stride_xm", "stride_qn", "stride_sn", "stride_om", "n_off",
@@ -77,7 +95,7 @@ def gemm(kind: int, fast: bool, block_n: int, warps: int, stages: int) -> tuple[
                       ["x_ptr", "q_ptr", "s_ptr", "b_ptr", "out_ptr", "N", "K", "k_bytes", "stride_xm", "stride_qn",
                        "stride_om"], warps, stages)
     loop = main_loop(kernel)
-    return sum(loop.values()) / (block_n * triton_quant.BLOCK_K / (warps * 32)), loop
+    return sum(loop.values()) / (block_n * triton_quant.BLOCK_K / (warps * 32)), loop, registers(kernel)
 
 
 def experts(kind: int, fast: bool) -> tuple[float, collections.Counter]:
@@ -102,10 +120,10 @@ def main() -> None:
     names = {0: "int8", 1: "int4", 2: "fp8"}
     for kind in (0, 2, 1):
         for fast in (False, True):
-            for block_n, warps, stages in ((64, 4, 3), (128, 4, 3)):
-                per, loop = gemm(kind, fast, block_n, warps, stages)
-                print(f"GEMM    {names[kind]} {'bf16 codes' if fast else 'float32   '} {block_n:>3}-column tiles: "
-                      f"{per:5.2f} a weight element  {loop.most_common(6)}")
+            for block_n, warps, stages in ((64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3)):
+                per, loop, regs = gemm(kind, fast, block_n, warps, stages)
+                print(f"GEMM    {names[kind]} {'bf16 codes' if fast else 'float32   '} {block_n:>3} rows x {warps} "
+                      f"warps: {per:5.2f} a weight element, {regs:3d} registers  {loop.most_common(6)}")
             per, loop = experts(kind, fast)
             print(f"experts {names[kind]} {'bf16 codes' if fast else 'float32   '}  32-column tiles: "
                   f"{per:5.2f} a weight element  {loop.most_common(6)}")
