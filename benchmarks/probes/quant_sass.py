@@ -23,7 +23,10 @@ Registers a thread (the sixth session, bf16 codes): int8 64 rows x 8 warps 64 (w
 for 28672 x 4096: four programs a multiprocessor), fp8 70; int4 103 at 64 x 8, 102 at 128 x 8 (its pick:
 two programs a multiprocessor; Nsight Compute on the H100 read 104), 119 at 64 x 4, 153 at 128 x 4 — an
 int4 byte tile becomes two bf16 operand tiles (even and odd columns) beside the split activations. So int4
-runs half int8's warps: that, not instructions a code, is what its 1.4 TB/s reflects.
+runs half int8's warps: that, not instructions a code, is what its 1.4 TB/s reflects. Pairing a byte's
+nibbles with columns j and j + 64 of a tile instead of 2j and 2j + 1 (a packing pdpipe does not use yet;
+`_int4_tile_loop`, the loop alone) takes 57 registers instead of 80 at 64 rows x 8 warps, 84 instead of
+107 at 128 x 8, for 0.3-0.4 more instructions a code: four programs a multiprocessor, as int8 runs.
 
     pip install triton; python benchmarks/probes/quant_sass.py
 """
@@ -37,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -115,6 +119,41 @@ def experts(kind: int, fast: bool) -> tuple[float, collections.Counter]:
     return sum(loop.values()) / (2 * block_n * 128 / (warps * 32)), loop
 
 
+@triton.jit
+def _int4_tile_loop(x_ptr, q_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_qn, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALVES: tl.constexpr):
+    """The int4 GEMM's loop alone, two ways of pairing a byte's nibbles with columns: as pdpipe packs them
+    (low nibble column 2j, high 2j + 1: the activations split into even and odd columns in registers) or,
+    HALVES, low nibble column j and high j + 64 of each 128-column tile (the activations loaded as two
+    halves). Only compiled, to count registers."""
+    n = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+    m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte = tl.load(q_ptr + n.to(tl.int64)[:, None] * stride_qn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :])
+        if HALVES:
+            half = k0 + tl.arange(0, BLOCK_K // 2)
+            lo_x = tl.load(x_ptr + m[:, None] * stride_xm + half[None, :], mask=(m < 1)[:, None], other=0.0)
+            hi_x = tl.load(x_ptr + m[:, None] * stride_xm + (half + BLOCK_K // 2)[None, :], mask=(m < 1)[:, None],
+                           other=0.0)
+        else:
+            x = tl.load(x_ptr + m[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=(m < 1)[:, None],
+                        other=0.0)
+            lo_x, hi_x = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))
+        part = tl.dot(lo_x, tl.trans(triton_quant.low_nibbles_to_bf16(byte)))
+        part = tl.dot(hi_x, tl.trans(triton_quant.high_nibbles_to_bf16(byte)), part)
+        acc += part * tl.load(s_ptr + n)[None, :]
+    tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(tl.bfloat16), mask=(m < 1)[:, None])
+
+
+def int4_pairings(block_n: int, warps: int, halves: bool) -> tuple[float, int]:
+    types = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "out_ptr": "*bf16"} | {
+        a: "i32" for a in ("N", "K", "stride_xm", "stride_qn")}
+    kernel = compiled(_int4_tile_loop, types, {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 128, "HALVES": halves},
+                      ["x_ptr", "q_ptr", "out_ptr", "N", "K", "stride_xm", "stride_qn"], warps, 3)
+    return sum(main_loop(kernel).values()) / (block_n * 128 / (warps * 32)), registers(kernel)
+
+
 def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     names = {0: "int8", 1: "int4", 2: "fp8"}
@@ -127,6 +166,11 @@ def main() -> None:
             per, loop = experts(kind, fast)
             print(f"experts {names[kind]} {'bf16 codes' if fast else 'float32   '}  32-column tiles: "
                   f"{per:5.2f} a weight element  {loop.most_common(6)}")
+    for block_n, warps in ((64, 8), (128, 8), (128, 4)):
+        for halves in (False, True):
+            per, regs = int4_pairings(block_n, warps, halves)
+            print(f"int4 loop, nibbles {'as halves  ' if halves else 'even / odd'} {block_n:>3} rows x {warps} warps: "
+                  f"{per:5.2f} a code, {regs:3d} registers")
 
 
 if __name__ == "__main__":
