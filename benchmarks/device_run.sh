@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe; QUANT_ARGS: --shapes/--rows)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
+#   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe; QUANT_ARGS: --shapes/--rows)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [int4layouts (probes/int4_layouts.py)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
-#   env: QUANT_SCHEMES (quantdecode's, default wint4,fp8,wint8), TESTS_PATHS (default tests/gpu), TESTS_K, TESTS_S, TESTS_N (pytest-xdist workers: Triton compiles in parallel; the GEMM test's
+#   env: QUANT_SCHEMES (quantdecode's, default wint4,fp8,wint8), TESTS_PATHS (default tests/gpu), TESTS_K, TESTS_S, TESTS_T (a test's limit, default 120 s), TESTS_N (pytest-xdist workers: Triton compiles in parallel; the GEMM test's
 #   ragged shapes compile hundreds of variants), BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
 #   (decode_busy_ms = BUSY_MS, default 12), 1p1d-nobusy (decode_busy_ms 0), 2mixed; default
@@ -48,12 +48,14 @@ clear_gpus() {  # a step cut off by its timeout may leave rank processes on the 
 while [ $# -gt 0 ]; do
   clear_gpus
   case "$1" in
-    tests) timeout -s INT ${TESTS_S:-360} python3 -m pytest -m gpu ${TESTS_PATHS:-tests/gpu} -v -rfEs --tb=short -p no:cacheprovider --timeout 120 ${TESTS_K:+-k "$TESTS_K"} ${TESTS_N:+-n $TESTS_N} 2>&1 \
+    tests) timeout -s INT ${TESTS_S:-360} python3 -m pytest -m gpu ${TESTS_PATHS:-tests/gpu} -v -rfEs --tb=short -p no:cacheprovider --timeout ${TESTS_T:-120} ${TESTS_K:+-k "$TESTS_K"} ${TESTS_N:+-n $TESTS_N} 2>&1 \
              | tee -a "$OUT/gpu_tests.log" | tail -40
            tar czf "$OUT/pipeline_logs.tgz" /tmp/pdp-*/logs 2>/dev/null; shift ;;
     bench) timeout ${BENCH_S:-540} python3 benchmarks/gpu_bench.py --only "$2" 2>&1 | tee "$OUT/bench_${2//,/_}.log" | tail -80
            tar czf "$OUT/bench_logs.tgz" /tmp/pdb-*/logs 2>/dev/null; shift 2 ;;
     probe) python3 benchmarks/probes/gil_probe.py 2>&1 | tee "$OUT/gil_probe.log"; shift ;;
+    int4layouts) timeout ${QUANT_S:-400} python3 benchmarks/probes/int4_layouts.py ${QUANT_ARGS:-} --json "$OUT/int4_layouts.json" \
+           2>&1 | grep -v Warn | tee "$OUT/int4_layouts.log" | tail -20; shift ;;
     lengths) python3 benchmarks/probes/new_length_probe.py 2>&1 | grep -v Warn | tee "$OUT/new_length_probe.log" | head -60; shift ;;
     prefill) timeout ${PREFILL_S:-240} python3 benchmarks/prefill_service.py --input-len "$2" --prompts "$3" \
                --out "$OUT/prefill_${2/:/-}.json" 2>&1 | tail -3; shift 3 ;;

@@ -23,7 +23,8 @@ experts (wint4, wint8, fp8) and bf16, at decode batches 16, 32, 64 (uniform rand
 against the expert-bytes floor — the distinct experts the batch selects, codes and scales, over the copy
 bandwidth. Goal: >= 85 % at batch 16-64.
 
-    python benchmarks/quant_kernels.py [--only gemm,moe] [--shapes NxK,...] [--rows M,...] [--json OUT.json]
+    python benchmarks/quant_kernels.py [--only gemm,moe] [--shapes NxK,...] [--rows M,...] [--schemes S,...]
+        [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -140,12 +141,12 @@ def unsplit(time_it, n: int, k: int, m: int, scheme: str) -> float | None:
         kernel.cache.update(tuned)
 
 
-def gemm_rows(bandwidth: float, read_rate: float, shapes=SHAPES, row_counts=ROWS) -> list[dict]:
+def gemm_rows(bandwidth: float, read_rate: float, shapes=SHAPES, row_counts=ROWS, schemes=SCHEMES) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
-        for scheme in SCHEMES:
+        for scheme in schemes:
             qw = quantize(w, scheme)
             layer = QuantLinear(qw)
             plain = dequantize(qw, torch.bfloat16)
@@ -156,6 +157,8 @@ def gemm_rows(bandwidth: float, read_rate: float, shapes=SHAPES, row_counts=ROWS
                 with torch.inference_mode():
                     want = x.float() @ plain.float().T
                     err = ((layer(x).float() - want).abs().max() / want.abs().max()).item()  # tunes it first
+                    config = str(triton_quant._quant_skinny_kernel.best_config) if m <= triton_quant.QUANT_MAX_ROWS \
+                        else "dequantize + cuBLAS"
                     ms = timed(lambda: layer(x))
                     bf16_ms = timed(lambda: torch.nn.functional.linear(x, plain))
                     unsplit_ms = unsplit(lambda: check(layer(x), want) and timed(lambda: layer(x)), n, k, m, scheme)
@@ -169,7 +172,8 @@ def gemm_rows(bandwidth: float, read_rate: float, shapes=SHAPES, row_counts=ROWS
                              "speedup": bf16_ms / ms, "weight_mb": qw.nbytes / 2**20, "max_rel_error": err,
                              "unsplit_ms": unsplit_ms, "in_step_ms": step_ms, "in_step_efficiency": floor / step_ms,
                              "in_step_of_read_rate": read / step_ms * 1e3 / read_rate,
-                             "in_step_bf16_ms": bf16_step_ms, "in_step_speedup": bf16_step_ms / step_ms})
+                             "in_step_bf16_ms": bf16_step_ms, "in_step_speedup": bf16_step_ms / step_ms,
+                             "config": config})
                 r = rows[-1]
                 print(f"{scheme:>14} {n:>5}x{k:<5} M={m:<3} {ms * 1e3:8.1f} us  floor {floor * 1e3:7.1f} us  "
                       f"{r['efficiency'] * 100:5.1f} %  {r['bytes_per_s'] / 1e9:5.0f} GB/s "
@@ -177,7 +181,7 @@ def gemm_rows(bandwidth: float, read_rate: float, shapes=SHAPES, row_counts=ROWS
                       f"x{r['speedup']:.2f}  err {err:.1e}{'  WRONG' if err > 2e-2 else ''}"
                       f"{f'  unsplit {unsplit_ms * 1e3:.1f} us' if unsplit_ms else ''} | in a step "
                       f"{step_ms * 1e3:.1f} us {r['in_step_efficiency'] * 100:.0f} % "
-                      f"({r['in_step_of_read_rate'] * 100:.0f} % of a read) x{r['in_step_speedup']:.2f}")
+                      f"({r['in_step_of_read_rate'] * 100:.0f} % of a read) x{r['in_step_speedup']:.2f} | {config}")
     return rows
 
 
@@ -243,6 +247,7 @@ def main() -> None:
     parser.add_argument("--only", default="gemm,moe", help="of gemm, moe")
     parser.add_argument("--shapes", default="", help="N x K of the GEMM, e.g. 4096x4096,2112x7168 (default: all six)")
     parser.add_argument("--rows", default="", help="the GEMM's M, e.g. 1,64 (default: 1,2,3,16,64,256)")
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help="of " + ", ".join(SCHEMES))
     args = parser.parse_args()
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     row_counts = [int(m) for m in args.rows.split(",")] if args.rows else ROWS
@@ -253,7 +258,7 @@ def main() -> None:
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "copy_read_bytes_per_s": bandwidth,
               "sum_read_bytes_per_s": read_rate}
     if "gemm" in only:
-        result["rows"] = gemm_rows(bandwidth, read_rate, shapes, row_counts)
+        result["rows"] = gemm_rows(bandwidth, read_rate, shapes, row_counts, args.schemes.split(","))
     if "moe" in only:
         result["moe"] = moe_rows(bandwidth, read_rate)
     if args.json:

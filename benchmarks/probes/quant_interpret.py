@@ -37,10 +37,10 @@ def fixed_width(block_n: int):
     jit = AUTOTUNED.fn
 
     class Fixed:
-        configs = [triton.Config({"BLOCK_N": block_n, "CUT_BY_TILE": False})]
+        configs = [triton.Config({"BLOCK_N": block_n, "CUT_BY_TILE": False, "TILES": 1})]
 
         def __getitem__(self, grid):
-            meta = {"BLOCK_N": block_n, "CUT_BY_TILE": False}
+            meta = {"BLOCK_N": block_n, "CUT_BY_TILE": False, "TILES": 1}
             return lambda *a, **kw: jit[grid(meta)](*a, **meta, **kw)
     return Fixed()
 

@@ -43,20 +43,25 @@ BLOCK_K = 128  # the columns of a tile: one scale cell's width (groups and block
 
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": False}, num_warps=w, num_stages=st)
             for bn, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3), (128, 4, 5))]
-# int4 tiles hold half the bytes of int8's: at the same depth a program keeps half the bytes in flight, and
-# a large weight's few hundred bands leave too few programs to make that up. So int4 may go deeper and wider.
-# And its bands may be cut along K by their own width (CUT_BY_TILE) rather than by 64 rows: 28672 x 4096 in
-# 128-row bands is 224 programs of 104 registers, two a multiprocessor, 0.85 of a wave (Nsight Compute);
-# cut in two, 1.7 waves.
-_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": False}, num_warps=w, num_stages=st)
-                 for bn, w, st in ((128, 4, 6), (256, 8, 3), (256, 8, 4))] + \
-    [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": True}, num_warps=w, num_stages=st)
-     for bn, w, st in ((128, 4, 3), (128, 8, 3), (256, 8, 3))]
+# int4-only candidates: two 128-column tiles a trip of the loop (TILES = 2: twice the bytes in flight for a
+# byte tile half int8's; on an H100 13 % less time for 8192 x 28672 and 28672 x 4096 at 1-16 rows, more at
+# 64: `probes/int4_layouts.py`), and bands cut along K by their own width (CUT_BY_TILE) rather than by 64
+# rows. Deeper (6 stages) and wider (256 rows) int4 tiles were timed too and never chosen; each candidate
+# costs a compile a row count at every new shape.
+_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": False, "TILES": 2}, num_warps=w, num_stages=st)
+                 for bn, w, st in ((32, 4, 4), (64, 4, 3))] + \
+    [triton.Config({"BLOCK_N": 128, "CUT_BY_TILE": True, "TILES": 1}, num_warps=4, num_stages=3)]
+for _config in _CONFIGS:
+    _config.kwargs["TILES"] = 1
 
 
 def _configs_for_kind(configs, named_args, **kwargs):
-    """The autotuner's candidates for one launch: int4's own only for int4."""
-    return [c for c in configs if kwargs.get("KIND", named_args.get("KIND")) == 1 or c not in _INT4_CONFIGS]
+    """The autotuner's candidates for one launch: int4's own only for int4, two tiles a trip only where the
+    tiles pair up (K a multiple of 256) and the codes go into products as they are (FAST and TILE_SCALE)."""
+    def get(name):
+        return kwargs.get(name, named_args.get(name))
+    pairs = get("K") is not None and get("K") % (2 * BLOCK_K) == 0 and bool(get("FAST")) and bool(get("TILE_SCALE"))
+    return [c for c in configs if (get("KIND") == 1 or c not in _INT4_CONFIGS) and (pairs or c.kwargs["TILES"] == 1)]
 
 
 @triton.jit
@@ -119,6 +124,26 @@ def high_nibbles_to_bf16(byte):
                                      is_pure=True, pack=4)
 
 
+@triton.jit
+def _int4_codes_tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, mmask, k0, K, k_bytes, k_off, cell_k,
+                     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + one 128-column int4 tile's product, its codes as bf16 integers (the even columns' low nibbles
+    and the odd columns' high nibbles against the activations' even and odd columns), scaled once a row."""
+    s = tl.load(s_ptr + scale_rows + (k0 + k_off) // cell_k)
+    j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    k = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        byte = tl.load(q_ptr + rows[:, None] + j[None, :])
+        x = tl.load(x_rows + k[None, :], mask=mmask[:, None], other=0.0)
+    else:
+        byte = tl.load(q_ptr + rows[:, None] + j[None, :], mask=(j < k_bytes)[None, :], other=0x88)
+        x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+    xe, xo = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))  # even and odd columns: a thread's pairs
+    part = tl.dot(xe, tl.trans(low_nibbles_to_bf16(byte)))
+    part = tl.dot(xo, tl.trans(high_nibbles_to_bf16(byte)), part)
+    return acc + part * s[None, :]
+
+
 @triton.autotune(configs=_CONFIGS + _INT4_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST"],
                  prune_configs_by={"early_config_prune": _configs_for_kind})
 @triton.jit
@@ -126,14 +151,15 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr
                          stride_qn, stride_sn, stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr,
                          HAS_BIAS: tl.constexpr, TILE_SCALE: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, CUT_BY_TILE: tl.constexpr):
+                         BLOCK_K: tl.constexpr, CUT_BY_TILE: tl.constexpr, TILES: tl.constexpr):
     """out[M, N] = x @ W.T (+ bias). With the bands cut along K (a second grid axis of `split` programs, as
     many as the launch's grid gives: one compiled kernel serves every split), program (i, j) sums its share
     of the K tiles into float32 part[j] (part: [split, M, N]); the band's last program to finish (a counter
     a band, lock[i], which it sets back to 0) adds the parts in order, the bias, and stores out.
-    CUT_BY_TILE changes only the grid the launch is given (its bands cut by their own width)."""
+    CUT_BY_TILE changes only the grid the launch is given (its bands cut by their own width). TILES = 2 (int4
+    codes as bf16 integers, K a multiple of 256: the autotuner's pruning) takes two tiles a trip."""
     split = tl.num_programs(1)
-    tiles_per = tl.cdiv(tl.cdiv(K, BLOCK_K), split)
+    tiles_per = tl.cdiv(tl.cdiv(K, BLOCK_K), split * TILES) * TILES  # whole trips a part
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = tl.program_id(1) * tiles_per * BLOCK_K  # a multiple of BLOCK_K, as the compiler can see
     m = tl.arange(0, BLOCK_M)
@@ -143,25 +169,27 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr
     scale_rows = ((n_in + n_off) // cell_n).to(tl.int64) * stride_sn
     x_rows = x_ptr + m[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, tl.minimum(K, k_lo + tiles_per * BLOCK_K), BLOCK_K):
-        if TILE_SCALE:  # the tile lies in one cell a row: one scale a row
+    for k0 in range(k_lo, tl.minimum(K, k_lo + tiles_per * BLOCK_K), TILES * BLOCK_K):
+        if TILE_SCALE and not (KIND == 1 and FAST):  # the tile lies in one cell a row: one scale a row
             s = tl.load(s_ptr + scale_rows + (k0 + k_off) // cell_k)
         if KIND == 1:  # int4: byte j holds k = 2j (low nibble) and 2j + 1 (high), code + 8 stored
-            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-            k = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                byte = tl.load(q_ptr + rows[:, None] + j[None, :])
-                x = tl.load(x_rows + k[None, :], mask=mmask[:, None], other=0.0)
-            else:
-                byte = tl.load(q_ptr + rows[:, None] + j[None, :], mask=(j < k_bytes)[None, :], other=0x88)
-                x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-            xe, xo = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))  # even and odd columns: a thread's pairs
             if FAST and TILE_SCALE:
-                part = tl.dot(xe, tl.trans(low_nibbles_to_bf16(byte)))
-                part = tl.dot(xo, tl.trans(high_nibbles_to_bf16(byte)), part)
-                acc += part * s[None, :]
+                acc = _int4_codes_tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, mmask, k0, K, k_bytes, k_off,
+                                       cell_k, EVEN_K, BLOCK_M, BLOCK_K)
+                if TILES == 2:
+                    acc = _int4_codes_tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, mmask, k0 + BLOCK_K, K,
+                                           k_bytes, k_off, cell_k, EVEN_K, BLOCK_M, BLOCK_K)
             else:
+                j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+                k = k0 + tl.arange(0, BLOCK_K)
+                if EVEN_K:
+                    byte = tl.load(q_ptr + rows[:, None] + j[None, :])
+                    x = tl.load(x_rows + k[None, :], mask=mmask[:, None], other=0.0)
+                else:
+                    byte = tl.load(q_ptr + rows[:, None] + j[None, :], mask=(j < k_bytes)[None, :], other=0x88)
+                    x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+                xe, xo = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))
                 lo = ((byte & 0xF).to(tl.int32) - 8).to(tl.float32)
                 hi = ((byte >> 4).to(tl.int32) - 8).to(tl.float32)
                 if TILE_SCALE:
