@@ -125,11 +125,10 @@ def high_nibbles_to_bf16(byte):
 
 
 @triton.jit
-def _int4_codes_tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, mmask, k0, K, k_bytes, k_off, cell_k,
-                     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + one 128-column int4 tile's product, its codes as bf16 integers (the even columns' low nibbles
-    and the odd columns' high nibbles against the activations' even and odd columns), scaled once a row."""
-    s = tl.load(s_ptr + scale_rows + (k0 + k_off) // cell_k)
+def _int4_tile(x_rows, q_ptr, rows, mmask, k0, K, k_bytes, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """One 128-column int4 tile's bytes [rows, 64] (byte j: column 2j low, 2j + 1 high, code + 8) and the
+    activations' even and odd columns [BLOCK_M, 64] (split in registers: a thread's pairs)."""
     j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     k = k0 + tl.arange(0, BLOCK_K)
     if EVEN_K:
@@ -138,7 +137,17 @@ def _int4_codes_tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, mmask, k0, K, 
     else:
         byte = tl.load(q_ptr + rows[:, None] + j[None, :], mask=(j < k_bytes)[None, :], other=0x88)
         x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-    xe, xo = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))  # even and odd columns: a thread's pairs
+    xe, xo = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))
+    return byte, xe, xo
+
+
+@triton.jit
+def _int4_codes_tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, mmask, k0, K, k_bytes, k_off, cell_k,
+                     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + one int4 tile's product, its codes as bf16 integers (the even columns' low nibbles and the odd
+    columns' high nibbles against the activations' even and odd columns), scaled once a row."""
+    s = tl.load(s_ptr + scale_rows + (k0 + k_off) // cell_k)
+    byte, xe, xo = _int4_tile(x_rows, q_ptr, rows, mmask, k0, K, k_bytes, EVEN_K, BLOCK_M, BLOCK_K)
     part = tl.dot(xe, tl.trans(low_nibbles_to_bf16(byte)))
     part = tl.dot(xo, tl.trans(high_nibbles_to_bf16(byte)), part)
     return acc + part * s[None, :]
@@ -180,16 +189,8 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr
                     acc = _int4_codes_tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, mmask, k0 + BLOCK_K, K,
                                            k_bytes, k_off, cell_k, EVEN_K, BLOCK_M, BLOCK_K)
             else:
-                j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                byte, xe, xo = _int4_tile(x_rows, q_ptr, rows, mmask, k0, K, k_bytes, EVEN_K, BLOCK_M, BLOCK_K)
                 even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-                k = k0 + tl.arange(0, BLOCK_K)
-                if EVEN_K:
-                    byte = tl.load(q_ptr + rows[:, None] + j[None, :])
-                    x = tl.load(x_rows + k[None, :], mask=mmask[:, None], other=0.0)
-                else:
-                    byte = tl.load(q_ptr + rows[:, None] + j[None, :], mask=(j < k_bytes)[None, :], other=0x88)
-                    x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-                xe, xo = tl.split(x.reshape(BLOCK_M, BLOCK_K // 2, 2))
                 lo = ((byte & 0xF).to(tl.int32) - 8).to(tl.float32)
                 hi = ((byte >> 4).to(tl.int32) - 8).to(tl.float32)
                 if TILE_SCALE:
