@@ -105,6 +105,38 @@ def test_the_weight_read_gemm_equals_the_dequantized_reference(scheme, n, k):
             assert torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), (scheme, n, k, m)
 
 
+@pytest.mark.parametrize("n,k", [(4096, 14336), (2112, 7168), (2048, 1024)])
+def test_every_configuration_the_autotuner_may_pick_for_int4_equals_the_reference(n, k, monkeypatch):
+    """The autotuner takes whichever configuration is fastest on the day: each int4 candidate (two tiles a
+    trip, bands cut by their own width included), forced in turn, against the dequantized reference, on
+    weights whose bands are cut along K (the first two) and one whose are not."""
+    from pdpipe.kernels import triton_quant
+
+    tuned = triton_quant._quant_skinny_kernel
+    configs = triton_quant._configs_for_kind(tuned.configs, {"K": k}, KIND=1, FAST=True, TILE_SCALE=True)
+    assert {c.kwargs["TILES"] for c in configs} == {1, 2} and any(c.kwargs["CUT_BY_TILE"] for c in configs)
+
+    class Forced:  # the kernel at one configuration, as the launch calls the autotuned one
+        def __init__(self, config):
+            self.configs = [config]
+
+        def __getitem__(self, grid):
+            config = self.configs[0]
+            return lambda *args, **kwargs: tuned.fn[grid(config.kwargs)](
+                *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    qw = quantize(torch.randn(n, k, device="cuda", generator=gen) * 0.02, "wint4")
+    plain = dequantize(qw).float()
+    xs = [torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16) for m in (1, 64)]
+    for config in configs:
+        monkeypatch.setattr(triton_quant, "_quant_skinny_kernel", Forced(config))
+        for x in xs:
+            got = triton_quant.quant_skinny_linear(x, "wint4", qw.codes, qw.scale, qw.shape, qw.cell, qw.offset)
+            want = x.float() @ plain.T
+            assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item()), (config, x.shape)
+
+
 @pytest.mark.parametrize("scheme", ["wint8", "wint4"])
 def test_a_gemm_cut_along_k_gives_the_same_bits_eager_and_replayed(scheme):
     """A weight whose bands are cut along K (4096 x 14336: the band's last program adds the parts): the same
