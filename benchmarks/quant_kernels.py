@@ -124,7 +124,8 @@ def unsplit(time_it, n: int, k: int, m: int, scheme: str) -> float | None:
     this scheme cuts them (None where none does): whether the cut pays for its partial sums. Tuned afresh
     for it; the autotuner's choices for the cut launches are put back after."""
     kernel = triton_quant._quant_skinny_kernel
-    configs = triton_quant._configs_for_kind(kernel.configs, {}, KIND=triton_quant.KINDS[scheme])
+    configs = triton_quant._configs_for_kind(kernel.configs, {"K": k}, KIND=triton_quant.KINDS[scheme], FAST=True,
+                                             TILE_SCALE=True)
     device = torch.device("cuda")
     if m > triton_quant.QUANT_MAX_ROWS or all(
             triton_quant.split_k(n, k, device, c.kwargs["BLOCK_N"] if c.kwargs["CUT_BY_TILE"] else 64) == 1

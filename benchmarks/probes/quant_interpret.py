@@ -2,7 +2,8 @@
 weight-read GEMM (`triton_quant.quant_skinny_linear`, each of a few tile widths, bands cut along K or not,
 float32 and float16 rows, whole weights and shards that cut groups and blocks), the one-pass dequantize
 (bit for bit), and the fused experts' grouped GEMMs on QuantStacks (`triton_moe.fused_moe`; its final sum
-in torch, which the interpreter does not run). The bf16 paths' inline assembly (integer codes into bf16)
+in torch, which the interpreter does not run); int4's codes-as-they-are loop (one or two tiles a trip) with
+float32 stand-ins for its nibble conversions. The bf16 paths' inline assembly (integer codes into bf16)
 does not run here: tests/gpu/test_quant_gpu.py checks it. Needs `pip install triton`; no GPU.
 
     python benchmarks/probes/quant_interpret.py
@@ -15,6 +16,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from pdpipe.kernels import reference, triton_moe, triton_quant  # noqa: E402
 from pdpipe.kernels.reference import QuantStack  # noqa: E402
@@ -32,17 +34,20 @@ def parts(n: int, k: int, scheme: str) -> list:
 AUTOTUNED = triton_quant._quant_skinny_kernel
 
 
-def fixed_width(block_n: int):
-    """The autotuned kernel at one tile width (the interpreter cannot time configurations)."""
+def fixed(config: triton.Config):
+    """The autotuned kernel at one configuration (the interpreter cannot time configurations)."""
     jit = AUTOTUNED.fn
 
     class Fixed:
-        configs = [triton.Config({"BLOCK_N": block_n, "CUT_BY_TILE": False, "TILES": 1})]
+        configs = [config]
 
         def __getitem__(self, grid):
-            meta = {"BLOCK_N": block_n, "CUT_BY_TILE": False, "TILES": 1}
-            return lambda *a, **kw: jit[grid(meta)](*a, **meta, **kw)
+            return lambda *a, **kw: jit[grid(config.kwargs)](*a, **config.kwargs, **kw)
     return Fixed()
+
+
+def fixed_width(block_n: int):
+    return fixed(triton.Config({"BLOCK_N": block_n, "CUT_BY_TILE": False, "TILES": 1}))
 
 
 def check_gemm() -> int:
@@ -64,6 +69,48 @@ def check_gemm() -> int:
                         bad += 1
                         print(f"GEMM {scheme} {part.shape} offset {part.offset} M={m} {dtype} BLOCK_N={block_n} "
                               f"split {split}: {err}")
+    triton_quant._quant_skinny_kernel = AUTOTUNED
+    triton_quant.split_k = split_k
+    return bad
+
+
+@triton.jit
+def _low_nibbles(byte):
+    return ((byte & 0xF).to(tl.int32) - 8).to(tl.float32)
+
+
+@triton.jit
+def _high_nibbles(byte):
+    return ((byte >> 4).to(tl.int32) - 8).to(tl.float32)
+
+
+def check_two_tiles() -> int:
+    """int4's codes-as-they-are path (FAST, bf16 on a GPU) with one and two tiles a trip, bands cut along K
+    into parts of whole trips or not: its nibble conversions (inline assembly) stood in for by float32 ones
+    and the rows float32 (the interpreter's bf16 casts are not exact), so the loop, the split and the
+    scales are what is checked."""
+    bad = 0
+    saved = triton_quant.low_nibbles_to_bf16, triton_quant.high_nibbles_to_bf16, triton_quant.fast_codes
+    split_k = triton_quant.split_k
+    triton_quant.low_nibbles_to_bf16, triton_quant.high_nibbles_to_bf16 = _low_nibbles, _high_nibbles
+    triton_quant.fast_codes = lambda x: True
+    for (n, k), split in (((64, 1024), 1), ((96, 3584), 3), ((64, 2048), 5), ((40, 7168), 8), ((64, 1024), 3)):
+        triton_quant.split_k = lambda n, k, device, band=64, split=split: split
+        whole = quantize(torch.randn(n, k) * 0.02, "wint4")
+        for config in triton_quant._configs_for_kind(AUTOTUNED.configs, {"K": k}, KIND=1, FAST=True, TILE_SCALE=True):
+            if config.kwargs["BLOCK_N"] > 64:
+                continue
+            triton_quant._quant_skinny_kernel = fixed(config)
+            for m in (1, 3):
+                x = torch.randn(m, k)
+                got = triton_quant.quant_skinny_linear(x, "wint4", whole.codes, whole.scale, whole.shape, whole.cell,
+                                                       whole.offset)
+                want = x @ dequantize(whole).T
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                if err > 1e-5:
+                    bad += 1
+                    print(f"int4 codes as they are {n} x {k} M={m} {config.kwargs} split {split}: {err}")
+    triton_quant.low_nibbles_to_bf16, triton_quant.high_nibbles_to_bf16, triton_quant.fast_codes = saved
     triton_quant._quant_skinny_kernel = AUTOTUNED
     triton_quant.split_k = split_k
     return bad
@@ -117,7 +164,8 @@ def check_experts() -> int:
 
 def main() -> None:
     torch.manual_seed(0)
-    bad = {"gemm": check_gemm(), "dequantize": check_dequantize(), "experts": check_experts()}
+    bad = {"gemm": check_gemm(), "int4 two tiles": check_two_tiles(), "dequantize": check_dequantize(),
+           "experts": check_experts()}
     print("mismatches:", bad)
     raise SystemExit(1 if any(bad.values()) else 0)
 

@@ -271,7 +271,10 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     def cut(meta) -> int:  # the launch's split: by 64-row bands, or (CUT_BY_TILE) by the config's own
         return split_k(n, k, x.device, meta["BLOCK_N"] if meta["CUT_BY_TILE"] else 64)
 
-    most = max(cut(c.kwargs) for c in _configs_for_kind(_quant_skinny_kernel.configs, {}, KIND=kind))
+    fast, whole_cells = fast_codes(x), tile_scale(k, cell[1], offset[1])
+    candidates = _configs_for_kind(_quant_skinny_kernel.configs, {"K": k}, KIND=kind, FAST=fast,
+                                   TILE_SCALE=whole_cells)
+    most = max(cut(c.kwargs) for c in candidates)
     # the parts are float32 whichever way: the kernel's summing branch is compiled even where no band is cut
     part = torch.empty(most, m, n, dtype=torch.float32, device=x.device) if most > 1 else scale
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), cut(meta))  # noqa: E731
@@ -279,8 +282,7 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     _quant_skinny_kernel[grid](x, q, scale, bias if bias is not None else scale, out, part,
                                _band_locks(x.device, triton.cdiv(n, 16)), m, n, k, (k + 1) // 2, x.stride(0),
                                q.stride(0), scale.stride(0), out.stride(0), offset[0], offset[1], cell[0], cell[1],
-                               KIND=kind, HAS_BIAS=bias is not None,
-                               TILE_SCALE=tile_scale(k, cell[1], offset[1]), FAST=fast_codes(x),
+                               KIND=kind, HAS_BIAS=bias is not None, TILE_SCALE=whole_cells, FAST=fast,
                                EVEN_K=k % BLOCK_K == 0,
                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K)
