@@ -61,7 +61,8 @@ def _tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, n_in, stride_sk, mmask, k
 @triton.autotune(configs=CONFIGS, key=["BLOCK_M", "N", "K", "HALVES", "TILES", "SCALE_T"])
 @triton.jit
 def _int4_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_sk,
-                 HALVES: tl.constexpr, TILES: tl.constexpr, SCALE_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HALVES: tl.constexpr, TILES: tl.constexpr, SCALE_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     split = tl.num_programs(1)
     tiles_per = tl.cdiv(tl.cdiv(K, BLOCK_K), split)
     k_lo = tl.program_id(1) * tiles_per * BLOCK_K
