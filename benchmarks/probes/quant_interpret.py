@@ -94,25 +94,28 @@ def check_two_tiles() -> int:
     split_k = triton_quant.split_k
     triton_quant.low_nibbles_to_bf16, triton_quant.high_nibbles_to_bf16 = _low_nibbles, _high_nibbles
     triton_quant.fast_codes = lambda x: True
-    for (n, k), split in (((64, 1024), 1), ((96, 3584), 3), ((64, 2048), 5), ((40, 7168), 8), ((64, 1024), 3)):
-        triton_quant.split_k = lambda n, k, device, band=64, split=split: split
-        whole = quantize(torch.randn(n, k) * 0.02, "wint4")
-        for config in triton_quant._configs_for_kind(AUTOTUNED.configs, {"K": k}, KIND=1, FAST=True, TILE_SCALE=True):
-            if config.kwargs["BLOCK_N"] > 64:
-                continue
-            triton_quant._quant_skinny_kernel = fixed(config)
-            for m in (1, 3):
-                x = torch.randn(m, k)
-                got = triton_quant.quant_skinny_linear(x, "wint4", whole.codes, whole.scale, whole.shape, whole.cell,
-                                                       whole.offset)
-                want = x @ dequantize(whole).T
-                err = ((got - want).abs().max() / want.abs().max()).item()
-                if err > 1e-5:
-                    bad += 1
-                    print(f"int4 codes as they are {n} x {k} M={m} {config.kwargs} split {split}: {err}")
-    triton_quant.low_nibbles_to_bf16, triton_quant.high_nibbles_to_bf16, triton_quant.fast_codes = saved
-    triton_quant._quant_skinny_kernel = AUTOTUNED
-    triton_quant.split_k = split_k
+    try:
+        for (n, k), split in (((64, 1024), 1), ((96, 3584), 3), ((64, 2048), 5), ((40, 7168), 8), ((64, 1024), 3)):
+            triton_quant.split_k = lambda n, k, device, band=64, split=split: split
+            whole = quantize(torch.randn(n, k) * 0.02, "wint4")
+            for config in triton_quant._configs_for_kind(AUTOTUNED.configs, {"K": k}, KIND=1, FAST=True,
+                                                         TILE_SCALE=True):
+                if config.kwargs["BLOCK_N"] > 64:
+                    continue
+                triton_quant._quant_skinny_kernel = fixed(config)
+                for m in (1, 3):
+                    x = torch.randn(m, k)
+                    got = triton_quant.quant_skinny_linear(x, "wint4", whole.codes, whole.scale, whole.shape,
+                                                           whole.cell, whole.offset)
+                    want = x @ dequantize(whole).T
+                    err = ((got - want).abs().max() / want.abs().max()).item()
+                    if err > 1e-5:
+                        bad += 1
+                        print(f"int4 codes as they are {n} x {k} M={m} {config.kwargs} split {split}: {err}")
+    finally:
+        triton_quant.low_nibbles_to_bf16, triton_quant.high_nibbles_to_bf16, triton_quant.fast_codes = saved
+        triton_quant._quant_skinny_kernel = AUTOTUNED
+        triton_quant.split_k = split_k
     return bad
 
 

@@ -167,6 +167,7 @@ def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr
     a band, lock[i], which it sets back to 0) adds the parts in order, the bias, and stores out.
     CUT_BY_TILE changes only the grid the launch is given (its bands cut by their own width). TILES = 2 (int4
     codes as bf16 integers, K a multiple of 256: the autotuner's pruning) takes two tiles a trip."""
+    tl.static_assert(TILES == 1 or (KIND == 1 and FAST and TILE_SCALE and EVEN_K), "two tiles a trip: int4 as bf16")
     split = tl.num_programs(1)
     tiles_per = tl.cdiv(tl.cdiv(K, BLOCK_K), split * TILES) * TILES  # whole trips a part
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -269,6 +270,7 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
     kind = KINDS[scheme]
 
     def cut(meta) -> int:  # the launch's split: by 64-row bands, or (CUT_BY_TILE) by the config's own
+        assert meta["TILES"] == 1 or k % (2 * BLOCK_K) == 0, "two tiles a trip need K a multiple of 256"
         return split_k(n, k, x.device, meta["BLOCK_N"] if meta["CUT_BY_TILE"] else 64)
 
     fast, whole_cells = fast_codes(x), tile_scale(k, cell[1], offset[1])
