@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe; QUANT_ARGS: --shapes/--rows)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [int4layouts (probes/int4_layouts.py)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
+#   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe; QUANT_ARGS: --shapes/--rows)] [w8a8 (fp8 8B served, W8A8 against weight-only; env W8A8_INPUT, W8A8_OUTPUT, W8A8_RATES)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [int4layouts (probes/int4_layouts.py)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: QUANT_SCHEMES (quantdecode's, default wint4,fp8,wint8), TESTS_PATHS (default tests/gpu), TESTS_K, TESTS_S, TESTS_T (a test's limit, default 120 s), TESTS_N (pytest-xdist workers: Triton compiles in parallel; the GEMM test's
 #   ragged shapes compile hundreds of variants), BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
@@ -108,6 +108,15 @@ while [ $# -gt 0 ]; do
            --input-len 100:200 --output-len 128:256 --think-time 1 --request-rates ${RATES:-4,12} --vocab-size 128000 \
            --ignore-eos --slo ${SLO:-ttft:600 tpot:15} --out /tmp/compare_prefix 2>&1 | tee "$OUT/compare_prefix.log" | tail -14
          tar czf "$OUT/compare_prefix.tgz" -C /tmp compare_prefix 2>/dev/null; shift ;;
+    w8a8) sed -e 's/^name = .*/name = "8b-fp8-weightonly"/' -e 's/^load_format = .*/&\nquantization = "fp8"/' \
+           launch/gpu-8b-mixed.toml > /tmp/gpu-8b-fp8-weightonly.toml  # the 8B shape in fp8, served: W8A8 prompts against weight-only
+         sed -e 's/^name = .*/name = "8b-fp8-w8a8"/' -e 's/^quantization = .*/&\nactivation_quantization = "fp8"/' \
+           /tmp/gpu-8b-fp8-weightonly.toml > /tmp/gpu-8b-fp8-w8a8.toml
+         timeout ${COMPARE_S:-560} python3 -m pdpipe.cli bench compare /tmp/gpu-8b-fp8-w8a8.toml /tmp/gpu-8b-fp8-weightonly.toml \
+           --input-len ${W8A8_INPUT:-1024:4096} --output-len ${W8A8_OUTPUT:-32:64} --request-rates ${W8A8_RATES:-4,8,12} \
+           --num-prompts ${PROMPTS:-80} --vocab-size 128000 --ignore-eos --slo ${SLO:-ttft:600 tpot:15} \
+           --out /tmp/compare_w8a8 2>&1 | tee "$OUT/compare_w8a8.log" | tail -14
+         tar czf "$OUT/compare_w8a8.tgz" -C /tmp compare_w8a8 2>/dev/null; shift ;;
     quant70b) make_70b  # the 70B shape in int4 on ONE GPU, served through the API under load
          timeout ${COMPARE_S:-560} python3 -m pdpipe.cli bench compare launch/gpu-70b-wint4.toml --input-len 512:2048 \
            --output-len 128:256 --request-rates ${Q70_RATES:-0.5,1,2} --num-prompts ${PROMPTS:-24} --vocab-size 128000 \
