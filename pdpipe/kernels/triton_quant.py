@@ -41,18 +41,16 @@ KINDS = {"wint8": 0, "wint4": 1, "fp8": 2, "block_wise_fp8": 2}
 QUANT_MAX_ROWS = 64  # more rows than this: dequantize and cuBLAS (the weights' bytes no longer dominate)
 BLOCK_K = 128  # the columns of a tile: one scale cell's width (groups and blocks of 128)
 
-_CONFIGS = [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": False}, num_warps=w, num_stages=st)
+_CONFIGS = [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": False, "TILES": 1}, num_warps=w, num_stages=st)
             for bn, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 3), (128, 4, 5))]
 # int4-only candidates: two 128-column tiles a trip of the loop (TILES = 2: twice the bytes in flight for a
-# byte tile half int8's; on an H100 13 % less time for 8192 x 28672 and 28672 x 4096 at 1-16 rows, more at
+# byte tile half int8's; on an H100 13 % less time for 8192 x 28672 and 28672 x 4096 at 1-16 rows, slower at
 # 64: `probes/int4_layouts.py`), and bands cut along K by their own width (CUT_BY_TILE) rather than by 64
 # rows. Deeper (6 stages) and wider (256 rows) int4 tiles were timed too and never chosen; each candidate
 # costs a compile a row count at every new shape.
 _INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "CUT_BY_TILE": False, "TILES": 2}, num_warps=w, num_stages=st)
                  for bn, w, st in ((32, 4, 4), (64, 4, 3))] + \
     [triton.Config({"BLOCK_N": 128, "CUT_BY_TILE": True, "TILES": 1}, num_warps=4, num_stages=3)]
-for _config in _CONFIGS:
-    _config.kwargs["TILES"] = 1
 
 
 def _configs_for_kind(configs, named_args, **kwargs):
