@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (through the device tool): installs the carried wheels, runs the GPU
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
-#   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe; QUANT_ARGS: --shapes/--rows)] [w8a8 (fp8 8B served, W8A8 against weight-only; env W8A8_INPUT, W8A8_OUTPUT, W8A8_RATES)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [int4layouts (probes/int4_layouts.py)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
+#   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe; QUANT_ARGS: --shapes/--rows)] [w8a8 (fp8 8B served, W8A8 against weight-only; env W8A8_INPUT, W8A8_OUTPUT, W8A8_RATES)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [int4layouts (probes/int4_layouts.py)] [autotunecache (probes/autotune_cache.py; env CACHE_ARGS)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
 #   env: QUANT_SCHEMES (quantdecode's, default wint4,fp8,wint8), TESTS_PATHS (default tests/gpu), TESTS_K, TESTS_S, TESTS_T (a test's limit, default 120 s), TESTS_N (pytest-xdist workers: Triton compiles in parallel; the GEMM test's
 #   ragged shapes compile hundreds of variants), BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
@@ -56,6 +56,8 @@ while [ $# -gt 0 ]; do
     probe) python3 benchmarks/probes/gil_probe.py 2>&1 | tee "$OUT/gil_probe.log"; shift ;;
     int4layouts) timeout ${QUANT_S:-400} python3 benchmarks/probes/int4_layouts.py ${QUANT_ARGS:-} --json "$OUT/int4_layouts.json" \
            2>&1 | grep -v Warn | tee "$OUT/int4_layouts.log" | tail -20; shift ;;
+    autotunecache) timeout ${CACHE_S:-400} python3 benchmarks/probes/autotune_cache.py ${CACHE_ARGS:-} --json "$OUT/autotune_cache.json" \
+           2>&1 | grep -v Warn | tee "$OUT/autotune_cache.log" | tail -20; shift ;;
     lengths) python3 benchmarks/probes/new_length_probe.py 2>&1 | grep -v Warn | tee "$OUT/new_length_probe.log" | head -60; shift ;;
     prefill) timeout ${PREFILL_S:-240} python3 benchmarks/prefill_service.py --input-len "$2" --prompts "$3" \
                --out "$OUT/prefill_${2/:/-}.json" 2>&1 | tail -3; shift 3 ;;

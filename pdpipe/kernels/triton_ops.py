@@ -3,6 +3,8 @@
 `reference.py`; wrappers assert shapes, dtypes and strides before launching."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -624,7 +626,14 @@ _SKINNY_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, nu
                                          (16, 1024, 8, 2), (64, 128, 8, 4))]
 
 
-@triton.autotune(configs=_SKINNY_CONFIGS, key=["M", "N", "K"])
+# An autotuned kernel keeps the configuration it chose, with every candidate's timing, in Triton's cache (keyed
+# by Triton, the GPU's architecture, the kernel's source, the key's values and the candidates): an engine that
+# restarts, or a second one on the machine, reads its choice there instead of timing each candidate again.
+# Triton before 3.3 has no such cache and times them as before.
+AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+@triton.autotune(configs=_SKINNY_CONFIGS, key=["M", "N", "K"], **AUTOTUNE_CACHE)
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

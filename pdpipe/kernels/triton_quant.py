@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_ops import AUTOTUNE_CACHE
+
 KINDS = {"wint8": 0, "wint4": 1, "fp8": 2, "block_wise_fp8": 2}
 QUANT_MAX_ROWS = 64  # more rows than this: dequantize and cuBLAS (the weights' bytes no longer dominate)
 BLOCK_K = 128  # the columns of a tile: one scale cell's width (groups and blocks of 128)
@@ -152,7 +154,7 @@ def _int4_codes_tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, mmask, k0, K, 
 
 
 @triton.autotune(configs=_CONFIGS + _INT4_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST"],
-                 prune_configs_by={"early_config_prune": _configs_for_kind})
+                 prune_configs_by={"early_config_prune": _configs_for_kind}, **AUTOTUNE_CACHE)
 @triton.jit
 def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, k_bytes, stride_xm,
                          stride_qn, stride_sn, stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr,
