@@ -3,7 +3,7 @@
 # test suite and the GPU benchmarks, and leaves logs and JSON under $OUT.
 #   usage: bash benchmarks/device_run.sh [tests] [samespeed OLD_TREE] [prefixcache] [prefixcompare] [quantkernels (env QUANT_ONLY: gemm,moe; QUANT_ARGS: --shapes/--rows)] [w8a8 (fp8 8B served, W8A8 against weight-only; env W8A8_INPUT, W8A8_OUTPUT, W8A8_RATES)] [quant70b] [ernie300b (env E300_LAYERS, E300_QUANT)] [bench STAGES] [probe (the GIL probe)] [int4layouts (probes/int4_layouts.py)] [autotunecache (probes/autotune_cache.py; env CACHE_ARGS)] [lengths (the new-length probe)] [prefill INPUT_LEN PROMPTS] [tp70b] [moe] [moebench (moe without the compare)] [moecompare (its compare alone)] [moesweep] [ep2] [dp2] [tp4 (four GPUs)]
 #          [compare NAME INPUT_LEN OUTPUT_LEN RATES]
-#   env: QUANT_SCHEMES (quantdecode's, default wint4,fp8,wint8), TESTS_PATHS (default tests/gpu), TESTS_K, TESTS_S, TESTS_T (a test's limit, default 120 s), TESTS_N (pytest-xdist workers: Triton compiles in parallel; the GEMM test's
+#   env: QUANT_SCHEMES (quantdecode's, default wint4,fp8,wint8), TESTS_PATHS (default tests/gpu), TESTS_K, TESTS_S, TESTS_T (a test's limit, default 120 s), TESTS_N (pytest-xdist workers: Triton compiles in parallel, but the GPU-memory-share test of test_engine_gpu.py then counts the other workers' memory; the GEMM test's
 #   ragged shapes compile hundreds of variants), BENCH_S; for compare: LAYOUTS (of 1p1d (decode_busy_ms 12), 1p1d-always
 #   (every prompt on prefill, decode_busy_ms 0), 1p1d-backlog (local_on_backlog on), 1p1d-busy
 #   (decode_busy_ms = BUSY_MS, default 12), 1p1d-nobusy (decode_busy_ms 0), 2mixed; default

@@ -160,7 +160,8 @@ def test_prefill_graphs_take_chunks_after_a_cache_hit(model_dir, arch):
 
 def test_gpu_memory_utilization_keeps_the_engine_within_its_share(model_dir):
     """A quarter of the GPU: the pool gets nearly all of it (a tiny model's weights, step and graphs
-    take little), the engine's memory stays within it, and it serves."""
+    take little), the engine's memory stays within it, and it serves. It reads the device's free memory, so
+    it needs the GPU to itself: beside other pytest-xdist workers it counts their memory as the engine's."""
     share = 0.25
     free_before, total = torch.cuda.mem_get_info()
     llm = make_llm(model_dir("llama"), device="cuda", dtype="bfloat16", num_blocks=0, gpu_memory_utilization=share)
