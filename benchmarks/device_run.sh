@@ -118,7 +118,8 @@ while [ $# -gt 0 ]; do
            --input-len ${W8A8_INPUT:-1024:4096} --output-len ${W8A8_OUTPUT:-32:64} --request-rates ${W8A8_RATES:-4,8,12} \
            --num-prompts ${PROMPTS:-80} --vocab-size 128000 --ignore-eos --slo ${SLO:-ttft:600 tpot:15} \
            --out /tmp/compare_w8a8 2>&1 | tee "$OUT/compare_w8a8.log" | tail -14
-         tar czf "$OUT/compare_w8a8.tgz" -C /tmp compare_w8a8 2>/dev/null; shift ;;
+         tar czf "$OUT/compare_w8a8.tgz" -C /tmp compare_w8a8 pdpipe-8b-fp8-w8a8/logs pdpipe-8b-fp8-weightonly/logs 2>/dev/null
+         shift ;;
     quant70b) make_70b  # the 70B shape in int4 on ONE GPU, served through the API under load
          timeout ${COMPARE_S:-560} python3 -m pdpipe.cli bench compare launch/gpu-70b-wint4.toml --input-len 512:2048 \
            --output-len 128:256 --request-rates ${Q70_RATES:-0.5,1,2} --num-prompts ${PROMPTS:-24} --vocab-size 128000 \

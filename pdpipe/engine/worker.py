@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from msgspec.structs import replace
 
-from pdpipe import gpus
+from pdpipe import gpus, kernels
 from pdpipe.gpus import GpuFigures
 from pdpipe.kv_events import KVEventBatch, encode_batch
 from pdpipe.messages import (
@@ -94,6 +94,7 @@ class EngineWorker(Handler):
         self.meter = StepMeter()
         self._gpu: tuple[float, GpuFigures | None] = (0.0, None)  # (when read, what NVML said)
         self._step_prompt_tokens = 0
+        self._variants = kernels.compiled_variants()  # after the warm-up: what a slow step compiled shows
         # prefill on GPU: a layer is announced only once its KV is written: its message goes with a CUDA
         # event recorded after the layer, and `send` (a SenderThread's) lets it leave once the event has
         # completed. The transfer's copy of layer k then runs while the GPU computes layers k+1…, and
@@ -235,8 +236,12 @@ class EngineWorker(Handler):
         self.meter.add(seconds, self._step_prompt_tokens)
         if seconds > SLOW_STEP_S:
             sched = self.engine.scheduler
-            log.info("%s: a step took %.0f ms (%d prompt tokens; %d running, %d waiting)", self.name,
-                     seconds * 1e3, self._step_prompt_tokens, len(sched.running), len(sched.waiting))
+            variants = kernels.compiled_variants()
+            compiled = sorted(name for name, n in variants.items() if n > self._variants.get(name, 0))
+            self._variants = variants
+            log.info("%s: a step took %.0f ms (%d prompt tokens; %d running, %d waiting)%s", self.name,
+                     seconds * 1e3, self._step_prompt_tokens, len(sched.running), len(sched.waiting),
+                     f"; Triton compiled {', '.join(compiled)} for it" if compiled else "")
         self._send_pulls()
         self._deliver(outputs)
         self._send_kv_events()

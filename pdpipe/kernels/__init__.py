@@ -20,6 +20,23 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and triton_ops is not None
 
 
+def compiled_variants() -> dict[str, int]:
+    """How many compiled variants each of pdpipe's Triton kernels holds in this process (an autotuned kernel
+    counted by its candidates compiled): a count that grows after the warm-up names a kernel a live step
+    compiled (a second or more each; `EngineWorker` logs them with the slow step). Empty without Triton."""
+    if triton_ops is None:
+        return {}
+    from triton.runtime import Autotuner, JITFunction
+
+    counts: dict[str, int] = {}
+    for module in (triton_ops, triton_moe, triton_quant):
+        for name, kernel in vars(module).items():
+            fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+            if isinstance(fn, JITFunction):
+                counts[name] = sum(len(cache[0]) for cache in fn.device_caches.values())
+    return counts
+
+
 def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     if use_triton(key):
         return triton_ops.store_kv(key, value, k_cache, v_cache, slot_mapping)

@@ -130,6 +130,21 @@ def test_store_kv_writes_exactly_its_slots(dtype):
     assert kc.isnan().sum().item() == (64 * 16 - keep.sum().item()) * 8 * 128
 
 
+def test_compiled_variants_count_what_a_kernel_compiles():
+    """`kernels.compiled_variants` (what a slow step's log names): a kernel met at a new specialisation (a
+    hidden size nothing else uses) counts one more variant; called again at it, none."""
+    from pdpipe import kernels
+    from pdpipe.kernels import triton_ops
+
+    x, w = torch.randn(3, 3001, device="cuda"), torch.randn(3001, device="cuda")
+    before = kernels.compiled_variants()
+    triton_ops.rms_norm(x, w, 1e-5)
+    once = kernels.compiled_variants()
+    triton_ops.rms_norm(x, w, 1e-5)
+    assert once["_rms_norm_kernel"] == before["_rms_norm_kernel"] + 1
+    assert kernels.compiled_variants() == once
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,hidden", [(1, 4096), (37, 896), (300, 5120), (8, 100)])
 def test_fused_rms_norm_matches_reference(dtype, rows, hidden):

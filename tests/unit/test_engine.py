@@ -156,6 +156,32 @@ def test_a_device_fault_is_no_request_s_fault(model_dir):
     assert_leak_free(engine)
 
 
+def test_a_slow_step_is_logged_with_the_triton_kernels_it_compiled(model_dir, monkeypatch, caplog):
+    """A step over the slow mark is logged with its prompt tokens and the Triton kernels whose compiled
+    variants grew since the worker started (after the warm-up) or since the last slow step; a slow step
+    that compiled nothing names none. (Counts are faked here: CPU engines run no Triton kernel.)"""
+    import logging
+
+    from pdpipe import kernels
+    from pdpipe.engine import worker as worker_module
+
+    counts = iter([{"_rms_norm_kernel": 2, "_extend_kernel": 1},
+                   {"_rms_norm_kernel": 2, "_extend_kernel": 3, "_moe_sum_kernel": 1},
+                   {"_rms_norm_kernel": 2, "_extend_kernel": 3, "_moe_sum_kernel": 1}])
+    monkeypatch.setattr(kernels, "compiled_variants", lambda: next(counts))
+    monkeypatch.setattr(worker_module, "SLOW_STEP_S", 0.0)
+    engine = make_engine(model_dir("llama"))
+    worker = worker_module.EngineWorker("mixed-0", "mixed", engine, lambda dest, msg: None)
+    engine.add_request("r", make_prompts(512, lengths=(9,), seed=2)[0], GREEDY)
+    with caplog.at_level(logging.INFO, logger="pdpipe"):
+        worker.step()
+        worker.step()
+    steps = [r.getMessage() for r in caplog.records if "a step took" in r.getMessage()]
+    assert len(steps) == 2 and "(9 prompt tokens;" in steps[0]
+    assert steps[0].endswith("; Triton compiled _extend_kernel, _moe_sum_kernel for it")
+    assert "Triton compiled" not in steps[1]
+
+
 def test_generation_stops_at_max_model_len(model_dir):
     engine = make_engine(model_dir("llama"), num_blocks=4, block_size=4)
     engine.add_request("r", [5] * 10, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
