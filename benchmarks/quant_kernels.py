@@ -122,7 +122,8 @@ def check(got: torch.Tensor, want: torch.Tensor) -> bool:
 def unsplit(time_it, n: int, k: int, m: int, scheme: str) -> float | None:
     """The time with the weight's bands not cut along K, where some configuration the autotuner weighs for
     this scheme cuts them (None where none does): whether the cut pays for its partial sums. Tuned afresh
-    for it; the autotuner's choices for the cut launches are put back after."""
+    for it (not from Triton's on-disk cache of choices, which holds the cut launches'); the autotuner's
+    choices for the cut launches are put back after."""
     kernel = triton_quant._quant_skinny_kernel
     configs = triton_quant._configs_for_kind(kernel.configs, {"K": k}, KIND=triton_quant.KINDS[scheme], FAST=True,
                                              TILE_SCALE=True)
@@ -131,13 +132,15 @@ def unsplit(time_it, n: int, k: int, m: int, scheme: str) -> float | None:
             triton_quant.split_k(n, k, device, c.kwargs["BLOCK_N"] if c.kwargs["CUT_BY_TILE"] else 64) == 1
             for c in configs):
         return None
-    chosen, tuned = triton_quant.split_k, dict(kernel.cache)
+    chosen, tuned, on_disk = triton_quant.split_k, dict(kernel.cache), getattr(kernel, "cache_results", False)
     triton_quant.split_k = lambda n, k, device, band=64: 1
     kernel.cache.clear()
+    kernel.cache_results = False
     try:
         return time_it()
     finally:
         triton_quant.split_k = chosen
+        kernel.cache_results = on_disk
         kernel.cache.clear()
         kernel.cache.update(tuned)
 

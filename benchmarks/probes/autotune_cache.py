@@ -55,7 +55,7 @@ def warm(schemes: list[str], retime: bool) -> dict:
                 want = x.float() @ plain.T
                 worst = max(worst, ((layer(x).float() - want).abs().max() / want.abs().max()).item())
     return {"seconds": seconds, "max_rel_error": worst,
-            "cache_results": triton_quant._quant_skinny_kernel.cache_results}
+            "cache_results": getattr(triton_quant._quant_skinny_kernel, "cache_results", False)}
 
 
 def main() -> None:
@@ -72,9 +72,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TRITON_CACHE_DIR=cache)
         for name, child in (("cold", "cached"), ("restart", "cached"), ("restart, retimed", "retimed")):
-            out = subprocess.run([sys.executable, __file__, "--schemes", args.schemes, "--child", child], env=env,
-                                 check=True, capture_output=True, text=True).stdout
-            runs[name] = json.loads(out.strip().splitlines()[-1])
+            done = subprocess.run([sys.executable, __file__, "--schemes", args.schemes, "--child", child], env=env,
+                                  capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"the {name} process failed:\n{done.stderr[-4000:]}")
+            runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{name:>17}: {runs[name]['seconds']:6.1f} s to warm {len(SHAPES) * len(schemes)} projections "
                   f"at 1-64 rows (autotuning cache {runs[name]['cache_results']}), largest error "
                   f"{runs[name]['max_rel_error']:.1e}")

@@ -94,7 +94,7 @@ def gemm(kind: int, fast: bool, block_n: int, warps: int, stages: int) -> tuple[
                            "k_off", "cell_n", "cell_k")}
     constants = {"KIND": kind, "HAS_BIAS": False, "TILE_SCALE": True, "FAST": fast, "EVEN_K": True,
                  "PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": triton_quant.BLOCK_K,
-                 "CUT_BY_TILE": False, "TILES": 1}
+                 "CUT_BY_TILE": False, "TILES": 1, "SMS": 132}
     kernel = compiled(triton_quant._quant_skinny_kernel.fn, types, constants,
                       ["x_ptr", "q_ptr", "s_ptr", "b_ptr", "out_ptr", "N", "K", "k_bytes", "stride_xm", "stride_qn",
                        "stride_om"], warps, stages)

@@ -241,7 +241,8 @@ class EngineWorker(Handler):
             self._variants = variants
             log.info("%s: a step took %.0f ms (%d prompt tokens; %d running, %d waiting)%s", self.name,
                      seconds * 1e3, self._step_prompt_tokens, len(sched.running), len(sched.waiting),
-                     f"; Triton compiled {', '.join(compiled)} for it" if compiled else "")
+                     f"; new Triton kernel variants since the last slow step (a compile costs a second or "
+                     f"more): {', '.join(compiled)}" if compiled else "")
         self._send_pulls()
         self._deliver(outputs)
         self._send_kv_events()

@@ -26,14 +26,18 @@ def compiled_variants() -> dict[str, int]:
     compiled (a second or more each; `EngineWorker` logs them with the slow step). Empty without Triton."""
     if triton_ops is None:
         return {}
-    from triton.runtime import Autotuner, JITFunction
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.jit import JITFunction
 
     counts: dict[str, int] = {}
     for module in (triton_ops, triton_moe, triton_quant):
         for name, kernel in vars(module).items():
-            fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-            if isinstance(fn, JITFunction):
-                counts[name] = sum(len(cache[0]) for cache in fn.device_caches.values())
+            fn = kernel
+            while isinstance(fn, Autotuner | Heuristics):
+                fn = fn.fn
+            caches = getattr(fn, "device_caches", None)  # Triton 3.2 and later
+            if isinstance(fn, JITFunction) and isinstance(caches, dict):
+                counts[name] = sum(len(cache[0]) for cache in caches.values())
     return counts
 
 

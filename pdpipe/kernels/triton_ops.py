@@ -629,7 +629,9 @@ _SKINNY_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, nu
 # An autotuned kernel keeps the configuration it chose, with every candidate's timing, in Triton's cache (keyed
 # by Triton, the GPU's architecture, the kernel's source, the key's values and the candidates): an engine that
 # restarts, or a second one on the machine, reads its choice there instead of timing each candidate again.
-# Triton before 3.3 has no such cache and times them as before.
+# Triton before 3.4 has no such cache and times them as before. The choice persists: to time the candidates
+# again (after tuning on a busy GPU, say) remove the cache's `*.autotune.json` files or point
+# TRITON_CACHE_DIR elsewhere.
 AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 

@@ -153,20 +153,22 @@ def _int4_codes_tile(acc, x_rows, q_ptr, s_ptr, rows, scale_rows, mmask, k0, K, 
     return acc + part * s[None, :]
 
 
-@triton.autotune(configs=_CONFIGS + _INT4_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST"],
+@triton.autotune(configs=_CONFIGS + _INT4_CONFIGS, key=["BLOCK_M", "N", "K", "KIND", "TILE_SCALE", "FAST", "SMS"],
                  prune_configs_by={"early_config_prune": _configs_for_kind}, **AUTOTUNE_CACHE)
 @triton.jit
 def _quant_skinny_kernel(x_ptr, q_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, k_bytes, stride_xm,
                          stride_qn, stride_sn, stride_om, n_off, k_off, cell_n, cell_k, KIND: tl.constexpr,
                          HAS_BIAS: tl.constexpr, TILE_SCALE: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, CUT_BY_TILE: tl.constexpr, TILES: tl.constexpr):
+                         BLOCK_K: tl.constexpr, CUT_BY_TILE: tl.constexpr, TILES: tl.constexpr, SMS: tl.constexpr):
     """out[M, N] = x @ W.T (+ bias). With the bands cut along K (a second grid axis of `split` programs, as
     many as the launch's grid gives: one compiled kernel serves every split), program (i, j) sums its share
     of the K tiles into float32 part[j] (part: [split, M, N]); the band's last program to finish (a counter
     a band, lock[i], which it sets back to 0) adds the parts in order, the bias, and stores out.
     CUT_BY_TILE changes only the grid the launch is given (its bands cut by their own width). TILES = 2 (int4
-    codes as bf16 integers, K a multiple of 256: the autotuner's pruning) takes two tiles a trip."""
+    codes as bf16 integers, K a multiple of 256: the autotuner's pruning) takes two tiles a trip. SMS, the
+    GPU's multiprocessor count, is not read here: it keys the autotuner's choice (kept in Triton's cache,
+    which knows the architecture but not the model), since the split, and so the grid, depends on it."""
     tl.static_assert(TILES == 1 or (KIND == 1 and FAST and TILE_SCALE and EVEN_K), "two tiles a trip: int4 as bf16")
     split = tl.num_programs(1)
     tiles_per = tl.cdiv(tl.cdiv(K, BLOCK_K), split * TILES) * TILES  # whole trips a part
@@ -287,7 +289,8 @@ def quant_skinny_linear(x: torch.Tensor, scheme: str, codes: torch.Tensor, scale
                                KIND=kind, HAS_BIAS=bias is not None, TILE_SCALE=whole_cells, FAST=fast,
                                EVEN_K=k % BLOCK_K == 0,
                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                               BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K)
+                               BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_K=BLOCK_K,
+                               SMS=_multiprocessors(x.device))
     return out
 
 
